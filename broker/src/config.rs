@@ -1,0 +1,44 @@
+//! Broker settings, each chosen on purpose.
+//!
+//! The router keeps one in-memory commit log per subscription filter and
+//! never frees filters, so its memory is bounded by
+//! `max_filters × segment_size × segment_count` (plus ~0.5 KB per distinct
+//! topic). The defaults keep that bound explicit: 10 000 filters × 256 KiB ×
+//! 4 segments is the worst case only if every filter holds a full log; a
+//! filter holds data only while matching publishes flow, and the front end
+//! refuses new filters past `max_filters` instead of growing without bound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The one public port serving MQTT 3.1.1 and MQTT 5.
+    pub listen: SocketAddr,
+    /// Client connections accepted at once; one more gets a CONNACK refusal.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted (remaining length), in bytes.
+    pub max_packet_size: usize,
+    /// Time a new TCP connection has to send its CONNECT.
+    pub connect_timeout: Duration,
+    /// Distinct subscription filters the router may ever hold.
+    pub max_filters: usize,
+    /// Size of one commit-log segment per filter.
+    pub segment_size: usize,
+    /// Segments kept per filter before the oldest is dropped.
+    pub segment_count: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 10_000,
+            max_packet_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            max_filters: 10_000,
+            segment_size: 256 * 1024,
+            segment_count: 4,
+        }
+    }
+}

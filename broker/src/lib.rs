@@ -1,0 +1,20 @@
+//! Axion's embedded MQTT broker.
+//!
+//! rumqttd 0.20's router is fast, but its network front end lets one client
+//! take the broker down (client ids with `/+#$`, connections past the limit,
+//! topics starting with a non-ASCII character), refuses keep-alive 0, needs
+//! two ports for MQTT 3.1.1 and 5 and never sets TCP_NODELAY. So Axion keeps
+//! the router and terminates MQTT itself: [`server`] accepts connections,
+//! [`session`] speaks MQTT to one client and drives the router through
+//! rumqttd's public `LinkBuilder` links, [`names`] makes every client id and
+//! topic safe for the router, and [`router`] owns the router thread.
+
+pub mod codec;
+pub mod config;
+pub mod names;
+pub mod router;
+pub mod server;
+pub mod session;
+
+pub use config::BrokerConfig;
+pub use server::{Broker, BrokerError};

@@ -1,0 +1,171 @@
+//! Client ids, topic names and filters made safe for rumqttd's router.
+//!
+//! The router panics or kills a listener on a client id containing
+//! `/ + # $`, and panics matching a topic whose first character is
+//! multi-byte. Both are legal MQTT, so instead of refusing such clients the
+//! front end maps them injectively before they reach the router and maps
+//! topics back on the way out: a client never sees the difference.
+
+use bytes::{Bytes, BytesMut};
+
+/// Prefix marking an escaped topic or filter level. DEL is ASCII (so the
+/// router's one-byte slice is safe) and practically never starts a topic.
+const ESCAPE: u8 = 0x7f;
+
+/// Longest client id accepted, in bytes.
+pub const MAX_CLIENT_ID: usize = 1024;
+
+/// The router's id for a client: `/ + # $ %` percent-encoded, so distinct
+/// ids stay distinct and the router's own validation never trips.
+pub fn router_client_id(client_id: &str) -> String {
+    if !client_id.contains(['/', '+', '#', '$', '%']) {
+        return client_id.to_string();
+    }
+    let mut out = String::with_capacity(client_id.len() + 8);
+    for c in client_id.chars() {
+        match c {
+            '/' | '+' | '#' | '$' | '%' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn needs_escape(first: u8) -> bool {
+    first >= ESCAPE
+}
+
+/// Topic as stored in the router.
+pub fn escape_topic(topic: Bytes) -> Bytes {
+    match topic.first() {
+        Some(&b) if needs_escape(b) => {
+            let mut out = BytesMut::with_capacity(topic.len() + 1);
+            out.extend_from_slice(&[ESCAPE]);
+            out.extend_from_slice(&topic);
+            out.freeze()
+        }
+        _ => topic,
+    }
+}
+
+/// Topic as the client published it.
+pub fn unescape_topic(topic: Bytes) -> Bytes {
+    match topic.first() {
+        Some(&ESCAPE) => topic.slice(1..),
+        _ => topic,
+    }
+}
+
+/// Filter as stored in the router; the `$share/<group>/` prefix is kept and
+/// the filter behind it escaped like a topic, so matching is unchanged.
+pub fn escape_filter(filter: &str) -> String {
+    let (prefix, rest) = split_share(filter);
+    match rest.as_bytes().first() {
+        Some(&b) if needs_escape(b) => format!("{prefix}{}{rest}", ESCAPE as char),
+        _ => filter.to_string(),
+    }
+}
+
+/// Splits `$share/<group>/<filter>` into (`$share/<group>/`, `<filter>`).
+pub fn split_share(filter: &str) -> (&str, &str) {
+    if let Some(rest) = filter.strip_prefix("$share/") {
+        if let Some(slash) = rest.find('/') {
+            let cut = "$share/".len() + slash + 1;
+            return (&filter[..cut], &filter[cut..]);
+        }
+    }
+    ("", filter)
+}
+
+/// Why a topic name or filter is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("topic is not valid UTF-8")]
+    NotUtf8,
+    #[error("topic contains NUL")]
+    Nul,
+    #[error("topic name contains a wildcard")]
+    Wildcard,
+    #[error("topic name is empty")]
+    EmptyTopic,
+    #[error("topic filter {0:?} is invalid")]
+    InvalidFilter(String),
+}
+
+/// Checks a PUBLISH topic name (MQTT-4.7.3, 3.3.2-2). An empty topic is
+/// only legal with an MQTT 5 topic alias, which the caller checks.
+pub fn check_topic(topic: &[u8]) -> Result<(), NameError> {
+    let s = std::str::from_utf8(topic).map_err(|_| NameError::NotUtf8)?;
+    if s.contains('\0') {
+        return Err(NameError::Nul);
+    }
+    if s.contains(['+', '#']) {
+        return Err(NameError::Wildcard);
+    }
+    Ok(())
+}
+
+/// Checks a SUBSCRIBE/UNSUBSCRIBE filter (MQTT-4.7.1, 4.8.2).
+pub fn check_filter(filter: &str) -> Result<(), NameError> {
+    let invalid = || NameError::InvalidFilter(filter.to_string());
+    if filter.contains('\0') {
+        return Err(NameError::Nul);
+    }
+    let (prefix, rest) = split_share(filter);
+    if filter.starts_with("$share/") && (prefix.is_empty() || prefix.len() <= "$share//".len()) {
+        return Err(invalid());
+    }
+    if prefix.contains(['+', '#']) || rest.is_empty() {
+        return Err(invalid());
+    }
+    let levels: Vec<&str> = rest.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let last = i + 1 == levels.len();
+        if level.contains('#') && (*level != "#" || !last) {
+            return Err(invalid());
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(invalid());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_map_injectively() {
+        assert_eq!(router_client_id("plain-id"), "plain-id");
+        assert_eq!(router_client_id("a/b"), "a%2Fb");
+        assert_eq!(router_client_id("a%2Fb"), "a%252Fb");
+        assert!(!router_client_id("x+#$/").contains(['+', '#', '$', '/']));
+    }
+
+    #[test]
+    fn topics_round_trip() {
+        for t in ["é/x", "plain/topic", "\u{7f}odd", "", "日本"] {
+            let escaped = escape_topic(Bytes::from(t.to_string()));
+            assert!(escaped.first().is_none_or(|b| b.is_ascii()));
+            assert_eq!(unescape_topic(escaped), Bytes::from(t.to_string()));
+        }
+        assert_eq!(escape_filter("é/+"), "\u{7f}é/+");
+        assert_eq!(escape_filter("$share/g/é/#"), "$share/g/\u{7f}é/#");
+        assert_eq!(escape_filter("+/é"), "+/é");
+    }
+
+    #[test]
+    fn validates_names() {
+        assert!(check_topic(b"a/b").is_ok());
+        assert_eq!(check_topic(b"a/+"), Err(NameError::Wildcard));
+        assert_eq!(check_topic(b"a\0"), Err(NameError::Nul));
+        assert_eq!(check_topic(&[0xff, 0xfe]), Err(NameError::NotUtf8));
+        for ok in ["#", "a/+/c", "+", "a/#", "$share/g/a/#", "/"] {
+            assert!(check_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a#", "a/#/b", "a+/b", "$share/g/", "$share//a", "a\0"] {
+            assert!(check_filter(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The public MQTT listener: accepts connections, bounds them, and stops.
+//!
+//! One port serves MQTT 3.1.1 and 5 (the session picks the codec from the
+//! CONNECT). State the sessions share (router, limits, shared-group
+//! membership) lives in [`Shared`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::router::RouterHandle;
+use crate::{session, BrokerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every session.
+pub struct Shared {
+    pub config: BrokerConfig,
+    pub router: RouterHandle,
+    /// Sessions past their CONNECT (counted from accept, released on close).
+    pub sessions: AtomicUsize,
+    /// Connections refused at the limit, for logs and tests.
+    pub refused: AtomicU64,
+    filters: Mutex<HashSet<String>>,
+    groups: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl Shared {
+    /// True if `filter` exists already or there is room for one more.
+    pub fn admit_filter(&self, filter: &str) -> bool {
+        let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if filters.contains(filter) {
+            return true;
+        }
+        if filters.len() >= self.config.max_filters {
+            return false;
+        }
+        filters.insert(filter.to_string());
+        true
+    }
+
+    pub fn join_group(&self, group: &str, client: &str) {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        groups
+            .entry(group.to_string())
+            .or_default()
+            .insert(client.to_string());
+    }
+
+    pub fn leave_groups(&self, client: &str) {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        groups.retain(|_, members| {
+            members.remove(client);
+            !members.is_empty()
+        });
+    }
+
+    pub fn sole_member(&self, group: &str, client: &str) -> bool {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        groups
+            .get(group)
+            .is_none_or(|m| m.len() == 1 && m.contains(client))
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Broker {
+    /// Starts the router and listens on `config.listen`.
+    pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let router = RouterHandle::spawn(&config);
+        let shared = Arc::new(Shared {
+            config,
+            router,
+            sessions: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            filters: Mutex::new(HashSet::new()),
+            groups: Mutex::new(HashMap::new()),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        info!(%local_addr, "MQTT listening (3.1.1 and 5)");
+        Ok(Broker {
+            local_addr,
+            shared,
+            shutdown,
+            accept,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// False once rumqttd's router thread has died; the process should exit.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.router.is_alive()
+    }
+
+    /// Connections currently open.
+    pub fn connections(&self) -> usize {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting, tells every client the server is shutting down and
+    /// waits (bounded) for sessions to close.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if tokio::time::timeout(Duration::from_secs(3), self.accept)
+            .await
+            .is_err()
+        {
+            warn!("sessions did not close within 3 s");
+        }
+    }
+}
+
+/// Decrements the session count when a connection ends, however it ends.
+struct SessionGuard(Arc<Shared>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if let Err(err) = done {
+                    error!(%err, "a client session panicked");
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    shared.sessions.fetch_add(1, Ordering::Relaxed);
+                    let guard = SessionGuard(shared.clone());
+                    let shared = shared.clone();
+                    let shutdown = shutdown.clone();
+                    sessions.spawn(async move {
+                        let _guard = guard;
+                        session::run(stream, peer, shared, shutdown).await;
+                    });
+                }
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    while let Some(done) = sessions.join_next().await {
+        if let Err(err) = done {
+            error!(%err, "a client session panicked");
+        }
+    }
+}

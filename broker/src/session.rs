@@ -1,0 +1,901 @@
+//! One client connection: MQTT spoken by Axion, routing done by rumqttd.
+//!
+//! The session reads the CONNECT, refuses what must be refused with a
+//! proper CONNACK, registers a link with the router, then shuttles packets
+//! both ways. Everything rumqttd would choke on is answered here: keep-alive
+//! 0, unsafe client ids and topics, oversize or malformed packets, unknown
+//! unsubscribes, `$` filters, and the will (which the router cannot fire
+//! for an external link).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    LastWill, LastWillProperties, Packet, PingResp, Publish, PublishProperties, QoS, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+use crate::codec::{self, Codec, Frame};
+use crate::names;
+use crate::server::Shared;
+
+/// How a session ended, which decides what happens to the will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The client sent DISCONNECT: no will.
+    Clean,
+    /// The client sent DISCONNECT 0x04: publish the will anyway.
+    CleanWithWill,
+    /// Socket closed, keep-alive expired or protocol violated: publish the will.
+    Lost,
+    /// The broker is stopping.
+    Shutdown,
+    /// The router dropped the link (session taken over): the link is gone.
+    Kicked,
+}
+
+/// Outgoing bytes waiting for the writer task, in batches.
+const WRITE_QUEUE: usize = 64;
+
+/// Serves one accepted TCP connection to completion.
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%peer, %err, "set_nodelay failed");
+    }
+    let mut session = match handshake(stream, peer, &shared).await {
+        Some(s) => s,
+        None => return,
+    };
+    let ending = session.serve(shutdown).await;
+    session.finish(ending).await;
+}
+
+/// State of an established session.
+struct Session {
+    peer: SocketAddr,
+    client_id: String,
+    router_id: String,
+    clean_session: bool,
+    keep_alive: Option<Duration>,
+    codec: Codec,
+    shared: Arc<Shared>,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    read_half: tokio::net::tcp::OwnedReadHalf,
+    writer: mpsc::Sender<BytesMut>,
+    writer_task: tokio::task::JoinHandle<()>,
+    inbuf: BytesMut,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// Filters this client holds, as stored in the router.
+    filters: HashSet<String>,
+    /// SUBACK codes answered by the front end, spliced into the router's SUBACK.
+    suback_patches: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
+    /// For each UNSUBSCRIBE forwarded, whether each original filter existed.
+    unsuback_patches: HashMap<u16, Vec<bool>>,
+}
+
+async fn write_once(stream: &mut TcpStream, codec: &Codec, packet: Packet) {
+    let mut out = BytesMut::new();
+    if codec.write(packet, &mut out).is_ok() {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+    }
+}
+
+/// A CONNACK refusal (v4 code for 3.1.1 clients, v5 reason otherwise).
+fn refusal(codec: &Codec, v4: ConnectReturnCode, v5: ConnectReturnCode, reason: &str) -> Packet {
+    if codec.is_v5() {
+        let props = ConnAckProperties {
+            reason_string: Some(reason.to_string()),
+            ..Default::default()
+        };
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: v5,
+            },
+            Some(props),
+        )
+    } else {
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: v4,
+            },
+            None,
+        )
+    }
+}
+
+/// Reads and vets the CONNECT, registers with the router and answers CONNACK.
+async fn handshake(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<Session> {
+    let max = shared.config.max_packet_size;
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = Instant::now() + shared.config.connect_timeout;
+    let (byte1, len) = loop {
+        match codec::frame(&buf, max) {
+            Frame::Complete { byte1, len, .. } => break (byte1, len),
+            Frame::TooLarge { remaining } => {
+                // The level is readable if the CONNECT header already arrived.
+                if let Some(codec) = codec::connect_level(&buf).and_then(Codec::for_level) {
+                    let p = refusal(
+                        &codec,
+                        ConnectReturnCode::ServiceUnavailable,
+                        ConnectReturnCode::PacketTooLarge,
+                        "CONNECT exceeds the maximum packet size",
+                    );
+                    write_once(&mut stream, &codec, p).await;
+                }
+                warn!(%peer, remaining, max, "refused oversize CONNECT");
+                return None;
+            }
+            Frame::Malformed => {
+                debug!(%peer, "malformed first packet");
+                return None;
+            }
+            Frame::Incomplete => {}
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                debug!(%peer, "no CONNECT within the connect timeout");
+                return None;
+            }
+        }
+    };
+    if byte1 >> 4 != 1 {
+        debug!(%peer, byte1, "first packet is not CONNECT");
+        return None;
+    }
+    let Some(mut codec) = codec::connect_level(&buf[..len]).and_then(Codec::for_level) else {
+        // 3.1.1's answer to an unsupported level (MQTT-3.1.2-2).
+        let p = Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::RefusedProtocolVersion,
+            },
+            None,
+        );
+        write_once(&mut stream, &Codec::V4(rumqttd::protocol::v4::V4), p).await;
+        debug!(%peer, "unsupported protocol level");
+        return None;
+    };
+    if byte1 & 0x0f != 0 {
+        debug!(%peer, "CONNECT with reserved flags set");
+        return None;
+    }
+    let (connect, props, will, will_props) = match codec.read(&mut buf, max) {
+        Ok(Packet::Connect(connect, props, will, will_props, _login)) => {
+            (connect, props, will, will_props)
+        }
+        Ok(_) => return None,
+        Err(err) => {
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::RefusedProtocolVersion,
+                ConnectReturnCode::MalformedPacket,
+                "malformed CONNECT",
+            );
+            write_once(&mut stream, &codec, p).await;
+            debug!(%peer, %err, "malformed CONNECT");
+            return None;
+        }
+    };
+    let Connect {
+        keep_alive,
+        client_id,
+        clean_session,
+    } = connect;
+    let _ = props;
+
+    if shared.sessions.load(Ordering::Relaxed) > shared.config.max_connections {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(%peer, client_id, max = shared.config.max_connections, "connection limit reached; refused with CONNACK");
+        let p = refusal(
+            &codec,
+            ConnectReturnCode::ServiceUnavailable,
+            ConnectReturnCode::ServerBusy,
+            "connection limit reached",
+        );
+        write_once(&mut stream, &codec, p).await;
+        return None;
+    }
+    if client_id.len() > names::MAX_CLIENT_ID || (client_id.is_empty() && !clean_session) {
+        let p = refusal(
+            &codec,
+            ConnectReturnCode::ClientIdentifierNotValid,
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "client id is too long, or empty with a persistent session",
+        );
+        write_once(&mut stream, &codec, p).await;
+        info!(%peer, len = client_id.len(), "refused client id");
+        return None;
+    }
+    let assigned = client_id.is_empty();
+    let client_id = if assigned {
+        format!("axion-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        client_id
+    };
+    let will = match will {
+        Some(mut w) => {
+            if names::check_topic(&w.topic).is_err() || w.topic.is_empty() {
+                let p = refusal(
+                    &codec,
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    ConnectReturnCode::TopicNameInvalid,
+                    "invalid will topic",
+                );
+                write_once(&mut stream, &codec, p).await;
+                return None;
+            }
+            w.topic = names::escape_topic(w.topic);
+            Some((w, will_props))
+        }
+        None => None,
+    };
+
+    let router_id = names::router_client_id(&client_id);
+    let link = {
+        let shared = shared.clone();
+        let router_id = router_id.clone();
+        tokio::task::spawn_blocking(move || shared.router.connect(&router_id, clean_session)).await
+    };
+    let (link_tx, link_rx, connack) = match link {
+        Ok(Ok(link)) => link,
+        other => {
+            warn!(%peer, client_id, error = ?other.err().map(|e| e.to_string()), router_alive = shared.router.is_alive(), "router refused the link");
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::ServiceUnavailable,
+                ConnectReturnCode::ServerUnavailable,
+                "broker unavailable",
+            );
+            write_once(&mut stream, &codec, p).await;
+            return None;
+        }
+    };
+    let connack = match Option::<Packet>::from(connack) {
+        Some(Packet::ConnAck(ack, props)) => {
+            let mut props = props.unwrap_or_default();
+            props.max_packet_size = u32::try_from(max).ok();
+            if assigned {
+                props.assigned_client_identifier = Some(client_id.clone());
+            }
+            Packet::ConnAck(ack, Some(props))
+        }
+        _ => return None,
+    };
+    let mut out = BytesMut::new();
+    if codec.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
+        return None;
+    }
+    debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, keep_alive, "client connected");
+
+    let (read_half, write_half) = stream.into_split();
+    let (writer, rx) = mpsc::channel(WRITE_QUEUE);
+    let writer_task = tokio::spawn(write_loop(write_half, rx, peer));
+    Some(Session {
+        peer,
+        client_id,
+        router_id,
+        clean_session,
+        // MQTT-3.1.2-24: the server allows one and a half times the keep-alive.
+        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        codec,
+        shared: shared.clone(),
+        link_tx,
+        link_rx,
+        read_half,
+        writer,
+        writer_task,
+        inbuf: buf,
+        will,
+        filters: HashSet::new(),
+        suback_patches: HashMap::new(),
+        unsuback_patches: HashMap::new(),
+    })
+}
+
+async fn write_loop(mut half: OwnedWriteHalf, mut rx: mpsc::Receiver<BytesMut>, peer: SocketAddr) {
+    while let Some(mut buf) = rx.recv().await {
+        // Coalesce whatever else is already queued into one write.
+        while let Ok(more) = rx.try_recv() {
+            buf.extend_from_slice(&more);
+        }
+        if let Err(err) = half.write_all(&buf).await {
+            debug!(%peer, %err, "write to client failed");
+            return;
+        }
+    }
+    let _ = half.shutdown().await;
+}
+
+/// Polls a future once; `None` if it is not ready.
+async fn now_or_never<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+    // `Publish`'s qos and pkid are crate-private in rumqttd; its own
+    // serialization format is the public way to set them.
+    let mut b = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    b.put_u8(0x30 | u8::from(retain) | ((qos as u8) << 1));
+    b.put_u16(pkid);
+    b.put_u16(topic.len() as u16);
+    b.extend_from_slice(&topic);
+    b.extend_from_slice(&payload);
+    Publish::deserialize(b.freeze())
+}
+
+impl Session {
+    async fn serve(&mut self, mut shutdown: watch::Receiver<bool>) -> Ending {
+        let mut last_rx = Instant::now();
+        let far = Duration::from_secs(86_400 * 365);
+        loop {
+            let deadline = last_rx + self.keep_alive.unwrap_or(far);
+            tokio::select! {
+                _ = shutdown.changed() => return Ending::Shutdown,
+                read = self.read_half.read_buf(&mut self.inbuf) => {
+                    match read {
+                        Ok(0) => return Ending::Lost,
+                        Ok(_) => {
+                            last_rx = Instant::now();
+                            if let Some(ending) = self.incoming().await {
+                                return ending;
+                            }
+                        }
+                        Err(err) => {
+                            debug!(peer = %self.peer, client_id = self.client_id, %err, "read failed");
+                            return Ending::Lost;
+                        }
+                    }
+                }
+                notification = self.link_rx.next() => {
+                    match notification {
+                        Ok(Some(n)) => {
+                            if let Some(ending) = self.outgoing(n).await {
+                                return ending;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => return Ending::Kicked,
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    info!(client_id = self.client_id, "keep-alive expired");
+                    return Ending::Lost;
+                }
+            }
+        }
+    }
+
+    /// Sends `bytes` to the writer task; false if the client is gone.
+    async fn send_bytes(&self, bytes: BytesMut) -> bool {
+        bytes.is_empty() || self.writer.send(bytes).await.is_ok()
+    }
+
+    async fn disconnect_client(&self, reason: DisconnectReasonCode) {
+        if self.codec.is_v5() {
+            let mut out = BytesMut::new();
+            if self
+                .codec
+                .write(
+                    Packet::Disconnect(
+                        Disconnect {
+                            reason_code: reason,
+                        },
+                        None,
+                    ),
+                    &mut out,
+                )
+                .is_ok()
+            {
+                self.send_bytes(out).await;
+            }
+        }
+    }
+
+    /// Decodes every complete packet in the input buffer and acts on it.
+    async fn incoming(&mut self) -> Option<Ending> {
+        let max = self.shared.config.max_packet_size;
+        let mut to_router: Vec<Packet> = Vec::new();
+        let mut reply = BytesMut::new();
+        let mut ending = None;
+        loop {
+            let byte1 = match codec::frame(&self.inbuf, max) {
+                Frame::Incomplete => break,
+                Frame::Complete { byte1, .. } => byte1,
+                Frame::TooLarge { remaining } => {
+                    warn!(
+                        client_id = self.client_id,
+                        remaining, max, "packet exceeds the maximum size; disconnecting"
+                    );
+                    self.disconnect_client(DisconnectReasonCode::PacketTooLarge)
+                        .await;
+                    ending = Some(Ending::Lost);
+                    break;
+                }
+                Frame::Malformed => {
+                    ending = Some(
+                        self.violation(
+                            "malformed remaining length",
+                            DisconnectReasonCode::MalformedPacket,
+                        )
+                        .await,
+                    );
+                    break;
+                }
+            };
+            if let Err(why) = check_flags(byte1) {
+                ending = Some(
+                    self.violation(why, DisconnectReasonCode::MalformedPacket)
+                        .await,
+                );
+                break;
+            }
+            let packet = match self.codec.read(&mut self.inbuf, max) {
+                Ok(p) => p,
+                Err(err) => {
+                    let why = format!("undecodable packet: {err}");
+                    ending = Some(
+                        self.violation(&why, DisconnectReasonCode::MalformedPacket)
+                            .await,
+                    );
+                    break;
+                }
+            };
+            match self.inbound(packet, &mut to_router, &mut reply) {
+                Ok(None) => {}
+                Ok(Some(end)) => {
+                    ending = Some(end);
+                    break;
+                }
+                Err((why, code)) => {
+                    ending = Some(self.violation(&why, code).await);
+                    break;
+                }
+            }
+        }
+        if !to_router.is_empty() && self.forward(to_router).await.is_err() {
+            return Some(Ending::Kicked);
+        }
+        if !self.send_bytes(reply).await {
+            return Some(Ending::Lost);
+        }
+        ending
+    }
+
+    async fn violation(&self, why: &str, code: DisconnectReasonCode) -> Ending {
+        info!(client_id = self.client_id, peer = %self.peer, why, "protocol violation; closing the connection");
+        self.disconnect_client(code).await;
+        Ending::Lost
+    }
+
+    /// Hands packets to the router: all but the last go straight into the
+    /// link's buffer, the last one wakes the router once for the batch.
+    async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        {
+            let mut buffer = self.link_tx.buffer();
+            buffer.extend(packets);
+        }
+        self.link_tx.send(last).await.map(|_| ()).map_err(|_| ())
+    }
+
+    /// Acts on one client packet. `Err` is a protocol violation.
+    fn inbound(
+        &mut self,
+        packet: Packet,
+        to_router: &mut Vec<Packet>,
+        reply: &mut BytesMut,
+    ) -> Result<Option<Ending>, (String, DisconnectReasonCode)> {
+        match packet {
+            Packet::Publish(mut publish, props) => {
+                let alias = props.as_ref().and_then(|p| p.topic_alias).is_some();
+                if publish.topic.is_empty() && !alias {
+                    return Err((
+                        "empty topic name".into(),
+                        DisconnectReasonCode::ProtocolError,
+                    ));
+                }
+                if let Err(e) = names::check_topic(&publish.topic) {
+                    return Err((e.to_string(), DisconnectReasonCode::TopicNameInvalid));
+                }
+                publish.topic = names::escape_topic(publish.topic);
+                to_router.push(Packet::Publish(publish, props));
+            }
+            Packet::Subscribe(mut subscribe, props) => {
+                let mut local: Vec<(usize, SubscribeReasonCode)> = Vec::new();
+                let mut forwarded = Vec::new();
+                for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
+                    if let Err(e) = names::check_filter(&filter.path) {
+                        return Err((e.to_string(), DisconnectReasonCode::TopicFilterInvalid));
+                    }
+                    let (share, rest) = names::split_share(&filter.path);
+                    if rest.starts_with('$') || (share.is_empty() && filter.path.starts_with('$')) {
+                        // rumqttd disconnects on `$SYS/#`; refusing the one filter is what clients expect.
+                        local.push((i, self.sub_failure(SubscribeReasonCode::NotAuthorized)));
+                        continue;
+                    }
+                    let path = names::escape_filter(&filter.path);
+                    if !self.shared.admit_filter(&path) {
+                        warn!(
+                            client_id = self.client_id,
+                            filter = filter.path,
+                            "filter limit reached; subscription refused"
+                        );
+                        local.push((i, self.sub_failure(SubscribeReasonCode::QuotaExceeded)));
+                        continue;
+                    }
+                    if let Some(group) = share
+                        .strip_prefix("$share/")
+                        .map(|g| g.trim_end_matches('/'))
+                    {
+                        self.shared.join_group(group, &self.router_id);
+                    }
+                    self.filters.insert(path.clone());
+                    filter.path = path;
+                    forwarded.push(filter);
+                }
+                if forwarded.is_empty() {
+                    let codes = local.into_iter().map(|(_, c)| c).collect();
+                    self.encode(
+                        Packet::SubAck(
+                            SubAck {
+                                pkid: subscribe.pkid,
+                                return_codes: codes,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                } else {
+                    if !local.is_empty() {
+                        self.suback_patches.insert(subscribe.pkid, local);
+                    }
+                    subscribe.filters = forwarded;
+                    to_router.push(Packet::Subscribe(subscribe, props));
+                }
+            }
+            Packet::Unsubscribe(unsubscribe, props) => {
+                let mut known = Vec::with_capacity(unsubscribe.filters.len());
+                let mut forwarded = Vec::new();
+                for filter in &unsubscribe.filters {
+                    if filter.is_empty() || filter.contains('\0') {
+                        return Err((
+                            format!("invalid filter {filter:?} in UNSUBSCRIBE"),
+                            DisconnectReasonCode::TopicFilterInvalid,
+                        ));
+                    }
+                    let path = names::escape_filter(filter);
+                    let exists = self.filters.remove(&path);
+                    known.push(exists);
+                    if exists {
+                        forwarded.push(path);
+                    }
+                }
+                if !forwarded.is_empty() {
+                    // rumqttd drops the client from every shared group on any unsubscribe.
+                    self.shared.leave_groups(&self.router_id);
+                }
+                if forwarded.is_empty() {
+                    let reasons = known
+                        .iter()
+                        .map(|_| UnsubAckReason::NoSubscriptionExisted)
+                        .collect();
+                    self.encode(
+                        Packet::UnsubAck(
+                            UnsubAck {
+                                pkid: unsubscribe.pkid,
+                                reasons,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                } else {
+                    self.unsuback_patches.insert(unsubscribe.pkid, known);
+                    to_router.push(Packet::Unsubscribe(
+                        Unsubscribe {
+                            pkid: unsubscribe.pkid,
+                            filters: forwarded,
+                        },
+                        props,
+                    ));
+                }
+            }
+            Packet::PingReq(_) => self.encode(Packet::PingResp(PingResp), reply),
+            Packet::Disconnect(disconnect, _) => {
+                let with_will =
+                    disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                return Ok(Some(if with_will {
+                    Ending::CleanWithWill
+                } else {
+                    Ending::Clean
+                }));
+            }
+            // rumqttd only matches a PUBREL without properties.
+            Packet::PubRel(pubrel, _) => to_router.push(Packet::PubRel(pubrel, None)),
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                to_router.push(p)
+            }
+            Packet::Connect(..) => {
+                return Err(("second CONNECT".into(), DisconnectReasonCode::ProtocolError))
+            }
+            other => {
+                return Err((
+                    format!("client sent a server-only packet {:?}", packet_name(&other)),
+                    DisconnectReasonCode::ProtocolError,
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    fn sub_failure(&self, v5: SubscribeReasonCode) -> SubscribeReasonCode {
+        if self.codec.is_v5() {
+            v5
+        } else {
+            SubscribeReasonCode::Failure
+        }
+    }
+
+    fn encode(&self, packet: Packet, out: &mut BytesMut) {
+        if let Err(err) = self.codec.write(packet, out) {
+            warn!(client_id = self.client_id, %err, "could not encode a packet for the client");
+        }
+    }
+
+    /// Writes one router notification (and any already queued behind it).
+    async fn outgoing(&mut self, first: Notification) -> Option<Ending> {
+        let mut out = BytesMut::new();
+        let mut wake = false;
+        let mut ending = None;
+        let mut next = Some(first);
+        let mut budget = 1024;
+        while let Some(notification) = next.take() {
+            match notification {
+                Notification::Forward(forward) => {
+                    let mut publish = forward.publish;
+                    publish.topic = names::unescape_topic(publish.topic);
+                    self.encode(Packet::Publish(publish, forward.properties), &mut out);
+                }
+                Notification::DeviceAck(ack) => {
+                    let packet = self.patch_ack(Packet::from(ack));
+                    self.encode(packet, &mut out);
+                }
+                Notification::Unschedule => wake = true,
+                Notification::Disconnect(disconnect, props) => {
+                    self.encode(Packet::Disconnect(disconnect, props), &mut out);
+                    ending = Some(Ending::Lost);
+                    break;
+                }
+                _ => {}
+            }
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+            next = match now_or_never(self.link_rx.next()).await {
+                Some(Ok(Some(n))) => Some(n),
+                Some(Err(_)) => {
+                    ending = Some(Ending::Kicked);
+                    None
+                }
+                _ => None,
+            };
+        }
+        if !self.send_bytes(out).await {
+            return Some(ending.unwrap_or(Ending::Lost));
+        }
+        if wake && self.link_rx.wake().await.is_err() {
+            return Some(Ending::Kicked);
+        }
+        ending
+    }
+
+    /// Splices the front end's own answers into the router's SUBACK/UNSUBACK.
+    fn patch_ack(&mut self, packet: Packet) -> Packet {
+        match packet {
+            Packet::SubAck(mut suback, props) => {
+                if let Some(patches) = self.suback_patches.remove(&suback.pkid) {
+                    for (i, code) in patches {
+                        let at = i.min(suback.return_codes.len());
+                        suback.return_codes.insert(at, code);
+                    }
+                }
+                Packet::SubAck(suback, props)
+            }
+            Packet::UnsubAck(unsuback, props) => {
+                let reasons = match self.unsuback_patches.remove(&unsuback.pkid) {
+                    Some(known) => known
+                        .into_iter()
+                        .map(|k| {
+                            if k {
+                                UnsubAckReason::Success
+                            } else {
+                                UnsubAckReason::NoSubscriptionExisted
+                            }
+                        })
+                        .collect(),
+                    None => unsuback.reasons,
+                };
+                Packet::UnsubAck(
+                    UnsubAck {
+                        pkid: unsuback.pkid,
+                        reasons,
+                    },
+                    props,
+                )
+            }
+            other => other,
+        }
+    }
+
+    /// Publishes the will if due, detaches from the router and closes.
+    async fn finish(mut self, ending: Ending) {
+        debug!(client_id = self.client_id, ?ending, "session ended");
+        if ending != Ending::Kicked {
+            let mut packets = Vec::new();
+            let will_due = matches!(ending, Ending::Lost | Ending::CleanWithWill);
+            if let (true, Some((will, props))) = (will_due, self.will.take()) {
+                let delay = props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
+                if delay > 0
+                    && !self
+                        .wait_will_delay(Duration::from_secs(u64::from(delay)))
+                        .await
+                {
+                    // Taken over by a reconnect during the will delay: no will.
+                    self.close().await;
+                    return;
+                }
+                packets.push(will_packet(will, props));
+            }
+            if !self.clean_session {
+                // rumqttd panics ("group must exists") when the last member
+                // of a shared group leaves a persistent session with QoS 1
+                // in flight; leaving its groups first avoids that path.
+                let alone: Vec<String> = self
+                    .filters
+                    .iter()
+                    .filter(|f| {
+                        let (share, _) = names::split_share(f);
+                        share
+                            .strip_prefix("$share/")
+                            .map(|g| g.trim_end_matches('/'))
+                            .is_some_and(|g| self.shared.sole_member(g, &self.router_id))
+                    })
+                    .cloned()
+                    .collect();
+                if !alone.is_empty() {
+                    packets.push(Packet::Unsubscribe(
+                        Unsubscribe {
+                            pkid: 1,
+                            filters: alone,
+                        },
+                        None,
+                    ));
+                }
+            }
+            packets.push(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ));
+            let _ = self.forward(packets).await;
+            if ending == Ending::Shutdown {
+                self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
+                    .await;
+            }
+        }
+        self.shared.leave_groups(&self.router_id);
+        self.close().await;
+    }
+
+    /// Waits out a will delay; false if the link was taken over meanwhile.
+    async fn wait_will_delay(&mut self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = sleep_until(deadline) => return true,
+                n = self.link_rx.next() => match n {
+                    Err(_) => return false,
+                    Ok(Some(Notification::Unschedule)) => { let _ = self.link_rx.wake().await; }
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+
+    async fn close(self) {
+        drop(self.writer);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writer_task).await;
+    }
+}
+
+fn will_packet(will: LastWill, props: Option<LastWillProperties>) -> Packet {
+    let qos = if will.qos == QoS::AtMostOnce {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let pkid = if qos == QoS::AtMostOnce { 0 } else { u16::MAX };
+    let publish = make_publish(will.topic, will.message, qos, will.retain, pkid);
+    let props = props.map(|p| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type,
+    });
+    Packet::Publish(publish, props)
+}
+
+/// Fixed-header flags the spec fixes per packet type (MQTT-2.2.2-2).
+fn check_flags(byte1: u8) -> Result<(), &'static str> {
+    let flags = byte1 & 0x0f;
+    match byte1 >> 4 {
+        3 => {
+            let qos = (flags >> 1) & 0x03;
+            if qos == 3 {
+                return Err("PUBLISH with QoS 3");
+            }
+            if qos == 0 && flags & 0x08 != 0 {
+                return Err("PUBLISH QoS 0 with DUP set");
+            }
+            Ok(())
+        }
+        6 | 8 | 10 => (flags == 0x02)
+            .then_some(())
+            .ok_or("reserved flags must be 0010"),
+        0 | 15 => Err("reserved packet type"),
+        _ => (flags == 0).then_some(()).ok_or("reserved flags must be 0"),
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::PingResp(..) => "PINGRESP",
+        _ => "other",
+    }
+}

@@ -1,0 +1,3 @@
+//! One module per subcommand: flags in, library calls out.
+
+pub mod serve;

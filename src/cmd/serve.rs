@@ -1,0 +1,93 @@
+//! `axion serve`: the embedded default — broker, queues, bridge and
+//! Axion's own heartbeat on loopback, stopped cleanly by SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use axion_broker::{Broker, BrokerConfig};
+use tracing::{error, info};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address of the MQTT listener (3.1.1 and 5 on one port).
+    #[arg(long, env = "AXION_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
+    pub mqtt_listen: SocketAddr,
+    /// Address of the legacy WebSocket bridge.
+    #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
+    pub ws_listen: SocketAddr,
+    /// Package this instance belongs to (one topic level).
+    #[arg(long, env = "AXION_PACKAGE", default_value = "default")]
+    pub package: String,
+    /// Directory for durable queue data.
+    #[arg(long, env = "AXION_DATA_DIR", default_value = "./axion-data")]
+    pub data_dir: PathBuf,
+    /// MQTT connections accepted at once; one more is refused with a CONNACK.
+    #[arg(long, env = "AXION_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes.
+    #[arg(long, env = "AXION_MAX_PACKET_SIZE", default_value_t = 1024 * 1024)]
+    pub max_packet_size: usize,
+    /// Distinct subscription filters the broker will hold (bounds its memory).
+    #[arg(long, env = "AXION_MAX_FILTERS", default_value_t = 10_000)]
+    pub max_filters: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    axion_heartbeat::topics::validate_level("package", &args.package)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("axion")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    let config = BrokerConfig {
+        listen: args.mqtt_listen,
+        max_connections: args.max_connections,
+        max_packet_size: args.max_packet_size,
+        max_filters: args.max_filters,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start(config).await?;
+    info!(mqtt = %broker.local_addr(), package = args.package, "axion serve is up");
+
+    let code = tokio::select! {
+        signal = shutdown_signal() => {
+            info!(signal = signal?, "stopping");
+            ExitCode::SUCCESS
+        }
+        _ = router_died(&broker) => {
+            error!("the broker's router thread died; exiting so a supervisor restarts us");
+            ExitCode::from(70)
+        }
+    };
+    broker.shutdown().await;
+    info!("stopped");
+    Ok(code)
+}
+
+async fn router_died(broker: &Broker) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if !broker.is_healthy() {
+            return;
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

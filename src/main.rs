@@ -1,0 +1,41 @@
+//! `axion`: one binary for the broker, the bridge, the queues, the heartbeat
+//! mesh and the ops tools. This file only parses flags and hands each
+//! subcommand to its module in `cmd/`; behaviour lives in the library crates.
+
+mod cmd;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "axion",
+    version,
+    about = "MQTT broker, durable work queues, heartbeat mesh and legacy WebSocket bridge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything a single machine needs: embedded broker, queues, bridge, heartbeat.
+    Serve(cmd::serve::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    let result = match cli.command {
+        Command::Serve(args) => cmd::serve::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("axion: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

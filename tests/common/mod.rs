@@ -1,0 +1,179 @@
+//! Shared plumbing for the end-to-end tests: free ports, temp dirs, and real
+//! processes (`axion serve`, Mosquitto) that are killed when the test ends.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Waits until something accepts TCP on `port`, or panics after `timeout`.
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}");
+}
+
+pub fn axion_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_axion"))
+}
+
+/// A child process killed (SIGKILL) on drop unless it already exited.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by number (15 = SIGTERM, 9 = SIGKILL, 2 = SIGINT).
+    pub fn signal(&self, sig: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.name);
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `axion serve` on free ports with its own data directory.
+pub struct Serve {
+    pub proc: Proc,
+    pub mqtt_port: u16,
+    pub ws_port: u16,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl Serve {
+    pub fn start() -> Self {
+        Self::start_with(&[], &[])
+    }
+
+    /// Starts `axion serve` with extra CLI args and env vars, and waits
+    /// until its MQTT port accepts connections.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let mqtt_port = free_port();
+        let ws_port = free_port();
+        let proc = spawn_serve(data_dir.path(), mqtt_port, ws_port, args, envs);
+        wait_for_port(mqtt_port, Duration::from_secs(20));
+        Serve {
+            proc,
+            mqtt_port,
+            ws_port,
+            data_dir,
+        }
+    }
+
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// Restarts on the same ports and data directory (after a kill).
+    pub fn restart(&mut self, args: &[&str], envs: &[(&str, &str)]) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        self.proc = spawn_serve(self.data_dir.path(), self.mqtt_port, self.ws_port, args, envs);
+        wait_for_port(self.mqtt_port, Duration::from_secs(20));
+    }
+}
+
+fn spawn_serve(data_dir: &Path, mqtt_port: u16, ws_port: u16, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(axion_bin());
+    cmd.arg("serve")
+        .arg("--mqtt-listen")
+        .arg(format!("127.0.0.1:{mqtt_port}"))
+        .arg("--ws-listen")
+        .arg(format!("127.0.0.1:{ws_port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() });
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().expect("spawn axion serve"),
+        name: "axion serve".into(),
+    }
+}
+
+/// Mosquitto from apt on a free port: the reference broker, and the
+/// "any external MQTT 5 broker" that standalone components must work with.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto (apt-get install mosquitto)");
+        wait_for_port(port, Duration::from_secs(10));
+        Mosquitto {
+            proc: Proc { child, name: "mosquitto".into() },
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
