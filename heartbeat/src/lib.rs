@@ -1,9 +1,20 @@
 //! Axion's client side, shared by every process that talks to the broker:
-//! the `mqtt://` URL every command accepts, the topic tree of DESIGN.md, and
-//! (in later modules) the retained heartbeat publisher and its aggregation.
+//! the `mqtt://` URL every command accepts, the topic tree of DESIGN.md, the
+//! retained heartbeat record and its publisher, the fleet table that readers
+//! build from those records, and the janitor that clears dead instances.
 
+pub mod error;
+pub mod fleet;
+pub mod janitor;
+pub mod publisher;
+pub mod schema;
 pub mod topics;
 pub mod url;
 
+pub use error::HeartbeatError;
+pub use fleet::{Fleet, FleetWatcher, InstanceView, State, WatchOptions};
+pub use janitor::spawn_janitor;
+pub use publisher::{HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
+pub use schema::{Heartbeat, Status};
 pub use topics::TopicError;
 pub use url::{MqttUrl, UrlError, DEFAULT_MQTT_URL};
