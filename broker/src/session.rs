@@ -7,7 +7,7 @@
 //! unsubscribes, `$` filters, and the will (which the router cannot fire
 //! for an external link).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -19,8 +19,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, Publish, PublishProperties, QoS, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, Publish,
+    PublishProperties, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,6 +92,9 @@ struct Session {
     suback_patches: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
     /// For each UNSUBSCRIBE forwarded, whether each original filter existed.
     unsuback_patches: HashMap<u16, Vec<bool>>,
+    /// Packet ids of QoS 1/2 publishes sent and not yet acknowledged, kept
+    /// for persistent sessions only (see `finish`).
+    inflight_out: VecDeque<u16>,
 }
 
 async fn write_once(stream: &mut TcpStream, codec: &Codec, packet: Packet) {
@@ -319,6 +322,7 @@ async fn handshake(
         filters: HashSet::new(),
         suback_patches: HashMap::new(),
         unsuback_patches: HashMap::new(),
+        inflight_out: VecDeque::new(),
     })
 }
 
@@ -649,9 +653,15 @@ impl Session {
             }
             // rumqttd only matches a PUBREL without properties.
             Packet::PubRel(pubrel, _) => to_router.push(Packet::PubRel(pubrel, None)),
-            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                to_router.push(p)
+            Packet::PubAck(ref ack, _) => {
+                self.acked(ack.pkid);
+                to_router.push(packet);
             }
+            Packet::PubComp(ref comp, _) => {
+                self.acked(comp.pkid);
+                to_router.push(packet);
+            }
+            p @ Packet::PubRec(..) => to_router.push(p),
             Packet::Connect(..) => {
                 return Err(("second CONNECT".into(), DisconnectReasonCode::ProtocolError))
             }
@@ -663,6 +673,12 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    fn acked(&mut self, pkid: u16) {
+        if let Some(at) = self.inflight_out.iter().position(|&p| p == pkid) {
+            self.inflight_out.remove(at);
+        }
     }
 
     fn sub_failure(&self, v5: SubscribeReasonCode) -> SubscribeReasonCode {
@@ -691,7 +707,13 @@ impl Session {
                 Notification::Forward(forward) => {
                     let mut publish = forward.publish;
                     publish.topic = names::unescape_topic(publish.topic);
+                    let start = out.len();
                     self.encode(Packet::Publish(publish, forward.properties), &mut out);
+                    if !self.clean_session {
+                        if let Some(pkid) = outgoing_pkid(&out[start..]) {
+                            self.inflight_out.push_back(pkid);
+                        }
+                    }
                 }
                 Notification::DeviceAck(ack) => {
                     let packet = self.patch_ack(Packet::from(ack));
@@ -784,27 +806,17 @@ impl Session {
                 }
                 packets.push(will_packet(will, props));
             }
-            if !self.clean_session {
+            if !self.clean_session && self.sole_member_of_a_group() {
                 // rumqttd panics ("group must exists") when the last member
                 // of a shared group leaves a persistent session with QoS 1
-                // in flight; leaving its groups first avoids that path.
-                let alone: Vec<String> = self
-                    .filters
-                    .iter()
-                    .filter(|f| {
-                        let (share, _) = names::split_share(f);
-                        share
-                            .strip_prefix("$share/")
-                            .map(|g| g.trim_end_matches('/'))
-                            .is_some_and(|g| self.shared.sole_member(g, &self.router_id))
-                    })
-                    .cloned()
-                    .collect();
-                if !alone.is_empty() {
-                    packets.push(Packet::Unsubscribe(
-                        Unsubscribe {
-                            pkid: 1,
-                            filters: alone,
+                // in flight. Acknowledging what is in flight (in order, as
+                // the router requires) avoids that path; a group with no
+                // member drops its messages in rumqttd anyway.
+                for pkid in self.inflight_out.drain(..) {
+                    packets.push(Packet::PubAck(
+                        PubAck {
+                            pkid,
+                            reason: PubAckReason::Success,
                         },
                         None,
                     ));
@@ -826,6 +838,16 @@ impl Session {
         self.close().await;
     }
 
+    fn sole_member_of_a_group(&self) -> bool {
+        self.filters.iter().any(|f| {
+            let (share, _) = names::split_share(f);
+            share
+                .strip_prefix("$share/")
+                .map(|g| g.trim_end_matches('/'))
+                .is_some_and(|g| self.shared.sole_member(g, &self.router_id))
+        })
+    }
+
     /// Waits out a will delay; false if the link was taken over meanwhile.
     async fn wait_will_delay(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
@@ -845,6 +867,22 @@ impl Session {
         drop(self.writer);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.writer_task).await;
     }
+}
+
+/// The packet id of an encoded PUBLISH with QoS > 0.
+fn outgoing_pkid(packet: &[u8]) -> Option<u16> {
+    let byte1 = *packet.first()?;
+    if byte1 >> 4 != 3 || (byte1 >> 1) & 0x03 == 0 {
+        return None;
+    }
+    let mut i = 1;
+    while *packet.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let topic_len = usize::from(u16::from_be_bytes([*packet.get(i)?, *packet.get(i + 1)?]));
+    let at = i + 2 + topic_len;
+    Some(u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]))
 }
 
 fn will_packet(will: LastWill, props: Option<LastWillProperties>) -> Packet {

@@ -2,6 +2,8 @@
 //! processes (`axion serve`, Mosquitto) that are killed when the test ends.
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -112,12 +114,24 @@ impl Serve {
     pub fn restart(&mut self, args: &[&str], envs: &[(&str, &str)]) {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
-        self.proc = spawn_serve(self.data_dir.path(), self.mqtt_port, self.ws_port, args, envs);
+        self.proc = spawn_serve(
+            self.data_dir.path(),
+            self.mqtt_port,
+            self.ws_port,
+            args,
+            envs,
+        );
         wait_for_port(self.mqtt_port, Duration::from_secs(20));
     }
 }
 
-fn spawn_serve(data_dir: &Path, mqtt_port: u16, ws_port: u16, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+fn spawn_serve(
+    data_dir: &Path,
+    mqtt_port: u16,
+    ws_port: u16,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
     let mut cmd = Command::new(axion_bin());
     cmd.arg("serve")
         .arg("--mqtt-listen")
@@ -127,10 +141,17 @@ fn spawn_serve(data_dir: &Path, mqtt_port: u16, ws_port: u16, args: &[&str], env
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
-        .env("RUST_LOG", std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() });
+        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -167,7 +188,10 @@ impl Mosquitto {
             .expect("spawn mosquitto (apt-get install mosquitto)");
         wait_for_port(port, Duration::from_secs(10));
         Mosquitto {
-            proc: Proc { child, name: "mosquitto".into() },
+            proc: Proc {
+                child,
+                name: "mosquitto".into(),
+            },
             port,
             _dir: dir,
         }

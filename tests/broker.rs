@@ -1,0 +1,410 @@
+//! The embedded broker end to end: one port for MQTT 3.1.1 and 5, retained
+//! messages, wills, clean shutdown, and every guard against a client that
+//! would take rumqttd down. Each guard test first reproduces the trigger,
+//! then proves other clients still connect and exchange messages.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mqtt::{recv, recv_none, V4, V5};
+use common::Serve;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A fresh v4 subscriber and v5 publisher exchange a message on a new topic.
+async fn assert_broker_works(port: u16) {
+    let topic = format!("check/{}", uuid_like());
+    let mut sub = V4::connect(port, &format!("probe-sub-{}", uuid_like())).await;
+    sub.subscribe(&topic, 1).await;
+    let publisher = V5::connect(port, &format!("probe-pub-{}", uuid_like())).await;
+    publisher.publish(&topic, b"still alive", 1, false).await;
+    let m = recv(&mut sub.rx, 5).await;
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        (topic.as_str(), &b"still alive"[..])
+    );
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn mqtt_str(s: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// A raw CONNECT (clean session) for protocol `level` 4 or 5.
+fn raw_connect(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_str(b"MQTT", &mut body);
+    body.push(level);
+    body.push(0x02);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    mqtt_str(client_id.as_bytes(), &mut body);
+    let mut packet = vec![0x10];
+    varint(body.len(), &mut packet);
+    packet.extend(body);
+    packet
+}
+
+fn raw_publish(level: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_str(topic.as_bytes(), &mut body);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x30];
+    varint(body.len(), &mut packet);
+    packet.extend(body);
+    packet
+}
+
+/// Reads whatever the broker sends within `ms` (empty if it closed).
+async fn read_reply(stream: &mut TcpStream, ms: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; 256];
+    match tokio::time::timeout(Duration::from_millis(ms), stream.read(&mut buf)).await {
+        Ok(Ok(n)) => buf[..n].to_vec(),
+        Ok(Err(_)) => Vec::new(),
+        Err(_) => panic!("the broker neither answered nor closed within {ms} ms"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_and_v5_clients_share_one_port_both_ways() {
+    let serve = Serve::start();
+    let mut v4 = V4::connect(serve.mqtt_port, "old-client").await;
+    let mut v5 = V5::connect(serve.mqtt_port, "new-client").await;
+    v4.subscribe("to/v4", 1).await;
+    v5.subscribe("to/v5", 1).await;
+    v5.publish("to/v4", b"from v5", 1, false).await;
+    v4.publish("to/v5", b"from v4", 1, false).await;
+    assert_eq!(recv(&mut v4.rx, 5).await.payload, b"from v5");
+    assert_eq!(recv(&mut v5.rx, 5).await.payload, b"from v4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_reaches_a_late_wildcard_subscriber() {
+    let serve = Serve::start();
+    let publisher = V4::connect(serve.mqtt_port, "retainer").await;
+    publisher.publish("site/a/temp", b"21.5", 1, true).await;
+    publisher.publish("site/b/temp", b"19.0", 0, true).await;
+    common::mqtt::settle().await;
+    let mut late = V5::connect(serve.mqtt_port, "late-dashboard").await;
+    late.subscribe("site/+/temp", 1).await;
+    let mut got = [recv(&mut late.rx, 5).await, recv(&mut late.rx, 5).await];
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(got[0].topic, "site/a/temp");
+    assert_eq!(got[0].payload, b"21.5");
+    assert!(
+        got[0].retain && got[1].retain,
+        "retained flag set for late subscribers"
+    );
+    assert_eq!(got[1].payload, b"19.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_is_published_on_tcp_drop_and_not_on_clean_disconnect() {
+    let serve = Serve::start();
+    let mut watcher = V4::connect(serve.mqtt_port, "will-watcher").await;
+    watcher.subscribe("wills/#", 1).await;
+
+    let mut opts = rumqttc::MqttOptions::new("crashy", "127.0.0.1", serve.mqtt_port);
+    opts.set_last_will(rumqttc::LastWill::new(
+        "wills/crashy",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let crashy = V4::connect_with(opts).await.expect("connect with will");
+    crashy.kill();
+    let m = recv(&mut watcher.rx, 5).await;
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("wills/crashy", &b"gone"[..])
+    );
+
+    let mut opts = rumqttc::v5::MqttOptions::new("polite", "127.0.0.1", serve.mqtt_port);
+    let will = rumqttc::v5::mqttbytes::v5::LastWill::new(
+        "wills/polite",
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        None,
+    );
+    opts.set_last_will(will);
+    let polite = V5::connect_with(opts).await.expect("connect with will");
+    polite.client.disconnect().await.expect("disconnect");
+    recv_none(&mut watcher.rx, 700).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_with_topic_characters_work_and_break_nothing() {
+    let serve = Serve::start();
+    // rumqttd alone panics a listener on these ids; here they are ordinary clients.
+    for id in ["sensor/kitchen", "a+b", "all#", "$weird", "100%"] {
+        let mut c = V4::connect(serve.mqtt_port, id).await;
+        let topic = format!("ids/{}", id.replace(['/', '+', '#', '$'], "_"));
+        c.subscribe(&topic, 0).await;
+        c.publish(&topic, id.as_bytes(), 0, false).await;
+        assert_eq!(recv(&mut c.rx, 5).await.payload, id.as_bytes());
+    }
+    // Two ids that differ only in the escaped characters stay two sessions.
+    let mut a = V4::connect(serve.mqtt_port, "x/y").await;
+    let _b = V4::connect(serve.mqtt_port, "x%2Fy").await;
+    a.subscribe("ids/same", 0).await;
+    a.publish("ids/same", b"a still connected", 0, false).await;
+    assert_eq!(recv(&mut a.rx, 5).await.payload, b"a still connected");
+    assert_broker_works(serve.mqtt_port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_get_a_connack_refusal() {
+    let serve = Serve::start_with(&["--max-connections", "4"], &[]);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..6 {
+        let opts = rumqttc::MqttOptions::new(format!("crowd-{i}"), "127.0.0.1", serve.mqtt_port);
+        match V4::connect_with(opts).await {
+            Ok(c) => held.push(c),
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, rumqttc::ConnectReturnCode::ServiceUnavailable);
+                refused += 1;
+            }
+            Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
+        }
+    }
+    assert!(
+        refused >= 2,
+        "at most 4 connections accepted (refused {refused})"
+    );
+    assert!(held.len() <= 4);
+    // MQTT 5 clients get the v5 reason code.
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(&raw_connect(5, "one-too-many", 30))
+        .await
+        .unwrap();
+    let reply = read_reply(&mut stream, 3000).await;
+    assert_eq!(
+        reply.first(),
+        Some(&0x20),
+        "a CONNACK, not a dropped socket: {reply:?}"
+    );
+    assert_eq!(
+        reply.get(3),
+        Some(&0x89),
+        "reason 0x89 server busy: {reply:?}"
+    );
+    drop(stream);
+    // Room frees up when a client leaves, and the listener still works.
+    held.clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_broker_works(serve.mqtt_port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_shared_member_dropping_with_unacked_qos1_leaves_the_router_alive() {
+    let serve = Serve::start();
+    let mut opts = rumqttc::MqttOptions::new("lonely-worker", "127.0.0.1", serve.mqtt_port);
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    let mut worker = V4::connect_with(opts).await.expect("persistent worker");
+    worker.subscribe("$share/jobs/work/items", 1).await;
+    let producer = V4::connect(serve.mqtt_port, "producer").await;
+    for i in 0..5 {
+        producer
+            .publish("work/items", format!("job {i}").as_bytes(), 1, false)
+            .await;
+    }
+    // Received and never acknowledged: QoS 1 in flight when the socket drops.
+    recv(&mut worker.rx, 5).await;
+    worker.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_broker_works(serve.mqtt_port).await;
+    // The same persistent client comes back and can work again.
+    let mut opts = rumqttc::MqttOptions::new("lonely-worker", "127.0.0.1", serve.mqtt_port);
+    opts.set_clean_session(false);
+    let mut worker = V4::connect_with(opts).await.expect("reconnect");
+    worker.subscribe("$share/jobs/work/items", 1).await;
+    producer.publish("work/items", b"after", 1, false).await;
+    let m = recv(&mut worker.rx, 5).await;
+    assert!(m.topic == "work/items");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_zero_is_accepted() {
+    let serve = Serve::start();
+    let mut opts = rumqttc::MqttOptions::new("no-keepalive", "127.0.0.1", serve.mqtt_port);
+    opts.set_keep_alive(Duration::ZERO);
+    let mut c = V4::connect_with(opts)
+        .await
+        .expect("keep-alive 0 gets a CONNACK");
+    c.subscribe("ka/zero", 0).await;
+    c.publish("ka/zero", b"ok", 0, false).await;
+    assert_eq!(recv(&mut c.rx, 5).await.payload, b"ok");
+    // Raw MQTT 5 too: CONNACK success (reason 0).
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(&raw_connect(5, "raw-ka0", 0))
+        .await
+        .unwrap();
+    let reply = read_reply(&mut stream, 3000).await;
+    assert_eq!(
+        (reply.first(), reply.get(3)),
+        (Some(&0x20), Some(&0x00)),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_packets_are_refused_with_a_reason() {
+    let serve = Serve::start_with(&["--max-packet-size", "1024"], &[]);
+    // An oversize CONNECT from an MQTT 5 client: CONNACK 0x95 packet too large.
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(&raw_connect(5, &"x".repeat(2000), 30))
+        .await
+        .unwrap();
+    let reply = read_reply(&mut stream, 3000).await;
+    assert_eq!(
+        (reply.first(), reply.get(3)),
+        (Some(&0x20), Some(&0x95)),
+        "{reply:?}"
+    );
+
+    // An oversize PUBLISH after a good CONNECT: DISCONNECT 0x95 for MQTT 5.
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(&raw_connect(5, "big-v5", 30))
+        .await
+        .unwrap();
+    let connack = read_reply(&mut stream, 3000).await;
+    assert_eq!(connack.first(), Some(&0x20));
+    stream
+        .write_all(&raw_publish(5, "big", &[7u8; 4096]))
+        .await
+        .unwrap();
+    let reply = read_reply(&mut stream, 3000).await;
+    assert_eq!(
+        (reply.first(), reply.get(2)),
+        (Some(&0xe0), Some(&0x95)),
+        "{reply:?}"
+    );
+
+    // MQTT 3.1.1 has no reason codes: the connection is closed.
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(&raw_connect(4, "big-v4", 30))
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut stream, 3000).await, vec![0x20, 2, 0, 0]);
+    stream
+        .write_all(&raw_publish(4, "big", &[7u8; 4096]))
+        .await
+        .unwrap();
+    assert!(read_reply(&mut stream, 3000).await.is_empty(), "closed");
+
+    assert_broker_works(serve.mqtt_port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_topics_work_with_wildcard_subscribers() {
+    let serve = Serve::start();
+    let mut all = V4::connect(serve.mqtt_port, "watch-all").await;
+    all.subscribe("#", 0).await;
+    let mut exact = V5::connect(serve.mqtt_port, "watch-exact").await;
+    exact.subscribe("é/+", 1).await;
+    let publisher = V4::connect(serve.mqtt_port, "unicode-pub").await;
+    // rumqttd alone panics its router on this publish.
+    publisher.publish("é/x", b"accent", 1, false).await;
+    let m = recv(&mut exact.rx, 5).await;
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("é/x", &b"accent"[..])
+    );
+    let m = recv(&mut all.rx, 5).await;
+    assert_eq!(m.topic, "é/x");
+    assert_broker_works(serve.mqtt_port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_close_only_their_own_connection() {
+    let serve = Serve::start();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("PUBLISH with QoS 3", vec![0x36, 5, 0, 1, b'a', 0, 1]),
+        (
+            "SUBSCRIBE with wrong flags",
+            vec![0x80, 6, 0, 1, 0, 1, b'a', 0],
+        ),
+        ("wildcard in topic name", raw_publish(4, "a/+", b"x")),
+        ("second CONNECT", raw_connect(4, "again", 30)),
+        ("empty SUBSCRIBE filter", vec![0x82, 5, 0, 1, 0, 0, 0]),
+        ("NUL in topic", raw_publish(4, "a\0b", b"x")),
+    ];
+    for (what, bytes) in cases {
+        let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+            .await
+            .unwrap();
+        stream
+            .write_all(&raw_connect(4, "malformed", 30))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_reply(&mut stream, 3000).await,
+            vec![0x20, 2, 0, 0],
+            "{what}: CONNACK"
+        );
+        stream.write_all(&bytes).await.unwrap();
+        assert!(
+            read_reply(&mut stream, 3000).await.is_empty(),
+            "{what}: connection closed"
+        );
+    }
+    assert_broker_works(serve.mqtt_port).await;
+}
+
+#[test]
+fn sigterm_stops_serve_with_exit_code_zero() {
+    let mut serve = Serve::start();
+    serve.proc.signal(15);
+    assert_eq!(serve.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    let mut serve = Serve::start();
+    serve.proc.signal(2);
+    assert_eq!(serve.proc.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -1,0 +1,214 @@
+//! rumqttc clients for tests: connect, wait for CONNACK, and collect
+//! incoming publishes on a channel while the event loop runs in the background.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// A message as a test sees it, whatever the protocol version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+pub struct V4 {
+    pub client: rumqttc::AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<Msg>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for V4 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl V4 {
+    pub async fn connect(port: u16, id: &str) -> V4 {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        V4::connect_with(opts).await.expect("v4 connect")
+    }
+
+    /// Connects with `opts`; `Err` carries the connection error (e.g. a refusal).
+    pub async fn connect_with(opts: rumqttc::MqttOptions) -> Result<V4, rumqttc::ConnectionError> {
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 1000);
+        loop {
+            match timeout(Duration::from_secs(10), eventloop.poll())
+                .await
+                .expect("CONNACK within 10 s")
+            {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                    let _ = tx.send(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                    });
+                }
+            }
+        });
+        Ok(V4 { client, rx, task })
+    }
+
+    /// Subscribes and waits until the SUBACK is in (by a round trip).
+    pub async fn subscribe(&self, filter: &str, qos: u8) {
+        self.client
+            .subscribe(filter, qos_v4(qos))
+            .await
+            .expect("subscribe");
+        settle().await;
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &[u8], qos: u8, retain: bool) {
+        self.client
+            .publish(topic, qos_v4(qos), retain, payload.to_vec())
+            .await
+            .expect("publish");
+    }
+
+    /// Drops the TCP connection without DISCONNECT (as a crash would).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+pub struct V5 {
+    pub client: rumqttc::v5::AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<Msg>,
+    /// Every packet the client received, for tests of protocol details.
+    pub packets: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+    /// The error that ended the event loop, if it ended.
+    pub ended: tokio::sync::oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for V5 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl V5 {
+    pub async fn connect(port: u16, id: &str) -> V5 {
+        let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(Some(4 * 1024 * 1024));
+        V5::connect_with(opts).await.expect("v5 connect")
+    }
+
+    pub async fn connect_with(
+        opts: rumqttc::v5::MqttOptions,
+    ) -> Result<V5, rumqttc::v5::ConnectionError> {
+        use rumqttc::v5::{mqttbytes::v5::Packet, Event};
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 1000);
+        loop {
+            match timeout(Duration::from_secs(10), eventloop.poll())
+                .await
+                .expect("CONNACK within 10 s")
+            {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ptx, packets) = mpsc::unbounded_channel();
+        let (etx, ended) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if let Packet::Publish(p) = &packet {
+                            let _ = tx.send(Msg {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload: p.payload.to_vec(),
+                                qos: p.qos as u8,
+                                retain: p.retain,
+                            });
+                        }
+                        let _ = ptx.send(packet);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = etx.send(format!("{e:?}"));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(V5 {
+            client,
+            rx,
+            packets,
+            ended,
+            task,
+        })
+    }
+
+    pub async fn subscribe(&self, filter: &str, qos: u8) {
+        self.client
+            .subscribe(filter, qos_v5(qos))
+            .await
+            .expect("subscribe");
+        settle().await;
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &[u8], qos: u8, retain: bool) {
+        self.client
+            .publish(topic, qos_v5(qos), retain, payload.to_vec())
+            .await
+            .expect("publish");
+    }
+}
+
+/// Gives a just-sent SUBSCRIBE time to be acknowledged. rumqttc hides the
+/// SUBACK from the caller, so tests that need certainty wait for a message
+/// instead; this only orders "subscribe, then publish" on loopback.
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+pub fn qos_v4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+pub fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+/// Receives the next message or panics after `secs`.
+pub async fn recv(rx: &mut mpsc::UnboundedReceiver<Msg>, secs: u64) -> Msg {
+    timeout(Duration::from_secs(secs), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no message within {secs} s"))
+        .expect("client event loop ended")
+}
+
+/// Asserts nothing arrives within `ms`.
+pub async fn recv_none(rx: &mut mpsc::UnboundedReceiver<Msg>, ms: u64) {
+    if let Ok(Some(m)) = timeout(Duration::from_millis(ms), rx.recv()).await {
+        panic!("unexpected message {m:?}");
+    }
+}
