@@ -22,6 +22,10 @@ struct Cli {
 enum Command {
     /// Run everything a single machine needs: embedded broker, queues, bridge, heartbeat.
     Serve(cmd::serve::Args),
+    /// Run the durable queue owner alone against any MQTT 5 broker.
+    Queues(cmd::queues::Args),
+    /// Inspect and repair queues: ls, show, dead, retry, purge, enqueue.
+    Queue(cmd::queue::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +33,8 @@ fn main() -> std::process::ExitCode {
     logging::init();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Queues(args) => cmd::queues::run(args),
+        Command::Queue(args) => cmd::queue::run(args),
     };
     match result {
         Ok(code) => code,

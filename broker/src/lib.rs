@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod config;
 pub mod names;
+pub mod queues;
 pub mod router;
 pub mod server;
 pub mod session;

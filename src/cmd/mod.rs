@@ -1,3 +1,5 @@
 //! One module per subcommand: flags in, library calls out.
 
+pub mod queue;
+pub mod queues;
 pub mod serve;

@@ -1,0 +1,717 @@
+//! The queue owner process: an MQTT client that owns every queue of one
+//! package, the redb store behind them, and the group commit.
+//!
+//! Three parts, so that no part ever waits on another in a cycle:
+//! - the MQTT task polls rumqttc's event loop and forwards publishes to the
+//!   core over a bounded channel (when the core is slow, the socket is read
+//!   more slowly: backpressure, not loss);
+//! - the core task owns all queue state; it never awaits the MQTT client (it
+//!   uses `try_*` calls and keeps what does not fit in a small outbox);
+//! - the store thread commits one batch at a time. Whatever arrives while a
+//!   commit runs goes into the next one, so one fsync covers every enqueue of
+//!   that window (group commit) without adding a fixed delay at low load.
+//!
+//! Incoming publishes are acknowledged by hand (PUBACK) only after what they
+//! changed is on disk, in receive order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axion_heartbeat::topics;
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use tokio::sync::{mpsc, oneshot};
+
+use super::proto::{Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest};
+use super::queue::{After, Effects, Limits, Outgoing, Queue};
+use super::store::{Loaded, Op, Store, StoreError};
+use super::{QueueConfig, QueueError};
+
+/// Deliveries per queue per pass, so one busy queue does not starve others.
+const DISPATCH_BUDGET: usize = 512;
+/// Above this many unsent messages the core stops producing deliveries
+/// until the MQTT client catches up.
+const OUTBOX_HIGH: usize = 4096;
+const INBOUND_CAPACITY: usize = 1024;
+const REQUEST_CAPACITY: usize = 16_384;
+const STATS_EVERY_MS: u64 = 1000;
+const STATS_REFRESH_MS: u64 = 5000;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+enum Inbound {
+    Publish(Publish),
+    Connected,
+}
+
+enum Out {
+    Publish(Outgoing, QoS),
+    Ack(Publish),
+}
+
+pub(crate) struct Core {
+    cfg: QueueConfig,
+    prefix: String,
+    client: AsyncClient,
+    queues: HashMap<String, Queue>,
+    next_seq: u64,
+    fx: Effects,
+    committing: Vec<After>,
+    writer_busy: bool,
+    writer_tx: Option<std::sync::mpsc::SyncSender<Vec<Op>>>,
+    outbox: VecDeque<Out>,
+    wake: HashSet<String>,
+    last_stats: HashMap<String, u64>,
+}
+
+pub(crate) async fn run(
+    cfg: QueueConfig,
+    store: Store,
+    loaded: Loaded,
+    shutdown: oneshot::Receiver<()>,
+) -> Result<(), QueueError> {
+    let client_id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("axion-queues-{}", cfg.package));
+    let mut opts = cfg.mqtt.options_v5(&client_id);
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(Some(cfg.max_packet_size));
+    opts.set_receive_maximum(Some(1000));
+    // A persistent session lets an external broker keep enqueues for the
+    // owner while it restarts; unacknowledged ones come back after a crash.
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(cfg.session_expiry_secs));
+    let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+
+    let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
+    let subs = subscriptions(&cfg.package);
+    let announce = topics::announce(&cfg.package);
+    let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
+
+    let (writer_tx, writer_rx) = std::sync::mpsc::sync_channel::<Vec<Op>>(1);
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<(), StoreError>>(2);
+    let writer = std::thread::Builder::new()
+        .name("axion-queue-store".into())
+        .spawn(move || {
+            while let Ok(batch) = writer_rx.recv() {
+                let result = store.commit(&batch);
+                if let Err(err) = &result {
+                    tracing::error!(error = %err, ops = batch.len(), "queue store commit failed");
+                }
+                if done_tx.blocking_send(result).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(QueueError::Thread)?;
+
+    let mut core = Core::new(cfg, client.clone(), loaded, writer_tx);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = shutdown;
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break Ok(()),
+            done = done_rx.recv() => match done {
+                Some(Ok(())) => core.committed(),
+                Some(Err(err)) => break Err(QueueError::Store(err)),
+                None => break Err(QueueError::StoreThread),
+            },
+            inbound = in_rx.recv() => {
+                let Some(first) = inbound else { break Err(QueueError::MqttLoop) };
+                core.inbound(first);
+                // Take what is already waiting, so one commit covers it all.
+                for _ in 0..INBOUND_CAPACITY {
+                    match in_rx.try_recv() {
+                        Ok(more) => core.inbound(more),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => core.on_tick(),
+        }
+        core.settle();
+    };
+
+    // Finish the commit under way and the batch collected since, so nothing
+    // accepted is left unconfirmed, then publish final stats.
+    if result.is_ok() {
+        core.drain_store(&mut done_rx).await;
+        core.publish_all_stats();
+        core.flush_outbox();
+    }
+    core.writer_tx = None;
+    drop(in_rx);
+    let _ = client.try_disconnect();
+    if tokio::time::timeout(Duration::from_secs(2), mqtt)
+        .await
+        .is_err()
+    {
+        tracing::warn!("queue owner's MQTT loop did not stop in time");
+    }
+    if tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .is_err()
+    {
+        tracing::warn!("queue store thread did not stop cleanly");
+    }
+    tracing::info!("queue owner stopped");
+    result
+}
+
+fn subscriptions(package: &str) -> Vec<String> {
+    let mut subs: Vec<String> = [
+        "enqueue", "ready", "ack", "fail", "progress", "release", "cmd",
+    ]
+    .iter()
+    .map(|leaf| topics::queue(package, "+", leaf))
+    .collect();
+    subs.push(format!("axion/{package}/heartbeat/+/+"));
+    subs
+}
+
+async fn mqtt_loop(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    tx: mpsc::Sender<Inbound>,
+    subs: Vec<String>,
+    announce: String,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "queue owner connected to the broker"
+                );
+                backoff = Duration::from_millis(100);
+                let client = client.clone();
+                let subs = subs.clone();
+                let announce = announce.clone();
+                // Subscribing awaits the request channel, which only this
+                // loop drains: do it on another task.
+                tokio::spawn(async move {
+                    let filters = subs
+                        .into_iter()
+                        .map(|s| rumqttc::v5::mqttbytes::v5::Filter::new(s, QoS::AtLeastOnce));
+                    if let Err(err) = client.subscribe_many(filters).await {
+                        tracing::error!(error = %err, "queue owner could not subscribe");
+                        return;
+                    }
+                    // Workers answer with their free credit (`reset`), which
+                    // this owner may have lost in a restart.
+                    if let Err(err) = client
+                        .publish(announce, QoS::AtLeastOnce, false, "{}")
+                        .await
+                    {
+                        tracing::warn!(error = %err, "queue owner could not ask workers to re-announce");
+                    }
+                });
+                if tx.send(Inbound::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if tx.send(Inbound::Publish(publish)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(err) => {
+                if tx.is_closed() {
+                    return;
+                }
+                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "queue owner lost the broker; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Core {
+    fn new(
+        cfg: QueueConfig,
+        client: AsyncClient,
+        loaded: Loaded,
+        writer_tx: std::sync::mpsc::SyncSender<Vec<Op>>,
+    ) -> Self {
+        let mut core = Self {
+            prefix: format!("axion/{}/", cfg.package),
+            cfg,
+            client,
+            queues: HashMap::new(),
+            next_seq: 1,
+            fx: Effects::default(),
+            committing: Vec::new(),
+            writer_busy: false,
+            writer_tx: Some(writer_tx),
+            outbox: VecDeque::new(),
+            wake: HashSet::new(),
+            last_stats: HashMap::new(),
+        };
+        let now = now_ms();
+        let Loaded {
+            tasks,
+            dead,
+            counters,
+        } = loaded;
+        for (queue, counters) in counters {
+            core.queue_with(&queue, counters);
+        }
+        let (mut live, mut dead_n) = (0usize, 0usize);
+        for (queue, id, stored) in tasks {
+            core.next_seq = core.next_seq.max(stored.seq + 1);
+            core.queue(&queue).restore(id, stored, now);
+            live += 1;
+        }
+        for (queue, id, stored) in dead {
+            core.next_seq = core.next_seq.max(stored.seq + 1);
+            core.queue(&queue).restore_dead(id, stored);
+            dead_n += 1;
+        }
+        tracing::info!(
+            queues = core.queues.len(),
+            live,
+            dead = dead_n,
+            "queue store loaded"
+        );
+        core
+    }
+
+    fn limits(&self, queue: &str) -> Limits {
+        Limits {
+            ack_wait: self.cfg.ack_wait_for(queue),
+            default_max_attempts: self.cfg.max_attempts,
+            retry_base: self.cfg.retry_backoff,
+            retry_max: self.cfg.retry_backoff_max,
+        }
+    }
+
+    fn queue_with(&mut self, name: &str, counters: super::store::Counters) -> &mut Queue {
+        let limits = self.limits(name);
+        let package = self.cfg.package.clone();
+        self.queues
+            .entry(name.to_string())
+            .or_insert_with(|| Queue::new(&package, name, limits, counters))
+    }
+
+    fn queue(&mut self, name: &str) -> &mut Queue {
+        self.queue_with(name, Default::default())
+    }
+
+    fn inbound(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Connected => {
+                // The embedded broker keeps nothing retained across its own
+                // restart: publish stats again.
+                self.last_stats.clear();
+                for q in self.queues.values_mut() {
+                    q.changed = true;
+                }
+            }
+            Inbound::Publish(publish) => {
+                self.on_publish(&publish);
+                let ack = Publish {
+                    payload: Bytes::new(),
+                    properties: None,
+                    ..publish
+                };
+                self.fx.after.push(After::Ack(ack));
+            }
+        }
+    }
+
+    fn on_publish(&mut self, publish: &Publish) {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return;
+        };
+        let Some(rest) = topic.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("queue"), Some(queue), Some(leaf), None) if !queue.is_empty() => {
+                let queue = queue.to_string();
+                let body = &publish.payload;
+                let now = now_ms();
+                match leaf {
+                    "enqueue" => self.on_enqueue(&queue, publish, now),
+                    "ready" => match serde_json::from_slice::<Ready>(body) {
+                        Ok(ready) => {
+                            self.queue(&queue)
+                                .ready(&ready.worker, ready.credits, ready.reset);
+                            self.wake.insert(queue);
+                        }
+                        Err(err) => bad_body(topic, &err),
+                    },
+                    "ack" | "fail" | "progress" | "release" => {
+                        match serde_json::from_slice::<TaskRef>(body) {
+                            Ok(r) => self.on_task_ref(&queue, leaf, r, now),
+                            Err(err) => bad_body(topic, &err),
+                        }
+                    }
+                    "cmd" => self.on_command(&queue, publish),
+                    _ => {}
+                }
+            }
+            (Some("heartbeat"), Some(service), Some(instance), None) => {
+                self.on_heartbeat(service, instance, &publish.payload);
+            }
+            _ => {}
+        }
+    }
+
+    fn reply(&mut self, publish: &Publish, fallback: Option<String>, body: Vec<u8>) {
+        let props = publish.properties.as_ref();
+        let topic = props.and_then(|p| p.response_topic.clone()).or(fallback);
+        let Some(topic) = topic else { return };
+        let corr = props.and_then(|p| p.correlation_data.clone());
+        self.fx.after.push(After::Publish(Outgoing {
+            topic,
+            payload: Bytes::from(body),
+            retain: false,
+            correlation: corr,
+        }));
+    }
+
+    fn on_enqueue(&mut self, queue: &str, publish: &Publish, now: u64) {
+        let request = match serde_json::from_slice::<TaskRequest>(&publish.payload) {
+            Ok(r) => r,
+            Err(err) => {
+                bad_body(queue, &err);
+                let body = serde_json::json!({ "error": format!("invalid task request: {err}") });
+                self.reply(publish, None, body.to_string().into_bytes());
+                return;
+            }
+        };
+        if request.id.as_deref() == Some("") || request.max_attempts == Some(0) {
+            let body = serde_json::json!({ "error": "id must not be empty and maxAttempts must be at least 1" });
+            self.reply(publish, None, body.to_string().into_bytes());
+            return;
+        }
+        let id = request
+            .id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let duplicate = self.queue(queue).contains(&id);
+        if !duplicate {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.queue(queue);
+            let Some(q) = self.queues.get_mut(queue) else {
+                return;
+            };
+            let mut task = q.new_task(request.payload, seq, now);
+            task.reply_to = request.reply_to;
+            task.correlation_id = request.correlation_id;
+            if let Some(max) = request.max_attempts {
+                task.max_attempts = max;
+            }
+            if let Some(delay) = request.delay_ms.filter(|d| *d > 0) {
+                task.not_before = now + delay;
+            }
+            q.enqueue(id.clone(), task, &mut self.fx);
+        }
+        let confirm = Enqueued {
+            id,
+            queue: queue.to_string(),
+            duplicate,
+        };
+        if let Ok(body) = serde_json::to_vec(&confirm) {
+            self.reply(publish, None, body);
+        }
+    }
+
+    fn on_task_ref(&mut self, queue: &str, leaf: &str, r: TaskRef, now: u64) {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        match (leaf, r.id.as_deref()) {
+            ("ack", Some(id)) => q.ack(id, &mut self.fx),
+            ("fail", Some(id)) if r.release => q.release(id, r.worker.as_deref(), &mut self.fx),
+            ("fail", Some(id)) => q.fail(id, r.reason, r.retry_after_ms, now, &mut self.fx),
+            ("progress", Some(id)) => q.progress(id, r.worker.as_deref(), now),
+            ("release", Some(id)) => q.release(id, r.worker.as_deref(), &mut self.fx),
+            ("release", None) => {
+                if let Some(worker) = r.worker.as_deref() {
+                    let n = q.worker_gone(worker, now, &mut self.fx);
+                    tracing::info!(queue, worker, redelivered = n, "worker released its tasks");
+                }
+            }
+            _ => tracing::debug!(queue, leaf, "task message without an id"),
+        }
+        self.wake.insert(queue.to_string());
+    }
+
+    /// A heartbeat that says `offline` (or was deleted) means that instance's
+    /// tasks go to other workers now. Worker ids that match an instance:
+    /// `<service>/<host>:<port>`, and the heartbeat's `worker`/`client_id`.
+    fn on_heartbeat(&mut self, service: &str, instance: &str, payload: &[u8]) {
+        let mut ids = vec![format!("{service}/{instance}")];
+        if !payload.is_empty() {
+            let Ok(hb) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                return;
+            };
+            if hb.get("status").and_then(|s| s.as_str()) != Some("offline") {
+                return;
+            }
+            for key in ["worker", "client_id"] {
+                if let Some(id) = hb.get(key).and_then(|v| v.as_str()) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        let now = now_ms();
+        for q in self.queues.values_mut() {
+            for id in &ids {
+                let n = q.worker_gone(id, now, &mut self.fx);
+                if n > 0 {
+                    tracing::info!(queue = %q.name, worker = %id, redelivered = n, "worker offline; its tasks go to others");
+                }
+            }
+            self.wake.insert(q.name.clone());
+        }
+    }
+
+    fn on_command(&mut self, queue: &str, publish: &Publish) {
+        let request = match serde_json::from_slice::<CommandRequest>(&publish.payload) {
+            Ok(r) => r,
+            Err(err) => {
+                let reply = CommandReply::error(format!("invalid command: {err}"));
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                self.reply(publish, None, body);
+                return;
+            }
+        };
+        let now = now_ms();
+        let reply = match self.queues.get_mut(queue) {
+            None => CommandReply::error(format!("no queue named {queue:?}")),
+            Some(q) => match request.command {
+                Command::Show { limit } => {
+                    let (workers, tasks) = q.show(limit);
+                    CommandReply {
+                        ok: true,
+                        stats: Some(q.stats(now)),
+                        ack_wait_ms: Some(q.ack_wait().as_millis() as u64),
+                        workers,
+                        tasks,
+                        ..CommandReply::default()
+                    }
+                }
+                Command::Dead { limit } => CommandReply {
+                    ok: true,
+                    tasks: q.dead_list(limit),
+                    ..CommandReply::default()
+                },
+                Command::Retry { id, all } => {
+                    if id.is_none() && !all {
+                        CommandReply::error("retry needs an id or all")
+                    } else {
+                        let n = q.retry_dead(id.as_deref(), &mut self.fx);
+                        self.wake.insert(queue.to_string());
+                        CommandReply {
+                            ok: true,
+                            count: Some(n),
+                            ..CommandReply::default()
+                        }
+                    }
+                }
+                Command::Purge => {
+                    let n = q.purge(&mut self.fx);
+                    tracing::warn!(queue, removed = n, "queue purged");
+                    CommandReply {
+                        ok: true,
+                        count: Some(n),
+                        ..CommandReply::default()
+                    }
+                }
+            },
+        };
+        let body = serde_json::to_vec(&reply).unwrap_or_default();
+        self.reply(publish, request.reply_to, body);
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        for q in self.queues.values_mut() {
+            q.on_time(now, &mut self.fx);
+            if q.has_work() {
+                self.wake.insert(q.name.clone());
+            }
+        }
+        let due: Vec<String> = self
+            .queues
+            .values()
+            .filter(|q| {
+                let last = self.last_stats.get(&q.name).copied();
+                match last {
+                    None => true,
+                    Some(at) => {
+                        let age = now.saturating_sub(at);
+                        (q.changed && age >= STATS_EVERY_MS)
+                            || (q.busy() && age >= STATS_REFRESH_MS)
+                    }
+                }
+            })
+            .map(|q| q.name.clone())
+            .collect();
+        for name in due {
+            self.publish_stats(&name, now);
+        }
+    }
+
+    fn publish_stats(&mut self, name: &str, now: u64) {
+        let Some(q) = self.queues.get_mut(name) else {
+            return;
+        };
+        let stats = q.stats(now);
+        q.changed = false;
+        let topic = q.stats_topic();
+        if let Ok(body) = serde_json::to_vec(&stats) {
+            let out = Outgoing {
+                topic,
+                payload: Bytes::from(body),
+                retain: true,
+                correlation: None,
+            };
+            self.outbox.push_back(Out::Publish(out, QoS::AtLeastOnce));
+        }
+        self.last_stats.insert(name.to_string(), now);
+    }
+
+    fn publish_all_stats(&mut self) {
+        let now = now_ms();
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for name in names {
+            self.publish_stats(&name, now);
+        }
+    }
+
+    /// Called after every event: deliver, commit, publish.
+    fn settle(&mut self) {
+        let now = now_ms();
+        if self.outbox.len() < OUTBOX_HIGH {
+            let wake: Vec<String> = self.wake.drain().collect();
+            for name in wake {
+                if let Some(q) = self.queues.get_mut(&name) {
+                    q.dispatch(now, DISPATCH_BUDGET, &mut self.fx);
+                    if q.has_work() {
+                        self.wake.insert(name);
+                    }
+                }
+            }
+        }
+        for q in self.queues.values_mut() {
+            q.take_counters(&mut self.fx);
+        }
+        for out in self.fx.now.drain(..) {
+            self.outbox.push_back(Out::Publish(out, QoS::AtLeastOnce));
+        }
+        if !self.writer_busy {
+            if self.fx.ops.is_empty() {
+                // Nothing to make durable: what waited on it can go now.
+                let after = std::mem::take(&mut self.fx.after);
+                self.run_after(after);
+            } else if let Some(tx) = &self.writer_tx {
+                let ops = std::mem::take(&mut self.fx.ops);
+                match tx.send(ops) {
+                    Ok(()) => {
+                        self.writer_busy = true;
+                        self.committing = std::mem::take(&mut self.fx.after);
+                    }
+                    Err(err) => {
+                        tracing::error!("queue store thread is gone");
+                        self.fx.ops = err.0;
+                    }
+                }
+            }
+        }
+        self.flush_outbox();
+    }
+
+    fn committed(&mut self) {
+        self.writer_busy = false;
+        let after = std::mem::take(&mut self.committing);
+        self.run_after(after);
+    }
+
+    fn run_after(&mut self, after: Vec<After>) {
+        let now = now_ms();
+        for item in after {
+            match item {
+                After::Activate { queue, id } => {
+                    if let Some(q) = self.queues.get_mut(&queue) {
+                        q.activate(&id, now);
+                    }
+                    self.wake.insert(queue);
+                }
+                After::Publish(out) => self.outbox.push_back(Out::Publish(out, QoS::AtLeastOnce)),
+                After::Ack(publish) => self.outbox.push_back(Out::Ack(publish)),
+            }
+        }
+    }
+
+    async fn drain_store(&mut self, done_rx: &mut mpsc::Receiver<Result<(), StoreError>>) {
+        for _ in 0..2 {
+            if self.writer_busy {
+                match done_rx.recv().await {
+                    Some(Ok(())) => self.committed(),
+                    Some(Err(err)) => {
+                        tracing::error!(error = %err, "final queue store commit failed");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            self.settle();
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        while let Some(out) = self.outbox.front() {
+            let sent = match out {
+                Out::Ack(publish) => self.client.try_ack(publish).is_ok(),
+                Out::Publish(o, qos) => {
+                    let properties = o.correlation.as_ref().map(|corr| PublishProperties {
+                        correlation_data: Some(corr.clone()),
+                        ..PublishProperties::default()
+                    });
+                    match properties {
+                        Some(p) => self
+                            .client
+                            .try_publish_with_properties(
+                                o.topic.clone(),
+                                *qos,
+                                o.retain,
+                                o.payload.clone(),
+                                p,
+                            )
+                            .is_ok(),
+                        None => self
+                            .client
+                            .try_publish(o.topic.clone(), *qos, o.retain, o.payload.clone())
+                            .is_ok(),
+                    }
+                }
+            };
+            if !sent {
+                break;
+            }
+            self.outbox.pop_front();
+        }
+    }
+}
+
+fn bad_body(topic: &str, err: &serde_json::Error) {
+    tracing::warn!(topic, error = %err, "ignoring a queue message with an invalid body");
+}

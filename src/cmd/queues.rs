@@ -1,0 +1,101 @@
+//! `axion queues`: the durable queue owner on its own, against any MQTT 5
+//! broker (`axion serve` runs the same owner beside its embedded broker).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use axion_broker::queues::{QueueConfig, QueueOwner};
+use axion_heartbeat::MqttUrl;
+use tracing::{error, info};
+
+/// Queue tuning flags, shared with `axion serve` (flatten them there).
+#[derive(clap::Args, Debug, Clone)]
+pub struct QueueTuning {
+    /// Milliseconds a worker has to ack (or send progress) before a task is delivered again.
+    #[arg(long, env = "AXION_QUEUE_ACK_WAIT_MS", default_value_t = 30_000)]
+    pub ack_wait_ms: u64,
+    /// Per-queue ack wait overrides, as QUEUE=MS (repeat, or comma-separate in the env var).
+    #[arg(long = "queue-ack-wait", env = "AXION_QUEUE_ACK_WAITS", value_delimiter = ',', value_parser = parse_override)]
+    pub queue_ack_wait: Vec<(String, u64)>,
+    /// Deliveries before a task is dead-lettered when its request sets no maxAttempts.
+    #[arg(long, env = "AXION_QUEUE_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// First retry delay after a fail, in ms; doubles per attempt, with jitter.
+    #[arg(long, env = "AXION_QUEUE_RETRY_BACKOFF_MS", default_value_t = 1_000)]
+    pub retry_backoff_ms: u64,
+    /// Longest retry delay, in ms.
+    #[arg(long, env = "AXION_QUEUE_RETRY_BACKOFF_MAX_MS", default_value_t = 60_000)]
+    pub retry_backoff_max_ms: u64,
+}
+
+fn parse_override(s: &str) -> Result<(String, u64), String> {
+    let (queue, ms) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not QUEUE=MS"))?;
+    let ms = ms
+        .trim()
+        .parse::<u64>()
+        .map_err(|e| format!("{s:?}: bad milliseconds: {e}"))?;
+    Ok((queue.trim().to_string(), ms))
+}
+
+impl QueueTuning {
+    /// The owner's configuration for this broker, directory and package.
+    pub fn config(&self, mqtt: MqttUrl, data_dir: PathBuf, package: String) -> QueueConfig {
+        let mut cfg = QueueConfig::new(mqtt, data_dir, package);
+        cfg.ack_wait = Duration::from_millis(self.ack_wait_ms);
+        cfg.ack_wait_overrides = self
+            .queue_ack_wait
+            .iter()
+            .map(|(q, ms)| (q.clone(), Duration::from_millis(*ms)))
+            .collect();
+        cfg.max_attempts = self.max_attempts;
+        cfg.retry_backoff = Duration::from_millis(self.retry_backoff_ms);
+        cfg.retry_backoff_max = Duration::from_millis(self.retry_backoff_max_ms);
+        cfg
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Broker to connect to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
+    #[arg(long, env = "AXION_MQTT_URL", default_value = axion_heartbeat::DEFAULT_MQTT_URL)]
+    pub mqtt: MqttUrl,
+    /// Directory holding the queue store (queues.redb).
+    #[arg(long, env = "AXION_DATA_DIR", default_value = "./axion-data")]
+    pub data_dir: PathBuf,
+    /// Package whose queues this owner serves (one topic level).
+    #[arg(long, env = "AXION_PACKAGE", default_value = "default")]
+    pub package: String,
+    #[command(flatten)]
+    pub tuning: QueueTuning,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("axion-queues")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        let cfg = args.tuning.config(
+            args.mqtt.with_env_credentials(),
+            args.data_dir,
+            args.package,
+        );
+        let mut owner = QueueOwner::start(cfg).await.context("start the queue owner")?;
+        tokio::select! {
+            signal = super::serve::shutdown_signal() => {
+                info!(signal = signal?, "stopping the queue owner");
+                owner.shutdown().await.context("stop the queue owner")?;
+                Ok(ExitCode::SUCCESS)
+            }
+            err = owner.failed() => {
+                error!(error = %err, "queue owner failed");
+                Err(anyhow::Error::new(err).context("queue owner"))
+            }
+        }
+    })
+}
