@@ -22,6 +22,10 @@ struct Cli {
 enum Command {
     /// Run everything a single machine needs: embedded broker, queues, bridge, heartbeat.
     Serve(cmd::serve::Args),
+    /// Live dashboard of every instance's heartbeat and every queue (--once --json for scripts).
+    Monitor(cmd::monitor::Args),
+    /// Publish heartbeats for a non-Rust process; mark it offline when its pid exits.
+    Heartbeat(cmd::heartbeat::Args),
     /// Run the durable queue owner alone against any MQTT 5 broker.
     Queues(cmd::queues::Args),
     /// Inspect and repair queues: ls, show, dead, retry, purge, enqueue.
@@ -33,6 +37,8 @@ fn main() -> std::process::ExitCode {
     logging::init();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Monitor(args) => cmd::monitor::run(args),
+        Command::Heartbeat(args) => cmd::heartbeat::run(args),
         Command::Queues(args) => cmd::queues::run(args),
         Command::Queue(args) => cmd::queue::run(args),
     };

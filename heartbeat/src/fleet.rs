@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -285,6 +285,9 @@ struct WatchState {
     fleet: Fleet,
     /// Latest stats record per queue topic.
     queues: BTreeMap<String, Value>,
+    /// When the last message flagged retained arrived: the burst after a
+    /// SUBACK is over once these stop.
+    last_retained: Option<Instant>,
 }
 
 /// A `Fleet` kept current by its own MQTT connection.
@@ -312,6 +315,7 @@ impl FleetWatcher {
         let state = Arc::new(Mutex::new(WatchState {
             fleet: Fleet::new(options.stale_after),
             queues: BTreeMap::new(),
+            last_retained: None,
         }));
         let (subscribed_tx, subscribed) = watch::channel(false);
         let (changes_tx, changes) = watch::channel(0u64);
@@ -327,7 +331,10 @@ impl FleetWatcher {
                         backoff = Duration::from_millis(200);
                         pending_subacks = 0;
                         for filter in &filters {
-                            match task_client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                            // QoS 0: brokers cap queued QoS 1 messages per
+                            // client (Mosquitto: 1000 + inflight) and silently
+                            // drop the rest of a large retained burst.
+                            match task_client.try_subscribe(filter.as_str(), QoS::AtMostOnce) {
                                 Ok(()) => pending_subacks += 1,
                                 Err(err) => {
                                     tracing::warn!(filter = %filter, error = %err, "fleet subscribe failed")
@@ -346,6 +353,9 @@ impl FleetWatcher {
                             continue;
                         };
                         let mut st = lock(&task_state);
+                        if p.retain {
+                            st.last_retained = Some(Instant::now());
+                        }
                         if parse_heartbeat_topic(topic).is_some() {
                             st.fleet.apply(topic, &p.payload, now_unix());
                         } else if p.payload.is_empty() {
@@ -391,6 +401,21 @@ impl FleetWatcher {
         outcome
     }
 
+    /// Waits out the burst of retained records that follows SUBACK: at
+    /// least `min`, then until no retained record came for `quiet`, at most
+    /// `max` in all (a busy fleet never goes quiet).
+    pub async fn settle(&self, min: Duration, quiet: Duration, max: Duration) {
+        let start = Instant::now();
+        tokio::time::sleep(min).await;
+        while start.elapsed() < max {
+            let last = lock(&self.state).last_retained;
+            match last {
+                Some(at) if at.elapsed() < quiet => tokio::time::sleep(quiet - at.elapsed()).await,
+                _ => return,
+            }
+        }
+    }
+
     /// Ticks on every message received; the dashboard and the queue owner
     /// await it instead of polling.
     pub fn changes(&self) -> watch::Receiver<u64> {
@@ -411,9 +436,14 @@ impl FleetWatcher {
         f(&lock(&self.state).fleet)
     }
 
-    /// The latest retained queue stats records (when `queues` was asked for).
-    pub fn queue_stats(&self) -> Vec<Value> {
-        lock(&self.state).queues.values().cloned().collect()
+    /// The latest retained queue stats records by topic (when `queues` was
+    /// asked for).
+    pub fn queue_stats(&self) -> Vec<(String, Value)> {
+        lock(&self.state)
+            .queues
+            .iter()
+            .map(|(t, v)| (t.clone(), v.clone()))
+            .collect()
     }
 
     /// Disconnects cleanly.

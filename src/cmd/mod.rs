@@ -1,5 +1,7 @@
 //! One module per subcommand: flags in, library calls out.
 
+pub mod heartbeat;
+pub mod monitor;
 pub mod queue;
 pub mod queues;
 pub mod serve;

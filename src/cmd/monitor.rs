@@ -1,0 +1,490 @@
+//! `axion monitor`: what is running, what is stuck and what died, at a glance.
+//!
+//! A live terminal dashboard (ratatui) over the retained heartbeat mesh and
+//! the retained queue stats, or with `--once` a single snapshot for scripts
+//! (`--json`: an array of heartbeat records plus `state`, `topic`,
+//! `age_secs`). All the state logic lives in `axion_heartbeat::fleet`; this
+//! file only renders it.
+
+use std::cmp::Ordering;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use axion_heartbeat::fleet::{Counts, FleetWatcher, InstanceView, State, WatchOptions};
+use axion_heartbeat::schema::{now_unix, DEFAULT_STALE_SECS};
+use axion_heartbeat::{MqttUrl, DEFAULT_MQTT_URL};
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
+use ratatui::{DefaultTerminal, Frame};
+use serde_json::Value;
+
+/// How long to wait for the broker's SUBACK before giving up.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The retained burst is over once no retained record came for this long.
+const SETTLE_QUIET: Duration = Duration::from_millis(100);
+/// Screen refresh when nothing is pressed (ages tick even without messages).
+const REFRESH: Duration = Duration::from_millis(250);
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Broker URL, mqtt://[user[:password]@]host[:port].
+    #[arg(long, env = "AXION_MQTT_URL", default_value = DEFAULT_MQTT_URL)]
+    pub mqtt: MqttUrl,
+    /// Show one package only (default: all).
+    #[arg(long, env = "AXION_MONITOR_PACKAGE")]
+    pub package: Option<String>,
+    /// Show one service only (default: all).
+    #[arg(long, env = "AXION_MONITOR_SERVICE")]
+    pub service: Option<String>,
+    /// Print one snapshot and exit instead of running the dashboard.
+    #[arg(long, env = "AXION_MONITOR_ONCE")]
+    pub once: bool,
+    /// With --once: print a JSON array instead of a text table.
+    #[arg(long, env = "AXION_MONITOR_JSON", requires = "once")]
+    pub json: bool,
+    /// With --once: wait at least this long after SUBACK for retained records.
+    #[arg(long, env = "AXION_MONITOR_SETTLE_MS", default_value_t = 500)]
+    pub settle_ms: u64,
+    /// An instance whose last record is older than this is stale.
+    #[arg(long, env = "HEARTBEAT_STALE_SECS", default_value_t = DEFAULT_STALE_SECS)]
+    pub stale_secs: u64,
+    /// Initial sort within each package/service group (key `s` cycles it).
+    #[arg(long, env = "AXION_MONITOR_SORT", value_enum, default_value_t = SortKey::Instance)]
+    pub sort: SortKey,
+}
+
+/// Sort keys of the dashboard, in the order `s` cycles through them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    Instance,
+    State,
+    Age,
+    Uptime,
+    Queue,
+}
+
+impl SortKey {
+    fn next(self) -> Self {
+        match self {
+            SortKey::Instance => SortKey::State,
+            SortKey::State => SortKey::Age,
+            SortKey::Age => SortKey::Uptime,
+            SortKey::Uptime => SortKey::Queue,
+            SortKey::Queue => SortKey::Instance,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SortKey::Instance => "instance",
+            SortKey::State => "state",
+            SortKey::Age => "age",
+            SortKey::Uptime => "uptime",
+            SortKey::Queue => "queue depth",
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let options = WatchOptions {
+        package: args.package.clone(),
+        service: args.service.clone(),
+        queues: !args.once,
+        stale_after: Duration::from_secs(args.stale_secs),
+    };
+    let broker = args.mqtt.clone().with_env_credentials();
+    let watcher = {
+        let _guard = runtime.enter();
+        FleetWatcher::start(&broker, options)?
+    };
+    if args.once {
+        runtime.block_on(async {
+            watcher
+                .wait_subscribed(SUBSCRIBE_TIMEOUT)
+                .await
+                .with_context(|| format!("subscribe to heartbeats on {broker}"))?;
+            let settle = Duration::from_millis(args.settle_ms);
+            watcher
+                .settle(settle, SETTLE_QUIET, settle * 4 + Duration::from_secs(1))
+                .await;
+            anyhow::Ok(())
+        })?;
+        let mut rows = watcher.views(now_unix());
+        sort_rows(&mut rows, args.sort, false);
+        print_once(&rows, args.json)?;
+        runtime.block_on(watcher.stop());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut terminal = ratatui::init();
+    let result = dashboard(&mut terminal, &watcher, &broker, &args);
+    ratatui::restore();
+    runtime.block_on(watcher.stop());
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+fn print_once(rows: &[InstanceView], json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, rows).context("write JSON")?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<12} {:<16} {:<28} {:<9} {:>7} {:>8} {:>8} {:>6} {:>8}",
+        "PACKAGE", "SERVICE", "INSTANCE", "STATE", "AGE", "UPTIME", "PID", "QUEUE", "INFLIGHT"
+    )?;
+    for r in rows {
+        let h = &r.record;
+        writeln!(
+            out,
+            "{:<12} {:<16} {:<28} {:<9} {:>7} {:>8} {:>8} {:>6} {:>8}",
+            h.package,
+            h.service,
+            h.instance_id,
+            r.state.as_str(),
+            fmt_secs(r.age_secs),
+            fmt_secs(h.uptime_seconds as f64),
+            h.pid,
+            h.queue_depth,
+            h.inflight
+        )?;
+    }
+    Ok(())
+}
+
+/// Groups by package and service, then orders each group by `key`.
+fn sort_rows(rows: &mut [InstanceView], key: SortKey, reverse: bool) {
+    rows.sort_by(|a, b| {
+        let group = (group_of(a)).cmp(&group_of(b));
+        let within = match key {
+            SortKey::Instance => Ordering::Equal,
+            SortKey::State => a.state.cmp(&b.state),
+            SortKey::Age => a.age_secs.total_cmp(&b.age_secs),
+            SortKey::Uptime => b.record.uptime_seconds.cmp(&a.record.uptime_seconds),
+            SortKey::Queue => b.record.queue_depth.cmp(&a.record.queue_depth),
+        };
+        let within = within.then_with(|| a.topic.cmp(&b.topic));
+        group.then(if reverse { within.reverse() } else { within })
+    });
+}
+
+/// The package and service as named by the topic (the record may omit them).
+fn group_of(v: &InstanceView) -> (&str, &str) {
+    match axion_heartbeat::fleet::parse_heartbeat_topic(&v.topic) {
+        Some((pkg, svc, _)) => (pkg, svc),
+        None => (v.record.package.as_str(), v.record.service.as_str()),
+    }
+}
+
+fn fmt_secs(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn dashboard(
+    terminal: &mut DefaultTerminal,
+    watcher: &FleetWatcher,
+    broker: &MqttUrl,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let mut sort = args.sort;
+    let mut reverse = false;
+    loop {
+        let now = now_unix();
+        let mut rows = watcher.views(now);
+        sort_rows(&mut rows, sort, reverse);
+        let counts = watcher.counts(now);
+        let queues = watcher.queue_stats();
+        let view = View {
+            broker,
+            args,
+            rows: &rows,
+            counts,
+            queues: &queues,
+            sort,
+            reverse,
+            now,
+        };
+        terminal
+            .draw(|f| view.draw(f))
+            .context("draw the dashboard")?;
+        if event::poll(REFRESH).context("read the terminal")? {
+            if let Event::Key(key) = event::read().context("read the terminal")? {
+                if key.kind != KeyEventKind::Press {
+                    continue;
+                }
+                match key.code {
+                    KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                    KeyCode::Char('c') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                        return Ok(())
+                    }
+                    KeyCode::Char('s') => sort = sort.next(),
+                    KeyCode::Char('r') => reverse = !reverse,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+struct View<'a> {
+    broker: &'a MqttUrl,
+    args: &'a Args,
+    rows: &'a [InstanceView],
+    counts: Counts,
+    queues: &'a [(String, Value)],
+    sort: SortKey,
+    reverse: bool,
+    now: f64,
+}
+
+fn state_style(state: State) -> Style {
+    match state {
+        State::Online => Style::new().fg(Color::Green).add_modifier(Modifier::BOLD),
+        State::Draining => Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+        State::Stale => Style::new().fg(Color::Magenta),
+        State::Offline => Style::new().fg(Color::Red),
+    }
+}
+
+impl View<'_> {
+    fn draw(&self, frame: &mut Frame) {
+        let queue_height = if self.queues.is_empty() {
+            0
+        } else {
+            (self.queues.len() as u16 + 3).min(12)
+        };
+        let [header, instances, queues, footer] = Layout::vertical([
+            Constraint::Length(2),
+            Constraint::Min(4),
+            Constraint::Length(queue_height),
+            Constraint::Length(1),
+        ])
+        .areas(frame.area());
+        frame.render_widget(self.header(), header);
+        frame.render_widget(self.instances(), instances);
+        if queue_height > 0 {
+            frame.render_widget(self.queue_table(), queues);
+        }
+        frame.render_widget(
+            Paragraph::new(Line::from(vec![
+                Span::styled(" q", Style::new().add_modifier(Modifier::BOLD)),
+                Span::raw(" quit  "),
+                Span::styled("s", Style::new().add_modifier(Modifier::BOLD)),
+                Span::raw(" sort  "),
+                Span::styled("r", Style::new().add_modifier(Modifier::BOLD)),
+                Span::raw(" reverse"),
+            ]))
+            .style(Style::new().fg(Color::DarkGray)),
+            footer,
+        );
+    }
+
+    fn header(&self) -> Paragraph<'static> {
+        let c = self.counts;
+        let filter = match (&self.args.package, &self.args.service) {
+            (None, None) => "all".to_string(),
+            (p, s) => format!(
+                "package {} service {}",
+                p.as_deref().unwrap_or("*"),
+                s.as_deref().unwrap_or("*")
+            ),
+        };
+        Paragraph::new(vec![
+            Line::from(vec![
+                Span::styled("axion monitor", Style::new().add_modifier(Modifier::BOLD)),
+                Span::raw(format!(
+                    "  {}  filter: {filter}  sort: {}{}",
+                    self.broker,
+                    self.sort.name(),
+                    if self.reverse { " (reversed)" } else { "" }
+                )),
+            ]),
+            Line::from(vec![
+                Span::raw(format!("{} instances: ", self.rows.len())),
+                Span::styled(format!("{} online", c.online), state_style(State::Online)),
+                Span::raw("  "),
+                Span::styled(
+                    format!("{} draining", c.draining),
+                    state_style(State::Draining),
+                ),
+                Span::raw("  "),
+                Span::styled(format!("{} stale", c.stale), state_style(State::Stale)),
+                Span::raw("  "),
+                Span::styled(
+                    format!("{} offline", c.offline),
+                    state_style(State::Offline),
+                ),
+            ]),
+        ])
+    }
+
+    fn instances(&self) -> Table<'static> {
+        let mut last_group: Option<(String, String)> = None;
+        let rows = self.rows.iter().map(|v| {
+            let h = &v.record;
+            let (pkg, svc) = group_of(v);
+            let group = (pkg.to_string(), svc.to_string());
+            let first_of_group = last_group.as_ref() != Some(&group);
+            last_group = Some(group);
+            let dim = matches!(v.state, State::Stale | State::Offline);
+            let state = match (&h.reason, v.state) {
+                (Some(reason), State::Offline) => format!("offline/{reason}"),
+                _ => v.state.as_str().to_string(),
+            };
+            let progress = h
+                .last_progress_ts
+                .map(|ts| format!("{} ago", fmt_secs(self.now - ts)))
+                .unwrap_or_else(|| "-".into());
+            let avg = h
+                .avg_job_ms
+                .map(|ms| format!("{ms:.0}"))
+                .unwrap_or_else(|| "-".into());
+            let cells = vec![
+                Cell::from(if first_of_group {
+                    pkg.to_string()
+                } else {
+                    String::new()
+                }),
+                Cell::from(if first_of_group {
+                    svc.to_string()
+                } else {
+                    String::new()
+                }),
+                Cell::from(h.instance_id.clone()),
+                Cell::from(state).style(state_style(v.state)),
+                Cell::from(fmt_secs(v.age_secs)),
+                Cell::from(fmt_secs(h.uptime_seconds as f64)),
+                Cell::from(h.pid.to_string()),
+                Cell::from(h.queue_depth.to_string()),
+                Cell::from(h.inflight.to_string()),
+                Cell::from(progress),
+                Cell::from(avg),
+                Cell::from(if h.connected { "yes" } else { "NO" }),
+            ];
+            let row = Row::new(cells);
+            if dim {
+                row.style(Style::new().fg(Color::DarkGray))
+            } else {
+                row
+            }
+        });
+        let header = Row::new([
+            "PACKAGE",
+            "SERVICE",
+            "INSTANCE",
+            "STATE",
+            "AGE",
+            "UPTIME",
+            "PID",
+            "QUEUE",
+            "INFLIGHT",
+            "LAST PROGRESS",
+            "AVG MS",
+            "CONN",
+        ])
+        .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED));
+        Table::new(
+            rows.collect::<Vec<_>>(),
+            [
+                Constraint::Length(12),
+                Constraint::Length(14),
+                Constraint::Min(16),
+                Constraint::Length(15),
+                Constraint::Length(7),
+                Constraint::Length(7),
+                Constraint::Length(8),
+                Constraint::Length(6),
+                Constraint::Length(8),
+                Constraint::Length(13),
+                Constraint::Length(7),
+                Constraint::Length(4),
+            ],
+        )
+        .header(header)
+        .block(Block::new().borders(Borders::TOP).title(" instances "))
+    }
+
+    fn queue_table(&self) -> Table<'static> {
+        let num = |v: &Value, k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let rows = self.queues.iter().map(|(topic, v)| {
+            let pkg = topic.split('/').nth(1).unwrap_or_default().to_string();
+            let name = v
+                .get("queue")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| topic.split('/').nth(3).unwrap_or_default().to_string());
+            let oldest = v
+                .get("oldest_age_ms")
+                .and_then(Value::as_f64)
+                .map(|ms| fmt_secs(ms / 1000.0))
+                .unwrap_or_else(|| "-".into());
+            Row::new(vec![
+                pkg,
+                name,
+                num(v, "depth"),
+                num(v, "inflight"),
+                num(v, "dead"),
+                num(v, "enqueued_total"),
+                num(v, "acked_total"),
+                num(v, "failed_total"),
+                oldest,
+            ])
+        });
+        let header = Row::new([
+            "PACKAGE", "QUEUE", "DEPTH", "INFLIGHT", "DEAD", "ENQUEUED", "ACKED", "FAILED",
+            "OLDEST",
+        ])
+        .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED));
+        Table::new(
+            rows.collect::<Vec<_>>(),
+            [
+                Constraint::Length(12),
+                Constraint::Min(16),
+                Constraint::Length(8),
+                Constraint::Length(8),
+                Constraint::Length(6),
+                Constraint::Length(10),
+                Constraint::Length(10),
+                Constraint::Length(8),
+                Constraint::Length(8),
+            ],
+        )
+        .header(header)
+        .block(Block::new().borders(Borders::TOP).title(" queues "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_secs;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(fmt_secs(5.2), "5s");
+        assert_eq!(fmt_secs(125.0), "2m05s");
+        assert_eq!(fmt_secs(3720.0), "1h02m");
+        assert_eq!(fmt_secs(90_000.0), "1d01h");
+    }
+}
