@@ -715,3 +715,51 @@ fn the_dashboard_renders_in_a_terminal_sorts_and_quits_on_q() {
     });
     let _ = tmux(&["kill-server"]);
 }
+
+#[test]
+fn the_rust_publisher_reports_live_fields_draining_and_a_clean_stop() {
+    use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
+    let b = broker();
+    let port = free_port();
+    let t = topic("embedder", port);
+    let w = Watcher::start(&b);
+    let mut config =
+        HeartbeatConfig::new(MqttUrl::parse(&b.url).unwrap(), "default", "embedder").unwrap();
+    config.host = Some(HOST.into());
+    config.port = Some(port);
+    config.interval = Duration::from_secs(60);
+    config.extras.insert("model".into(), json!("bge-small"));
+    let hb = {
+        let _g = w.rt.enter();
+        HeartbeatPublisher::start(config).unwrap()
+    };
+    assert_eq!(hb.topic(), t);
+    let (first, _) = w.wait_state(&t, State::Online, Duration::from_secs(5));
+    assert_eq!(first["queue_depth"], 0);
+    assert_eq!(first["pid"], std::process::id());
+
+    hb.set_queue_depth(7);
+    hb.set_inflight(2);
+    hb.set_connected(false);
+    hb.record_job(Duration::from_millis(40));
+    hb.publish_now();
+    let live = wait_until(Duration::from_secs(3), "the live fields", || {
+        w.record(&t)
+            .map(|(_, v)| v)
+            .filter(|v| v["queue_depth"] == 7)
+    });
+    assert_eq!(live["inflight"], 2);
+    assert_eq!(live["connected"], false);
+    assert_eq!(live["avg_job_ms"], 40.0);
+    assert!(live["last_progress_ts"].as_f64().unwrap() > now_unix() - 5.0);
+    assert_eq!(live["model"], "bge-small");
+    assert_eq!(live["boot_id"], first["boot_id"]);
+
+    w.rt.block_on(hb.set_draining()).unwrap();
+    w.wait_state(&t, State::Draining, Duration::from_secs(3));
+    w.rt.block_on(hb.stop("stopped"))
+        .expect("offline record acknowledged");
+    let (offline, _) = w.wait_state(&t, State::Offline, Duration::from_secs(3));
+    assert_eq!(offline["reason"], "stopped");
+    assert!(offline["seq"].as_u64() > live["seq"].as_u64());
+}
