@@ -30,6 +30,8 @@ enum Command {
     Queues(cmd::queues::Args),
     /// Inspect and repair queues: ls, show, dead, retry, purge, enqueue.
     Queue(cmd::queue::Args),
+    /// Run the legacy WebSocket bridge alone against any MQTT 5 broker.
+    Bridge(cmd::bridge::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Heartbeat(args) => cmd::heartbeat::run(args),
         Command::Queues(args) => cmd::queues::run(args),
         Command::Queue(args) => cmd::queue::run(args),
+        Command::Bridge(args) => cmd::bridge::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,1 +1,328 @@
-//! placeholder
+//! `axion-bridge`: the legacy WebSocket JSON protocol of the old Node broker
+//! (DESIGN.md, "The legacy WebSocket protocol"), translated onto Axion's
+//! MQTT topics so the old JS and Python clients keep working unchanged
+//! against any MQTT 5 broker, the embedded one included.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), axion_bridge::BridgeError> {
+//! use axion_bridge::{Bridge, BridgeConfig};
+//! let config = BridgeConfig::new(
+//!     "127.0.0.1:7000".parse().unwrap(),
+//!     "mqtt://127.0.0.1:1883".parse().unwrap(),
+//!     "default",
+//! );
+//! let bridge = Bridge::bind(config).await?;
+//! println!("bridge on {}", bridge.local_addr());
+//! bridge.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod hub;
+mod mqtt;
+pub mod protocol;
+mod server;
+mod tasks;
+
+pub use client::Metrics;
+
+use axion_heartbeat::publisher::{HeartbeatConfig, HeartbeatPublisher};
+use axion_heartbeat::MqttUrl;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Bounds on what clients can make the bridge hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest text frame handled; larger ones get an error reply.
+    pub max_frame_bytes: usize,
+    /// Distinct MQTT filters held for all clients together.
+    pub max_filters: usize,
+    pub max_subscriptions_per_client: usize,
+    pub max_clients: usize,
+    /// Outgoing queue per client, in frames and in bytes; a client whose
+    /// queue overflows is disconnected (see `client.rs`).
+    pub client_queue_frames: usize,
+    pub client_queue_bytes: usize,
+    /// Pulls a client may have waiting at once.
+    pub max_pulls_per_client: usize,
+    /// WebSocket ping period; a peer silent for two periods is dropped.
+    pub ping_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1024 * 1024,
+            max_filters: 10_000,
+            max_subscriptions_per_client: 1_000,
+            max_clients: 10_000,
+            client_queue_frames: 8_192,
+            client_queue_bytes: 16 * 1024 * 1024,
+            max_pulls_per_client: 1_024,
+            ping_interval: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    pub listen: SocketAddr,
+    pub mqtt: MqttUrl,
+    /// One topic level: events live under `axion/<package>/event/`.
+    pub package: String,
+    pub limits: Limits,
+    /// Publish the bridge's own retained heartbeat (service `bridge`).
+    pub heartbeat: bool,
+}
+
+impl BridgeConfig {
+    pub fn new(listen: SocketAddr, mqtt: MqttUrl, package: impl Into<String>) -> Self {
+        Self {
+            listen,
+            mqtt,
+            package: package.into(),
+            limits: Limits::default(),
+            heartbeat: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("invalid package name: {0}")]
+    Package(#[from] axion_heartbeat::TopicError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("WebSocket server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("heartbeat: {0}")]
+    Heartbeat(#[from] axion_heartbeat::HeartbeatError),
+}
+
+/// A bridge whose port is bound; [`Bridge::serve`] runs it.
+pub struct Bridge {
+    config: BridgeConfig,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+}
+
+impl Bridge {
+    /// Binds the WebSocket port, so the caller knows the address (port 0
+    /// picks a free one) before anything runs.
+    pub async fn bind(config: BridgeConfig) -> Result<Self, BridgeError> {
+        axion_heartbeat::topics::validate_level("package", &config.package)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| BridgeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| BridgeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(Self {
+            config,
+            listener,
+            local_addr,
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Live counters (clients, slow consumers, events…), also at `/stats`.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Binds and serves until `shutdown` completes.
+    pub async fn run(
+        config: BridgeConfig,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BridgeError> {
+        Self::bind(config).await?.serve(shutdown).await
+    }
+
+    /// Serves WebSocket clients until `shutdown` completes, then releases
+    /// held tasks, says `offline` in the heartbeat, and disconnects.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BridgeError> {
+        let Bridge {
+            config,
+            listener,
+            local_addr,
+            metrics,
+        } = self;
+        let cancel = CancellationToken::new();
+        let hub = Arc::new(hub::Hub::new(
+            &config.package,
+            config.limits.max_filters,
+            metrics.clone(),
+        ));
+
+        let client_id = format!(
+            "axion-bridge-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut options = config.mqtt.options_v5(&client_id);
+        let max_packet = u32::try_from(config.limits.max_frame_bytes.saturating_add(64 * 1024))
+            .unwrap_or(u32::MAX);
+        options.set_max_packet_size(Some(max_packet));
+        options.set_clean_start(true);
+        let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 4096);
+        let mqtt = Arc::new(mqtt::Mqtt::new(
+            client.clone(),
+            client_id.clone(),
+            hub.clone(),
+        ));
+        let tasks = Arc::new(tasks::Tasks::new(
+            &config.package,
+            config.limits.max_pulls_per_client,
+            mqtt.clone(),
+            hub.clone(),
+            metrics.clone(),
+        ));
+        let resync = Arc::new(Notify::new());
+        let event_loop = tokio::spawn(mqtt::run_event_loop(
+            eventloop,
+            hub.clone(),
+            tasks.clone(),
+            resync.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ));
+        if let Err(error) = tasks.start().await {
+            tracing::error!(%error, "could not subscribe the enqueue reply topic");
+        }
+        let resyncer = {
+            let (mqtt, tasks, cancel) = (mqtt.clone(), tasks.clone(), cancel.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = resync.notified() => {}
+                    }
+                    mqtt.resync().await;
+                    tasks.on_connected().await;
+                }
+            })
+        };
+
+        let heartbeat = if config.heartbeat {
+            let mut hb =
+                HeartbeatConfig::new(config.mqtt.clone(), config.package.clone(), "bridge")?
+                    .port(local_addr.port());
+            // The queue owner treats this worker as gone when the heartbeat
+            // turns offline (its will), releasing what the bridge held.
+            hb.extras.insert("worker".into(), tasks.worker_id().into());
+            let handle = HeartbeatPublisher::start(hb)?;
+            let (metrics, cancel) = (metrics.clone(), cancel.clone());
+            let reporter = {
+                let shared = Arc::new(handle);
+                let h = shared.clone();
+                let task: tokio::task::JoinHandle<()> = tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tick.tick() => {}
+                        }
+                        h.set_connected(metrics.mqtt_connected.load(Ordering::Relaxed));
+                        h.set_extra("clients", metrics.clients.load(Ordering::Relaxed).into());
+                    }
+                });
+                (shared, task)
+            };
+            Some(reporter)
+        } else {
+            None
+        };
+
+        let clients_root = CancellationToken::new();
+        let shared = Arc::new(server::Shared {
+            limits: config.limits.clone(),
+            hub,
+            mqtt: mqtt.clone(),
+            tasks: tasks.clone(),
+            metrics: metrics.clone(),
+            shutdown: clients_root.clone(),
+            next_key: AtomicU64::new(1),
+            started: Instant::now(),
+        });
+        tracing::info!(listen = %local_addr, mqtt = %config.mqtt, package = config.package, client_id, "WebSocket bridge up");
+        // Upgraded connections outlive hyper's graceful shutdown, so the
+        // same signal cancels them through their parent token.
+        let stop_clients = clients_root.clone();
+        let result = axum::serve(listener, server::router(shared))
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                stop_clients.cancel();
+            })
+            .await
+            .map_err(BridgeError::Serve);
+        clients_root.cancel();
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while metrics.clients.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                clients = metrics.clients.load(Ordering::Relaxed),
+                "clients still closing at shutdown"
+            );
+        }
+
+        tasks.shutdown().await;
+        if let Some((handle, reporter)) = heartbeat {
+            reporter.abort();
+            let _ = reporter.await;
+            match Arc::try_unwrap(handle) {
+                Ok(handle) => {
+                    if let Err(error) = handle.stop("stopped").await {
+                        tracing::warn!(%error, "heartbeat stop failed");
+                    }
+                }
+                Err(_) => tracing::warn!("heartbeat handle still shared at shutdown"),
+            }
+        }
+        if let Err(error) = client.disconnect().await {
+            tracing::debug!(%error, "MQTT disconnect request");
+        }
+        // The event loop returns once DISCONNECT (after the releases queued
+        // before it) is written.
+        let mut event_loop = event_loop;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut event_loop)
+            .await
+            .is_err()
+        {
+            tracing::warn!("MQTT side did not disconnect in time");
+        }
+        cancel.cancel();
+        event_loop.abort();
+        let _ = resyncer.await;
+        tracing::info!("WebSocket bridge stopped");
+        result
+    }
+}
+
+/// How long shutdown waits for clients to close and MQTT to disconnect.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -1,5 +1,6 @@
 //! One module per subcommand: flags in, library calls out.
 
+pub mod bridge;
 pub mod heartbeat;
 pub mod monitor;
 pub mod queue;

@@ -1,0 +1,383 @@
+//! The WebSocket and HTTP side on one port: the legacy protocol on any path
+//! (legacy clients connect to `ws://host:7000`), and `/health/live`,
+//! `/health/ready` (ready = the MQTT side is connected) and `/stats`.
+//!
+//! Each connection is a reader loop plus a writer task. The writer drains
+//! the client's bounded queue in batches (one flush per batch), sends a
+//! ping every `ping_interval`, and ends the connection when nothing has
+//! been heard for two intervals or a write stalls that long. A text frame
+//! up to `max_frame_bytes` is handled; a larger one, up to the transport
+//! limit of four times that, is answered with an error and the connection
+//! lives on; beyond the transport limit the WebSocket layer closes it (it
+//! cannot skip a frame it refused to buffer).
+
+use crate::client::{ClientHandle, Kick, Metrics};
+use crate::hub::Hub;
+use crate::mqtt::Mqtt;
+use crate::protocol::{self, FrameError, Request};
+use crate::tasks::Tasks;
+use crate::Limits;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Close code for a client disconnected for not reading (RFC 6455 policy).
+const CLOSE_POLICY: u16 = 1008;
+/// How many queued frames the writer sends before one flush.
+const WRITE_BATCH: usize = 256;
+
+pub struct Shared {
+    pub limits: Limits,
+    pub hub: Arc<Hub>,
+    pub mqtt: Arc<Mqtt>,
+    pub tasks: Arc<Tasks>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub next_key: AtomicU64,
+    pub started: Instant,
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/stats", get(stats))
+        .fallback(upgrade)
+        .with_state(shared)
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({ "status": "live" }))
+}
+
+async fn ready(State(s): State<Arc<Shared>>) -> Response {
+    if s.metrics.mqtt_connected.load(Ordering::Relaxed) {
+        Json(json!({ "status": "ready", "mqtt": "connected" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "mqtt": "disconnected" })),
+        )
+            .into_response()
+    }
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let mut v = s.metrics.snapshot();
+    v["filters"] = json!(s.hub.filter_count());
+    Json(v)
+}
+
+async fn upgrade(
+    State(s): State<Arc<Shared>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if s.metrics.clients.load(Ordering::Relaxed) >= s.limits.max_clients as u64 {
+        tracing::warn!(
+            limit = s.limits.max_clients,
+            "refusing a WebSocket client: too many connected"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many WebSocket clients",
+        )
+            .into_response();
+    }
+    let transport_limit = s.limits.max_frame_bytes.saturating_mul(4);
+    ws.max_message_size(transport_limit)
+        .max_frame_size(transport_limit)
+        .on_upgrade(move |socket| connection(socket, s))
+}
+
+struct Conn {
+    handle: Arc<ClientHandle>,
+    /// MQTT filters this client subscribed through the hub.
+    filters: HashSet<String>,
+}
+
+async fn connection(socket: WebSocket, s: Arc<Shared>) {
+    let key = s.next_key.fetch_add(1, Ordering::Relaxed);
+    let id = uuid::Uuid::new_v4().to_string();
+    let (tx, rx) = mpsc::channel(s.limits.client_queue_frames);
+    let cancel = s.shutdown.child_token();
+    let handle = Arc::new(ClientHandle::new(
+        key,
+        id,
+        tx,
+        s.limits.client_queue_bytes,
+        cancel.clone(),
+    ));
+    s.metrics.clients.fetch_add(1, Ordering::Relaxed);
+    s.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    s.tasks.register(&handle);
+    tracing::info!(client = %handle.id, "client connected");
+
+    let (sink, stream) = socket.split();
+    let last_heard = Arc::new(AtomicU64::new(millis_since(s.started)));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        handle.clone(),
+        last_heard.clone(),
+        s.clone(),
+    ));
+    let mut conn = Conn {
+        handle: handle.clone(),
+        filters: HashSet::new(),
+    };
+    read_loop(stream, &mut conn, &last_heard, &s).await;
+
+    cancel.cancel();
+    for filter in conn.filters.drain() {
+        s.hub.unsubscribe(&filter, key);
+        if let Err(error) = s.mqtt.reconcile(&filter).await {
+            tracing::warn!(%error, filter, "unsubscribe after disconnect failed");
+        }
+    }
+    s.tasks.client_gone(key).await;
+    if let Err(error) = writer.await {
+        tracing::error!(%error, client = %handle.id, "writer task failed");
+    }
+    s.metrics.clients.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(client = %handle.id, slow = handle.was_slow(), "client disconnected");
+}
+
+fn millis_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn read_loop(
+    mut stream: SplitStream<WebSocket>,
+    conn: &mut Conn,
+    last_heard: &AtomicU64,
+    s: &Shared,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = conn.handle.cancel.cancelled() => return,
+            msg = stream.next() => msg,
+        };
+        let msg = match msg {
+            None => return,
+            Some(Err(error)) => {
+                tracing::debug!(%error, client = %conn.handle.id, "WebSocket read ended");
+                return;
+            }
+            Some(Ok(msg)) => msg,
+        };
+        last_heard.store(millis_since(s.started), Ordering::Relaxed);
+        match msg {
+            Message::Text(text) => {
+                s.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                if let Err(reply) = handle_text(text.as_str(), conn, s).await {
+                    s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %conn.handle.id, error = %reply["error"], "bad frame");
+                    conn.handle
+                        .send(Utf8Bytes::from(reply.to_string()), &s.metrics);
+                }
+            }
+            Message::Binary(_) => {
+                s.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                s.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let reply =
+                    json!({ "error": "binary frames are not supported; send JSON in text frames" });
+                conn.handle
+                    .send(Utf8Bytes::from(reply.to_string()), &s.metrics);
+            }
+            Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+}
+
+fn error(msg: impl std::fmt::Display) -> Value {
+    json!({ "error": msg.to_string() })
+}
+
+/// Handles one text frame; `Err` is the `{"error": …}` reply.
+async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Value> {
+    if text.len() > s.limits.max_frame_bytes {
+        return Err(error(format!(
+            "frame too large: {} bytes (limit {})",
+            text.len(),
+            s.limits.max_frame_bytes
+        )));
+    }
+    let request = protocol::parse_frame(text).map_err(|e: FrameError| e.reply())?;
+    match request {
+        Request::Subscribe { topic } => {
+            let filter = s.hub.event_filter(&topic);
+            if conn.filters.contains(&filter) {
+                return Ok(());
+            }
+            if conn.filters.len() >= s.limits.max_subscriptions_per_client {
+                return Err(error(format!(
+                    "too many subscriptions on this connection (limit {})",
+                    s.limits.max_subscriptions_per_client
+                )));
+            }
+            s.hub.subscribe(&filter, &conn.handle).map_err(error)?;
+            conn.filters.insert(filter.clone());
+            tracing::debug!(client = %conn.handle.id, topic, "subscribed");
+            s.mqtt.reconcile(&filter).await.map_err(|e| {
+                tracing::error!(error = %e, filter, "subscribe failed");
+                error("the MQTT connection is gone; subscription will be restored on reconnect")
+            })
+        }
+        Request::Unsubscribe { topic } => {
+            let filter = s.hub.event_filter(&topic);
+            if conn.filters.remove(&filter) {
+                s.hub.unsubscribe(&filter, conn.handle.key);
+                s.mqtt.reconcile(&filter).await.map_err(|e| {
+                    tracing::error!(error = %e, filter, "unsubscribe failed");
+                    error("the MQTT connection is gone")
+                })?;
+            }
+            Ok(())
+        }
+        Request::Publish { message } => publish(message, conn, s).await,
+        Request::Enqueue { queue, task } => s
+            .tasks
+            .enqueue(&conn.handle, &queue, task)
+            .await
+            .map_err(error),
+        Request::Pull { queue } => s.tasks.pull(&conn.handle, &queue).await.map_err(error),
+        Request::Ack { task_id } => s
+            .tasks
+            .finish(&conn.handle, &task_id, None)
+            .await
+            .map_err(error),
+        Request::Fail { task_id, reason } => s
+            .tasks
+            .finish(&conn.handle, &task_id, Some(reason))
+            .await
+            .map_err(error),
+        Request::Heartbeat => Ok(()),
+    }
+}
+
+async fn publish(
+    message: serde_json::Map<String, Value>,
+    conn: &Conn,
+    s: &Shared,
+) -> Result<(), Value> {
+    if !s.metrics.mqtt_connected.load(Ordering::Relaxed) {
+        return Err(error("the MQTT broker is unreachable; event not published"));
+    }
+    let event = protocol::normalize(message, &conn.handle.id);
+    let Some(Value::String(event_type)) = event.get("type") else {
+        return Err(error("missing field \"message.type\""));
+    };
+    let topic = protocol::type_to_topic(&s.hub.event_prefix, event_type);
+    let mut props = PublishProperties::default();
+    match event.get("correlationId") {
+        Some(Value::String(c)) => props.correlation_data = Some(Bytes::from(c.clone())),
+        Some(other) => props.correlation_data = Some(Bytes::from(other.to_string())),
+        None => {}
+    }
+    if let Some(Value::String(reply)) = event.get("replyTo") {
+        if protocol::validate_type(reply).is_ok() {
+            props.response_topic = Some(protocol::type_to_topic(&s.hub.event_prefix, reply));
+        }
+    }
+    let payload = serde_json::to_vec(&event).map_err(error)?;
+    s.mqtt
+        .client
+        .publish_with_properties(topic, QoS::AtMostOnce, false, payload, props)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "publish to MQTT failed");
+            error("the MQTT connection is gone; event not published")
+        })?;
+    s.metrics.events_published.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    handle: Arc<ClientHandle>,
+    last_heard: Arc<AtomicU64>,
+    s: Arc<Shared>,
+) {
+    let interval = s.limits.ping_interval;
+    let stall = interval * 2;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let cancel = handle.cancel.clone();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                let write = async {
+                    for frame in batch.drain(..) {
+                        handle.dequeued(frame.len());
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                let outcome = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = tokio::time::timeout(stall, write) => r,
+                };
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, client = %handle.id, "WebSocket write failed");
+                        cancel.cancel();
+                        break;
+                    }
+                    Err(_) => {
+                        handle.kick(Kick::SlowConsumer, &s.metrics);
+                        break;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                let silent_for = millis_since(s.started).saturating_sub(last_heard.load(Ordering::Relaxed));
+                if Duration::from_millis(silent_for) > stall {
+                    handle.kick(Kick::DeadPeer, &s.metrics);
+                    break;
+                }
+                let sent = tokio::time::timeout(stall, sink.send(Message::Ping(Bytes::new()))).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    handle.kick(Kick::DeadPeer, &s.metrics);
+                    break;
+                }
+            }
+        }
+    }
+    // Best effort: a client that is not reading will not see this.
+    let close = if handle.was_slow() {
+        Some(CloseFrame {
+            code: CLOSE_POLICY,
+            reason: Utf8Bytes::from_static("slow consumer: outgoing queue full"),
+        })
+    } else {
+        None
+    };
+    let _ =
+        tokio::time::timeout(Duration::from_millis(200), sink.send(Message::Close(close))).await;
+}

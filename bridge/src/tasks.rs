@@ -1,0 +1,482 @@
+//! The legacy task actions (`enqueue`, `pull`/`ready`, `ack`, `fail`)
+//! translated onto the queue topics of DESIGN.md, so the durable queue
+//! owner (`broker/src/queues/`) does the queueing and the bridge only
+//! carries messages. The topic contract is in `bridge/QUEUE-CONTRACT.md`.
+//!
+//! The bridge is one MQTT worker (its client id) acting for all its
+//! WebSocket clients: a `pull` adds one credit on `…/ready` and queues the
+//! client as waiting; each task record that arrives on the shared `…/tasks`
+//! subscription goes to the longest-waiting client of that queue; a record
+//! addressed to another member of the shared group is claimed when a client
+//! is waiting and released otherwise. Tasks a client holds when it leaves
+//! are released (`…/release`), and credit it no longer backs is withdrawn
+//! (`…/ready` with `reset`), so the owner hands that work to another worker
+//! at once rather than after the ack wait. A restarted owner's
+//! `axion/<pkg>/cmd/announce` is answered with the credit of every queue.
+
+use crate::client::{ClientHandle, Metrics};
+use crate::hub::{Hub, SubscribeError};
+use crate::mqtt::Mqtt;
+use axion_heartbeat::topics;
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Enqueue confirmations still awaited; past this the oldest is forgotten
+/// (the client just gets no `enqueued` reply for it, which legacy clients
+/// never expected anyway).
+const MAX_PENDING_CONFIRMATIONS: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("{0}")]
+    Subscribe(#[from] SubscribeError),
+    #[error("too many pending pulls on this connection (limit {0})")]
+    TooManyPulls(usize),
+    #[error("taskId {0:?} is not held by this connection")]
+    NotHeld(String),
+    #[error("the MQTT broker is unreachable; try again")]
+    Unavailable,
+}
+
+struct Held {
+    queue: String,
+    client: u64,
+}
+
+#[derive(Default)]
+struct ClientTasks {
+    handle: Option<Arc<ClientHandle>>,
+    pulls: usize,
+    held: HashSet<String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// queue → clients waiting for one task each, oldest first.
+    waiting: HashMap<String, VecDeque<u64>>,
+    held: HashMap<String, Held>,
+    clients: HashMap<u64, ClientTasks>,
+    confirmations: HashMap<String, u64>,
+    confirmation_order: VecDeque<String>,
+    next_correlation: u64,
+}
+
+pub struct Tasks {
+    package: String,
+    reply_topic: String,
+    announce_topic: String,
+    max_pulls_per_client: usize,
+    mqtt: Arc<Mqtt>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+/// What the bridge reads of a task record: the rest passes through as is.
+#[derive(Deserialize)]
+struct RecordProbe {
+    id: String,
+    #[serde(default)]
+    worker: Option<String>,
+}
+
+impl Tasks {
+    pub fn new(
+        package: &str,
+        max_pulls_per_client: usize,
+        mqtt: Arc<Mqtt>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reply_topic = format!("axion/{package}/bridge/{}/enqueued", mqtt.client_id);
+        Self {
+            package: package.to_string(),
+            reply_topic,
+            announce_topic: topics::announce(package),
+            max_pulls_per_client,
+            mqtt,
+            hub,
+            metrics,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn worker(&self) -> &str {
+        &self.mqtt.client_id
+    }
+
+    /// The worker id the bridge announces credit under.
+    pub fn worker_id(&self) -> &str {
+        self.worker()
+    }
+
+    /// The bridge's own reply topic and the owner's announce topic,
+    /// subscribed for the bridge's lifetime.
+    pub async fn start(&self) -> Result<(), TaskError> {
+        for filter in [&self.reply_topic, &self.announce_topic] {
+            self.hub.pin(filter, QoS::AtLeastOnce)?;
+            self.mqtt
+                .reconcile(filter)
+                .await
+                .map_err(|_| TaskError::Unavailable)?;
+        }
+        Ok(())
+    }
+
+    pub fn register(&self, client: &Arc<ClientHandle>) {
+        self.lock().clients.insert(
+            client.key,
+            ClientTasks {
+                handle: Some(client.clone()),
+                ..Default::default()
+            },
+        );
+    }
+
+    async fn publish(
+        &self,
+        topic: String,
+        body: Value,
+        props: Option<PublishProperties>,
+    ) -> Result<(), TaskError> {
+        let payload = Bytes::from(body.to_string());
+        let result = match props {
+            Some(p) => {
+                self.mqtt
+                    .client
+                    .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, p)
+                    .await
+            }
+            None => {
+                self.mqtt
+                    .client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+            }
+        };
+        result.map_err(|error| {
+            tracing::error!(%error, "queue publish failed");
+            TaskError::Unavailable
+        })
+    }
+
+    /// For the event-loop task, which must never await a client call.
+    fn publish_detached(self: &Arc<Self>, topic: String, body: Value) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = this.publish(topic.clone(), body, None).await {
+                tracing::error!(%error, topic, "detached queue publish failed");
+            }
+        });
+    }
+
+    /// `enqueue`: a task request on `…/enqueue`; the owner's confirmation
+    /// comes back as `{"enqueued": {"id", "queue"}}`.
+    pub async fn enqueue(
+        &self,
+        client: &ClientHandle,
+        queue: &str,
+        task: Value,
+    ) -> Result<(), TaskError> {
+        let correlation = {
+            let mut st = self.lock();
+            st.next_correlation += 1;
+            let corr = format!("{}-{}", client.key, st.next_correlation);
+            st.confirmations.insert(corr.clone(), client.key);
+            st.confirmation_order.push_back(corr.clone());
+            while st.confirmation_order.len() > MAX_PENDING_CONFIRMATIONS {
+                if let Some(old) = st.confirmation_order.pop_front() {
+                    st.confirmations.remove(&old);
+                }
+            }
+            corr
+        };
+        let props = PublishProperties {
+            response_topic: Some(self.reply_topic.clone()),
+            correlation_data: Some(Bytes::from(correlation)),
+            ..Default::default()
+        };
+        self.publish(
+            topics::queue(&self.package, queue, "enqueue"),
+            json!({ "payload": task }),
+            Some(props),
+        )
+        .await
+    }
+
+    /// `pull`/`ready`: one more task for this client when one is there.
+    pub async fn pull(&self, client: &ClientHandle, queue: &str) -> Result<(), TaskError> {
+        let filter = topics::queue_tasks_shared(&self.package, queue);
+        self.hub.pin(&filter, QoS::AtLeastOnce)?;
+        self.mqtt
+            .reconcile(&filter)
+            .await
+            .map_err(|_| TaskError::Unavailable)?;
+        {
+            let mut st = self.lock();
+            let entry = st.clients.entry(client.key).or_default();
+            if entry.pulls >= self.max_pulls_per_client {
+                return Err(TaskError::TooManyPulls(self.max_pulls_per_client));
+            }
+            entry.pulls += 1;
+            st.waiting
+                .entry(queue.to_string())
+                .or_default()
+                .push_back(client.key);
+        }
+        self.publish(
+            topics::queue(&self.package, queue, "ready"),
+            json!({ "worker": self.worker(), "credits": 1 }),
+            None,
+        )
+        .await
+    }
+
+    /// `ack` (`reason` = None) or `fail`.
+    pub async fn finish(
+        &self,
+        client: &ClientHandle,
+        task_id: &str,
+        fail: Option<Option<String>>,
+    ) -> Result<(), TaskError> {
+        let queue = {
+            let mut st = self.lock();
+            match st.held.get(task_id) {
+                Some(h) if h.client == client.key => {}
+                _ => return Err(TaskError::NotHeld(task_id.to_string())),
+            }
+            let held = st
+                .held
+                .remove(task_id)
+                .ok_or_else(|| TaskError::NotHeld(task_id.to_string()))?;
+            if let Some(c) = st.clients.get_mut(&client.key) {
+                c.held.remove(task_id);
+            }
+            held.queue
+        };
+        match fail {
+            None => {
+                self.publish(
+                    topics::queue(&self.package, &queue, "ack"),
+                    json!({ "id": task_id }),
+                    None,
+                )
+                .await
+            }
+            Some(reason) => {
+                let reason = reason.unwrap_or_else(|| "unspecified".into());
+                self.publish(
+                    topics::queue(&self.package, &queue, "fail"),
+                    json!({ "id": task_id, "reason": reason }),
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// A client left: release what it held, withdraw the credit it backed.
+    pub async fn client_gone(&self, key: u64) {
+        let (released, resets) = {
+            let mut st = self.lock();
+            let Some(gone) = st.clients.remove(&key) else {
+                return;
+            };
+            let released: Vec<(String, String)> = gone
+                .held
+                .iter()
+                .filter_map(|id| st.held.remove(id).map(|h| (h.queue, id.clone())))
+                .collect();
+            let mut resets = Vec::new();
+            if gone.pulls > 0 {
+                for (queue, waiting) in st.waiting.iter_mut() {
+                    let before = waiting.len();
+                    waiting.retain(|k| *k != key);
+                    if waiting.len() != before {
+                        resets.push((queue.clone(), waiting.len()));
+                    }
+                }
+            }
+            st.confirmations.retain(|_, k| *k != key);
+            (released, resets)
+        };
+        for (queue, id) in released {
+            tracing::info!(task = %id, queue, "releasing a task held by a disconnected client");
+            if let Err(error) = self
+                .publish(
+                    topics::queue(&self.package, &queue, "release"),
+                    json!({ "id": id, "worker": self.worker() }),
+                    None,
+                )
+                .await
+            {
+                tracing::error!(%error, task = %id, "could not release task");
+            }
+        }
+        for (queue, credits) in resets {
+            if let Err(error) = self.announce(&queue, credits).await {
+                tracing::error!(%error, queue, "could not withdraw credit");
+            }
+        }
+    }
+
+    async fn announce(&self, queue: &str, credits: usize) -> Result<(), TaskError> {
+        self.publish(
+            topics::queue(&self.package, queue, "ready"),
+            json!({ "worker": self.worker(), "credits": credits, "reset": true }),
+            None,
+        )
+        .await
+    }
+
+    /// After a (re)connect the owner may have lost our credit: state it.
+    pub async fn on_connected(&self) {
+        let queues: Vec<(String, usize)> = self
+            .lock()
+            .waiting
+            .iter()
+            .map(|(q, w)| (q.clone(), w.len()))
+            .collect();
+        for (queue, credits) in queues {
+            if let Err(error) = self.announce(&queue, credits).await {
+                tracing::error!(%error, queue, "could not re-announce credit");
+            }
+        }
+    }
+
+    /// On shutdown: hand every held task back and withdraw all credit.
+    pub async fn shutdown(&self) {
+        let keys: Vec<u64> = self.lock().clients.keys().copied().collect();
+        for key in keys {
+            self.client_gone(key).await;
+        }
+    }
+
+    /// A publish outside the event tree: a task record or an enqueue
+    /// confirmation. Runs on the event-loop task, so it never waits.
+    pub fn on_publish(self: &Arc<Self>, topic: &str, publish: &Publish) {
+        if topic == self.reply_topic {
+            self.on_confirmation(publish);
+            return;
+        }
+        if topic == self.announce_topic {
+            let this = self.clone();
+            tokio::spawn(async move { this.on_connected().await });
+            return;
+        }
+        let queue = topic
+            .strip_prefix("axion/")
+            .and_then(|t| t.strip_prefix(self.package.as_str()))
+            .and_then(|t| t.strip_prefix("/queue/"))
+            .and_then(|t| t.strip_suffix("/tasks"));
+        match queue {
+            Some(queue) if !queue.contains('/') => self.on_task(queue, &publish.payload),
+            _ => tracing::debug!(topic, "ignoring a publish the bridge did not ask for"),
+        }
+    }
+
+    fn on_confirmation(&self, publish: &Publish) {
+        let Some(corr) = publish
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_data.as_ref())
+            .and_then(|c| std::str::from_utf8(c).ok())
+        else {
+            tracing::debug!("enqueue confirmation without correlation data");
+            return;
+        };
+        let Ok(body) = std::str::from_utf8(&publish.payload) else {
+            return;
+        };
+        if serde_json::from_str::<serde::de::IgnoredAny>(body).is_err() {
+            tracing::warn!("enqueue confirmation is not JSON");
+            return;
+        }
+        let mut st = self.lock();
+        let Some(key) = st.confirmations.remove(corr) else {
+            return;
+        };
+        if let Some(handle) = st.clients.get(&key).and_then(|c| c.handle.clone()) {
+            drop(st);
+            handle.send(
+                Utf8Bytes::from(format!("{{\"enqueued\":{body}}}")),
+                &self.metrics,
+            );
+        }
+    }
+
+    fn on_task(self: &Arc<Self>, queue: &str, payload: &[u8]) {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            tracing::warn!(queue, "task record is not UTF-8; ignored");
+            return;
+        };
+        let probe = match serde_json::from_str::<RecordProbe>(text) {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::warn!(%error, queue, "task record without an id; ignored");
+                return;
+            }
+        };
+        let release = || {
+            self.publish_detached(
+                topics::queue(&self.package, queue, "release"),
+                json!({ "id": probe.id, "worker": self.worker() }),
+            )
+        };
+        // Another member's credit reached us through the shared group:
+        // claim it when a client is waiting here, else hand it back.
+        let foreign = probe.worker.as_deref().is_some_and(|w| w != self.worker());
+        let mut st = self.lock();
+        let target = loop {
+            let Some(key) = st.waiting.get_mut(queue).and_then(VecDeque::pop_front) else {
+                break None;
+            };
+            if let Some(client) = st.clients.get_mut(&key) {
+                client.pulls = client.pulls.saturating_sub(1);
+                if let Some(handle) = client.handle.clone() {
+                    client.held.insert(probe.id.clone());
+                    break Some(handle);
+                }
+            }
+        };
+        match target {
+            Some(handle) => {
+                st.held.insert(
+                    probe.id.clone(),
+                    Held {
+                        queue: queue.to_string(),
+                        client: handle.key,
+                    },
+                );
+                drop(st);
+                if foreign {
+                    self.publish_detached(
+                        topics::queue(&self.package, queue, "progress"),
+                        json!({ "id": probe.id, "worker": self.worker() }),
+                    );
+                }
+                // If this fails the client was just disconnected; its
+                // cleanup finds the task in `held` and releases it.
+                handle.send(
+                    Utf8Bytes::from(format!("{{\"task\":{text}}}")),
+                    &self.metrics,
+                );
+            }
+            None => {
+                drop(st);
+                tracing::debug!(task = %probe.id, queue, "no client waiting for this task; releasing");
+                release();
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! `axion bridge`: the legacy WebSocket bridge on its own, against any MQTT
+//! 5 broker (Mosquitto, EMQX, or an `axion serve` elsewhere).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use axion_bridge::{Bridge, BridgeConfig, Limits};
+use axion_heartbeat::MqttUrl;
+
+/// Bridge limits, shared with `axion serve` (flatten them there).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BridgeLimits {
+    /// Largest WebSocket text frame handled, in bytes; larger frames get an error reply.
+    #[arg(long, env = "AXION_WS_MAX_FRAME_BYTES", default_value_t = 1024 * 1024)]
+    pub ws_max_frame_bytes: usize,
+    /// Distinct MQTT subscriptions the bridge holds for all clients together.
+    #[arg(long, env = "AXION_WS_MAX_FILTERS", default_value_t = 10_000)]
+    pub ws_max_filters: usize,
+    /// WebSocket clients connected at once.
+    #[arg(long, env = "AXION_WS_MAX_CLIENTS", default_value_t = 10_000)]
+    pub ws_max_clients: usize,
+    /// Frames queued to one client before it is disconnected as a slow consumer.
+    #[arg(long, env = "AXION_WS_CLIENT_QUEUE_FRAMES", default_value_t = 8_192)]
+    pub ws_client_queue_frames: usize,
+    /// Bytes queued to one client before it is disconnected as a slow consumer.
+    #[arg(long, env = "AXION_WS_CLIENT_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub ws_client_queue_bytes: usize,
+    /// Seconds between WebSocket pings; a peer silent for two periods is dropped.
+    #[arg(long, env = "AXION_WS_PING_SECS", default_value_t = 20)]
+    pub ws_ping_secs: u64,
+}
+
+impl BridgeLimits {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.ws_max_frame_bytes,
+            max_filters: self.ws_max_filters,
+            max_clients: self.ws_max_clients,
+            client_queue_frames: self.ws_client_queue_frames.max(1),
+            client_queue_bytes: self.ws_client_queue_bytes,
+            ping_interval: Duration::from_secs(self.ws_ping_secs.max(1)),
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// MQTT broker to bridge to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
+    #[arg(long, env = "AXION_MQTT_URL", default_value = axion_heartbeat::DEFAULT_MQTT_URL)]
+    pub mqtt: MqttUrl,
+    /// Address of the legacy WebSocket listener (also serves /health/live and /health/ready).
+    #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
+    pub ws_listen: SocketAddr,
+    /// Package whose events the bridge carries (one topic level).
+    #[arg(long, env = "AXION_PACKAGE", default_value = "default")]
+    pub package: String,
+    #[command(flatten)]
+    pub limits: BridgeLimits,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("axion-bridge")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async {
+        let mut config = BridgeConfig::new(
+            args.ws_listen,
+            args.mqtt.with_env_credentials(),
+            args.package,
+        );
+        config.limits = args.limits.limits();
+        let bridge = Bridge::bind(config).await?;
+        tracing::info!(listen = %bridge.local_addr(), "axion bridge listening");
+        bridge.serve(shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        r = tokio::signal::ctrl_c() => {
+            if let Err(error) = r {
+                tracing::error!(%error, "Ctrl-C handler failed");
+            }
+            tracing::info!("SIGINT: stopping");
+        }
+    }
+}
