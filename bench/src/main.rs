@@ -1,0 +1,407 @@
+//! `axion-bench`: measures Axion's broker against Mosquitto in one run.
+//!
+//! One load generator (rumqttc on a single-threaded runtime, so it uses
+//! about one core and leaves the other to the broker) drives both brokers,
+//! one after the other, alternating A/B for several rounds; the median of
+//! each case is reported with the ratio Axion ÷ Mosquitto and each broker's
+//! CPU time, read from /proc. See BENCHMARKS.md for figures.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+#[derive(Parser, Debug)]
+#[command(about = "Compare Axion's MQTT broker with Mosquitto (throughput, latency, CPU)")]
+struct Args {
+    /// The axion binary to benchmark (build with --release).
+    #[arg(long, env = "AXION_BIN", default_value = "target/release/axion")]
+    axion: PathBuf,
+    /// Rounds per case (A/B alternating); the median is reported.
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
+    /// Messages per flat-out run.
+    #[arg(long, env = "BENCH_MESSAGES", default_value_t = 100_000)]
+    messages: u64,
+    /// Seconds per fixed-rate run.
+    #[arg(long, env = "BENCH_RATE_SECS", default_value_t = 3)]
+    rate_secs: u64,
+    /// Payload size in bytes (at least 8: a send timestamp).
+    #[arg(long, env = "BENCH_PAYLOAD", default_value_t = 64)]
+    payload: usize,
+    /// Instead of throughput, measure broker memory for this many distinct
+    /// topics and subscription filters.
+    #[arg(long, env = "BENCH_TOPICS")]
+    topics: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Axion,
+    Mosquitto,
+}
+
+struct Broker {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let child = match kind {
+        Kind::Mosquitto => {
+            let conf = dir.path().join("m.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_queued_messages 0\nmax_inflight_messages 100\n"
+                ),
+            )?;
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawn mosquitto (scripts/setup.sh installs it)")?
+        }
+        Kind::Axion => Command::new(&args.axion)
+            .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
+            .arg("--ws-listen")
+            .arg(format!("127.0.0.1:{}", free_port()?))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{kind:?} did not listen on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Broker { child, port, _dir: dir })
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that closes the command name; utime/stime are 14/15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Outcome {
+    sent: u64,
+    received: u64,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    broker_cpu: f64,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.received as f64 / self.secs
+    }
+    fn per_cpu_sec(&self) -> f64 {
+        if self.broker_cpu > 0.0 {
+            self.received as f64 / self.broker_cpu
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// One publisher → one subscriber on a fresh topic; `rate` None = flat out.
+async fn run_case(port: u16, qos: QoS, count: u64, rate: Option<u64>, payload: usize, pid: u32) -> anyhow::Result<Outcome> {
+    let topic = format!("bench/{}", free_port()?);
+    let base = Instant::now();
+
+    let mut sub_opts = MqttOptions::new(format!("bench-sub-{}", free_port()?), "127.0.0.1", port);
+    sub_opts.set_keep_alive(Duration::from_secs(30));
+    sub_opts.set_inflight(100);
+    let (sub, mut sub_loop) = AsyncClient::new(sub_opts, 1000);
+    sub_loop.network_options = nodelay();
+    sub.subscribe(&topic, qos).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
+    let lat = latencies.clone();
+    let recv_count = received.clone();
+    let expect = count;
+    let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel::<()>();
+    let sub_task = tokio::spawn(async move {
+        let mut subacked = Some(subacked_tx);
+        let mut done = Some(done_tx);
+        loop {
+            match sub_loop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subacked.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.payload.len() >= 8 {
+                        let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap_or([0; 8]));
+                        let now = base.elapsed().as_nanos() as u64;
+                        if let Ok(mut l) = lat.lock() {
+                            l.push(now.saturating_sub(sent));
+                        }
+                    }
+                    if recv_count.fetch_add(1, Ordering::Relaxed) + 1 >= expect {
+                        if let Some(tx) = done.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), subacked_rx).await.context("no SUBACK")??;
+
+    let mut pub_opts = MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
+    pub_opts.set_keep_alive(Duration::from_secs(30));
+    pub_opts.set_inflight(100);
+    let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
+    pub_loop.network_options = nodelay();
+    let pub_task = tokio::spawn(async move {
+        loop {
+            if pub_loop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+
+    let cpu0 = cpu_secs(pid);
+    let start = Instant::now();
+    let mut body = vec![0u8; payload.max(8)];
+    let mut ticker = rate.map(|r| {
+        let mut i = tokio::time::interval(Duration::from_micros(1_000_000 / r.max(1)));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        i
+    });
+    for _ in 0..count {
+        if let Some(t) = ticker.as_mut() {
+            t.tick().await;
+        }
+        let now = base.elapsed().as_nanos() as u64;
+        body[..8].copy_from_slice(&now.to_be_bytes());
+        publisher.publish(&topic, qos, false, body.clone()).await?;
+    }
+    // QoS 0 may lose messages: wait for all, or until nothing has arrived for a second.
+    let mut done_rx = done_rx;
+    let mut last = received.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), &mut done_rx).await {
+            Ok(_) => break,
+            Err(_) => {
+                let now = received.load(Ordering::Relaxed);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let broker_cpu = cpu_secs(pid) - cpu0;
+    let got = received.load(Ordering::Relaxed);
+    sub_task.abort();
+    pub_task.abort();
+    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6
+        }
+    };
+    Ok(Outcome {
+        sent: count,
+        received: got,
+        secs,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        broker_cpu,
+    })
+}
+
+fn nodelay() -> rumqttc::NetworkOptions {
+    let mut options = rumqttc::NetworkOptions::new();
+    options.set_tcp_nodelay(true);
+    options
+}
+
+fn median(mut v: Vec<Outcome>, key: impl Fn(&Outcome) -> f64) -> Outcome {
+    v.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        / 1024.0
+}
+
+/// One client publishes a retained-free message to each of `n` distinct
+/// topics and another subscribes to `n` distinct filters; returns broker
+/// RSS growth for topics, then for filters.
+async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> {
+    let mut opts = MqttOptions::new(format!("bench-mem-{}", free_port()?), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let acks = Arc::new(AtomicU64::new(0));
+    let seen = acks.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_) | Packet::SubAck(_))) => {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let wait_acks = |target: u64| {
+        let acks = acks.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while acks.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let base = rss_mib(pid);
+    for i in 0..n {
+        client.publish(format!("mem/topic/{i}"), QoS::AtLeastOnce, false, vec![0u8; 64]).await?;
+    }
+    wait_acks(n).await;
+    let after_topics = rss_mib(pid);
+    for i in 0..n {
+        client.subscribe(format!("mem/filter/{i}/+"), QoS::AtMostOnce).await?;
+    }
+    wait_acks(2 * n).await;
+    let after_filters = rss_mib(pid);
+    task.abort();
+    Ok((after_topics - base, after_filters - after_topics))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if let Some(n) = args.topics {
+        println!("| broker | RSS at start MiB | + {n} topics MiB | + {n} filters MiB |");
+        println!("|---|---|---|---|");
+        for kind in [Kind::Axion, Kind::Mosquitto] {
+            let broker = start(kind, &args)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let pid = broker.child.id();
+            let start_rss = rss_mib(pid);
+            let (topics, filters) = rt.block_on(memory_case(broker.port, n, pid))?;
+            println!("| {kind:?} | {start_rss:.1} | {topics:+.1} | {filters:+.1} |");
+        }
+        return Ok(());
+    }
+    let cases: Vec<(&str, QoS, u64, Option<u64>)> = vec![
+        ("QoS0 1→1 flat out", QoS::AtMostOnce, args.messages, None),
+        ("QoS1 1→1 flat out", QoS::AtLeastOnce, args.messages, None),
+        ("QoS0 at 10k msg/s", QoS::AtMostOnce, 10_000 * args.rate_secs, Some(10_000)),
+        ("QoS1 at 10k msg/s", QoS::AtLeastOnce, 10_000 * args.rate_secs, Some(10_000)),
+    ];
+    println!("| case | broker | delivered | msg/s | p50 ms | p99 ms | broker CPU s | msg per broker CPU-s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut summary = Vec::new();
+    for (name, qos, count, rate) in &cases {
+        let mut results: Vec<(Kind, Outcome)> = Vec::new();
+        for round in 0..args.rounds {
+            // Alternate which broker goes first, so drift hits both alike.
+            let order = if round % 2 == 0 { [Kind::Axion, Kind::Mosquitto] } else { [Kind::Mosquitto, Kind::Axion] };
+            for kind in order {
+                let broker = start(kind, &args)?;
+                let outcome = rt.block_on(run_case(broker.port, *qos, *count, *rate, args.payload, broker.child.id()))?;
+                eprintln!(
+                    "  {name} round {} {kind:?}: {}/{} in {:.2}s, p99 {:.2} ms, cpu {:.2}s",
+                    round + 1,
+                    outcome.received,
+                    outcome.sent,
+                    outcome.secs,
+                    outcome.p99_ms,
+                    outcome.broker_cpu
+                );
+                results.push((kind, outcome));
+            }
+        }
+        let pick = |k: Kind| {
+            let v: Vec<Outcome> = results.iter().filter(|(kind, _)| *kind == k).map(|(_, o)| *o).collect();
+            if rate.is_some() {
+                median(v, |o| o.p99_ms)
+            } else {
+                median(v, |o| o.rate())
+            }
+        };
+        let (a, m) = (pick(Kind::Axion), pick(Kind::Mosquitto));
+        for (kind, o) in [("axion", a), ("mosquitto", m)] {
+            println!(
+                "| {name} | {kind} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
+                o.received,
+                o.sent,
+                o.rate(),
+                o.p50_ms,
+                o.p99_ms,
+                o.broker_cpu,
+                o.per_cpu_sec()
+            );
+        }
+        summary.push((name.to_string(), a, m, rate.is_some()));
+    }
+    println!();
+    println!("| case | axion ÷ mosquitto |");
+    println!("|---|---|");
+    for (name, a, m, fixed) in summary {
+        if fixed {
+            println!("| {name} | p99 {:.2}× (lower is better), CPU per message {:.2}× |", a.p99_ms / m.p99_ms, (a.broker_cpu / a.received as f64) / (m.broker_cpu / m.received as f64));
+        } else {
+            println!("| {name} | throughput {:.2}×, messages per broker CPU-second {:.2}× |", a.rate() / m.rate(), a.per_cpu_sec() / m.per_cpu_sec());
+        }
+    }
+    Ok(())
+}
