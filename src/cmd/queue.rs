@@ -25,7 +25,12 @@ pub struct Args {
     #[arg(long, global = true, env = "AXION_JSON")]
     pub json: bool,
     /// How long to wait for the broker and the queue owner, in ms.
-    #[arg(long, global = true, env = "AXION_QUEUE_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "AXION_QUEUE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
     pub timeout_ms: u64,
     #[command(subcommand)]
     pub command: Sub,
@@ -107,7 +112,9 @@ async fn run_async(args: Args) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let url = args.mqtt.clone().with_env_credentials();
     if let Sub::Purge { queue, yes: false } = &args.command {
-        if !confirm(&format!("Delete every waiting task and dead letter of queue {queue:?}?"))? {
+        if !confirm(&format!(
+            "Delete every waiting task and dead letter of queue {queue:?}?"
+        ))? {
             eprintln!("nothing purged");
             return Ok(ExitCode::FAILURE);
         }
@@ -126,13 +133,18 @@ async fn execute(client: &mut OpsClient, args: &Args) -> anyhow::Result<ExitCode
             if json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else if stats.is_empty() {
-                println!("no queues (no retained stats under axion/{}/queue/+/stats)", args.package);
+                println!(
+                    "no queues (no retained stats under axion/{}/queue/+/stats)",
+                    args.package
+                );
             } else {
                 println!("{}", stats_table(&stats));
             }
         }
         Sub::Show { queue, limit } => {
-            let reply = client.command(queue, Command::Show { limit: *limit }).await?;
+            let reply = client
+                .command(queue, Command::Show { limit: *limit })
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             } else {
@@ -147,7 +159,11 @@ async fn execute(client: &mut OpsClient, args: &Args) -> anyhow::Result<ExitCode
                 } else {
                     let mut table = table(&["WORKER", "CREDITS", "HOLDING"]);
                     for w in &reply.workers {
-                        table.add_row(vec![w.worker.clone(), w.credits.to_string(), w.holding.to_string()]);
+                        table.add_row(vec![
+                            w.worker.clone(),
+                            w.credits.to_string(),
+                            w.holding.to_string(),
+                        ]);
                     }
                     println!("\nworkers:\n{table}");
                 }
@@ -157,7 +173,9 @@ async fn execute(client: &mut OpsClient, args: &Args) -> anyhow::Result<ExitCode
             }
         }
         Sub::Dead { queue, limit } => {
-            let reply = client.command(queue, Command::Dead { limit: *limit }).await?;
+            let reply = client
+                .command(queue, Command::Dead { limit: *limit })
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply.tasks)?);
             } else if reply.tasks.is_empty() {
@@ -168,11 +186,20 @@ async fn execute(client: &mut OpsClient, args: &Args) -> anyhow::Result<ExitCode
         }
         Sub::Retry { queue, id, all } => {
             let reply = client
-                .command(queue, Command::Retry { id: id.clone(), all: *all })
+                .command(
+                    queue,
+                    Command::Retry {
+                        id: id.clone(),
+                        all: *all,
+                    },
+                )
                 .await?;
             let count = reply.count.unwrap_or(0);
             if json {
-                println!("{}", serde_json::json!({ "queue": queue, "retried": count }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "queue": queue, "retried": count })
+                );
             } else {
                 println!("{count} task(s) of {queue} back on the queue");
             }
@@ -212,7 +239,10 @@ async fn execute(client: &mut OpsClient, args: &Args) -> anyhow::Result<ExitCode
             if json {
                 println!("{}", serde_json::to_string(&done)?);
             } else if done.duplicate {
-                println!("{} already queued in {} (not added again)", done.id, done.queue);
+                println!(
+                    "{} already queued in {} (not added again)",
+                    done.id, done.queue
+                );
             } else {
                 println!("{} enqueued in {}", done.id, done.queue);
             }
@@ -246,7 +276,8 @@ fn age(ms: u64) -> String {
 
 fn stats_table(stats: &[Stats]) -> Table {
     let mut t = table(&[
-        "QUEUE", "DEPTH", "INFLIGHT", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "WORKERS", "ENQUEUED", "ACKED", "FAILED",
+        "QUEUE", "DEPTH", "INFLIGHT", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "WORKERS", "ENQUEUED",
+        "ACKED", "FAILED",
     ]);
     for s in stats {
         t.add_row(vec![
@@ -270,11 +301,16 @@ fn tasks_table(tasks: &[TaskView]) -> Table {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut t = table(&["ID", "STATE", "ATTEMPTS", "AGE", "WORKER", "REASON", "PAYLOAD"]);
+    let mut t = table(&[
+        "ID", "STATE", "ATTEMPTS", "AGE", "WORKER", "REASON", "PAYLOAD",
+    ]);
     for task in tasks {
         let mut payload = task.payload.get().to_string();
         if payload.len() > 60 {
-            let cut = (0..=57).rev().find(|i| payload.is_char_boundary(*i)).unwrap_or(0);
+            let cut = (0..=57)
+                .rev()
+                .find(|i| payload.is_char_boundary(*i))
+                .unwrap_or(0);
             payload.truncate(cut);
             payload.push_str("...");
         }

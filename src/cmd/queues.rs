@@ -26,7 +26,11 @@ pub struct QueueTuning {
     #[arg(long, env = "AXION_QUEUE_RETRY_BACKOFF_MS", default_value_t = 1_000)]
     pub retry_backoff_ms: u64,
     /// Longest retry delay, in ms.
-    #[arg(long, env = "AXION_QUEUE_RETRY_BACKOFF_MAX_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        env = "AXION_QUEUE_RETRY_BACKOFF_MAX_MS",
+        default_value_t = 60_000
+    )]
     pub retry_backoff_max_ms: u64,
 }
 
@@ -85,7 +89,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.data_dir,
             args.package,
         );
-        let mut owner = QueueOwner::start(cfg).await.context("start the queue owner")?;
+        let mut owner = QueueOwner::start(cfg)
+            .await
+            .context("start the queue owner")?;
         tokio::select! {
             signal = super::serve::shutdown_signal() => {
                 info!(signal = signal?, "stopping the queue owner");

@@ -46,7 +46,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 enum Inbound {
-    Publish(Publish),
+    Publish(Box<Publish>),
     Connected,
 }
 
@@ -221,7 +221,7 @@ async fn mqtt_loop(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if tx.send(Inbound::Publish(publish)).await.is_err() {
+                if tx.send(Inbound::Publish(Box::new(publish))).await.is_err() {
                     return;
                 }
             }
@@ -325,7 +325,7 @@ impl Core {
                 let ack = Publish {
                     payload: Bytes::new(),
                     properties: None,
-                    ..publish
+                    ..*publish
                 };
                 self.fx.after.push(After::Ack(ack));
             }

@@ -1,0 +1,610 @@
+//! Durable queues end to end: `axion queues` (the owner, a real process)
+//! against a real Mosquitto, with rumqttc workers speaking
+//! `bridge/QUEUE-CONTRACT.md`, and the `axion queue` CLI.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axion_broker::queues::ops::{OpsClient, OpsError};
+use axion_broker::queues::proto::{Command as OpsCommand, TaskRequest};
+use axion_heartbeat::MqttUrl;
+use common::{axion_bin, Mosquitto, Proc};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const PKG: &str = "qt";
+
+fn spawn_owner(url: &str, dir: &Path, extra: &[&str]) -> Proc {
+    let child = Command::new(axion_bin())
+        .args(["queues", "--mqtt", url, "--package", PKG, "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("spawn axion queues");
+    Proc {
+        child,
+        name: "axion queues".into(),
+    }
+}
+
+async fn ops(url: &str) -> OpsClient {
+    let url = MqttUrl::parse(url).expect("url");
+    OpsClient::connect(&url, PKG, Duration::from_secs(5))
+        .await
+        .expect("ops client")
+}
+
+/// Waits until the owner answers commands (it replies "no queue" for an
+/// unknown queue, which proves it is subscribed).
+async fn wait_owner(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let parsed = MqttUrl::parse(url).expect("url");
+    loop {
+        let mut c = OpsClient::connect(&parsed, PKG, Duration::from_millis(400))
+            .await
+            .expect("connect");
+        match c.command("probe", OpsCommand::Show { limit: 1 }).await {
+            Ok(_) | Err(OpsError::Refused(_)) => return,
+            Err(_) if Instant::now() < deadline => continue,
+            Err(e) => panic!("queue owner never answered: {e}"),
+        }
+    }
+}
+
+async fn enqueue(
+    c: &mut OpsClient,
+    queue: &str,
+    body: Value,
+) -> axion_broker::queues::proto::Enqueued {
+    let req: TaskRequest = serde_json::from_value(body).expect("task request");
+    c.enqueue(queue, &req).await.expect("enqueue confirmed")
+}
+
+/// A worker following the contract: announces credit, claims or releases
+/// tasks addressed to another member, answers the owner's announce.
+struct Worker {
+    id: String,
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Value)>,
+    queue: String,
+    subacks: mpsc::UnboundedReceiver<()>,
+    /// The connection; aborting it drops the socket without DISCONNECT.
+    conn: tokio::task::JoinHandle<()>,
+    /// Credit announced and not yet used by a received task.
+    free: u32,
+}
+
+impl Worker {
+    async fn start(url: &str, id: &str, queue: &str, credits: u32, will: bool) -> Worker {
+        let url = MqttUrl::parse(url).expect("url");
+        let mut opts: MqttOptions = url.options_v5(id);
+        if will {
+            opts.set_last_will(LastWill {
+                topic: format!("axion/{PKG}/queue/{queue}/release").into(),
+                message: json!({ "worker": id }).to_string().into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: None,
+            });
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
+        let conn = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                        let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if tx.send((topic, body)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        client
+            .subscribe(
+                format!("$share/{PKG}.{queue}/axion/{PKG}/queue/{queue}/tasks"),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .expect("subscribe");
+        client
+            .subscribe(format!("axion/{PKG}/cmd/announce"), QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(5), sub_rx.recv())
+                .await
+                .expect("suback");
+        }
+        let mut w = Worker {
+            id: id.into(),
+            client,
+            rx,
+            queue: queue.into(),
+            subacks: sub_rx,
+            conn,
+            free: 0,
+        };
+        if credits > 0 {
+            w.ready(credits).await;
+        }
+        w
+    }
+
+    /// Subscribes to one more filter and waits for the SUBACK.
+    async fn subscribe(&mut self, filter: String) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        tokio::time::timeout(Duration::from_secs(5), self.subacks.recv())
+            .await
+            .expect("suback");
+    }
+
+    async fn publish(&self, leaf: &str, body: Value) {
+        self.client
+            .publish(
+                format!("axion/{PKG}/queue/{}/{leaf}", self.queue),
+                QoS::AtLeastOnce,
+                false,
+                body.to_string(),
+            )
+            .await
+            .expect("publish");
+    }
+
+    async fn ready(&mut self, n: u32) {
+        self.free += n;
+        self.publish("ready", json!({ "worker": self.id, "credits": n }))
+            .await;
+    }
+
+    /// Next task this worker keeps (claims or releases per the contract).
+    async fn next_task(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (topic, task) = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .ok()??;
+            if topic.ends_with("/cmd/announce") {
+                let free = self.free;
+                self.publish(
+                    "ready",
+                    json!({ "worker": self.id, "credits": free, "reset": true }),
+                )
+                .await;
+                continue;
+            }
+            let id = task["id"].as_str().unwrap_or_default().to_string();
+            if task["worker"] == self.id.as_str() || self.free > 0 {
+                if task["worker"] != self.id.as_str() {
+                    self.publish("progress", json!({ "id": id, "worker": self.id }))
+                        .await;
+                }
+                self.free = self.free.saturating_sub(1);
+                return Some(task);
+            }
+            self.publish("release", json!({ "id": id, "worker": self.id }))
+                .await;
+        }
+    }
+
+    async fn ack(&self, task: &Value) {
+        self.publish("ack", json!({ "id": task["id"] })).await;
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+async fn show(c: &mut OpsClient, queue: &str) -> axion_broker::queues::proto::Stats {
+    c.command(queue, OpsCommand::Show { limit: 100 })
+        .await
+        .expect("show")
+        .stats
+        .expect("stats")
+}
+
+fn cli(url: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(axion_bin())
+        .args(["queue", "--mqtt", url, "--package", PKG])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run axion queue");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_piles_up_then_drains_within_credit() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &[]);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    let mut ids = HashSet::new();
+    for i in 0..20 {
+        ids.insert(
+            enqueue(&mut c, "pile", json!({ "payload": { "n": i } }))
+                .await
+                .id,
+        );
+    }
+    let stats = show(&mut c, "pile").await;
+    assert_eq!(
+        (stats.depth, stats.inflight),
+        (20, 0),
+        "tasks wait for a worker"
+    );
+
+    // Three credits: exactly three tasks come, and no fourth while unacked.
+    let mut w = Worker::start(&url, "w-pile", "pile", 3, false).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            w.next_task(Duration::from_secs(5))
+                .await
+                .expect("task within credit"),
+        );
+    }
+    assert!(
+        w.next_task(Duration::from_millis(600)).await.is_none(),
+        "no task beyond credit"
+    );
+    assert_eq!(show(&mut c, "pile").await.inflight, 3);
+
+    let mut got: HashSet<String> = HashSet::new();
+    for t in held {
+        got.insert(t["id"].as_str().expect("id").to_string());
+        w.ack(&t).await;
+        w.ready(1).await;
+    }
+    while got.len() < 20 {
+        let t = w.next_task(Duration::from_secs(5)).await.expect("drains");
+        assert!(
+            got.insert(t["id"].as_str().expect("id").to_string()),
+            "delivered once"
+        );
+        w.ack(&t).await;
+        w.ready(1).await;
+    }
+    assert_eq!(got, ids);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = show(&mut c, "pile").await;
+        if s.acked_total == 20 {
+            assert_eq!((s.depth, s.inflight), (0, 0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "acks not counted: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The retained stats say the same to anyone (the CLI here).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (ok, out) = cli(&url, &["ls", "--json"]);
+        assert!(ok);
+        let v: Value = serde_json::from_str(&out).expect("ls json");
+        if v[0]["acked_total"] == 20 {
+            assert_eq!(v[0]["queue"], "pile");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained stats never caught up: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_fifty_tasks_exactly_once() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &[]);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    for i in 0..50 {
+        enqueue(
+            &mut c,
+            "split",
+            json!({ "payload": i, "id": format!("t{i}") }),
+        )
+        .await;
+    }
+    let mut handles = Vec::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+    for name in ["w-a", "w-b"] {
+        let url = url.clone();
+        let tx = tx.clone();
+        handles.push(tokio::spawn(async move {
+            let mut w = Worker::start(&url, name, "split", 2, false).await;
+            while let Some(t) = w.next_task(Duration::from_secs(2)).await {
+                let _ = tx.send((name.to_string(), t["id"].as_str().unwrap_or("").to_string()));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                w.ack(&t).await;
+                w.ready(1).await;
+            }
+        }));
+    }
+    drop(tx);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    while let Some((w, id)) = rx.recv().await {
+        *seen.entry(id).or_default() += 1;
+        *per_worker.entry(w).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 50, "every task delivered");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "each exactly once: {seen:?}"
+    );
+    assert!(
+        per_worker.values().all(|n| *n >= 10),
+        "both worked: {per_worker:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_owner_loses_nothing_and_redelivers_in_flight() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--ack-wait-ms", "1000"];
+    let mut owner = spawn_owner(&url, dir.path(), &args);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    let mut ids = HashSet::new();
+    for i in 0..30 {
+        ids.insert(enqueue(&mut c, "crash", json!({ "payload": i })).await.id);
+    }
+    // A worker takes five and never acks them.
+    let mut w1 = Worker::start(&url, "w-crash-1", "crash", 5, false).await;
+    for _ in 0..5 {
+        w1.next_task(Duration::from_secs(5))
+            .await
+            .expect("in flight");
+    }
+    owner.signal(9);
+    owner.wait_exit(Duration::from_secs(5));
+    drop(w1);
+    let _owner = spawn_owner(&url, dir.path(), &args);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    let s = show(&mut c, "crash").await;
+    assert_eq!(
+        s.depth + s.inflight,
+        30,
+        "all 30 still there after kill -9: {s:?}"
+    );
+    assert_eq!(s.inflight, 5, "in-flight tasks remembered");
+
+    let mut w2 = Worker::start(&url, "w-crash-2", "crash", 10, false).await;
+    let mut got = HashSet::new();
+    while got.len() < 30 {
+        let t = w2
+            .next_task(Duration::from_secs(5))
+            .await
+            .expect("all delivered again");
+        got.insert(t["id"].as_str().expect("id").to_string());
+        w2.ack(&t).await;
+        w2.ready(1).await;
+    }
+    assert_eq!(got, ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_task_comes_back_after_ack_wait_and_progress_extends_it() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &["--queue-ack-wait", "slow=600"]);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    enqueue(&mut c, "slow", json!({ "payload": "x", "id": "only" })).await;
+    let mut w = Worker::start(&url, "w-slow", "slow", 5, false).await;
+    let first = w.next_task(Duration::from_secs(5)).await.expect("task");
+    assert_eq!(first["attempts"], 1);
+    // Progress every 300 ms keeps it for 1.2 s, twice the ack wait.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        w.publish("progress", json!({ "id": "only" })).await;
+        assert!(
+            w.next_task(Duration::from_millis(300)).await.is_none(),
+            "redelivered despite progress"
+        );
+    }
+    let again = w
+        .next_task(Duration::from_secs(3))
+        .await
+        .expect("redelivered after ack wait");
+    assert_eq!(again["id"], "only");
+    assert_eq!(again["attempts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_retries_with_backoff_then_dead_letters_and_cli_retries() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &["--retry-backoff-ms", "200"]);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    let mut watcher = Worker::start(&url, "dead-watch", "other", 0, false).await;
+    watcher
+        .subscribe(format!("axion/{PKG}/queue/poison/dead"))
+        .await;
+    enqueue(
+        &mut c,
+        "poison",
+        json!({ "payload": {"bad": true}, "id": "p1", "maxAttempts": 3 }),
+    )
+    .await;
+    let mut w = Worker::start(&url, "w-poison", "poison", 1, false).await;
+    let mut last_fail = None::<Instant>;
+    for attempt in 1..=3 {
+        let t = w.next_task(Duration::from_secs(5)).await.expect("delivery");
+        assert_eq!(t["attempts"], attempt);
+        if let Some(at) = last_fail {
+            // Backoff: attempt n waits at least half of 200 ms × 2^(n-2).
+            let min = Duration::from_millis(100 << (attempt - 2));
+            assert!(
+                at.elapsed() >= min,
+                "attempt {attempt} came after {:?}",
+                at.elapsed()
+            );
+        }
+        w.publish(
+            "fail",
+            json!({ "id": "p1", "reason": format!("boom {attempt}") }),
+        )
+        .await;
+        last_fail = Some(Instant::now());
+        w.ready(1).await;
+    }
+    let (topic, dead) = tokio::time::timeout(Duration::from_secs(5), watcher.rx.recv())
+        .await
+        .expect("dead letter published")
+        .expect("open");
+    assert!(topic.ends_with("/poison/dead"));
+    assert_eq!(dead["id"], "p1");
+    assert_eq!(dead["reason"], "boom 3");
+    assert!(
+        w.next_task(Duration::from_millis(500)).await.is_none(),
+        "dead task not delivered"
+    );
+
+    let (ok, out) = cli(&url, &["dead", "poison", "--json"]);
+    assert!(ok, "{out}");
+    let listed: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed[0]["id"], "p1");
+    assert_eq!(listed[0]["reason"], "boom 3");
+
+    let (ok, out) = cli(&url, &["retry", "poison", "p1"]);
+    assert!(ok, "{out}");
+    let t = w
+        .next_task(Duration::from_secs(5))
+        .await
+        .expect("retried task delivered");
+    assert_eq!(
+        (t["id"].as_str(), t["attempts"].as_i64()),
+        (Some("p1"), Some(1))
+    );
+    w.ack(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_id_is_enqueued_once_and_delay_is_honoured() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &[]);
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    let a = enqueue(&mut c, "misc", json!({ "payload": 1, "id": "same" })).await;
+    let b = enqueue(&mut c, "misc", json!({ "payload": 2, "id": "same" })).await;
+    assert!(!a.duplicate && b.duplicate);
+    let t0 = Instant::now();
+    enqueue(
+        &mut c,
+        "misc",
+        json!({ "payload": 3, "id": "later", "delayMs": 800 }),
+    )
+    .await;
+    assert_eq!(show(&mut c, "misc").await.depth, 2);
+
+    let mut w = Worker::start(&url, "w-misc", "misc", 5, false).await;
+    let first = w.next_task(Duration::from_secs(5)).await.expect("task");
+    assert_eq!(
+        (first["id"].as_str(), first["payload"].as_i64()),
+        (Some("same"), Some(1))
+    );
+    w.ack(&first).await;
+    let later = w
+        .next_task(Duration::from_secs(5))
+        .await
+        .expect("delayed task");
+    assert_eq!(later["id"], "later");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "delivered after {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        w.next_task(Duration::from_millis(400)).await.is_none(),
+        "duplicate never delivered"
+    );
+
+    // Purge empties the queue (CLI, no prompt with --yes).
+    enqueue(&mut c, "misc", json!({ "payload": 4 })).await;
+    enqueue(&mut c, "misc", json!({ "payload": 5, "delayMs": 60000 })).await;
+    let (ok, out) = cli(&url, &["purge", "misc", "--yes", "--json"]);
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert!(v["purged"].as_u64() >= Some(1));
+    let s = show(&mut c, "misc").await;
+    assert_eq!(s.depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_worker_tasks_reach_another_worker_at_once() {
+    let broker = Mosquitto::start();
+    let url = broker.mqtt_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &[]); // 30 s ack wait
+    wait_owner(&url).await;
+    let mut c = ops(&url).await;
+    enqueue(&mut c, "lost", json!({ "payload": "x", "id": "held" })).await;
+    let mut w1 = Worker::start(&url, "w-lost-1", "lost", 1, true).await;
+    let t = w1.next_task(Duration::from_secs(5)).await.expect("task");
+    assert_eq!(t["id"], "held");
+    let mut w2 = Worker::start(&url, "w-lost-2", "lost", 1, false).await;
+    // w1's connection drops without DISCONNECT: the broker sends its will.
+    let start = Instant::now();
+    drop(w1);
+    let t = w2
+        .next_task(Duration::from_secs(4))
+        .await
+        .expect("task moved to the live worker");
+    assert_eq!(t["id"], "held");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+}
