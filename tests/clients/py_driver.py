@@ -1,0 +1,196 @@
+"""Drives the legacy broker_client.py (unchanged) and raw `websockets`
+through the bridge for tests/bridge.rs, with paho-mqtt on the MQTT side.
+
+Usage: python3 py_driver.py <scenario> <ws-url> <mqtt-host> <mqtt-port> <package>
+Prints one JSON line with what it saw; exits 1 with a reason on failure.
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+import websockets
+
+from broker_client import BrokerClient
+
+
+def fail(why):
+    print(f"FAIL: {why}", file=sys.stderr)
+    sys.exit(1)
+
+
+async def until(cond, seconds, what, tick=None, every=0.05):
+    end = time.monotonic() + seconds
+    next_tick = 0.0
+    while not cond():
+        if time.monotonic() > end:
+            fail(f"timed out waiting for {what}")
+        if tick and time.monotonic() >= next_tick:
+            res = tick()
+            if asyncio.iscoroutine(res):
+                await res
+            next_tick = time.monotonic() + every
+        await asyncio.sleep(0.005)
+
+
+def mqtt_client(host, port, topic):
+    got = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: got.append(m)
+    c.on_connect = lambda cl, _u, _f, _rc, _p: cl.subscribe(topic, qos=0)
+    c.connect(host, port)
+    c.loop_start()
+    return c, got
+
+
+async def mqtt_side(url, host, port, pkg):
+    prefix = f"axion/{pkg}/event/"
+    paho, got = mqtt_client(host, port, prefix + "#")
+    client = BrokerClient(url=url)
+    await client.connect()
+    seen = []
+
+    async def handler(event):
+        seen.append(event)
+
+    # The legacy client routes by concrete type, so the wildcard
+    # subscriptions get their concrete handlers in its public dict too.
+    await client.subscribe("sensor.+", handler)
+    client.event_handlers["sensor.temp"] = handler
+    await client.subscribe("deep.#", handler)
+    client.event_handlers["deep.a.b.c"] = handler
+
+    # MQTT -> WS: a plain JSON payload is wrapped.
+    await until(lambda: any(e["type"] == "sensor.temp" for e in seen), 5, "a wrapped device event",
+                lambda: paho.publish(prefix + "sensor/temp", json.dumps({"celsius": 21})))
+    e = next(e for e in seen if e["type"] == "sensor.temp")
+    if e["payload"] != {"celsius": 21} or e["source"] != "mqtt" or not e["timestamp"].endswith("Z"):
+        fail(f"bad wrapped event {e}")
+    # A non-JSON payload travels as a string; MQTT 5 properties as fields.
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"corr-9"
+    props.ResponseTopic = prefix + "reply/py"
+    await until(lambda: any(x.get("payload") == "hello" for x in seen), 5, "a string payload",
+                lambda: paho.publish(prefix + "sensor/temp", "hello", properties=props))
+    e = next(x for x in seen if x.get("payload") == "hello")
+    if e.get("correlationId") != "corr-9" or e.get("replyTo") != "reply.py":
+        fail(f"MQTT 5 properties not carried: {e}")
+    await until(lambda: any(x["type"] == "deep.a.b.c" for x in seen), 5, "a '#' delivery",
+                lambda: paho.publish(prefix + "deep/a/b/c", "1"))
+
+    # WS -> MQTT: envelope, properties, and per-publisher order.
+    n = 300
+    await until(lambda: any(m.topic == prefix + "fs/change" for m in got), 5, "the bridge's publish",
+                lambda: client.publish("fs.change", {"probe": True}, correlationId="c1", replyTo="reply.py"))
+    m = next(m for m in got if m.topic == prefix + "fs/change")
+    body = json.loads(m.payload)
+    if body["source"] != client.client_id or body["type"] != "fs.change" or body["correlationId"] != "c1":
+        fail(f"bad envelope on MQTT {body}")
+    if getattr(m.properties, "CorrelationData", None) != b"c1" or getattr(m.properties, "ResponseTopic", None) != prefix + "reply/py":
+        fail(f"MQTT 5 properties missing: {m.properties}")
+    for i in range(n):
+        await client.publish("order.check", {"seq": i})
+    await until(lambda: sum(1 for m in got if m.topic == prefix + "order/check") >= n, 10, f"{n} ordered events")
+    order = [json.loads(m.payload)["payload"]["seq"] for m in got if m.topic == prefix + "order/check"]
+    if order != list(range(n)):
+        fail(f"order broken: {order[:20]}")
+
+    # Unsubscribe: nothing more for that pattern once a later sentinel arrives.
+    await client.unsubscribe("sensor.+")
+    del client.event_handlers["sensor.temp"]
+    await client.subscribe("sentinel.x", handler)
+    before = len([x for x in seen if x["type"] == "sensor.temp"])
+
+    def both():
+        paho.publish(prefix + "sensor/temp", "late")
+        paho.publish(prefix + "sentinel/x", "s")
+    await until(lambda: any(x["type"] == "sentinel.x" for x in seen), 5, "the sentinel", both)
+    if any(x.get("payload") == "late" for x in seen) or len([x for x in seen if x["type"] == "sensor.temp"]) != before:
+        fail("event delivered after unsubscribe")
+    paho.loop_stop()
+    print(json.dumps({"ok": True, "ordered": len(order)}))
+
+
+BIG = "x" * (2 * 1024 * 1024)
+CORPUS = [
+    ("{x", "invalid json"),
+    ("", "invalid json"),
+    ("[" * 5000 + "]" * 5000, "invalid json"),
+    ("[]", "JSON object"),
+    ('"text"', "JSON object"),
+    ("null", "JSON object"),
+    ("{}", '"action"'),
+    ('{"action": 7}', '"action"'),
+    ('{"action": "fly"}', "unknown action"),
+    ('{"action": "subscribe"}', '"topic"'),
+    ('{"action": "subscribe", "topic": 5}', '"topic"'),
+    ('{"action": "subscribe", "topic": "a/b"}', '"topic"'),
+    ('{"action": "subscribe", "topic": "a.b+"}', '"topic"'),
+    ('{"action": "subscribe", "topic": "a.#.b"}', '"topic"'),
+    ('{"action": "subscribe", "topic": "a\\u0000b"}', '"topic"'),
+    ('{"action": "subscribe", "topic": "a..b"}', '"topic"'),
+    ('{"action": "subscribe", "topic": "' + "a." * 600 + 'b"}', '"topic"'),
+    ('{"action": "unsubscribe", "topic": ["x"]}', '"topic"'),
+    ('{"action": "publish"}', '"message"'),
+    ('{"action": "publish", "message": "x"}', '"message"'),
+    ('{"action": "publish", "message": {}}', "message.type"),
+    ('{"action": "publish", "message": {"type": 7}}', "message.type"),
+    ('{"action": "publish", "message": {"type": ""}}', "message.type"),
+    ('{"action": "publish", "message": {"type": "a.+"}}', "message.type"),
+    ('{"action": "publish", "message": {"type": "a#"}}', "message.type"),
+    ('{"action": "publish", "message": {"type": "a/b"}}', "message.type"),
+    ('{"action": "publish", "message": {"type": "a\\u0000"}}', "message.type"),
+    ('{"action": "enqueue"}', '"queue"'),
+    ('{"action": "enqueue", "queue": "a/b", "task": 1}', '"queue"'),
+    ('{"action": "pull", "queue": ""}', '"queue"'),
+    ('{"action": "ready", "queue": "q#"}', '"queue"'),
+    ('{"action": "ack"}', '"taskId"'),
+    ('{"action": "ack", "taskId": 3}', '"taskId"'),
+    ('{"action": "ack", "taskId": "never-pulled"}', "not held"),
+    ('{"action": "fail", "taskId": "t", "reason": [1]}', '"reason"'),
+    (BIG, "frame too large"),
+    (b"\x00\xffbinary", "binary"),
+]
+
+
+async def bad_input(url, _host, _port, _pkg):
+    bystander = await websockets.connect(url)
+    await bystander.send(json.dumps({"action": "subscribe", "topic": "ok.test"}))
+    ws = await websockets.connect(url, max_size=None)
+    for frame, expected in CORPUS:
+        await ws.send(frame)
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if expected not in reply.get("error", ""):
+            fail(f"frame {frame[:60]!r}: expected an error with {expected!r}, got {reply}")
+    # A heartbeat is accepted silently; the same connection still works.
+    await ws.send(json.dumps({"action": "heartbeat", "anything": [1, 2]}))
+    await ws.send(json.dumps({"action": "subscribe", "topic": "ok.test"}))
+    own = []
+    other = []
+
+    async def drain(sock, into):
+        while True:
+            m = json.loads(await sock.recv())
+            if "event" in m:
+                into.append(m["event"])
+            elif "error" in m:
+                fail(f"unexpected error after the corpus: {m}")
+    tasks = [asyncio.create_task(drain(ws, own)), asyncio.create_task(drain(bystander, other))]
+    msg = json.dumps({"action": "publish", "message": {"type": "ok.test", "payload": "still here"}})
+    await until(lambda: own and other, 5, "events after the corpus", lambda: ws.send(msg))
+    for t in tasks:
+        t.cancel()
+    print(json.dumps({"ok": True, "frames": len(CORPUS), "after": own[0]}))
+
+
+SCENARIOS = {"mqtt": mqtt_side, "bad": bad_input}
+
+if __name__ == "__main__":
+    scenario, url, host, port, pkg = sys.argv[1:6]
+    if scenario not in SCENARIOS:
+        fail(f"unknown scenario {scenario}")
+    asyncio.run(SCENARIOS[scenario](url, host, int(port), pkg))
