@@ -608,3 +608,156 @@ async fn dead_worker_tasks_reach_another_worker_at_once() {
         start.elapsed()
     );
 }
+
+/// Throughput figures (not a pass/fail test): durable enqueue rate with
+/// group commit, and enqueue → deliver → ack with one worker holding up to
+/// 256 credits (JetStream's pull batch in the anchors). Run with
+/// `cargo test --release --test queues -- --ignored --nocapture bench_`.
+/// `QUEUE_BENCH_URL` points it at another broker (e.g. `axion serve`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+#[allow(non_snake_case)]
+async fn bench_durable_enqueue_and_end_to_end() {
+    let n_env = std::env::var("QUEUE_BENCH_N")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    let N: usize = n_env.unwrap_or(20_000);
+    let mosquitto = std::env::var("QUEUE_BENCH_URL")
+        .is_err()
+        .then(Mosquitto::start);
+    let url = std::env::var("QUEUE_BENCH_URL")
+        .unwrap_or_else(|_| mosquitto.as_ref().map(|m| m.mqtt_url()).unwrap_or_default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&url, dir.path(), &[]);
+    wait_owner(&url).await;
+
+    // A pipelined producer: MQTT 5 publishes with a Response Topic; a task
+    // counts once its on-disk confirmation is back.
+    let parsed = MqttUrl::parse(&url).expect("url");
+    let mut opts = parsed.options_v5("bench-producer");
+    opts.set_max_packet_size(Some(1 << 20));
+    let (producer, mut events) = AsyncClient::new(opts, 4096);
+    let (conf_tx, mut conf_rx) = mpsc::unbounded_channel::<Instant>();
+    // At most 256 enqueues await their confirmation (JetStream's publish
+    // window in the anchors); a broker drops what overflows its queues.
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let window_in = window.clone();
+    let (sub_tx, mut sub_rx) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    window_in.add_permits(1);
+                    if conf_tx.send(Instant::now()).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = sub_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let reply = format!("axion/{PKG}/reply/bench");
+    producer
+        .subscribe(reply.clone(), QoS::AtLeastOnce)
+        .await
+        .expect("sub");
+    sub_rx.recv().await.expect("suback");
+    let enqueue_all = |queue: &'static str| {
+        let producer = producer.clone();
+        let reply = reply.clone();
+        let window = window.clone();
+        async move {
+            for i in 0..N {
+                if let Ok(permit) = window.acquire().await {
+                    permit.forget();
+                }
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    response_topic: Some(reply.clone()),
+                    ..Default::default()
+                };
+                let body = json!({ "payload": { "i": i, "pad": "x".repeat(60) } }).to_string();
+                producer
+                    .publish_with_properties(
+                        format!("axion/{PKG}/queue/{queue}/enqueue"),
+                        QoS::AtLeastOnce,
+                        false,
+                        body,
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    let cpu = |pid: u32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    };
+    let owner_pid = _owner.pid();
+
+    // 1. Durable enqueue, no worker.
+    let cpu0 = cpu(owner_pid);
+    let start = Instant::now();
+    tokio::spawn(enqueue_all("bench-enq"));
+    let mut last = start;
+    for k in 0..N {
+        last = match tokio::time::timeout(Duration::from_secs(20), conf_rx.recv()).await {
+            Ok(Some(at)) => at,
+            _ => panic!("only {k} of {N} confirmations"),
+        };
+    }
+    let secs = (last - start).as_secs_f64();
+    println!(
+        "durable enqueue (confirmed on disk): {N} tasks in {secs:.2}s = {:.0} tasks/s, owner CPU {:.3} s/1k",
+        N as f64 / secs,
+        (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
+    );
+
+    // 2. End to end with one worker: enqueue → deliver → ack.
+    let mut worker = Worker::start(&url, "bench-worker", "bench-e2e", 256, false).await;
+    let cpu0 = cpu(owner_pid);
+    let start = Instant::now();
+    tokio::spawn(enqueue_all("bench-e2e"));
+    let mut latencies = Vec::with_capacity(N);
+    let mut pending_credit = 0;
+    for _ in 0..N {
+        let task = worker
+            .next_task(Duration::from_secs(60))
+            .await
+            .expect("task");
+        latencies.push(start.elapsed());
+        worker.ack(&task).await;
+        pending_credit += 1;
+        if pending_credit == 64 {
+            worker.ready(64).await;
+            pending_credit = 0;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let mut c = ops(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while show(&mut c, "bench-e2e").await.acked_total < N as u64 {
+        assert!(Instant::now() < deadline, "acks not all counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = start.elapsed().as_secs_f64();
+    println!(
+        "end to end, 1 worker, 256 credits: {N} tasks in {secs:.2}s = {:.0} tasks/s (owner counted all acks at {drained:.2}s), owner CPU {:.3} s/1k",
+        N as f64 / secs,
+        (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
+    );
+    drop(latencies);
+    while conf_rx.try_recv().is_ok() {}
+}
