@@ -408,3 +408,56 @@ fn sigterm_stops_serve_with_exit_code_zero() {
     serve.proc.signal(2);
     assert_eq!(serve.proc.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn mosquitto_sub_shows_the_retained_broker_heartbeat() {
+    let serve = Serve::start();
+    let out = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &serve.mqtt_port.to_string(),
+            "-t",
+            "axion/#",
+            "-v",
+            "-W",
+            "5",
+        ])
+        .args(["-C", "1"])
+        .arg("-T")
+        .arg("axion/+/heartbeat/bridge/+")
+        .output()
+        .expect("run mosquitto_sub (scripts/setup.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (topic, body) = text.trim().split_once(' ').expect("topic and payload");
+    assert_eq!(
+        topic,
+        format!(
+            "axion/default/heartbeat/broker/{}:{}",
+            hostname(),
+            serve.mqtt_port
+        )
+    );
+    let record: serde_json::Value = serde_json::from_str(body).expect("heartbeat JSON");
+    assert_eq!(record["service"], "broker");
+    assert_eq!(record["status"], "online");
+    assert_eq!(record["port"], serve.mqtt_port);
+    assert_eq!(record["pid"], serve.proc.pid());
+    for field in [
+        "boot_id",
+        "seq",
+        "timestamp",
+        "uptime_seconds",
+        "interval_secs",
+        "hostname",
+        "instance_id",
+    ] {
+        assert!(!record[field].is_null(), "{field} in {record}");
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
