@@ -185,10 +185,13 @@ async fn client_ids_with_topic_characters_work_and_break_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_get_a_connack_refusal() {
-    let serve = Serve::start_with(&["--max-connections", "4"], &[]);
+    // Axion's own components (queue owner, bridge, heartbeats) hold a few
+    // of the connections, so connect until the first refusal.
+    let max = 12;
+    let serve = Serve::start_with(&["--max-connections", &max.to_string()], &[]);
     let mut held = Vec::new();
     let mut refused = 0;
-    for i in 0..6 {
+    for i in 0..max + 2 {
         let opts = rumqttc::MqttOptions::new(format!("crowd-{i}"), "127.0.0.1", serve.mqtt_port);
         match V4::connect_with(opts).await {
             Ok(c) => held.push(c),
@@ -199,11 +202,12 @@ async fn connections_past_the_limit_get_a_connack_refusal() {
             Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
         }
     }
+    assert!(refused >= 2, "refusals past the limit (refused {refused})");
     assert!(
-        refused >= 2,
-        "at most 4 connections accepted (refused {refused})"
+        held.len() < max,
+        "internal clients count too: {} held",
+        held.len()
     );
-    assert!(held.len() <= 4);
     // MQTT 5 clients get the v5 reason code.
     let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
         .await
@@ -358,8 +362,14 @@ async fn non_ascii_topics_work_with_wildcard_subscribers() {
         (m.topic.as_str(), m.payload.as_slice()),
         ("é/x", &b"accent"[..])
     );
-    let m = recv(&mut all.rx, 5).await;
-    assert_eq!(m.topic, "é/x");
+    // `#` also sees Axion's own traffic (heartbeats, announces): find ours.
+    loop {
+        let m = recv(&mut all.rx, 5).await;
+        if m.topic == "é/x" {
+            assert_eq!(m.payload, b"accent");
+            break;
+        }
+    }
     assert_broker_works(serve.mqtt_port).await;
 }
 
@@ -412,6 +422,7 @@ fn sigterm_stops_serve_with_exit_code_zero() {
 #[test]
 fn mosquitto_sub_shows_the_retained_broker_heartbeat() {
     let serve = Serve::start();
+    // What an operator types; -W bounds the wait since `#` never ends.
     let out = std::process::Command::new("mosquitto_sub")
         .args([
             "-p",
@@ -420,23 +431,20 @@ fn mosquitto_sub_shows_the_retained_broker_heartbeat() {
             "axion/#",
             "-v",
             "-W",
-            "5",
+            "2",
         ])
-        .args(["-C", "1"])
-        .arg("-T")
-        .arg("axion/+/heartbeat/bridge/+")
         .output()
         .expect("run mosquitto_sub (scripts/setup.sh installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let (topic, body) = text.trim().split_once(' ').expect("topic and payload");
-    assert_eq!(
-        topic,
-        format!(
-            "axion/default/heartbeat/broker/{}:{}",
-            hostname(),
-            serve.mqtt_port
-        )
+    let topic = format!(
+        "axion/default/heartbeat/broker/{}:{}",
+        hostname(),
+        serve.mqtt_port
     );
+    let body = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{topic} ")))
+        .unwrap_or_else(|| panic!("no {topic} line in:\n{text}"));
     let record: serde_json::Value = serde_json::from_str(body).expect("heartbeat JSON");
     assert_eq!(record["service"], "broker");
     assert_eq!(record["status"], "online");

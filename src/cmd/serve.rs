@@ -56,6 +56,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    // Installed first: a SIGTERM during start-up must stop us cleanly too.
+    let signals = Signals::install()?;
     let config = BrokerConfig {
         listen: args.mqtt_listen,
         max_connections: args.max_connections,
@@ -95,8 +97,8 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut bridge_done = false;
     let code = tokio::select! {
-        signal = shutdown_signal() => {
-            info!(signal = signal?, "stopping");
+        signal = signals.recv() => {
+            info!(signal, "stopping");
             ExitCode::SUCCESS
         }
         _ = router_died(&broker) => {
@@ -150,13 +152,31 @@ async fn router_died(broker: &Broker) {
     }
 }
 
+/// SIGTERM and SIGINT handlers, installed before anything starts.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
+    }
+
+    /// Resolves on SIGTERM or SIGINT with the signal's name.
+    pub async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT with the signal's name.
 pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(Signals::install()?.recv().await)
 }
