@@ -39,6 +39,9 @@ pub struct Args {
     /// Distinct subscription filters the broker will hold (bounds its memory).
     #[arg(long, env = "AXION_MAX_FILTERS", default_value_t = 10_000)]
     pub max_filters: usize,
+    /// Retained messages (distinct topics) the broker keeps; more are delivered but not retained.
+    #[arg(long, env = "AXION_MAX_RETAINED", default_value_t = 100_000)]
+    pub max_retained: usize,
     #[command(flatten)]
     pub queues: QueueTuning,
     #[command(flatten)]
@@ -63,6 +66,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections,
         max_packet_size: args.max_packet_size,
         max_filters: args.max_filters,
+        max_retained: args.max_retained,
         ..BrokerConfig::default()
     };
     let broker = Broker::start(config).await?;
