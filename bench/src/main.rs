@@ -104,7 +104,11 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Broker { child, port, _dir: dir })
+    Ok(Broker {
+        child,
+        port,
+        _dir: dir,
+    })
 }
 
 /// utime + stime of a process, in seconds.
@@ -113,7 +117,12 @@ fn cpu_secs(pid: u32) -> f64 {
     // Fields after the ")" that closes the command name; utime/stime are 14/15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -141,7 +150,14 @@ impl Outcome {
 }
 
 /// One publisher → one subscriber on a fresh topic; `rate` None = flat out.
-async fn run_case(port: u16, qos: QoS, count: u64, rate: Option<u64>, payload: usize, pid: u32) -> anyhow::Result<Outcome> {
+async fn run_case(
+    port: u16,
+    qos: QoS,
+    count: u64,
+    rate: Option<u64>,
+    payload: usize,
+    pid: u32,
+) -> anyhow::Result<Outcome> {
     let topic = format!("bench/{}", free_port()?);
     let base = Instant::now();
 
@@ -187,7 +203,9 @@ async fn run_case(port: u16, qos: QoS, count: u64, rate: Option<u64>, payload: u
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(5), subacked_rx).await.context("no SUBACK")??;
+    tokio::time::timeout(Duration::from_secs(5), subacked_rx)
+        .await
+        .context("no SUBACK")??;
 
     let mut pub_opts = MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
     pub_opts.set_keep_alive(Duration::from_secs(30));
@@ -264,7 +282,11 @@ fn nodelay() -> rumqttc::NetworkOptions {
 }
 
 fn median(mut v: Vec<Outcome>, key: impl Fn(&Outcome) -> f64) -> Outcome {
-    v.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
+    v.sort_by(|a, b| {
+        key(a)
+            .partial_cmp(&key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     v[v.len() / 2]
 }
 
@@ -312,12 +334,21 @@ async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> 
     };
     let base = rss_mib(pid);
     for i in 0..n {
-        client.publish(format!("mem/topic/{i}"), QoS::AtLeastOnce, false, vec![0u8; 64]).await?;
+        client
+            .publish(
+                format!("mem/topic/{i}"),
+                QoS::AtLeastOnce,
+                false,
+                vec![0u8; 64],
+            )
+            .await?;
     }
     wait_acks(n).await;
     let after_topics = rss_mib(pid);
     for i in 0..n {
-        client.subscribe(format!("mem/filter/{i}/+"), QoS::AtMostOnce).await?;
+        client
+            .subscribe(format!("mem/filter/{i}/+"), QoS::AtMostOnce)
+            .await?;
     }
     wait_acks(2 * n).await;
     let after_filters = rss_mib(pid);
@@ -327,7 +358,9 @@ async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> 
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     if let Some(n) = args.topics {
         println!("| broker | RSS at start MiB | + {n} topics MiB | + {n} filters MiB |");
         println!("|---|---|---|---|");
@@ -344,8 +377,18 @@ fn main() -> anyhow::Result<()> {
     let cases: Vec<(&str, QoS, u64, Option<u64>)> = vec![
         ("QoS0 1→1 flat out", QoS::AtMostOnce, args.messages, None),
         ("QoS1 1→1 flat out", QoS::AtLeastOnce, args.messages, None),
-        ("QoS0 at 10k msg/s", QoS::AtMostOnce, 10_000 * args.rate_secs, Some(10_000)),
-        ("QoS1 at 10k msg/s", QoS::AtLeastOnce, 10_000 * args.rate_secs, Some(10_000)),
+        (
+            "QoS0 at 10k msg/s",
+            QoS::AtMostOnce,
+            10_000 * args.rate_secs,
+            Some(10_000),
+        ),
+        (
+            "QoS1 at 10k msg/s",
+            QoS::AtLeastOnce,
+            10_000 * args.rate_secs,
+            Some(10_000),
+        ),
     ];
     println!("| case | broker | delivered | msg/s | p50 ms | p99 ms | broker CPU s | msg per broker CPU-s |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -354,10 +397,21 @@ fn main() -> anyhow::Result<()> {
         let mut results: Vec<(Kind, Outcome)> = Vec::new();
         for round in 0..args.rounds {
             // Alternate which broker goes first, so drift hits both alike.
-            let order = if round % 2 == 0 { [Kind::Axion, Kind::Mosquitto] } else { [Kind::Mosquitto, Kind::Axion] };
+            let order = if round % 2 == 0 {
+                [Kind::Axion, Kind::Mosquitto]
+            } else {
+                [Kind::Mosquitto, Kind::Axion]
+            };
             for kind in order {
                 let broker = start(kind, &args)?;
-                let outcome = rt.block_on(run_case(broker.port, *qos, *count, *rate, args.payload, broker.child.id()))?;
+                let outcome = rt.block_on(run_case(
+                    broker.port,
+                    *qos,
+                    *count,
+                    *rate,
+                    args.payload,
+                    broker.child.id(),
+                ))?;
                 eprintln!(
                     "  {name} round {} {kind:?}: {}/{} in {:.2}s, p99 {:.2} ms, cpu {:.2}s",
                     round + 1,
@@ -371,7 +425,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let pick = |k: Kind| {
-            let v: Vec<Outcome> = results.iter().filter(|(kind, _)| *kind == k).map(|(_, o)| *o).collect();
+            let v: Vec<Outcome> = results
+                .iter()
+                .filter(|(kind, _)| *kind == k)
+                .map(|(_, o)| *o)
+                .collect();
             if rate.is_some() {
                 median(v, |o| o.p99_ms)
             } else {
@@ -398,9 +456,17 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|");
     for (name, a, m, fixed) in summary {
         if fixed {
-            println!("| {name} | p99 {:.2}× (lower is better), CPU per message {:.2}× |", a.p99_ms / m.p99_ms, (a.broker_cpu / a.received as f64) / (m.broker_cpu / m.received as f64));
+            println!(
+                "| {name} | p99 {:.2}× (lower is better), CPU per message {:.2}× |",
+                a.p99_ms / m.p99_ms,
+                (a.broker_cpu / a.received as f64) / (m.broker_cpu / m.received as f64)
+            );
         } else {
-            println!("| {name} | throughput {:.2}×, messages per broker CPU-second {:.2}× |", a.rate() / m.rate(), a.per_cpu_sec() / m.per_cpu_sec());
+            println!(
+                "| {name} | throughput {:.2}×, messages per broker CPU-second {:.2}× |",
+                a.rate() / m.rate(),
+                a.per_cpu_sec() / m.per_cpu_sec()
+            );
         }
     }
     Ok(())

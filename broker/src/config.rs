@@ -27,6 +27,10 @@ pub struct BrokerConfig {
     pub segment_size: usize,
     /// Segments kept per filter before the oldest is dropped.
     pub segment_count: usize,
+    /// Retained messages kept (distinct topics); more are delivered, not retained.
+    pub max_retained: usize,
+    /// Bytes of retained topics and payloads kept.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -39,6 +43,8 @@ impl Default for BrokerConfig {
             max_filters: 10_000,
             segment_size: 256 * 1024,
             segment_count: 4,
+            max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -7,12 +7,14 @@
 //! the router and terminates MQTT itself: [`server`] accepts connections,
 //! [`session`] speaks MQTT to one client and drives the router through
 //! rumqttd's public `LinkBuilder` links, [`names`] makes every client id and
-//! topic safe for the router, and [`router`] owns the router thread.
+//! topic safe for the router, [`retained`] keeps retained messages (the
+//! router drops most of them), and [`router`] owns the router thread.
 
 pub mod codec;
 pub mod config;
 pub mod names;
 pub mod queues;
+pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;

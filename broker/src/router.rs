@@ -32,7 +32,10 @@ impl RouterHandle {
             // The front end enforces the public limit with a CONNACK; the
             // router's own limit (which just drops the link) must never bite.
             max_connections: config.max_connections + 1024,
-            max_outgoing_packet_count: 200,
+            // Also caps the retained messages sent after a SUBACK to a QoS 0
+            // subscriber (rumqttd truncates them to one read): a dashboard
+            // must see a whole fleet, not the first 200 instances.
+            max_outgoing_packet_count: 10_000,
             max_segment_size: config.segment_size.max(1024),
             max_segment_count: config.segment_count.max(1),
             custom_segment: None,

@@ -15,6 +15,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use bytes::Bytes;
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+
+use crate::retained::{Retained, RetainedStore, Stored};
 use crate::router::RouterHandle;
 use crate::{session, BrokerConfig};
 
@@ -37,9 +41,56 @@ pub struct Shared {
     pub refused: AtomicU64,
     filters: Mutex<HashSet<String>>,
     groups: Mutex<HashMap<String, HashSet<String>>>,
+    retained: Mutex<RetainedStore>,
 }
 
 impl Shared {
+    /// Turns a validated, router-form PUBLISH into what the router gets:
+    /// a retained message goes to the front end's store and on as live
+    /// traffic; a QoS 0 publish is marked so it is delivered at QoS 0.
+    pub fn prepare_publish(
+        &self,
+        mut publish: Publish,
+        qos: u8,
+        props: Option<PublishProperties>,
+    ) -> Packet {
+        if publish.retain && !publish.topic.is_empty() {
+            let stored_props = props.clone().map(|mut p| {
+                p.topic_alias = None;
+                p.subscription_identifiers.clear();
+                p
+            });
+            let mut store = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            if store.store(
+                publish.topic.clone(),
+                publish.payload.clone(),
+                qos,
+                stored_props,
+            ) == Stored::Refused
+            {
+                warn!(
+                    topic = %String::from_utf8_lossy(&publish.topic),
+                    refused_total = store.refused_total,
+                    retained = store.len(),
+                    "retained store full; message delivered but not retained"
+                );
+            }
+            publish.retain = false;
+        }
+        let props = if qos == 0 {
+            session::mark_qos0(props)
+        } else {
+            props
+        };
+        Packet::Publish(publish, props)
+    }
+
+    /// Retained messages for a router-form filter.
+    pub fn retained_matching(&self, filter: &str) -> Vec<(Bytes, Retained)> {
+        let mut store = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        store.matching(filter)
+    }
+
     /// True if `filter` exists already or there is room for one more.
     pub fn admit_filter(&self, filter: &str) -> bool {
         let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,6 +151,10 @@ impl Broker {
             source,
         })?;
         let router = RouterHandle::spawn(&config);
+        let retained = Mutex::new(RetainedStore::new(
+            config.max_retained,
+            config.max_retained_bytes,
+        ));
         let shared = Arc::new(Shared {
             config,
             router,
@@ -107,6 +162,7 @@ impl Broker {
             refused: AtomicU64::new(0),
             filters: Mutex::new(HashSet::new()),
             groups: Mutex::new(HashMap::new()),
+            retained,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));

@@ -20,7 +20,8 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
     LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, Publish,
-    PublishProperties, QoS, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    PublishProperties, QoS, RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason, Unsubscribe,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,9 +93,34 @@ struct Session {
     suback_patches: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
     /// For each UNSUBSCRIBE forwarded, whether each original filter existed.
     unsuback_patches: HashMap<u16, Vec<bool>>,
-    /// Packet ids of QoS 1/2 publishes sent and not yet acknowledged, kept
-    /// for persistent sessions only (see `finish`).
-    inflight_out: VecDeque<u16>,
+    /// QoS 1 publishes sent to the client, oldest first, until their
+    /// acknowledgement has been passed to the router (see [`Slot`]).
+    ledger: VecDeque<Slot>,
+    /// Retained messages to send once the router's SUBACK for a packet id
+    /// is written: (router-form filter, subscription QoS).
+    pending_retained: HashMap<u16, Vec<(String, u8)>>,
+    /// Next packet id for publishes the front end sends itself (retained
+    /// messages); above the router's range of 1..=100.
+    next_local_pkid: u16,
+}
+
+/// Marker on QoS 0 publishes so the front end can deliver them at QoS 0:
+/// rumqttd delivers at the subscription's QoS, not min(publish, subscription).
+const QOS0_MARK: (&str, &str) = ("axion-qos", "0");
+
+/// Packet ids the front end uses for its own QoS 1 publishes.
+const LOCAL_PKIDS: std::ops::RangeInclusive<u16> = 1000..=u16::MAX;
+
+/// One QoS 1 publish sent to the client. rumqttd disconnects a link that
+/// acknowledges out of order, while MQTT lets clients acknowledge in any
+/// order: the ledger releases acknowledgements to the router in sending
+/// order. Local slots (retained messages sent by the front end) and QoS 0
+/// deliveries are never released to the router / are released at once.
+#[derive(Debug)]
+struct Slot {
+    pkid: u16,
+    local: bool,
+    acked: bool,
 }
 
 async fn write_once(stream: &mut TcpStream, codec: &Codec, packet: Packet) {
@@ -322,7 +348,9 @@ async fn handshake(
         filters: HashSet::new(),
         suback_patches: HashMap::new(),
         unsuback_patches: HashMap::new(),
-        inflight_out: VecDeque::new(),
+        ledger: VecDeque::new(),
+        pending_retained: HashMap::new(),
+        next_local_pkid: *LOCAL_PKIDS.start(),
     })
 }
 
@@ -479,7 +507,7 @@ impl Session {
                     break;
                 }
             };
-            match self.inbound(packet, &mut to_router, &mut reply) {
+            match self.inbound(packet, byte1, &mut to_router, &mut reply) {
                 Ok(None) => {}
                 Ok(Some(end)) => {
                     ending = Some(end);
@@ -523,6 +551,7 @@ impl Session {
     fn inbound(
         &mut self,
         packet: Packet,
+        byte1: u8,
         to_router: &mut Vec<Packet>,
         reply: &mut BytesMut,
     ) -> Result<Option<Ending>, (String, DisconnectReasonCode)> {
@@ -539,7 +568,8 @@ impl Session {
                     return Err((e.to_string(), DisconnectReasonCode::TopicNameInvalid));
                 }
                 publish.topic = names::escape_topic(publish.topic);
-                to_router.push(Packet::Publish(publish, props));
+                let qos = (byte1 >> 1) & 0x03;
+                to_router.push(self.shared.prepare_publish(publish, qos, props));
             }
             Packet::Subscribe(mut subscribe, props) => {
                 let mut local: Vec<(usize, SubscribeReasonCode)> = Vec::new();
@@ -570,7 +600,19 @@ impl Session {
                     {
                         self.shared.join_group(group, &self.router_id);
                     }
-                    self.filters.insert(path.clone());
+                    let new = self.filters.insert(path.clone());
+                    let send_retained = share.is_empty()
+                        && match filter.retain_forward_rule {
+                            RetainForwardRule::OnEverySubscribe => true,
+                            RetainForwardRule::OnNewSubscribe => new,
+                            RetainForwardRule::Never => false,
+                        };
+                    if send_retained {
+                        self.pending_retained
+                            .entry(subscribe.pkid)
+                            .or_default()
+                            .push((path.clone(), filter.qos as u8));
+                    }
                     filter.path = path;
                     forwarded.push(filter);
                 }
@@ -653,15 +695,12 @@ impl Session {
             }
             // rumqttd only matches a PUBREL without properties.
             Packet::PubRel(pubrel, _) => to_router.push(Packet::PubRel(pubrel, None)),
-            Packet::PubAck(ref ack, _) => {
-                self.acked(ack.pkid);
-                to_router.push(packet);
+            Packet::PubAck(ack, props) => {
+                if !self.acked(ack.pkid, to_router) {
+                    to_router.push(Packet::PubAck(ack, props));
+                }
             }
-            Packet::PubComp(ref comp, _) => {
-                self.acked(comp.pkid);
-                to_router.push(packet);
-            }
-            p @ Packet::PubRec(..) => to_router.push(p),
+            p @ (Packet::PubRec(..) | Packet::PubComp(..)) => to_router.push(p),
             Packet::Connect(..) => {
                 return Err(("second CONNECT".into(), DisconnectReasonCode::ProtocolError))
             }
@@ -675,9 +714,73 @@ impl Session {
         Ok(None)
     }
 
-    fn acked(&mut self, pkid: u16) {
-        if let Some(at) = self.inflight_out.iter().position(|&p| p == pkid) {
-            self.inflight_out.remove(at);
+    /// Marks `pkid` acknowledged and releases, in order, every
+    /// acknowledgement the router may now have. False if `pkid` is not in
+    /// the ledger (the caller passes the ack on unchanged).
+    fn acked(&mut self, pkid: u16, to_router: &mut Vec<Packet>) -> bool {
+        let Some(slot) = self.ledger.iter_mut().find(|s| s.pkid == pkid && !s.acked) else {
+            return false;
+        };
+        slot.acked = true;
+        self.release_acks(to_router);
+        true
+    }
+
+    fn release_acks(&mut self, to_router: &mut Vec<Packet>) {
+        while self.ledger.front().is_some_and(|s| s.acked) {
+            if let Some(slot) = self.ledger.pop_front() {
+                if !slot.local {
+                    to_router.push(puback(slot.pkid));
+                }
+            }
+        }
+    }
+
+    fn local_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_local_pkid;
+            self.next_local_pkid = if pkid == *LOCAL_PKIDS.end() {
+                *LOCAL_PKIDS.start()
+            } else {
+                pkid + 1
+            };
+            if !self.ledger.iter().any(|s| s.pkid == pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    /// Writes the retained messages for the filters of SUBSCRIBE `pkid`.
+    fn deliver_retained(&mut self, pkid: u16, out: &mut BytesMut) {
+        let Some(filters) = self.pending_retained.remove(&pkid) else {
+            return;
+        };
+        for (filter, sub_qos) in filters {
+            for (topic, retained) in self.shared.retained_matching(&filter) {
+                // QoS 2 retained messages go out at QoS 1: the front end
+                // keeps no QoS 2 state of its own.
+                let qos = retained.qos.min(sub_qos).min(1);
+                let (qos, pkid) = if qos == 1 {
+                    (QoS::AtLeastOnce, self.local_pkid())
+                } else {
+                    (QoS::AtMostOnce, 0)
+                };
+                if pkid != 0 {
+                    self.ledger.push_back(Slot {
+                        pkid,
+                        local: true,
+                        acked: false,
+                    });
+                }
+                let publish = make_publish(
+                    names::unescape_topic(topic),
+                    retained.payload,
+                    qos,
+                    true,
+                    pkid,
+                );
+                self.encode(Packet::Publish(publish, retained.properties), out);
+            }
         }
     }
 
@@ -699,25 +802,48 @@ impl Session {
     async fn outgoing(&mut self, first: Notification) -> Option<Ending> {
         let mut out = BytesMut::new();
         let mut wake = false;
+        let mut release = false;
         let mut ending = None;
         let mut next = Some(first);
         let mut budget = 1024;
         while let Some(notification) = next.take() {
             match notification {
                 Notification::Forward(forward) => {
-                    let mut publish = forward.publish;
-                    publish.topic = names::unescape_topic(publish.topic);
+                    let mut props = forward.properties;
+                    let qos0 = take_qos0_mark(&mut props);
+                    let publish = forward.publish;
+                    let topic = names::unescape_topic(publish.topic.clone());
                     let start = out.len();
-                    self.encode(Packet::Publish(publish, forward.properties), &mut out);
-                    if !self.clean_session {
-                        if let Some(pkid) = outgoing_pkid(&out[start..]) {
-                            self.inflight_out.push_back(pkid);
+                    let (payload, retain) = (publish.payload.clone(), publish.retain);
+                    let mut publish = publish;
+                    publish.topic = topic.clone();
+                    self.encode(Packet::Publish(publish, props.clone()), &mut out);
+                    if let Some((1, pkid)) = outgoing_qos_pkid(&out[start..]) {
+                        if qos0 {
+                            // Published at QoS 0: deliver at QoS 0 and
+                            // acknowledge the router's copy ourselves.
+                            out.truncate(start);
+                            let publish = make_publish(topic, payload, QoS::AtMostOnce, retain, 0);
+                            self.encode(Packet::Publish(publish, props), &mut out);
                         }
+                        self.ledger.push_back(Slot {
+                            pkid,
+                            local: false,
+                            acked: qos0,
+                        });
+                        release = release || qos0;
                     }
                 }
                 Notification::DeviceAck(ack) => {
                     let packet = self.patch_ack(Packet::from(ack));
+                    let suback = match &packet {
+                        Packet::SubAck(s, _) => Some(s.pkid),
+                        _ => None,
+                    };
                     self.encode(packet, &mut out);
+                    if let Some(pkid) = suback {
+                        self.deliver_retained(pkid, &mut out);
+                    }
                 }
                 Notification::Unschedule => wake = true,
                 Notification::Disconnect(disconnect, props) => {
@@ -742,6 +868,13 @@ impl Session {
         }
         if !self.send_bytes(out).await {
             return Some(ending.unwrap_or(Ending::Lost));
+        }
+        if release {
+            let mut acks = Vec::new();
+            self.release_acks(&mut acks);
+            if self.forward(acks).await.is_err() {
+                return Some(Ending::Kicked);
+            }
         }
         if wake && self.link_rx.wake().await.is_err() {
             return Some(Ending::Kicked);
@@ -804,7 +937,7 @@ impl Session {
                     self.close().await;
                     return;
                 }
-                packets.push(will_packet(will, props));
+                packets.push(self.will_packet(will, props));
             }
             if !self.clean_session && self.sole_member_of_a_group() {
                 // rumqttd panics ("group must exists") when the last member
@@ -812,14 +945,10 @@ impl Session {
                 // in flight. Acknowledging what is in flight (in order, as
                 // the router requires) avoids that path; a group with no
                 // member drops its messages in rumqttd anyway.
-                for pkid in self.inflight_out.drain(..) {
-                    packets.push(Packet::PubAck(
-                        PubAck {
-                            pkid,
-                            reason: PubAckReason::Success,
-                        },
-                        None,
-                    ));
+                for slot in self.ledger.drain(..) {
+                    if !slot.local {
+                        packets.push(puback(slot.pkid));
+                    }
                 }
             }
             packets.push(Packet::Disconnect(
@@ -848,6 +977,27 @@ impl Session {
         })
     }
 
+    fn will_packet(&self, will: LastWill, props: Option<LastWillProperties>) -> Packet {
+        let qos = if will.qos == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let pkid = if qos == QoS::AtMostOnce { 0 } else { u16::MAX };
+        let publish = make_publish(will.topic, will.message, qos, will.retain, pkid);
+        let props = props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        });
+        self.shared.prepare_publish(publish, qos as u8, props)
+    }
+
     /// Waits out a will delay; false if the link was taken over meanwhile.
     async fn wait_will_delay(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
@@ -869,10 +1019,11 @@ impl Session {
     }
 }
 
-/// The packet id of an encoded PUBLISH with QoS > 0.
-fn outgoing_pkid(packet: &[u8]) -> Option<u16> {
+/// QoS and packet id of an encoded PUBLISH with QoS > 0.
+fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
     let byte1 = *packet.first()?;
-    if byte1 >> 4 != 3 || (byte1 >> 1) & 0x03 == 0 {
+    let qos = (byte1 >> 1) & 0x03;
+    if byte1 >> 4 != 3 || qos == 0 {
         return None;
     }
     let mut i = 1;
@@ -882,28 +1033,46 @@ fn outgoing_pkid(packet: &[u8]) -> Option<u16> {
     i += 1;
     let topic_len = usize::from(u16::from_be_bytes([*packet.get(i)?, *packet.get(i + 1)?]));
     let at = i + 2 + topic_len;
-    Some(u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]))
+    Some((
+        qos,
+        u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]),
+    ))
 }
 
-fn will_packet(will: LastWill, props: Option<LastWillProperties>) -> Packet {
-    let qos = if will.qos == QoS::AtMostOnce {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
+fn puback(pkid: u16) -> Packet {
+    Packet::PubAck(
+        PubAck {
+            pkid,
+            reason: PubAckReason::Success,
+        },
+        None,
+    )
+}
+
+/// Removes the QoS 0 marker; true if it was there.
+fn take_qos0_mark(props: &mut Option<PublishProperties>) -> bool {
+    let Some(p) = props.as_mut() else {
+        return false;
     };
-    let pkid = if qos == QoS::AtMostOnce { 0 } else { u16::MAX };
-    let publish = make_publish(will.topic, will.message, qos, will.retain, pkid);
-    let props = props.map(|p| PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        topic_alias: None,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type,
-    });
-    Packet::Publish(publish, props)
+    let marked = p
+        .user_properties
+        .last()
+        .is_some_and(|(k, v)| k == QOS0_MARK.0 && v == QOS0_MARK.1);
+    if marked {
+        p.user_properties.pop();
+        if *p == PublishProperties::default() {
+            *props = None;
+        }
+    }
+    marked
+}
+
+/// Marks a QoS 0 publish (see [`QOS0_MARK`]).
+pub(crate) fn mark_qos0(props: Option<PublishProperties>) -> Option<PublishProperties> {
+    let mut p = props.unwrap_or_default();
+    p.user_properties
+        .push((QOS0_MARK.0.to_string(), QOS0_MARK.1.to_string()));
+    Some(p)
 }
 
 /// Fixed-header flags the spec fixes per packet type (MQTT-2.2.2-2).

@@ -7,8 +7,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use axion_bridge::{Bridge, BridgeConfig};
+use axion_broker::queues::QueueOwner;
 use axion_broker::{Broker, BrokerConfig};
-use tracing::{error, info};
+use axion_heartbeat::{spawn_janitor, HeartbeatConfig, HeartbeatPublisher, MqttUrl};
+use tracing::{error, info, warn};
+
+use super::bridge::BridgeLimits;
+use super::queues::QueueTuning;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -33,6 +39,13 @@ pub struct Args {
     /// Distinct subscription filters the broker will hold (bounds its memory).
     #[arg(long, env = "AXION_MAX_FILTERS", default_value_t = 10_000)]
     pub max_filters: usize,
+    /// Retained messages (distinct topics) the broker keeps; more are delivered but not retained.
+    #[arg(long, env = "AXION_MAX_RETAINED", default_value_t = 100_000)]
+    pub max_retained: usize,
+    #[command(flatten)]
+    pub queues: QueueTuning,
+    #[command(flatten)]
+    pub bridge: BridgeLimits,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -46,26 +59,88 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    // Installed first: a SIGTERM during start-up must stop us cleanly too.
+    let signals = Signals::install()?;
     let config = BrokerConfig {
         listen: args.mqtt_listen,
         max_connections: args.max_connections,
         max_packet_size: args.max_packet_size,
         max_filters: args.max_filters,
+        max_retained: args.max_retained,
         ..BrokerConfig::default()
     };
     let broker = Broker::start(config).await?;
-    info!(mqtt = %broker.local_addr(), package = args.package, "axion serve is up");
+    let mqtt_port = broker.local_addr().port();
+    // The embedded components reach the broker over loopback, whatever
+    // address the public listener is bound to.
+    let local = MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?;
 
+    let queue_config =
+        args.queues
+            .config(local.clone(), args.data_dir.clone(), args.package.clone());
+    let mut queues = QueueOwner::start(queue_config)
+        .await
+        .context("start the queue owner")?;
+
+    let mut bridge_config = BridgeConfig::new(args.ws_listen, local.clone(), args.package.clone());
+    bridge_config.limits = args.bridge.limits();
+    let bridge = Bridge::bind(bridge_config).await?;
+    let ws = bridge.local_addr();
+    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut bridge_task = tokio::spawn(bridge.serve(async move {
+        let _ = bridge_stopped.await;
+    }));
+
+    let heartbeat_config =
+        HeartbeatConfig::new(local.clone(), &args.package, "broker")?.port(mqtt_port);
+    let ghost_after = heartbeat_config.ghost_after;
+    let heartbeat = HeartbeatPublisher::start(heartbeat_config)?;
+    heartbeat.set_connected(true);
+    let janitor = spawn_janitor(&local, ghost_after);
+    info!(mqtt = %broker.local_addr(), %ws, package = args.package, data_dir = %args.data_dir.display(), "axion serve is up");
+
+    let mut bridge_done = false;
     let code = tokio::select! {
-        signal = shutdown_signal() => {
-            info!(signal = signal?, "stopping");
+        signal = signals.recv() => {
+            info!(signal, "stopping");
             ExitCode::SUCCESS
         }
         _ = router_died(&broker) => {
             error!("the broker's router thread died; exiting so a supervisor restarts us");
             ExitCode::from(70)
         }
+        err = queues.failed() => {
+            error!(error = %err, "the queue owner stopped; exiting so a supervisor restarts us");
+            ExitCode::from(70)
+        }
+        ended = &mut bridge_task => {
+            bridge_done = true;
+            error!(result = ?ended.map(|r| r.map_err(|e| e.to_string())), "the WebSocket bridge stopped; exiting so a supervisor restarts us");
+            ExitCode::from(70)
+        }
     };
+
+    // Stop in dependency order: announce draining, stop taking work at the
+    // edges (bridge), commit the queues, say offline, then close the broker.
+    if let Err(err) = heartbeat.set_draining().await {
+        warn!(%err, "could not publish the draining heartbeat");
+    }
+    let _ = stop_bridge.send(());
+    if !bridge_done {
+        match tokio::time::timeout(Duration::from_secs(5), bridge_task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => {
+                warn!(result = ?other.map(|j| j.map(|r| r.map_err(|e| e.to_string()))), "bridge did not stop cleanly")
+            }
+        }
+    }
+    if let Err(err) = queues.shutdown().await {
+        warn!(%err, "queue owner did not stop cleanly");
+    }
+    if let Err(err) = heartbeat.stop("stopped").await {
+        warn!(%err, "could not publish the offline heartbeat");
+    }
+    janitor.abort();
     broker.shutdown().await;
     info!("stopped");
     Ok(code)
@@ -81,13 +156,31 @@ async fn router_died(broker: &Broker) {
     }
 }
 
+/// SIGTERM and SIGINT handlers, installed before anything starts.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        })
+    }
+
+    /// Resolves on SIGTERM or SIGINT with the signal's name.
+    pub async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT with the signal's name.
 pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(Signals::install()?.recv().await)
 }
