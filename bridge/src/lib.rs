@@ -28,6 +28,7 @@ pub use client::Metrics;
 
 use axion_heartbeat::publisher::{HeartbeatConfig, HeartbeatPublisher};
 use axion_heartbeat::MqttUrl;
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,6 +187,10 @@ impl Bridge {
             .unwrap_or(u32::MAX);
         options.set_max_packet_size(Some(max_packet));
         options.set_clean_start(true);
+        // Events are small and latency matters more than packet count.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 4096);
         let mqtt = Arc::new(mqtt::Mqtt::new(
             client.clone(),
@@ -270,6 +275,11 @@ impl Bridge {
         // Upgraded connections outlive hyper's graceful shutdown, so the
         // same signal cancels them through their parent token.
         let stop_clients = clients_root.clone();
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY on a WebSocket connection");
+            }
+        });
         let result = axum::serve(listener, server::router(shared))
             .with_graceful_shutdown(async move {
                 shutdown.await;
