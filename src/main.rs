@@ -32,6 +32,8 @@ enum Command {
     Queue(cmd::queue::Args),
     /// Run the legacy WebSocket bridge alone against any MQTT 5 broker.
     Bridge(cmd::bridge::Args),
+    /// Run a command per task of a queue, with the service runtime's fail-fast guarantees.
+    Work(cmd::work::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Queues(args) => cmd::queues::run(args),
         Command::Queue(args) => cmd::queue::run(args),
         Command::Bridge(args) => cmd::bridge::run(args),
+        Command::Work(args) => cmd::work::run(args),
     };
     match result {
         Ok(code) => code,

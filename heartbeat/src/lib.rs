@@ -7,6 +7,7 @@ pub mod error;
 pub mod fleet;
 pub mod janitor;
 pub mod publisher;
+pub mod runtime;
 pub mod schema;
 pub mod topics;
 pub mod url;

@@ -6,3 +6,4 @@ pub mod monitor;
 pub mod queue;
 pub mod queues;
 pub mod serve;
+pub mod work;
