@@ -8,6 +8,7 @@
 //! guarantees can be shown on a real process:
 //!
 //! - `{"items": ["a", "b"]}` → `{"embeddings": [[…8 floats…], …], "model": "fake-hash-8"}`
+//!   (plus `"attempts"` for queue tasks, so tests see redeliveries)
 //! - `"delay_ms": N` → takes N ms (also `EMBED_DELAY_MS` for every job)
 //! - `"fail": "why"` → the attempt fails with that reason
 //! - `"hang": true` → never returns (an await that never completes)
@@ -33,7 +34,9 @@ async fn main() {
         .init();
     let code = Service::new("embedding")
         .queue("embedding.generate", |task| async move {
-            embed(&task.payload).await
+            let mut result = embed(&task.payload).await?;
+            result["attempts"] = json!(task.attempts);
+            Ok(result)
         })
         .event("embedding.request", |event: Event| async move {
             embed(&event.payload).await

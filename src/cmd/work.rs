@@ -60,7 +60,7 @@ pub struct Args {
     #[arg(long, env = "WATCHDOG_INTERVAL_MS", default_value_t = 250)]
     pub watchdog_interval_ms: u64,
     /// The queue owner's ack wait (ms); `progress` goes out every third of it.
-    #[arg(long, env = "AXION_ACK_WAIT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "AXION_QUEUE_ACK_WAIT_MS", default_value_t = 30_000)]
     pub ack_wait_ms: u64,
     /// Most bytes of a command's stdout taken as its result; more fails the attempt.
     #[arg(long, env = "AXION_WORK_MAX_OUTPUT", default_value_t = 8 << 20)]

@@ -8,6 +8,7 @@
 //! live numbers from [`Vitals`] on a short tick, and takes its few commands
 //! over channels that work from any thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ enum Cmd {
 pub struct Beacon {
     tx: mpsc::Sender<Cmd>,
     topic: Arc<str>,
+    /// Whether the heartbeat's own connection is up (as of the last tick).
+    publishing: Arc<AtomicBool>,
 }
 
 impl Beacon {
@@ -45,6 +48,8 @@ impl Beacon {
     pub fn start(config: HeartbeatConfig, vitals: Arc<Vitals>) -> Result<Self, RuntimeError> {
         let (tx, rx) = mpsc::channel(JOB_SAMPLES);
         let (started_tx, started_rx) = std_mpsc::sync_channel(1);
+        let publishing = Arc::new(AtomicBool::new(false));
+        let publishing_seen = publishing.clone();
         std::thread::Builder::new()
             .name("axion-heartbeat".into())
             .spawn(move || {
@@ -67,12 +72,22 @@ impl Beacon {
                         }
                     };
                     let _ = started_tx.send(Ok(Arc::<str>::from(handle.topic())));
-                    serve(handle, vitals, rx).await;
+                    serve(handle, vitals, rx, publishing_seen).await;
                 });
             })
             .map_err(RuntimeError::Thread)?;
         let topic = started_rx.recv().map_err(|_| RuntimeError::BeaconGone)??;
-        Ok(Self { tx, topic })
+        Ok(Self {
+            tx,
+            topic,
+            publishing,
+        })
+    }
+
+    /// Whether a final record can reach the broker at all; when the broker
+    /// is gone there is no point waiting for it.
+    pub fn publishing(&self) -> bool {
+        self.publishing.load(Ordering::Acquire)
     }
 
     pub fn topic(&self) -> &str {
@@ -110,7 +125,12 @@ impl Beacon {
     }
 }
 
-async fn serve(handle: HeartbeatHandle, vitals: Arc<Vitals>, mut rx: mpsc::Receiver<Cmd>) {
+async fn serve(
+    handle: HeartbeatHandle,
+    vitals: Arc<Vitals>,
+    mut rx: mpsc::Receiver<Cmd>,
+    publishing: Arc<AtomicBool>,
+) {
     let mut tick = tokio::time::interval(SYNC_EVERY);
     let mut seen_progress = vitals.progress_seq();
     let mut was_connected = None;
@@ -119,6 +139,7 @@ async fn serve(handle: HeartbeatHandle, vitals: Arc<Vitals>, mut rx: mpsc::Recei
             _ = tick.tick() => {
                 let connected = vitals.connected();
                 handle.set_connected(connected);
+                publishing.store(handle.is_publishing(), Ordering::Release);
                 handle.set_inflight(vitals.running() as u64);
                 handle.set_queue_depth(vitals.waiting() as u64);
                 let seq = vitals.progress_seq();

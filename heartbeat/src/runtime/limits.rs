@@ -19,7 +19,7 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_millis(5_000);
 /// Default `WATCHDOG_INTERVAL_MS`: small against the kill thresholds so an
 /// exit lands well within "threshold + 1 s".
 pub const DEFAULT_WATCHDOG_INTERVAL: Duration = Duration::from_millis(250);
-/// Default `AXION_ACK_WAIT_MS`: the queue owner's default ack wait.
+/// Default `AXION_QUEUE_ACK_WAIT_MS`: the queue owner's default ack wait.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_millis(30_000);
 
 /// How much work a service takes and how quickly it gives up.
@@ -61,7 +61,7 @@ impl Default for Limits {
 impl Limits {
     /// The defaults, overridden by `MAX_INFLIGHT`, `MAX_QUEUE`,
     /// `DISCONNECT_KILL_MS`, `LIVENESS_MAX_STALL_MS`, `DRAIN_MS`,
-    /// `WATCHDOG_INTERVAL_MS` and `AXION_ACK_WAIT_MS` when set.
+    /// `WATCHDOG_INTERVAL_MS` and `AXION_QUEUE_ACK_WAIT_MS` when set.
     pub fn from_env() -> Result<Self, RuntimeError> {
         let d = Self::default();
         Ok(Self {
@@ -71,7 +71,7 @@ impl Limits {
             liveness_max_stall: env_ms("LIVENESS_MAX_STALL_MS", d.liveness_max_stall)?,
             drain: env_ms("DRAIN_MS", d.drain)?,
             watchdog_interval: env_ms("WATCHDOG_INTERVAL_MS", d.watchdog_interval)?,
-            ack_wait: env_ms("AXION_ACK_WAIT_MS", d.ack_wait)?,
+            ack_wait: env_ms("AXION_QUEUE_ACK_WAIT_MS", d.ack_wait)?,
         })
     }
 
@@ -91,7 +91,7 @@ impl Limits {
             );
         }
         if self.ack_wait < Duration::from_millis(30) {
-            return bad("AXION_ACK_WAIT_MS", "must be at least 30");
+            return bad("AXION_QUEUE_ACK_WAIT_MS", "must be at least 30");
         }
         Ok(())
     }

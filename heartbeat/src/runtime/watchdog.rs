@@ -67,7 +67,8 @@ pub fn spawn(
 /// Publishes the reason where the heartbeat connection still works, then
 /// exits without unwinding: nothing in a stuck process is trusted to finish.
 fn die(beacon: &Beacon, reason: &str, code: i32) -> ! {
-    let published = beacon.stop_blocking(reason, FINAL_HEARTBEAT_WAIT);
+    // With the broker gone the record cannot land; its will says `lost`.
+    let published = beacon.publishing() && beacon.stop_blocking(reason, FINAL_HEARTBEAT_WAIT);
     tracing::error!(
         reason,
         code,
