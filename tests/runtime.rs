@@ -312,6 +312,38 @@ async fn example_service_answers_tasks_and_requests_with_live_heartbeat() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_queue_by_credit_each_task_done_once() {
+    let serve = Serve::start();
+    let envs = [("MAX_INFLIGHT", "2")];
+    let _a = start_example(&serve, &envs);
+    let _b = start_example(&serve, &envs);
+    let mut c = client(&serve, &["axion/default/event/embedding/result"]).await;
+    let n = 24;
+    for i in 0..n {
+        enqueue(
+            &c,
+            QUEUE,
+            json!({"payload": {"items": [i], "delay_ms": 150}, "replyTo": "embedding.result",
+                   "correlationId": i.to_string()}),
+        )
+        .await;
+    }
+    let mut done = HashSet::new();
+    let mut pids = HashSet::new();
+    for _ in 0..n {
+        let r = next_on(&mut c.rx, "axion/default/event/embedding/result", 10).await;
+        assert_eq!(
+            r["payload"]["attempts"], 1,
+            "no task bounced or timed out: {r}"
+        );
+        assert!(done.insert(r["correlationId"].clone()), "done twice: {r}");
+        pids.insert(r["payload"]["pid"].clone());
+    }
+    assert_eq!(pids.len(), 2, "both instances took work");
+    common::mqtt::recv_none(&mut c.rx, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_task_keeps_its_ack_wait_alive_with_progress() {
     let serve = Serve::start_with(&["--ack-wait-ms", "600"], &[]);
     let _w = start_example(&serve, &[("AXION_QUEUE_ACK_WAIT_MS", "600")]);
@@ -625,10 +657,13 @@ async fn axion_work_runs_a_command_per_task_and_fails_on_nonzero_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axion_work_passes_the_same_exit_code_tests() {
     let serve = Serve::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 30", pid_file.display());
     let mut stuck = start_work(
         &serve,
         &["--queue", "slow", "--liveness-max-stall-ms", "1200"],
-        &["sleep", "30"],
+        &["sh", "-c", &script],
     );
     let mut cat = start_work(
         &serve,
@@ -645,6 +680,18 @@ async fn axion_work_passes_the_same_exit_code_tests() {
         "{:?}",
         busy.elapsed()
     );
+    // The stuck command dies with its worker: no orphan keeps the task.
+    let child = std::fs::read_to_string(&pid_file).expect("the command wrote its pid");
+    let proc_dir = PathBuf::from(format!("/proc/{}", child.trim()));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while proc_dir.exists() && !is_zombie(&proc_dir) {
+        assert!(
+            Instant::now() < deadline,
+            "command {} outlived its worker",
+            child.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     serve.proc.signal(9);
     let killed = Instant::now();
@@ -654,4 +701,15 @@ async fn axion_work_passes_the_same_exit_code_tests() {
         "{:?}",
         killed.elapsed()
     );
+}
+
+/// A dead process not yet reaped by its (new) parent still has a /proc entry.
+fn is_zombie(proc_dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(proc_dir.join("stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }

@@ -8,7 +8,8 @@
 //! guarantees can be shown on a real process:
 //!
 //! - `{"items": ["a", "b"]}` → `{"embeddings": [[…8 floats…], …], "model": "fake-hash-8"}`
-//!   (plus `"attempts"` for queue tasks, so tests see redeliveries)
+//!   (plus `"attempts"` and `"pid"` for queue tasks, so tests see
+//!   redeliveries and which instance did the work)
 //! - `"delay_ms": N` → takes N ms (also `EMBED_DELAY_MS` for every job)
 //! - `"fail": "why"` → the attempt fails with that reason
 //! - `"hang": true` → never returns (an await that never completes)
@@ -36,6 +37,7 @@ async fn main() {
         .queue("embedding.generate", |task| async move {
             let mut result = embed(&task.payload).await?;
             result["attempts"] = json!(task.attempts);
+            result["pid"] = json!(std::process::id());
             Ok(result)
         })
         .event("embedding.request", |event: Event| async move {

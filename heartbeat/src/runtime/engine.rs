@@ -756,7 +756,12 @@ impl Core {
     /// handed back or refused, running handlers get `DRAIN_MS`.
     fn begin_drain(&mut self, why: &str) {
         if self.draining() {
-            tracing::info!(signal = why, "already draining");
+            // A second signal is an operator who does not want to wait.
+            tracing::warn!(
+                signal = why,
+                "second signal: handing running tasks back now"
+            );
+            self.drain_deadline = Some(Instant::now());
             return;
         }
         let drain = self.limits().drain;
