@@ -349,8 +349,9 @@ impl Core {
             Inbound::Connected => {
                 self.connected = true;
                 // A clean session: subscriptions first, then fresh credit.
-                self.outbox
-                    .retain(|o| !matches!(o, Out::Publish { credit: true, .. }));
+                self.outbox.retain(|o| {
+                    !matches!(o, Out::Publish { credit: true, .. } | Out::Subscribe(_))
+                });
                 self.outbox.push_front(Out::Subscribe(self.filters()));
                 self.reannounce();
             }
