@@ -425,6 +425,24 @@ async fn stuck_handler_exits_71(payload: Value) {
     let hb = heartbeat_until(&mut c.rx, 5, |hb| hb["status"] == "offline").await;
     assert_eq!(hb["reason"], "stalled", "the reason is published: {hb}");
     assert_eq!(hb["inflight"], 1);
+    // …and the operator's dashboard shows it.
+    let out = Command::new(common::axion_bin())
+        .args([
+            "monitor",
+            "--once",
+            "--json",
+            "--service",
+            "embedding",
+            "--mqtt",
+        ])
+        .arg(serve.mqtt_url())
+        .output()
+        .expect("run axion monitor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("stalled"),
+        "axion monitor shows the reason: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
