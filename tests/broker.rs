@@ -613,3 +613,131 @@ async fn acknowledgements_in_any_order_are_accepted() {
         }
     }
 }
+
+#[test]
+fn a_qos1_burst_from_mosquitto_pub_reaches_mosquitto_sub_in_full() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    const COUNT: usize = 20_000;
+    let serve = Serve::start();
+    let port = serve.mqtt_port.to_string();
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-p", &port, "-t", "burst/t", "-q", "1", "-i", "burst-sub"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    let mut lines = BufReader::new(sub.stdout.take().expect("stdout")).lines();
+    // Wait for the subscription by publishing probes until one comes through.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let probe_port = port.clone();
+    let prober = std::thread::spawn(move || {
+        for _ in 0..100 {
+            let _ = Command::new("mosquitto_pub")
+                .args(["-p", &probe_port, "-t", "burst/t", "-q", "1", "-m", "probe"])
+                .status();
+            if ready_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return;
+            }
+        }
+    });
+    loop {
+        let line = lines.next().expect("mosquitto_sub output").expect("line");
+        if line == "probe" {
+            let _ = ready_tx.send(());
+            break;
+        }
+    }
+    prober.join().expect("prober");
+    // Read the subscriber's output while publishing: a reader that stops
+    // reading would (rightly) hold the publisher back.
+    let reader = std::thread::spawn(move || {
+        let mut seen = vec![false; COUNT];
+        let mut got = 0;
+        while got < COUNT {
+            let Some(Ok(line)) = lines.next() else { break };
+            if line == "probe" {
+                continue;
+            }
+            let i: usize = line[..8].parse().expect("numbered line");
+            if !seen[i] {
+                seen[i] = true;
+                got += 1;
+            }
+        }
+        got
+    });
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-p", &port, "-t", "burst/t", "-q", "1", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        let mut stdin = publisher.stdin.take().expect("stdin");
+        for i in 0..COUNT {
+            // 1 KiB per message: a number, then padding.
+            writeln!(stdin, "{i:08}{}", "x".repeat(1016)).expect("write to mosquitto_pub");
+        }
+    }
+    assert!(publisher.wait().expect("mosquitto_pub exit").success());
+    let got = reader.join().expect("reader");
+    let _ = sub.kill();
+    let _ = sub.wait();
+    assert_eq!(got, COUNT, "every message of the burst delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_is_disconnected_and_a_healthy_one_gets_everything() {
+    const COUNT: usize = 4_000;
+    let serve = Serve::start_with(&["--slow-consumer-timeout-ms", "1000"], &[]);
+    // A raw client that subscribes and then never reads its socket.
+    let mut stuck = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    stuck
+        .write_all(&raw_connect(4, "never-reads", 0))
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut stuck, 3000).await, vec![0x20, 2, 0, 0]);
+    let mut subscribe = vec![0x82, 0];
+    let mut body = vec![0, 1];
+    mqtt_str(b"slow/t", &mut body);
+    body.push(1);
+    subscribe[1] = body.len() as u8;
+    subscribe.extend(body);
+    stuck.write_all(&subscribe).await.unwrap();
+    assert_eq!(read_reply(&mut stuck, 3000).await, vec![0x90, 3, 0, 1, 1]);
+
+    let mut healthy = V5::connect(serve.mqtt_port, "healthy-reader").await;
+    healthy.subscribe("slow/t", 1).await;
+    let publisher = V5::connect(serve.mqtt_port, "fast-publisher").await;
+    let payload = vec![b'p'; 1024];
+    let sender = tokio::spawn(async move {
+        for _ in 0..COUNT {
+            publisher.publish("slow/t", &payload, 1, false).await;
+        }
+        publisher
+    });
+    for i in 0..COUNT {
+        let m = tokio::time::timeout(Duration::from_secs(20), healthy.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("healthy subscriber stalled after {i} messages"))
+            .expect("healthy subscriber connected");
+        assert_eq!(m.payload.len(), 1024);
+    }
+    let _publisher = sender.await.unwrap();
+    // The stuck client was disconnected: draining its socket ends in EOF.
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stuck.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the client that never read was disconnected"
+    );
+}

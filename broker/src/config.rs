@@ -31,6 +31,17 @@ pub struct BrokerConfig {
     pub max_retained: usize,
     /// Bytes of retained topics and payloads kept.
     pub max_retained_bytes: usize,
+    /// How long a subscriber may hold publishers back (see `flow`) before
+    /// it is disconnected.
+    pub slow_consumer_timeout: Duration,
+}
+
+impl BrokerConfig {
+    /// Lag at which publishers wait: half a filter's log, so the router
+    /// never drops a segment a subscriber has not read.
+    pub fn high_water(&self) -> u64 {
+        (self.segment_size * self.segment_count / 2) as u64
+    }
 }
 
 impl Default for BrokerConfig {
@@ -45,6 +56,7 @@ impl Default for BrokerConfig {
             segment_count: 4,
             max_retained: 100_000,
             max_retained_bytes: 256 * 1024 * 1024,
+            slow_consumer_timeout: Duration::from_secs(10),
         }
     }
 }

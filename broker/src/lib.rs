@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod flow;
 pub mod names;
 pub mod queues;
 pub mod retained;

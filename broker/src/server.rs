@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use bytes::Bytes;
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
 
+use crate::flow::Flow;
 use crate::retained::{Retained, RetainedStore, Stored};
 use crate::router::RouterHandle;
 use crate::{session, BrokerConfig};
@@ -42,6 +43,7 @@ pub struct Shared {
     filters: Mutex<HashSet<String>>,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
+    pub flow: Flow,
 }
 
 impl Shared {
@@ -151,6 +153,7 @@ impl Broker {
             source,
         })?;
         let router = RouterHandle::spawn(&config);
+        let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let retained = Mutex::new(RetainedStore::new(
             config.max_retained,
             config.max_retained_bytes,
@@ -163,6 +166,7 @@ impl Broker {
             filters: Mutex::new(HashSet::new()),
             groups: Mutex::new(HashMap::new()),
             retained,
+            flow,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));

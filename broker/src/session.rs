@@ -27,11 +27,12 @@ use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::codec::{self, Codec, Frame};
+use crate::flow::Consumer;
 use crate::names;
 use crate::server::Shared;
 
@@ -102,6 +103,17 @@ struct Session {
     /// Next packet id for publishes the front end sends itself (retained
     /// messages); above the router's range of 1..=100.
     next_local_pkid: u16,
+    /// Reading positions of this client's subscriptions, for flow control.
+    consumers: Vec<Subscription>,
+    /// Woken when flow control disconnects this client as too slow.
+    kick: Arc<Notify>,
+}
+
+/// One subscription as flow control sees it.
+struct Subscription {
+    /// Router-form filter, `$share/<group>/` included.
+    path: String,
+    consumer: Arc<Consumer>,
 }
 
 /// Marker on QoS 0 publishes so the front end can deliver them at QoS 0:
@@ -351,6 +363,8 @@ async fn handshake(
         ledger: VecDeque::new(),
         pending_retained: HashMap::new(),
         next_local_pkid: *LOCAL_PKIDS.start(),
+        consumers: Vec::new(),
+        kick: Arc::new(Notify::new()),
     })
 }
 
@@ -398,6 +412,11 @@ impl Session {
             let deadline = last_rx + self.keep_alive.unwrap_or(far);
             tokio::select! {
                 _ = shutdown.changed() => return Ending::Shutdown,
+                _ = self.kick.notified() => {
+                    info!(client_id = self.client_id, "disconnected: too slow to read what it subscribed to");
+                    self.disconnect_client(DisconnectReasonCode::QuotaExceeded).await;
+                    return Ending::Lost;
+                }
                 read = self.read_half.read_buf(&mut self.inbuf) => {
                     match read {
                         Ok(0) => return Ending::Lost,
@@ -519,6 +538,14 @@ impl Session {
                 }
             }
         }
+        // Flow control: wait (without reading this socket) until every
+        // subscriber of these topics has room in the router's log.
+        for packet in &to_router {
+            if let Packet::Publish(publish, _) = packet {
+                let size = (publish.topic.len() + publish.payload.len()) as u64;
+                self.shared.flow.admit(&publish.topic, size).await;
+            }
+        }
         if !to_router.is_empty() && self.forward(to_router).await.is_err() {
             return Some(Ending::Kicked);
         }
@@ -601,6 +628,22 @@ impl Session {
                         self.shared.join_group(group, &self.router_id);
                     }
                     let new = self.filters.insert(path.clone());
+                    if new {
+                        let (share, rest) = names::split_share(&path);
+                        let group = share
+                            .strip_prefix("$share/")
+                            .map(|g| g.trim_end_matches('/'));
+                        let consumer = self.shared.flow.subscribe(
+                            rest,
+                            group,
+                            &self.client_id,
+                            self.kick.clone(),
+                        );
+                        self.consumers.push(Subscription {
+                            path: path.clone(),
+                            consumer,
+                        });
+                    }
                     let send_retained = share.is_empty()
                         && match filter.retain_forward_rule {
                             RetainForwardRule::OnEverySubscribe => true,
@@ -648,6 +691,9 @@ impl Session {
                     }
                     let path = names::escape_filter(filter);
                     let exists = self.filters.remove(&path);
+                    if exists {
+                        self.drop_consumers(|p| p == path);
+                    }
                     known.push(exists);
                     if exists {
                         forwarded.push(path);
@@ -803,12 +849,15 @@ impl Session {
         let mut out = BytesMut::new();
         let mut wake = false;
         let mut release = false;
+        let mut delivered = false;
         let mut ending = None;
         let mut next = Some(first);
         let mut budget = 1024;
         while let Some(notification) = next.take() {
             match notification {
                 Notification::Forward(forward) => {
+                    self.delivered(&forward.publish.topic, &forward.publish.payload);
+                    delivered = true;
                     let mut props = forward.properties;
                     let qos0 = take_qos0_mark(&mut props);
                     let publish = forward.publish;
@@ -868,6 +917,9 @@ impl Session {
         }
         if !self.send_bytes(out).await {
             return Some(ending.unwrap_or(Ending::Lost));
+        }
+        if delivered {
+            self.shared.flow.progressed();
         }
         if release {
             let mut acks = Vec::new();
@@ -963,8 +1015,43 @@ impl Session {
                     .await;
             }
         }
+        self.drop_consumers(|_| true);
         self.shared.leave_groups(&self.router_id);
         self.close().await;
+    }
+
+    /// Counts a forwarded message against every subscription it matches.
+    fn delivered(&self, topic: &Bytes, payload: &Bytes) {
+        let size = (topic.len() + payload.len()) as u64;
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return;
+        };
+        for sub in &self.consumers {
+            let (_, filter) = names::split_share(&sub.path);
+            if rumqttd::protocol::matches(topic, filter) {
+                sub.consumer.delivered(size);
+            }
+        }
+    }
+
+    /// Stops flow control for the subscriptions whose path satisfies `which`.
+    fn drop_consumers(&mut self, which: impl Fn(&str) -> bool) {
+        let shared = self.shared.clone();
+        self.consumers.retain(|sub| {
+            if !which(&sub.path) {
+                return true;
+            }
+            let (share, filter) = names::split_share(&sub.path);
+            let last = match share
+                .strip_prefix("$share/")
+                .map(|g| g.trim_end_matches('/'))
+            {
+                Some(group) => shared.sole_member(group, &self.router_id),
+                None => true,
+            };
+            shared.flow.unsubscribe(filter, &sub.consumer, last);
+            false
+        });
     }
 
     fn sole_member_of_a_group(&self) -> bool {

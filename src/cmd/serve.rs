@@ -42,6 +42,9 @@ pub struct Args {
     /// Retained messages (distinct topics) the broker keeps; more are delivered but not retained.
     #[arg(long, env = "AXION_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: usize,
+    /// Milliseconds a subscriber may hold publishers back (by not reading) before it is disconnected.
+    #[arg(long, env = "AXION_SLOW_CONSUMER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub slow_consumer_timeout_ms: u64,
     #[command(flatten)]
     pub queues: QueueTuning,
     #[command(flatten)]
@@ -67,6 +70,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_packet_size: args.max_packet_size,
         max_filters: args.max_filters,
         max_retained: args.max_retained,
+        slow_consumer_timeout: Duration::from_millis(args.slow_consumer_timeout_ms),
         ..BrokerConfig::default()
     };
     let broker = Broker::start(config).await?;

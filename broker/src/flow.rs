@@ -1,0 +1,292 @@
+//! Flow control: publishers wait for slow subscribers instead of rumqttd
+//! silently skipping what they missed.
+//!
+//! The router acknowledges a publish as soon as it is appended to the
+//! subscription filter's in-memory log and never slows the publisher; a
+//! subscriber that falls more than the log's size behind loses the
+//! overwritten part, even at QoS 1. The front end therefore counts, per
+//! filter, the bytes appended (topic + payload, as the router counts them)
+//! and, per consumer, the bytes delivered. A publish to a filter whose
+//! slowest consumer is more than the high-water mark behind waits (its
+//! publisher's socket is not read meanwhile, so TCP pushes back). A consumer
+//! that stays behind longer than the slow-consumer timeout is the one that
+//! pays: it is disconnected, counted and logged, and the others go on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// One subscription's (or one shared group's) reading position.
+#[derive(Debug)]
+pub struct Consumer {
+    pub client_id: String,
+    delivered: AtomicU64,
+    /// Set when this consumer must be disconnected for being too slow.
+    pub kicked: AtomicBool,
+    /// The owning session's wake-up for a kick.
+    kick: Arc<Notify>,
+    behind_since: Mutex<Option<Instant>>,
+}
+
+impl Consumer {
+    pub fn delivered(&self, bytes: u64) {
+        self.delivered.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+struct FilterFlow {
+    appended: AtomicU64,
+    consumers: Mutex<Vec<Arc<Consumer>>>,
+}
+
+impl FilterFlow {
+    /// Bytes the slowest consumer is behind, and that consumer.
+    fn slowest(&self) -> Option<(u64, Arc<Consumer>)> {
+        let appended = self.appended.load(Ordering::Relaxed);
+        let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers
+            .iter()
+            .map(|c| {
+                (
+                    appended.saturating_sub(c.delivered.load(Ordering::Relaxed)),
+                    c.clone(),
+                )
+            })
+            .max_by_key(|(lag, _)| *lag)
+    }
+}
+
+/// Largest number of topics whose matching filters are cached.
+const TOPIC_CACHE: usize = 100_000;
+
+pub struct Flow {
+    high_water: u64,
+    slow_timeout: Duration,
+    filters: Mutex<HashMap<String, Arc<FilterFlow>>>,
+    cache: Mutex<HashMap<Bytes, Arc<[Arc<FilterFlow>]>>>,
+    groups: Mutex<HashMap<String, Arc<Consumer>>>,
+    waiting: AtomicUsize,
+    progress: Notify,
+    pub slow_consumers_disconnected: AtomicU64,
+}
+
+impl Flow {
+    pub fn new(high_water: u64, slow_timeout: Duration) -> Self {
+        Self {
+            high_water,
+            slow_timeout,
+            filters: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
+            progress: Notify::new(),
+            slow_consumers_disconnected: AtomicU64::new(0),
+        }
+    }
+
+    /// Registers a consumer of router-form `filter` (without `$share/<g>/`),
+    /// starting at the log's tail. Members of a shared group share one.
+    pub fn subscribe(
+        &self,
+        filter: &str,
+        group: Option<&str>,
+        client_id: &str,
+        kick: Arc<Notify>,
+    ) -> Arc<Consumer> {
+        let flow = {
+            let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+            let is_new = !filters.contains_key(filter);
+            let flow = filters.entry(filter.to_string()).or_default().clone();
+            if is_new {
+                // A new filter may match cached topics.
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+            flow
+        };
+        let new_consumer = || {
+            Arc::new(Consumer {
+                client_id: client_id.to_string(),
+                delivered: AtomicU64::new(flow.appended.load(Ordering::Relaxed)),
+                kicked: AtomicBool::new(false),
+                kick: kick.clone(),
+                behind_since: Mutex::new(None),
+            })
+        };
+        let consumer = match group {
+            Some(g) => {
+                let key = format!("{g}/{filter}");
+                let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+                groups.entry(key).or_insert_with(new_consumer).clone()
+            }
+            None => new_consumer(),
+        };
+        let mut consumers = flow.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        if !consumers.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
+            consumers.push(consumer.clone());
+        }
+        consumer
+    }
+
+    /// Forgets a consumer of `filter`. Shared-group consumers stay while
+    /// the group has members (the caller passes `last_member`).
+    pub fn unsubscribe(&self, filter: &str, consumer: &Arc<Consumer>, last_member: bool) {
+        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(flow) = filters.get(filter) {
+            if last_member {
+                let mut consumers = flow.consumers.lock().unwrap_or_else(|p| p.into_inner());
+                consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+            }
+        }
+        drop(filters);
+        if last_member {
+            self.groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, c| !Arc::ptr_eq(c, consumer));
+        }
+        self.progress.notify_waiters();
+    }
+
+    fn matching(&self, topic: &Bytes) -> Arc<[Arc<FilterFlow>]> {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
+            return hit.clone();
+        }
+        let Ok(topic_str) = std::str::from_utf8(topic) else {
+            return Arc::from(Vec::new());
+        };
+        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        let found: Arc<[Arc<FilterFlow>]> = filters
+            .iter()
+            .filter(|(f, _)| rumqttd::protocol::matches(topic_str, f))
+            .map(|(_, flow)| flow.clone())
+            .collect::<Vec<_>>()
+            .into();
+        drop(filters);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TOPIC_CACHE {
+            cache.clear();
+        }
+        cache.insert(topic.clone(), found.clone());
+        found
+    }
+
+    /// Waits until every filter matching `topic` has room, then counts the
+    /// publish as appended. Kicks consumers that stay too slow.
+    pub async fn admit(&self, topic: &Bytes, size: u64) {
+        let flows = self.matching(topic);
+        if flows.is_empty() {
+            return;
+        }
+        loop {
+            let mut blocked = false;
+            for flow in flows.iter() {
+                let Some((lag, slowest)) = flow.slowest() else {
+                    continue;
+                };
+                if lag + size <= self.high_water {
+                    *slowest
+                        .behind_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = None;
+                    continue;
+                }
+                blocked = true;
+                let since = *slowest
+                    .behind_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.slow_timeout
+                    && !slowest.kicked.swap(true, Ordering::Relaxed)
+                {
+                    self.slow_consumers_disconnected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        client_id = slowest.client_id,
+                        lag_bytes = lag,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        total = self.slow_consumers_disconnected.load(Ordering::Relaxed),
+                        "slow consumer disconnected: it held publishers back past the timeout"
+                    );
+                    slowest.kick.notify_one();
+                }
+            }
+            if !blocked {
+                break;
+            }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        for flow in flows.iter() {
+            flow.appended.fetch_add(size, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes waiting publishers after consumers made progress.
+    pub fn progressed(&self) {
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.progress.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publishers_wait_for_the_slowest_consumer_and_kick_a_stuck_one() {
+        let flow = Flow::new(100, Duration::from_millis(100));
+        let kick = Arc::new(Notify::new());
+        let consumer = flow.subscribe("a/+", None, "slow", kick.clone());
+        let topic = Bytes::from("a/b");
+        flow.admit(&topic, 60).await;
+        // 60 + 60 > 100: the second publish waits until the consumer reads.
+        let started = Instant::now();
+        let admitted = flow.admit(&topic, 60);
+        tokio::pin!(admitted);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut admitted)
+                .await
+                .is_err()
+        );
+        consumer.delivered(60);
+        flow.progressed();
+        admitted.await;
+        assert!(started.elapsed() < Duration::from_millis(100));
+        // A consumer that never reads is kicked after the timeout.
+        consumer.delivered(60);
+        flow.admit(&topic, 60).await;
+        assert!(!consumer.kicked.load(Ordering::Relaxed));
+        let stuck = flow.admit(&topic, 60);
+        tokio::pin!(stuck);
+        let kicked = kick.notified();
+        tokio::pin!(kicked);
+        tokio::select! {
+            _ = &mut stuck => panic!("admitted past a stuck consumer"),
+            _ = &mut kicked => {}
+        }
+        assert!(consumer.kicked.load(Ordering::Relaxed));
+        flow.unsubscribe("a/+", &consumer, true);
+        stuck.await;
+        assert_eq!(flow.slow_consumers_disconnected.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn topics_without_consumers_never_wait() {
+        let flow = Flow::new(10, Duration::from_millis(10));
+        let _c = flow.subscribe("x/#", None, "c", Arc::new(Notify::new()));
+        flow.admit(&Bytes::from("y/z"), 1_000).await;
+    }
+}
