@@ -66,8 +66,8 @@ publish = ["axion/p/#", "test/#"]
 subscribe = ["axion/p/#", "test/#"]
 
 [roles.reader]
-subscribe = ["axion/p/#", "axion/+/heartbeat/#"]
-publish = ["axion/p/event/#"]
+subscribe = ["axion/p/#", "axion/+/heartbeat/#", "axion/default/event/sec/#"]
+publish = ["axion/p/event/#", "axion/default/event/sec/#"]
 
 [roles.admin]
 superuser = true
@@ -358,12 +358,13 @@ async fn serve_own_components_keep_working_with_auth_on() {
     let serve = fx.serve();
     let mut reader = v5_as(serve.mqtt_port, "hb-watcher", "reader").await;
     reader.subscribe("axion/+/heartbeat/#", 1).await;
-    let got = recv(&mut reader.rx, 10).await;
-    assert!(
-        got.topic.starts_with("axion/default/heartbeat/broker/"),
-        "{}",
-        got.topic
-    );
+    // The bridge publishes its own heartbeat too; wait for the broker's.
+    let got = loop {
+        let got = recv(&mut reader.rx, 10).await;
+        if got.topic.starts_with("axion/default/heartbeat/broker/") {
+            break got;
+        }
+    };
     let body: serde_json::Value = serde_json::from_slice(&got.payload).expect("heartbeat JSON");
     assert_eq!(body["status"], "online", "{body}");
 }
@@ -528,5 +529,78 @@ c.loop_stop()
         .status()
         .expect("run mosquitto_sub");
     assert!(!status.success(), "an untrusted CA must fail the handshake");
-    let _ = fx.token.len();
+}
+
+/// The bridge with auth on: no token or a bad one is refused (401 on the
+/// upgrade, or `{"error":"unauthorized"}` and close for a first frame that
+/// is not a valid auth frame); a token works as its user, within its ACL.
+#[test]
+fn bridge_requires_a_token_and_applies_the_acl() {
+    let fx = AuthFixture::new();
+    let serve = fx.serve();
+    common::wait_for_port(serve.ws_port, Duration::from_secs(10));
+    let script = format!(
+        r#"
+import asyncio, json, sys, time
+import websockets
+
+URL = "ws://127.0.0.1:{ws}"
+TOKEN = "{token}"
+
+def fail(why):
+    print("FAIL:", why, file=sys.stderr)
+    sys.exit(1)
+
+async def main():
+    # No token: the first frame is refused and the connection closed.
+    ws = await websockets.connect(URL)
+    await ws.send(json.dumps({{"action": "subscribe", "topic": "sec.test"}}))
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    if reply != {{"error": "unauthorized"}}:
+        fail(f"no token: {{reply}}")
+    try:
+        await asyncio.wait_for(ws.recv(), 5)
+        fail("no token: connection stayed open")
+    except websockets.ConnectionClosed:
+        pass
+    # A bad token in the query string: HTTP 401.
+    try:
+        await websockets.connect(URL + "/?token=reader.wrong")
+        fail("bad token accepted")
+    except websockets.InvalidStatus as e:
+        if e.response.status_code != 401:
+            fail(f"bad token: status {{e.response.status_code}}")
+    # Good token in the query string; good token as a first frame.
+    sub = await websockets.connect(URL + "/?token=" + TOKEN)
+    await sub.send(json.dumps({{"action": "subscribe", "topic": "sec.test"}}))
+    pub = await websockets.connect(URL)
+    await pub.send(json.dumps({{"action": "auth", "token": TOKEN}}))
+    # Outside the ACL: refused with an error, connection lives on.
+    await pub.send(json.dumps({{"action": "publish", "message": {{"type": "other.thing"}}}}))
+    reply = json.loads(await asyncio.wait_for(pub.recv(), 5))
+    if "not authorized" not in reply.get("error", ""):
+        fail(f"denied publish: {{reply}}")
+    await sub.send(json.dumps({{"action": "subscribe", "topic": "forbidden.zone"}}))
+    reply = json.loads(await asyncio.wait_for(sub.recv(), 5))
+    if "not authorized" not in reply.get("error", ""):
+        fail(f"denied subscribe: {{reply}}")
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        await pub.send(json.dumps({{"action": "publish", "message": {{"type": "sec.test", "data": 1}}}}))
+        try:
+            got = json.loads(await asyncio.wait_for(sub.recv(), 0.3))
+        except asyncio.TimeoutError:
+            continue
+        if got.get("event", {{}}).get("type") == "sec.test":
+            print("ok")
+            return
+        fail(f"unexpected frame {{got}}")
+    fail("event never arrived")
+
+asyncio.run(main())
+"#,
+        ws = serve.ws_port,
+        token = fx.token
+    );
+    assert_eq!(python(&script).trim(), "ok");
 }

@@ -81,6 +81,9 @@ pub struct BridgeConfig {
     pub limits: Limits,
     /// Publish the bridge's own retained heartbeat (service `bridge`).
     pub heartbeat: bool,
+    /// Users and ACLs (the broker's auth file): when set, every WebSocket
+    /// client must present a bearer token and is held to its user's ACL.
+    pub auth: Option<Arc<axion_broker::auth::Auth>>,
 }
 
 impl BridgeConfig {
@@ -91,6 +94,7 @@ impl BridgeConfig {
             package: package.into(),
             limits: Limits::default(),
             heartbeat: true,
+            auth: None,
         }
     }
 }
@@ -263,6 +267,8 @@ impl Bridge {
         let clients_root = CancellationToken::new();
         let shared = Arc::new(server::Shared {
             limits: config.limits.clone(),
+            auth: config.auth.clone(),
+            package: config.package.clone(),
             hub,
             mqtt: mqtt.clone(),
             tasks: tasks.clone(),

@@ -17,6 +17,8 @@ use crate::mqtt::Mqtt;
 use crate::protocol::{self, FrameError, Request};
 use crate::tasks::Tasks;
 use crate::Limits;
+use axion_broker::auth::{Auth, Principal};
+use axion_heartbeat::topics;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -43,6 +45,10 @@ const WRITE_BATCH: usize = 256;
 
 pub struct Shared {
     pub limits: Limits,
+    /// When set, clients authenticate with a bearer token and their
+    /// requests are checked against their user's ACL.
+    pub auth: Option<Arc<Auth>>,
+    pub package: String,
     pub hub: Arc<Hub>,
     pub mqtt: Arc<Mqtt>,
     pub tasks: Arc<Tasks>,
@@ -85,11 +91,21 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
 
 async fn upgrade(
     State(s): State<Arc<Shared>>,
+    uri: axum::http::Uri,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
+    };
+    // `?token=` is checked before the upgrade (401); without it the first
+    // frame must be `{"action":"auth","token":…}`.
+    let principal = match (&s.auth, query_token(&uri)) {
+        (Some(auth), Some(token)) => match check_token(auth, token).await {
+            Some(p) => Some(p),
+            None => return (StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        },
+        _ => None,
     };
     if s.metrics.clients.load(Ordering::Relaxed) >= s.limits.max_clients as u64 {
         tracing::warn!(
@@ -105,16 +121,42 @@ async fn upgrade(
     let transport_limit = s.limits.max_frame_bytes.saturating_mul(4);
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
-        .on_upgrade(move |socket| connection(socket, s))
+        .on_upgrade(move |socket| connection(socket, s, principal))
 }
 
 struct Conn {
     handle: Arc<ClientHandle>,
+    /// The token's user; `None` until authenticated (or with auth off).
+    principal: Option<Principal>,
     /// MQTT filters this client subscribed through the hub.
     filters: HashSet<String>,
 }
 
-async fn connection(socket: WebSocket, s: Arc<Shared>) {
+fn query_token(uri: &axum::http::Uri) -> Option<&str> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+}
+
+/// Verifies a bearer token off the async threads (argon2); logs refusals.
+async fn check_token(auth: &Arc<Auth>, token: &str) -> Option<Principal> {
+    let (a, t) = (auth.clone(), token.to_string());
+    match tokio::task::spawn_blocking(move || a.token(&t)).await {
+        Ok(Ok(p)) => Some(p),
+        Ok(Err(why)) => {
+            auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+            let user = token.split_once('.').map(|(u, _)| u).unwrap_or("");
+            tracing::warn!(user, reason = why.as_str(), "WebSocket client refused");
+            None
+        }
+        Err(error) => {
+            tracing::error!(%error, "token check failed");
+            None
+        }
+    }
+}
+
+async fn connection(socket: WebSocket, s: Arc<Shared>, principal: Option<Principal>) {
     let key = s.next_key.fetch_add(1, Ordering::Relaxed);
     let id = uuid::Uuid::new_v4().to_string();
     let (tx, rx) = mpsc::channel(s.limits.client_queue_frames);
@@ -142,6 +184,7 @@ async fn connection(socket: WebSocket, s: Arc<Shared>) {
     ));
     let mut conn = Conn {
         handle: handle.clone(),
+        principal,
         filters: HashSet::new(),
     };
     read_loop(stream, &mut conn, &last_heard, &s).await;
@@ -193,6 +236,10 @@ async fn read_loop(
                     tracing::debug!(client = %conn.handle.id, error = %reply["error"], "bad frame");
                     conn.handle
                         .send(Utf8Bytes::from(reply.to_string()), &s.metrics);
+                    if s.auth.is_some() && conn.principal.is_none() {
+                        // Refused: the writer sends the error, then closes.
+                        return;
+                    }
                 }
             }
             Message::Binary(_) => {
@@ -213,6 +260,32 @@ fn error(msg: impl std::fmt::Display) -> Value {
     json!({ "error": msg.to_string() })
 }
 
+/// The first frame of an unauthenticated client: `{"action":"auth","token":…}`.
+async fn authenticate(text: &str, auth: &Arc<Auth>) -> Option<Principal> {
+    let frame: Value = serde_json::from_str(text).ok()?;
+    if frame.get("action")?.as_str()? != "auth" {
+        return None;
+    }
+    check_token(auth, frame.get("token")?.as_str()?).await
+}
+
+/// Asks the ACL about a request's MQTT topic or filter (`publish` or
+/// `subscribe`); logs and counts a denial.
+fn allowed(conn: &Conn, s: &Shared, subscribe: bool, topic: &str) -> Result<(), Value> {
+    let (Some(auth), Some(p)) = (&s.auth, &conn.principal) else {
+        return Ok(());
+    };
+    let checked = if subscribe {
+        auth.may_subscribe(p, &conn.handle.id, topic)
+    } else {
+        auth.may_publish(p, &conn.handle.id, topic)
+    };
+    checked.map_err(|why| {
+        tracing::warn!(client = %conn.handle.id, user = p.user.as_deref().unwrap_or(""), topic, subscribe, reason = why.as_str(), "bridge request denied");
+        error(format!("not authorized: {topic}"))
+    })
+}
+
 /// Handles one text frame; `Err` is the `{"error": …}` reply.
 async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Value> {
     if text.len() > s.limits.max_frame_bytes {
@@ -222,7 +295,39 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
             s.limits.max_frame_bytes
         )));
     }
+    if let (Some(auth), None) = (&s.auth, &conn.principal) {
+        conn.principal = authenticate(text, auth).await;
+        if conn.principal.is_none() {
+            return Err(error("unauthorized"));
+        }
+        return Ok(());
+    }
     let request = protocol::parse_frame(text).map_err(|e: FrameError| e.reply())?;
+    match &request {
+        Request::Subscribe { topic } => allowed(conn, s, true, &s.hub.event_filter(topic))?,
+        Request::Publish { message } => {
+            if let Some(Value::String(t)) = message.get("type") {
+                allowed(
+                    conn,
+                    s,
+                    false,
+                    &protocol::type_to_topic(&s.hub.event_prefix, t),
+                )?;
+            }
+        }
+        Request::Enqueue { queue, .. } => {
+            allowed(conn, s, false, &topics::queue(&s.package, queue, "enqueue"))?
+        }
+        // Pulling makes the client a worker of the queue's shared group;
+        // acks and fails only reach tasks it pulled.
+        Request::Pull { queue } => allowed(
+            conn,
+            s,
+            true,
+            &topics::queue_tasks_shared(&s.package, queue),
+        )?,
+        _ => {}
+    }
     match request {
         Request::Subscribe { topic } => {
             let filter = s.hub.event_filter(&topic);
@@ -378,6 +483,19 @@ async fn write_loop(
     } else {
         None
     };
-    let _ =
-        tokio::time::timeout(Duration::from_millis(200), sink.send(Message::Close(close))).await;
+    // Frames queued before a normal close (e.g. "unauthorized") go first.
+    let last_words = async {
+        if !handle.was_slow() {
+            // Frames of a batch interrupted by the close were already dequeued.
+            for frame in batch.drain(..) {
+                sink.feed(Message::Text(frame)).await?;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                handle.dequeued(frame.len());
+                sink.feed(Message::Text(frame)).await?;
+            }
+        }
+        sink.send(Message::Close(close)).await
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), last_words).await;
 }

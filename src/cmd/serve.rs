@@ -147,6 +147,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut bridge_config = BridgeConfig::new(args.ws_listen, local.clone(), args.package.clone());
     bridge_config.limits = args.bridge.limits();
+    bridge_config.auth = auth.clone();
     let bridge = Bridge::bind(bridge_config).await?;
     let ws = bridge.local_addr();
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
