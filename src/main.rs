@@ -34,6 +34,8 @@ enum Command {
     Bridge(cmd::bridge::Args),
     /// Run a command per task of a queue, with the service runtime's fail-fast guarantees.
     Work(cmd::work::Args),
+    /// Print the argon2 hash of a password (or a new bridge token) for the auth file.
+    Passwd(cmd::passwd::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Queue(args) => cmd::queue::run(args),
         Command::Bridge(args) => cmd::bridge::run(args),
         Command::Work(args) => cmd::work::run(args),
+        Command::Passwd(args) => cmd::passwd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -9,9 +9,10 @@
 //! refuses new filters past `max_filters` instead of growing without bound.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BrokerConfig {
     /// The one public port serving MQTT 3.1.1 and MQTT 5.
     pub listen: SocketAddr,
@@ -34,6 +35,10 @@ pub struct BrokerConfig {
     /// How long a subscriber may hold publishers back (see `flow`) before
     /// it is disconnected.
     pub slow_consumer_timeout: Duration,
+    /// Users, roles and ACLs; `None` lets every client in with every right.
+    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// A second listener speaking MQTT over TLS, with its certificate.
+    pub tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
 }
 
 impl BrokerConfig {
@@ -57,6 +62,21 @@ impl Default for BrokerConfig {
             max_retained: 100_000,
             max_retained_bytes: 256 * 1024 * 1024,
             slow_consumer_timeout: Duration::from_secs(10),
+            auth: None,
+            tls: None,
         }
+    }
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .field("max_packet_size", &self.max_packet_size)
+            .field("max_filters", &self.max_filters)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls.as_ref().map(|(addr, _)| addr))
+            .finish_non_exhaustive()
     }
 }

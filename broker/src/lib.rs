@@ -9,7 +9,12 @@
 //! rumqttd's public `LinkBuilder` links, [`names`] makes every client id and
 //! topic safe for the router, [`retained`] keeps retained messages (the
 //! router drops most of them), and [`router`] owns the router thread.
+//! [`auth`] and [`acl`] decide who may connect, publish and subscribe
+//! (rumqttd has no per-topic authorization); [`tls`] loads the MQTTS
+//! certificate.
 
+pub mod acl;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod flow;
@@ -19,6 +24,7 @@ pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use config::BrokerConfig;
 pub use server::{Broker, BrokerError};

@@ -136,6 +136,8 @@ pub struct Broker {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
+    /// The MQTT-over-TLS listener's address and accept loop, if configured.
+    tls: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 impl Broker {
@@ -152,6 +154,23 @@ impl Broker {
             addr: config.listen,
             source,
         })?;
+        let tls_listener = match &config.tls {
+            Some((addr, acceptor)) => {
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| BrokerError::Bind {
+                            addr: *addr,
+                            source,
+                        })?;
+                let bound = listener.local_addr().map_err(|source| BrokerError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+                Some((listener, bound, acceptor.clone()))
+            }
+            None => None,
+        };
         let router = RouterHandle::spawn(&config);
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let retained = Mutex::new(RetainedStore::new(
@@ -169,14 +188,30 @@ impl Broker {
             flow,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let tls = tls_listener.map(|(listener, addr, acceptor)| {
+            info!(%addr, "MQTT over TLS listening (3.1.1 and 5)");
+            let task = tokio::spawn(accept_loop(
+                listener,
+                shared.clone(),
+                shutdown_rx.clone(),
+                Some(acceptor),
+            ));
+            (addr, task)
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, None));
         info!(%local_addr, "MQTT listening (3.1.1 and 5)");
         Ok(Broker {
             local_addr,
             shared,
             shutdown,
             accept,
+            tls,
         })
+    }
+
+    /// Address of the MQTT-over-TLS listener, if one is configured.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -197,6 +232,14 @@ impl Broker {
     /// waits (bounded) for sessions to close.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        if let Some((_, task)) = self.tls {
+            if tokio::time::timeout(Duration::from_secs(3), task)
+                .await
+                .is_err()
+            {
+                warn!("TLS sessions did not close within 3 s");
+            }
+        }
         if tokio::time::timeout(Duration::from_secs(3), self.accept)
             .await
             .is_err()
@@ -219,6 +262,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut sessions = JoinSet::new();
     loop {
@@ -235,9 +279,10 @@ async fn accept_loop(
                     let guard = SessionGuard(shared.clone());
                     let shared = shared.clone();
                     let shutdown = shutdown.clone();
+                    let tls = tls.clone();
                     sessions.spawn(async move {
                         let _guard = guard;
-                        session::run(stream, peer, shared, shutdown).await;
+                        session::run(stream, peer, shared, shutdown, tls).await;
                     });
                 }
                 Err(err) => {

@@ -19,18 +19,18 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, Publish,
-    PublishProperties, QoS, RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason, Unsubscribe,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use rumqttd::Notification;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
+use crate::auth::{LoginError, Principal};
 use crate::codec::{self, Codec, Frame};
 use crate::flow::Consumer;
 use crate::names;
@@ -54,19 +54,47 @@ enum Ending {
 /// Outgoing bytes waiting for the writer task, in batches.
 const WRITE_QUEUE: usize = 64;
 
-/// Serves one accepted TCP connection to completion.
+type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+
+/// Serves one accepted TCP connection to completion, over TLS if `tls`.
 pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%peer, %err, "set_nodelay failed");
     }
-    let mut session = match handshake(stream, peer, &shared).await {
-        Some(s) => s,
-        None => return,
+    let session = match tls {
+        None => {
+            // Owned halves: no lock between reader and writer on plain TCP.
+            let (r, w) = stream.into_split();
+            handshake(Box::new(r), Box::new(w), peer, &shared).await
+        }
+        Some(acceptor) => {
+            let accepted =
+                tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(stream)).await;
+            match accepted {
+                Ok(Ok(tls)) => {
+                    let (r, w) = tokio::io::split(tls);
+                    handshake(Box::new(r), Box::new(w), peer, &shared).await
+                }
+                Ok(Err(err)) => {
+                    info!(%peer, %err, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(%peer, "no TLS handshake within the connect timeout");
+                    None
+                }
+            }
+        }
+    };
+    let Some(mut session) = session else {
+        return;
     };
     let ending = session.serve(shutdown).await;
     session.finish(ending).await;
@@ -83,7 +111,7 @@ struct Session {
     shared: Arc<Shared>,
     link_tx: LinkTx,
     link_rx: LinkRx,
-    read_half: tokio::net::tcp::OwnedReadHalf,
+    read_half: Reader,
     writer: mpsc::Sender<BytesMut>,
     writer_task: tokio::task::JoinHandle<()>,
     inbuf: BytesMut,
@@ -107,6 +135,10 @@ struct Session {
     consumers: Vec<Subscription>,
     /// Woken when flow control disconnects this client as too slow.
     kick: Arc<Notify>,
+    /// Who logged in; `None` when the broker runs without an auth file.
+    principal: Option<Principal>,
+    /// QoS 2 publishes refused by the ACL whose PUBREL the front end answers.
+    denied_qos2: HashSet<u16>,
 }
 
 /// One subscription as flow control sees it.
@@ -135,7 +167,7 @@ struct Slot {
     acked: bool,
 }
 
-async fn write_once(stream: &mut TcpStream, codec: &Codec, packet: Packet) {
+async fn write_once(stream: &mut Writer, codec: &Codec, packet: Packet) {
     let mut out = BytesMut::new();
     if codec.write(packet, &mut out).is_ok() {
         let _ = stream.write_all(&out).await;
@@ -170,7 +202,8 @@ fn refusal(codec: &Codec, v4: ConnectReturnCode, v5: ConnectReturnCode, reason: 
 
 /// Reads and vets the CONNECT, registers with the router and answers CONNACK.
 async fn handshake(
-    mut stream: TcpStream,
+    mut reader: Reader,
+    mut stream: Writer,
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Option<Session> {
@@ -200,7 +233,7 @@ async fn handshake(
             }
             Frame::Incomplete => {}
         }
-        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(_)) => {}
             Err(_) => {
@@ -230,9 +263,9 @@ async fn handshake(
         debug!(%peer, "CONNECT with reserved flags set");
         return None;
     }
-    let (connect, props, will, will_props) = match codec.read(&mut buf, max) {
-        Ok(Packet::Connect(connect, props, will, will_props, _login)) => {
-            (connect, props, will, will_props)
+    let (connect, props, will, will_props, login) = match codec.read(&mut buf, max) {
+        Ok(Packet::Connect(connect, props, will, will_props, login)) => {
+            (connect, props, will, will_props, login)
         }
         Ok(_) => return None,
         Err(err) => {
@@ -283,6 +316,63 @@ async fn handshake(
     } else {
         client_id
     };
+    let principal = match &shared.config.auth {
+        None => None,
+        Some(auth) => {
+            let auth = auth.clone();
+            let (user, pass) = match login {
+                Some(l) => (Some(l.username), Some(l.password)),
+                None => (None, None),
+            };
+            let user_for_log = user.clone();
+            // argon2 takes milliseconds of CPU: keep it off the async threads.
+            let checked = tokio::task::spawn_blocking(move || {
+                auth.login(user.as_deref(), pass.as_deref().map(str::as_bytes))
+            })
+            .await;
+            match checked {
+                Ok(Ok(principal)) => Some(principal),
+                Ok(Err(why)) => {
+                    if let Some(auth) = &shared.config.auth {
+                        auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    warn!(%peer, client_id, user = user_for_log.as_deref().unwrap_or(""), reason = why.as_str(), "connect refused");
+                    let (v4, v5) = match why {
+                        LoginError::BadCredentials => (
+                            ConnectReturnCode::BadUserNamePassword,
+                            ConnectReturnCode::BadUserNamePassword,
+                        ),
+                        LoginError::NotAuthorized => (
+                            ConnectReturnCode::NotAuthorized,
+                            ConnectReturnCode::NotAuthorized,
+                        ),
+                    };
+                    write_once(&mut stream, &codec, refusal(&codec, v4, v5, why.as_str())).await;
+                    return None;
+                }
+                Err(err) => {
+                    warn!(%peer, %err, "login check failed");
+                    return None;
+                }
+            }
+        }
+    };
+    if let (Some(auth), Some(principal), Some(w)) = (&shared.config.auth, &principal, &will) {
+        // A will is a publish made later on the client's behalf: same rules.
+        let topic = String::from_utf8_lossy(&w.topic);
+        if let Err(why) = auth.may_publish(principal, &client_id, &topic) {
+            auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, client_id, user = principal.user.as_deref().unwrap_or(""), %topic, reason = why.as_str(), "connect refused: will topic denied");
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::NotAuthorized,
+                ConnectReturnCode::NotAuthorized,
+                "will topic not allowed",
+            );
+            write_once(&mut stream, &codec, p).await;
+            return None;
+        }
+    }
     let will = match will {
         Some(mut w) => {
             if names::check_topic(&w.topic).is_err() || w.topic.is_empty() {
@@ -338,9 +428,9 @@ async fn handshake(
     }
     debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, keep_alive, "client connected");
 
-    let (read_half, write_half) = stream.into_split();
+    let read_half = reader;
     let (writer, rx) = mpsc::channel(WRITE_QUEUE);
-    let writer_task = tokio::spawn(write_loop(write_half, rx, peer));
+    let writer_task = tokio::spawn(write_loop(stream, rx, peer));
     Some(Session {
         peer,
         client_id,
@@ -365,10 +455,12 @@ async fn handshake(
         next_local_pkid: *LOCAL_PKIDS.start(),
         consumers: Vec::new(),
         kick: Arc::new(Notify::new()),
+        principal,
+        denied_qos2: HashSet::new(),
     })
 }
 
-async fn write_loop(mut half: OwnedWriteHalf, mut rx: mpsc::Receiver<BytesMut>, peer: SocketAddr) {
+async fn write_loop(mut half: Writer, mut rx: mpsc::Receiver<BytesMut>, peer: SocketAddr) {
     while let Some(mut buf) = rx.recv().await {
         // Coalesce whatever else is already queued into one write.
         while let Ok(more) = rx.try_recv() {
@@ -594,8 +686,12 @@ impl Session {
                 if let Err(e) = names::check_topic(&publish.topic) {
                     return Err((e.to_string(), DisconnectReasonCode::TopicNameInvalid));
                 }
-                publish.topic = names::escape_topic(publish.topic);
                 let qos = (byte1 >> 1) & 0x03;
+                if !self.may_publish(&publish.topic) {
+                    self.refuse_publish(&publish, qos, reply);
+                    return Ok(None);
+                }
+                publish.topic = names::escape_topic(publish.topic);
                 to_router.push(self.shared.prepare_publish(publish, qos, props));
             }
             Packet::Subscribe(mut subscribe, props) => {
@@ -604,6 +700,10 @@ impl Session {
                 for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
                     if let Err(e) = names::check_filter(&filter.path) {
                         return Err((e.to_string(), DisconnectReasonCode::TopicFilterInvalid));
+                    }
+                    if !self.may_subscribe(&filter.path) {
+                        local.push((i, self.sub_failure(SubscribeReasonCode::NotAuthorized)));
+                        continue;
                     }
                     let (share, rest) = names::split_share(&filter.path);
                     if rest.starts_with('$') || (share.is_empty() && filter.path.starts_with('$')) {
@@ -740,7 +840,22 @@ impl Session {
                 }));
             }
             // rumqttd only matches a PUBREL without properties.
-            Packet::PubRel(pubrel, _) => to_router.push(Packet::PubRel(pubrel, None)),
+            Packet::PubRel(pubrel, _) => {
+                if self.denied_qos2.remove(&pubrel.pkid) {
+                    self.encode(
+                        Packet::PubComp(
+                            PubComp {
+                                pkid: pubrel.pkid,
+                                reason: PubCompReason::Success,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                } else {
+                    to_router.push(Packet::PubRel(pubrel, None));
+                }
+            }
             Packet::PubAck(ack, props) => {
                 if !self.acked(ack.pkid, to_router) {
                     to_router.push(Packet::PubAck(ack, props));
@@ -827,6 +942,87 @@ impl Session {
                 );
                 self.encode(Packet::Publish(publish, retained.properties), out);
             }
+        }
+    }
+
+    /// Asks the ACL (if any) about a publish; logs and counts a denial.
+    fn may_publish(&self, topic: &Bytes) -> bool {
+        let (Some(auth), Some(principal)) = (&self.shared.config.auth, &self.principal) else {
+            return true;
+        };
+        let topic = String::from_utf8_lossy(topic);
+        match auth.may_publish(principal, &self.client_id, &topic) {
+            Ok(()) => true,
+            Err(why) => {
+                warn!(client_id = self.client_id, user = principal.user.as_deref().unwrap_or(""), %topic, reason = why.as_str(), "publish denied");
+                false
+            }
+        }
+    }
+
+    /// Asks the ACL (if any) about a subscription; logs and counts a denial.
+    fn may_subscribe(&self, filter: &str) -> bool {
+        let (Some(auth), Some(principal)) = (&self.shared.config.auth, &self.principal) else {
+            return true;
+        };
+        match auth.may_subscribe(principal, &self.client_id, filter) {
+            Ok(()) => true,
+            Err(why) => {
+                warn!(
+                    client_id = self.client_id,
+                    user = principal.user.as_deref().unwrap_or(""),
+                    filter,
+                    reason = why.as_str(),
+                    "subscription denied"
+                );
+                false
+            }
+        }
+    }
+
+    /// Answers a denied publish without passing it on: QoS 0 is dropped,
+    /// QoS 1 gets PUBACK (0x87 in MQTT 5), QoS 2 PUBREC (0x87 in MQTT 5;
+    /// in 3.1.1 the flow completes and the front end answers the PUBREL).
+    fn refuse_publish(&mut self, publish: &Publish, qos: u8, reply: &mut BytesMut) {
+        // `Publish::pkid` is crate-private; its serialization is public.
+        let raw = publish.serialize();
+        let pkid = u16::from_be_bytes([raw[1], raw[2]]);
+        let v5 = self.codec.is_v5();
+        match qos {
+            1 => self.encode(
+                Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: if v5 {
+                            PubAckReason::NotAuthorized
+                        } else {
+                            PubAckReason::Success
+                        },
+                    },
+                    None,
+                ),
+                reply,
+            ),
+            2 => {
+                if !v5 {
+                    self.denied_qos2.insert(pkid);
+                }
+                self.encode(
+                    Packet::PubRec(
+                        PubRec {
+                            pkid,
+                            reason: if v5 {
+                                PubRecReason::NotAuthorized
+                            } else {
+                                PubRecReason::Success
+                            },
+                        },
+                        None,
+                    ),
+                    reply,
+                );
+            }
+            _ => {}
         }
     }
 

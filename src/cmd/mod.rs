@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod heartbeat;
 pub mod monitor;
+pub mod passwd;
 pub mod queue;
 pub mod queues;
 pub mod serve;

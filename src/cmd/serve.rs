@@ -45,6 +45,21 @@ pub struct Args {
     /// Milliseconds a subscriber may hold publishers back (by not reading) before it is disconnected.
     #[arg(long, env = "AXION_SLOW_CONSUMER_TIMEOUT_MS", default_value_t = 10_000)]
     pub slow_consumer_timeout_ms: u64,
+    /// TOML file of users (argon2 hashes), roles and ACLs; without it every client has every right and listeners must be loopback.
+    #[arg(long, env = "AXION_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without an auth file (anyone who reaches the port may do anything).
+    #[arg(long, env = "AXION_ALLOW_ANONYMOUS_REMOTE")]
+    pub allow_anonymous_remote: bool,
+    /// Address of the MQTT-over-TLS listener (needs --tls-cert and --tls-key).
+    #[arg(long, env = "AXION_MQTTS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    pub mqtts_listen: Option<SocketAddr>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "AXION_TLS_CERT", requires = "mqtts_listen")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "AXION_TLS_KEY", requires = "mqtts_listen")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub queues: QueueTuning,
     #[command(flatten)]
@@ -64,6 +79,44 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     // Installed first: a SIGTERM during start-up must stop us cleanly too.
     let signals = Signals::install()?;
+    // The embedded components log in as an internal superuser with a
+    // password that lives only in this process.
+    let internal_secret = axion_broker::auth::random_secret();
+    let auth = match &args.auth_file {
+        Some(path) => {
+            let auth =
+                axion_broker::auth::Auth::load(path)?.with_internal_secret(internal_secret.clone());
+            info!(auth_file = %path.display(), "authentication and ACLs on");
+            Some(std::sync::Arc::new(auth))
+        }
+        None => {
+            let remote = [
+                Some(args.mqtt_listen),
+                Some(args.ws_listen),
+                args.mqtts_listen,
+            ]
+            .into_iter()
+            .flatten()
+            .find(|a| !a.ip().is_loopback());
+            if let Some(addr) = remote {
+                if !args.allow_anonymous_remote {
+                    anyhow::bail!(
+                        "refusing to listen on {addr} without --auth-file: anyone reaching it could publish, delete heartbeats and ack tasks (pass --allow-anonymous-remote to do it anyway)"
+                    );
+                }
+                warn!(%addr, "authentication is OFF on a non-loopback listener (--allow-anonymous-remote)");
+            } else {
+                warn!("authentication is off (no --auth-file); listening on loopback only");
+            }
+            None
+        }
+    };
+    let tls = match (&args.mqtts_listen, &args.tls_cert, &args.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => {
+            Some((*addr, axion_broker::tls::acceptor(cert, key)?))
+        }
+        _ => None,
+    };
     let config = BrokerConfig {
         listen: args.mqtt_listen,
         max_connections: args.max_connections,
@@ -71,13 +124,19 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_filters: args.max_filters,
         max_retained: args.max_retained,
         slow_consumer_timeout: Duration::from_millis(args.slow_consumer_timeout_ms),
+        auth: auth.clone(),
+        tls,
         ..BrokerConfig::default()
     };
     let broker = Broker::start(config).await?;
     let mqtt_port = broker.local_addr().port();
     // The embedded components reach the broker over loopback, whatever
     // address the public listener is bound to.
-    let local = MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?;
+    let mut local = MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?;
+    if auth.is_some() {
+        local.user = Some(axion_broker::auth::INTERNAL_USER.to_string());
+        local.password = Some(internal_secret);
+    }
 
     let queue_config =
         args.queues
@@ -101,7 +160,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let heartbeat = HeartbeatPublisher::start(heartbeat_config)?;
     heartbeat.set_connected(true);
     let janitor = spawn_janitor(&local, ghost_after);
-    info!(mqtt = %broker.local_addr(), %ws, package = args.package, data_dir = %args.data_dir.display(), "axion serve is up");
+    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), %ws, auth = auth.is_some(), package = args.package, data_dir = %args.data_dir.display(), "axion serve is up");
 
     let mut bridge_done = false;
     let code = tokio::select! {

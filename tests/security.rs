@@ -1,0 +1,532 @@
+//! Authentication, ACLs and TLS of `axion serve`, end to end: real
+//! processes, real clients (rumqttc, mosquitto_sub, paho), a real auth file
+//! whose hashes come from `axion passwd`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::mqtt::{recv, recv_none, V4, V5};
+use common::{axion_bin, free_port, Serve};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+
+const PASSWORD: &str = "correct horse";
+
+/// `axion passwd` output for `password`: `password = "<hash>"`.
+fn hash_line(password: &str) -> String {
+    let out = Command::new(axion_bin())
+        .args(["passwd", "--password", password])
+        .output()
+        .expect("run axion passwd");
+    assert!(out.status.success(), "axion passwd failed: {out:?}");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+/// A fresh bridge token for `user`: (token, `tokens = [...]` line).
+fn token_lines(user: &str) -> (String, String) {
+    let out = Command::new(axion_bin())
+        .args(["passwd", "--token-for", user])
+        .output()
+        .expect("run axion passwd --token-for");
+    assert!(out.status.success(), "axion passwd failed: {out:?}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut lines = text.lines();
+    let token = lines
+        .next()
+        .and_then(|l| l.strip_prefix("token = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("token line")
+        .to_string();
+    (token, lines.next().expect("tokens line").to_string())
+}
+
+/// An auth file with: `svc` (publishes anything under axion/p, subscribes
+/// axion/p), `reader` (subscribes axion/p and heartbeats), `admin`
+/// (superuser); `test/nosubscribe` refused to everyone.
+struct AuthFixture {
+    dir: tempfile::TempDir,
+    token: String,
+}
+
+impl AuthFixture {
+    fn new() -> Self {
+        let pw = hash_line(PASSWORD);
+        let (token, tokens) = token_lines("reader");
+        let text = format!(
+            r#"
+deny_subscribe = ["test/nosubscribe"]
+
+[roles.service]
+publish = ["axion/p/#", "test/#"]
+subscribe = ["axion/p/#", "test/#"]
+
+[roles.reader]
+subscribe = ["axion/p/#", "axion/+/heartbeat/#"]
+publish = ["axion/p/event/#"]
+
+[roles.admin]
+superuser = true
+
+[users.svc]
+{pw}
+roles = ["service"]
+
+[users.reader]
+{pw}
+{tokens}
+roles = ["reader"]
+
+[users.admin]
+{pw}
+roles = ["admin"]
+"#
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("auth.toml"), text).expect("write auth file");
+        AuthFixture { dir, token }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("auth.toml")
+    }
+
+    fn serve(&self) -> Serve {
+        let path = self.path();
+        Serve::start_with(&["--auth-file", path.to_str().expect("utf-8 path")], &[])
+    }
+}
+
+fn v5_opts(port: u16, id: &str, user: &str) -> rumqttc::v5::MqttOptions {
+    let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(Some(4 * 1024 * 1024));
+    opts.set_credentials(user, PASSWORD);
+    opts
+}
+
+async fn v5_as(port: u16, id: &str, user: &str) -> V5 {
+    V5::connect_with(v5_opts(port, id, user))
+        .await
+        .unwrap_or_else(|e| panic!("{user} could not connect: {e:?}"))
+}
+
+/// The next SUBACK's codes (other packets skipped).
+async fn next_suback(c: &mut V5) -> Vec<SubscribeReasonCode> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, c.packets.recv()).await {
+            Ok(Some(Packet::SubAck(s))) => return s.return_codes,
+            Ok(Some(_)) => {}
+            _ => panic!("no SUBACK within 5 s"),
+        }
+    }
+}
+
+/// The next PUBACK's reason (other packets skipped).
+async fn next_puback(c: &mut V5) -> PubAckReason {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, c.packets.recv()).await {
+            Ok(Some(Packet::PubAck(p))) => return p.reason,
+            Ok(Some(_)) => {}
+            _ => panic!("no PUBACK within 5 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn wrong_or_missing_credentials_get_the_right_connack() {
+    let fx = AuthFixture::new();
+    let serve = fx.serve();
+    let port = serve.mqtt_port;
+
+    let mut opts = rumqttc::MqttOptions::new("v4-bad", "127.0.0.1", port);
+    opts.set_credentials("svc", "wrong");
+    match V4::connect_with(opts).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("3.1.1 wrong password: {:?}", other.err()),
+    }
+    let opts = rumqttc::MqttOptions::new("v4-anon", "127.0.0.1", port);
+    match V4::connect_with(opts).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::NotAuthorized)
+        }
+        other => panic!("3.1.1 no credentials: {:?}", other.err()),
+    }
+
+    let mut opts = v5_opts(port, "v5-bad", "svc");
+    opts.set_credentials("svc", "wrong");
+    match V5::connect_with(opts).await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(
+                code,
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword
+            )
+        }
+        other => panic!("5 wrong password: {:?}", other.err().map(|e| e.to_string())),
+    }
+    let opts = rumqttc::v5::MqttOptions::new("v5-anon", "127.0.0.1", port);
+    match V5::connect_with(opts).await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(
+                code,
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::NotAuthorized
+            )
+        }
+        other => panic!("5 no credentials: {:?}", other.err().map(|e| e.to_string())),
+    }
+
+    // The right password gets in.
+    let ok = v5_as(port, "v5-good", "svc").await;
+    ok.publish("axion/p/event/x", b"{}", 1, false).await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_can_only_be_written_by_its_own_instance() {
+    let fx = AuthFixture::new();
+    let serve = fx.serve();
+    let port = serve.mqtt_port;
+    let topic = "axion/p/heartbeat/report/h1:8080";
+
+    let owner = v5_as(port, "axion-hb-report-h1-8080", "svc").await;
+    owner.publish(topic, b"{\"status\":\"ok\"}", 1, true).await;
+
+    let mut intruder = v5_as(port, "intruder", "svc").await;
+    intruder
+        .publish(topic, b"{\"status\":\"forged\"}", 1, true)
+        .await;
+    assert_eq!(
+        next_puback(&mut intruder).await,
+        PubAckReason::NotAuthorized
+    );
+    intruder.publish(topic, b"", 1, true).await;
+    assert_eq!(
+        next_puback(&mut intruder).await,
+        PubAckReason::NotAuthorized
+    );
+    // Its own events still go through.
+    intruder.publish("axion/p/event/x", b"{}", 1, false).await;
+    assert_eq!(next_puback(&mut intruder).await, PubAckReason::Success);
+
+    // A 3.1.1 intruder, and a will aimed at the heartbeat, fare no better.
+    let mut opts = rumqttc::MqttOptions::new("intruder-v4", "127.0.0.1", port);
+    opts.set_credentials("svc", PASSWORD);
+    let v4 = V4::connect_with(opts).await.expect("v4 connect");
+    v4.publish(topic, b"", 0, true).await;
+    v4.publish(topic, b"{\"status\":\"forged\"}", 1, true).await;
+    let mut opts = v5_opts(port, "will-forger", "svc");
+    opts.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+        topic,
+        "",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    assert!(
+        V5::connect_with(opts).await.is_err(),
+        "a will on another instance's heartbeat must be refused"
+    );
+
+    // A late subscriber still sees the owner's record.
+    let mut late = v5_as(port, "late", "reader").await;
+    late.subscribe(topic, 1).await;
+    let got = recv(&mut late.rx, 5).await;
+    assert_eq!(got.payload, b"{\"status\":\"ok\"}");
+    assert!(got.retain);
+    recv_none(&mut late.rx, 300).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_gets_nothing_from_a_package_it_has_no_rights_to() {
+    let fx = AuthFixture::new();
+    let serve = fx.serve();
+    let port = serve.mqtt_port;
+
+    let mut reader = v5_as(port, "reader-1", "reader").await;
+    reader
+        .client
+        .subscribe("axion/other-pkg/#", common::mqtt::qos_v5(1))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        next_suback(&mut reader).await,
+        vec![SubscribeReasonCode::NotAuthorized]
+    );
+    reader
+        .client
+        .subscribe("#", common::mqtt::qos_v5(1))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        next_suback(&mut reader).await,
+        vec![SubscribeReasonCode::NotAuthorized]
+    );
+    reader
+        .client
+        .subscribe("axion/p/#", common::mqtt::qos_v5(1))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        next_suback(&mut reader).await,
+        vec![SubscribeReasonCode::Success(
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+        )]
+    );
+    // `$share` needs a rule that names it.
+    reader
+        .client
+        .subscribe("$share/g/axion/p/queue/q/tasks", common::mqtt::qos_v5(1))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        next_suback(&mut reader).await,
+        vec![SubscribeReasonCode::NotAuthorized]
+    );
+
+    let admin = v5_as(port, "admin-1", "admin").await;
+    admin
+        .publish("axion/other-pkg/event/secret", b"s", 1, false)
+        .await;
+    admin.publish("axion/p/event/open", b"o", 1, false).await;
+    let got = recv(&mut reader.rx, 5).await;
+    assert_eq!(got.topic, "axion/p/event/open");
+    recv_none(&mut reader.rx, 300).await;
+}
+
+/// paho's `test_subscribe_failure`: a configured topic refuses subscription
+/// (SUBACK 0x80 in 3.1.1) while the rest of the SUBSCRIBE succeeds.
+#[tokio::test]
+async fn configured_forbidden_topic_fails_subscription_for_paho() {
+    let fx = AuthFixture::new();
+    let serve = fx.serve();
+    let script = format!(
+        r#"
+import sys, threading
+import paho.mqtt.client as mqtt
+done = threading.Event()
+granted = []
+def on_connect(c, u, f, rc, props=None):
+    c.subscribe([("test/nosubscribe", 0), ("test/allowed", 1)])
+def on_subscribe(c, u, mid, codes, props=None):
+    granted.extend(int(getattr(x, "value", x)) for x in codes)
+    done.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "paho-subfail", protocol=mqtt.MQTTv311)
+c.username_pw_set("svc", "{PASSWORD}")
+c.on_connect = on_connect
+c.on_subscribe = on_subscribe
+c.connect("127.0.0.1", {port})
+c.loop_start()
+ok = done.wait(10)
+c.loop_stop()
+print(granted)
+sys.exit(0 if ok else 1)
+"#,
+        port = serve.mqtt_port
+    );
+    let out = python(&script);
+    assert_eq!(out.trim(), "[128, 1]");
+}
+
+fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[tokio::test]
+async fn serve_own_components_keep_working_with_auth_on() {
+    let fx = AuthFixture::new();
+    let serve = fx.serve();
+    let mut reader = v5_as(serve.mqtt_port, "hb-watcher", "reader").await;
+    reader.subscribe("axion/+/heartbeat/#", 1).await;
+    let got = recv(&mut reader.rx, 10).await;
+    assert!(
+        got.topic.starts_with("axion/default/heartbeat/broker/"),
+        "{}",
+        got.topic
+    );
+    let body: serde_json::Value = serde_json::from_slice(&got.payload).expect("heartbeat JSON");
+    assert_eq!(body["status"], "online", "{body}");
+}
+
+#[test]
+fn serve_refuses_a_public_listener_without_an_auth_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(axion_bin())
+        .arg("serve")
+        .args(["--mqtt-listen", &format!("0.0.0.0:{}", free_port())])
+        .args(["--ws-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run axion serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without --auth-file"), "{err}");
+}
+
+/// A self-signed CA and a server certificate for 127.0.0.1/localhost,
+/// made with the openssl CLI in `dir`: (ca, cert, key).
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=axion test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.pem",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[tokio::test]
+async fn tls_works_with_mosquitto_sub_and_paho() {
+    let fx = AuthFixture::new();
+    let (ca, cert, key) = make_certs(fx.dir.path());
+    let tls_port = free_port();
+    let auth = fx.path();
+    let serve = Serve::start_with(
+        &[
+            "--auth-file",
+            auth.to_str().expect("utf-8"),
+            "--mqtts-listen",
+            &format!("127.0.0.1:{tls_port}"),
+            "--tls-cert",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            key.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    common::wait_for_port(tls_port, Duration::from_secs(10));
+
+    // mosquitto_sub over TLS waits for one message, published by paho over TLS.
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &tls_port.to_string()])
+        .args(["--cafile", ca.to_str().expect("utf-8")])
+        .args(["-u", "svc", "-P", PASSWORD, "-i", "tls-sub"])
+        .args(["-t", "axion/p/event/tls", "-C", "1", "-W", "10", "-q", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mosquitto_sub");
+    // Publish until the subscriber has it (it may still be connecting).
+    let script = format!(
+        r#"
+import ssl, time
+import paho.mqtt.client as mqtt
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "tls-pub", protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs="{ca}")
+c.username_pw_set("svc", "{PASSWORD}")
+c.connect("127.0.0.1", {tls_port})
+c.loop_start()
+info = c.publish("axion/p/event/tls", b"over tls", qos=1)
+info.wait_for_publish(10)
+print("published" if info.is_published() else "not published")
+c.loop_stop()
+"#,
+        ca = ca.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = python(&script);
+        assert_eq!(out.trim(), "published");
+        if sub.try_wait().expect("try_wait").is_some() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = sub.wait_with_output().expect("mosquitto_sub output");
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "over tls");
+
+    // The plain port is still there, and a client that does not trust the CA is refused.
+    let _plain = v5_as(serve.mqtt_port, "plain", "svc").await;
+    let status = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &tls_port.to_string()])
+        .args(["--cafile", cert.to_str().expect("utf-8")])
+        .args(["-u", "svc", "-P", PASSWORD, "-t", "x", "-C", "1", "-W", "3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run mosquitto_sub");
+    assert!(!status.success(), "an untrusted CA must fail the handshake");
+    let _ = fx.token.len();
+}
