@@ -211,7 +211,8 @@ async fn run_case(
     let mut clients = Vec::new();
     let mut loops = Vec::new();
     for _ in 0..publishers.max(1) {
-        let mut pub_opts = MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
+        let mut pub_opts =
+            MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
         pub_opts.set_keep_alive(Duration::from_secs(30));
         pub_opts.set_inflight(100);
         let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
@@ -404,8 +405,22 @@ fn main() -> anyhow::Result<()> {
         ("QoS1 4→1 64 B", QoS::AtLeastOnce, n, None, 4, small),
         ("QoS0 1→1 1 KiB", QoS::AtMostOnce, n / 2, None, 1, 1024),
         ("QoS1 1→1 1 KiB", QoS::AtLeastOnce, n / 2, None, 1, 1024),
-        ("QoS0 at 10k msg/s", QoS::AtMostOnce, fixed, Some(10_000), 1, small),
-        ("QoS1 at 10k msg/s", QoS::AtLeastOnce, fixed, Some(10_000), 1, small),
+        (
+            "QoS0 at 10k msg/s",
+            QoS::AtMostOnce,
+            fixed,
+            Some(10_000),
+            1,
+            small,
+        ),
+        (
+            "QoS1 at 10k msg/s",
+            QoS::AtLeastOnce,
+            fixed,
+            Some(10_000),
+            1,
+            small,
+        ),
     ];
     println!("| case | broker | delivered | msg/s | p50 ms | p99 ms | broker CPU s | msg per broker CPU-s |");
     println!("|---|---|---|---|---|---|---|---|");
