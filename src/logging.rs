@@ -1,13 +1,15 @@
 //! Log setup shared by every subcommand.
 //!
-//! rumqttd logs every clean disconnect at ERROR (`router-drop
-//! error=Recv(Disconnected)`), which would drown real errors, so its
-//! modules are held at WARN unless `RUST_LOG` says otherwise.
+//! rumqttd logs routine events at ERROR (a clean disconnect, a late event
+//! for a connection that just closed: `no-connection id N is already
+//! gone`), which would drown real errors. Its listener and routing modules
+//! are silenced and the rest held at WARN unless `RUST_LOG` says otherwise;
+//! a dead router is detected and reported by `axion serve` itself.
 
 use tracing_subscriber::EnvFilter;
 
 const DEFAULT_FILTER: &str =
-    "info,rumqttd=warn,rumqttd::server::broker=off,rumqttd::router::routing=warn";
+    "info,rumqttd=warn,rumqttd::server::broker=off,rumqttd::router::routing=off";
 
 pub fn init() {
     let filter =

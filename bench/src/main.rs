@@ -74,7 +74,7 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_queued_messages 0\nmax_inflight_messages 100\n"
+                     max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
                 ),
             )?;
             Command::new("mosquitto")
@@ -156,6 +156,7 @@ async fn run_case(
     count: u64,
     rate: Option<u64>,
     payload: usize,
+    publishers: usize,
     pid: u32,
 ) -> anyhow::Result<Outcome> {
     let topic = format!("bench/{}", free_port()?);
@@ -207,34 +208,52 @@ async fn run_case(
         .await
         .context("no SUBACK")??;
 
-    let mut pub_opts = MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
-    pub_opts.set_keep_alive(Duration::from_secs(30));
-    pub_opts.set_inflight(100);
-    let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
-    pub_loop.network_options = nodelay();
-    let pub_task = tokio::spawn(async move {
-        loop {
-            if pub_loop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut clients = Vec::new();
+    let mut loops = Vec::new();
+    for _ in 0..publishers.max(1) {
+        let mut pub_opts =
+            MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
+        pub_opts.set_keep_alive(Duration::from_secs(30));
+        pub_opts.set_inflight(100);
+        let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
+        pub_loop.network_options = nodelay();
+        loops.push(tokio::spawn(async move {
+            loop {
+                if pub_loop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
-        }
-    });
+        }));
+        clients.push(publisher);
+    }
 
     let cpu0 = cpu_secs(pid);
     let start = Instant::now();
-    let mut body = vec![0u8; payload.max(8)];
-    let mut ticker = rate.map(|r| {
-        let mut i = tokio::time::interval(Duration::from_micros(1_000_000 / r.max(1)));
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        i
-    });
-    for _ in 0..count {
-        if let Some(t) = ticker.as_mut() {
-            t.tick().await;
-        }
-        let now = base.elapsed().as_nanos() as u64;
-        body[..8].copy_from_slice(&now.to_be_bytes());
-        publisher.publish(&topic, qos, false, body.clone()).await?;
+    let per_publisher = count / clients.len() as u64;
+    let per_rate = rate.map(|r| r / clients.len() as u64);
+    let mut senders = Vec::new();
+    for publisher in clients {
+        let topic = topic.clone();
+        senders.push(tokio::spawn(async move {
+            let mut body = vec![0u8; payload.max(8)];
+            let mut ticker = per_rate.map(|r| {
+                let mut i = tokio::time::interval(Duration::from_micros(1_000_000 / r.max(1)));
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                i
+            });
+            for _ in 0..per_publisher {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let now = base.elapsed().as_nanos() as u64;
+                body[..8].copy_from_slice(&now.to_be_bytes());
+                publisher.publish(&topic, qos, false, body.clone()).await?;
+            }
+            Ok::<_, rumqttc::ClientError>(())
+        }));
+    }
+    for sender in senders {
+        sender.await??;
     }
     // QoS 0 may lose messages: wait for all, or until nothing has arrived for a second.
     let mut done_rx = done_rx;
@@ -255,7 +274,9 @@ async fn run_case(
     let broker_cpu = cpu_secs(pid) - cpu0;
     let got = received.load(Ordering::Relaxed);
     sub_task.abort();
-    pub_task.abort();
+    for l in loops {
+        l.abort();
+    }
     let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_unstable();
     let pct = |p: f64| {
@@ -374,26 +395,37 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let cases: Vec<(&str, QoS, u64, Option<u64>)> = vec![
-        ("QoS0 1→1 flat out", QoS::AtMostOnce, args.messages, None),
-        ("QoS1 1→1 flat out", QoS::AtLeastOnce, args.messages, None),
+    let (n, fixed) = (args.messages, 10_000 * args.rate_secs);
+    let small = args.payload;
+    // (name, QoS, messages, fixed rate, publishers, payload bytes)
+    let cases: Vec<(&str, QoS, u64, Option<u64>, usize, usize)> = vec![
+        ("QoS0 1→1 64 B", QoS::AtMostOnce, n, None, 1, small),
+        ("QoS1 1→1 64 B", QoS::AtLeastOnce, n, None, 1, small),
+        ("QoS0 4→1 64 B", QoS::AtMostOnce, n, None, 4, small),
+        ("QoS1 4→1 64 B", QoS::AtLeastOnce, n, None, 4, small),
+        ("QoS0 1→1 1 KiB", QoS::AtMostOnce, n / 2, None, 1, 1024),
+        ("QoS1 1→1 1 KiB", QoS::AtLeastOnce, n / 2, None, 1, 1024),
         (
             "QoS0 at 10k msg/s",
             QoS::AtMostOnce,
-            10_000 * args.rate_secs,
+            fixed,
             Some(10_000),
+            1,
+            small,
         ),
         (
             "QoS1 at 10k msg/s",
             QoS::AtLeastOnce,
-            10_000 * args.rate_secs,
+            fixed,
             Some(10_000),
+            1,
+            small,
         ),
     ];
     println!("| case | broker | delivered | msg/s | p50 ms | p99 ms | broker CPU s | msg per broker CPU-s |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut summary = Vec::new();
-    for (name, qos, count, rate) in &cases {
+    for (name, qos, count, rate, publishers, payload) in &cases {
         let mut results: Vec<(Kind, Outcome)> = Vec::new();
         for round in 0..args.rounds {
             // Alternate which broker goes first, so drift hits both alike.
@@ -409,7 +441,8 @@ fn main() -> anyhow::Result<()> {
                     *qos,
                     *count,
                     *rate,
-                    args.payload,
+                    *payload,
+                    *publishers,
                     broker.child.id(),
                 ))?;
                 eprintln!(

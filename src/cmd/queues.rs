@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use axion_broker::queues::{QueueConfig, QueueOwner};
 use axion_heartbeat::MqttUrl;
-use tracing::{error, info};
+use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
+use tracing::{error, info, warn};
 
 /// Queue tuning flags, shared with `axion serve` (flatten them there).
 #[derive(clap::Args, Debug, Clone)]
@@ -89,13 +90,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.data_dir,
             args.package,
         );
+        let mqtt = cfg.mqtt.clone();
+        let package = cfg.package.clone();
         let mut owner = QueueOwner::start(cfg)
             .await
             .context("start the queue owner")?;
+        // No listening port: the pid stands in the port slot (DESIGN.md).
+        let heartbeat = HeartbeatPublisher::start(HeartbeatConfig::new(mqtt, &package, "queues")?)
+            .context("start the heartbeat")?;
         tokio::select! {
             signal = super::serve::shutdown_signal() => {
                 info!(signal = signal?, "stopping the queue owner");
+                if let Err(err) = heartbeat.set_draining().await {
+                    warn!(%err, "could not publish the draining heartbeat");
+                }
                 owner.shutdown().await.context("stop the queue owner")?;
+                if let Err(err) = heartbeat.stop("stopped").await {
+                    warn!(%err, "could not publish the offline heartbeat");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             err = owner.failed() => {
