@@ -296,6 +296,9 @@ async fn run_case(
     })
 }
 
+/// (name, QoS, messages, fixed rate, publishers, payload bytes)
+type Case = (&'static str, QoS, u64, Option<u64>, usize, usize);
+
 fn nodelay() -> rumqttc::NetworkOptions {
     let mut options = rumqttc::NetworkOptions::new();
     options.set_tcp_nodelay(true);
@@ -397,8 +400,7 @@ fn main() -> anyhow::Result<()> {
     }
     let (n, fixed) = (args.messages, 10_000 * args.rate_secs);
     let small = args.payload;
-    // (name, QoS, messages, fixed rate, publishers, payload bytes)
-    let cases: Vec<(&str, QoS, u64, Option<u64>, usize, usize)> = vec![
+    let cases: Vec<Case> = vec![
         ("QoS0 1→1 64 B", QoS::AtMostOnce, n, None, 1, small),
         ("QoS1 1→1 64 B", QoS::AtLeastOnce, n, None, 1, small),
         ("QoS0 4→1 64 B", QoS::AtMostOnce, n, None, 4, small),
