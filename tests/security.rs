@@ -604,3 +604,68 @@ asyncio.run(main())
     );
     assert_eq!(python(&script).trim(), "ok");
 }
+
+/// Cost of ACL checks: ns per `may_publish` against a role of 50 rules, and
+/// QoS 1 publish throughput through `axion serve` with and without an auth
+/// file. Prints figures; run with
+/// `cargo test --release --test security -- --ignored --nocapture acl_cost`.
+#[tokio::test]
+#[ignore]
+async fn acl_cost() {
+    use axion_broker::auth::Auth;
+    let mut publish: Vec<String> = (0..49).map(|i| format!("axion/p{i}/event/#")).collect();
+    publish.push("axion/p/event/%c/#".into());
+    let file = format!("[roles.r]\npublish = {publish:?}\n[anonymous]\nroles = [\"r\"]\n");
+    let auth = Auth::parse(&file).expect("auth file");
+    let principal = auth.login(None, None).expect("anonymous");
+    let n = 1_000_000u32;
+    let start = Instant::now();
+    for _ in 0..n {
+        assert!(auth
+            .may_publish(&principal, "bench", "axion/p/event/bench/x")
+            .is_ok());
+    }
+    let per_check = start.elapsed().as_nanos() as f64 / f64::from(n);
+    println!("may_publish, 50 rules, match on the last (templated) rule: {per_check:.0} ns/check");
+
+    let fx = AuthFixture::new();
+    let plain = Serve::start();
+    let secured = fx.serve();
+    for (name, serve, user) in [
+        ("no auth", &plain, None),
+        ("auth + ACL", &secured, Some("svc")),
+    ] {
+        let count = 20_000;
+        let mut sub_opts = rumqttc::v5::MqttOptions::new("bench-sub", "127.0.0.1", serve.mqtt_port);
+        let mut pub_opts = rumqttc::v5::MqttOptions::new("bench-pub", "127.0.0.1", serve.mqtt_port);
+        if let Some(u) = user {
+            sub_opts.set_credentials(u, PASSWORD);
+            pub_opts.set_credentials(u, PASSWORD);
+        }
+        let mut sub = V5::connect_with(sub_opts).await.expect("sub");
+        sub.subscribe("axion/p/event/bench", 1).await;
+        let publisher = V5::connect_with(pub_opts).await.expect("pub");
+        let start = Instant::now();
+        let client = publisher.client.clone();
+        tokio::spawn(async move {
+            for _ in 0..count {
+                let _ = client
+                    .publish(
+                        "axion/p/event/bench",
+                        common::mqtt::qos_v5(1),
+                        false,
+                        vec![0u8; 64],
+                    )
+                    .await;
+            }
+        });
+        for _ in 0..count {
+            recv(&mut sub.rx, 30).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{name}: {count} QoS 1 publishes (64 B) in {secs:.2} s = {:.0} msg/s",
+            f64::from(count) / secs
+        );
+    }
+}
