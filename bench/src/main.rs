@@ -39,12 +39,18 @@ struct Args {
     /// topics and subscription filters.
     #[arg(long, env = "BENCH_TOPICS")]
     topics: Option<u64>,
+    /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
+    /// end) on this port until killed; the bench starts itself this way.
+    #[arg(long, hide = true)]
+    serve_rumqttd: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Axion,
     Mosquitto,
+    /// rumqttd 0.20 alone: what Axion's front end is measured against.
+    Rumqttd,
 }
 
 struct Broker {
@@ -68,6 +74,13 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let child = match kind {
+        Kind::Rumqttd => Command::new(std::env::current_exe()?)
+            .arg("--serve-rumqttd")
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn the plain rumqttd broker")?,
         Kind::Mosquitto => {
             let conf = dir.path().join("m.conf");
             std::fs::write(
@@ -380,8 +393,50 @@ async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> 
     Ok((after_topics - base, after_filters - after_topics))
 }
 
+/// rumqttd 0.20 as the findings note embeds it: one v4 listener, 1 MiB × 4
+/// segments per filter.
+fn serve_rumqttd(port: u16) -> anyhow::Result<()> {
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, Strategy};
+    let listener = ServerSettings {
+        name: "v4".into(),
+        listen: ([127, 0, 0, 1], port).into(),
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 5_000,
+            max_payload_size: 1024 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_000,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        },
+        v4: Some(std::collections::HashMap::from([(
+            "1".to_string(),
+            listener,
+        )])),
+        ..Config::default()
+    };
+    rumqttd::Broker::new(config).start()?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(port) = args.serve_rumqttd {
+        return serve_rumqttd(port);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -431,11 +486,8 @@ fn main() -> anyhow::Result<()> {
         let mut results: Vec<(Kind, Outcome)> = Vec::new();
         for round in 0..args.rounds {
             // Alternate which broker goes first, so drift hits both alike.
-            let order = if round % 2 == 0 {
-                [Kind::Axion, Kind::Mosquitto]
-            } else {
-                [Kind::Mosquitto, Kind::Axion]
-            };
+            let mut order = [Kind::Axion, Kind::Mosquitto, Kind::Rumqttd];
+            order.rotate_left(round % 3);
             for kind in order {
                 let broker = start(kind, &args)?;
                 let outcome = rt.block_on(run_case(
@@ -471,8 +523,12 @@ fn main() -> anyhow::Result<()> {
                 median(v, |o| o.rate())
             }
         };
-        let (a, m) = (pick(Kind::Axion), pick(Kind::Mosquitto));
-        for (kind, o) in [("axion", a), ("mosquitto", m)] {
+        let (a, m, r) = (
+            pick(Kind::Axion),
+            pick(Kind::Mosquitto),
+            pick(Kind::Rumqttd),
+        );
+        for (kind, o) in [("axion", a), ("mosquitto", m), ("rumqttd alone", r)] {
             println!(
                 "| {name} | {kind} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
                 o.received,
@@ -484,21 +540,22 @@ fn main() -> anyhow::Result<()> {
                 o.per_cpu_sec()
             );
         }
-        summary.push((name.to_string(), a, m, rate.is_some()));
+        summary.push((name.to_string(), a, m, r, rate.is_some()));
     }
     println!();
-    println!("| case | axion ÷ mosquitto |");
-    println!("|---|---|");
-    for (name, a, m, fixed) in summary {
+    println!("| case | axion ÷ mosquitto | delivered by rumqttd alone |");
+    println!("|---|---|---|");
+    for (name, a, m, r, fixed) in summary {
+        let alone = format!("{}/{}", r.received, r.sent);
         if fixed {
             println!(
-                "| {name} | p99 {:.2}× (lower is better), CPU per message {:.2}× |",
+                "| {name} | p99 {:.2}× (lower is better), CPU per message {:.2}× | {alone} |",
                 a.p99_ms / m.p99_ms,
                 (a.broker_cpu / a.received as f64) / (m.broker_cpu / m.received as f64)
             );
         } else {
             println!(
-                "| {name} | throughput {:.2}×, messages per broker CPU-second {:.2}× |",
+                "| {name} | throughput {:.2}×, messages per broker CPU-second {:.2}× | {alone} |",
                 a.rate() / m.rate(),
                 a.per_cpu_sec() / m.per_cpu_sec()
             );
