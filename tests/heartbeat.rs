@@ -3,8 +3,11 @@
 //! --json` and paho-mqtt (the seeds/004 way) read, and kills, signals,
 //! announces, forged stale records and late wills are thrown at it.
 //!
-//! The broker is one parameter: Mosquitto by default, `axion serve` with
-//! `AXION_HB_BROKER=serve`.
+//! The broker is one parameter: `axion serve` (the product) by default,
+//! Mosquitto (any external MQTT 5 broker) with `AXION_HB_BROKER=mosquitto`.
+//! `axion serve` runs in its own package ([`SERVE_PACKAGE`]) so that its own
+//! heartbeats (broker, bridge) stay out of the `default` package the
+//! instances under test live in.
 
 mod common;
 
@@ -31,20 +34,31 @@ struct Broker {
     port: u16,
 }
 
+/// Package of `axion serve`'s own records; the tests' instances use `default`.
+const SERVE_PACKAGE: &str = "hbserve";
+
+fn use_mosquitto() -> bool {
+    std::env::var("AXION_HB_BROKER").as_deref() == Ok("mosquitto")
+}
+
+fn serve() -> Serve {
+    Serve::start_with(&["--package", SERVE_PACKAGE], &[])
+}
+
 fn broker() -> Broker {
-    if std::env::var("AXION_HB_BROKER").as_deref() == Ok("serve") {
-        let s = Serve::start();
-        Broker {
-            url: s.mqtt_url(),
-            port: s.mqtt_port,
-            _guard: Guard::Serve(s),
-        }
-    } else {
+    if use_mosquitto() {
         let m = Mosquitto::start();
         Broker {
             url: m.mqtt_url(),
             port: m.port,
             _guard: Guard::Mosquitto(m),
+        }
+    } else {
+        let s = serve();
+        Broker {
+            url: s.mqtt_url(),
+            port: s.mqtt_port,
+            _guard: Guard::Serve(s),
         }
     }
 }
@@ -260,7 +274,7 @@ fn a_dashboard_and_paho_joining_two_seconds_late_see_the_record_at_once() {
             "sub",
             "127.0.0.1",
             &b.port.to_string(),
-            "axion/+/heartbeat/+/+",
+            "axion/default/heartbeat/+/+",
             "1",
         ])
         .output()
@@ -525,11 +539,55 @@ fn mosquitto_on(port: u16, dir: &std::path::Path) -> Proc {
     }
 }
 
+/// A broker that can be killed and started again on the same port.
+enum Restartable {
+    Serve(Serve),
+    Mosquitto {
+        proc: Proc,
+        dir: tempfile::TempDir,
+        port: u16,
+    },
+}
+
+impl Restartable {
+    fn start() -> Restartable {
+        if use_mosquitto() {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            Restartable::Mosquitto {
+                proc: mosquitto_on(port, dir.path()),
+                dir,
+                port,
+            }
+        } else {
+            Restartable::Serve(serve())
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Restartable::Serve(s) => s.mqtt_port,
+            Restartable::Mosquitto { port, .. } => *port,
+        }
+    }
+
+    /// `kill -9`, then the same broker on the same port.
+    fn kill_9_and_restart(&mut self) {
+        match self {
+            Restartable::Serve(s) => s.restart(&["--package", SERVE_PACKAGE], &[]),
+            Restartable::Mosquitto { proc, dir, port } => {
+                proc.signal(9);
+                let _ = proc.wait_exit(Duration::from_secs(5));
+                *proc = mosquitto_on(*port, dir.path());
+            }
+        }
+    }
+}
+
 #[test]
 fn after_a_broker_restart_every_record_is_back_within_one_reconnect() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut m = mosquitto_on(port, dir.path());
+    let mut broker = Restartable::start();
+    let port = broker.port();
     let b = Broker {
         _guard: Guard::Own,
         url: format!("mqtt://127.0.0.1:{port}"),
@@ -548,9 +606,7 @@ fn after_a_broker_restart_every_record_is_back_within_one_reconnect() {
             == 3)
             .then_some(())
     });
-    m.signal(9);
-    let _ = m.wait_exit(Duration::from_secs(5));
-    let _m2 = mosquitto_on(port, dir.path());
+    broker.kill_9_and_restart();
     let start = Instant::now();
     // The restarted broker has no retained records until the instances reconnect.
     wait_until(Duration::from_secs(8), "three online again", || {
@@ -682,7 +738,11 @@ fn the_dashboard_renders_in_a_terminal_sorts_and_quits_on_q() {
             .output()
             .expect("run tmux (apt-get install tmux)")
     };
-    let cmdline = format!("{} monitor --mqtt {}", axion_bin().display(), b.url);
+    let cmdline = format!(
+        "{} monitor --mqtt {} --package default",
+        axion_bin().display(),
+        b.url
+    );
     assert!(tmux(&[
         "new-session",
         "-d",
@@ -762,4 +822,54 @@ fn the_rust_publisher_reports_live_fields_draining_and_a_clean_stop() {
     let (offline, _) = w.wait_state(&t, State::Offline, Duration::from_secs(3));
     assert_eq!(offline["reason"], "stopped");
     assert!(offline["seq"].as_u64() > live["seq"].as_u64());
+}
+
+/// `stop` returns only once the DISCONNECT is on the wire, so a process
+/// that exits right after it never has its will (`lost`) replace `stopped`.
+#[test]
+fn a_process_exiting_right_after_stop_leaves_stopped_not_lost() {
+    use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
+    let b = broker();
+    let url = MqttUrl::parse(&b.url).unwrap();
+    let port = free_port();
+    // Each round is a whole process life: the runtime goes away the moment
+    // `stop` returns, as it does when `main` returns.
+    let topics: Vec<String> = (0..10)
+        .map(|i| {
+            let service = format!("quick{i}");
+            let mut config = HeartbeatConfig::new(url.clone(), "default", &service).unwrap();
+            config.host = Some(HOST.into());
+            config.port = Some(port);
+            config.interval = Duration::from_secs(60);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let hb = HeartbeatPublisher::start(config).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !hb.is_publishing() {
+                    assert!(Instant::now() < deadline, "{service} never connected");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                hb.stop("stopped")
+                    .await
+                    .expect("offline record acknowledged");
+            });
+            drop(rt);
+            topic(&service, port)
+        })
+        .collect();
+    // A will would have been published as soon as the broker saw a socket
+    // close without DISCONNECT, before this monitor connects.
+    let rows = monitor_once(&b, &["--package", "default"]);
+    for t in &topics {
+        let r = row(&rows, t).unwrap_or_else(|| panic!("{t} listed"));
+        assert_eq!(
+            (r["state"].as_str(), r["reason"].as_str()),
+            (Some("offline"), Some("stopped")),
+            "{t}"
+        );
+    }
 }

@@ -1,6 +1,10 @@
-//! Durable queues end to end: `axion queues` (the owner, a real process)
-//! against a real Mosquitto, with rumqttc workers speaking
-//! `bridge/QUEUE-CONTRACT.md`, and the `axion queue` CLI.
+//! Durable queues end to end with rumqttc workers speaking
+//! `bridge/QUEUE-CONTRACT.md` and the `axion queue` CLI.
+//!
+//! The owner runs where the product runs it: inside `axion serve`, beside
+//! the embedded broker (the default). `AXION_QUEUES_TEST_BROKER=mosquitto`
+//! runs every test with the standalone owner (`axion queues --mqtt`)
+//! against Mosquitto instead, and the `standalone_*` tests always do.
 
 mod common;
 
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 use axion_broker::queues::ops::{OpsClient, OpsError};
 use axion_broker::queues::proto::{Command as OpsCommand, TaskRequest};
 use axion_heartbeat::MqttUrl;
-use common::{axion_bin, Mosquitto, Proc};
+use common::{axion_bin, Mosquitto, Proc, Serve};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -42,6 +46,95 @@ fn spawn_owner(url: &str, dir: &Path, extra: &[&str]) -> Proc {
     Proc {
         child,
         name: "axion queues".into(),
+    }
+}
+
+/// A broker with a queue owner for [`PKG`].
+enum Setup {
+    /// `axion serve --package qt`: broker and owner in one process.
+    Serve { serve: Serve, args: Vec<String> },
+    /// `axion queues --mqtt <mosquitto>`: the owner alone against an
+    /// external broker.
+    Standalone {
+        broker: Mosquitto,
+        owner: Proc,
+        dir: tempfile::TempDir,
+        args: Vec<String>,
+    },
+}
+
+impl Setup {
+    /// The default setup, with owner flags `args` (e.g. `--ack-wait-ms`).
+    async fn start(args: &[&str]) -> Setup {
+        if std::env::var("AXION_QUEUES_TEST_BROKER").as_deref() == Ok("mosquitto") {
+            Setup::standalone(args).await
+        } else {
+            Setup::serve(args).await
+        }
+    }
+
+    async fn serve(args: &[&str]) -> Setup {
+        let args: Vec<String> = ["--package", PKG]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        let serve = Serve::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        let setup = Setup::Serve { serve, args };
+        wait_owner(&setup.url()).await;
+        setup
+    }
+
+    async fn standalone(args: &[&str]) -> Setup {
+        let broker = Mosquitto::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let owner = spawn_owner(&broker.mqtt_url(), dir.path(), args);
+        let setup = Setup::Standalone {
+            broker,
+            owner,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        wait_owner(&setup.url()).await;
+        setup
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Setup::Serve { serve, .. } => serve.mqtt_url(),
+            Setup::Standalone { broker, .. } => broker.mqtt_url(),
+        }
+    }
+
+    /// The process the owner runs in.
+    fn owner_pid(&self) -> u32 {
+        match self {
+            Setup::Serve { serve, .. } => serve.proc.pid(),
+            Setup::Standalone { owner, .. } => owner.pid(),
+        }
+    }
+
+    /// `kill -9` the owner and start it again on the same data directory.
+    /// Inside `axion serve` that takes the broker down with it, so every
+    /// client connection drops too.
+    async fn kill_9_owner_and_restart(&mut self) {
+        match self {
+            Setup::Serve { serve, args } => {
+                serve.restart(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+            }
+            Setup::Standalone {
+                broker,
+                owner,
+                dir,
+                args,
+            } => {
+                owner.signal(9);
+                owner.wait_exit(Duration::from_secs(5));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                *owner = spawn_owner(&broker.mqtt_url(), dir.path(), &args);
+            }
+        }
+        wait_owner(&self.url()).await;
     }
 }
 
@@ -250,11 +343,17 @@ fn cli(url: &str, args: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_piles_up_then_drains_within_credit() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &[]);
-    wait_owner(&url).await;
+    piles_up_then_drains(Setup::start(&[]).await).await;
+}
+
+/// `axion queues` on its own keeps the same promises on an external broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_owner_on_mosquitto_piles_up_then_drains_within_credit() {
+    piles_up_then_drains(Setup::standalone(&[]).await).await;
+}
+
+async fn piles_up_then_drains(setup: Setup) {
+    let url = setup.url();
     let mut c = ops(&url).await;
     let mut ids = HashSet::new();
     for i in 0..20 {
@@ -333,11 +432,8 @@ async fn work_piles_up_then_drains_within_credit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_fifty_tasks_exactly_once() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &[]);
-    wait_owner(&url).await;
+    let setup = Setup::start(&[]).await;
+    let url = setup.url();
     let mut c = ops(&url).await;
     for i in 0..50 {
         enqueue(
@@ -382,12 +478,8 @@ async fn two_workers_split_fifty_tasks_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_owner_loses_nothing_and_redelivers_in_flight() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let args = ["--ack-wait-ms", "1000"];
-    let mut owner = spawn_owner(&url, dir.path(), &args);
-    wait_owner(&url).await;
+    let mut setup = Setup::start(&["--ack-wait-ms", "1000"]).await;
+    let url = setup.url();
     let mut c = ops(&url).await;
     let mut ids = HashSet::new();
     for i in 0..30 {
@@ -400,11 +492,8 @@ async fn kill_9_owner_loses_nothing_and_redelivers_in_flight() {
             .await
             .expect("in flight");
     }
-    owner.signal(9);
-    owner.wait_exit(Duration::from_secs(5));
+    setup.kill_9_owner_and_restart().await;
     drop(w1);
-    let _owner = spawn_owner(&url, dir.path(), &args);
-    wait_owner(&url).await;
     let mut c = ops(&url).await;
     let s = show(&mut c, "crash").await;
     assert_eq!(
@@ -430,11 +519,8 @@ async fn kill_9_owner_loses_nothing_and_redelivers_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_task_comes_back_after_ack_wait_and_progress_extends_it() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &["--queue-ack-wait", "slow=600"]);
-    wait_owner(&url).await;
+    let setup = Setup::start(&["--queue-ack-wait", "slow=600"]).await;
+    let url = setup.url();
     let mut c = ops(&url).await;
     enqueue(&mut c, "slow", json!({ "payload": "x", "id": "only" })).await;
     let mut w = Worker::start(&url, "w-slow", "slow", 5, false).await;
@@ -459,11 +545,8 @@ async fn unacked_task_comes_back_after_ack_wait_and_progress_extends_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_retries_with_backoff_then_dead_letters_and_cli_retries() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &["--retry-backoff-ms", "200"]);
-    wait_owner(&url).await;
+    let setup = Setup::start(&["--retry-backoff-ms", "200"]).await;
+    let url = setup.url();
     let mut c = ops(&url).await;
     let mut watcher = Worker::start(&url, "dead-watch", "other", 0, false).await;
     watcher
@@ -530,11 +613,8 @@ async fn fail_retries_with_backoff_then_dead_letters_and_cli_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_id_is_enqueued_once_and_delay_is_honoured() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &[]);
-    wait_owner(&url).await;
+    let setup = Setup::start(&[]).await;
+    let url = setup.url();
     let mut c = ops(&url).await;
     let a = enqueue(&mut c, "misc", json!({ "payload": 1, "id": "same" })).await;
     let b = enqueue(&mut c, "misc", json!({ "payload": 2, "id": "same" })).await;
@@ -583,11 +663,8 @@ async fn duplicate_id_is_enqueued_once_and_delay_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_worker_tasks_reach_another_worker_at_once() {
-    let broker = Mosquitto::start();
-    let url = broker.mqtt_url();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &[]); // 30 s ack wait
-    wait_owner(&url).await;
+    let setup = Setup::start(&[]).await; // 30 s ack wait
+    let url = setup.url();
     let mut c = ops(&url).await;
     enqueue(&mut c, "lost", json!({ "payload": "x", "id": "held" })).await;
     let mut w1 = Worker::start(&url, "w-lost-1", "lost", 1, true).await;
@@ -613,7 +690,9 @@ async fn dead_worker_tasks_reach_another_worker_at_once() {
 /// group commit, and enqueue → deliver → ack with one worker holding up to
 /// 256 credits (JetStream's pull batch in the anchors). Run with
 /// `cargo test --release --test queues -- --ignored --nocapture bench_`.
-/// `QUEUE_BENCH_URL` points it at another broker (e.g. `axion serve`).
+/// It runs on the default setup (`axion serve`, whose CPU then includes the
+/// broker's; `AXION_QUEUES_TEST_BROKER=mosquitto` for the owner alone);
+/// `QUEUE_BENCH_URL` runs its own `axion queues` against another broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 #[allow(non_snake_case)]
@@ -622,14 +701,22 @@ async fn bench_durable_enqueue_and_end_to_end() {
         .ok()
         .and_then(|n| n.parse().ok());
     let N: usize = n_env.unwrap_or(20_000);
-    let mosquitto = std::env::var("QUEUE_BENCH_URL")
-        .is_err()
-        .then(Mosquitto::start);
-    let url = std::env::var("QUEUE_BENCH_URL")
-        .unwrap_or_else(|_| mosquitto.as_ref().map(|m| m.mqtt_url()).unwrap_or_default());
+    let bench_url = std::env::var("QUEUE_BENCH_URL").ok();
+    let setup = match bench_url {
+        Some(_) => None,
+        None => Some(Setup::start(&[]).await),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let _owner = spawn_owner(&url, dir.path(), &[]);
+    let own_owner = bench_url.as_ref().map(|u| spawn_owner(u, dir.path(), &[]));
+    let url = bench_url
+        .or_else(|| setup.as_ref().map(Setup::url))
+        .unwrap_or_default();
     wait_owner(&url).await;
+    let owner_pid = own_owner
+        .as_ref()
+        .map(Proc::pid)
+        .or_else(|| setup.as_ref().map(Setup::owner_pid))
+        .unwrap_or_default();
 
     // A pipelined producer: MQTT 5 publishes with a Response Topic; a task
     // counts once its on-disk confirmation is back.
@@ -705,7 +792,6 @@ async fn bench_durable_enqueue_and_end_to_end() {
             + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
         ticks / 100.0
     };
-    let owner_pid = _owner.pid();
 
     // 1. Durable enqueue, no worker.
     let cpu0 = cpu(owner_pid);

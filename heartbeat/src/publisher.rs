@@ -41,6 +41,9 @@ pub const HEARTBEAT_KEEP_ALIVE: Duration = Duration::from_secs(5);
 const MIN_REPUBLISH_GAP: Duration = Duration::from_millis(500);
 /// How long `stop` waits for the broker to acknowledge the offline record.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `stop` waits for the DISCONNECT to reach the socket after the
+/// offline record was acknowledged (the connection is known to be up).
+const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
 /// Reconnect backoff bounds (rumqttc has none of its own).
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -410,8 +413,9 @@ impl HeartbeatHandle {
     }
 
     /// Publishes `offline` with `reason` (`stopped` for a clean stop),
-    /// waits for the broker's PUBACK, then disconnects cleanly.
-    pub async fn stop(self, reason: &str) -> Result<(), HeartbeatError> {
+    /// waits for the broker's PUBACK, then disconnects cleanly; returns once
+    /// the DISCONNECT is written, so the caller may exit at once.
+    pub async fn stop(mut self, reason: &str) -> Result<(), HeartbeatError> {
         let (done, result) = oneshot::channel();
         self.commands
             .send(Command::Stop {
@@ -420,7 +424,20 @@ impl HeartbeatHandle {
             })
             .await
             .map_err(|_| HeartbeatError::Stopped)?;
-        result.await.map_err(|_| HeartbeatError::Stopped)?
+        result.await.map_err(|_| HeartbeatError::Stopped)??;
+        // The DISCONNECT is only queued so far. Returning now would drop
+        // the handle, abort the poller before it writes the packet, and the
+        // broker would publish the will (`lost`) over our `stopped` record;
+        // a process exiting right after `stop` would do the same. The
+        // poller returns once the DISCONNECT is flushed.
+        let poller = &mut self.tasks[0];
+        if tokio::time::timeout(DISCONNECT_FLUSH, poller)
+            .await
+            .is_err()
+        {
+            tracing::warn!(topic = %self.shared.id.topic, "DISCONNECT not flushed in time; the broker may publish the will");
+        }
+        Ok(())
     }
 }
 
