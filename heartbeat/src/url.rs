@@ -6,6 +6,9 @@
 use std::fmt;
 use std::time::Duration;
 
+/// QoS 1/2 publishes a client keeps in flight at most.
+pub const MAX_INFLIGHT: u16 = 1024;
+
 /// Default broker URL when none is given.
 pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 
@@ -104,6 +107,9 @@ impl MqttUrl {
     pub fn options_v5(&self, client_id: &str) -> rumqttc::v5::MqttOptions {
         let mut opts = rumqttc::v5::MqttOptions::new(client_id, &self.host, self.port);
         opts.set_keep_alive(Duration::from_secs(5));
+        // Without an upper limit rumqttc 0.25 preallocates a slot for all
+        // 65 535 packet ids: 14 MB per client, measured with massif.
+        opts.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
         if let Some(user) = &self.user {
             opts.set_credentials(user, self.password.as_deref().unwrap_or(""));
         }
