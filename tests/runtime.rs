@@ -31,12 +31,14 @@ fn example_bin() -> &'static PathBuf {
             .and_then(|deps| deps.parent())
             .expect("profile dir")
             .to_path_buf();
+        // `--workspace` resolves features as `cargo test --workspace` (CI)
+        // did, so only the example is linked; with `-p axion-heartbeat`
+        // tokio, rumqttc and the rest would compile a second time.
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args([
             "build",
             "-q",
-            "-p",
-            "axion-heartbeat",
+            "--workspace",
             "--example",
             "embedding_worker",
         ]);
