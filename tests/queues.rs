@@ -492,6 +492,10 @@ async fn kill_9_owner_loses_nothing_and_redelivers_in_flight() {
             .await
             .expect("in flight");
     }
+    // Deliveries go out before their in-flight mark is committed (a crash
+    // in between only means an earlier redelivery); command replies wait
+    // for the commit, so once this answer is in, the five are on disk.
+    assert_eq!(show(&mut c, "crash").await.inflight, 5);
     setup.kill_9_owner_and_restart().await;
     drop(w1);
     let mut c = ops(&url).await;
