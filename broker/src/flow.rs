@@ -180,56 +180,58 @@ impl Flow {
         found
     }
 
-    /// Waits until every filter matching `topic` has room, then counts the
-    /// publish as appended. Kicks consumers that stay too slow.
-    pub async fn admit(&self, topic: &Bytes, size: u64) {
+    /// Counts the publish as appended and returns true if every filter
+    /// matching `topic` has room; otherwise returns false (the caller waits
+    /// with [`Flow::admit`]) and kicks consumers that stayed too slow.
+    pub fn try_admit(&self, topic: &Bytes, size: u64) -> bool {
         let flows = self.matching(topic);
-        if flows.is_empty() {
-            return;
-        }
-        loop {
-            let mut blocked = false;
-            for flow in flows.iter() {
-                let Some((lag, slowest)) = flow.slowest() else {
-                    continue;
-                };
-                if lag + size <= self.high_water {
-                    *slowest
-                        .behind_since
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = None;
-                    continue;
-                }
-                blocked = true;
-                let since = *slowest
+        let mut blocked = false;
+        for flow in flows.iter() {
+            let Some((lag, slowest)) = flow.slowest() else {
+                continue;
+            };
+            if lag + size <= self.high_water {
+                *slowest
                     .behind_since
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.slow_timeout
-                    && !slowest.kicked.swap(true, Ordering::Relaxed)
-                {
-                    self.slow_consumers_disconnected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        client_id = slowest.client_id,
-                        lag_bytes = lag,
-                        waited_ms = since.elapsed().as_millis() as u64,
-                        total = self.slow_consumers_disconnected.load(Ordering::Relaxed),
-                        "slow consumer disconnected: it held publishers back past the timeout"
-                    );
-                    slowest.kick.notify_one();
-                }
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                continue;
             }
-            if !blocked {
-                break;
+            blocked = true;
+            let since = *slowest
+                .behind_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.slow_timeout && !slowest.kicked.swap(true, Ordering::Relaxed)
+            {
+                self.slow_consumers_disconnected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    client_id = slowest.client_id,
+                    lag_bytes = lag,
+                    waited_ms = since.elapsed().as_millis() as u64,
+                    total = self.slow_consumers_disconnected.load(Ordering::Relaxed),
+                    "slow consumer disconnected: it held publishers back past the timeout"
+                );
+                slowest.kick.notify_one();
             }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        if blocked {
+            return false;
         }
         for flow in flows.iter() {
             flow.appended.fetch_add(size, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Waits until [`Flow::try_admit`] lets the publish through.
+    pub async fn admit(&self, topic: &Bytes, size: u64) {
+        while !self.try_admit(topic, size) {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

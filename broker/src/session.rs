@@ -139,6 +139,37 @@ struct Session {
     principal: Option<Principal>,
     /// QoS 2 publishes refused by the ACL whose PUBREL the front end answers.
     denied_qos2: HashSet<u16>,
+    /// Client packets waiting behind a publish that flow control holds,
+    /// in order. Acknowledgements never wait here: a client that publishes
+    /// to its own subscription must be able to catch up while it waits.
+    held: VecDeque<Packet>,
+    /// Resolves when the publish at the front of `held` may go.
+    admission: Option<Admission>,
+    /// Topic and payload bytes in `held`.
+    held_bytes: usize,
+}
+
+type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// Bytes of held publishes before the socket stops being read (then TCP
+/// pushes back). Generous, because the client's acknowledgements for what
+/// it receives come behind its publishes on the same socket: a client that
+/// floods its own subscription needs them read to catch up.
+const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
+
+fn held_size(packet: &Packet) -> usize {
+    match packet {
+        Packet::Publish(p, _) => p.topic.len() + p.payload.len(),
+        _ => 64,
+    }
+}
+
+/// Waits for the admission in progress, or forever if there is none.
+async fn admitted(admission: &mut Option<Admission>) {
+    match admission {
+        Some(fut) => fut.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One subscription as flow control sees it.
@@ -457,6 +488,9 @@ async fn handshake(
         kick: Arc::new(Notify::new()),
         principal,
         denied_qos2: HashSet::new(),
+        held: VecDeque::new(),
+        admission: None,
+        held_bytes: 0,
     })
 }
 
@@ -509,7 +543,16 @@ impl Session {
                     self.disconnect_client(DisconnectReasonCode::QuotaExceeded).await;
                     return Ending::Lost;
                 }
-                read = self.read_half.read_buf(&mut self.inbuf) => {
+                _ = admitted(&mut self.admission) => {
+                    self.admission = None;
+                    // The front publish was counted by `admit`: it goes now.
+                    let mut batch: Vec<Packet> = self.pop_held().into_iter().collect();
+                    self.pump_held(&mut batch);
+                    if self.forward(batch).await.is_err() {
+                        return Ending::Kicked;
+                    }
+                }
+                read = self.read_half.read_buf(&mut self.inbuf), if self.held_bytes < MAX_HELD_BYTES => {
                     match read {
                         Ok(0) => return Ending::Lost,
                         Ok(_) => {
@@ -630,14 +673,24 @@ impl Session {
                 }
             }
         }
-        // Flow control: wait (without reading this socket) until every
-        // subscriber of these topics has room in the router's log.
-        for packet in &to_router {
-            if let Packet::Publish(publish, _) = packet {
-                let size = (publish.topic.len() + publish.payload.len()) as u64;
-                self.shared.flow.admit(&publish.topic, size).await;
+        // Flow control: a publish whose subscribers have no room in the
+        // router's log waits in `held`, and what follows it waits behind it;
+        // acknowledgements go at once.
+        let mut batch = Vec::with_capacity(to_router.len());
+        for packet in to_router {
+            let is_ack = matches!(
+                packet,
+                Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)
+            );
+            if is_ack {
+                batch.push(packet);
+            } else {
+                self.held_bytes += held_size(&packet);
+                self.held.push_back(packet);
             }
         }
+        self.pump_held(&mut batch);
+        let to_router = batch;
         if !to_router.is_empty() && self.forward(to_router).await.is_err() {
             return Some(Ending::Kicked);
         }
@@ -645,6 +698,36 @@ impl Session {
             return Some(Ending::Lost);
         }
         ending
+    }
+
+    /// Moves held packets into `batch` until a publish must wait; then
+    /// starts waiting for its admission.
+    fn pump_held(&mut self, batch: &mut Vec<Packet>) {
+        if self.admission.is_some() {
+            return;
+        }
+        while let Some(packet) = self.held.front() {
+            if let Packet::Publish(publish, _) = packet {
+                let size = (publish.topic.len() + publish.payload.len()) as u64;
+                if !self.shared.flow.try_admit(&publish.topic, size) {
+                    let (shared, topic) = (self.shared.clone(), publish.topic.clone());
+                    self.admission =
+                        Some(Box::pin(
+                            async move { shared.flow.admit(&topic, size).await },
+                        ));
+                    return;
+                }
+            }
+            if let Some(packet) = self.pop_held() {
+                batch.push(packet);
+            }
+        }
+    }
+
+    fn pop_held(&mut self) -> Option<Packet> {
+        let packet = self.held.pop_front()?;
+        self.held_bytes -= held_size(&packet);
+        Some(packet)
     }
 
     async fn violation(&self, why: &str, code: DisconnectReasonCode) -> Ending {
@@ -726,6 +809,16 @@ impl Session {
                         .map(|g| g.trim_end_matches('/'))
                     {
                         self.shared.join_group(group, &self.router_id);
+                        if !self.clean_session {
+                            // rumqttd panics ("group must exists") when the
+                            // last member of a shared group leaves a
+                            // persistent session with QoS 1 in flight, a
+                            // race no front end can close. Granting QoS 0
+                            // (legal: the SUBACK says so) leaves nothing in
+                            // flight. Axion's queues do not rely on it: the
+                            // owner redelivers what a worker never acked.
+                            filter.qos = QoS::AtMostOnce;
+                        }
                     }
                     let new = self.filters.insert(path.clone());
                     if new {
@@ -1172,7 +1265,9 @@ impl Session {
     async fn finish(mut self, ending: Ending) {
         debug!(client_id = self.client_id, ?ending, "session ended");
         if ending != Ending::Kicked {
-            let mut packets = Vec::new();
+            // What the client sent before it left goes out, held or not.
+            let mut packets: Vec<Packet> = self.held.drain(..).collect();
+            self.admission = None;
             let will_due = matches!(ending, Ending::Lost | Ending::CleanWithWill);
             if let (true, Some((will, props))) = (will_due, self.will.take()) {
                 let delay = props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
@@ -1186,18 +1281,6 @@ impl Session {
                     return;
                 }
                 packets.push(self.will_packet(will, props));
-            }
-            if !self.clean_session && self.sole_member_of_a_group() {
-                // rumqttd panics ("group must exists") when the last member
-                // of a shared group leaves a persistent session with QoS 1
-                // in flight. Acknowledging what is in flight (in order, as
-                // the router requires) avoids that path; a group with no
-                // member drops its messages in rumqttd anyway.
-                for slot in self.ledger.drain(..) {
-                    if !slot.local {
-                        packets.push(puback(slot.pkid));
-                    }
-                }
             }
             packets.push(Packet::Disconnect(
                 Disconnect {
@@ -1248,16 +1331,6 @@ impl Session {
             shared.flow.unsubscribe(filter, &sub.consumer, last);
             false
         });
-    }
-
-    fn sole_member_of_a_group(&self) -> bool {
-        self.filters.iter().any(|f| {
-            let (share, _) = names::split_share(f);
-            share
-                .strip_prefix("$share/")
-                .map(|g| g.trim_end_matches('/'))
-                .is_some_and(|g| self.shared.sole_member(g, &self.router_id))
-        })
     }
 
     fn will_packet(&self, will: LastWill, props: Option<LastWillProperties>) -> Packet {
