@@ -391,6 +391,7 @@ async fn malformed_packets_close_only_their_own_connection() {
         ("second CONNECT", raw_connect(4, "again", 30)),
         ("empty SUBSCRIBE filter", vec![0x82, 5, 0, 1, 0, 0, 0]),
         ("NUL in topic", raw_publish(4, "a\0b", b"x")),
+        ("UNSUBSCRIBE without filters", vec![0xa2, 2, 0, 1]),
     ];
     for (what, bytes) in cases {
         let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
@@ -784,4 +785,31 @@ async fn a_client_flooding_its_own_subscription_is_not_deadlocked_by_flow_contro
         );
     }
     sender.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_connects_are_closed_without_connack() {
+    let serve = Serve::start();
+    let with_flags = |flags: u8| {
+        let mut p = raw_connect(4, "flags", 30);
+        p[9] = flags;
+        p
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("reserved connect flag", with_flags(0x03)),
+        ("will QoS without a will", with_flags(0x0a)),
+        ("password without user name (3.1.1)", with_flags(0x42)),
+        ("NUL in the client id", raw_connect(4, "a\0b", 30)),
+    ];
+    for (what, bytes) in cases {
+        let mut stream = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+            .await
+            .unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        assert!(
+            read_reply(&mut stream, 3000).await.is_empty(),
+            "{what}: closed without CONNACK"
+        );
+    }
+    assert_broker_works(serve.mqtt_port).await;
 }

@@ -79,6 +79,37 @@ pub fn connect_level(packet: &[u8]) -> Option<u8> {
     packet.get(i + 2 + name_len).copied()
 }
 
+/// The connect-flags byte of a complete CONNECT packet.
+pub fn connect_flags(packet: &[u8]) -> Option<u8> {
+    let mut i = 1;
+    while *packet.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let name_len = usize::from(u16::from_be_bytes([*packet.get(i)?, *packet.get(i + 1)?]));
+    packet.get(i + 2 + name_len + 1).copied()
+}
+
+/// Why the connect flags are malformed (MQTT-3.1.2-3, 3.1.2-11..14, 3.1.2-22), if they are.
+pub fn check_connect_flags(flags: u8, level: u8) -> Result<(), &'static str> {
+    let will = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 0x03;
+    let will_retain = flags & 0x20 != 0;
+    if flags & 0x01 != 0 {
+        return Err("reserved connect flag set");
+    }
+    if will_qos == 3 {
+        return Err("will QoS 3");
+    }
+    if !will && (will_qos != 0 || will_retain) {
+        return Err("will QoS or retain set without a will");
+    }
+    if level == 4 && flags & 0x80 == 0 && flags & 0x40 != 0 {
+        return Err("password without a user name");
+    }
+    Ok(())
+}
+
 /// Why a packet could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -176,6 +207,30 @@ mod tests {
             frame(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX),
             Frame::Malformed
         );
+    }
+
+    #[test]
+    fn checks_connect_flags() {
+        assert!(check_connect_flags(0x02, 4).is_ok());
+        assert!(check_connect_flags(0xc2 | 0x04 | 0x08 | 0x20, 4).is_ok());
+        assert!(check_connect_flags(0x03, 4).is_err(), "reserved bit");
+        assert!(
+            check_connect_flags(0x02 | 0x18 | 0x04, 4).is_err(),
+            "will QoS 3"
+        );
+        assert!(
+            check_connect_flags(0x02 | 0x08, 4).is_err(),
+            "will QoS without will"
+        );
+        assert!(
+            check_connect_flags(0x42, 4).is_err(),
+            "password without user (3.1.1)"
+        );
+        assert!(check_connect_flags(0x42, 5).is_ok(), "allowed in MQTT 5");
+        let v4 = [
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'a',
+        ];
+        assert_eq!(connect_flags(&v4), Some(2));
     }
 
     #[test]

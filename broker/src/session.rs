@@ -294,6 +294,16 @@ async fn handshake(
         debug!(%peer, "CONNECT with reserved flags set");
         return None;
     }
+    // Malformed connect flags: close without CONNACK (MQTT-3.2.2-6).
+    let level = if codec.is_v5() { 5 } else { 4 };
+    match codec::connect_flags(&buf[..len]).map(|f| codec::check_connect_flags(f, level)) {
+        Some(Ok(())) => {}
+        Some(Err(why)) => {
+            debug!(%peer, why, "malformed CONNECT flags");
+            return None;
+        }
+        None => return None,
+    }
     let (connect, props, will, will_props, login) = match codec.read(&mut buf, max) {
         Ok(Packet::Connect(connect, props, will, will_props, login)) => {
             (connect, props, will, will_props, login)
@@ -316,6 +326,11 @@ async fn handshake(
         client_id,
         clean_session,
     } = connect;
+    // MQTT-1.5.4-2: no U+0000 in UTF-8 strings.
+    if client_id.contains('\0') || login.as_ref().is_some_and(|l| l.username.contains('\0')) {
+        debug!(%peer, "NUL in the client id or user name");
+        return None;
+    }
     let _ = props;
 
     if shared.sessions.load(Ordering::Relaxed) > shared.config.max_connections {
@@ -873,6 +888,12 @@ impl Session {
                 }
             }
             Packet::Unsubscribe(unsubscribe, props) => {
+                if unsubscribe.filters.is_empty() {
+                    return Err((
+                        "UNSUBSCRIBE without topic filters".into(),
+                        DisconnectReasonCode::ProtocolError,
+                    ));
+                }
                 let mut known = Vec::with_capacity(unsubscribe.filters.len());
                 let mut forwarded = Vec::new();
                 for filter in &unsubscribe.filters {
