@@ -166,7 +166,7 @@ fn wait_inflight(w: &Worker, n: u64) {
 }
 
 async fn client(serve: &Serve, subs: &[&str]) -> V5 {
-    let c = V5::connect(serve.mqtt_port, &format!("t-{}", uuid_ish())).await;
+    let mut c = V5::connect(serve.mqtt_port, &format!("t-{}", uuid_ish())).await;
     for s in subs {
         c.subscribe(s, 1).await;
     }

@@ -19,6 +19,8 @@ pub struct Msg {
 pub struct V4 {
     pub client: rumqttc::AsyncClient,
     pub rx: mpsc::UnboundedReceiver<Msg>,
+    /// SUBACKs received so far, so `subscribe` can wait for its own.
+    subacks: tokio::sync::watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -49,28 +51,41 @@ impl V4 {
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let (suback_tx, subacks) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
             while let Ok(event) = eventloop.poll().await {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
-                    let _ = tx.send(Msg {
-                        topic: p.topic.clone(),
-                        payload: p.payload.to_vec(),
-                        qos: p.qos as u8,
-                        retain: p.retain,
-                    });
+                match event {
+                    rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                        let _ = tx.send(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            qos: p.qos as u8,
+                            retain: p.retain,
+                        });
+                    }
+                    rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                        suback_tx.send_modify(|n| *n += 1);
+                    }
+                    _ => {}
                 }
             }
         });
-        Ok(V4 { client, rx, task })
+        Ok(V4 {
+            client,
+            rx,
+            subacks,
+            task,
+        })
     }
 
-    /// Subscribes and waits until the SUBACK is in (by a round trip).
-    pub async fn subscribe(&self, filter: &str, qos: u8) {
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str, qos: u8) {
+        let before = *self.subacks.borrow_and_update();
         self.client
             .subscribe(filter, qos_v4(qos))
             .await
             .expect("subscribe");
-        settle().await;
+        wait_suback(&mut self.subacks, before).await;
     }
 
     pub async fn publish(&self, topic: &str, payload: &[u8], qos: u8, retain: bool) {
@@ -93,6 +108,7 @@ pub struct V5 {
     pub packets: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
     /// The error that ended the event loop, if it ended.
     pub ended: tokio::sync::oneshot::Receiver<String>,
+    subacks: tokio::sync::watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -128,10 +144,14 @@ impl V5 {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ptx, packets) = mpsc::unbounded_channel();
         let (etx, ended) = tokio::sync::oneshot::channel();
+        let (suback_tx, subacks) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(packet)) => {
+                        if let Packet::SubAck(_) = &packet {
+                            suback_tx.send_modify(|n| *n += 1);
+                        }
                         if let Packet::Publish(p) = &packet {
                             let _ = tx.send(Msg {
                                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
@@ -155,16 +175,19 @@ impl V5 {
             rx,
             packets,
             ended,
+            subacks,
             task,
         })
     }
 
-    pub async fn subscribe(&self, filter: &str, qos: u8) {
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str, qos: u8) {
+        let before = *self.subacks.borrow_and_update();
         self.client
             .subscribe(filter, qos_v5(qos))
             .await
             .expect("subscribe");
-        settle().await;
+        wait_suback(&mut self.subacks, before).await;
     }
 
     pub async fn publish(&self, topic: &str, payload: &[u8], qos: u8, retain: bool) {
@@ -175,9 +198,17 @@ impl V5 {
     }
 }
 
-/// Gives a just-sent SUBSCRIBE time to be acknowledged. rumqttc hides the
-/// SUBACK from the caller, so tests that need certainty wait for a message
-/// instead; this only orders "subscribe, then publish" on loopback.
+/// Waits until more than `before` SUBACKs have arrived.
+async fn wait_suback(subacks: &mut tokio::sync::watch::Receiver<u64>, before: u64) {
+    timeout(Duration::from_secs(10), subacks.wait_for(|n| *n > before))
+        .await
+        .expect("SUBACK within 10 s")
+        .expect("client event loop running");
+}
+
+/// Gives publishes already sent time to be routed, for tests that then
+/// check something arrives *later* (a late subscriber, a cleared message).
+/// A PUBACK would be the event to await, but rumqttc does not expose it.
 pub async fn settle() {
     tokio::time::sleep(Duration::from_millis(150)).await;
 }
