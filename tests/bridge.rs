@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::spawn_axion as spawn;
+
 use common::{axion_bin, free_port, Mosquitto, Proc, Serve};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -124,28 +126,6 @@ impl Stack {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmHWM")
-    }
-}
-
-/// Spawns an Axion subcommand with the tests' logging conventions.
-fn spawn(name: &str, cmd: &mut Command) -> Proc {
-    let child = cmd
-        .env(
-            "RUST_LOG",
-            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    Proc {
-        child,
-        name: name.into(),
     }
 }
 

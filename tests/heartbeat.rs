@@ -85,24 +85,8 @@ fn sidecar(b: &Broker, service: &str, port: u16, args: &[&str], envs: &[(&str, &
     .args(["--port", &port.to_string()])
     .args(args)
     .env("HEARTBEAT_INTERVAL_SECS", "2")
-    .env(
-        "RUST_LOG",
-        std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(if std::env::var("AXION_TEST_LOG").is_ok() {
-        Stdio::inherit()
-    } else {
-        Stdio::null()
-    });
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    Proc {
-        child: cmd.spawn().expect("spawn axion heartbeat"),
-        name: format!("axion heartbeat {service}"),
-    }
+    .envs(envs.iter().copied());
+    common::spawn_axion(&format!("axion heartbeat {service}"), &mut cmd)
 }
 
 /// `axion monitor --once --json`: the table a script would read.

@@ -26,27 +26,11 @@ use tokio::sync::mpsc;
 const PKG: &str = "qt";
 
 fn spawn_owner(url: &str, dir: &Path, extra: &[&str]) -> Proc {
-    let child = Command::new(axion_bin())
-        .args(["queues", "--mqtt", url, "--package", PKG, "--data-dir"])
+    let mut cmd = Command::new(axion_bin());
+    cmd.args(["queues", "--mqtt", url, "--package", PKG, "--data-dir"])
         .arg(dir)
-        .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("spawn axion queues");
-    Proc {
-        child,
-        name: "axion queues".into(),
-    }
+        .args(extra);
+    common::spawn_axion("axion queues", &mut cmd)
 }
 
 /// A broker with a queue owner for [`PKG`].

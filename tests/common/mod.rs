@@ -141,23 +141,28 @@ fn spawn_serve(
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .envs(envs.iter().copied());
+    spawn_axion("axion serve", &mut cmd)
+}
+
+/// Spawns an Axion command with the tests' conventions: quiet unless
+/// `AXION_TEST_LOG` is set (then its value is `RUST_LOG` and stderr shows).
+pub fn spawn_axion(name: &str, cmd: &mut Command) -> Proc {
+    let log = std::env::var("AXION_TEST_LOG").ok();
+    let child = cmd
+        .env("RUST_LOG", log.clone().unwrap_or_else(|| "warn".into()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(if std::env::var("AXION_TEST_LOG").is_ok() {
+        .stderr(if log.is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()
-        });
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
+        })
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     Proc {
-        child: cmd.spawn().expect("spawn axion serve"),
-        name: "axion serve".into(),
+        child,
+        name: name.into(),
     }
 }
 
