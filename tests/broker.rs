@@ -813,3 +813,34 @@ async fn malformed_connects_are_closed_without_connack() {
     }
     assert_broker_works(serve.mqtt_port).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_clients_maximum_packet_size_are_not_sent() {
+    let serve = Serve::start();
+    let mut opts = rumqttc::v5::MqttOptions::new("small-reader", "127.0.0.1", serve.mqtt_port);
+    opts.set_max_packet_size(Some(200));
+    let mut small = V5::connect_with(opts).await.expect("connect");
+    small.subscribe("size/#", 1).await;
+    let publisher = V4::connect(serve.mqtt_port, "size-pub").await;
+    for qos in [0, 1] {
+        publisher.publish("size/t", &[b'x'; 1000], qos, false).await;
+        publisher.publish("size/t", b"fits", qos, false).await;
+    }
+    // Only the small ones arrive, and the connection stays up (the router's
+    // QoS 1 copy of the big one was acknowledged for it).
+    for _ in 0..2 {
+        assert_eq!(recv(&mut small.rx, 5).await.payload, b"fits");
+    }
+    for i in 0..150 {
+        publisher.publish("size/t", &[b'x'; 1000], 1, false).await;
+        publisher
+            .publish("size/t", format!("{i}").as_bytes(), 1, false)
+            .await;
+    }
+    for i in 0..150 {
+        assert_eq!(
+            recv(&mut small.rx, 5).await.payload,
+            format!("{i}").as_bytes()
+        );
+    }
+}

@@ -147,6 +147,8 @@ struct Session {
     admission: Option<Admission>,
     /// Topic and payload bytes in `held`.
     held_bytes: usize,
+    /// Largest packet the client accepts (MQTT 5 Maximum Packet Size).
+    client_max_packet: usize,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -331,7 +333,11 @@ async fn handshake(
         debug!(%peer, "NUL in the client id or user name");
         return None;
     }
-    let _ = props;
+    // MQTT-3.1.2-24 (v5): the client's Maximum Packet Size.
+    let client_max_packet = props
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .map_or(usize::MAX, |m| m as usize);
 
     if shared.sessions.load(Ordering::Relaxed) > shared.config.max_connections {
         shared.refused.fetch_add(1, Ordering::Relaxed);
@@ -482,6 +488,7 @@ async fn handshake(
         client_id,
         router_id,
         clean_session,
+        client_max_packet,
         // MQTT-3.1.2-24: the server allows one and a half times the keep-alive.
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         codec,
@@ -1177,20 +1184,36 @@ impl Session {
                     let mut publish = publish;
                     publish.topic = topic.clone();
                     self.encode(Packet::Publish(publish, props.clone()), &mut out);
+                    let too_large = out.len() - start > self.client_max_packet;
+                    if too_large {
+                        // MQTT-3.1.2-25: discarded as if sent.
+                        debug!(
+                            client_id = self.client_id,
+                            size = out.len() - start,
+                            max = self.client_max_packet,
+                            "message over the client's maximum packet size discarded"
+                        );
+                    }
                     if let Some((1, pkid)) = outgoing_qos_pkid(&out[start..]) {
-                        if qos0 {
+                        if too_large {
+                            out.truncate(start);
+                        } else if qos0 {
                             // Published at QoS 0: deliver at QoS 0 and
                             // acknowledge the router's copy ourselves.
                             out.truncate(start);
                             let publish = make_publish(topic, payload, QoS::AtMostOnce, retain, 0);
                             self.encode(Packet::Publish(publish, props), &mut out);
                         }
+                        // Not sent to the client: acknowledge the router's copy ourselves.
+                        let acked = qos0 || too_large;
                         self.ledger.push_back(Slot {
                             pkid,
                             local: false,
-                            acked: qos0,
+                            acked,
                         });
-                        release = release || qos0;
+                        release = release || acked;
+                    } else if too_large {
+                        out.truncate(start);
                     }
                 }
                 Notification::DeviceAck(ack) => {
