@@ -844,3 +844,69 @@ async fn messages_over_the_clients_maximum_packet_size_are_not_sent() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_receive_maximum_bounds_unacknowledged_deliveries() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{mqttbytes::QoS, Event};
+    let serve = Serve::start();
+    let mut opts = rumqttc::v5::MqttOptions::new("window-2", "127.0.0.1", serve.mqtt_port);
+    opts.set_receive_maximum(Some(2));
+    opts.set_manual_acks(true);
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 100);
+    client
+        .subscribe("window/t", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let publisher = V4::connect(serve.mqtt_port, "window-pub").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    loop {
+        let event = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("in time")
+            .expect("connected");
+        match event {
+            Event::Incoming(Packet::SubAck(_)) => {
+                for i in 0..5 {
+                    publisher
+                        .publish("window/t", format!("m{i}").as_bytes(), 1, false)
+                        .await;
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => held.push(p),
+            _ => {}
+        }
+        if held.len() == 2 {
+            break;
+        }
+    }
+    // Nothing more arrives while the two are unacknowledged.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = eventloop.poll().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "a third message arrived past receive maximum 2: {quiet:?}"
+    );
+    for p in held.drain(..) {
+        client.ack(&p).await.unwrap();
+    }
+    let mut rest = Vec::new();
+    while rest.len() < 3 {
+        let event = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("in time")
+            .expect("connected");
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            client.ack(&p).await.unwrap();
+            rest.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    assert_eq!(rest, ["m2", "m3", "m4"]);
+}

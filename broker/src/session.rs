@@ -149,6 +149,13 @@ struct Session {
     held_bytes: usize,
     /// Largest packet the client accepts (MQTT 5 Maximum Packet Size).
     client_max_packet: usize,
+    /// QoS 1 publishes the client may hold unacknowledged (MQTT 5 Receive
+    /// Maximum; the router's own window is 100).
+    receive_max: usize,
+    /// QoS 1 publishes sent to the client and not yet acknowledged.
+    at_client: usize,
+    /// Encoded QoS 1 publishes waiting for room in the client's window.
+    window: VecDeque<BytesMut>,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -338,6 +345,10 @@ async fn handshake(
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .map_or(usize::MAX, |m| m as usize);
+    let receive_max = props
+        .as_ref()
+        .and_then(|p| p.receive_maximum)
+        .map_or(usize::from(u16::MAX), usize::from);
 
     if shared.sessions.load(Ordering::Relaxed) > shared.config.max_connections {
         shared.refused.fetch_add(1, Ordering::Relaxed);
@@ -489,6 +500,9 @@ async fn handshake(
         router_id,
         clean_session,
         client_max_packet,
+        receive_max,
+        at_client: 0,
+        window: VecDeque::new(),
         // MQTT-3.1.2-24: the server allows one and a half times the keep-alive.
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         codec,
@@ -978,7 +992,7 @@ impl Session {
                 }
             }
             Packet::PubAck(ack, props) => {
-                if !self.acked(ack.pkid, to_router) {
+                if !self.acked(ack.pkid, to_router, reply) {
                     to_router.push(Packet::PubAck(ack, props));
                 }
             }
@@ -999,13 +1013,31 @@ impl Session {
     /// Marks `pkid` acknowledged and releases, in order, every
     /// acknowledgement the router may now have. False if `pkid` is not in
     /// the ledger (the caller passes the ack on unchanged).
-    fn acked(&mut self, pkid: u16, to_router: &mut Vec<Packet>) -> bool {
+    fn acked(&mut self, pkid: u16, to_router: &mut Vec<Packet>, reply: &mut BytesMut) -> bool {
         let Some(slot) = self.ledger.iter_mut().find(|s| s.pkid == pkid && !s.acked) else {
             return false;
         };
         slot.acked = true;
         self.release_acks(to_router);
+        self.at_client = self.at_client.saturating_sub(1);
+        while self.at_client < self.receive_max {
+            let Some(waiting) = self.window.pop_front() else {
+                break;
+            };
+            reply.extend_from_slice(&waiting);
+            self.at_client += 1;
+        }
         true
+    }
+
+    /// Sends the QoS 1 publish encoded at `out[start..]` now, or keeps it
+    /// until the client's receive window has room (MQTT-4.9.0-2).
+    fn send_qos1(&mut self, out: &mut BytesMut, start: usize) {
+        if self.at_client < self.receive_max && self.window.is_empty() {
+            self.at_client += 1;
+        } else {
+            self.window.push_back(out.split_off(start));
+        }
     }
 
     fn release_acks(&mut self, to_router: &mut Vec<Packet>) {
@@ -1061,7 +1093,11 @@ impl Session {
                     true,
                     pkid,
                 );
+                let start = out.len();
                 self.encode(Packet::Publish(publish, retained.properties), out);
+                if pkid != 0 {
+                    self.send_qos1(out, start);
+                }
             }
         }
     }
@@ -1203,6 +1239,9 @@ impl Session {
                             out.truncate(start);
                             let publish = make_publish(topic, payload, QoS::AtMostOnce, retain, 0);
                             self.encode(Packet::Publish(publish, props), &mut out);
+                        }
+                        if !qos0 && !too_large {
+                            self.send_qos1(&mut out, start);
                         }
                         // Not sent to the client: acknowledge the router's copy ourselves.
                         let acked = qos0 || too_large;
