@@ -910,3 +910,40 @@ async fn the_clients_receive_maximum_bounds_unacknowledged_deliveries() {
     }
     assert_eq!(rest, ["m2", "m3", "m4"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_subscriptions_do_not_echo_a_clients_own_messages() {
+    use rumqttc::v5::mqttbytes::v5::Filter;
+    use rumqttc::v5::mqttbytes::QoS;
+    let serve = Serve::start();
+    let mut me = V5::connect(serve.mqtt_port, "no-local-me").await;
+    let mut filter = Filter::new("chat/room", QoS::AtLeastOnce);
+    filter.nolocal = true;
+    me.client.subscribe_many([filter]).await.unwrap();
+    let mut other = V5::connect(serve.mqtt_port, "no-local-other").await;
+    other.subscribe("chat/room", 1).await;
+    me.publish("chat/room", b"from me", 1, false).await;
+    other.publish("chat/room", b"from other", 1, false).await;
+    let m = recv(&mut me.rx, 5).await;
+    assert_eq!(m.payload, b"from other", "own message not echoed");
+    assert_eq!(recv(&mut other.rx, 5).await.payload, b"from me");
+    assert_eq!(
+        recv(&mut other.rx, 5).await.payload,
+        b"from other",
+        "no No Local for this one"
+    );
+    recv_none(&mut me.rx, 300).await;
+    // The origin marker never reaches clients.
+    while let Ok(packet) = other.packets.try_recv() {
+        if let rumqttc::v5::mqttbytes::v5::Packet::Publish(p) = packet {
+            let props = p.properties.unwrap_or_default();
+            assert!(
+                props
+                    .user_properties
+                    .iter()
+                    .all(|(k, _)| !k.starts_with("axion-")),
+                "{props:?}"
+            );
+        }
+    }
+}

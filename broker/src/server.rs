@@ -44,6 +44,9 @@ pub struct Shared {
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
     pub flow: Flow,
+    /// Set once any client subscribes with MQTT 5 No Local; until then
+    /// publishes carry no origin marker (see `session`).
+    pub any_nolocal: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -60,6 +63,7 @@ impl Shared {
             let stored_props = props.clone().map(|mut p| {
                 p.topic_alias = None;
                 p.subscription_identifiers.clear();
+                p.user_properties.retain(|(k, _)| k != session::ORIGIN_MARK);
                 p
             });
             let mut store = self.retained.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,6 +190,7 @@ impl Broker {
             groups: Mutex::new(HashMap::new()),
             retained,
             flow,
+            any_nolocal: std::sync::atomic::AtomicBool::new(false),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tls = tls_listener.map(|(listener, addr, acceptor)| {

@@ -156,6 +156,8 @@ struct Session {
     at_client: usize,
     /// Encoded QoS 1 publishes waiting for room in the client's window.
     window: VecDeque<BytesMut>,
+    /// Router-form filters subscribed with MQTT 5 No Local.
+    nolocal_filters: HashSet<String>,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -503,6 +505,7 @@ async fn handshake(
         receive_max,
         at_client: 0,
         window: VecDeque::new(),
+        nolocal_filters: HashSet::new(),
         // MQTT-3.1.2-24: the server allows one and a half times the keep-alive.
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         codec,
@@ -811,6 +814,11 @@ impl Session {
                     return Ok(None);
                 }
                 publish.topic = names::escape_topic(publish.topic);
+                let props = if self.shared.any_nolocal.load(Ordering::Relaxed) {
+                    mark_origin(props, &self.router_id)
+                } else {
+                    props
+                };
                 to_router.push(self.shared.prepare_publish(publish, qos, props));
             }
             Packet::Subscribe(mut subscribe, props) => {
@@ -855,6 +863,10 @@ impl Session {
                             // owner redelivers what a worker never acked.
                             filter.qos = QoS::AtMostOnce;
                         }
+                    }
+                    if filter.nolocal && share.is_empty() {
+                        self.shared.any_nolocal.store(true, Ordering::Relaxed);
+                        self.nolocal_filters.insert(path.clone());
                     }
                     let new = self.filters.insert(path.clone());
                     if new {
@@ -1028,6 +1040,30 @@ impl Session {
             self.at_client += 1;
         }
         true
+    }
+
+    /// True if every subscription of this client matching the router-form
+    /// `topic` asked for No Local (the router delivers one copy per
+    /// matching subscription and does not say which).
+    fn only_nolocal_match(&self, topic: &Bytes) -> bool {
+        if self.nolocal_filters.is_empty() {
+            return false;
+        }
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return false;
+        };
+        let mut any = false;
+        for filter in &self.filters {
+            let (share, f) = names::split_share(filter);
+            if !share.is_empty() || !rumqttd::protocol::matches(topic, f) {
+                continue;
+            }
+            if !self.nolocal_filters.contains(filter) {
+                return false;
+            }
+            any = true;
+        }
+        any
     }
 
     /// Sends the QoS 1 publish encoded at `out[start..]` now, or keeps it
@@ -1213,6 +1249,8 @@ impl Session {
                     delivered = true;
                     let mut props = forward.properties;
                     let qos0 = take_qos0_mark(&mut props);
+                    let own = take_origin_mark(&mut props).is_some_and(|o| o == self.router_id);
+                    let not_for_me = own && self.only_nolocal_match(&forward.publish.topic);
                     let publish = forward.publish;
                     let topic = names::unescape_topic(publish.topic.clone());
                     let start = out.len();
@@ -1220,7 +1258,7 @@ impl Session {
                     let mut publish = publish;
                     publish.topic = topic.clone();
                     self.encode(Packet::Publish(publish, props.clone()), &mut out);
-                    let too_large = out.len() - start > self.client_max_packet;
+                    let too_large = not_for_me || out.len() - start > self.client_max_packet;
                     if too_large {
                         // MQTT-3.1.2-25: discarded as if sent.
                         debug!(
@@ -1504,6 +1542,32 @@ fn take_qos0_mark(props: &mut Option<PublishProperties>) -> bool {
         }
     }
     marked
+}
+
+/// User property naming the publishing client, for No Local.
+pub(crate) const ORIGIN_MARK: &str = "axion-from";
+
+fn mark_origin(props: Option<PublishProperties>, router_id: &str) -> Option<PublishProperties> {
+    let mut p = props.unwrap_or_default();
+    p.user_properties
+        .push((ORIGIN_MARK.to_string(), router_id.to_string()));
+    Some(p)
+}
+
+/// Removes the origin marker (it sits last once the QoS 0 mark is gone).
+fn take_origin_mark(props: &mut Option<PublishProperties>) -> Option<String> {
+    let p = props.as_mut()?;
+    if p.user_properties
+        .last()
+        .is_some_and(|(k, _)| k == ORIGIN_MARK)
+    {
+        let origin = p.user_properties.pop().map(|(_, v)| v);
+        if *p == PublishProperties::default() {
+            *props = None;
+        }
+        return origin;
+    }
+    None
 }
 
 /// Marks a QoS 0 publish (see [`QOS0_MARK`]).
