@@ -669,3 +669,134 @@ async fn acl_cost() {
         );
     }
 }
+
+/// The bridge over TLS (`--ws-tls-cert/--ws-tls-key`): raw `websockets`
+/// and the unchanged legacy `broker_client.py` (trusting the test CA
+/// through `SSL_CERT_FILE`) exchange events over `wss://`, `/health` answers
+/// over https, a client that does not trust the CA and a plain `ws://`
+/// client are refused, and SIGTERM closes an open wss client and exits 0.
+#[test]
+fn bridge_serves_wss_to_clients_that_trust_the_ca() {
+    use std::io::{BufRead, BufReader};
+
+    let fx = AuthFixture::new();
+    let (ca, cert, key) = make_certs(fx.dir.path());
+    let auth = fx.path();
+    let mut serve = Serve::start_with(
+        &[
+            "--auth-file",
+            auth.to_str().expect("utf-8"),
+            "--ws-tls-cert",
+            cert.to_str().expect("utf-8"),
+            "--ws-tls-key",
+            key.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    common::wait_for_port(serve.ws_port, Duration::from_secs(10));
+    let script = format!(
+        r#"
+import asyncio, json, ssl, sys, time, urllib.request
+import websockets
+from broker_client import BrokerClient
+
+URL = "wss://127.0.0.1:{ws}/?token={token}"
+CA = "{ca}"
+
+def fail(why):
+    print("FAIL:", why, file=sys.stderr)
+    sys.exit(1)
+
+async def until(got, send):
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        await send()
+        try:
+            return await asyncio.wait_for(asyncio.shield(got), 0.3)
+        except asyncio.TimeoutError:
+            pass
+    fail("event never arrived")
+
+async def main():
+    trusted = ssl.create_default_context(cafile=CA)
+    live = json.load(urllib.request.urlopen("https://127.0.0.1:{ws}/health/live", context=trusted, timeout=5))
+    if live.get("status") != "live":
+        fail(f"health over https: {{live}}")
+
+    # No trust in the test CA: the TLS handshake fails.
+    try:
+        await asyncio.wait_for(websockets.connect(URL, ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)), 5)
+        fail("a client without the CA was accepted")
+    except ssl.SSLCertVerificationError:
+        pass
+    # Plain ws:// on the TLS port gets no WebSocket.
+    try:
+        await asyncio.wait_for(websockets.connect(URL.replace("wss://", "ws://")), 5)
+        fail("plain ws accepted on the wss port")
+    except (websockets.InvalidHandshake, OSError):
+        pass
+
+    # Raw websockets -> legacy client (default SSL context, SSL_CERT_FILE).
+    raw = await websockets.connect(URL, ssl=trusted)
+    legacy = BrokerClient(URL)
+    await legacy.connect()
+    got = asyncio.get_running_loop().create_future()
+    async def on_event(event):
+        if not got.done():
+            got.set_result(event)
+    await legacy.subscribe("sec.wss", on_event)
+    event = await until(got, lambda: raw.send(json.dumps({{"action": "publish", "message": {{"type": "sec.wss", "data": 1}}}})))
+    if event.get("type") != "sec.wss":
+        fail(f"legacy got {{event}}")
+
+    # Legacy client -> raw websockets.
+    await raw.send(json.dumps({{"action": "subscribe", "topic": "sec.back"}}))
+    back = asyncio.ensure_future(raw.recv())
+    frame = json.loads(await until(back, lambda: legacy.publish("sec.back", {{"n": 2}})))
+    if frame.get("event", {{}}).get("type") != "sec.back":
+        fail(f"raw got {{frame}}")
+
+    print("ready", flush=True)
+    try:
+        await asyncio.wait_for(raw.wait_closed(), 10)
+    except asyncio.TimeoutError:
+        fail("the bridge did not close the wss connection at shutdown")
+    print("closed", flush=True)
+
+asyncio.run(main())
+"#,
+        ws = serve.ws_port,
+        token = fx.token,
+        ca = ca.display(),
+    );
+    let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    let mut py = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .env("PYTHONPATH", &clients)
+        .env("SSL_CERT_FILE", &ca)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut lines = BufReader::new(py.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(Result::ok);
+    if first.as_deref() != Some("ready") {
+        let out = py.wait_with_output().expect("python output");
+        panic!(
+            "wss client: {first:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    serve.proc.signal(15);
+    assert_eq!(serve.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    let last = lines.next().and_then(Result::ok);
+    let out = py.wait_with_output().expect("python output");
+    assert!(
+        out.status.success() && last.as_deref() == Some("closed"),
+        "after SIGTERM: {last:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

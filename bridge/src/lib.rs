@@ -23,6 +23,7 @@ mod mqtt;
 pub mod protocol;
 mod server;
 mod tasks;
+mod tls;
 
 pub use client::Metrics;
 
@@ -31,6 +32,7 @@ use axion_heartbeat::MqttUrl;
 use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +86,15 @@ pub struct BridgeConfig {
     /// Users and ACLs (the broker's auth file): when set, every WebSocket
     /// client must present a bearer token and is held to its user's ACL.
     pub auth: Option<Arc<axion_broker::auth::Auth>>,
+    /// Serve `wss://` (and `/health` over `https://`) instead of plain `ws://`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the bridge's TLS certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl BridgeConfig {
@@ -95,6 +106,7 @@ impl BridgeConfig {
             limits: Limits::default(),
             heartbeat: true,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -110,6 +122,8 @@ pub enum BridgeError {
     },
     #[error("WebSocket server failed: {0}")]
     Serve(std::io::Error),
+    #[error("WebSocket TLS: {0}")]
+    Tls(#[from] axion_broker::tls::TlsError),
     #[error("heartbeat: {0}")]
     Heartbeat(#[from] axion_heartbeat::HeartbeatError),
 }
@@ -120,13 +134,19 @@ pub struct Bridge {
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics: Arc<Metrics>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Bridge {
     /// Binds the WebSocket port, so the caller knows the address (port 0
-    /// picks a free one) before anything runs.
+    /// picks a free one) before anything runs. The TLS certificate, if
+    /// any, is loaded here so a bad one stops start-up with a clear error.
     pub async fn bind(config: BridgeConfig) -> Result<Self, BridgeError> {
         axion_heartbeat::topics::validate_level("package", &config.package)?;
+        let tls = match &config.tls {
+            Some(files) => Some(axion_broker::tls::acceptor(&files.cert, &files.key)?),
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -143,6 +163,7 @@ impl Bridge {
             listener,
             local_addr,
             metrics: Arc::new(Metrics::default()),
+            tls,
         })
     }
 
@@ -174,6 +195,7 @@ impl Bridge {
             listener,
             local_addr,
             metrics,
+            tls,
         } = self;
         let cancel = CancellationToken::new();
         let hub = Arc::new(hub::Hub::new(
@@ -277,22 +299,31 @@ impl Bridge {
             next_key: AtomicU64::new(1),
             started: Instant::now(),
         });
-        tracing::info!(listen = %local_addr, mqtt = %config.mqtt, package = config.package, client_id, "WebSocket bridge up");
+        tracing::info!(listen = %local_addr, tls = tls.is_some(), mqtt = %config.mqtt, package = config.package, client_id, "WebSocket bridge up");
         // Upgraded connections outlive hyper's graceful shutdown, so the
         // same signal cancels them through their parent token.
         let stop_clients = clients_root.clone();
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY on a WebSocket connection");
+        let shutdown = async move {
+            shutdown.await;
+            stop_clients.cancel();
+        };
+        let result = match tls {
+            Some(acceptor) => {
+                tls::serve(listener, acceptor, server::router(shared), shutdown).await;
+                Ok(())
             }
-        });
-        let result = axum::serve(listener, server::router(shared))
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                stop_clients.cancel();
-            })
-            .await
-            .map_err(BridgeError::Serve);
+            None => {
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(error) = tcp.set_nodelay(true) {
+                        tracing::debug!(%error, "TCP_NODELAY on a WebSocket connection");
+                    }
+                });
+                axum::serve(listener, server::router(shared))
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .map_err(BridgeError::Serve)
+            }
+        };
         clients_root.cancel();
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while metrics.clients.load(Ordering::Relaxed) > 0 {

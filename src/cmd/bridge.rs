@@ -2,11 +2,12 @@
 //! 5 broker (Mosquitto, EMQX, or an `axion serve` elsewhere).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_bridge::{Bridge, BridgeConfig, Limits};
+use axion_bridge::{Bridge, BridgeConfig, Limits, TlsFiles};
 use axion_heartbeat::MqttUrl;
 
 /// Bridge limits, shared with `axion serve` (flatten them there).
@@ -46,6 +47,29 @@ impl BridgeLimits {
     }
 }
 
+/// TLS for the WebSocket listener, shared with `axion serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WsTls {
+    /// PEM certificate chain for the WebSocket listener: it then serves wss:// (and /health over https://).
+    #[arg(long, env = "AXION_WS_TLS_CERT", requires = "ws_tls_key")]
+    pub ws_tls_cert: Option<PathBuf>,
+    /// PEM private key matching --ws-tls-cert.
+    #[arg(long, env = "AXION_WS_TLS_KEY", requires = "ws_tls_cert")]
+    pub ws_tls_key: Option<PathBuf>,
+}
+
+impl WsTls {
+    pub fn files(&self) -> Option<TlsFiles> {
+        match (&self.ws_tls_cert, &self.ws_tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// MQTT broker to bridge to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
@@ -57,6 +81,11 @@ pub struct Args {
     /// Package whose events the bridge carries (one topic level).
     #[arg(long, env = "AXION_PACKAGE", default_value = "default")]
     pub package: String,
+    /// TOML file of users, roles and ACLs (as for `axion serve`): WebSocket clients then need a bearer token and are held to their user's ACL.
+    #[arg(long, env = "AXION_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: WsTls,
     #[command(flatten)]
     pub limits: BridgeLimits,
 }
@@ -74,6 +103,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.package,
         );
         config.limits = args.limits.limits();
+        config.tls = args.tls.files();
+        if let Some(path) = &args.auth_file {
+            config.auth = Some(std::sync::Arc::new(axion_broker::auth::Auth::load(path)?));
+            tracing::info!(auth_file = %path.display(), "WebSocket authentication and ACLs on");
+        }
         let bridge = Bridge::bind(config).await?;
         tracing::info!(listen = %bridge.local_addr(), "axion bridge listening");
         bridge.serve(shutdown_signal()).await?;

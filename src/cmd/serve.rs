@@ -13,7 +13,7 @@ use axion_broker::{Broker, BrokerConfig};
 use axion_heartbeat::{spawn_janitor, HeartbeatConfig, HeartbeatPublisher, MqttUrl};
 use tracing::{error, info, warn};
 
-use super::bridge::BridgeLimits;
+use super::bridge::{BridgeLimits, WsTls};
 use super::queues::QueueTuning;
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +64,8 @@ pub struct Args {
     pub queues: QueueTuning,
     #[command(flatten)]
     pub bridge: BridgeLimits,
+    #[command(flatten)]
+    pub ws_tls: WsTls,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -148,6 +150,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let mut bridge_config = BridgeConfig::new(args.ws_listen, local.clone(), args.package.clone());
     bridge_config.limits = args.bridge.limits();
     bridge_config.auth = auth.clone();
+    bridge_config.tls = args.ws_tls.files();
     let bridge = Bridge::bind(bridge_config).await?;
     let ws = bridge.local_addr();
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
