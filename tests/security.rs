@@ -800,3 +800,84 @@ asyncio.run(main())
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The standalone `axion bridge` in front of Mosquitto with `--auth-file`
+/// and `--ws-tls-cert/--ws-tls-key`: readiness over https, a bad token gets
+/// 401, a good one works over wss within its user's ACL; SIGTERM exits 0.
+#[test]
+fn standalone_bridge_takes_an_auth_file_and_serves_wss() {
+    let fx = AuthFixture::new();
+    let (ca, cert, key) = make_certs(fx.dir.path());
+    let broker = common::Mosquitto::start();
+    let ws_port = free_port();
+    let mut bridge = common::spawn_axion(
+        "axion bridge",
+        Command::new(axion_bin())
+            .args(["bridge", "--mqtt", &broker.mqtt_url()])
+            .args(["--ws-listen", &format!("127.0.0.1:{ws_port}")])
+            .arg("--auth-file")
+            .arg(fx.path())
+            .env("AXION_WS_TLS_CERT", &cert)
+            .env("AXION_WS_TLS_KEY", &key),
+    );
+    let script = format!(
+        r#"
+import asyncio, json, ssl, sys, time, urllib.error, urllib.request
+import websockets
+
+BASE = "127.0.0.1:{ws}"
+CTX = ssl.create_default_context(cafile="{ca}")
+
+def fail(why):
+    print("FAIL:", why, file=sys.stderr)
+    sys.exit(1)
+
+def ready():
+    try:
+        return urllib.request.urlopen(f"https://{{BASE}}/health/ready", context=CTX, timeout=2).status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+async def main():
+    end = time.monotonic() + 15
+    while not ready():
+        if time.monotonic() > end:
+            fail("never ready over https")
+        await asyncio.sleep(0.05)
+    try:
+        await websockets.connect(f"wss://{{BASE}}/?token=reader.wrong", ssl=CTX)
+        fail("bad token accepted")
+    except websockets.InvalidStatus as e:
+        if e.response.status_code != 401:
+            fail(f"bad token: status {{e.response.status_code}}")
+    url = f"wss://{{BASE}}/?token={token}"
+    sub = await websockets.connect(url, ssl=CTX)
+    pub = await websockets.connect(url, ssl=CTX)
+    await sub.send(json.dumps({{"action": "subscribe", "topic": "forbidden.zone"}}))
+    reply = json.loads(await asyncio.wait_for(sub.recv(), 5))
+    if "not authorized" not in reply.get("error", ""):
+        fail(f"denied subscribe: {{reply}}")
+    await sub.send(json.dumps({{"action": "subscribe", "topic": "sec.alone"}}))
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        await pub.send(json.dumps({{"action": "publish", "message": {{"type": "sec.alone"}}}}))
+        try:
+            got = json.loads(await asyncio.wait_for(sub.recv(), 0.3))
+        except asyncio.TimeoutError:
+            continue
+        if got.get("event", {{}}).get("type") == "sec.alone":
+            print("ok")
+            return
+        fail(f"unexpected frame {{got}}")
+    fail("event never arrived")
+
+asyncio.run(main())
+"#,
+        ws = ws_port,
+        ca = ca.display(),
+        token = fx.token,
+    );
+    assert_eq!(python(&script).trim(), "ok");
+    bridge.signal(15);
+    assert_eq!(bridge.wait_exit(Duration::from_secs(10)), Some(0));
+}

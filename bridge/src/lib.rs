@@ -122,8 +122,10 @@ pub enum BridgeError {
     },
     #[error("WebSocket server failed: {0}")]
     Serve(std::io::Error),
+    /// Not a `source`: the message already carries it, and error chains
+    /// would print it twice.
     #[error("WebSocket TLS: {0}")]
-    Tls(#[from] axion_broker::tls::TlsError),
+    Tls(axion_broker::tls::TlsError),
     #[error("heartbeat: {0}")]
     Heartbeat(#[from] axion_heartbeat::HeartbeatError),
 }
@@ -144,7 +146,9 @@ impl Bridge {
     pub async fn bind(config: BridgeConfig) -> Result<Self, BridgeError> {
         axion_heartbeat::topics::validate_level("package", &config.package)?;
         let tls = match &config.tls {
-            Some(files) => Some(axion_broker::tls::acceptor(&files.cert, &files.key)?),
+            Some(files) => Some(
+                axion_broker::tls::acceptor(&files.cert, &files.key).map_err(BridgeError::Tls)?,
+            ),
             None => None,
         };
         let listener =
