@@ -28,9 +28,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after an accept error such as EMFILE, which would otherwise spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long shutdown lets HTTP requests in progress finish (a client
+/// trickling its headers would otherwise hold it for the header timeout).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves `router` over TLS on `listener` until `shutdown` completes, then
-/// waits for the HTTP connections to finish.
+/// waits (at most [`DRAIN_TIMEOUT`]) for the HTTP connections to finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -70,8 +73,18 @@ pub(crate) async fn serve(
     }
     drop(listener);
     stop.cancel();
-    while let Some(ended) = connections.join_next().await {
-        log_panic(ended);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(ended) = connections.join_next().await {
+            log_panic(ended);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "wss connections still open at shutdown; closing them"
+        );
+        connections.shutdown().await;
     }
 }
 
