@@ -111,10 +111,10 @@ async fn v311_and_v5_clients_share_one_port_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_message_reaches_a_late_wildcard_subscriber() {
     let serve = Serve::start();
-    let publisher = V4::connect(serve.mqtt_port, "retainer").await;
+    let mut publisher = V4::connect(serve.mqtt_port, "retainer").await;
     publisher.publish("site/a/temp", b"21.5", 1, true).await;
     publisher.publish("site/b/temp", b"19.0", 0, true).await;
-    common::mqtt::settle().await;
+    publisher.round_trip().await;
     let mut late = V5::connect(serve.mqtt_port, "late-dashboard").await;
     late.subscribe("site/+/temp", 1).await;
     let mut got = [recv(&mut late.rx, 5).await, recv(&mut late.rx, 5).await];
@@ -230,7 +230,19 @@ async fn connections_past_the_limit_get_a_connack_refusal() {
     drop(stream);
     // Room frees up when a client leaves, and the listener still works.
     held.clear();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let opts = rumqttc::MqttOptions::new("room-again", "127.0.0.1", serve.mqtt_port);
+        match V4::connect_with(opts).await {
+            Ok(_) => break,
+            Err(rumqttc::ConnectionError::ConnectionRefused(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no room after clients left: {e:?}"),
+        }
+    }
     assert_broker_works(serve.mqtt_port).await;
 }
 
@@ -240,9 +252,17 @@ async fn persistent_shared_member_dropping_with_unacked_qos1_leaves_the_router_a
     let mut opts = rumqttc::MqttOptions::new("lonely-worker", "127.0.0.1", serve.mqtt_port);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
+    // The will tells the test when the broker has dealt with the drop.
+    opts.set_last_will(rumqttc::LastWill::new(
+        "wills/lonely-worker",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
     let mut worker = V4::connect_with(opts).await.expect("persistent worker");
     worker.subscribe("$share/jobs/work/items", 1).await;
-    let producer = V4::connect(serve.mqtt_port, "producer").await;
+    let mut producer = V4::connect(serve.mqtt_port, "producer").await;
+    producer.subscribe("wills/#", 1).await;
     for i in 0..5 {
         producer
             .publish("work/items", format!("job {i}").as_bytes(), 1, false)
@@ -256,7 +276,7 @@ async fn persistent_shared_member_dropping_with_unacked_qos1_leaves_the_router_a
         "persistent $share subscriptions are granted QoS 0"
     );
     worker.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(recv(&mut producer.rx, 5).await.topic, "wills/lonely-worker");
     assert_broker_works(serve.mqtt_port).await;
     // The same persistent client comes back and can work again.
     let mut opts = rumqttc::MqttOptions::new("lonely-worker", "127.0.0.1", serve.mqtt_port);
@@ -542,11 +562,11 @@ async fn delivered_qos_is_the_minimum_of_publish_and_subscription() {
 async fn retained_store_fixes_rumqttd_retained_defects() {
     use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
     let serve = Serve::start();
-    let publisher = V4::connect(serve.mqtt_port, "retain-pub").await;
+    let mut publisher = V4::connect(serve.mqtt_port, "retain-pub").await;
     publisher.publish("keep/me", b"kept", 1, true).await;
     // rumqttd clears a retained message on any empty publish, retained or not.
     publisher.publish("keep/me", b"", 1, false).await;
-    common::mqtt::settle().await;
+    publisher.round_trip().await;
     let mut late = V4::connect(serve.mqtt_port, "retain-late").await;
     late.subscribe("keep/#", 1).await;
     let m = recv(&mut late.rx, 5).await;
@@ -563,7 +583,7 @@ async fn retained_store_fixes_rumqttd_retained_defects() {
     recv_none(&mut rh2.rx, 500).await;
     // An empty retained publish clears it.
     publisher.publish("keep/me", b"", 1, true).await;
-    common::mqtt::settle().await;
+    publisher.round_trip().await;
     let mut after = V4::connect(serve.mqtt_port, "retain-after").await;
     after.subscribe("keep/#", 1).await;
     recv_none(&mut after.rx, 500).await;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axion_heartbeat::fleet::{FleetWatcher, State, WatchOptions};
 use axion_heartbeat::schema::now_unix;
 use axion_heartbeat::MqttUrl;
-use common::{axion_bin, free_port, wait_for_port, Mosquitto, Proc, Serve};
+use common::{axion_bin, free_port, Mosquitto, Proc, Serve};
 use serde_json::{json, Value};
 
 enum Guard {
@@ -501,28 +501,6 @@ fn restarts_are_not_overwritten_by_an_earlier_runs_will() {
     assert_eq!((s, &v["boot_id"]), (State::Online, &current["boot_id"]));
 }
 
-/// Mosquitto on a fixed port, so it can be restarted in place.
-fn mosquitto_on(port: u16, dir: &std::path::Path) -> Proc {
-    let conf = dir.join("m.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mosquitto");
-    wait_for_port(port, Duration::from_secs(10));
-    Proc {
-        child,
-        name: "mosquitto".into(),
-    }
-}
-
 /// A broker that can be killed and started again on the same port.
 enum Restartable {
     Serve(Serve),
@@ -539,7 +517,7 @@ impl Restartable {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
             Restartable::Mosquitto {
-                proc: mosquitto_on(port, dir.path()),
+                proc: common::spawn_mosquitto(port, dir.path()),
                 dir,
                 port,
             }
@@ -562,7 +540,7 @@ impl Restartable {
             Restartable::Mosquitto { proc, dir, port } => {
                 proc.signal(9);
                 let _ = proc.wait_exit(Duration::from_secs(5));
-                *proc = mosquitto_on(*port, dir.path());
+                *proc = common::spawn_mosquitto(*port, dir.path());
             }
         }
     }

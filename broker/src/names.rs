@@ -77,6 +77,14 @@ pub fn split_share(filter: &str) -> (&str, &str) {
     ("", filter)
 }
 
+/// The group of a `$share/<group>/<filter>` filter, if it is one.
+pub fn share_group(filter: &str) -> Option<&str> {
+    let (share, _) = split_share(filter);
+    share
+        .strip_prefix("$share/")
+        .map(|g| g.trim_end_matches('/'))
+}
+
 /// Why a topic name or filter is refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -153,6 +161,8 @@ mod tests {
         assert_eq!(escape_filter("é/+"), "\u{7f}é/+");
         assert_eq!(escape_filter("$share/g/é/#"), "$share/g/\u{7f}é/#");
         assert_eq!(escape_filter("+/é"), "+/é");
+        assert_eq!(share_group("$share/g1/a/#"), Some("g1"));
+        assert_eq!(share_group("a/#"), None);
     }
 
     #[test]

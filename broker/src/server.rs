@@ -228,11 +228,6 @@ impl Broker {
         self.shared.router.is_alive()
     }
 
-    /// Connections currently open.
-    pub fn connections(&self) -> usize {
-        self.shared.sessions.load(Ordering::Relaxed)
-    }
-
     /// Stops accepting, tells every client the server is shutting down and
     /// waits (bounded) for sessions to close.
     pub async fn shutdown(self) {

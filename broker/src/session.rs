@@ -848,10 +848,7 @@ impl Session {
                         local.push((i, self.sub_failure(SubscribeReasonCode::QuotaExceeded)));
                         continue;
                     }
-                    if let Some(group) = share
-                        .strip_prefix("$share/")
-                        .map(|g| g.trim_end_matches('/'))
-                    {
+                    if let Some(group) = names::share_group(&filter.path) {
                         self.shared.join_group(group, &self.router_id);
                         if !self.clean_session {
                             // rumqttd panics ("group must exists") when the
@@ -870,10 +867,8 @@ impl Session {
                     }
                     let new = self.filters.insert(path.clone());
                     if new {
-                        let (share, rest) = names::split_share(&path);
-                        let group = share
-                            .strip_prefix("$share/")
-                            .map(|g| g.trim_end_matches('/'));
+                        let (_, rest) = names::split_share(&path);
+                        let group = names::share_group(&path);
                         let consumer = self.shared.flow.subscribe(
                             rest,
                             group,
@@ -1251,15 +1246,22 @@ impl Session {
                     let qos0 = take_qos0_mark(&mut props);
                     let own = take_origin_mark(&mut props).is_some_and(|o| o == self.router_id);
                     let not_for_me = own && self.only_nolocal_match(&forward.publish.topic);
-                    let publish = forward.publish;
-                    let topic = names::unescape_topic(publish.topic.clone());
+                    let mut publish = forward.publish;
+                    publish.topic = names::unescape_topic(publish.topic);
+                    // Kept only for a QoS 0 publish, which may need
+                    // re-encoding at QoS 0 below.
+                    let downgrade = qos0.then(|| {
+                        (
+                            publish.topic.clone(),
+                            publish.payload.clone(),
+                            publish.retain,
+                            props.clone(),
+                        )
+                    });
                     let start = out.len();
-                    let (payload, retain) = (publish.payload.clone(), publish.retain);
-                    let mut publish = publish;
-                    publish.topic = topic.clone();
-                    self.encode(Packet::Publish(publish, props.clone()), &mut out);
-                    let too_large = not_for_me || out.len() - start > self.client_max_packet;
-                    if too_large {
+                    self.encode(Packet::Publish(publish, props), &mut out);
+                    let oversize = out.len() - start > self.client_max_packet;
+                    if oversize {
                         // MQTT-3.1.2-25: discarded as if sent.
                         debug!(
                             client_id = self.client_id,
@@ -1268,29 +1270,31 @@ impl Session {
                             "message over the client's maximum packet size discarded"
                         );
                     }
-                    if let Some((1, pkid)) = outgoing_qos_pkid(&out[start..]) {
-                        if too_large {
-                            out.truncate(start);
-                        } else if qos0 {
-                            // Published at QoS 0: deliver at QoS 0 and
-                            // acknowledge the router's copy ourselves.
-                            out.truncate(start);
-                            let publish = make_publish(topic, payload, QoS::AtMostOnce, retain, 0);
-                            self.encode(Packet::Publish(publish, props), &mut out);
+                    let discard = not_for_me || oversize;
+                    match outgoing_qos_pkid(&out[start..]) {
+                        Some((1, pkid)) => {
+                            if discard {
+                                out.truncate(start);
+                            } else if let Some((topic, payload, retain, props)) = downgrade {
+                                // Published at QoS 0: deliver at QoS 0.
+                                out.truncate(start);
+                                let publish =
+                                    make_publish(topic, payload, QoS::AtMostOnce, retain, 0);
+                                self.encode(Packet::Publish(publish, props), &mut out);
+                            } else {
+                                self.send_qos1(&mut out, start);
+                            }
+                            // Not sent at QoS 1: acknowledge the router's copy ourselves.
+                            let acked = qos0 || discard;
+                            self.ledger.push_back(Slot {
+                                pkid,
+                                local: false,
+                                acked,
+                            });
+                            release = release || acked;
                         }
-                        if !qos0 && !too_large {
-                            self.send_qos1(&mut out, start);
-                        }
-                        // Not sent to the client: acknowledge the router's copy ourselves.
-                        let acked = qos0 || too_large;
-                        self.ledger.push_back(Slot {
-                            pkid,
-                            local: false,
-                            acked,
-                        });
-                        release = release || acked;
-                    } else if too_large {
-                        out.truncate(start);
+                        _ if discard => out.truncate(start),
+                        _ => {}
                     }
                 }
                 Notification::DeviceAck(ack) => {
@@ -1441,11 +1445,8 @@ impl Session {
             if !which(&sub.path) {
                 return true;
             }
-            let (share, filter) = names::split_share(&sub.path);
-            let last = match share
-                .strip_prefix("$share/")
-                .map(|g| g.trim_end_matches('/'))
-            {
+            let (_, filter) = names::split_share(&sub.path);
+            let last = match names::share_group(&sub.path) {
                 Some(group) => shared.sole_member(group, &self.router_id),
                 None => true,
             };

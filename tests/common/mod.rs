@@ -166,6 +166,29 @@ pub fn spawn_axion(name: &str, cmd: &mut Command) -> Proc {
     }
 }
 
+/// Mosquitto on `port` with its config in `dir`; returns once it listens.
+/// Tests that restart "the broker" call this again with the same port.
+pub fn spawn_mosquitto(port: u16, dir: &Path) -> Proc {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n"),
+    )
+    .expect("write mosquitto.conf");
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mosquitto (scripts/setup.sh installs it)");
+    wait_for_port(port, Duration::from_secs(10));
+    Proc {
+        child,
+        name: "mosquitto".into(),
+    }
+}
+
 /// Mosquitto from apt on a free port: the reference broker, and the
 /// "any external MQTT 5 broker" that standalone components must work with.
 pub struct Mosquitto {
@@ -178,25 +201,9 @@ impl Mosquitto {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\n"),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto (apt-get install mosquitto)");
-        wait_for_port(port, Duration::from_secs(10));
+        let proc = spawn_mosquitto(port, dir.path());
         Mosquitto {
-            proc: Proc {
-                child,
-                name: "mosquitto".into(),
-            },
+            proc,
             port,
             _dir: dir,
         }

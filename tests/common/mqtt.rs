@@ -95,6 +95,17 @@ impl V4 {
             .expect("publish");
     }
 
+    /// Returns once everything this client published before has been
+    /// routed: a probe on a topic of its own comes back after it (per-client
+    /// order). For a client without other subscriptions: what arrives before
+    /// the probe is dropped.
+    pub async fn round_trip(&mut self) {
+        let topic = probe_topic();
+        self.subscribe(&topic, 1).await;
+        self.publish(&topic, b"probe", 1, false).await;
+        while recv(&mut self.rx, 10).await.topic != topic {}
+    }
+
     /// Drops the TCP connection without DISCONNECT (as a crash would).
     pub fn kill(self) {
         self.task.abort();
@@ -206,11 +217,14 @@ async fn wait_suback(subacks: &mut tokio::sync::watch::Receiver<u64>, before: u6
         .expect("client event loop running");
 }
 
-/// Gives publishes already sent time to be routed, for tests that then
-/// check something arrives *later* (a late subscriber, a cleared message).
-/// A PUBACK would be the event to await, but rumqttc does not expose it.
-pub async fn settle() {
-    tokio::time::sleep(Duration::from_millis(150)).await;
+fn probe_topic() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "axion-test/probe/{}/{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn qos_v4(q: u8) -> rumqttc::QoS {
