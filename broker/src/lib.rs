@@ -18,6 +18,7 @@ pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod flow;
+pub mod marks;
 pub mod names;
 pub mod queues;
 pub mod retained;

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
 
 use crate::flow::Flow;
+use crate::marks::Needed;
 use crate::retained::{Retained, RetainedStore, Stored};
 use crate::router::RouterHandle;
 use crate::{session, BrokerConfig};
@@ -44,26 +45,29 @@ pub struct Shared {
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
     pub flow: Flow,
-    /// Set once any client subscribes with MQTT 5 No Local; until then
-    /// publishes carry no origin marker (see `session`).
-    pub any_nolocal: std::sync::atomic::AtomicBool,
+    /// What publishes must carry for their subscribers (see [`crate::marks`]).
+    pub needed: Needed,
 }
 
 impl Shared {
-    /// Turns a validated, router-form PUBLISH into what the router gets:
-    /// a retained message goes to the front end's store and on as live
-    /// traffic; a QoS 0 publish is marked so it is delivered at QoS 0.
+    /// Turns a validated, router-form PUBLISH from `origin` (a router id)
+    /// into what the router gets: a retained message goes to the front
+    /// end's store and on as live traffic, and the publish carries the
+    /// [`crate::marks`] its subscribers need.
     pub fn prepare_publish(
         &self,
         mut publish: Publish,
         qos: u8,
         props: Option<PublishProperties>,
+        origin: Option<&str>,
     ) -> Packet {
+        let mark = self
+            .needed
+            .mark(qos, publish.retain, props.as_ref(), origin);
         if publish.retain && !publish.topic.is_empty() {
             let stored_props = props.clone().map(|mut p| {
                 p.topic_alias = None;
                 p.subscription_identifiers.clear();
-                p.user_properties.retain(|(k, _)| k != session::ORIGIN_MARK);
                 p
             });
             let mut store = self.retained.lock().unwrap_or_else(|p| p.into_inner());
@@ -83,12 +87,7 @@ impl Shared {
             }
             publish.retain = false;
         }
-        let props = if qos == 0 {
-            session::mark_qos0(props)
-        } else {
-            props
-        };
-        Packet::Publish(publish, props)
+        Packet::Publish(publish, mark.attach(props))
     }
 
     /// Retained messages for a router-form filter.
@@ -190,7 +189,7 @@ impl Broker {
             groups: Mutex::new(HashMap::new()),
             retained,
             flow,
-            any_nolocal: std::sync::atomic::AtomicBool::new(false),
+            needed: Needed::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tls = tls_listener.map(|(listener, addr, acceptor)| {

@@ -1,0 +1,208 @@
+//! What the front end must still know about a publish when it delivers it.
+//!
+//! rumqttd's router stores a publish once and hands it to every matching
+//! subscriber without saying at which QoS it was published, whether it was
+//! retained, when it arrived or who sent it. MQTT needs all four at delivery
+//! time: delivered QoS = min(publish, subscription), retain-as-published,
+//! message expiry counted from arrival, and No Local. So the front end
+//! writes them into one user property on the way in and takes it off on
+//! the way out; no subscriber ever sees it. A publish that needs none of
+//! them (QoS 1 with no QoS 2 subscriber anywhere, no expiry, no No Local or
+//! retain-as-published subscription) carries no mark and costs nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use rumqttd::protocol::PublishProperties;
+
+/// The user property's key; it is always the last user property.
+pub const KEY: &str = "axion";
+
+/// Facts about one publish, as written into its mark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mark {
+    /// QoS the publisher used, when a subscriber might get more.
+    pub qos: Option<u8>,
+    /// The publisher set RETAIN (the router only sees live traffic).
+    pub retain: bool,
+    /// When the broker received it, in [`now_ms`] time, if it expires.
+    pub received_ms: Option<u64>,
+    /// The publishing client's router id, for No Local.
+    pub origin: Option<String>,
+}
+
+impl Mark {
+    fn is_empty(&self) -> bool {
+        *self == Mark::default()
+    }
+
+    fn encode(&self) -> String {
+        let mut s = String::new();
+        if let Some(q) = self.qos {
+            s.push_str(&format!("q{q};"));
+        }
+        if self.retain {
+            s.push_str("r;");
+        }
+        if let Some(t) = self.received_ms {
+            s.push_str(&format!("t{t};"));
+        }
+        // Last, because a client id may contain `;`.
+        if let Some(o) = &self.origin {
+            s.push('o');
+            s.push_str(o);
+        }
+        s
+    }
+
+    fn decode(mut s: &str) -> Mark {
+        let mut mark = Mark::default();
+        while !s.is_empty() {
+            if let Some(origin) = s.strip_prefix('o') {
+                mark.origin = Some(origin.to_string());
+                break;
+            }
+            let (field, rest) = s.split_once(';').unwrap_or((s, ""));
+            s = rest;
+            match field.split_at(1) {
+                ("q", q) => mark.qos = q.parse().ok(),
+                ("r", _) => mark.retain = true,
+                ("t", t) => mark.received_ms = t.parse().ok(),
+                _ => {}
+            }
+        }
+        mark
+    }
+
+    /// Appends this mark to `props` (nothing if there is nothing to say).
+    pub fn attach(self, props: Option<PublishProperties>) -> Option<PublishProperties> {
+        if self.is_empty() {
+            return props;
+        }
+        let mut p = props.unwrap_or_default();
+        p.user_properties.push((KEY.to_string(), self.encode()));
+        Some(p)
+    }
+
+    /// Removes the mark from `props`, leaving `None` if nothing else was there.
+    pub fn take(props: &mut Option<PublishProperties>) -> Mark {
+        let Some(p) = props.as_mut() else {
+            return Mark::default();
+        };
+        if p.user_properties.last().is_none_or(|(k, _)| k != KEY) {
+            return Mark::default();
+        }
+        let mark = p
+            .user_properties
+            .pop()
+            .map(|(_, v)| Mark::decode(&v))
+            .unwrap_or_default();
+        if *p == PublishProperties::default() {
+            *props = None;
+        }
+        mark
+    }
+}
+
+/// Which facts any subscription so far needs; each flag is set once and
+/// stays set, so publishes carry only the marks someone may use.
+#[derive(Debug, Default)]
+pub struct Needed {
+    /// A subscription with MQTT 5 No Local exists.
+    pub origin: AtomicBool,
+    /// A QoS 2 subscription exists: QoS 1 publishes need their QoS.
+    pub qos1: AtomicBool,
+    /// A subscription with retain-as-published exists.
+    pub retain: AtomicBool,
+}
+
+impl Needed {
+    /// The mark for a publish at `qos` from `origin` with these properties.
+    pub fn mark(
+        &self,
+        qos: u8,
+        retain: bool,
+        props: Option<&PublishProperties>,
+        origin: Option<&str>,
+    ) -> Mark {
+        let wanted = |flag: &AtomicBool| flag.load(Ordering::Relaxed);
+        Mark {
+            qos: (qos == 0 || (qos == 1 && wanted(&self.qos1))).then_some(qos),
+            retain: retain && wanted(&self.retain),
+            received_ms: props
+                .and_then(|p| p.message_expiry_interval)
+                .map(|_| now_ms()),
+            origin: origin.filter(|_| wanted(&self.origin)).map(str::to_string),
+        }
+    }
+
+    pub fn set(flag: &AtomicBool) {
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Milliseconds on a clock private to this process, for message expiry.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What is left of a message expiry interval after the message waited
+/// from `received_ms` to `now_ms`; `None` once it has expired
+/// (MQTT-3.3.2-5/6).
+pub fn remaining_expiry(interval_secs: u32, received_ms: u64, now_ms: u64) -> Option<u32> {
+    let waited = now_ms.saturating_sub(received_ms) / 1000;
+    u32::try_from(waited)
+        .ok()
+        .and_then(|w| interval_secs.checked_sub(w))
+        .filter(|left| *left > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_survive_the_round_trip_and_leave_other_properties_alone() {
+        let mark = Mark {
+            qos: Some(1),
+            retain: true,
+            received_ms: Some(1234),
+            origin: Some("a;b%2Fc".into()),
+        };
+        let props = PublishProperties {
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        };
+        let mut props = mark.clone().attach(Some(props));
+        assert_eq!(Mark::take(&mut props), mark);
+        assert_eq!(
+            props.unwrap().user_properties,
+            vec![("k".into(), "v".into())]
+        );
+    }
+
+    #[test]
+    fn an_empty_mark_adds_nothing_and_taking_from_nothing_is_empty() {
+        assert_eq!(Mark::default().attach(None), None);
+        let mut props = Mark {
+            qos: Some(0),
+            ..Default::default()
+        }
+        .attach(None);
+        assert_eq!(Mark::take(&mut props).qos, Some(0));
+        assert_eq!(props, None);
+        assert_eq!(Mark::take(&mut None), Mark::default());
+    }
+
+    #[test]
+    fn expiry_counts_whole_seconds_waited() {
+        assert_eq!(remaining_expiry(5, 10_000, 10_000), Some(5));
+        assert_eq!(remaining_expiry(5, 10_000, 12_500), Some(3));
+        assert_eq!(remaining_expiry(2, 10_000, 12_000), None);
+        assert_eq!(remaining_expiry(2, 10_000, 9_000), Some(2));
+    }
+}

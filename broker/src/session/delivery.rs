@@ -1,0 +1,454 @@
+//! Router to client: each delivery at the QoS, retain flag and expiry MQTT
+//! asks for, the ledger that hands acknowledgements back to the router in
+//! the order it insists on, the client's receive window, and the retained
+//! messages the front end sends itself.
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
+    PublishProperties, QoS, UnsubAck, UnsubAckReason,
+};
+use rumqttd::Notification;
+use tracing::debug;
+
+use super::{make_publish, now_or_never, Ending, Session};
+use crate::marks::{self, Mark};
+use crate::names;
+
+/// Packet ids the front end uses for its own QoS 1 and 2 publishes,
+/// above the router's range.
+pub(super) const LOCAL_PKIDS: std::ops::RangeInclusive<u16> = 1000..=u16::MAX;
+
+/// One publish the router handed over with QoS > 0, or one the front end
+/// sent itself. rumqttd disconnects a link that acknowledges out of order
+/// (PUBACK and PUBREC alike), while MQTT lets clients acknowledge in any
+/// order: the ledger releases acknowledgements to the router in the order
+/// it sent. Local slots are never released to the router; deliveries the
+/// client will not acknowledge (sent at QoS 0, or discarded) are acked at
+/// once.
+#[derive(Debug)]
+pub(super) struct Slot {
+    pub(super) pkid: u16,
+    pub(super) local: bool,
+    pub(super) acked: bool,
+    /// The router sent it at QoS 2: it expects PUBREC, not PUBACK.
+    pub(super) rec: bool,
+}
+
+impl Session {
+    /// True if every subscription of this client matching the router-form
+    /// `topic` asked for No Local (the router delivers one copy per
+    /// matching subscription and does not say which).
+    pub(super) fn only_nolocal_match(&self, topic: &Bytes) -> bool {
+        if self.nolocal_filters.is_empty() {
+            return false;
+        }
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return false;
+        };
+        let mut any = false;
+        for filter in &self.filters {
+            let (share, f) = names::split_share(filter);
+            if !share.is_empty() || !rumqttd::protocol::matches(topic, f) {
+                continue;
+            }
+            if !self.nolocal_filters.contains(filter) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// Sends the QoS 1 or 2 publish encoded at `out[start..]` now, or keeps
+    /// it until the client's receive window has room (MQTT-4.9.0-2).
+    pub(super) fn send_windowed(&mut self, out: &mut BytesMut, start: usize) {
+        if self.at_client < self.receive_max && self.window.is_empty() {
+            self.at_client += 1;
+        } else {
+            self.window.push_back(out.split_off(start));
+        }
+    }
+
+    /// One QoS 1 or 2 flow with the client ended: send what waits for room.
+    pub(super) fn window_freed(&mut self, reply: &mut BytesMut) {
+        self.at_client = self.at_client.saturating_sub(1);
+        while self.at_client < self.receive_max {
+            let Some(waiting) = self.window.pop_front() else {
+                break;
+            };
+            reply.extend_from_slice(&waiting);
+            self.at_client += 1;
+        }
+    }
+
+    /// The client acknowledged `pkid` (PUBACK, or PUBREC for QoS 2):
+    /// releases, in order, every acknowledgement the router may now have.
+    /// `Some(local)` if the ledger knew it, `None` if not (the caller
+    /// passes the ack on unchanged).
+    pub(super) fn acked(&mut self, pkid: u16, to_router: &mut Vec<Packet>) -> Option<bool> {
+        let slot = self
+            .ledger
+            .iter_mut()
+            .find(|s| s.pkid == pkid && !s.acked)?;
+        slot.acked = true;
+        let local = slot.local;
+        self.release_acks(to_router);
+        Some(local)
+    }
+
+    pub(super) fn release_acks(&mut self, to_router: &mut Vec<Packet>) {
+        while self.ledger.front().is_some_and(|s| s.acked) {
+            if let Some(slot) = self.ledger.pop_front() {
+                if slot.local {
+                    continue;
+                }
+                to_router.push(if slot.rec {
+                    pubrec(slot.pkid)
+                } else {
+                    puback(slot.pkid)
+                });
+            }
+        }
+    }
+
+    pub(super) fn local_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_local_pkid;
+            self.next_local_pkid = if pkid == *LOCAL_PKIDS.end() {
+                *LOCAL_PKIDS.start()
+            } else {
+                pkid + 1
+            };
+            if !self.ledger.iter().any(|s| s.pkid == pkid) && !self.local_pubrel.contains(&pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    /// Writes the retained messages for the filters of SUBSCRIBE `pkid`.
+    pub(super) fn deliver_retained(&mut self, pkid: u16, out: &mut BytesMut) {
+        let Some(filters) = self.pending_retained.remove(&pkid) else {
+            return;
+        };
+        for (filter, sub_qos) in filters {
+            for (topic, retained) in self.shared.retained_matching(&filter) {
+                let (qos, pkid) = match retained.qos.min(sub_qos) {
+                    0 => (QoS::AtMostOnce, 0),
+                    1 => (QoS::AtLeastOnce, self.local_pkid()),
+                    _ => (QoS::ExactlyOnce, self.local_pkid()),
+                };
+                if pkid != 0 {
+                    self.ledger.push_back(Slot {
+                        pkid,
+                        local: true,
+                        acked: false,
+                        rec: false,
+                    });
+                }
+                let publish = make_publish(
+                    names::unescape_topic(topic),
+                    retained.payload,
+                    qos,
+                    true,
+                    pkid,
+                );
+                let start = out.len();
+                self.encode(Packet::Publish(publish, retained.properties), out);
+                if pkid != 0 {
+                    self.send_windowed(out, start);
+                }
+            }
+        }
+    }
+
+    /// Writes one router notification (and any already queued behind it).
+    pub(super) async fn outgoing(&mut self, first: Notification) -> Option<Ending> {
+        let mut out = BytesMut::new();
+        let mut wake = false;
+        let mut release = false;
+        let mut delivered = false;
+        let mut ending = None;
+        let mut next = Some(first);
+        let mut budget = 1024;
+        let mut router_acks = Vec::new();
+        while let Some(notification) = next.take() {
+            match notification {
+                Notification::Forward(forward) => {
+                    self.delivered(&forward.publish.topic, &forward.publish.payload);
+                    delivered = true;
+                    release |= self.deliver(forward.publish, forward.properties, &mut out);
+                }
+                Notification::DeviceAck(ack) => match self.patch_ack(Packet::from(ack)) {
+                    // A QoS 2 delivery the client got at a lower QoS: its
+                    // flow with the router ends here.
+                    Packet::PubRel(rel, _) if self.downgraded.remove(&rel.pkid) => {
+                        router_acks.push(pubcomp(rel.pkid));
+                    }
+                    packet => {
+                        let suback = match &packet {
+                            Packet::SubAck(s, _) => Some(s.pkid),
+                            _ => None,
+                        };
+                        self.encode(packet, &mut out);
+                        if let Some(pkid) = suback {
+                            self.deliver_retained(pkid, &mut out);
+                        }
+                    }
+                },
+                Notification::Unschedule => wake = true,
+                Notification::Disconnect(disconnect, props) => {
+                    self.encode(Packet::Disconnect(disconnect, props), &mut out);
+                    ending = Some(Ending::Lost);
+                    break;
+                }
+                _ => {}
+            }
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+            next = match now_or_never(self.link_rx.next()).await {
+                Some(Ok(Some(n))) => Some(n),
+                Some(Err(_)) => {
+                    ending = Some(Ending::Kicked);
+                    None
+                }
+                _ => None,
+            };
+        }
+        if !self.send_bytes(out).await {
+            return Some(ending.unwrap_or(Ending::Lost));
+        }
+        if delivered {
+            self.shared.flow.progressed();
+        }
+        if release {
+            self.release_acks(&mut router_acks);
+        }
+        if self.forward(router_acks).await.is_err() {
+            return Some(Ending::Kicked);
+        }
+        if wake && self.link_rx.wake().await.is_err() {
+            return Some(Ending::Kicked);
+        }
+        ending
+    }
+
+    /// Encodes one publish from the router into `out` as this client must
+    /// get it: at min(publish QoS, subscription QoS), with retain as
+    /// published if asked, its expiry reduced by the time it waited, and
+    /// not at all if it expired, exceeds the client's maximum packet size
+    /// or is the client's own under No Local. True if the ledger holds an
+    /// acknowledgement to release now.
+    pub(super) fn deliver(
+        &mut self,
+        mut publish: Publish,
+        mut props: Option<PublishProperties>,
+        out: &mut BytesMut,
+    ) -> bool {
+        let mark = Mark::take(&mut props);
+        let own = mark.origin.as_deref() == Some(self.router_id.as_str());
+        let not_for_me = own && self.only_nolocal_match(&publish.topic);
+        let mut expired = false;
+        if let (Some(received), Some(p)) = (mark.received_ms, props.as_mut()) {
+            if let Some(interval) = p.message_expiry_interval {
+                match marks::remaining_expiry(interval, received, marks::now_ms()) {
+                    Some(left) => p.message_expiry_interval = Some(left),
+                    None => expired = true,
+                }
+            }
+        }
+        let as_published = mark.retain && self.retain_as_published(&publish.topic);
+        publish.topic = names::unescape_topic(publish.topic);
+        // Kept only for a QoS 0 publish, which may need re-encoding.
+        let at_qos0 = (mark.qos == Some(0)).then(|| {
+            (
+                publish.topic.clone(),
+                publish.payload.clone(),
+                props.clone(),
+            )
+        });
+        let start = out.len();
+        self.encode(Packet::Publish(publish, props), out);
+        let oversize = out.len() - start > self.client_max_packet;
+        if oversize {
+            // MQTT-3.1.2-25: discarded as if sent.
+            debug!(
+                client_id = self.client_id,
+                size = out.len() - start,
+                max = self.client_max_packet,
+                "message over the client's maximum packet size discarded"
+            );
+        }
+        let discard = not_for_me || oversize || expired;
+        let Some((router_qos, pkid)) = outgoing_qos_pkid(&out[start..]) else {
+            if discard {
+                out.truncate(start);
+            } else if as_published {
+                out[start] |= 0x01;
+            }
+            return false;
+        };
+        let qos = router_qos.min(mark.qos.unwrap_or(2));
+        if discard {
+            out.truncate(start);
+        } else if qos == 0 {
+            out.truncate(start);
+            if let Some((topic, payload, props)) = at_qos0 {
+                let publish = make_publish(topic, payload, QoS::AtMostOnce, as_published, 0);
+                self.encode(Packet::Publish(publish, props), out);
+            }
+        } else {
+            // Same length at QoS 1 and 2: patch the fixed header in place.
+            out[start] = (out[start] & !0x06) | (qos << 1) | u8::from(as_published);
+            self.send_windowed(out, start);
+        }
+        // Not sent with an acknowledgement to come: ack the router's copy now.
+        let acked = discard || qos == 0;
+        self.ledger.push_back(Slot {
+            pkid,
+            local: false,
+            acked,
+            rec: router_qos == 2,
+        });
+        if router_qos == 2 && (acked || qos < 2) {
+            self.downgraded.insert(pkid);
+        }
+        acked
+    }
+
+    /// True if a subscription of this client matching the router-form
+    /// `topic` asked for retain-as-published.
+    pub(super) fn retain_as_published(&self, topic: &Bytes) -> bool {
+        if self.rap_filters.is_empty() {
+            return false;
+        }
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return false;
+        };
+        self.rap_filters.iter().any(|filter| {
+            let (_, f) = names::split_share(filter);
+            rumqttd::protocol::matches(topic, f)
+        })
+    }
+
+    /// Splices the front end's own answers into the router's SUBACK/UNSUBACK.
+    pub(super) fn patch_ack(&mut self, packet: Packet) -> Packet {
+        match packet {
+            Packet::SubAck(mut suback, props) => {
+                if let Some(patches) = self.suback_patches.remove(&suback.pkid) {
+                    for (i, code) in patches {
+                        let at = i.min(suback.return_codes.len());
+                        suback.return_codes.insert(at, code);
+                    }
+                }
+                Packet::SubAck(suback, props)
+            }
+            Packet::UnsubAck(unsuback, props) => {
+                let reasons = match self.unsuback_patches.remove(&unsuback.pkid) {
+                    Some(known) => known
+                        .into_iter()
+                        .map(|k| {
+                            if k {
+                                UnsubAckReason::Success
+                            } else {
+                                UnsubAckReason::NoSubscriptionExisted
+                            }
+                        })
+                        .collect(),
+                    None => unsuback.reasons,
+                };
+                Packet::UnsubAck(
+                    UnsubAck {
+                        pkid: unsuback.pkid,
+                        reasons,
+                    },
+                    props,
+                )
+            }
+            other => other,
+        }
+    }
+
+    /// Counts a forwarded message against every subscription it matches.
+    pub(super) fn delivered(&self, topic: &Bytes, payload: &Bytes) {
+        let size = (topic.len() + payload.len()) as u64;
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return;
+        };
+        for sub in &self.consumers {
+            let (_, filter) = names::split_share(&sub.path);
+            if rumqttd::protocol::matches(topic, filter) {
+                sub.consumer.delivered(size);
+            }
+        }
+    }
+
+    /// Stops flow control for the subscriptions whose path satisfies `which`.
+    pub(super) fn drop_consumers(&mut self, which: impl Fn(&str) -> bool) {
+        let shared = self.shared.clone();
+        self.consumers.retain(|sub| {
+            if !which(&sub.path) {
+                return true;
+            }
+            let (_, filter) = names::split_share(&sub.path);
+            let last = match names::share_group(&sub.path) {
+                Some(group) => shared.sole_member(group, &self.router_id),
+                None => true,
+            };
+            shared.flow.unsubscribe(filter, &sub.consumer, last);
+            false
+        });
+    }
+}
+
+/// QoS and packet id of an encoded PUBLISH with QoS > 0.
+fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
+    let byte1 = *packet.first()?;
+    let qos = (byte1 >> 1) & 0x03;
+    if byte1 >> 4 != 3 || qos == 0 {
+        return None;
+    }
+    let mut i = 1;
+    while *packet.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let topic_len = usize::from(u16::from_be_bytes([*packet.get(i)?, *packet.get(i + 1)?]));
+    let at = i + 2 + topic_len;
+    Some((
+        qos,
+        u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]),
+    ))
+}
+
+fn pubrec(pkid: u16) -> Packet {
+    Packet::PubRec(
+        PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+pub(super) fn pubcomp(pkid: u16) -> Packet {
+    Packet::PubComp(
+        PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        },
+        None,
+    )
+}
+
+fn puback(pkid: u16) -> Packet {
+    Packet::PubAck(
+        PubAck {
+            pkid,
+            reason: PubAckReason::Success,
+        },
+        None,
+    )
+}

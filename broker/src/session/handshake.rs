@@ -1,0 +1,348 @@
+//! The CONNECT: vetting it, refusing with the right CONNACK, registering with the router.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::protocol::{ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::delivery::LOCAL_PKIDS;
+use super::{write_loop, Reader, Session, Writer, WRITE_QUEUE};
+use crate::auth::LoginError;
+use crate::codec::{self, Codec, Frame};
+use crate::names;
+use crate::server::Shared;
+
+async fn write_once(stream: &mut Writer, codec: &Codec, packet: Packet) {
+    let mut out = BytesMut::new();
+    if codec.write(packet, &mut out).is_ok() {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+    }
+}
+
+/// A CONNACK refusal (v4 code for 3.1.1 clients, v5 reason otherwise).
+fn refusal(codec: &Codec, v4: ConnectReturnCode, v5: ConnectReturnCode, reason: &str) -> Packet {
+    if codec.is_v5() {
+        let props = ConnAckProperties {
+            reason_string: Some(reason.to_string()),
+            ..Default::default()
+        };
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: v5,
+            },
+            Some(props),
+        )
+    } else {
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: v4,
+            },
+            None,
+        )
+    }
+}
+
+/// Reads and vets the CONNECT, registers with the router and answers CONNACK.
+pub(super) async fn handshake(
+    mut reader: Reader,
+    mut stream: Writer,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<Session> {
+    let max = shared.config.max_packet_size;
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = Instant::now() + shared.config.connect_timeout;
+    let (byte1, len) = loop {
+        match codec::frame(&buf, max) {
+            Frame::Complete { byte1, len, .. } => break (byte1, len),
+            Frame::TooLarge { remaining } => {
+                // The level is readable if the CONNECT header already arrived.
+                if let Some(codec) = codec::connect_level(&buf).and_then(Codec::for_level) {
+                    let p = refusal(
+                        &codec,
+                        ConnectReturnCode::ServiceUnavailable,
+                        ConnectReturnCode::PacketTooLarge,
+                        "CONNECT exceeds the maximum packet size",
+                    );
+                    write_once(&mut stream, &codec, p).await;
+                }
+                warn!(%peer, remaining, max, "refused oversize CONNECT");
+                return None;
+            }
+            Frame::Malformed => {
+                debug!(%peer, "malformed first packet");
+                return None;
+            }
+            Frame::Incomplete => {}
+        }
+        match tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                debug!(%peer, "no CONNECT within the connect timeout");
+                return None;
+            }
+        }
+    };
+    if byte1 >> 4 != 1 {
+        debug!(%peer, byte1, "first packet is not CONNECT");
+        return None;
+    }
+    let Some(mut codec) = codec::connect_level(&buf[..len]).and_then(Codec::for_level) else {
+        // 3.1.1's answer to an unsupported level (MQTT-3.1.2-2).
+        let p = Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::RefusedProtocolVersion,
+            },
+            None,
+        );
+        write_once(&mut stream, &Codec::V4(rumqttd::protocol::v4::V4), p).await;
+        debug!(%peer, "unsupported protocol level");
+        return None;
+    };
+    if byte1 & 0x0f != 0 {
+        debug!(%peer, "CONNECT with reserved flags set");
+        return None;
+    }
+    // Malformed connect flags: close without CONNACK (MQTT-3.2.2-6).
+    let level = if codec.is_v5() { 5 } else { 4 };
+    match codec::connect_flags(&buf[..len]).map(|f| codec::check_connect_flags(f, level)) {
+        Some(Ok(())) => {}
+        Some(Err(why)) => {
+            debug!(%peer, why, "malformed CONNECT flags");
+            return None;
+        }
+        None => return None,
+    }
+    let (connect, props, will, will_props, login) = match codec.read(&mut buf, max) {
+        Ok(Packet::Connect(connect, props, will, will_props, login)) => {
+            (connect, props, will, will_props, login)
+        }
+        Ok(_) => return None,
+        Err(err) => {
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::RefusedProtocolVersion,
+                ConnectReturnCode::MalformedPacket,
+                "malformed CONNECT",
+            );
+            write_once(&mut stream, &codec, p).await;
+            debug!(%peer, %err, "malformed CONNECT");
+            return None;
+        }
+    };
+    let Connect {
+        keep_alive,
+        client_id,
+        clean_session,
+    } = connect;
+    // MQTT-1.5.4-2: no U+0000 in UTF-8 strings.
+    if client_id.contains('\0') || login.as_ref().is_some_and(|l| l.username.contains('\0')) {
+        debug!(%peer, "NUL in the client id or user name");
+        return None;
+    }
+    // MQTT-3.1.2-24 (v5): the client's Maximum Packet Size.
+    let client_max_packet = props
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .map_or(usize::MAX, |m| m as usize);
+    let receive_max = props
+        .as_ref()
+        .and_then(|p| p.receive_maximum)
+        .map_or(usize::from(u16::MAX), usize::from);
+
+    if shared.sessions.load(Ordering::Relaxed) > shared.config.max_connections {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(%peer, client_id, max = shared.config.max_connections, "connection limit reached; refused with CONNACK");
+        let p = refusal(
+            &codec,
+            ConnectReturnCode::ServiceUnavailable,
+            ConnectReturnCode::ServerBusy,
+            "connection limit reached",
+        );
+        write_once(&mut stream, &codec, p).await;
+        return None;
+    }
+    if client_id.len() > names::MAX_CLIENT_ID || (client_id.is_empty() && !clean_session) {
+        let p = refusal(
+            &codec,
+            ConnectReturnCode::ClientIdentifierNotValid,
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "client id is too long, or empty with a persistent session",
+        );
+        write_once(&mut stream, &codec, p).await;
+        info!(%peer, len = client_id.len(), "refused client id");
+        return None;
+    }
+    let assigned = client_id.is_empty();
+    let client_id = if assigned {
+        format!("axion-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        client_id
+    };
+    let principal = match &shared.config.auth {
+        None => None,
+        Some(auth) => {
+            let auth = auth.clone();
+            let (user, pass) = match login {
+                Some(l) => (Some(l.username), Some(l.password)),
+                None => (None, None),
+            };
+            let user_for_log = user.clone();
+            // argon2 takes milliseconds of CPU: keep it off the async threads.
+            let checked = tokio::task::spawn_blocking(move || {
+                auth.login(user.as_deref(), pass.as_deref().map(str::as_bytes))
+            })
+            .await;
+            match checked {
+                Ok(Ok(principal)) => Some(principal),
+                Ok(Err(why)) => {
+                    if let Some(auth) = &shared.config.auth {
+                        auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    warn!(%peer, client_id, user = user_for_log.as_deref().unwrap_or(""), reason = why.as_str(), "connect refused");
+                    let (v4, v5) = match why {
+                        LoginError::BadCredentials => (
+                            ConnectReturnCode::BadUserNamePassword,
+                            ConnectReturnCode::BadUserNamePassword,
+                        ),
+                        LoginError::NotAuthorized => (
+                            ConnectReturnCode::NotAuthorized,
+                            ConnectReturnCode::NotAuthorized,
+                        ),
+                    };
+                    write_once(&mut stream, &codec, refusal(&codec, v4, v5, why.as_str())).await;
+                    return None;
+                }
+                Err(err) => {
+                    warn!(%peer, %err, "login check failed");
+                    return None;
+                }
+            }
+        }
+    };
+    if let (Some(auth), Some(principal), Some(w)) = (&shared.config.auth, &principal, &will) {
+        // A will is a publish made later on the client's behalf: same rules.
+        let topic = String::from_utf8_lossy(&w.topic);
+        if let Err(why) = auth.may_publish(principal, &client_id, &topic) {
+            auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, client_id, user = principal.user.as_deref().unwrap_or(""), %topic, reason = why.as_str(), "connect refused: will topic denied");
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::NotAuthorized,
+                ConnectReturnCode::NotAuthorized,
+                "will topic not allowed",
+            );
+            write_once(&mut stream, &codec, p).await;
+            return None;
+        }
+    }
+    let will = match will {
+        Some(mut w) => {
+            if names::check_topic(&w.topic).is_err() || w.topic.is_empty() {
+                let p = refusal(
+                    &codec,
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    ConnectReturnCode::TopicNameInvalid,
+                    "invalid will topic",
+                );
+                write_once(&mut stream, &codec, p).await;
+                return None;
+            }
+            w.topic = names::escape_topic(w.topic);
+            Some((w, will_props))
+        }
+        None => None,
+    };
+
+    let router_id = names::router_client_id(&client_id);
+    let link = {
+        let shared = shared.clone();
+        let router_id = router_id.clone();
+        tokio::task::spawn_blocking(move || shared.router.connect(&router_id, clean_session)).await
+    };
+    let (link_tx, link_rx, connack) = match link {
+        Ok(Ok(link)) => link,
+        other => {
+            warn!(%peer, client_id, error = ?other.err().map(|e| e.to_string()), router_alive = shared.router.is_alive(), "router refused the link");
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::ServiceUnavailable,
+                ConnectReturnCode::ServerUnavailable,
+                "broker unavailable",
+            );
+            write_once(&mut stream, &codec, p).await;
+            return None;
+        }
+    };
+    let connack = match Option::<Packet>::from(connack) {
+        Some(Packet::ConnAck(ack, props)) => {
+            let mut props = props.unwrap_or_default();
+            props.max_packet_size = u32::try_from(max).ok();
+            if assigned {
+                props.assigned_client_identifier = Some(client_id.clone());
+            }
+            Packet::ConnAck(ack, Some(props))
+        }
+        _ => return None,
+    };
+    let mut out = BytesMut::new();
+    if codec.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
+        return None;
+    }
+    debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, keep_alive, "client connected");
+
+    let read_half = reader;
+    let (writer, rx) = mpsc::channel(WRITE_QUEUE);
+    let writer_task = tokio::spawn(write_loop(stream, rx, peer));
+    Some(Session {
+        peer,
+        client_id,
+        router_id,
+        clean_session,
+        client_max_packet,
+        receive_max,
+        at_client: 0,
+        window: VecDeque::new(),
+        nolocal_filters: HashSet::new(),
+        rap_filters: HashSet::new(),
+        downgraded: HashSet::new(),
+        local_pubrel: HashSet::new(),
+        // MQTT-3.1.2-24: the server allows one and a half times the keep-alive.
+        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        codec,
+        shared: shared.clone(),
+        link_tx,
+        link_rx,
+        read_half,
+        writer,
+        writer_task,
+        inbuf: buf,
+        will,
+        filters: HashSet::new(),
+        suback_patches: HashMap::new(),
+        unsuback_patches: HashMap::new(),
+        ledger: VecDeque::new(),
+        pending_retained: HashMap::new(),
+        next_local_pkid: *LOCAL_PKIDS.start(),
+        consumers: Vec::new(),
+        kick: Arc::new(Notify::new()),
+        principal,
+        denied_qos2: HashSet::new(),
+        held: VecDeque::new(),
+        admission: None,
+        held_bytes: 0,
+    })
+}

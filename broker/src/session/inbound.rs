@@ -1,0 +1,523 @@
+//! Client to router: decoding, checks, ACLs, flow-control holds and acknowledgements.
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, PubRel, PubRelReason, Publish, QoS, RetainForwardRule, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+use tracing::warn;
+
+use super::{held_size, Ending, Session, Subscription};
+use crate::codec::{self, Frame};
+use crate::marks::Needed;
+use crate::names;
+
+impl Session {
+    /// Decodes every complete packet in the input buffer and acts on it.
+    pub(super) async fn incoming(&mut self) -> Option<Ending> {
+        let max = self.shared.config.max_packet_size;
+        let mut to_router: Vec<Packet> = Vec::new();
+        let mut reply = BytesMut::new();
+        let mut ending = None;
+        loop {
+            let byte1 = match codec::frame(&self.inbuf, max) {
+                Frame::Incomplete => break,
+                Frame::Complete { byte1, .. } => byte1,
+                Frame::TooLarge { remaining } => {
+                    warn!(
+                        client_id = self.client_id,
+                        remaining, max, "packet exceeds the maximum size; disconnecting"
+                    );
+                    self.disconnect_client(DisconnectReasonCode::PacketTooLarge)
+                        .await;
+                    ending = Some(Ending::Lost);
+                    break;
+                }
+                Frame::Malformed => {
+                    ending = Some(
+                        self.violation(
+                            "malformed remaining length",
+                            DisconnectReasonCode::MalformedPacket,
+                        )
+                        .await,
+                    );
+                    break;
+                }
+            };
+            if let Err(why) = check_flags(byte1) {
+                ending = Some(
+                    self.violation(why, DisconnectReasonCode::MalformedPacket)
+                        .await,
+                );
+                break;
+            }
+            let packet = match self.codec.read(&mut self.inbuf, max) {
+                Ok(p) => p,
+                Err(err) => {
+                    let why = format!("undecodable packet: {err}");
+                    ending = Some(
+                        self.violation(&why, DisconnectReasonCode::MalformedPacket)
+                            .await,
+                    );
+                    break;
+                }
+            };
+            match self.inbound(packet, byte1, &mut to_router, &mut reply) {
+                Ok(None) => {}
+                Ok(Some(end)) => {
+                    ending = Some(end);
+                    break;
+                }
+                Err((why, code)) => {
+                    ending = Some(self.violation(&why, code).await);
+                    break;
+                }
+            }
+        }
+        // Flow control: a publish whose subscribers have no room in the
+        // router's log waits in `held`, and what follows it waits behind it;
+        // acknowledgements go at once.
+        let mut batch = Vec::with_capacity(to_router.len());
+        for packet in to_router {
+            let is_ack = matches!(
+                packet,
+                Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)
+            );
+            if is_ack {
+                batch.push(packet);
+            } else {
+                self.held_bytes += held_size(&packet);
+                self.held.push_back(packet);
+            }
+        }
+        self.pump_held(&mut batch);
+        let to_router = batch;
+        if !to_router.is_empty() && self.forward(to_router).await.is_err() {
+            return Some(Ending::Kicked);
+        }
+        if !self.send_bytes(reply).await {
+            return Some(Ending::Lost);
+        }
+        ending
+    }
+
+    /// Moves held packets into `batch` until a publish must wait; then
+    /// starts waiting for its admission.
+    pub(super) fn pump_held(&mut self, batch: &mut Vec<Packet>) {
+        if self.admission.is_some() {
+            return;
+        }
+        while let Some(packet) = self.held.front() {
+            if let Packet::Publish(publish, _) = packet {
+                let size = (publish.topic.len() + publish.payload.len()) as u64;
+                if !self.shared.flow.try_admit(&publish.topic, size) {
+                    let (shared, topic) = (self.shared.clone(), publish.topic.clone());
+                    self.admission =
+                        Some(Box::pin(
+                            async move { shared.flow.admit(&topic, size).await },
+                        ));
+                    return;
+                }
+            }
+            if let Some(packet) = self.pop_held() {
+                batch.push(packet);
+            }
+        }
+    }
+
+    pub(super) fn pop_held(&mut self) -> Option<Packet> {
+        let packet = self.held.pop_front()?;
+        self.held_bytes -= held_size(&packet);
+        Some(packet)
+    }
+
+    /// Acts on one client packet. `Err` is a protocol violation.
+    pub(super) fn inbound(
+        &mut self,
+        packet: Packet,
+        byte1: u8,
+        to_router: &mut Vec<Packet>,
+        reply: &mut BytesMut,
+    ) -> Result<Option<Ending>, (String, DisconnectReasonCode)> {
+        match packet {
+            Packet::Publish(mut publish, props) => {
+                let alias = props.as_ref().and_then(|p| p.topic_alias).is_some();
+                if publish.topic.is_empty() && !alias {
+                    return Err((
+                        "empty topic name".into(),
+                        DisconnectReasonCode::ProtocolError,
+                    ));
+                }
+                if let Err(e) = names::check_topic(&publish.topic) {
+                    return Err((e.to_string(), DisconnectReasonCode::TopicNameInvalid));
+                }
+                let qos = (byte1 >> 1) & 0x03;
+                if !self.may_publish(&publish.topic) {
+                    self.refuse_publish(&publish, qos, reply);
+                    return Ok(None);
+                }
+                publish.topic = names::escape_topic(publish.topic);
+                to_router.push(self.shared.prepare_publish(
+                    publish,
+                    qos,
+                    props,
+                    Some(&self.router_id),
+                ));
+            }
+            Packet::Subscribe(mut subscribe, props) => {
+                let mut local: Vec<(usize, SubscribeReasonCode)> = Vec::new();
+                let mut forwarded = Vec::new();
+                for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
+                    if let Err(e) = names::check_filter(&filter.path) {
+                        return Err((e.to_string(), DisconnectReasonCode::TopicFilterInvalid));
+                    }
+                    if !self.may_subscribe(&filter.path) {
+                        local.push((i, self.sub_failure(SubscribeReasonCode::NotAuthorized)));
+                        continue;
+                    }
+                    let (share, rest) = names::split_share(&filter.path);
+                    if rest.starts_with('$') || (share.is_empty() && filter.path.starts_with('$')) {
+                        // rumqttd disconnects on `$SYS/#`; refusing the one filter is what clients expect.
+                        local.push((i, self.sub_failure(SubscribeReasonCode::NotAuthorized)));
+                        continue;
+                    }
+                    let path = names::escape_filter(&filter.path);
+                    if !self.shared.admit_filter(&path) {
+                        warn!(
+                            client_id = self.client_id,
+                            filter = filter.path,
+                            "filter limit reached; subscription refused"
+                        );
+                        local.push((i, self.sub_failure(SubscribeReasonCode::QuotaExceeded)));
+                        continue;
+                    }
+                    if let Some(group) = names::share_group(&filter.path) {
+                        self.shared.join_group(group, &self.router_id);
+                        if !self.clean_session {
+                            // rumqttd panics ("group must exists") when the
+                            // last member of a shared group leaves a
+                            // persistent session with QoS 1 in flight, a
+                            // race no front end can close. Granting QoS 0
+                            // (legal: the SUBACK says so) leaves nothing in
+                            // flight. Axion's queues do not rely on it: the
+                            // owner redelivers what a worker never acked.
+                            filter.qos = QoS::AtMostOnce;
+                        }
+                    }
+                    let needed = &self.shared.needed;
+                    if filter.nolocal && share.is_empty() {
+                        Needed::set(&needed.origin);
+                        self.nolocal_filters.insert(path.clone());
+                    } else {
+                        self.nolocal_filters.remove(&path);
+                    }
+                    if filter.preserve_retain {
+                        Needed::set(&needed.retain);
+                        self.rap_filters.insert(path.clone());
+                    } else {
+                        self.rap_filters.remove(&path);
+                    }
+                    if filter.qos == QoS::ExactlyOnce {
+                        Needed::set(&needed.qos1);
+                    }
+                    let new = self.filters.insert(path.clone());
+                    if new {
+                        let (_, rest) = names::split_share(&path);
+                        let group = names::share_group(&path);
+                        let consumer = self.shared.flow.subscribe(
+                            rest,
+                            group,
+                            &self.client_id,
+                            self.kick.clone(),
+                        );
+                        self.consumers.push(Subscription {
+                            path: path.clone(),
+                            consumer,
+                        });
+                    }
+                    let send_retained = share.is_empty()
+                        && match filter.retain_forward_rule {
+                            RetainForwardRule::OnEverySubscribe => true,
+                            RetainForwardRule::OnNewSubscribe => new,
+                            RetainForwardRule::Never => false,
+                        };
+                    if send_retained {
+                        self.pending_retained
+                            .entry(subscribe.pkid)
+                            .or_default()
+                            .push((path.clone(), filter.qos as u8));
+                    }
+                    filter.path = path;
+                    forwarded.push(filter);
+                }
+                if forwarded.is_empty() {
+                    let codes = local.into_iter().map(|(_, c)| c).collect();
+                    self.encode(
+                        Packet::SubAck(
+                            SubAck {
+                                pkid: subscribe.pkid,
+                                return_codes: codes,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                } else {
+                    if !local.is_empty() {
+                        self.suback_patches.insert(subscribe.pkid, local);
+                    }
+                    subscribe.filters = forwarded;
+                    to_router.push(Packet::Subscribe(subscribe, props));
+                }
+            }
+            Packet::Unsubscribe(unsubscribe, props) => {
+                if unsubscribe.filters.is_empty() {
+                    return Err((
+                        "UNSUBSCRIBE without topic filters".into(),
+                        DisconnectReasonCode::ProtocolError,
+                    ));
+                }
+                let mut known = Vec::with_capacity(unsubscribe.filters.len());
+                let mut forwarded = Vec::new();
+                for filter in &unsubscribe.filters {
+                    if filter.is_empty() || filter.contains('\0') {
+                        return Err((
+                            format!("invalid filter {filter:?} in UNSUBSCRIBE"),
+                            DisconnectReasonCode::TopicFilterInvalid,
+                        ));
+                    }
+                    let path = names::escape_filter(filter);
+                    let exists = self.filters.remove(&path);
+                    if exists {
+                        self.drop_consumers(|p| p == path);
+                        self.nolocal_filters.remove(&path);
+                        self.rap_filters.remove(&path);
+                    }
+                    known.push(exists);
+                    if exists {
+                        forwarded.push(path);
+                    }
+                }
+                if !forwarded.is_empty() {
+                    // rumqttd drops the client from every shared group on any unsubscribe.
+                    self.shared.leave_groups(&self.router_id);
+                }
+                if forwarded.is_empty() {
+                    let reasons = known
+                        .iter()
+                        .map(|_| UnsubAckReason::NoSubscriptionExisted)
+                        .collect();
+                    self.encode(
+                        Packet::UnsubAck(
+                            UnsubAck {
+                                pkid: unsubscribe.pkid,
+                                reasons,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                } else {
+                    self.unsuback_patches.insert(unsubscribe.pkid, known);
+                    to_router.push(Packet::Unsubscribe(
+                        Unsubscribe {
+                            pkid: unsubscribe.pkid,
+                            filters: forwarded,
+                        },
+                        props,
+                    ));
+                }
+            }
+            Packet::PingReq(_) => self.encode(Packet::PingResp(PingResp), reply),
+            Packet::Disconnect(disconnect, _) => {
+                let with_will =
+                    disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                return Ok(Some(if with_will {
+                    Ending::CleanWithWill
+                } else {
+                    Ending::Clean
+                }));
+            }
+            // rumqttd only matches a PUBREL without properties.
+            Packet::PubRel(pubrel, _) => {
+                if self.denied_qos2.remove(&pubrel.pkid) {
+                    self.encode(
+                        Packet::PubComp(
+                            PubComp {
+                                pkid: pubrel.pkid,
+                                reason: PubCompReason::Success,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                } else {
+                    to_router.push(Packet::PubRel(pubrel, None));
+                }
+            }
+            Packet::PubAck(ack, props) => {
+                if self.acked(ack.pkid, to_router).is_some() {
+                    self.window_freed(reply);
+                } else {
+                    to_router.push(Packet::PubAck(ack, props));
+                }
+            }
+            Packet::PubRec(rec, props) => match self.acked(rec.pkid, to_router) {
+                // A retained QoS 2 message the front end sent: it answers.
+                Some(true) => {
+                    self.local_pubrel.insert(rec.pkid);
+                    self.encode(
+                        Packet::PubRel(
+                            PubRel {
+                                pkid: rec.pkid,
+                                reason: PubRelReason::Success,
+                            },
+                            None,
+                        ),
+                        reply,
+                    );
+                }
+                Some(false) => {}
+                None => to_router.push(Packet::PubRec(rec, props)),
+            },
+            Packet::PubComp(comp, props) => {
+                self.window_freed(reply);
+                if !self.local_pubrel.remove(&comp.pkid) {
+                    to_router.push(Packet::PubComp(comp, props));
+                }
+            }
+            Packet::Connect(..) => {
+                return Err(("second CONNECT".into(), DisconnectReasonCode::ProtocolError))
+            }
+            other => {
+                return Err((
+                    format!("client sent a server-only packet {:?}", packet_name(&other)),
+                    DisconnectReasonCode::ProtocolError,
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Asks the ACL (if any) about a publish; logs and counts a denial.
+    pub(super) fn may_publish(&self, topic: &Bytes) -> bool {
+        let (Some(auth), Some(principal)) = (&self.shared.config.auth, &self.principal) else {
+            return true;
+        };
+        let topic = String::from_utf8_lossy(topic);
+        match auth.may_publish(principal, &self.client_id, &topic) {
+            Ok(()) => true,
+            Err(why) => {
+                warn!(client_id = self.client_id, user = principal.user.as_deref().unwrap_or(""), %topic, reason = why.as_str(), "publish denied");
+                false
+            }
+        }
+    }
+
+    /// Asks the ACL (if any) about a subscription; logs and counts a denial.
+    pub(super) fn may_subscribe(&self, filter: &str) -> bool {
+        let (Some(auth), Some(principal)) = (&self.shared.config.auth, &self.principal) else {
+            return true;
+        };
+        match auth.may_subscribe(principal, &self.client_id, filter) {
+            Ok(()) => true,
+            Err(why) => {
+                warn!(
+                    client_id = self.client_id,
+                    user = principal.user.as_deref().unwrap_or(""),
+                    filter,
+                    reason = why.as_str(),
+                    "subscription denied"
+                );
+                false
+            }
+        }
+    }
+
+    /// Answers a denied publish without passing it on: QoS 0 is dropped,
+    /// QoS 1 gets PUBACK (0x87 in MQTT 5), QoS 2 PUBREC (0x87 in MQTT 5;
+    /// in 3.1.1 the flow completes and the front end answers the PUBREL).
+    pub(super) fn refuse_publish(&mut self, publish: &Publish, qos: u8, reply: &mut BytesMut) {
+        // `Publish::pkid` is crate-private; its serialization is public.
+        let raw = publish.serialize();
+        let pkid = u16::from_be_bytes([raw[1], raw[2]]);
+        let v5 = self.codec.is_v5();
+        match qos {
+            1 => self.encode(
+                Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: if v5 {
+                            PubAckReason::NotAuthorized
+                        } else {
+                            PubAckReason::Success
+                        },
+                    },
+                    None,
+                ),
+                reply,
+            ),
+            2 => {
+                if !v5 {
+                    self.denied_qos2.insert(pkid);
+                }
+                self.encode(
+                    Packet::PubRec(
+                        PubRec {
+                            pkid,
+                            reason: if v5 {
+                                PubRecReason::NotAuthorized
+                            } else {
+                                PubRecReason::Success
+                            },
+                        },
+                        None,
+                    ),
+                    reply,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn sub_failure(&self, v5: SubscribeReasonCode) -> SubscribeReasonCode {
+        if self.codec.is_v5() {
+            v5
+        } else {
+            SubscribeReasonCode::Failure
+        }
+    }
+}
+
+/// Fixed-header flags the spec fixes per packet type (MQTT-2.2.2-2).
+fn check_flags(byte1: u8) -> Result<(), &'static str> {
+    let flags = byte1 & 0x0f;
+    match byte1 >> 4 {
+        3 => {
+            let qos = (flags >> 1) & 0x03;
+            if qos == 3 {
+                return Err("PUBLISH with QoS 3");
+            }
+            if qos == 0 && flags & 0x08 != 0 {
+                return Err("PUBLISH QoS 0 with DUP set");
+            }
+            Ok(())
+        }
+        6 | 8 | 10 => (flags == 0x02)
+            .then_some(())
+            .ok_or("reserved flags must be 0010"),
+        0 | 15 => Err("reserved packet type"),
+        _ => (flags == 0).then_some(()).ok_or("reserved flags must be 0"),
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::PingResp(..) => "PINGRESP",
+        _ => "other",
+    }
+}

@@ -1,0 +1,424 @@
+//! One client connection: MQTT spoken by Axion, routing done by rumqttd.
+//!
+//! The session reads the CONNECT, refuses what must be refused with a
+//! proper CONNACK, registers a link with the router, then shuttles packets
+//! both ways. Everything rumqttd would choke on is answered here: keep-alive
+//! 0, unsafe client ids and topics, oversize or malformed packets, unknown
+//! unsubscribes, `$` filters, and the will (which the router cannot fire
+//! for an external link).
+
+mod delivery;
+mod handshake;
+mod inbound;
+
+use delivery::Slot;
+use handshake::handshake;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, Publish,
+    PublishProperties, QoS, SubscribeReasonCode,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+use crate::auth::Principal;
+use crate::codec::Codec;
+use crate::flow::Consumer;
+use crate::server::Shared;
+
+/// How a session ended, which decides what happens to the will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The client sent DISCONNECT: no will.
+    Clean,
+    /// The client sent DISCONNECT 0x04: publish the will anyway.
+    CleanWithWill,
+    /// Socket closed, keep-alive expired or protocol violated: publish the will.
+    Lost,
+    /// The broker is stopping.
+    Shutdown,
+    /// The router dropped the link (session taken over): the link is gone.
+    Kicked,
+}
+
+/// Outgoing bytes waiting for the writer task, in batches.
+const WRITE_QUEUE: usize = 64;
+
+type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+
+/// Serves one accepted TCP connection to completion, over TLS if `tls`.
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%peer, %err, "set_nodelay failed");
+    }
+    let session = match tls {
+        None => {
+            // Owned halves: no lock between reader and writer on plain TCP.
+            let (r, w) = stream.into_split();
+            handshake(Box::new(r), Box::new(w), peer, &shared).await
+        }
+        Some(acceptor) => {
+            let accepted =
+                tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(stream)).await;
+            match accepted {
+                Ok(Ok(tls)) => {
+                    let (r, w) = tokio::io::split(tls);
+                    handshake(Box::new(r), Box::new(w), peer, &shared).await
+                }
+                Ok(Err(err)) => {
+                    info!(%peer, %err, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(%peer, "no TLS handshake within the connect timeout");
+                    None
+                }
+            }
+        }
+    };
+    let Some(mut session) = session else {
+        return;
+    };
+    let ending = session.serve(shutdown).await;
+    session.finish(ending).await;
+}
+
+/// State of an established session.
+struct Session {
+    peer: SocketAddr,
+    client_id: String,
+    router_id: String,
+    clean_session: bool,
+    keep_alive: Option<Duration>,
+    codec: Codec,
+    shared: Arc<Shared>,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    read_half: Reader,
+    writer: mpsc::Sender<BytesMut>,
+    writer_task: tokio::task::JoinHandle<()>,
+    inbuf: BytesMut,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// Filters this client holds, as stored in the router.
+    filters: HashSet<String>,
+    /// SUBACK codes answered by the front end, spliced into the router's SUBACK.
+    suback_patches: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
+    /// For each UNSUBSCRIBE forwarded, whether each original filter existed.
+    unsuback_patches: HashMap<u16, Vec<bool>>,
+    /// QoS 1 publishes sent to the client, oldest first, until their
+    /// acknowledgement has been passed to the router (see [`Slot`]).
+    ledger: VecDeque<Slot>,
+    /// Retained messages to send once the router's SUBACK for a packet id
+    /// is written: (router-form filter, subscription QoS).
+    pending_retained: HashMap<u16, Vec<(String, u8)>>,
+    /// Next packet id for publishes the front end sends itself (retained
+    /// messages); above the router's range of 1..=100.
+    next_local_pkid: u16,
+    /// Reading positions of this client's subscriptions, for flow control.
+    consumers: Vec<Subscription>,
+    /// Woken when flow control disconnects this client as too slow.
+    kick: Arc<Notify>,
+    /// Who logged in; `None` when the broker runs without an auth file.
+    principal: Option<Principal>,
+    /// QoS 2 publishes refused by the ACL whose PUBREL the front end answers.
+    denied_qos2: HashSet<u16>,
+    /// Client packets waiting behind a publish that flow control holds,
+    /// in order. Acknowledgements never wait here: a client that publishes
+    /// to its own subscription must be able to catch up while it waits.
+    held: VecDeque<Packet>,
+    /// Resolves when the publish at the front of `held` may go.
+    admission: Option<Admission>,
+    /// Topic and payload bytes in `held`.
+    held_bytes: usize,
+    /// Largest packet the client accepts (MQTT 5 Maximum Packet Size).
+    client_max_packet: usize,
+    /// QoS 1 publishes the client may hold unacknowledged (MQTT 5 Receive
+    /// Maximum; the router's own window is 100).
+    receive_max: usize,
+    /// QoS 1 publishes sent to the client and not yet acknowledged.
+    at_client: usize,
+    /// Encoded QoS 1 publishes waiting for room in the client's window.
+    window: VecDeque<BytesMut>,
+    /// Router-form filters subscribed with MQTT 5 No Local.
+    nolocal_filters: HashSet<String>,
+    /// Router-form filters subscribed with MQTT 5 retain-as-published.
+    rap_filters: HashSet<String>,
+    /// Router QoS 2 deliveries the client got at QoS 0 or 1 (or not at
+    /// all): the front end answers the router's PUBREL for them.
+    downgraded: HashSet<u16>,
+    /// Retained QoS 2 messages the front end sent, PUBREL'd, awaiting PUBCOMP.
+    local_pubrel: HashSet<u16>,
+}
+
+type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// Bytes of held publishes before the socket stops being read (then TCP
+/// pushes back). Generous, because the client's acknowledgements for what
+/// it receives come behind its publishes on the same socket: a client that
+/// floods its own subscription needs them read to catch up.
+const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
+
+fn held_size(packet: &Packet) -> usize {
+    match packet {
+        Packet::Publish(p, _) => p.topic.len() + p.payload.len(),
+        _ => 64,
+    }
+}
+
+/// Waits for the admission in progress, or forever if there is none.
+async fn admitted(admission: &mut Option<Admission>) {
+    match admission {
+        Some(fut) => fut.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One subscription as flow control sees it.
+struct Subscription {
+    /// Router-form filter, `$share/<group>/` included.
+    path: String,
+    consumer: Arc<Consumer>,
+}
+
+async fn write_loop(mut half: Writer, mut rx: mpsc::Receiver<BytesMut>, peer: SocketAddr) {
+    while let Some(mut buf) = rx.recv().await {
+        // Coalesce whatever else is already queued into one write.
+        while let Ok(more) = rx.try_recv() {
+            buf.extend_from_slice(&more);
+        }
+        if let Err(err) = half.write_all(&buf).await {
+            debug!(%peer, %err, "write to client failed");
+            return;
+        }
+    }
+    let _ = half.shutdown().await;
+}
+
+/// Polls a future once; `None` if it is not ready.
+async fn now_or_never<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+    // `Publish`'s qos and pkid are crate-private in rumqttd; its own
+    // serialization format is the public way to set them.
+    let mut b = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    b.put_u8(0x30 | u8::from(retain) | ((qos as u8) << 1));
+    b.put_u16(pkid);
+    b.put_u16(topic.len() as u16);
+    b.extend_from_slice(&topic);
+    b.extend_from_slice(&payload);
+    Publish::deserialize(b.freeze())
+}
+
+impl Session {
+    async fn serve(&mut self, mut shutdown: watch::Receiver<bool>) -> Ending {
+        let mut last_rx = Instant::now();
+        let far = Duration::from_secs(86_400 * 365);
+        loop {
+            let deadline = last_rx + self.keep_alive.unwrap_or(far);
+            tokio::select! {
+                _ = shutdown.changed() => return Ending::Shutdown,
+                _ = self.kick.notified() => {
+                    info!(client_id = self.client_id, "disconnected: too slow to read what it subscribed to");
+                    self.disconnect_client(DisconnectReasonCode::QuotaExceeded).await;
+                    return Ending::Lost;
+                }
+                _ = admitted(&mut self.admission) => {
+                    self.admission = None;
+                    // The front publish was counted by `admit`: it goes now.
+                    let mut batch: Vec<Packet> = self.pop_held().into_iter().collect();
+                    self.pump_held(&mut batch);
+                    if self.forward(batch).await.is_err() {
+                        return Ending::Kicked;
+                    }
+                }
+                read = self.read_half.read_buf(&mut self.inbuf), if self.held_bytes < MAX_HELD_BYTES => {
+                    match read {
+                        Ok(0) => return Ending::Lost,
+                        Ok(_) => {
+                            last_rx = Instant::now();
+                            if let Some(ending) = self.incoming().await {
+                                return ending;
+                            }
+                        }
+                        Err(err) => {
+                            debug!(peer = %self.peer, client_id = self.client_id, %err, "read failed");
+                            return Ending::Lost;
+                        }
+                    }
+                }
+                notification = self.link_rx.next() => {
+                    match notification {
+                        Ok(Some(n)) => {
+                            if let Some(ending) = self.outgoing(n).await {
+                                return ending;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => return Ending::Kicked,
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    info!(client_id = self.client_id, "keep-alive expired");
+                    return Ending::Lost;
+                }
+            }
+        }
+    }
+
+    /// Sends `bytes` to the writer task; false if the client is gone.
+    async fn send_bytes(&self, bytes: BytesMut) -> bool {
+        bytes.is_empty() || self.writer.send(bytes).await.is_ok()
+    }
+
+    async fn disconnect_client(&self, reason: DisconnectReasonCode) {
+        if self.codec.is_v5() {
+            let mut out = BytesMut::new();
+            if self
+                .codec
+                .write(
+                    Packet::Disconnect(
+                        Disconnect {
+                            reason_code: reason,
+                        },
+                        None,
+                    ),
+                    &mut out,
+                )
+                .is_ok()
+            {
+                self.send_bytes(out).await;
+            }
+        }
+    }
+
+    async fn violation(&self, why: &str, code: DisconnectReasonCode) -> Ending {
+        info!(client_id = self.client_id, peer = %self.peer, why, "protocol violation; closing the connection");
+        self.disconnect_client(code).await;
+        Ending::Lost
+    }
+
+    /// Hands packets to the router: all but the last go straight into the
+    /// link's buffer, the last one wakes the router once for the batch.
+    async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        {
+            let mut buffer = self.link_tx.buffer();
+            buffer.extend(packets);
+        }
+        self.link_tx.send(last).await.map(|_| ()).map_err(|_| ())
+    }
+
+    fn encode(&self, packet: Packet, out: &mut BytesMut) {
+        if let Err(err) = self.codec.write(packet, out) {
+            warn!(client_id = self.client_id, %err, "could not encode a packet for the client");
+        }
+    }
+
+    /// Publishes the will if due, detaches from the router and closes.
+    async fn finish(mut self, ending: Ending) {
+        debug!(client_id = self.client_id, ?ending, "session ended");
+        if ending != Ending::Kicked {
+            // What the client sent before it left goes out, held or not.
+            let mut packets: Vec<Packet> = self.held.drain(..).collect();
+            self.admission = None;
+            let will_due = matches!(ending, Ending::Lost | Ending::CleanWithWill);
+            if let (true, Some((will, props))) = (will_due, self.will.take()) {
+                let delay = props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
+                if delay > 0
+                    && !self
+                        .wait_will_delay(Duration::from_secs(u64::from(delay)))
+                        .await
+                {
+                    // Taken over by a reconnect during the will delay: no will.
+                    self.close().await;
+                    return;
+                }
+                packets.push(self.will_packet(will, props));
+            }
+            packets.push(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ));
+            let _ = self.forward(packets).await;
+            if ending == Ending::Shutdown {
+                self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
+                    .await;
+            }
+        }
+        self.drop_consumers(|_| true);
+        self.shared.leave_groups(&self.router_id);
+        self.close().await;
+    }
+
+    fn will_packet(&self, will: LastWill, props: Option<LastWillProperties>) -> Packet {
+        let qos = if will.qos == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let pkid = if qos == QoS::AtMostOnce { 0 } else { u16::MAX };
+        let publish = make_publish(will.topic, will.message, qos, will.retain, pkid);
+        let props = props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        });
+        self.shared.prepare_publish(publish, qos as u8, props, None)
+    }
+
+    /// Waits out a will delay; false if the link was taken over meanwhile.
+    async fn wait_will_delay(&mut self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = sleep_until(deadline) => return true,
+                n = self.link_rx.next() => match n {
+                    Err(_) => return false,
+                    Ok(Some(Notification::Unschedule)) => { let _ = self.link_rx.wake().await; }
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+
+    async fn close(self) {
+        drop(self.writer);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writer_task).await;
+    }
+}
