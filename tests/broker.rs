@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{recv, recv_none, V4, V5};
+use common::raw::{mqtt_str, raw_connect, raw_publish, read_reply, varint};
 use common::Serve;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,65 +35,6 @@ fn uuid_like() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn mqtt_str(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-/// A raw CONNECT (clean session) for protocol `level` 4 or 5.
-fn raw_connect(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = Vec::new();
-    mqtt_str(b"MQTT", &mut body);
-    body.push(level);
-    body.push(0x02);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    if level == 5 {
-        body.push(0);
-    }
-    mqtt_str(client_id.as_bytes(), &mut body);
-    let mut packet = vec![0x10];
-    varint(body.len(), &mut packet);
-    packet.extend(body);
-    packet
-}
-
-fn raw_publish(level: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    mqtt_str(topic.as_bytes(), &mut body);
-    if level == 5 {
-        body.push(0);
-    }
-    body.extend_from_slice(payload);
-    let mut packet = vec![0x30];
-    varint(body.len(), &mut packet);
-    packet.extend(body);
-    packet
-}
-
-/// Reads whatever the broker sends within `ms` (empty if it closed).
-async fn read_reply(stream: &mut TcpStream, ms: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; 256];
-    match tokio::time::timeout(Duration::from_millis(ms), stream.read(&mut buf)).await {
-        Ok(Ok(n)) => buf[..n].to_vec(),
-        Ok(Err(_)) => Vec::new(),
-        Err(_) => panic!("the broker neither answered nor closed within {ms} ms"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -967,4 +909,41 @@ async fn no_local_subscriptions_do_not_echo_a_clients_own_messages() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_message_redelivered_to_a_resumed_session_carries_dup() {
+    use common::raw::{raw_connect_flags, read_packet};
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let connect = raw_connect_flags(4, "dup-sub", 30, 0x00);
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(&connect).await.expect("write");
+    assert_eq!(read_packet(&mut s, 5_000).await.expect("CONNACK").0, 0x20);
+    let mut body = vec![0, 1];
+    mqtt_str(b"dup/t", &mut body);
+    body.push(1);
+    let mut subscribe = vec![0x82];
+    varint(body.len(), &mut subscribe);
+    subscribe.extend(body);
+    s.write_all(&subscribe).await.expect("write");
+    assert_eq!(read_packet(&mut s, 5_000).await.expect("SUBACK").0, 0x90);
+
+    let publisher = V4::connect(port, "dup-pub").await;
+    publisher.publish("dup/t", b"once", 1, false).await;
+    let (byte1, first) = read_packet(&mut s, 5_000).await.expect("delivery");
+    assert_eq!(byte1, 0x32, "first delivery: QoS 1, no DUP");
+    // Leave without acknowledging it, then resume the session.
+    drop(s);
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(&connect).await.expect("write");
+    let (_, connack) = read_packet(&mut s, 5_000).await.expect("CONNACK");
+    assert_eq!(connack[0], 1, "session present");
+    let (byte1, again) = read_packet(&mut s, 5_000).await.expect("redelivery");
+    assert_eq!(byte1, 0x3A, "redelivery: QoS 1 with DUP");
+    assert_eq!(again, first, "same packet id, topic and payload");
 }

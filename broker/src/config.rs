@@ -39,6 +39,14 @@ pub struct BrokerConfig {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// A second listener speaking MQTT over TLS, with its certificate.
     pub tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
+    /// Longest keep-alive an MQTT 5 client gets: one asking for more is
+    /// told this in CONNACK (Server Keep Alive), so a dead peer is noticed
+    /// within 1.5× of it.
+    pub max_keep_alive: u16,
+    /// Longest a disconnected session is kept, in seconds: caps an MQTT 5
+    /// Session Expiry Interval and is the expiry of 3.1.1 persistent
+    /// sessions, so abandoned client ids do not hold memory forever.
+    pub max_session_expiry: u32,
 }
 
 impl BrokerConfig {
@@ -64,6 +72,8 @@ impl Default for BrokerConfig {
             slow_consumer_timeout: Duration::from_secs(10),
             auth: None,
             tls: None,
+            max_keep_alive: 60,
+            max_session_expiry: 86_400,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod acl;
 pub mod auth;
 pub mod codec;
 pub mod config;
+pub mod expiry;
 pub mod flow;
 pub mod marks;
 pub mod names;

@@ -2,17 +2,16 @@
 //!
 //! rumqttd's router stores a publish once and hands it to every matching
 //! subscriber without saying at which QoS it was published, whether it was
-//! retained, when it arrived or who sent it. MQTT needs all four at delivery
-//! time: delivered QoS = min(publish, subscription), retain-as-published,
-//! message expiry counted from arrival, and No Local. So the front end
-//! writes them into one user property on the way in and takes it off on
-//! the way out; no subscriber ever sees it. A publish that needs none of
-//! them (QoS 1 with no QoS 2 subscriber anywhere, no expiry, no No Local or
-//! retain-as-published subscription) carries no mark and costs nothing.
+//! retained or who sent it. MQTT needs all three at delivery time:
+//! delivered QoS = min(publish, subscription), retain-as-published and No
+//! Local. So the front end writes them into one user property on the way
+//! in and takes it off on the way out; no subscriber ever sees it. A
+//! publish that needs none of them (QoS 1 with no QoS 2 subscriber
+//! anywhere, no No Local or retain-as-published subscription) carries no
+//! mark and costs nothing. (Message expiry needs no mark: the router counts
+//! the time a message waits in its log and lowers the interval itself.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
-use std::time::Instant;
 
 use rumqttd::protocol::PublishProperties;
 
@@ -26,8 +25,6 @@ pub struct Mark {
     pub qos: Option<u8>,
     /// The publisher set RETAIN (the router only sees live traffic).
     pub retain: bool,
-    /// When the broker received it, in [`now_ms`] time, if it expires.
-    pub received_ms: Option<u64>,
     /// The publishing client's router id, for No Local.
     pub origin: Option<String>,
 }
@@ -44,9 +41,6 @@ impl Mark {
         }
         if self.retain {
             s.push_str("r;");
-        }
-        if let Some(t) = self.received_ms {
-            s.push_str(&format!("t{t};"));
         }
         // Last, because a client id may contain `;`.
         if let Some(o) = &self.origin {
@@ -68,7 +62,6 @@ impl Mark {
             match field.split_at(1) {
                 ("q", q) => mark.qos = q.parse().ok(),
                 ("r", _) => mark.retain = true,
-                ("t", t) => mark.received_ms = t.parse().ok(),
                 _ => {}
             }
         }
@@ -118,21 +111,12 @@ pub struct Needed {
 }
 
 impl Needed {
-    /// The mark for a publish at `qos` from `origin` with these properties.
-    pub fn mark(
-        &self,
-        qos: u8,
-        retain: bool,
-        props: Option<&PublishProperties>,
-        origin: Option<&str>,
-    ) -> Mark {
+    /// The mark for a publish at `qos` from `origin`.
+    pub fn mark(&self, qos: u8, retain: bool, origin: Option<&str>) -> Mark {
         let wanted = |flag: &AtomicBool| flag.load(Ordering::Relaxed);
         Mark {
             qos: (qos == 0 || (qos == 1 && wanted(&self.qos1))).then_some(qos),
             retain: retain && wanted(&self.retain),
-            received_ms: props
-                .and_then(|p| p.message_expiry_interval)
-                .map(|_| now_ms()),
             origin: origin.filter(|_| wanted(&self.origin)).map(str::to_string),
         }
     }
@@ -144,23 +128,6 @@ impl Needed {
     }
 }
 
-/// Milliseconds on a clock private to this process, for message expiry.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// What is left of a message expiry interval after the message waited
-/// from `received_ms` to `now_ms`; `None` once it has expired
-/// (MQTT-3.3.2-5/6).
-pub fn remaining_expiry(interval_secs: u32, received_ms: u64, now_ms: u64) -> Option<u32> {
-    let waited = now_ms.saturating_sub(received_ms) / 1000;
-    u32::try_from(waited)
-        .ok()
-        .and_then(|w| interval_secs.checked_sub(w))
-        .filter(|left| *left > 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +137,6 @@ mod tests {
         let mark = Mark {
             qos: Some(1),
             retain: true,
-            received_ms: Some(1234),
             origin: Some("a;b%2Fc".into()),
         };
         let props = PublishProperties {
@@ -196,13 +162,5 @@ mod tests {
         assert_eq!(Mark::take(&mut props).qos, Some(0));
         assert_eq!(props, None);
         assert_eq!(Mark::take(&mut None), Mark::default());
-    }
-
-    #[test]
-    fn expiry_counts_whole_seconds_waited() {
-        assert_eq!(remaining_expiry(5, 10_000, 10_000), Some(5));
-        assert_eq!(remaining_expiry(5, 10_000, 12_500), Some(3));
-        assert_eq!(remaining_expiry(2, 10_000, 12_000), None);
-        assert_eq!(remaining_expiry(2, 10_000, 9_000), Some(2));
     }
 }

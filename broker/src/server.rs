@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use bytes::Bytes;
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
 
+use crate::expiry::Lifetimes;
 use crate::flow::Flow;
 use crate::marks::Needed;
 use crate::retained::{Retained, RetainedStore, Stored};
@@ -47,6 +48,8 @@ pub struct Shared {
     pub flow: Flow,
     /// What publishes must carry for their subscribers (see [`crate::marks`]).
     pub needed: Needed,
+    /// When disconnected sessions end (see [`crate::expiry`]).
+    pub lifetimes: Lifetimes,
 }
 
 impl Shared {
@@ -61,9 +64,7 @@ impl Shared {
         props: Option<PublishProperties>,
         origin: Option<&str>,
     ) -> Packet {
-        let mark = self
-            .needed
-            .mark(qos, publish.retain, props.as_ref(), origin);
+        let mark = self.needed.mark(qos, publish.retain, origin);
         if publish.retain && !publish.topic.is_empty() {
             let stored_props = props.clone().map(|mut p| {
                 p.topic_alias = None;
@@ -190,6 +191,7 @@ impl Broker {
             retained,
             flow,
             needed: Needed::default(),
+            lifetimes: Lifetimes::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tls = tls_listener.map(|(listener, addr, acceptor)| {

@@ -45,6 +45,12 @@ pub struct Args {
     /// Milliseconds a subscriber may hold publishers back (by not reading) before it is disconnected.
     #[arg(long, env = "AXION_SLOW_CONSUMER_TIMEOUT_MS", default_value_t = 10_000)]
     pub slow_consumer_timeout_ms: u64,
+    /// Longest keep-alive (seconds) an MQTT 5 client gets; one asking for more is told this value in CONNACK.
+    #[arg(long, env = "AXION_MAX_KEEP_ALIVE_SECS", default_value_t = 60)]
+    pub max_keep_alive_secs: u16,
+    /// Longest time (seconds) a disconnected client's session (subscriptions, queued messages) is kept; also the expiry of MQTT 3.1.1 persistent sessions.
+    #[arg(long, env = "AXION_MAX_SESSION_EXPIRY_SECS", default_value_t = 86_400)]
+    pub max_session_expiry_secs: u32,
     /// TOML file of users (argon2 hashes), roles and ACLs; without it every client has every right and listeners must be loopback.
     #[arg(long, env = "AXION_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
@@ -126,6 +132,8 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_filters: args.max_filters,
         max_retained: args.max_retained,
         slow_consumer_timeout: Duration::from_millis(args.slow_consumer_timeout_ms),
+        max_keep_alive: args.max_keep_alive_secs,
+        max_session_expiry: args.max_session_expiry_secs,
         auth: auth.clone(),
         tls,
         ..BrokerConfig::default()

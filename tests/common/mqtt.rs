@@ -119,6 +119,8 @@ pub struct V5 {
     pub packets: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
     /// The error that ended the event loop, if it ended.
     pub ended: tokio::sync::oneshot::Receiver<String>,
+    /// The broker's CONNACK.
+    pub connack: rumqttc::v5::mqttbytes::v5::ConnAck,
     subacks: tokio::sync::watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -142,16 +144,16 @@ impl V5 {
     ) -> Result<V5, rumqttc::v5::ConnectionError> {
         use rumqttc::v5::{mqttbytes::v5::Packet, Event};
         let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 1000);
-        loop {
+        let connack = loop {
             match timeout(Duration::from_secs(10), eventloop.poll())
                 .await
                 .expect("CONNACK within 10 s")
             {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => break ack,
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
-        }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let (ptx, packets) = mpsc::unbounded_channel();
         let (etx, ended) = tokio::sync::oneshot::channel();
@@ -186,6 +188,7 @@ impl V5 {
             rx,
             packets,
             ended,
+            connack,
             subacks,
             task,
         })
@@ -196,6 +199,16 @@ impl V5 {
         let before = *self.subacks.borrow_and_update();
         self.client
             .subscribe(filter, qos_v5(qos))
+            .await
+            .expect("subscribe");
+        wait_suback(&mut self.subacks, before).await;
+    }
+
+    /// Subscribes with every MQTT 5 option of `filter` and waits for the SUBACK.
+    pub async fn subscribe_filter(&mut self, filter: rumqttc::v5::mqttbytes::v5::Filter) {
+        let before = *self.subacks.borrow_and_update();
+        self.client
+            .subscribe_many([filter])
             .await
             .expect("subscribe");
         wait_suback(&mut self.subacks, before).await;

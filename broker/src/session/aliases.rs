@@ -62,10 +62,11 @@ impl Aliases {
             ));
         }
         if topic.is_empty() {
-            *topic = self.incoming.get(&alias).cloned().ok_or((
-                "topic alias never set",
-                DisconnectReasonCode::ProtocolError,
-            ))?;
+            *topic = self
+                .incoming
+                .get(&alias)
+                .cloned()
+                .ok_or(("topic alias never set", DisconnectReasonCode::ProtocolError))?;
         } else {
             self.incoming.insert(alias, topic.clone());
         }

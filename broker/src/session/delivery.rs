@@ -11,8 +11,9 @@ use rumqttd::protocol::{
 use rumqttd::Notification;
 use tracing::debug;
 
+use super::aliases::Outgoing;
 use super::{make_publish, now_or_never, Ending, Session};
-use crate::marks::{self, Mark};
+use crate::marks::Mark;
 use crate::names;
 
 /// Packet ids the front end uses for its own QoS 1 and 2 publishes,
@@ -237,9 +238,9 @@ impl Session {
 
     /// Encodes one publish from the router into `out` as this client must
     /// get it: at min(publish QoS, subscription QoS), with retain as
-    /// published if asked, its expiry reduced by the time it waited, and
-    /// not at all if it expired, exceeds the client's maximum packet size
-    /// or is the client's own under No Local. True if the ledger holds an
+    /// published if asked, under a topic alias if the client takes them,
+    /// and not at all if it exceeds the client's maximum packet size or is
+    /// the client's own under No Local. True if the ledger holds an
     /// acknowledgement to release now.
     pub(super) fn deliver(
         &mut self,
@@ -250,17 +251,20 @@ impl Session {
         let mark = Mark::take(&mut props);
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = own && self.only_nolocal_match(&publish.topic);
-        let mut expired = false;
-        if let (Some(received), Some(p)) = (mark.received_ms, props.as_mut()) {
-            if let Some(interval) = p.message_expiry_interval {
-                match marks::remaining_expiry(interval, received, marks::now_ms()) {
-                    Some(left) => p.message_expiry_interval = Some(left),
-                    None => expired = true,
-                }
-            }
-        }
         let as_published = mark.retain && self.retain_as_published(&publish.topic);
         publish.topic = names::unescape_topic(publish.topic);
+        let alias = self.aliases.outgoing(&publish.topic);
+        let topic = publish.topic.clone();
+        match alias {
+            Some(Outgoing::Known(a)) => {
+                props.get_or_insert_with(Default::default).topic_alias = Some(a);
+                publish.topic = Bytes::new();
+            }
+            Some(Outgoing::New(a)) => {
+                props.get_or_insert_with(Default::default).topic_alias = Some(a);
+            }
+            None => {}
+        }
         // Kept only for a QoS 0 publish, which may need re-encoding.
         let at_qos0 = (mark.qos == Some(0)).then(|| {
             (
@@ -281,7 +285,10 @@ impl Session {
                 "message over the client's maximum packet size discarded"
             );
         }
-        let discard = not_for_me || oversize || expired;
+        let discard = not_for_me || oversize;
+        if let (false, Some(Outgoing::New(a))) = (discard, alias) {
+            self.aliases.learned(topic, a);
+        }
         let Some((router_qos, pkid)) = outgoing_qos_pkid(&out[start..]) else {
             if discard {
                 out.truncate(start);
@@ -291,6 +298,10 @@ impl Session {
             return false;
         };
         let qos = router_qos.min(mark.qos.unwrap_or(2));
+        // The router sends what the previous connection left unacknowledged
+        // first; it does not say so (MQTT-3.3.1-1).
+        let dup = self.redeliver > 0 && qos > 0;
+        self.redeliver = self.redeliver.saturating_sub(1);
         if discard {
             out.truncate(start);
         } else if qos == 0 {
@@ -301,7 +312,10 @@ impl Session {
             }
         } else {
             // Same length at QoS 1 and 2: patch the fixed header in place.
-            out[start] = (out[start] & !0x06) | (qos << 1) | u8::from(as_published);
+            out[start] = (out[start] & !0x06)
+                | (qos << 1)
+                | u8::from(as_published)
+                | if dup { 0x08 } else { 0 };
             self.send_windowed(out, start);
         }
         // Not sent with an acknowledgement to come: ack the router's copy now.

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::aliases::{Aliases, MAX_ALIASES};
 use super::delivery::LOCAL_PKIDS;
 use super::{write_loop, Reader, Session, Writer, WRITE_QUEUE};
 use crate::auth::LoginError;
@@ -144,7 +145,7 @@ pub(super) async fn handshake(
         }
     };
     let Connect {
-        keep_alive,
+        mut keep_alive,
         client_id,
         clean_session,
     } = connect;
@@ -158,6 +159,7 @@ pub(super) async fn handshake(
         .as_ref()
         .and_then(|p| p.max_packet_size)
         .map_or(usize::MAX, |m| m as usize);
+    let topic_alias_max = props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0);
     let receive_max = props
         .as_ref()
         .and_then(|p| p.receive_maximum)
@@ -267,11 +269,40 @@ pub(super) async fn handshake(
         None => None,
     };
 
+    // How long the session outlives this connection: MQTT 5 says, capped;
+    // a 3.1.1 persistent session gets the cap.
+    let cap = shared.config.max_session_expiry;
+    let session_expiry = if codec.is_v5() {
+        props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0)
+            .min(cap)
+    } else if clean_session {
+        0
+    } else {
+        cap
+    };
+    // The router keeps state only for unclean links: a session to keep,
+    // or an MQTT 5 session resumed for this connection only.
+    let keep_in_router = session_expiry > 0 || !clean_session;
     let router_id = names::router_client_id(&client_id);
+    let session_expiry = Arc::new(AtomicU32::new(session_expiry));
+    let resumed = shared
+        .lifetimes
+        .connected(
+            shared,
+            &router_id,
+            clean_session,
+            keep_in_router,
+            session_expiry.clone(),
+        )
+        .await;
     let link = {
         let shared = shared.clone();
         let router_id = router_id.clone();
-        tokio::task::spawn_blocking(move || shared.router.connect(&router_id, clean_session)).await
+        tokio::task::spawn_blocking(move || shared.router.connect(&router_id, !keep_in_router))
+            .await
     };
     let (link_tx, link_rx, connack) = match link {
         Ok(Ok(link)) => link,
@@ -291,6 +322,11 @@ pub(super) async fn handshake(
         Some(Packet::ConnAck(ack, props)) => {
             let mut props = props.unwrap_or_default();
             props.max_packet_size = u32::try_from(max).ok();
+            props.topic_alias_max = Some(MAX_ALIASES);
+            if keep_alive > shared.config.max_keep_alive && codec.is_v5() {
+                keep_alive = shared.config.max_keep_alive;
+                props.server_keep_alive = Some(keep_alive);
+            }
             if assigned {
                 props.assigned_client_identifier = Some(client_id.clone());
             }
@@ -302,7 +338,7 @@ pub(super) async fn handshake(
     if codec.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
         return None;
     }
-    debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, keep_alive, "client connected");
+    debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, ?session_expiry, keep_alive, "client connected");
 
     let read_half = reader;
     let (writer, rx) = mpsc::channel(WRITE_QUEUE);
@@ -311,13 +347,17 @@ pub(super) async fn handshake(
         peer,
         client_id,
         router_id,
-        clean_session,
+        clean_session: !keep_in_router,
+        session_expiry,
+        generation: resumed.generation,
+        redeliver: resumed.unacknowledged,
         client_max_packet,
         receive_max,
         at_client: 0,
         window: VecDeque::new(),
         nolocal_filters: HashSet::new(),
         rap_filters: HashSet::new(),
+        aliases: Aliases::new(topic_alias_max),
         downgraded: HashSet::new(),
         local_pubrel: HashSet::new(),
         // MQTT-3.1.2-24: the server allows one and a half times the keep-alive.

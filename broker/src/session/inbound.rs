@@ -1,5 +1,7 @@
 //! Client to router: decoding, checks, ACLs, flow-control holds and acknowledgements.
 
+use std::sync::atomic::Ordering;
+
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -141,14 +143,11 @@ impl Session {
         reply: &mut BytesMut,
     ) -> Result<Option<Ending>, (String, DisconnectReasonCode)> {
         match packet {
-            Packet::Publish(mut publish, props) => {
-                let alias = props.as_ref().and_then(|p| p.topic_alias).is_some();
-                if publish.topic.is_empty() && !alias {
-                    return Err((
-                        "empty topic name".into(),
-                        DisconnectReasonCode::ProtocolError,
-                    ));
-                }
+            Packet::Publish(mut publish, mut props) => {
+                let alias = props.as_mut().and_then(|p| p.topic_alias.take());
+                self.aliases
+                    .resolve(&mut publish.topic, alias)
+                    .map_err(|(why, code)| (why.to_string(), code))?;
                 if let Err(e) = names::check_topic(&publish.topic) {
                     return Err((e.to_string(), DisconnectReasonCode::TopicNameInvalid));
                 }
@@ -330,7 +329,20 @@ impl Session {
                 }
             }
             Packet::PingReq(_) => self.encode(Packet::PingResp(PingResp), reply),
-            Packet::Disconnect(disconnect, _) => {
+            Packet::Disconnect(disconnect, props) => {
+                if let Some(expiry) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.session_expiry.load(Ordering::Relaxed) == 0 && expiry > 0 {
+                        // MQTT-3.14.2-2: a session that was to end cannot be extended now.
+                        return Err((
+                            "DISCONNECT sets a session expiry the CONNECT did not".into(),
+                            DisconnectReasonCode::ProtocolError,
+                        ));
+                    }
+                    self.session_expiry.store(
+                        expiry.min(self.shared.config.max_session_expiry),
+                        Ordering::Relaxed,
+                    );
+                }
                 let with_will =
                     disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
                 return Ok(Some(if with_will {

@@ -7,6 +7,7 @@
 //! unsubscribes, `$` filters, and the will (which the router cannot fire
 //! for an external link).
 
+mod aliases;
 mod delivery;
 mod handshake;
 mod inbound;
@@ -17,6 +18,7 @@ use handshake::handshake;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -36,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Principal;
 use crate::codec::Codec;
+use crate::expiry;
 use crate::flow::Consumer;
 use crate::server::Shared;
 
@@ -108,7 +111,16 @@ struct Session {
     peer: SocketAddr,
     client_id: String,
     router_id: String,
+    /// The router keeps nothing of this session once it ends.
     clean_session: bool,
+    /// Seconds the session outlives the connection (MQTT 5 Session Expiry
+    /// Interval, capped; a DISCONNECT may change it).
+    session_expiry: Arc<AtomicU32>,
+    /// This connection's generation (see [`crate::expiry`]).
+    generation: u64,
+    /// Deliveries still to come that the previous connection of this
+    /// session received without acknowledging: they carry DUP.
+    redeliver: usize,
     keep_alive: Option<Duration>,
     codec: Codec,
     shared: Arc<Shared>,
@@ -161,6 +173,8 @@ struct Session {
     window: VecDeque<BytesMut>,
     /// Router-form filters subscribed with MQTT 5 No Local.
     nolocal_filters: HashSet<String>,
+    /// MQTT 5 topic aliases, both ways.
+    aliases: aliases::Aliases,
     /// Router-form filters subscribed with MQTT 5 retain-as-published.
     rap_filters: HashSet<String>,
     /// Router QoS 2 deliveries the client got at QoS 0 or 1 (or not at
@@ -352,7 +366,13 @@ impl Session {
             self.admission = None;
             let will_due = matches!(ending, Ending::Lost | Ending::CleanWithWill);
             if let (true, Some((will, props))) = (will_due, self.will.take()) {
-                let delay = props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
+                // MQTT-3.1.3-9: at the will delay or the session's end,
+                // whichever comes first.
+                let delay = props
+                    .as_ref()
+                    .and_then(|p| p.delay_interval)
+                    .unwrap_or(0)
+                    .min(self.session_expiry.load(Ordering::Relaxed));
                 if delay > 0
                     && !self
                         .wait_will_delay(Duration::from_secs(u64::from(delay)))
@@ -375,6 +395,13 @@ impl Session {
                 self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
                     .await;
             }
+            let unacknowledged = self.ledger.iter().filter(|s| !s.local).count();
+            tokio::spawn(expiry::session_ended(
+                self.shared.clone(),
+                self.router_id.clone(),
+                self.generation,
+                unacknowledged,
+            ));
         }
         self.drop_consumers(|_| true);
         self.shared.leave_groups(&self.router_id);

@@ -1,0 +1,158 @@
+//! When a disconnected client's session ends, and freeing it then.
+//!
+//! rumqttd keeps a persistent session (subscriptions, reading positions,
+//! unacknowledged messages) until the same client id connects again, which
+//! for an abandoned id is forever. The front end decides instead: MQTT 5's
+//! Session Expiry Interval, capped by `max_session_expiry`, which is also
+//! the lifetime of a 3.1.1 persistent session. When it passes with no new
+//! connection, the router's copy is erased the only way its public links
+//! allow: connect the id with a clean session and leave at once.
+//!
+//! Each connection of a client id gets a generation; an ending session may
+//! only schedule or perform the erase while it is still the newest, and the
+//! erase runs under the same lock a new connection takes, so an erase never
+//! hits a live session.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
+use tokio::sync::Mutex;
+use tracing::{debug, warn};
+
+use crate::server::Shared;
+
+/// The newest connection of each client id whose session is live or kept.
+#[derive(Default)]
+pub struct Lifetimes {
+    newest: Mutex<HashMap<String, Newest>>,
+    next_generation: AtomicU64,
+    /// Sessions erased after expiring, for logs and tests.
+    pub expired: AtomicU64,
+}
+
+struct Newest {
+    generation: u64,
+    /// The router keeps this session when the connection ends.
+    kept: bool,
+    /// Seconds it outlives its connection; a DISCONNECT may change it.
+    expiry: Arc<AtomicU32>,
+    /// Deliveries the client had not acknowledged when it left: the
+    /// router sends them first again, and they carry DUP.
+    unacknowledged: usize,
+}
+
+/// What a new connection learns about its client id.
+pub struct Resumed {
+    pub generation: u64,
+    /// Deliveries unacknowledged by the previous connection.
+    pub unacknowledged: usize,
+}
+
+impl Lifetimes {
+    /// Registers a new connection of `router_id`, cancelling any expiry of
+    /// its previous session (waits while an erase is under way). The old
+    /// session is erased before the caller connects anew with `clean_start`
+    /// and a session to keep, or when the old one was to end with its
+    /// connection (it may not have noticed yet that its socket closed).
+    /// `kept` and `expiry` describe the new connection's session.
+    pub async fn connected(
+        &self,
+        shared: &Arc<Shared>,
+        router_id: &str,
+        clean_start: bool,
+        kept: bool,
+        expiry: Arc<AtomicU32>,
+    ) -> Resumed {
+        let mut newest = self.newest.lock().await;
+        let ends_with_connection = newest
+            .get(router_id)
+            .is_some_and(|p| p.kept && p.expiry.load(Ordering::Relaxed) == 0);
+        if kept && (clean_start || ends_with_connection) {
+            erase(shared, router_id).await;
+        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let previous = newest.insert(
+            router_id.to_string(),
+            Newest {
+                generation,
+                kept,
+                expiry,
+                unacknowledged: 0,
+            },
+        );
+        Resumed {
+            generation,
+            unacknowledged: previous.map_or(0, |p| p.unacknowledged),
+        }
+    }
+}
+
+/// The connection `generation` of `router_id` has ended and told the
+/// router so. A session the router keeps is erased now (expiry 0) or once
+/// its expiry passes without a newer connection.
+pub async fn session_ended(
+    shared: Arc<Shared>,
+    router_id: String,
+    generation: u64,
+    unacknowledged: usize,
+) {
+    let expiry = {
+        let mut newest = shared.lifetimes.newest.lock().await;
+        let Some(entry) = newest.get_mut(&router_id) else {
+            return;
+        };
+        if entry.generation != generation {
+            return;
+        }
+        if !entry.kept {
+            newest.remove(&router_id);
+            return;
+        }
+        let expiry = Duration::from_secs(u64::from(entry.expiry.load(Ordering::Relaxed)));
+        if expiry.is_zero() {
+            erase(&shared, &router_id).await;
+            newest.remove(&router_id);
+            return;
+        }
+        entry.unacknowledged = unacknowledged;
+        expiry
+    };
+    tokio::time::sleep(expiry).await;
+    let mut newest = shared.lifetimes.newest.lock().await;
+    if newest
+        .get(&router_id)
+        .is_some_and(|e| e.generation == generation)
+    {
+        erase(&shared, &router_id).await;
+        newest.remove(&router_id);
+        shared.lifetimes.expired.fetch_add(1, Ordering::Relaxed);
+        debug!(client = router_id, ?expiry, "session expired and freed");
+    }
+}
+
+/// Drops the router's saved session of `router_id`: a clean connect takes
+/// the saved state, a disconnect right after keeps nothing.
+async fn erase(shared: &Arc<Shared>, router_id: &str) {
+    let link = {
+        let (shared, id) = (shared.clone(), router_id.to_string());
+        tokio::task::spawn_blocking(move || shared.router.connect(&id, true)).await
+    };
+    match link {
+        Ok(Ok((mut tx, _rx, _ack))) => {
+            let bye = Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            if let Err(err) = tx.send(bye).await {
+                warn!(client = router_id, %err, "could not end the session being erased");
+            }
+        }
+        Ok(Err(err)) => warn!(client = router_id, %err, "could not erase an ended session"),
+        Err(err) => warn!(client = router_id, %err, "could not erase an ended session"),
+    }
+}

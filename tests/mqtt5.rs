@@ -1,0 +1,284 @@
+//! MQTT 5 promises the front end keeps around rumqttd's router: delivered
+//! QoS 2 = min(publish, subscription) and retained QoS 2, session expiry
+//! (kept, then freed), the will at the session's end, retain-as-published,
+//! topic aliases both ways, and Server Keep Alive. Each test is what a
+//! client would see on the wire.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mqtt::{recv, recv_none, V4, V5};
+use common::raw::{mqtt_str, read_packet, varint};
+use common::Serve;
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn options(port: u16, id: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_subscribers_get_the_publishers_qos_and_retained_qos2_completes() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let mut sub = V5::connect(port, "q2-sub").await;
+    sub.subscribe("q2/#", 2).await;
+    let publisher = V5::connect(port, "q2-pub").await;
+    for qos in 0..=2 {
+        publisher
+            .publish("q2/live", format!("at {qos}").as_bytes(), qos, false)
+            .await;
+    }
+    let got: Vec<u8> = [
+        recv(&mut sub.rx, 5).await,
+        recv(&mut sub.rx, 5).await,
+        recv(&mut sub.rx, 5).await,
+    ]
+    .iter()
+    .map(|m| m.qos)
+    .collect();
+    assert_eq!(
+        got,
+        [0, 1, 2],
+        "a QoS 2 subscription gets each publish at its own QoS"
+    );
+
+    // Two retained QoS 2 messages; seeing them live means they are stored.
+    publisher.publish("q2/r1", b"kept", 2, true).await;
+    publisher.publish("q2/r2", b"kept too", 2, true).await;
+    recv(&mut sub.rx, 5).await;
+    recv(&mut sub.rx, 5).await;
+    let mut late = V5::connect(port, "q2-late").await;
+    late.subscribe("q2/#", 2).await;
+    for _ in 0..2 {
+        let m = recv(&mut late.rx, 5).await;
+        assert!(m.retain && m.qos == 2, "retained QoS 2 at QoS 2: {m:?}");
+    }
+    // The front end's own QoS 2 flows complete, and live QoS 2 keeps flowing.
+    for i in 0..150 {
+        publisher
+            .publish("q2/after", format!("{i}").as_bytes(), 2, false)
+            .await;
+    }
+    for i in 0..150 {
+        let m = recv(&mut late.rx, 5).await;
+        assert_eq!((m.qos, m.payload), (2, format!("{i}").into_bytes()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lives_for_its_expiry_interval_and_is_then_freed() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let mut publisher = V4::connect(port, "exp-pub").await;
+
+    // Expiry 0 (the MQTT 5 default): nothing is kept, whatever Clean Start says.
+    let mut o = options(port, "exp-zero");
+    let mut c = V5::connect_with(o.clone()).await.expect("connect");
+    c.subscribe("exp/zero", 1).await;
+    drop(c);
+    o.set_clean_start(false);
+    let c = V5::connect_with(o).await.expect("reconnect");
+    assert!(!c.connack.session_present, "expiry 0 keeps no session");
+    drop(c);
+
+    let mut o = options(port, "exp-one");
+    o.set_session_expiry_interval(Some(1));
+    let mut c = V5::connect_with(o.clone()).await.expect("connect");
+    c.subscribe("exp/t", 1).await;
+    drop(c);
+    publisher.publish("exp/t", b"while away", 1, false).await;
+    publisher.round_trip().await;
+    o.set_clean_start(false);
+    let mut c = V5::connect_with(o.clone()).await.expect("reconnect");
+    assert!(
+        c.connack.session_present,
+        "resumed within the expiry interval"
+    );
+    assert_eq!(recv(&mut c.rx, 5).await.payload, b"while away");
+    drop(c);
+
+    // No event says a session expired: wait past the interval.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let mut c = V5::connect_with(o).await.expect("reconnect after expiry");
+    assert!(!c.connack.session_present, "expired sessions are gone");
+    publisher
+        .publish("exp/t", b"nobody subscribed", 1, false)
+        .await;
+    recv_none(&mut c.rx, 500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_will_comes_at_the_sessions_end_when_that_is_before_the_will_delay() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let mut watcher = V5::connect(port, "will-watcher").await;
+    watcher.subscribe("will/t", 1).await;
+    let mut o = options(port, "will-owner");
+    o.set_session_expiry_interval(Some(1));
+    let props = LastWillProperties {
+        delay_interval: Some(600),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    o.set_last_will(LastWill::new(
+        "will/t",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+        Some(props),
+    ));
+    let owner = V5::connect_with(o).await.expect("connect");
+    let lost = Instant::now();
+    drop(owner);
+    let m = recv(&mut watcher.rx, 5).await;
+    assert_eq!(m.payload, b"gone");
+    assert!(
+        lost.elapsed() >= Duration::from_millis(900),
+        "the will waited for the session's end, not sent at once ({:?})",
+        lost.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_as_published_keeps_the_flag_only_where_asked() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let mut rap = V5::connect(port, "rap-on").await;
+    rap.subscribe_filter(Filter {
+        path: "rap/t".into(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: true,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    })
+    .await;
+    let mut plain = V5::connect(port, "rap-off").await;
+    plain.subscribe("rap/t", 1).await;
+    let publisher = V5::connect(port, "rap-pub").await;
+    publisher.publish("rap/t", b"retained", 1, true).await;
+    publisher.publish("rap/t", b"live", 1, false).await;
+    let (r1, r2) = (recv(&mut rap.rx, 5).await, recv(&mut rap.rx, 5).await);
+    let (p1, p2) = (recv(&mut plain.rx, 5).await, recv(&mut plain.rx, 5).await);
+    assert!(r1.retain && !r2.retain, "as published: {r1:?} {r2:?}");
+    assert!(!p1.retain && !p2.retain, "live deliveries: {p1:?} {p2:?}");
+}
+
+/// A v5 QoS 0 PUBLISH with a Topic Alias property.
+fn publish_with_alias(topic: &str, alias: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_str(topic.as_bytes(), &mut body);
+    body.extend_from_slice(&[3, 0x23]);
+    body.extend_from_slice(&alias.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x30];
+    varint(body.len(), &mut packet);
+    packet.extend(body);
+    packet
+}
+
+/// Topic and Topic Alias of a v5 QoS 0 PUBLISH body, and its payload.
+fn parse_publish(body: &[u8]) -> (String, Option<u16>, Vec<u8>) {
+    let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8_lossy(&body[2..2 + tlen]).into_owned();
+    let mut i = 2 + tlen;
+    let plen = usize::from(body[i]); // short property lists only
+    i += 1;
+    let props = &body[i..i + plen];
+    let mut alias = None;
+    let mut j = 0;
+    while j < props.len() {
+        match props[j] {
+            0x23 => {
+                alias = Some(u16::from_be_bytes([props[j + 1], props[j + 2]]));
+                j += 3;
+            }
+            other => panic!("unexpected property {other:#x}"),
+        }
+    }
+    (topic, alias, body[i + plen..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_work_both_ways_and_alias_zero_is_refused() {
+    let serve = Serve::start();
+    let mut s = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .expect("connect");
+    // CONNECT v5, clean start, Topic Alias Maximum 4.
+    let mut body = Vec::new();
+    mqtt_str(b"MQTT", &mut body);
+    body.extend_from_slice(&[5, 0x02, 0, 30, 3, 0x22, 0, 4]);
+    mqtt_str(b"alias-raw", &mut body);
+    let mut connect = vec![0x10];
+    varint(body.len(), &mut connect);
+    connect.extend(body);
+    s.write_all(&connect).await.expect("write");
+    assert_eq!(read_packet(&mut s, 5_000).await.expect("CONNACK").0, 0x20);
+    // SUBSCRIBE alias/# at QoS 0 (the client hears its own publishes).
+    let mut body = vec![0, 1, 0];
+    mqtt_str(b"alias/#", &mut body);
+    body.push(0);
+    let mut subscribe = vec![0x82];
+    varint(body.len(), &mut subscribe);
+    subscribe.extend(body);
+    s.write_all(&subscribe).await.expect("write");
+    assert_eq!(read_packet(&mut s, 5_000).await.expect("SUBACK").0, 0x90);
+
+    // Client to broker: set alias 2, then publish by alias alone.
+    s.write_all(&publish_with_alias("alias/a", 2, b"one"))
+        .await
+        .expect("write");
+    s.write_all(&publish_with_alias("", 2, b"two"))
+        .await
+        .expect("write");
+    // Broker to client: the first delivery sets an alias, the second uses it.
+    let (_, first) = read_packet(&mut s, 5_000).await.expect("first delivery");
+    let (_, second) = read_packet(&mut s, 5_000).await.expect("second delivery");
+    let (t1, a1, p1) = parse_publish(&first);
+    let (t2, a2, p2) = parse_publish(&second);
+    assert_eq!((t1.as_str(), p1.as_slice()), ("alias/a", &b"one"[..]));
+    assert!(a1.is_some_and(|a| (1..=4).contains(&a)), "alias {a1:?}");
+    assert_eq!((t2.as_str(), a2, p2.as_slice()), ("", a1, &b"two"[..]));
+
+    // Alias 0 is a protocol error: DISCONNECT 0x94, then the close.
+    s.write_all(&publish_with_alias("alias/b", 0, b"bad"))
+        .await
+        .expect("write");
+    let (byte1, body) = read_packet(&mut s, 5_000).await.expect("DISCONNECT");
+    assert_eq!((byte1, body[0]), (0xE0, 0x94));
+    assert!(read_packet(&mut s, 5_000).await.is_none(), "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_over_the_maximum_is_lowered_by_server_keep_alive() {
+    let serve = Serve::start_with(&["--max-keep-alive-secs", "20"], &[]);
+    let mut o = options(serve.mqtt_port, "ka-long");
+    o.set_keep_alive(Duration::from_secs(120));
+    let c = V5::connect_with(o).await.expect("connect");
+    let server_keep_alive = c
+        .connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.server_keep_alive);
+    assert_eq!(server_keep_alive, Some(20));
+    let mut o = options(serve.mqtt_port, "ka-short");
+    o.set_keep_alive(Duration::from_secs(10));
+    let c = V5::connect_with(o).await.expect("connect");
+    let server_keep_alive = c
+        .connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.server_keep_alive);
+    assert_eq!(server_keep_alive, None, "a shorter keep-alive stands");
+}
