@@ -282,3 +282,49 @@ async fn a_keep_alive_over_the_maximum_is_lowered_by_server_keep_alive() {
         .and_then(|p| p.server_keep_alive);
     assert_eq!(server_keep_alive, None, "a shorter keep-alive stands");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_for_an_offline_session_expire_and_the_rest_arrive_with_less_time() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let mut o = options(port, "expiry-sub");
+    o.set_session_expiry_interval(Some(60));
+    let mut c = V5::connect_with(o.clone()).await.expect("connect");
+    c.subscribe("expiry/t", 1).await;
+    drop(c);
+    let mut publisher = V5::connect(port, "expiry-pub").await;
+    for (payload, expiry) in [("short", 1), ("long", 60)] {
+        let props = PublishProperties {
+            message_expiry_interval: Some(expiry),
+            ..Default::default()
+        };
+        publisher
+            .client
+            .publish_with_properties("expiry/t", QoS::AtLeastOnce, false, payload, props)
+            .await
+            .expect("publish");
+    }
+    publisher.subscribe("expiry/probe", 1).await;
+    publisher.publish("expiry/probe", b"sync", 1, false).await;
+    recv(&mut publisher.rx, 5).await;
+    // The short one's second must pass while nobody is connected.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    o.set_clean_start(false);
+    let mut c = V5::connect_with(o).await.expect("reconnect");
+    let m = recv(&mut c.rx, 5).await;
+    assert_eq!(m.payload, b"long", "the expired message is not delivered");
+    recv_none(&mut c.rx, 300).await;
+    let interval = loop {
+        match c.packets.recv().await.expect("packets") {
+            rumqttc::v5::mqttbytes::v5::Packet::Publish(p) => {
+                break p.properties.and_then(|p| p.message_expiry_interval)
+            }
+            _ => continue,
+        }
+    };
+    assert!(
+        interval.is_some_and(|i| (55..60).contains(&i)),
+        "expiry lowered by the time waited: {interval:?}"
+    );
+}

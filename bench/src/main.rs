@@ -35,10 +35,13 @@ struct Args {
     /// Payload size in bytes (at least 8: a send timestamp).
     #[arg(long, env = "BENCH_PAYLOAD", default_value_t = 64)]
     payload: usize,
-    /// Instead of throughput, measure broker memory for this many distinct
-    /// topics and subscription filters.
+    /// Instead of throughput, measure broker memory as this many distinct
+    /// retained topics, then subscription filters, come and go.
     #[arg(long, env = "BENCH_TOPICS")]
     topics: Option<u64>,
+    /// Distinct filters for the memory run (default: as many as --topics).
+    #[arg(long, env = "BENCH_FILTERS")]
+    filters: Option<u64>,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -339,10 +342,12 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// One client publishes a retained-free message to each of `n` distinct
-/// topics and another subscribes to `n` distinct filters; returns broker
-/// RSS growth for topics, then for filters.
-async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> {
+/// Topics and filters that come and go: one client publishes a retained
+/// message to each of `topics` distinct topics, then clears them all, then
+/// does the same with as many new topics (memory freed is memory reused);
+/// then subscribes to `filters` distinct filters, then unsubscribes them.
+/// Returns broker RSS after each of the five steps, relative to the start.
+async fn memory_case(port: u16, topics: u64, filters: u64, pid: u32) -> anyhow::Result<[f64; 5]> {
     let mut opts = MqttOptions::new(format!("bench-mem-{}", free_port()?), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_inflight(100);
@@ -352,7 +357,9 @@ async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> 
     let task = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_) | Packet::SubAck(_))) => {
+                Ok(Event::Incoming(
+                    Packet::PubAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_),
+                )) => {
                     seen.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(_) => {}
@@ -370,27 +377,44 @@ async fn memory_case(port: u16, n: u64, pid: u32) -> anyhow::Result<(f64, f64)> 
         }
     };
     let base = rss_mib(pid);
-    for i in 0..n {
-        client
-            .publish(
-                format!("mem/topic/{i}"),
-                QoS::AtLeastOnce,
-                false,
-                vec![0u8; 64],
-            )
-            .await?;
+    let mut expected = 0;
+    let mut steps = [0.0; 5];
+    let rounds = [
+        (0, vec![0u8; 64]),
+        (0, Vec::new()),
+        (1, vec![0u8; 64]),
+        (1, Vec::new()),
+    ];
+    for (step, (round, payload)) in rounds.into_iter().enumerate() {
+        for i in 0..topics {
+            let topic = format!("mem/topic/{round}/{i}");
+            client
+                .publish(topic, QoS::AtLeastOnce, true, payload.clone())
+                .await?;
+        }
+        expected += topics;
+        wait_acks(expected).await;
+        // The second round's step before clearing is not reported.
+        if step != 2 {
+            steps[step.min(2)] = rss_mib(pid) - base;
+        }
     }
-    wait_acks(n).await;
-    let after_topics = rss_mib(pid);
-    for i in 0..n {
+    for i in 0..filters {
         client
             .subscribe(format!("mem/filter/{i}/+"), QoS::AtMostOnce)
             .await?;
     }
-    wait_acks(2 * n).await;
-    let after_filters = rss_mib(pid);
+    expected += filters;
+    wait_acks(expected).await;
+    steps[3] = rss_mib(pid) - base;
+    for i in 0..filters {
+        client.unsubscribe(format!("mem/filter/{i}/+")).await?;
+    }
+    expected += filters;
+    wait_acks(expected).await;
+    steps[4] = rss_mib(pid) - base;
     task.abort();
-    Ok((after_topics - base, after_filters - after_topics))
+    Ok(steps)
 }
 
 /// rumqttd 0.20 as the findings note embeds it: one v4 listener, 1 MiB × 4
@@ -441,15 +465,21 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     if let Some(n) = args.topics {
-        println!("| broker | RSS at start MiB | + {n} topics MiB | + {n} filters MiB |");
-        println!("|---|---|---|---|");
+        let f = args.filters.unwrap_or(n);
+        println!(
+            "| broker | RSS at start MiB | + {n} retained topics | after clearing them | after {n} more set and cleared | + {f} filters | after unsubscribing them |"
+        );
+        println!("|---|---|---|---|---|---|---|");
         for kind in [Kind::Axion, Kind::Mosquitto] {
             let broker = start(kind, &args)?;
             std::thread::sleep(Duration::from_millis(300));
             let pid = broker.child.id();
             let start_rss = rss_mib(pid);
-            let (topics, filters) = rt.block_on(memory_case(broker.port, n, pid))?;
-            println!("| {kind:?} | {start_rss:.1} | {topics:+.1} | {filters:+.1} |");
+            let [t, t_gone, t_again, fl, fl_gone] =
+                rt.block_on(memory_case(broker.port, n, f, pid))?;
+            println!(
+                "| {kind:?} | {start_rss:.1} | {t:+.1} | {t_gone:+.1} | {t_again:+.1} | {fl:+.1} | {fl_gone:+.1} |"
+            );
         }
         return Ok(());
     }
