@@ -14,7 +14,7 @@
 //! hits a live session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,9 +39,11 @@ struct Newest {
     kept: bool,
     /// Seconds it outlives its connection; a DISCONNECT may change it.
     expiry: Arc<AtomicU32>,
-    /// Deliveries the client had not acknowledged when it left: the
-    /// router sends them first again, and they carry DUP.
-    unacknowledged: usize,
+    /// Deliveries the client has not acknowledged, kept current by its
+    /// session: after it leaves, the router sends them first again, and
+    /// they carry DUP. Shared, because the next connection may arrive
+    /// before the old session notices its socket closed.
+    unacknowledged: Arc<AtomicUsize>,
 }
 
 /// What a new connection learns about its client id.
@@ -57,7 +59,8 @@ impl Lifetimes {
     /// session is erased before the caller connects anew with `clean_start`
     /// and a session to keep, or when the old one was to end with its
     /// connection (it may not have noticed yet that its socket closed).
-    /// `kept` and `expiry` describe the new connection's session.
+    /// `kept`, `expiry` and `unacknowledged` describe the new connection's
+    /// session.
     pub async fn connected(
         &self,
         shared: &Arc<Shared>,
@@ -65,6 +68,7 @@ impl Lifetimes {
         clean_start: bool,
         kept: bool,
         expiry: Arc<AtomicU32>,
+        unacknowledged: Arc<AtomicUsize>,
     ) -> Resumed {
         let mut newest = self.newest.lock().await;
         let ends_with_connection = newest
@@ -80,12 +84,14 @@ impl Lifetimes {
                 generation,
                 kept,
                 expiry,
-                unacknowledged: 0,
+                unacknowledged,
             },
         );
         Resumed {
             generation,
-            unacknowledged: previous.map_or(0, |p| p.unacknowledged),
+            unacknowledged: previous
+                .filter(|p| p.kept)
+                .map_or(0, |p| p.unacknowledged.load(Ordering::Relaxed)),
         }
     }
 }
@@ -93,12 +99,7 @@ impl Lifetimes {
 /// The connection `generation` of `router_id` has ended and told the
 /// router so. A session the router keeps is erased now (expiry 0) or once
 /// its expiry passes without a newer connection.
-pub async fn session_ended(
-    shared: Arc<Shared>,
-    router_id: String,
-    generation: u64,
-    unacknowledged: usize,
-) {
+pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u64) {
     let expiry = {
         let mut newest = shared.lifetimes.newest.lock().await;
         let Some(entry) = newest.get_mut(&router_id) else {
@@ -117,7 +118,6 @@ pub async fn session_ended(
             newest.remove(&router_id);
             return;
         }
-        entry.unacknowledged = unacknowledged;
         expiry
     };
     tokio::time::sleep(expiry).await;

@@ -19,7 +19,9 @@ use rumqttd::protocol::PublishProperties;
 pub struct Retained {
     pub payload: Bytes,
     pub qos: u8,
-    pub properties: Option<PublishProperties>,
+    /// Boxed: most retained messages have none, and the inline struct
+    /// would cost every entry a few hundred bytes.
+    pub properties: Option<Box<PublishProperties>>,
     stored: Instant,
 }
 
@@ -83,7 +85,7 @@ impl RetainedStore {
         let retained = Retained {
             payload,
             qos,
-            properties,
+            properties: properties.map(Box::new),
             stored: Instant::now(),
         };
         self.map.insert(topic, retained);

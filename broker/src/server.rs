@@ -65,6 +65,16 @@ impl Shared {
         origin: Option<&str>,
     ) -> Packet {
         let mark = self.needed.mark(qos, publish.retain, origin);
+        // The decoder hands out slices of the connection's read buffer; a
+        // message kept in the router's log or the retained store would pin
+        // that whole buffer (rumqtt#1001: tens of times the message's size).
+        // Owned copies keep memory proportional to what is stored.
+        publish.topic = Bytes::copy_from_slice(&publish.topic);
+        publish.payload = Bytes::copy_from_slice(&publish.payload);
+        let mut props = props;
+        if let Some(data) = props.as_mut().and_then(|p| p.correlation_data.as_mut()) {
+            *data = Bytes::copy_from_slice(data);
+        }
         if publish.retain && !publish.topic.is_empty() {
             let stored_props = props.clone().map(|mut p| {
                 p.topic_alias = None;

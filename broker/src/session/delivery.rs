@@ -3,6 +3,8 @@
 //! the order it insists on, the client's receive window, and the retained
 //! messages the front end sends itself.
 
+use std::sync::atomic::Ordering;
+
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
@@ -98,6 +100,13 @@ impl Session {
         Some(local)
     }
 
+    /// Publishes how many router deliveries the router still waits to
+    /// hear acknowledged (and would send again to a resumed session).
+    pub(super) fn count_unacknowledged(&self) {
+        let n = self.ledger.iter().filter(|s| !s.local).count();
+        self.unacknowledged.store(n, Ordering::Relaxed);
+    }
+
     pub(super) fn release_acks(&mut self, to_router: &mut Vec<Packet>) {
         while self.ledger.front().is_some_and(|s| s.acked) {
             if let Some(slot) = self.ledger.pop_front() {
@@ -155,7 +164,8 @@ impl Session {
                     pkid,
                 );
                 let start = out.len();
-                self.encode(Packet::Publish(publish, retained.properties), out);
+                let props = retained.properties.map(|p| *p);
+                self.encode(Packet::Publish(publish, props), out);
                 if pkid != 0 {
                     self.send_windowed(out, start);
                 }
@@ -226,6 +236,9 @@ impl Session {
         }
         if release {
             self.release_acks(&mut router_acks);
+        }
+        if delivered {
+            self.count_unacknowledged();
         }
         if self.forward(router_acks).await.is_err() {
             return Some(Ending::Kicked);

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -288,6 +288,7 @@ pub(super) async fn handshake(
     let keep_in_router = session_expiry > 0 || !clean_session;
     let router_id = names::router_client_id(&client_id);
     let session_expiry = Arc::new(AtomicU32::new(session_expiry));
+    let unacknowledged = Arc::new(AtomicUsize::new(0));
     let resumed = shared
         .lifetimes
         .connected(
@@ -296,6 +297,7 @@ pub(super) async fn handshake(
             clean_session,
             keep_in_router,
             session_expiry.clone(),
+            unacknowledged.clone(),
         )
         .await;
     let link = {
@@ -351,6 +353,7 @@ pub(super) async fn handshake(
         session_expiry,
         generation: resumed.generation,
         redeliver: resumed.unacknowledged,
+        unacknowledged,
         client_max_packet,
         receive_max,
         at_client: 0,

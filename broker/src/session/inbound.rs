@@ -94,6 +94,7 @@ impl Session {
             }
         }
         self.pump_held(&mut batch);
+        self.count_unacknowledged();
         let to_router = batch;
         if !to_router.is_empty() && self.forward(to_router).await.is_err() {
             return Some(Ending::Kicked);

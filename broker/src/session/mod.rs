@@ -18,7 +18,7 @@ use handshake::handshake;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -121,6 +121,9 @@ struct Session {
     /// Deliveries still to come that the previous connection of this
     /// session received without acknowledging: they carry DUP.
     redeliver: usize,
+    /// Router deliveries sent and not yet acknowledged, for the next
+    /// connection's DUP flags (see [`crate::expiry`]).
+    unacknowledged: Arc<AtomicUsize>,
     keep_alive: Option<Duration>,
     codec: Codec,
     shared: Arc<Shared>,
@@ -395,12 +398,10 @@ impl Session {
                 self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
                     .await;
             }
-            let unacknowledged = self.ledger.iter().filter(|s| !s.local).count();
             tokio::spawn(expiry::session_ended(
                 self.shared.clone(),
                 self.router_id.clone(),
                 self.generation,
-                unacknowledged,
             ));
         }
         self.drop_consumers(|_| true);
