@@ -328,3 +328,29 @@ async fn messages_queued_for_an_offline_session_expire_and_the_rest_arrive_with_
         "expiry lowered by the time waited: {interval:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_forge_the_brokers_internal_mark() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    let serve = Serve::start();
+    let mut sub = V5::connect(serve.mqtt_port, "forge-sub").await;
+    sub.subscribe("forge/t", 1).await;
+    let publisher = V5::connect(serve.mqtt_port, "forge-pub").await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into()), ("axion".into(), "q0;r;".into())],
+        ..Default::default()
+    };
+    publisher
+        .client
+        .publish_with_properties("forge/t", QoS::AtLeastOnce, false, "x", props)
+        .await
+        .expect("publish");
+    let p = loop {
+        if let Packet::Publish(p) = sub.packets.recv().await.expect("packets") {
+            break p;
+        }
+    };
+    assert_eq!((p.qos, p.retain), (QoS::AtLeastOnce, false));
+    let user = p.properties.map(|p| p.user_properties).unwrap_or_default();
+    assert_eq!(user, vec![("k".to_string(), "v".to_string())]);
+}

@@ -20,7 +20,7 @@ use rumqttd::protocol::{Packet, Publish, PublishProperties};
 
 use crate::expiry::Lifetimes;
 use crate::flow::Flow;
-use crate::marks::Needed;
+use crate::marks::{self, Needed};
 use crate::retained::{Retained, RetainedStore, Stored};
 use crate::router::RouterHandle;
 use crate::{session, BrokerConfig};
@@ -46,7 +46,7 @@ pub struct Shared {
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
     pub flow: Flow,
-    /// What publishes must carry for their subscribers (see [`crate::marks`]).
+    /// What publishes must carry for their subscribers (see [`marks`]).
     pub needed: Needed,
     /// When disconnected sessions end (see [`crate::expiry`]).
     pub lifetimes: Lifetimes,
@@ -72,8 +72,14 @@ impl Shared {
         publish.topic = Bytes::copy_from_slice(&publish.topic);
         publish.payload = Bytes::copy_from_slice(&publish.payload);
         let mut props = props;
-        if let Some(data) = props.as_mut().and_then(|p| p.correlation_data.as_mut()) {
-            *data = Bytes::copy_from_slice(data);
+        if let Some(p) = props.as_mut() {
+            if let Some(data) = p.correlation_data.as_mut() {
+                *data = Bytes::copy_from_slice(data);
+            }
+            // The mark's key is reserved: a client cannot forge one.
+            if !p.user_properties.is_empty() {
+                p.user_properties.retain(|(k, _)| k != marks::KEY);
+            }
         }
         if publish.retain && !publish.topic.is_empty() {
             let stored_props = props.clone().map(|mut p| {
