@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{recv, recv_none, V4, V5};
-use common::raw::{mqtt_str, raw_connect, raw_publish, read_reply, varint};
+use common::raw::{raw_connect, raw_publish, raw_subscribe, read_reply};
 use common::Serve;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -666,13 +666,10 @@ async fn a_subscriber_that_never_reads_is_disconnected_and_a_healthy_one_gets_ev
         .await
         .unwrap();
     assert_eq!(read_reply(&mut stuck, 3000).await, vec![0x20, 2, 0, 0]);
-    let mut subscribe = vec![0x82, 0];
-    let mut body = vec![0, 1];
-    mqtt_str(b"slow/t", &mut body);
-    body.push(1);
-    subscribe[1] = body.len() as u8;
-    subscribe.extend(body);
-    stuck.write_all(&subscribe).await.unwrap();
+    stuck
+        .write_all(&raw_subscribe(4, "slow/t", 1))
+        .await
+        .unwrap();
     assert_eq!(read_reply(&mut stuck, 3000).await, vec![0x90, 3, 0, 1, 1]);
 
     let mut healthy = V5::connect(serve.mqtt_port, "healthy-reader").await;
@@ -922,13 +919,9 @@ async fn a_qos1_message_redelivered_to_a_resumed_session_carries_dup() {
         .expect("connect");
     s.write_all(&connect).await.expect("write");
     assert_eq!(read_packet(&mut s, 5_000).await.expect("CONNACK").0, 0x20);
-    let mut body = vec![0, 1];
-    mqtt_str(b"dup/t", &mut body);
-    body.push(1);
-    let mut subscribe = vec![0x82];
-    varint(body.len(), &mut subscribe);
-    subscribe.extend(body);
-    s.write_all(&subscribe).await.expect("write");
+    s.write_all(&raw_subscribe(4, "dup/t", 1))
+        .await
+        .expect("write");
     assert_eq!(read_packet(&mut s, 5_000).await.expect("SUBACK").0, 0x90);
 
     let publisher = V4::connect(port, "dup-pub").await;

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{recv, recv_none, V4, V5};
-use common::raw::{mqtt_str, read_packet, varint};
+use common::raw::{mqtt_str, raw_subscribe, read_packet, varint};
 use common::Serve;
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
@@ -226,13 +226,9 @@ async fn topic_aliases_work_both_ways_and_alias_zero_is_refused() {
     s.write_all(&connect).await.expect("write");
     assert_eq!(read_packet(&mut s, 5_000).await.expect("CONNACK").0, 0x20);
     // SUBSCRIBE alias/# at QoS 0 (the client hears its own publishes).
-    let mut body = vec![0, 1, 0];
-    mqtt_str(b"alias/#", &mut body);
-    body.push(0);
-    let mut subscribe = vec![0x82];
-    varint(body.len(), &mut subscribe);
-    subscribe.extend(body);
-    s.write_all(&subscribe).await.expect("write");
+    s.write_all(&raw_subscribe(5, "alias/#", 0))
+        .await
+        .expect("write");
     assert_eq!(read_packet(&mut s, 5_000).await.expect("SUBACK").0, 0x90);
 
     // Client to broker: set alias 2, then publish by alias alone.
@@ -263,24 +259,23 @@ async fn topic_aliases_work_both_ways_and_alias_zero_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_over_the_maximum_is_lowered_by_server_keep_alive() {
     let serve = Serve::start_with(&["--max-keep-alive-secs", "20"], &[]);
-    let mut o = options(serve.mqtt_port, "ka-long");
-    o.set_keep_alive(Duration::from_secs(120));
-    let c = V5::connect_with(o).await.expect("connect");
-    let server_keep_alive = c
-        .connack
-        .properties
-        .as_ref()
-        .and_then(|p| p.server_keep_alive);
-    assert_eq!(server_keep_alive, Some(20));
-    let mut o = options(serve.mqtt_port, "ka-short");
-    o.set_keep_alive(Duration::from_secs(10));
-    let c = V5::connect_with(o).await.expect("connect");
-    let server_keep_alive = c
-        .connack
-        .properties
-        .as_ref()
-        .and_then(|p| p.server_keep_alive);
-    assert_eq!(server_keep_alive, None, "a shorter keep-alive stands");
+    let server_keep_alive = |id: &'static str, asked: u64| {
+        let mut o = options(serve.mqtt_port, id);
+        o.set_keep_alive(Duration::from_secs(asked));
+        async move {
+            let c = V5::connect_with(o).await.expect("connect");
+            c.connack
+                .properties
+                .as_ref()
+                .and_then(|p| p.server_keep_alive)
+        }
+    };
+    assert_eq!(server_keep_alive("ka-long", 120).await, Some(20));
+    assert_eq!(
+        server_keep_alive("ka-short", 10).await,
+        None,
+        "a shorter keep-alive stands"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

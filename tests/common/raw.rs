@@ -61,6 +61,21 @@ pub fn raw_publish(level: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
     packet
 }
 
+/// A raw SUBSCRIBE (packet id 1) of one filter with `options` (QoS in the
+/// low bits; MQTT 5 adds an empty property list).
+pub fn raw_subscribe(level: u8, filter: &str, options: u8) -> Vec<u8> {
+    let mut body = vec![0, 1];
+    if level == 5 {
+        body.push(0);
+    }
+    mqtt_str(filter.as_bytes(), &mut body);
+    body.push(options);
+    let mut packet = vec![0x82];
+    varint(body.len(), &mut packet);
+    packet.extend(body);
+    packet
+}
+
 /// Reads whatever the broker sends within `ms` (empty if it closed).
 pub async fn read_reply(stream: &mut TcpStream, ms: u64) -> Vec<u8> {
     let mut buf = vec![0u8; 256];
