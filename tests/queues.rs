@@ -674,6 +674,319 @@ async fn dead_worker_tasks_reach_another_worker_at_once() {
     );
 }
 
+/// A producer that keeps up to `window` enqueues awaiting their on-disk
+/// confirmation (MQTT 5 Response Topic), as a real producer pipelines.
+struct Producer {
+    sender: Enqueuer,
+    confirmed: mpsc::UnboundedReceiver<String>,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+/// The sending half of a [`Producer`], for a task of its own.
+#[derive(Clone)]
+struct Enqueuer {
+    client: AsyncClient,
+    window: std::sync::Arc<tokio::sync::Semaphore>,
+    reply: String,
+}
+
+impl Producer {
+    async fn start(url: &str, id: &str, window: usize) -> Producer {
+        let opts = MqttUrl::parse(url).expect("url").options_v5(id);
+        let (client, mut events) = AsyncClient::new(opts, 4096);
+        let (tx, confirmed) = mpsc::unbounded_channel();
+        let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
+        let window = std::sync::Arc::new(tokio::sync::Semaphore::new(window));
+        let permits = window.clone();
+        let conn = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        permits.add_permits(1);
+                        let body: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                        let id = body["id"].as_str().unwrap_or_default().to_string();
+                        if tx.send(id).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        let reply = format!("axion/{PKG}/reply/{id}");
+        client
+            .subscribe(reply.clone(), QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        tokio::time::timeout(Duration::from_secs(5), sub_rx.recv())
+            .await
+            .expect("suback");
+        Producer {
+            sender: Enqueuer {
+                client,
+                window,
+                reply,
+            },
+            confirmed,
+            conn,
+        }
+    }
+
+    async fn enqueue(&self, queue: &str, id: &str) {
+        self.sender.enqueue(queue, id).await;
+    }
+}
+
+impl Enqueuer {
+    /// Sends one enqueue once the window has room.
+    async fn enqueue(&self, queue: &str, id: &str) {
+        if let Ok(permit) = self.window.acquire().await {
+            permit.forget();
+        }
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: Some(self.reply.clone()),
+            ..Default::default()
+        };
+        let body = json!({ "id": id, "payload": { "pad": "x".repeat(60) } }).to_string();
+        // Fails once the broker is gone; the caller notices by the
+        // confirmations that stop.
+        let _ = self
+            .client
+            .publish_with_properties(
+                format!("axion/{PKG}/queue/{queue}/enqueue"),
+                QoS::AtLeastOnce,
+                false,
+                body,
+                props,
+            )
+            .await;
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Runs `worker` until the test aborts it: take a task, count its
+/// delivery, ack it, announce one more credit.
+fn spawn_acking_worker(
+    mut worker: Worker,
+    deliveries: std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(task) = worker.next_task(Duration::from_secs(60)).await {
+            let id = task["id"].as_str().unwrap_or_default().to_string();
+            *deliveries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default() += 1;
+            worker.ack(&task).await;
+            worker.ready(1).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_amid_10000_tasks_loses_no_confirmed_task() {
+    const N: usize = 10_000;
+    const CREDITS: u32 = 32;
+    let mut setup = Setup::start(&["--ack-wait-ms", "1000"]).await;
+    let url = setup.url();
+    let deliveries = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
+    let delivered = |d: &std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>>| {
+        d.lock().unwrap_or_else(|p| p.into_inner()).len()
+    };
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let worker = Worker::start(&url, &format!("w-k9-{w}"), "k9", CREDITS, false).await;
+        workers.push(spawn_acking_worker(worker, deliveries.clone()));
+    }
+    // Enqueue in the background; kill -9 once about half is done.
+    let mut producer = Producer::start(&url, "p-k9", 256).await;
+    let sender = {
+        let enqueuer = producer.sender.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                enqueuer.enqueue("k9", &format!("t-{i}")).await;
+            }
+        })
+    };
+    let mut confirmed = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered(&deliveries) < N / 2 {
+        assert!(Instant::now() < deadline, "half the tasks not done in 30 s");
+        let next = tokio::time::timeout(Duration::from_millis(20), producer.confirmed.recv());
+        if let Ok(id) = next.await {
+            confirmed.insert(id.expect("producer running"));
+        }
+    }
+    let before_crash = delivered(&deliveries);
+    let mut c = ops(&url).await;
+    let inflight = show(&mut c, "k9").await.inflight;
+    setup.kill_9_owner_and_restart().await;
+    sender.abort();
+    while let Ok(id) = producer.confirmed.try_recv() {
+        confirmed.insert(id);
+    }
+    for w in workers.drain(..) {
+        w.abort();
+    }
+    println!(
+        "kill -9 after {before_crash} deliveries and {} confirmed enqueues, {inflight} in flight",
+        confirmed.len()
+    );
+
+    // Back up: the producer sends what it has no confirmation for (the id
+    // makes a task that did reach the disk count once), workers drain all.
+    for w in 0..2 {
+        let worker = Worker::start(&url, &format!("w-k9-after-{w}"), "k9", CREDITS, false).await;
+        workers.push(spawn_acking_worker(worker, deliveries.clone()));
+    }
+    let mut producer = Producer::start(&url, "p-k9-after", 256).await;
+    let missing: Vec<String> = (0..N)
+        .map(|i| format!("t-{i}"))
+        .filter(|id| !confirmed.contains(id))
+        .collect();
+    for id in &missing {
+        producer.enqueue("k9", id).await;
+    }
+    for _ in 0..missing.len() {
+        let id = tokio::time::timeout(Duration::from_secs(20), producer.confirmed.recv())
+            .await
+            .expect("every enqueue confirmed after the restart")
+            .expect("producer running");
+        confirmed.insert(id);
+    }
+    assert_eq!(confirmed.len(), N);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered(&deliveries) < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} tasks delivered after the restart",
+            delivered(&deliveries)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in workers {
+        w.abort();
+    }
+    let deliveries = deliveries.lock().unwrap_or_else(|p| p.into_inner());
+    let lost: Vec<&String> = confirmed
+        .iter()
+        .filter(|id| !deliveries.contains_key(*id))
+        .collect();
+    assert!(lost.is_empty(), "confirmed tasks never delivered: {lost:?}");
+    let duplicates = deliveries.values().filter(|n| **n > 1).count();
+    println!("{N} tasks, all delivered; {duplicates} delivered twice (in flight at the kill)");
+    // What can come twice is what was delivered and not yet acked on disk:
+    // in flight just before the kill, plus what the workers' credit let
+    // through in the moment between that count and the kill.
+    assert!(
+        duplicates as u64 <= inflight + 2 * u64::from(CREDITS),
+        "{duplicates} duplicates, {inflight} in flight at the kill"
+    );
+}
+
+/// Issue 5's fairness check. Not yet met, so not run in CI: the last run
+/// gave the 10 ms worker 86 of 100 tasks in 14.4 s, because the shared
+/// group hands tasks addressed to the fast worker to the slow one, which
+/// claims them whenever it has a free slot. Run it with
+/// `cargo test --test queues -- --ignored a_fast_worker --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn a_fast_worker_does_the_work_a_slow_one_cannot() {
+    const N: usize = 100;
+    let setup = Setup::start(&[]).await;
+    let url = setup.url();
+    let mut c = ops(&url).await;
+    let producer = Producer::start(&url, "p-fair", 256).await;
+    let done = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let counts: Vec<std::sync::Arc<std::sync::atomic::AtomicUsize>> = (0..2)
+        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)))
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, work) in [Duration::from_secs(1), Duration::from_millis(10)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut w = Worker::start(&url, &format!("w-fair-{i}"), "fair", 1, false).await;
+        let (count, done) = (counts[i].clone(), done.clone());
+        // The handler works on one task at a time while the worker keeps
+        // reading, so a task it has no room for goes back at once.
+        let (work_tx, mut work_rx) = mpsc::unbounded_channel::<Value>();
+        let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<Value>();
+        tasks.push(tokio::spawn(async move {
+            while let Some(task) = work_rx.recv().await {
+                tokio::time::sleep(work).await; // the handler's work
+                if finished_tx.send(task).is_err() {
+                    return;
+                }
+            }
+        }));
+        tasks.push(tokio::spawn(async move {
+            enum Event {
+                Task(Option<Value>),
+                Finished(Option<Value>),
+            }
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    f = finished_rx.recv() => Event::Finished(f),
+                    t = w.next_task(Duration::from_secs(30)) => Event::Task(t),
+                };
+                match event {
+                    Event::Finished(Some(task)) => {
+                        w.ack(&task).await;
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        done.add_permits(1);
+                        w.ready(1).await;
+                    }
+                    Event::Task(Some(task)) => {
+                        if work_tx.send(task).is_err() {
+                            return;
+                        }
+                    }
+                    Event::Finished(None) | Event::Task(None) => return,
+                }
+            }
+        }));
+    }
+    let start = Instant::now();
+    for i in 0..N {
+        producer.enqueue("fair", &format!("f-{i}")).await;
+    }
+    let all = tokio::time::timeout(Duration::from_secs(30), done.acquire_many(N as u32)).await;
+    let (slow, fast) = (
+        counts[0].load(std::sync::atomic::Ordering::Relaxed),
+        counts[1].load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(
+        all.is_ok(),
+        "not done within 30 s: fast {fast}, slow {slow}, {:?}",
+        show(&mut c, "fair").await
+    );
+    let took = start.elapsed();
+    for t in tasks {
+        t.abort();
+    }
+    println!("fast worker {fast}, slow worker {slow}, {took:?}");
+    assert!(fast >= 90, "the 10 ms worker did {fast} of {N}");
+    // Ideal: the fast worker alone, 100 × 10 ms; the slow one's last task
+    // may add its 1 s.
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}, ideal about 1-2 s"
+    );
+    assert_eq!(show(&mut c, "fair").await.acked_total, N as u64);
+}
+
 /// Throughput figures (not a pass/fail test): durable enqueue rate with
 /// group commit, and enqueue → deliver → ack with one worker holding up to
 /// 256 credits (JetStream's pull batch in the anchors). Run with

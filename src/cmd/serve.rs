@@ -148,9 +148,11 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         local.password = Some(internal_secret);
     }
 
-    let queue_config =
+    let mut queue_config =
         args.queues
             .config(local.clone(), args.data_dir.clone(), args.package.clone());
+    // The embedded broker dies with the owner: nothing to hand over again.
+    queue_config.ack_after_commit = false;
     let mut queues = QueueOwner::start(queue_config)
         .await
         .context("start the queue owner")?;

@@ -62,6 +62,15 @@ pub struct QueueConfig {
     /// How long the broker keeps the owner's session (and enqueues for it)
     /// while the owner is away. Default 600 s.
     pub session_expiry_secs: u32,
+    /// Acknowledge an `enqueue` to the broker only once the task is on
+    /// disk, so a broker that outlives the owner (an external one, with the
+    /// owner's persistent session) hands unsaved enqueues over again after
+    /// a crash. Pointless beside the embedded broker, which dies with the
+    /// owner; there it only costs throughput, because rumqttd's router
+    /// keeps at most 100 messages unacknowledged per client and everything
+    /// behind them (task acks included) would wait for each fsync.
+    /// Everything else is acknowledged on receipt either way. Default true.
+    pub ack_after_commit: bool,
 }
 
 impl QueueConfig {
@@ -78,6 +87,7 @@ impl QueueConfig {
             client_id: None,
             max_packet_size: 1024 * 1024,
             session_expiry_secs: 600,
+            ack_after_commit: true,
         }
     }
 

@@ -322,12 +322,17 @@ impl Core {
             }
             Inbound::Publish(publish) => {
                 self.on_publish(&publish);
+                let wait = self.cfg.ack_after_commit && publish.topic.ends_with(b"/enqueue");
                 let ack = Publish {
                     payload: Bytes::new(),
                     properties: None,
                     ..*publish
                 };
-                self.fx.after.push(After::Ack(ack));
+                if wait {
+                    self.fx.after.push(After::Ack(ack));
+                } else {
+                    self.outbox.push_back(Out::Ack(ack));
+                }
             }
         }
     }

@@ -106,7 +106,11 @@ pub struct Queue {
     inflight: BTreeMap<(u64, u64), String>,
     dead: HashMap<String, StoredTask>,
     dead_order: BTreeMap<u64, String>,
-    credits: HashMap<String, u32>,
+    /// Free credit per worker. It may go below zero: a worker that claims
+    /// a task addressed to another (see `progress`) used a slot the owner
+    /// may already have spent on a delivery still on its way; the debt is
+    /// paid by the worker's next `ready`, so credit never inflates.
+    credits: HashMap<String, i64>,
     pending: u64,
     counters: Counters,
     counters_dirty: bool,
@@ -267,11 +271,12 @@ impl Queue {
 
     /// Adds (or with `reset`, sets) a worker's credit.
     pub fn ready(&mut self, worker: &str, credits: u32, reset: bool) {
+        let credits = i64::from(credits.min(MAX_CREDITS));
         let entry = self.credits.entry(worker.to_string()).or_insert(0);
         *entry = if reset {
-            credits.min(MAX_CREDITS)
+            credits
         } else {
-            entry.saturating_add(credits).min(MAX_CREDITS)
+            (*entry + credits).min(i64::from(MAX_CREDITS))
         };
         self.changed = true;
     }
@@ -489,10 +494,10 @@ impl Queue {
         let new_holder = match claimer {
             Some(c) if c != holder => {
                 if let Some(credit) = self.credits.get_mut(&holder) {
-                    *credit = credit.saturating_add(1).min(MAX_CREDITS);
+                    *credit = (*credit + 1).min(i64::from(MAX_CREDITS));
                 }
                 if let Some(credit) = self.credits.get_mut(c) {
-                    *credit = credit.saturating_sub(1);
+                    *credit -= 1;
                 }
                 c.to_string()
             }
@@ -520,7 +525,7 @@ impl Queue {
         };
         if releaser.is_some_and(|r| r != holder) {
             if let Some(credit) = self.credits.get_mut(&holder) {
-                *credit = credit.saturating_add(1).min(MAX_CREDITS);
+                *credit = (*credit + 1).min(i64::from(MAX_CREDITS));
             }
         }
         self.set_state(id, State::Ready);
@@ -627,7 +632,7 @@ impl Queue {
             timestamp: now,
             enqueue_rate: (enqueue_rate * 10.0).round() / 10.0,
             ack_rate: (ack_rate * 10.0).round() / 10.0,
-            credits: self.credits.values().map(|c| *c as u64).sum(),
+            credits: self.credits.values().map(|c| (*c).max(0) as u64).sum(),
             workers: self.credits.len() as u64,
         }
     }
@@ -661,7 +666,7 @@ impl Queue {
             .iter()
             .map(|(w, c)| WorkerView {
                 worker: w.clone(),
-                credits: *c,
+                credits: u32::try_from((*c).max(0)).unwrap_or(u32::MAX),
                 holding: 0,
             })
             .collect();
