@@ -65,6 +65,33 @@ impl Stack {
         }
     }
 
+    /// `axion bridge` against a broker of the caller's on `mqtt_port`.
+    fn standalone_on(mqtt_port: u16, args: &[&str]) -> Stack {
+        let package = format!("t{}", free_port());
+        let ws_port = free_port();
+        let bridge = spawn(
+            "axion bridge",
+            Command::new(axion_bin())
+                .args(["bridge", "--package", &package])
+                .arg("--mqtt")
+                .arg(format!("mqtt://127.0.0.1:{mqtt_port}"))
+                .arg("--ws-listen")
+                .arg(format!("127.0.0.1:{ws_port}"))
+                .args(args),
+        );
+        wait_ready(ws_port);
+        Stack {
+            ws_port,
+            mqtt_port,
+            package,
+            kind: Kind::Standalone {
+                bridge,
+                broker: None,
+                _owner: None,
+            },
+        }
+    }
+
     /// `axion bridge` against Mosquitto; `owner` adds `axion queues`.
     fn standalone(args: &[&str], owner: bool) -> Stack {
         let package = format!("t{}", free_port());
@@ -394,14 +421,35 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
         .unwrap_or(100_000);
     let legacy = LegacyBroker::start();
     let serve = Stack::serve(&[]);
-    let standalone = Stack::standalone(&[], false);
-    let (bridge_pid, mosquitto) = match &standalone.kind {
-        Kind::Standalone {
-            bridge,
-            broker: Some(broker),
-            ..
-        } => (bridge.pid(), broker),
-        _ => unreachable!("a standalone stack has a bridge and a broker"),
+    // Mosquitto as the MQTT broker benchmark configures it (TCP_NODELAY on:
+    // its default Nagle delays a quiet stream of small messages by up to
+    // 40 ms), declared before the bridge so that it outlives it.
+    let mosquitto_dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto_port = free_port();
+    let conf = mosquitto_dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
+        ),
+    )
+    .expect("write mosquitto.conf");
+    let mosquitto = Proc {
+        child: Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto"),
+        name: "mosquitto".into(),
+    };
+    common::wait_for_port(mosquitto_port, Duration::from_secs(10));
+    let standalone = Stack::standalone_on(mosquitto_port, &[]);
+    let bridge_pid = match &standalone.kind {
+        Kind::Standalone { bridge, .. } => bridge.pid(),
+        Kind::Serve(_) => unreachable!("a standalone stack"),
     };
     let serve_pid = match &serve.kind {
         Kind::Serve(s) => s.proc.pid(),
@@ -431,7 +479,7 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
             Target {
                 name: "axion bridge + Mosquitto",
                 args: ws(&standalone),
-                pids: vec![bridge_pid, mosquitto.proc.pid()],
+                pids: vec![bridge_pid, mosquitto.pid()],
             },
             Target {
                 name: legacy_target.name,
@@ -446,7 +494,7 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
             Target {
                 name: "direct MQTT, Mosquitto",
                 args: mqtt("--mqtt", &standalone),
-                pids: vec![mosquitto.proc.pid()],
+                pids: vec![mosquitto.pid()],
             },
         ]
     };
@@ -460,7 +508,7 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
             Target {
                 name: "axion bridge + Mosquitto",
                 args: [ws(&standalone), mqtt("--send-mqtt", &standalone)].concat(),
-                pids: vec![bridge_pid, mosquitto.proc.pid()],
+                pids: vec![bridge_pid, mosquitto.pid()],
             },
         ]
     };
@@ -479,7 +527,7 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
         ),
         (
             "WS → WS, 10k events/s, 1 subscriber",
-            vec!["--events", "20000", "--rate", "10000", "--receivers", "1"],
+            vec!["--events", "30000", "--rate", "10000", "--receivers", "1"],
             ws_to_ws(),
         ),
         (
@@ -489,7 +537,7 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
         ),
         (
             "MQTT → WS, 10k events/s, 1 subscriber",
-            vec!["--events", "20000", "--rate", "10000", "--receivers", "1"],
+            vec!["--events", "30000", "--rate", "10000", "--receivers", "1"],
             mqtt_to_ws(),
         ),
     ];
