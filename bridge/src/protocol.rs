@@ -93,11 +93,20 @@ impl FrameError {
 
 /// A JSON object's members as written: keys decoded, values left as raw
 /// text. A key given twice keeps its last value, as `JSON.parse` does.
-struct Object<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Object<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// A frame's `message`, parsed in the same pass as the frame so that an
+    /// event's payload is scanned once (top level only).
+    message: Option<Box<Document<'a>>>,
+}
 
 impl<'a> Object<'a> {
     fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+        self.members
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
     }
 
     /// Like `get`, with JSON `null` read as absent.
@@ -106,19 +115,32 @@ impl<'a> Object<'a> {
     }
 }
 
-/// Any JSON document, reduced to whether it is an object.
+/// Any JSON value, reduced to whether it is an object (or null).
 enum Document<'a> {
     Object(Object<'a>),
+    Null,
     Other,
 }
 
 impl<'de> Deserialize<'de> for Document<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(DocumentVisitor)
+        d.deserialize_any(DocumentVisitor { frame: false })
     }
 }
 
-struct DocumentVisitor;
+/// A whole frame: a [`Document`] whose `message` member is parsed too.
+struct Frame<'a>(Document<'a>);
+
+impl<'de> Deserialize<'de> for Frame<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocumentVisitor { frame: true })
+            .map(Frame)
+    }
+}
+
+struct DocumentVisitor {
+    frame: bool,
+}
 
 impl<'de> Visitor<'de> for DocumentVisitor {
     type Value = Document<'de>;
@@ -129,10 +151,15 @@ impl<'de> Visitor<'de> for DocumentVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut members = Vec::new();
+        let mut message = None;
         while let Some(Key(k)) = map.next_key()? {
-            members.push((k, map.next_value::<&'de RawValue>()?));
+            if self.frame && k == "message" {
+                message = Some(Box::new(map.next_value::<Document<'de>>()?));
+            } else {
+                members.push((k, map.next_value::<&'de RawValue>()?));
+            }
         }
-        Ok(Document::Object(Object(members)))
+        Ok(Document::Object(Object { members, message }))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -156,7 +183,7 @@ impl<'de> Visitor<'de> for DocumentVisitor {
         Ok(Document::Other)
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Document::Other)
+        Ok(Document::Null)
     }
 }
 
@@ -223,10 +250,10 @@ fn too_deep(text: &str) -> bool {
     false
 }
 
-fn object(text: &str) -> Result<Object<'_>, FrameError> {
-    match serde_json::from_str::<Document>(text) {
-        Ok(Document::Object(o)) => Ok(o),
-        Ok(Document::Other) => Err(FrameError::NotAnObject),
+fn frame_object(text: &str) -> Result<Object<'_>, FrameError> {
+    match serde_json::from_str::<Frame>(text) {
+        Ok(Frame(Document::Object(o))) => Ok(o),
+        Ok(_) => Err(FrameError::NotAnObject),
         Err(_) => Err(FrameError::InvalidJson),
     }
 }
@@ -353,6 +380,13 @@ impl Message<'_> {
 }
 
 fn push_json_str(out: &mut String, s: &str) {
+    // Client ids (UUIDs) and timestamps need no escaping: no allocation.
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     match serde_json::to_string(s) {
         Ok(quoted) => out.push_str(&quoted),
         // Serializing a &str cannot fail; an empty string keeps the JSON valid.
@@ -366,7 +400,7 @@ pub fn parse_frame(text: &str) -> Result<Request<'_>, FrameError> {
     if too_deep(text) {
         return Err(FrameError::InvalidJson);
     }
-    let obj = object(text)?;
+    let mut obj = frame_object(text)?;
     let action = match obj.present("action") {
         None => return Err(FrameError::Missing("action")),
         Some(raw) => raw_str(raw).ok_or(FrameError::WrongType {
@@ -388,16 +422,16 @@ pub fn parse_frame(text: &str) -> Result<Request<'_>, FrameError> {
             })
         }
         "publish" => {
-            let raw = obj
-                .present("message")
-                .ok_or(FrameError::Missing("message"))?;
-            if !raw.get().starts_with('{') {
-                return Err(FrameError::WrongType {
-                    field: "message",
-                    expected: "an object (the event envelope)",
-                });
-            }
-            let message = object(raw.get())?;
+            let message = match obj.message.take().map(|m| *m) {
+                None | Some(Document::Null) => return Err(FrameError::Missing("message")),
+                Some(Document::Other) => {
+                    return Err(FrameError::WrongType {
+                        field: "message",
+                        expected: "an object (the event envelope)",
+                    })
+                }
+                Some(Document::Object(message)) => message,
+            };
             let raw_type = message
                 .present("type")
                 .ok_or(FrameError::Missing("message.type"))?;
@@ -721,6 +755,23 @@ mod tests {
             assert_eq!(parse_frame(&frame).is_ok(), old_parser_accepts, "{depth}");
         }
         assert_eq!(err(&("[".repeat(5000) + &"]".repeat(5000))), "invalid json");
+    }
+
+    #[test]
+    fn strings_are_quoted_as_serde_json_quotes_them() {
+        for text in [
+            "plain",
+            "",
+            "q\"uote",
+            "back\\slash",
+            "tab\t",
+            "\u{1}",
+            "é ✓",
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, text);
+            assert_eq!(out, serde_json::to_string(text).unwrap());
+        }
     }
 
     #[test]
