@@ -65,6 +65,33 @@ impl Stack {
         }
     }
 
+    /// `axion bridge` against a broker of the caller's on `mqtt_port`.
+    fn standalone_on(mqtt_port: u16, args: &[&str]) -> Stack {
+        let package = format!("t{}", free_port());
+        let ws_port = free_port();
+        let bridge = spawn(
+            "axion bridge",
+            Command::new(axion_bin())
+                .args(["bridge", "--package", &package])
+                .arg("--mqtt")
+                .arg(format!("mqtt://127.0.0.1:{mqtt_port}"))
+                .arg("--ws-listen")
+                .arg(format!("127.0.0.1:{ws_port}"))
+                .args(args),
+        );
+        wait_ready(ws_port);
+        Stack {
+            ws_port,
+            mqtt_port,
+            package,
+            kind: Kind::Standalone {
+                bridge,
+                broker: None,
+                _owner: None,
+            },
+        }
+    }
+
     /// `axion bridge` against Mosquitto; `owner` adds `axion queues`.
     fn standalone(args: &[&str], owner: bool) -> Stack {
         let package = format!("t{}", free_port());
@@ -243,17 +270,23 @@ fn malformed_frames_get_errors_and_the_connection_keeps_working() {
 
 #[test]
 fn slow_consumer_is_dropped_while_a_healthy_one_gets_every_event() {
-    slow_consumer(Stack::start(&["--ws-client-queue-frames", "2048"]));
+    slow_consumer(Stack::start(SLOW_CONSUMER_FLAGS));
 }
 
 /// The bridge's own slow-consumer handling, against an external broker.
 #[test]
 fn standalone_slow_consumer_is_dropped_while_a_healthy_one_gets_every_event() {
-    slow_consumer(Stack::standalone(
-        &["--ws-client-queue-frames", "2048"],
-        false,
-    ));
+    slow_consumer(Stack::standalone(SLOW_CONSUMER_FLAGS, false));
 }
+
+/// Small queues, and a stalled client dropped after holding its publisher
+/// back for half a second.
+const SLOW_CONSUMER_FLAGS: &[&str] = &[
+    "--ws-client-queue-frames",
+    "2048",
+    "--ws-slow-consumer-ms",
+    "500",
+];
 
 fn slow_consumer(stack: Stack) {
     let before = stack.peak_rss_kib();
@@ -325,4 +358,233 @@ fn task_actions(stack: &Stack) {
         "{out}"
     );
     assert_eq!(out["confirmations"][0]["queue"], "jobs.test");
+}
+
+/// The seeds' legacy Node broker (`tests/clients/legacy_broker.js`) on a
+/// free port, its per-event console logging sent to /dev/null.
+struct LegacyBroker {
+    proc: Proc,
+    port: u16,
+}
+
+impl LegacyBroker {
+    fn start() -> LegacyBroker {
+        let port = free_port();
+        let child = Command::new("node")
+            .arg("legacy_broker.js")
+            .env("PORT", port.to_string())
+            .current_dir(clients_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn node legacy_broker.js");
+        common::wait_for_port(port, Duration::from_secs(10));
+        LegacyBroker {
+            proc: Proc {
+                child,
+                name: "legacy broker".into(),
+            },
+            port,
+        }
+    }
+}
+
+/// One way of carrying the benchmark's events, and the processes whose
+/// CPU time is the broker's side of it.
+struct Target {
+    name: &'static str,
+    /// Arguments of `bench.js` naming where to connect.
+    args: Vec<String>,
+    pids: Vec<u32>,
+}
+
+/// Benchmark, not a test: delivered events/s flat out and latency at a
+/// fixed 10k events/s, through the bridge (inside `axion serve`, and
+/// `axion bridge` beside Mosquitto), the seeds' legacy Node broker, and
+/// direct MQTT on the same brokers, side by side in one run with one load
+/// driver (`tests/clients/bench.js`: a sender process and one process per
+/// subscriber). Prints the median of `AXION_BENCH_ROUNDS` (3) runs per case,
+/// targets taking turns in each round.
+///
+/// `cargo test --release --test bridge -- --ignored --nocapture bench_`
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
+    let rounds: usize = std::env::var("AXION_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let events: usize = std::env::var("AXION_BENCH_EVENTS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(100_000);
+    let legacy = LegacyBroker::start();
+    let serve = Stack::serve(&[]);
+    // Mosquitto as the MQTT broker benchmark configures it (TCP_NODELAY on:
+    // its default Nagle delays a quiet stream of small messages by up to
+    // 40 ms), declared before the bridge so that it outlives it.
+    let mosquitto_dir = tempfile::tempdir().expect("tempdir");
+    let mosquitto_port = free_port();
+    let conf = mosquitto_dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
+        ),
+    )
+    .expect("write mosquitto.conf");
+    let mosquitto = Proc {
+        child: Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto"),
+        name: "mosquitto".into(),
+    };
+    common::wait_for_port(mosquitto_port, Duration::from_secs(10));
+    let standalone = Stack::standalone_on(mosquitto_port, &[]);
+    let bridge_pid = match &standalone.kind {
+        Kind::Standalone { bridge, .. } => bridge.pid(),
+        Kind::Serve(_) => unreachable!("a standalone stack"),
+    };
+    let serve_pid = match &serve.kind {
+        Kind::Serve(s) => s.proc.pid(),
+        Kind::Standalone { .. } => unreachable!("a serve stack"),
+    };
+    let ws = |stack: &Stack| vec!["--url".to_string(), stack.ws_url()];
+    let mqtt = |flag: &str, stack: &Stack| {
+        vec![
+            flag.to_string(),
+            format!("127.0.0.1:{}", stack.mqtt_port),
+            "--package".into(),
+            stack.package.clone(),
+        ]
+    };
+    let legacy_target = Target {
+        name: "legacy Node broker",
+        args: vec!["--url".into(), format!("ws://127.0.0.1:{}", legacy.port)],
+        pids: vec![legacy.proc.pid()],
+    };
+    let ws_to_ws = || {
+        vec![
+            Target {
+                name: "axion serve (bridge)",
+                args: ws(&serve),
+                pids: vec![serve_pid],
+            },
+            Target {
+                name: "axion bridge + Mosquitto",
+                args: ws(&standalone),
+                pids: vec![bridge_pid, mosquitto.pid()],
+            },
+            Target {
+                name: legacy_target.name,
+                args: legacy_target.args.clone(),
+                pids: legacy_target.pids.clone(),
+            },
+            Target {
+                name: "direct MQTT, axion serve",
+                args: mqtt("--mqtt", &serve),
+                pids: vec![serve_pid],
+            },
+            Target {
+                name: "direct MQTT, Mosquitto",
+                args: mqtt("--mqtt", &standalone),
+                pids: vec![mosquitto.pid()],
+            },
+        ]
+    };
+    let mqtt_to_ws = || {
+        vec![
+            Target {
+                name: "axion serve (bridge)",
+                args: [ws(&serve), mqtt("--send-mqtt", &serve)].concat(),
+                pids: vec![serve_pid],
+            },
+            Target {
+                name: "axion bridge + Mosquitto",
+                args: [ws(&standalone), mqtt("--send-mqtt", &standalone)].concat(),
+                pids: vec![bridge_pid, mosquitto.pid()],
+            },
+        ]
+    };
+    let n = events.to_string();
+    let half = (events / 2).to_string();
+    let cases: Vec<(&str, Vec<&str>, Vec<Target>)> = vec![
+        (
+            "WS → WS, max, 1 subscriber",
+            vec!["--events", &n, "--receivers", "1"],
+            ws_to_ws(),
+        ),
+        (
+            "WS → WS, max, 4 subscribers",
+            vec!["--events", &half, "--receivers", "4"],
+            ws_to_ws(),
+        ),
+        (
+            "WS → WS, 10k events/s, 1 subscriber",
+            vec!["--events", "30000", "--rate", "10000", "--receivers", "1"],
+            ws_to_ws(),
+        ),
+        (
+            "MQTT → WS, max, 1 subscriber",
+            vec!["--events", &n, "--receivers", "1"],
+            mqtt_to_ws(),
+        ),
+        (
+            "MQTT → WS, 10k events/s, 1 subscriber",
+            vec!["--events", "30000", "--rate", "10000", "--receivers", "1"],
+            mqtt_to_ws(),
+        ),
+    ];
+
+    println!("| case | carried by | delivered | events/s | p50 ms | p99 ms | broker CPU µs/event | driver CPU µs/event |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (case, args, targets) in &cases {
+        let mut runs: Vec<Vec<serde_json::Value>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            // Targets take turns, starting from a different one each round.
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let t = &targets[i];
+                let pids: Vec<String> = t.pids.iter().map(u32::to_string).collect();
+                let mut a = vec!["bench.js".to_string()];
+                a.extend(t.args.iter().cloned());
+                a.extend(args.iter().map(|s| s.to_string()));
+                a.extend(["--pids".to_string(), pids.join(",")]);
+                let out = run_driver("node", &a, Duration::from_secs(300));
+                eprintln!("{case} | {} | {out}", t.name);
+                runs[i].push(out);
+            }
+        }
+        for (t, outs) in targets.iter().zip(&runs) {
+            let median = |f: &dyn Fn(&serde_json::Value) -> f64| {
+                let mut v: Vec<f64> = outs.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let per_event = |v: &serde_json::Value, ms: f64| {
+                ms * 1000.0 / v["delivered"].as_f64().unwrap_or(1.0).max(1.0)
+            };
+            let delivered = median(&|v| v["delivered"].as_f64().unwrap_or(0.0));
+            let expected = outs[0]["expected"].as_u64().unwrap_or(0);
+            println!(
+                "| {case} | {} | {delivered}/{expected} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                t.name,
+                median(&|v| v["events_per_sec"].as_f64().unwrap_or(0.0)),
+                median(&|v| v["p50_ms"].as_f64().unwrap_or(f64::NAN)),
+                median(&|v| v["p99_ms"].as_f64().unwrap_or(f64::NAN)),
+                median(&|v| per_event(v, v["cpu_ms"]["broker"].as_f64().unwrap_or(0.0))),
+                median(&|v| per_event(
+                    v,
+                    v["cpu_ms"]["sender"].as_f64().unwrap_or(0.0)
+                        + v["cpu_ms"]["receivers"].as_f64().unwrap_or(0.0)
+                )),
+            );
+        }
+    }
 }

@@ -1,17 +1,26 @@
 //! One WebSocket client as the rest of the bridge sees it: an id, and a
-//! bounded outgoing queue that never blocks the sender.
+//! bounded outgoing queue.
 //!
-//! Fan-out runs on the MQTT side's single event loop, so a client that
-//! stops reading must cost nothing there. Policy: the queue is bounded in
-//! frames and in bytes; the first frame that does not fit disconnects the
-//! client (WebSocket close 1008 "slow consumer" when it can still be sent),
-//! counted in [`Metrics::slow_consumers`] and logged at `warn`. Dropping
-//! frames silently instead would leave a client believing it saw every
-//! event; a disconnect is something its reconnect logic already handles.
+//! Policy for a client that does not keep up, bounded in frames and in
+//! bytes, like the broker's own (README, flow control): an event a
+//! WebSocket client published waits for room in a full queue, holding back
+//! that publisher (its socket is not read meanwhile), for at most the
+//! slow-consumer timeout; a client whose queue stays full that long is
+//! disconnected (WebSocket close 1008 "slow consumer" when it can still be
+//! sent), counted in [`Metrics::slow_consumers`] and logged at `warn`. So a
+//! healthy subscriber that is momentarily behind a fast publisher paces it
+//! instead of being dropped, and a stalled one costs its publishers that
+//! timeout once. Events from the MQTT side arrive on the MQTT connection's
+//! single event loop, which must never wait: there a full queue disconnects
+//! the client at once. Dropping frames silently instead would leave a client
+//! believing it saw every event; a disconnect is something its reconnect
+//! logic already handles.
 
 use axum::extract::ws::Utf8Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Counters shown at `/stats` and used by tests and benchmarks.
@@ -48,6 +57,18 @@ impl Metrics {
             "mqtt_connected": self.mqtt_connected.load(Ordering::Relaxed),
         })
     }
+}
+
+/// How often a publisher waiting for room in a full queue looks again.
+const FULL_QUEUE_POLL: Duration = Duration::from_millis(1);
+
+/// The outcome of [`ClientHandle::offer`].
+pub enum Offer {
+    Queued,
+    /// No room: the frame comes back.
+    Full(Utf8Bytes),
+    /// The client is gone or being disconnected.
+    Gone,
 }
 
 /// Why a client's connection is being closed by the bridge.
@@ -92,29 +113,69 @@ impl ClientHandle {
         }
     }
 
-    /// Queues a frame without waiting. Returns false when the client is
-    /// gone or was just disconnected for being slow.
-    pub fn send(&self, frame: Utf8Bytes, metrics: &Metrics) -> bool {
+    /// Queues a frame if there is room, without waiting.
+    pub fn offer(&self, frame: Utf8Bytes) -> Offer {
         if self.kicked.load(Ordering::Relaxed) {
-            return false;
+            return Offer::Gone;
         }
         let len = frame.len();
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
         if before + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.kick(Kick::SlowConsumer, metrics);
-            return false;
+            return Offer::Full(frame);
         }
         match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(frame)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                self.kick(Kick::SlowConsumer, metrics);
-                false
+                Offer::Full(frame)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                Offer::Gone
+            }
+        }
+    }
+
+    /// Queues a frame without waiting; a full queue disconnects the client.
+    /// Returns false when the client is gone or was just disconnected.
+    pub fn send(&self, frame: Utf8Bytes, metrics: &Metrics) -> bool {
+        match self.offer(frame) {
+            Offer::Queued => true,
+            Offer::Gone => false,
+            Offer::Full(_) => {
+                self.kick(Kick::SlowConsumer, metrics);
                 false
+            }
+        }
+    }
+
+    /// Queues a frame, waiting up to `patience` for room; a queue still
+    /// full then disconnects the client. Returns false when the client is
+    /// gone or was disconnected.
+    pub async fn send_waiting(
+        &self,
+        frame: Utf8Bytes,
+        metrics: &Metrics,
+        patience: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + patience;
+        let mut frame = frame;
+        loop {
+            match self.offer(frame) {
+                Offer::Queued => return true,
+                Offer::Gone => return false,
+                Offer::Full(back) => frame = back,
+            }
+            if Instant::now() >= deadline {
+                self.kick(Kick::SlowConsumer, metrics);
+                return false;
+            }
+            // Rare (a queue of thousands of frames is full), so polling
+            // costs less than waking a waiter on every frame written.
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(FULL_QUEUE_POLL) => {}
             }
         }
     }

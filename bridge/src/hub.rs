@@ -11,11 +11,17 @@
 //! subscription (rumqttd). A client holding two overlapping patterns gets
 //! the event once per pattern, as an MQTT client would.
 //!
+//! Events the bridge's own WebSocket clients publish are fanned out here
+//! directly ([`Hub::dispatch_local`]) rather than after a round trip
+//! through the broker: the event subscriptions are No Local, so the broker
+//! does not send the bridge its own publishes back. That saves the return
+//! trip's decode, copy and wake-ups on every event, and the latency of it.
+//!
 //! The number of distinct filters is bounded: the embedded rumqttd never
 //! frees a filter once created (about 7 KB each), so an unbounded number of
 //! distinct legacy topics would grow the broker forever.
 
-use crate::client::{ClientHandle, Metrics};
+use crate::client::{ClientHandle, Metrics, Offer};
 use crate::protocol;
 use axum::extract::ws::Utf8Bytes;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -44,6 +50,9 @@ pub enum SubscribeError {
 struct Entry {
     id: usize,
     qos: QoS,
+    /// Event filters are No Local: the bridge delivers its own clients'
+    /// events to its clients itself (see [`Hub::dispatch_local`]).
+    no_local: bool,
     clients: HashMap<u64, Arc<ClientHandle>>,
     /// Held by the bridge itself (task queues, replies), whoever is connected.
     pinned: bool,
@@ -53,6 +62,9 @@ struct Entry {
 struct Registry {
     filters: HashMap<String, Entry>,
     by_id: HashMap<usize, String>,
+    /// The filters with `+` or `#`: the only ones a topic must be matched
+    /// against one by one; any other filter matches just the equal topic.
+    wildcards: Vec<String>,
     next_id: usize,
 }
 
@@ -70,6 +82,13 @@ impl Registry {
         }
     }
 
+    fn remove(&mut self, filter: &str) {
+        if let Some(entry) = self.filters.remove(filter) {
+            self.by_id.remove(&entry.id);
+            self.wildcards.retain(|w| w != filter);
+        }
+    }
+
     fn entry(&mut self, filter: &str, qos: QoS, max: usize) -> Result<&mut Entry, SubscribeError> {
         if !self.filters.contains_key(filter) {
             if self.filters.len() >= max {
@@ -77,11 +96,15 @@ impl Registry {
             }
             let id = self.allocate_id();
             self.by_id.insert(id, filter.to_string());
+            if filter.contains(['+', '#']) {
+                self.wildcards.push(filter.to_string());
+            }
             self.filters.insert(
                 filter.to_string(),
                 Entry {
                     id,
                     qos,
+                    no_local: false,
                     clients: HashMap::new(),
                     pinned: false,
                 },
@@ -91,6 +114,15 @@ impl Registry {
             .get_mut(filter)
             .ok_or(SubscribeError::TooManyFilters(max))
     }
+}
+
+/// The MQTT subscription a filter needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    /// Its Subscription Identifier.
+    pub id: usize,
+    pub qos: QoS,
+    pub no_local: bool,
 }
 
 pub struct Hub {
@@ -130,6 +162,7 @@ impl Hub {
     ) -> Result<(), SubscribeError> {
         let mut reg = self.lock();
         let entry = reg.entry(filter, QoS::AtMostOnce, self.max_filters)?;
+        entry.no_local = true;
         entry.clients.insert(client.key, client.clone());
         Ok(())
     }
@@ -145,9 +178,7 @@ impl Hub {
             None => false,
         };
         if remove {
-            if let Some(entry) = reg.filters.remove(filter) {
-                reg.by_id.remove(&entry.id);
-            }
+            reg.remove(filter);
         }
     }
 
@@ -160,10 +191,14 @@ impl Hub {
         Ok(())
     }
 
-    /// What the MQTT side should hold for `filter`: its identifier and QoS,
-    /// or `None` when nobody wants it.
-    pub fn desired(&self, filter: &str) -> Option<(usize, QoS)> {
-        self.lock().filters.get(filter).map(|e| (e.id, e.qos))
+    /// What the MQTT side should hold for `filter`, or `None` when nobody
+    /// wants it.
+    pub fn desired(&self, filter: &str) -> Option<Wanted> {
+        self.lock().filters.get(filter).map(|e| Wanted {
+            id: e.id,
+            qos: e.qos,
+            no_local: e.no_local,
+        })
     }
 
     pub fn all_filters(&self) -> Vec<String> {
@@ -184,24 +219,50 @@ impl Hub {
             .map(|p| p.subscription_identifiers.as_slice())
             .unwrap_or(&[]);
         let reg = self.lock();
-        let mut delivered = 0u64;
-        let mut deliver = |entry: &Entry| {
-            for client in entry.clients.values() {
-                if client.send(frame.clone(), &self.metrics) {
-                    delivered += 1;
-                }
-            }
-        };
+        let mut delivered = 0;
         if ids.is_empty() {
             // A broker without Subscription Identifiers: match locally.
             for (filter, entry) in &reg.filters {
                 if rumqttc::v5::mqttbytes::matches(topic, filter) {
-                    deliver(entry);
+                    delivered += self.deliver(entry, &frame);
                 }
             }
-        } else {
-            for id in ids {
-                if let Some(entry) = reg.by_id.get(id).and_then(|f| reg.filters.get(f)) {
+        }
+        for id in ids {
+            if let Some(entry) = reg.by_id.get(id).and_then(|f| reg.filters.get(f)) {
+                delivered += self.deliver(entry, &frame);
+            }
+        }
+        drop(reg);
+        self.metrics
+            .events_delivered
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Fans a frame for `topic` out to every client whose filter matches
+    /// it, once per matching filter (as the broker would). Used for the
+    /// events this bridge's own clients publish, which the broker does not
+    /// send back to it (No Local). Clients whose queue is full are
+    /// returned, for the caller to wait on (see `client.rs`).
+    pub fn dispatch_local(&self, topic: &str, frame: &Utf8Bytes) -> Vec<Arc<ClientHandle>> {
+        let reg = self.lock();
+        let mut full = Vec::new();
+        let mut delivered = 0;
+        let mut deliver = |entry: &Entry| {
+            for client in entry.clients.values() {
+                match client.offer(frame.clone()) {
+                    Offer::Queued => delivered += 1,
+                    Offer::Full(_) => full.push(client.clone()),
+                    Offer::Gone => {}
+                }
+            }
+        };
+        if let Some(entry) = reg.filters.get(topic) {
+            deliver(entry);
+        }
+        for filter in &reg.wildcards {
+            if rumqttc::v5::mqttbytes::matches(topic, filter) {
+                if let Some(entry) = reg.filters.get(filter) {
                     deliver(entry);
                 }
             }
@@ -210,6 +271,17 @@ impl Hub {
         self.metrics
             .events_delivered
             .fetch_add(delivered, Ordering::Relaxed);
+        full
+    }
+
+    fn deliver(&self, entry: &Entry, frame: &Utf8Bytes) -> u64 {
+        let mut delivered = 0;
+        for client in entry.clients.values() {
+            if client.send(frame.clone(), &self.metrics) {
+                delivered += 1;
+            }
+        }
+        delivered
     }
 
     /// `{"event": <envelope>}` for a message on an event topic. The bridge's

@@ -53,6 +53,9 @@ pub struct Limits {
     /// queue overflows is disconnected (see `client.rs`).
     pub client_queue_frames: usize,
     pub client_queue_bytes: usize,
+    /// How long a WebSocket publisher waits for room in a subscriber's full
+    /// queue before that subscriber is disconnected as a slow consumer.
+    pub slow_consumer_timeout: Duration,
     /// Pulls a client may have waiting at once.
     pub max_pulls_per_client: usize,
     /// WebSocket ping period; a peer silent for two periods is dropped.
@@ -68,6 +71,7 @@ impl Default for Limits {
             max_clients: 10_000,
             client_queue_frames: 8_192,
             client_queue_bytes: 16 * 1024 * 1024,
+            slow_consumer_timeout: Duration::from_secs(2),
             max_pulls_per_client: 1_024,
             ping_interval: Duration::from_secs(20),
         }

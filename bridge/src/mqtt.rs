@@ -9,9 +9,9 @@
 //! their credit.
 
 use crate::client::Metrics;
-use crate::hub::Hub;
+use crate::hub::{Hub, Wanted};
 use crate::tasks::Tasks;
-use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeProperties, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -57,17 +57,19 @@ impl Mqtt {
         filter: &str,
     ) -> Result<(), ClientError> {
         match (self.hub.desired(filter), subscribed.get(filter).copied()) {
-            (Some((id, _)), Some(current)) if current == id => Ok(()),
-            (Some((id, qos)), _) => {
+            (Some(wanted), Some(current)) if current == wanted.id => Ok(()),
+            (Some(Wanted { id, qos, no_local }), _) => {
                 let props = SubscribeProperties {
                     id: Some(id),
                     user_properties: Vec::new(),
                 };
+                let mut sub = Filter::new(filter, qos);
+                sub.nolocal = no_local;
                 self.client
-                    .subscribe_with_properties(filter, qos, props)
+                    .subscribe_many_with_properties([sub], props)
                     .await?;
                 subscribed.insert(filter.to_string(), id);
-                tracing::debug!(filter, id, "subscribed");
+                tracing::debug!(filter, id, no_local, "subscribed");
                 Ok(())
             }
             (None, Some(_)) => {

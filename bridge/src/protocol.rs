@@ -8,15 +8,21 @@
 //! The two messages the legacy broker sent (`invalid json`, `unknown
 //! action`) are kept word for word; every other error names the field.
 
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::fmt;
 
 /// Longest event type accepted, in bytes. Topics are length-prefixed with
 /// 16 bits in MQTT, and no sane event type comes near this.
 pub const MAX_TYPE_LEN: usize = 1024;
 
-/// One client request, validated.
+/// One client request, validated. It borrows from the frame's text: an
+/// event's payload is carried as the client wrote it, never parsed into a
+/// tree and written out again.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Request {
+pub enum Request<'a> {
     /// `topic` is a legacy event pattern (`fs.change`, `fs.+`, `fs.#`).
     Subscribe {
         topic: String,
@@ -24,9 +30,9 @@ pub enum Request {
     Unsubscribe {
         topic: String,
     },
-    /// `message` is the client's envelope; its `type` is already validated.
+    /// The client's envelope; its `type` is already validated.
     Publish {
-        message: Map<String, Value>,
+        message: Message<'a>,
     },
     /// `task` is the payload (JSON `null` when the client sent none, as the
     /// legacy `JSON.stringify` drops an `undefined` task).
@@ -85,23 +91,324 @@ impl FrameError {
     }
 }
 
-/// Parses one text frame.
-pub fn parse_frame(text: &str) -> Result<Request, FrameError> {
-    let value: Value = serde_json::from_str(text).map_err(|_| FrameError::InvalidJson)?;
-    let Value::Object(mut obj) = value else {
-        return Err(FrameError::NotAnObject);
-    };
-    let action = match obj.get("action") {
-        None | Some(Value::Null) => return Err(FrameError::Missing("action")),
-        Some(Value::String(a)) => a.clone(),
-        Some(_) => {
-            return Err(FrameError::WrongType {
-                field: "action",
-                expected: "a string",
-            })
+/// A JSON object's members as written: keys decoded, values left as raw
+/// text. A key given twice keeps its last value, as `JSON.parse` does.
+struct Object<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// A frame's `message`, parsed in the same pass as the frame so that an
+    /// event's payload is scanned once (top level only).
+    message: Option<Box<Document<'a>>>,
+}
+
+impl<'a> Object<'a> {
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.members
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    }
+
+    /// Like `get`, with JSON `null` read as absent.
+    fn present(&self, key: &str) -> Option<&'a RawValue> {
+        self.get(key).filter(|v| v.get() != "null")
+    }
+}
+
+/// Any JSON value, reduced to whether it is an object (or null).
+enum Document<'a> {
+    Object(Object<'a>),
+    Null,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Document<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocumentVisitor { frame: false })
+    }
+}
+
+/// A whole frame: a [`Document`] whose `message` member is parsed too.
+struct Frame<'a>(Document<'a>);
+
+impl<'de> Deserialize<'de> for Frame<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocumentVisitor { frame: true })
+            .map(Frame)
+    }
+}
+
+struct DocumentVisitor {
+    frame: bool,
+}
+
+impl<'de> Visitor<'de> for DocumentVisitor {
+    type Value = Document<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::new();
+        let mut message = None;
+        while let Some(Key(k)) = map.next_key()? {
+            if self.frame && k == "message" {
+                message = Some(Box::new(map.next_value::<Document<'de>>()?));
+            } else {
+                members.push((k, map.next_value::<&'de RawValue>()?));
+            }
         }
+        Ok(Document::Object(Object { members, message }))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Document::Other)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Document::Other)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Document::Other)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Document::Other)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Document::Other)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Document::Other)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Document::Null)
+    }
+}
+
+/// A JSON string, borrowed when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// How deeply arrays and objects may nest in a frame: serde_json's own
+/// limit, which the raw values (scanned, not parsed) would not enforce.
+const MAX_DEPTH: usize = 128;
+
+/// Whether `text` nests arrays and objects deeper than [`MAX_DEPTH`]
+/// (brackets inside strings do not count).
+fn too_deep(text: &str) -> bool {
+    // Fast path for nearly every frame: too few brackets to nest that deep.
+    let opening = text.bytes().filter(|&b| b == b'[' || b == b'{').count();
+    if opening <= MAX_DEPTH {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn frame_object(text: &str) -> Result<Object<'_>, FrameError> {
+    match serde_json::from_str::<Frame>(text) {
+        Ok(Frame(Document::Object(o))) => Ok(o),
+        Ok(_) => Err(FrameError::NotAnObject),
+        Err(_) => Err(FrameError::InvalidJson),
+    }
+}
+
+/// The text of a raw JSON string, or `None` when it is not a string.
+fn raw_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    if !raw.get().starts_with('"') {
+        return None;
+    }
+    serde_json::from_str::<Key>(raw.get()).ok().map(|k| k.0)
+}
+
+/// JavaScript truthiness of a raw JSON value (see [`truthy`]).
+fn raw_truthy(raw: &RawValue) -> bool {
+    match raw.get() {
+        "null" | "false" | "\"\"" => false,
+        t if t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+            t.parse::<f64>().is_ok_and(|f| f != 0.0)
+        }
+        _ => true,
+    }
+}
+
+/// A published envelope, as the client wrote it. Only the fields the
+/// legacy broker kept are looked at; the payload is never parsed.
+#[derive(Debug, Clone)]
+pub struct Message<'a> {
+    /// The validated event type, decoded.
+    pub event_type: Cow<'a, str>,
+    raw_type: &'a RawValue,
+    source: Option<&'a RawValue>,
+    payload: Option<&'a RawValue>,
+    timestamp: Option<&'a RawValue>,
+    correlation_id: Option<&'a RawValue>,
+    reply_to: Option<&'a RawValue>,
+}
+
+/// Equal when written alike (raw values compare as text).
+impl PartialEq for Message<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let text = |m: &Self| {
+            [
+                Some(m.raw_type),
+                m.source,
+                m.payload,
+                m.timestamp,
+                m.correlation_id,
+                m.reply_to,
+            ]
+            .map(|r| r.map(RawValue::get))
+        };
+        self.event_type == other.event_type && text(self) == text(other)
+    }
+}
+
+/// What the bridge sends for a published event: the `{"event": …}` frame
+/// for WebSocket subscribers, whose inner envelope is also the MQTT payload.
+#[derive(Debug)]
+pub struct Event {
+    /// `{"event":<envelope>}`
+    pub frame: String,
+    /// The Correlation Data property: `correlationId`'s text when it is a
+    /// string, its JSON otherwise.
+    pub correlation: Option<Vec<u8>>,
+    /// `replyTo` when it is a string (for the Response Topic property).
+    pub reply_to: Option<String>,
+}
+
+/// Where the envelope sits inside [`Event::frame`].
+pub const FRAME_PREFIX: &str = "{\"event\":";
+
+impl Event {
+    /// The envelope alone: the frame without `{"event":` and `}`.
+    pub fn envelope_range(&self) -> std::ops::Range<usize> {
+        FRAME_PREFIX.len()..self.frame.len() - 1
+    }
+}
+
+impl Message<'_> {
+    /// The legacy `normalize`: keeps `type`, `source`, `payload`,
+    /// `timestamp` and the truthy `correlationId`/`replyTo`, in that order;
+    /// fills `source` with the sender's id and `timestamp` with now when
+    /// they are falsy.
+    pub fn normalize(&self, sender: &str) -> Event {
+        let extra = self.payload.map_or(0, |p| p.get().len());
+        let mut f = String::with_capacity(160 + extra);
+        f.push_str(FRAME_PREFIX);
+        f.push_str("{\"type\":");
+        f.push_str(self.raw_type.get());
+        f.push_str(",\"source\":");
+        match self.source.filter(|s| raw_truthy(s)) {
+            Some(s) => f.push_str(s.get()),
+            None => push_json_str(&mut f, sender),
+        }
+        if let Some(p) = self.payload {
+            f.push_str(",\"payload\":");
+            f.push_str(p.get());
+        }
+        f.push_str(",\"timestamp\":");
+        match self.timestamp.filter(|t| raw_truthy(t)) {
+            Some(t) => f.push_str(t.get()),
+            None => push_json_str(&mut f, &now_iso()),
+        }
+        let correlation = self.correlation_id.filter(|c| raw_truthy(c));
+        if let Some(c) = correlation {
+            f.push_str(",\"correlationId\":");
+            f.push_str(c.get());
+        }
+        let reply = self.reply_to.filter(|r| raw_truthy(r));
+        if let Some(r) = reply {
+            f.push_str(",\"replyTo\":");
+            f.push_str(r.get());
+        }
+        f.push_str("}}");
+        Event {
+            frame: f,
+            correlation: correlation.map(|c| match raw_str(c) {
+                Some(text) => text.into_owned().into_bytes(),
+                None => c.get().as_bytes().to_vec(),
+            }),
+            reply_to: reply.and_then(raw_str).map(Cow::into_owned),
+        }
+    }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Client ids (UUIDs) and timestamps need no escaping: no allocation.
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Serializing a &str cannot fail; an empty string keeps the JSON valid.
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+/// Parses one text frame.
+pub fn parse_frame(text: &str) -> Result<Request<'_>, FrameError> {
+    // The message and every other value are inside the frame: one check.
+    if too_deep(text) {
+        return Err(FrameError::InvalidJson);
+    }
+    let mut obj = frame_object(text)?;
+    let action = match obj.present("action") {
+        None => return Err(FrameError::Missing("action")),
+        Some(raw) => raw_str(raw).ok_or(FrameError::WrongType {
+            field: "action",
+            expected: "a string",
+        })?,
     };
-    match action.as_str() {
+    match &*action {
         "subscribe" | "unsubscribe" => {
             let topic = string_field(&obj, "topic")?;
             validate_pattern(&topic).map_err(|problem| FrameError::BadValue {
@@ -115,36 +422,47 @@ pub fn parse_frame(text: &str) -> Result<Request, FrameError> {
             })
         }
         "publish" => {
-            let message = match obj.remove("message") {
-                None | Some(Value::Null) => return Err(FrameError::Missing("message")),
-                Some(Value::Object(m)) => m,
-                Some(_) => {
+            let message = match obj.message.take().map(|m| *m) {
+                None | Some(Document::Null) => return Err(FrameError::Missing("message")),
+                Some(Document::Other) => {
                     return Err(FrameError::WrongType {
                         field: "message",
                         expected: "an object (the event envelope)",
                     })
                 }
+                Some(Document::Object(message)) => message,
             };
-            match message.get("type") {
-                None | Some(Value::Null) => return Err(FrameError::Missing("message.type")),
-                Some(Value::String(t)) => {
-                    validate_type(t).map_err(|problem| FrameError::BadValue {
-                        field: "message.type",
-                        problem,
-                    })?
-                }
-                Some(_) => {
-                    return Err(FrameError::WrongType {
-                        field: "message.type",
-                        expected: "a string",
-                    })
-                }
-            }
-            Ok(Request::Publish { message })
+            let raw_type = message
+                .present("type")
+                .ok_or(FrameError::Missing("message.type"))?;
+            let event_type = raw_str(raw_type).ok_or(FrameError::WrongType {
+                field: "message.type",
+                expected: "a string",
+            })?;
+            validate_type(&event_type).map_err(|problem| FrameError::BadValue {
+                field: "message.type",
+                problem,
+            })?;
+            Ok(Request::Publish {
+                message: Message {
+                    event_type,
+                    raw_type,
+                    source: message.get("source"),
+                    payload: message.get("payload"),
+                    timestamp: message.get("timestamp"),
+                    correlation_id: message.get("correlationId"),
+                    reply_to: message.get("replyTo"),
+                },
+            })
         }
         "enqueue" => {
             let queue = queue_field(&obj)?;
-            let task = obj.remove("task").unwrap_or(Value::Null);
+            let task = match obj.get("task") {
+                Some(raw) => {
+                    serde_json::from_str(raw.get()).map_err(|_| FrameError::InvalidJson)?
+                }
+                None => Value::Null,
+            };
             Ok(Request::Enqueue { queue, task })
         }
         "pull" | "ready" => Ok(Request::Pull {
@@ -155,35 +473,35 @@ pub fn parse_frame(text: &str) -> Result<Request, FrameError> {
         }),
         "fail" => {
             let task_id = task_id_field(&obj)?;
-            let reason = match obj.get("reason") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(r)) => Some(r.clone()),
-                Some(_) => {
-                    return Err(FrameError::WrongType {
-                        field: "reason",
-                        expected: "a string",
-                    })
-                }
+            let reason = match obj.present("reason") {
+                None => None,
+                Some(raw) => Some(
+                    raw_str(raw)
+                        .ok_or(FrameError::WrongType {
+                            field: "reason",
+                            expected: "a string",
+                        })?
+                        .into_owned(),
+                ),
             };
             Ok(Request::Fail { task_id, reason })
         }
         "heartbeat" => Ok(Request::Heartbeat),
-        _ => Err(FrameError::UnknownAction(action)),
+        _ => Err(FrameError::UnknownAction(action.into_owned())),
     }
 }
 
-fn string_field(obj: &Map<String, Value>, field: &'static str) -> Result<String, FrameError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Err(FrameError::Missing(field)),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(FrameError::WrongType {
+fn string_field(obj: &Object, field: &'static str) -> Result<String, FrameError> {
+    let raw = obj.present(field).ok_or(FrameError::Missing(field))?;
+    raw_str(raw)
+        .map(Cow::into_owned)
+        .ok_or(FrameError::WrongType {
             field,
             expected: "a string",
-        }),
-    }
+        })
 }
 
-fn queue_field(obj: &Map<String, Value>) -> Result<String, FrameError> {
+fn queue_field(obj: &Object) -> Result<String, FrameError> {
     let queue = string_field(obj, "queue")?;
     axion_heartbeat::topics::validate_level("queue", &queue).map_err(|e| FrameError::BadValue {
         field: "queue",
@@ -203,7 +521,7 @@ fn queue_field(obj: &Map<String, Value>) -> Result<String, FrameError> {
     Ok(queue)
 }
 
-fn task_id_field(obj: &Map<String, Value>) -> Result<String, FrameError> {
+fn task_id_field(obj: &Object) -> Result<String, FrameError> {
     let id = string_field(obj, "taskId")?;
     if id.is_empty() {
         return Err(FrameError::BadValue {
@@ -294,46 +612,6 @@ pub fn now_iso() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// The legacy `normalize`: keeps `type`, `source`, `payload`, `timestamp`
-/// and the truthy `correlationId`/`replyTo`; fills `source` with the
-/// sender's id and `timestamp` with now when they are falsy.
-pub fn normalize(mut message: Map<String, Value>, sender: &str) -> Map<String, Value> {
-    let mut event = Map::new();
-    if let Some(t) = message.remove("type") {
-        event.insert("type".into(), t);
-    }
-    let source = message.remove("source");
-    event.insert(
-        "source".into(),
-        if truthy(source.as_ref()) {
-            source.unwrap_or(Value::Null)
-        } else {
-            Value::String(sender.to_string())
-        },
-    );
-    if let Some(p) = message.remove("payload") {
-        event.insert("payload".into(), p);
-    }
-    let ts = message.remove("timestamp");
-    event.insert(
-        "timestamp".into(),
-        if truthy(ts.as_ref()) {
-            ts.unwrap_or(Value::Null)
-        } else {
-            Value::String(now_iso())
-        },
-    );
-    for key in ["correlationId", "replyTo"] {
-        let v = message.remove(key);
-        if truthy(v.as_ref()) {
-            if let Some(v) = v {
-                event.insert(key.into(), v);
-            }
-        }
-    }
-    event
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,15 +697,102 @@ mod tests {
 
     #[test]
     fn normalize_matches_the_legacy_broker() {
-        let msg = json!({"type": "a.b", "payload": {"x": 1}, "extra": 1, "correlationId": "", "replyTo": "r.t"});
-        let Value::Object(m) = msg else {
-            unreachable!()
+        let frame = r#"{"action":"publish","message":{"type":"a.b","payload":{"x": [1, 2]},"extra":1,"correlationId":"","replyTo":"r.t","source":0}}"#;
+        let Ok(Request::Publish { message }) = parse_frame(frame) else {
+            panic!("not a publish")
         };
-        let e = normalize(m, "client-1");
+        let event = message.normalize("client-1");
+        let v: Value = serde_json::from_str(&event.frame).unwrap();
+        let e = &v["event"];
+        assert_eq!(e["type"], "a.b");
         assert_eq!(e["source"], "client-1");
+        assert_eq!(e["payload"], json!({"x": [1, 2]}));
         assert!(e["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
         assert_eq!(e["replyTo"], "r.t");
-        assert!(!e.contains_key("correlationId"));
-        assert!(!e.contains_key("extra"));
+        assert!(e.get("correlationId").is_none());
+        assert!(e.get("extra").is_none());
+        assert_eq!(event.reply_to.as_deref(), Some("r.t"));
+        assert_eq!(event.correlation, None);
+        let envelope: Value = serde_json::from_str(&event.frame[event.envelope_range()]).unwrap();
+        assert_eq!(&envelope, e);
+    }
+
+    #[test]
+    fn envelopes_keep_what_the_client_wrote() {
+        let frame = r#"{"action":"publish","message":{"type":"a\u002eb","source":"s","timestamp":"t","correlationId":7,"payload":null},"message":{"type":"c.d","source":"s2","timestamp":"t2","correlationId":{"k":1}}}"#;
+        let Ok(Request::Publish { message }) = parse_frame(frame) else {
+            panic!("not a publish")
+        };
+        // The last of a repeated key wins, as with JSON.parse.
+        assert_eq!(message.event_type, "c.d");
+        let event = message.normalize("x");
+        assert_eq!(
+            event.frame,
+            r#"{"event":{"type":"c.d","source":"s2","timestamp":"t2","correlationId":{"k":1}}}"#
+        );
+        assert_eq!(event.correlation.as_deref(), Some(&br#"{"k":1}"#[..]));
+        let Ok(Request::Publish { message }) = parse_frame(
+            r#"{"action":"publish","message":{"type":"a\u002eb","correlationId":"c\n1","payload":null}}"#,
+        ) else {
+            panic!("not a publish")
+        };
+        assert_eq!(message.event_type, "a.b");
+        let event = message.normalize("x");
+        assert_eq!(event.correlation.as_deref(), Some(&b"c\n1"[..]));
+        let v: Value = serde_json::from_str(&event.frame).unwrap();
+        assert_eq!(v["event"]["payload"], Value::Null);
+        assert_eq!(v["event"]["correlationId"], "c\n1");
+    }
+
+    #[test]
+    fn nesting_is_bounded_as_serde_json_bounds_it() {
+        for depth in [1, 100, MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 5000] {
+            let payload = "[".repeat(depth) + &"]".repeat(depth);
+            let frame = format!(
+                r#"{{"action":"publish","message":{{"type":"t","payload":{payload},"s":"[[[["}}}}"#
+            );
+            let old_parser_accepts = serde_json::from_str::<Value>(&frame).is_ok();
+            assert_eq!(parse_frame(&frame).is_ok(), old_parser_accepts, "{depth}");
+        }
+        assert_eq!(err(&("[".repeat(5000) + &"]".repeat(5000))), "invalid json");
+    }
+
+    #[test]
+    fn strings_are_quoted_as_serde_json_quotes_them() {
+        for text in [
+            "plain",
+            "",
+            "q\"uote",
+            "back\\slash",
+            "tab\t",
+            "\u{1}",
+            "é ✓",
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, text);
+            assert_eq!(out, serde_json::to_string(text).unwrap());
+        }
+    }
+
+    #[test]
+    fn raw_truthiness_is_javascripts() {
+        for (text, expected) in [
+            ("null", false),
+            ("false", false),
+            ("0", false),
+            ("-0", false),
+            ("0.0e3", false),
+            ("\"\"", false),
+            ("true", true),
+            ("1e-9", true),
+            ("\"0\"", true),
+            ("[]", true),
+            ("{}", true),
+        ] {
+            let raw: &RawValue = serde_json::from_str(text).unwrap();
+            assert_eq!(raw_truthy(raw), expected, "{text}");
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(truthy(Some(&v)), expected, "{text}");
+        }
     }
 }

@@ -305,16 +305,12 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
     let request = protocol::parse_frame(text).map_err(|e: FrameError| e.reply())?;
     match &request {
         Request::Subscribe { topic } => allowed(conn, s, true, &s.hub.event_filter(topic))?,
-        Request::Publish { message } => {
-            if let Some(Value::String(t)) = message.get("type") {
-                allowed(
-                    conn,
-                    s,
-                    false,
-                    &protocol::type_to_topic(&s.hub.event_prefix, t),
-                )?;
-            }
-        }
+        Request::Publish { message } => allowed(
+            conn,
+            s,
+            false,
+            &protocol::type_to_topic(&s.hub.event_prefix, &message.event_type),
+        )?,
         Request::Enqueue { queue, .. } => {
             allowed(conn, s, false, &topics::queue(&s.package, queue, "enqueue"))?
         }
@@ -380,40 +376,45 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
     }
 }
 
-async fn publish(
-    message: serde_json::Map<String, Value>,
-    conn: &Conn,
-    s: &Shared,
-) -> Result<(), Value> {
+/// Publishes a client's event on MQTT, and hands it to this bridge's own
+/// WebSocket subscribers directly: the bridge's event subscriptions are
+/// No Local, so the broker does not send its own events back to it.
+async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Result<(), Value> {
     if !s.metrics.mqtt_connected.load(Ordering::Relaxed) {
         return Err(error("the MQTT broker is unreachable; event not published"));
     }
-    let event = protocol::normalize(message, &conn.handle.id);
-    let Some(Value::String(event_type)) = event.get("type") else {
-        return Err(error("missing field \"message.type\""));
+    let event = message.normalize(&conn.handle.id);
+    let topic = protocol::type_to_topic(&s.hub.event_prefix, &message.event_type);
+    let envelope = event.envelope_range();
+    let props = PublishProperties {
+        correlation_data: event.correlation.map(Bytes::from),
+        response_topic: event
+            .reply_to
+            .filter(|reply| protocol::validate_type(reply).is_ok())
+            .map(|reply| protocol::type_to_topic(&s.hub.event_prefix, &reply)),
+        ..Default::default()
     };
-    let topic = protocol::type_to_topic(&s.hub.event_prefix, event_type);
-    let mut props = PublishProperties::default();
-    match event.get("correlationId") {
-        Some(Value::String(c)) => props.correlation_data = Some(Bytes::from(c.clone())),
-        Some(other) => props.correlation_data = Some(Bytes::from(other.to_string())),
-        None => {}
-    }
-    if let Some(Value::String(reply)) = event.get("replyTo") {
-        if protocol::validate_type(reply).is_ok() {
-            props.response_topic = Some(protocol::type_to_topic(&s.hub.event_prefix, reply));
-        }
-    }
-    let payload = serde_json::to_vec(&event).map_err(error)?;
+    // One buffer: the MQTT payload is the envelope inside the frame.
+    let frame = Utf8Bytes::from(event.frame);
+    let payload = Bytes::from(frame.clone()).slice(envelope);
     s.mqtt
         .client
-        .publish_with_properties(topic, QoS::AtMostOnce, false, payload, props)
+        .publish_with_properties(topic.as_str(), QoS::AtMostOnce, false, payload, props)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "publish to MQTT failed");
             error("the MQTT connection is gone; event not published")
         })?;
     s.metrics.events_published.fetch_add(1, Ordering::Relaxed);
+    for client in s.hub.dispatch_local(&topic, &frame) {
+        let patience = s.limits.slow_consumer_timeout;
+        if client
+            .send_waiting(frame.clone(), &s.metrics, patience)
+            .await
+        {
+            s.metrics.events_delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     Ok(())
 }
 

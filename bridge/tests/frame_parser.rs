@@ -3,7 +3,7 @@
 //! type or pattern maps to a valid MQTT topic or filter.
 
 use axion_bridge::protocol::{
-    parse_frame, type_to_topic, validate_pattern, validate_type, Request,
+    parse_frame, truthy, type_to_topic, validate_pattern, validate_type, Request,
 };
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -40,6 +40,11 @@ fn json_value() -> impl Strategy<Value = Value> {
                     Just("taskId".to_string()),
                     Just("reason".to_string()),
                     Just("task".to_string()),
+                    Just("payload".to_string()),
+                    Just("source".to_string()),
+                    Just("timestamp".to_string()),
+                    Just("correlationId".to_string()),
+                    Just("replyTo".to_string()),
                     "[a-z]{1,6}",
                 ],
                 inner,
@@ -90,10 +95,23 @@ proptest! {
                 prop_assert!(rumqttc::v5::mqttbytes::valid_filter(&filter), "{filter}");
             }
             Ok(Request::Publish { message }) => {
-                let t = message["type"].as_str().unwrap_or_default();
+                let t = &message.event_type;
                 prop_assert!(validate_type(t).is_ok());
                 let topic = type_to_topic("axion/p/event/", t);
                 prop_assert!(rumqttc::v5::mqttbytes::valid_topic(&topic), "{topic}");
+                // The envelope built from the raw fields is valid JSON that
+                // agrees with what the client sent.
+                let event = message.normalize("sender");
+                let frame: Value = serde_json::from_str(&event.frame).expect("frame is JSON");
+                let envelope: Value = serde_json::from_str(&event.frame[event.envelope_range()])
+                    .expect("envelope is JSON");
+                prop_assert_eq!(&frame["event"], &envelope);
+                prop_assert_eq!(envelope["type"].as_str(), Some(t.as_ref()));
+                let sent = &v["message"];
+                if sent.get("payload").is_some() {
+                    prop_assert_eq!(&envelope["payload"], &sent["payload"]);
+                }
+                prop_assert!(envelope["source"].is_string() || truthy(Some(&envelope["source"])));
             }
             Ok(_) => {}
             Err(e) => prop_assert!(!e.to_string().is_empty()),

@@ -28,6 +28,9 @@ pub struct BridgeLimits {
     /// Bytes queued to one client before it is disconnected as a slow consumer.
     #[arg(long, env = "AXION_WS_CLIENT_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub ws_client_queue_bytes: usize,
+    /// Milliseconds a WebSocket publisher waits for room in a subscriber's full queue before that subscriber is disconnected as a slow consumer.
+    #[arg(long, env = "AXION_WS_SLOW_CONSUMER_MS", default_value_t = 2_000)]
+    pub ws_slow_consumer_ms: u64,
     /// Seconds between WebSocket pings; a peer silent for two periods is dropped.
     #[arg(long, env = "AXION_WS_PING_SECS", default_value_t = 20)]
     pub ws_ping_secs: u64,
@@ -41,6 +44,7 @@ impl BridgeLimits {
             max_clients: self.ws_max_clients,
             client_queue_frames: self.ws_client_queue_frames.max(1),
             client_queue_bytes: self.ws_client_queue_bytes,
+            slow_consumer_timeout: Duration::from_millis(self.ws_slow_consumer_ms),
             ping_interval: Duration::from_secs(self.ws_ping_secs.max(1)),
             ..Limits::default()
         }

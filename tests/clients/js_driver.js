@@ -101,6 +101,11 @@ async function pubsub() {
       b.publish("deep.a.b", { d: 1 });
     },
   );
+  // Exactly once: the bridge delivers its own clients' events itself and
+  // the broker must not echo them back (No Local); by now, after several
+  // round trips through the broker, an echo would have arrived.
+  if (seqs(got).length !== n || seqs(own).length !== n)
+    fail(`events delivered more than once: ${seqs(got).length} and ${seqs(own).length} of ${n}`);
   console.log(JSON.stringify({ ok: true, delivered: order.length, own: seqs(own).length, reply }));
   process.exit(0);
 }
