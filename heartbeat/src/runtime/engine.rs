@@ -128,11 +128,6 @@ pub(crate) async fn run(
     let mut opts = plan.mqtt.options_v5(&plan.client_id);
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(MAX_PACKET));
-    opts.set_network_options({
-        let mut o = rumqttc::NetworkOptions::new();
-        o.set_tcp_nodelay(true);
-        o
-    });
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let poller = tokio::spawn(poll_loop(eventloop, vitals.clone(), in_tx));
