@@ -940,3 +940,35 @@ async fn a_qos1_message_redelivered_to_a_resumed_session_carries_dup() {
     assert_eq!(byte1, 0x3A, "redelivery: QoS 1 with DUP");
     assert_eq!(again, first, "same packet id, topic and payload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_groups_with_one_name_on_different_filters_stay_apart() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    // MQTT names a shared subscription by group and filter together.
+    let mut a = V4::connect(port, "share-a").await;
+    a.subscribe("$share/g/share/a", 1).await;
+    let mut b = V4::connect(port, "share-b").await;
+    b.subscribe("$share/g/share/b", 1).await;
+    let publisher = V4::connect(port, "share-pub").await;
+    for i in 0..50 {
+        publisher
+            .publish("share/a", format!("a{i}").as_bytes(), 1, false)
+            .await;
+        publisher
+            .publish("share/b", format!("b{i}").as_bytes(), 1, false)
+            .await;
+    }
+    for i in 0..50 {
+        assert_eq!(
+            recv(&mut a.rx, 5).await.payload,
+            format!("a{i}").into_bytes()
+        );
+        assert_eq!(
+            recv(&mut b.rx, 5).await.payload,
+            format!("b{i}").into_bytes()
+        );
+    }
+    recv_none(&mut a.rx, 300).await;
+    recv_none(&mut b.rx, 300).await;
+}

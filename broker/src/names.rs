@@ -60,10 +60,29 @@ pub fn unescape_topic(topic: Bytes) -> Bytes {
 /// the filter behind it escaped like a topic, so matching is unchanged.
 pub fn escape_filter(filter: &str) -> String {
     let (prefix, rest) = split_share(filter);
-    match rest.as_bytes().first() {
-        Some(&b) if needs_escape(b) => format!("{prefix}{}{rest}", ESCAPE as char),
-        _ => filter.to_string(),
+    let rest = match rest.as_bytes().first() {
+        Some(&b) if needs_escape(b) => format!("{}{rest}", ESCAPE as char),
+        _ => rest.to_string(),
+    };
+    match share_group(filter) {
+        // rumqttd keys a shared group by its name alone, so `$share/g/a`
+        // and `$share/g/b` would share one reading position across two
+        // logs and lose messages; MQTT names a shared subscription by group
+        // and filter together. The router gets a group name of its own for
+        // each filter (`~` cannot clash: the hash is always appended).
+        Some(group) => format!("$share/{group}~{:016x}/{rest}", fnv1a(rest.as_bytes())),
+        None => {
+            debug_assert!(prefix.is_empty());
+            rest
+        }
     }
+}
+
+/// FNV-1a: a stable, dependency-free hash for the router's group names.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Splits `$share/<group>/<filter>` into (`$share/<group>/`, `<filter>`).
@@ -159,7 +178,15 @@ mod tests {
             assert_eq!(unescape_topic(escaped), Bytes::from(t.to_string()));
         }
         assert_eq!(escape_filter("é/+"), "\u{7f}é/+");
-        assert_eq!(escape_filter("$share/g/é/#"), "$share/g/\u{7f}é/#");
+        let shared = escape_filter("$share/g/é/#");
+        assert!(shared.starts_with("$share/g~") && shared.ends_with("/\u{7f}é/#"));
+        assert_eq!(split_share(&shared).1, "\u{7f}é/#");
+        // One router group per (group, filter); the same pair maps alike.
+        assert_ne!(
+            share_group(&escape_filter("$share/g/a")),
+            share_group(&escape_filter("$share/g/b"))
+        );
+        assert_eq!(escape_filter("$share/g/a"), escape_filter("$share/g/a"));
         assert_eq!(escape_filter("+/é"), "+/é");
         assert_eq!(share_group("$share/g1/a/#"), Some("g1"));
         assert_eq!(share_group("a/#"), None);

@@ -192,7 +192,7 @@ impl Session {
                         local.push((i, self.sub_failure(SubscribeReasonCode::QuotaExceeded)));
                         continue;
                     }
-                    if let Some(group) = names::share_group(&filter.path) {
+                    if let Some(group) = names::share_group(&path) {
                         self.shared.join_group(group, &self.router_id);
                         if !self.clean_session {
                             // rumqttd panics ("group must exists") when the
