@@ -1237,3 +1237,98 @@ async fn bench_durable_enqueue_and_end_to_end() {
     drop(latencies);
     while conf_rx.try_recv().is_ok() {}
 }
+
+/// The same load as [`bench_durable_enqueue_and_end_to_end`] on NATS
+/// JetStream's work-queue stream (`nats-server -js` from apt, file storage,
+/// its default sync interval: no fsync per message), run by the same
+/// command so the figures sit side by side: 20 000 tasks of ~100 B, a
+/// publisher keeping 256 publishes awaiting their stream ack, one pull
+/// consumer acking each message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+#[allow(non_snake_case)]
+async fn bench_jetstream_work_queue_same_load() {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures::StreamExt;
+    let N: usize = std::env::var("QUEUE_BENCH_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
+    let port = common::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server (apt-get install -y nats-server)");
+    common::wait_for_port(port, Duration::from_secs(10));
+    let client = async_nats::connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("connect");
+    let js = jetstream::new(client);
+    let tasks = js
+        .get_or_create_stream(stream::Config {
+            name: "TASKS".into(),
+            subjects: vec!["tasks".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    let body = json!({ "payload": { "pad": "x".repeat(60) } }).to_string();
+    let publish_all = |js: jetstream::Context, body: String| async move {
+        let mut acks = tokio::task::JoinSet::new();
+        for _ in 0..N {
+            if acks.len() >= 256 {
+                acks.join_next().await;
+            }
+            let ack = js
+                .publish("tasks", body.clone().into())
+                .await
+                .expect("publish");
+            acks.spawn(async move { ack.await.expect("stream ack") });
+        }
+        while acks.join_next().await.is_some() {}
+    };
+
+    // 1. Publish with the stream's ack, no consumer.
+    let start = Instant::now();
+    publish_all(js.clone(), body.clone()).await;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "JetStream publish (stream ack, no fsync per message): {N} in {secs:.2}s = {:.0} msg/s",
+        N as f64 / secs
+    );
+    tasks.purge().await.expect("purge");
+
+    // 2. End to end: publish → pull → ack.
+    let worker = tasks
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("worker".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = worker.messages().await.expect("messages");
+    let start = Instant::now();
+    tokio::spawn(publish_all(js.clone(), body));
+    for _ in 0..N {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("message within 30 s")
+            .expect("stream open")
+            .expect("message");
+        m.ack().await.expect("ack");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "JetStream end to end, 1 pull consumer: {N} tasks in {secs:.2}s = {:.0} tasks/s",
+        N as f64 / secs
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
