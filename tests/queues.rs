@@ -1136,6 +1136,8 @@ async fn bench_durable_enqueue_and_end_to_end() {
         .await
         .expect("sub");
     sub_rx.recv().await.expect("suback");
+    // Each task carries its enqueue time on a clock the worker shares.
+    let clock = Instant::now();
     let enqueue_all = |queue: &'static str| {
         let producer = producer.clone();
         let reply = reply.clone();
@@ -1149,7 +1151,9 @@ async fn bench_durable_enqueue_and_end_to_end() {
                     response_topic: Some(reply.clone()),
                     ..Default::default()
                 };
-                let body = json!({ "payload": { "i": i, "pad": "x".repeat(60) } }).to_string();
+                let t = clock.elapsed().as_micros() as u64;
+                let body =
+                    json!({ "payload": { "i": i, "t": t, "pad": "x".repeat(60) } }).to_string();
                 producer
                     .publish_with_properties(
                         format!("axion/{PKG}/queue/{queue}/enqueue"),
@@ -1210,7 +1214,8 @@ async fn bench_durable_enqueue_and_end_to_end() {
             .next_task(Duration::from_secs(60))
             .await
             .expect("task");
-        latencies.push(start.elapsed());
+        let sent = task["payload"]["t"].as_u64().unwrap_or_default();
+        latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
         if !seen.insert(task["id"].as_str().unwrap_or_default().to_string()) {
             duplicates += 1;
         }
@@ -1229,12 +1234,12 @@ async fn bench_durable_enqueue_and_end_to_end() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained = start.elapsed().as_secs_f64();
+    let (p50, p99) = percentiles_ms(&mut latencies);
     println!(
-        "end to end, 1 worker, 256 credits: {N} tasks in {secs:.2}s = {:.0} tasks/s ({duplicates} delivered twice; owner counted all acks at {drained:.2}s), owner CPU {:.3} s/1k",
+        "end to end, 1 worker, 256 credits: {N} tasks in {secs:.2}s = {:.0} tasks/s, enqueue to delivery p50 {p50:.2} ms p99 {p99:.2} ms ({duplicates} delivered twice; owner counted all acks at {drained:.2}s), owner CPU {:.3} s/1k",
         N as f64 / secs,
         (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
     );
-    drop(latencies);
     while conf_rx.try_recv().is_ok() {}
 }
 
@@ -1278,17 +1283,16 @@ async fn bench_jetstream_work_queue_same_load() {
         })
         .await
         .expect("stream");
-    let body = json!({ "payload": { "pad": "x".repeat(60) } }).to_string();
-    let publish_all = |js: jetstream::Context, body: String| async move {
+    let clock = Instant::now();
+    let publish_all = |js: jetstream::Context| async move {
         let mut acks = tokio::task::JoinSet::new();
         for _ in 0..N {
             if acks.len() >= 256 {
                 acks.join_next().await;
             }
-            let ack = js
-                .publish("tasks", body.clone().into())
-                .await
-                .expect("publish");
+            let t = clock.elapsed().as_micros() as u64;
+            let body = json!({ "payload": { "t": t, "pad": "x".repeat(60) } }).to_string();
+            let ack = js.publish("tasks", body.into()).await.expect("publish");
             acks.spawn(async move { ack.await.expect("stream ack") });
         }
         while acks.join_next().await.is_some() {}
@@ -1296,7 +1300,7 @@ async fn bench_jetstream_work_queue_same_load() {
 
     // 1. Publish with the stream's ack, no consumer.
     let start = Instant::now();
-    publish_all(js.clone(), body.clone()).await;
+    publish_all(js.clone()).await;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "JetStream publish (stream ack, no fsync per message): {N} in {secs:.2}s = {:.0} msg/s",
@@ -1315,20 +1319,35 @@ async fn bench_jetstream_work_queue_same_load() {
         .expect("consumer");
     let mut messages = worker.messages().await.expect("messages");
     let start = Instant::now();
-    tokio::spawn(publish_all(js.clone(), body));
+    tokio::spawn(publish_all(js.clone()));
+    let mut latencies = Vec::with_capacity(N);
     for _ in 0..N {
         let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
             .await
             .expect("message within 30 s")
             .expect("stream open")
             .expect("message");
+        let body: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let sent = body["payload"]["t"].as_u64().unwrap_or_default();
+        latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
         m.ack().await.expect("ack");
     }
     let secs = start.elapsed().as_secs_f64();
+    let (p50, p99) = percentiles_ms(&mut latencies);
     println!(
-        "JetStream end to end, 1 pull consumer: {N} tasks in {secs:.2}s = {:.0} tasks/s",
+        "JetStream end to end, 1 pull consumer: {N} tasks in {secs:.2}s = {:.0} tasks/s, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms",
         N as f64 / secs
     );
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// p50 and p99 of latencies in microseconds, as milliseconds.
+fn percentiles_ms(micros: &mut [u64]) -> (f64, f64) {
+    micros.sort_unstable();
+    let at = |q: f64| {
+        let i = ((micros.len() as f64 * q) as usize).min(micros.len().saturating_sub(1));
+        micros.get(i).copied().unwrap_or_default() as f64 / 1000.0
+    };
+    (at(0.50), at(0.99))
 }
