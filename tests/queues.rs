@@ -802,8 +802,17 @@ impl Producer {
 }
 
 impl Enqueuer {
-    /// Sends one enqueue once the window has room.
+    /// Enqueues a ~100 B task with this id once the window has room.
     async fn enqueue(&self, queue: &str, id: &str) {
+        self.send(
+            queue,
+            json!({ "id": id, "payload": { "pad": "x".repeat(60) } }),
+        )
+        .await;
+    }
+
+    /// Sends one enqueue request once the window has room.
+    async fn send(&self, queue: &str, request: Value) {
         if let Ok(permit) = self.window.acquire().await {
             permit.forget();
         }
@@ -811,7 +820,7 @@ impl Enqueuer {
             response_topic: Some(self.reply.clone()),
             ..Default::default()
         };
-        let body = json!({ "id": id, "payload": { "pad": "x".repeat(60) } }).to_string();
+        let body = request.to_string();
         // Fails once the broker is gone; the caller notices by the
         // confirmations that stop.
         let _ = self
@@ -1101,69 +1110,22 @@ async fn bench_durable_enqueue_and_end_to_end() {
         .or_else(|| setup.as_ref().map(Setup::owner_pid))
         .unwrap_or_default();
 
-    // A pipelined producer: MQTT 5 publishes with a Response Topic; a task
-    // counts once its on-disk confirmation is back.
-    let parsed = MqttUrl::parse(&url).expect("url");
-    let mut opts = parsed.options_v5("bench-producer");
-    opts.set_max_packet_size(Some(1 << 20));
-    let (producer, mut events) = AsyncClient::new(opts, 4096);
-    let (conf_tx, mut conf_rx) = mpsc::unbounded_channel::<Instant>();
-    // At most 256 enqueues await their confirmation (JetStream's publish
-    // window in the anchors); a broker drops what overflows its queues.
-    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-    let window_in = window.clone();
-    let (sub_tx, mut sub_rx) = mpsc::unbounded_channel::<()>();
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(_))) => {
-                    window_in.add_permits(1);
-                    if conf_tx.send(Instant::now()).is_err() {
-                        return;
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = sub_tx.send(());
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    let reply = format!("axion/{PKG}/reply/bench");
-    producer
-        .subscribe(reply.clone(), QoS::AtLeastOnce)
-        .await
-        .expect("sub");
-    sub_rx.recv().await.expect("suback");
-    // Each task carries its enqueue time on a clock the worker shares.
+    // A pipelined producer: at most 256 enqueues await their on-disk
+    // confirmation (JetStream's publish window in the anchors). Each task
+    // carries its enqueue time on a clock the worker shares.
+    let mut producer = Producer::start(&url, "bench-producer", 256).await;
     let clock = Instant::now();
     let enqueue_all = |queue: &'static str| {
-        let producer = producer.clone();
-        let reply = reply.clone();
-        let window = window.clone();
+        let sender = producer.sender.clone();
         async move {
             for i in 0..N {
-                if let Ok(permit) = window.acquire().await {
-                    permit.forget();
-                }
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    response_topic: Some(reply.clone()),
-                    ..Default::default()
-                };
                 let t = clock.elapsed().as_micros() as u64;
-                let body =
-                    json!({ "payload": { "i": i, "t": t, "pad": "x".repeat(60) } }).to_string();
-                producer
-                    .publish_with_properties(
-                        format!("axion/{PKG}/queue/{queue}/enqueue"),
-                        QoS::AtLeastOnce,
-                        false,
-                        body,
-                        props,
+                sender
+                    .send(
+                        queue,
+                        json!({ "payload": { "i": i, "t": t, "pad": "x".repeat(60) } }),
                     )
-                    .await
-                    .expect("publish");
+                    .await;
             }
         }
     };
@@ -1186,10 +1148,10 @@ async fn bench_durable_enqueue_and_end_to_end() {
     tokio::spawn(enqueue_all("bench-enq"));
     let mut last = start;
     for k in 0..N {
-        last = match tokio::time::timeout(Duration::from_secs(20), conf_rx.recv()).await {
-            Ok(Some(at)) => at,
+        match tokio::time::timeout(Duration::from_secs(20), producer.confirmed.recv()).await {
+            Ok(Some(_)) => last = Instant::now(),
             _ => panic!("only {k} of {N} confirmations"),
-        };
+        }
     }
     let secs = (last - start).as_secs_f64();
     println!(
@@ -1240,7 +1202,7 @@ async fn bench_durable_enqueue_and_end_to_end() {
         N as f64 / secs,
         (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
     );
-    while conf_rx.try_recv().is_ok() {}
+    while producer.confirmed.try_recv().is_ok() {}
 }
 
 /// The same load as [`bench_durable_enqueue_and_end_to_end`] on NATS
