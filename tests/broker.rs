@@ -972,3 +972,29 @@ async fn shared_groups_with_one_name_on_different_filters_stay_apart() {
     recv_none(&mut a.rx, 300).await;
     recv_none(&mut b.rx, 300).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axions_own_clients_keep_slots_past_the_connection_limit() {
+    let max = 12;
+    let serve = Serve::start_with(&["--max-connections", &max.to_string()], &[]);
+    let mut held = Vec::new();
+    loop {
+        let opts = rumqttc::MqttOptions::new(
+            format!("flood-{}", held.len()),
+            "127.0.0.1",
+            serve.mqtt_port,
+        );
+        match V4::connect_with(opts).await {
+            Ok(c) => held.push(c),
+            Err(rumqttc::ConnectionError::ConnectionRefused(_)) => break,
+            Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
+        }
+        assert!(held.len() <= max, "the limit never bit");
+    }
+    // A flood has taken every slot; a restarted part of Axion still gets in.
+    let own = rumqttc::MqttOptions::new("axion-queues-probe", "127.0.0.1", serve.mqtt_port);
+    let mut own = V4::connect_with(own)
+        .await
+        .expect("Axion's own client connects past the limit");
+    own.round_trip().await;
+}

@@ -56,6 +56,10 @@ pub fn unescape_topic(topic: Bytes) -> Bytes {
     }
 }
 
+/// Client ids of Axion's own components start with this (see the
+/// connection limit in `session::handshake`).
+pub const OWN_CLIENT_PREFIX: &str = "axion-";
+
 /// Filter as stored in the router; the `$share/<group>/` prefix is kept and
 /// the filter behind it escaped like a topic, so matching is unchanged.
 pub fn escape_filter(filter: &str) -> String {

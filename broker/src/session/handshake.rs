@@ -29,6 +29,9 @@ async fn write_once(stream: &mut Writer, codec: &Codec, packet: Packet) {
     }
 }
 
+/// Connections past `--max-connections` that Axion's own clients may use.
+const RESERVED_FOR_OWN: usize = 16;
+
 /// A CONNACK refusal (v4 code for 3.1.1 clients, v5 reason otherwise).
 fn refusal(codec: &Codec, v4: ConnectReturnCode, v5: ConnectReturnCode, reason: &str) -> Packet {
     if codec.is_v5() {
@@ -165,7 +168,12 @@ pub(super) async fn handshake(
         .and_then(|p| p.receive_maximum)
         .map_or(usize::from(u16::MAX), usize::from);
 
-    if shared.sessions.load(Ordering::Relaxed) > shared.config.max_connections {
+    // Axion's own clients (queue owner, bridge, heartbeats) keep a few
+    // slots beyond the limit, so a flood of connections cannot cut the
+    // broker off from its own parts. Only from loopback; the slots are few.
+    let own = peer.ip().is_loopback() && client_id.starts_with(names::OWN_CLIENT_PREFIX);
+    let limit = shared.config.max_connections + if own { RESERVED_FOR_OWN } else { 0 };
+    if shared.sessions.load(Ordering::Relaxed) > limit {
         shared.refused.fetch_add(1, Ordering::Relaxed);
         warn!(%peer, client_id, max = shared.config.max_connections, "connection limit reached; refused with CONNACK");
         let p = refusal(
