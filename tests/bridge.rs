@@ -94,8 +94,11 @@ impl Stack {
 
     /// `axion bridge` against Mosquitto; `owner` adds `axion queues`.
     fn standalone(args: &[&str], owner: bool) -> Stack {
+        Stack::standalone_on_mosquitto(Mosquitto::start(), args, owner)
+    }
+
+    fn standalone_on_mosquitto(broker: Mosquitto, args: &[&str], owner: bool) -> Stack {
         let package = format!("t{}", free_port());
-        let broker = Mosquitto::start();
         let url = broker.mqtt_url();
         let ws_port = free_port();
         let bridge = spawn(
@@ -350,6 +353,56 @@ fn standalone_task_actions_through_axion_queues_on_mosquitto() {
     task_actions(&Stack::standalone(&[], true));
 }
 
+/// A broker may accept an enqueue and then drop it: Mosquitto drops what
+/// no subscriber takes (and QoS 1 messages past a subscriber's
+/// `max_queued_messages`). Here the queue owner is down while a legacy
+/// producer floods 400 enqueues, so the broker drops every one; the bridge
+/// publishes each again under the same id until the owner, once up,
+/// confirms it, and the worker gets all 400, each once.
+#[test]
+fn enqueues_the_broker_dropped_are_published_again_until_confirmed() {
+    let stack = Stack::standalone(&[], false);
+    let Kind::Standalone { broker, .. } = &stack.kind else {
+        unreachable!("a standalone stack")
+    };
+    let url = broker.as_ref().map(Mosquitto::mqtt_url).unwrap_or_default();
+    let ws = stack.ws_url();
+    let driver = std::thread::spawn(move || {
+        let args: Vec<String> = ["js_driver.js", "flood", &ws, "flood.q", "400"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        run_driver("node", &args, Duration::from_secs(90))
+    });
+    let stats = || -> serde_json::Value {
+        http_get(stack.ws_port, "/stats")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats()["frames_in"].as_u64().unwrap_or(0) < 400 {
+        assert!(Instant::now() < deadline, "the bridge never read the flood");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn(
+        "axion queues",
+        Command::new(axion_bin())
+            .args(["queues", "--mqtt", &url, "--package", &stack.package])
+            .arg("--data-dir")
+            .arg(data.path()),
+    );
+    let out = driver.join().expect("driver thread");
+    assert_eq!(out["received"], 400, "{out}");
+    assert_eq!(out["confirmed"], 400, "{out}");
+    assert_eq!(out["duplicates"], 0, "{out}");
+    assert!(
+        stats()["enqueue_retries"].as_u64().unwrap_or(0) >= 400,
+        "{}",
+        stats()
+    );
+}
+
 fn task_actions(stack: &Stack) {
     let out = node("tasks", stack, &["jobs.test"]);
     assert_eq!(
@@ -397,6 +450,168 @@ struct Target {
     /// Arguments of `bench.js` naming where to connect.
     args: Vec<String>,
     pids: Vec<u32>,
+}
+
+type Case<'a> = (&'a str, Vec<&'a str>, Vec<Target>);
+
+/// Runs every case on each of its targets `rounds` times (targets take
+/// turns, starting from a different one each round) and prints one
+/// Markdown row of medians per case and target.
+fn run_cases(cases: &[Case], rounds: usize) {
+    println!("| case | carried by | delivered | events/s | p50 ms | p99 ms | broker CPU µs/event | driver CPU µs/event |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (case, args, targets) in cases {
+        let mut runs: Vec<Vec<serde_json::Value>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            // Targets take turns, starting from a different one each round.
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let t = &targets[i];
+                let pids: Vec<String> = t.pids.iter().map(u32::to_string).collect();
+                let mut a = vec!["bench.js".to_string()];
+                a.extend(t.args.iter().cloned());
+                a.extend(args.iter().map(|s| s.to_string()));
+                a.extend(["--pids".to_string(), pids.join(",")]);
+                let out = run_driver("node", &a, Duration::from_secs(300));
+                eprintln!("{case} | {} | {out}", t.name);
+                runs[i].push(out);
+            }
+        }
+        for (t, outs) in targets.iter().zip(&runs) {
+            let median = |f: &dyn Fn(&serde_json::Value) -> f64| {
+                let mut v: Vec<f64> = outs.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let per_event = |v: &serde_json::Value, ms: f64| {
+                ms * 1000.0 / v["delivered"].as_f64().unwrap_or(1.0).max(1.0)
+            };
+            let delivered = median(&|v| v["delivered"].as_f64().unwrap_or(0.0));
+            let expected = outs[0]["expected"].as_u64().unwrap_or(0);
+            // Queue runs: tasks seen twice, and enqueues confirmed on disk.
+            let extra = match outs[0]["confirmed"].as_u64() {
+                Some(c) => format!(
+                    " ({:.0} twice, {c} confirmed)",
+                    median(&|v| v["duplicates"].as_f64().unwrap_or(0.0))
+                ),
+                None if outs[0]["duplicates"].is_number() && t.name.contains("legacy") => {
+                    " (none confirmed)".to_string()
+                }
+                None => String::new(),
+            };
+            println!(
+                "| {case} | {} | {delivered}/{expected}{extra} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                t.name,
+                median(&|v| v["events_per_sec"].as_f64().unwrap_or(0.0)),
+                median(&|v| v["p50_ms"].as_f64().unwrap_or(f64::NAN)),
+                median(&|v| v["p99_ms"].as_f64().unwrap_or(f64::NAN)),
+                median(&|v| per_event(v, v["cpu_ms"]["broker"].as_f64().unwrap_or(0.0))),
+                median(&|v| per_event(
+                    v,
+                    v["cpu_ms"]["sender"].as_f64().unwrap_or(0.0)
+                        + v["cpu_ms"]["receivers"].as_f64().unwrap_or(0.0)
+                )),
+            );
+        }
+    }
+}
+
+/// Benchmark, not a test: the seeds' work-queue protocol over WebSocket
+/// (`enqueue` → `{task}` → `ack` + `ready`), through Axion (durable: every
+/// task committed to disk before its `enqueued` reply, inside `axion serve`
+/// and as `axion bridge` + `axion queues` beside Mosquitto) and through the
+/// seeds/003 legacy broker with the in-memory queue manager its code calls
+/// (`tests/clients/legacy_queue_broker.js`; nothing on disk). One load
+/// driver (`bench.js --queue`): a producer process and a worker process
+/// holding `--credits` readies; tasks/s end to end flat out, and
+/// enqueue-to-delivery latency at a fixed 2 000 tasks/s (the anchors' rate
+/// in `../shared/notes/queue-anchors-measured.md`).
+///
+/// `cargo test --release --test bridge -- --ignored --nocapture bench_queue`
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+fn bench_queue_over_websocket_vs_legacy_queue() {
+    let rounds: usize = std::env::var("AXION_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let tasks: usize = std::env::var("AXION_BENCH_EVENTS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20_000);
+    let legacy_port = free_port();
+    let legacy = Proc {
+        child: Command::new("node")
+            .arg("legacy_queue_broker.js")
+            .env("PORT", legacy_port.to_string())
+            .current_dir(clients_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn node legacy_queue_broker.js"),
+        name: "legacy queue broker".into(),
+    };
+    common::wait_for_port(legacy_port, Duration::from_secs(10));
+    let serve = Stack::serve(&[]);
+    let standalone = Stack::standalone(&[], true);
+    let mut standalone_pids = Vec::new();
+    if let Kind::Standalone {
+        bridge,
+        broker,
+        _owner,
+    } = &standalone.kind
+    {
+        standalone_pids.push(bridge.pid());
+        standalone_pids.extend(_owner.iter().map(|(owner, _)| owner.pid()));
+        standalone_pids.extend(broker.iter().map(|m| m.proc.pid()));
+    }
+    let serve_pid = match &serve.kind {
+        Kind::Serve(s) => s.proc.pid(),
+        Kind::Standalone { .. } => unreachable!("a serve stack"),
+    };
+    let targets = || {
+        vec![
+            Target {
+                name: "axion serve (bridge, durable)",
+                args: vec!["--url".into(), serve.ws_url()],
+                pids: vec![serve_pid],
+            },
+            Target {
+                name: "axion bridge + queues + Mosquitto (durable)",
+                args: vec!["--url".into(), standalone.ws_url()],
+                pids: standalone_pids.clone(),
+            },
+            Target {
+                name: "legacy broker, in-memory queue",
+                args: vec!["--url".into(), format!("ws://127.0.0.1:{legacy_port}")],
+                pids: vec![legacy.pid()],
+            },
+        ]
+    };
+    let n = tasks.to_string();
+    let cases: Vec<Case> = vec![
+        (
+            "tasks, max, 1 worker × 256 readies",
+            vec!["--queue", "bench.q", "--events", &n, "--credits", "256"],
+            targets(),
+        ),
+        (
+            "tasks, 2 000/s, 1 worker × 256 readies",
+            vec![
+                "--queue",
+                "bench.r",
+                "--events",
+                "10000",
+                "--rate",
+                "2000",
+                "--credits",
+                "256",
+            ],
+            targets(),
+        ),
+    ];
+    run_cases(&cases, rounds);
 }
 
 /// Benchmark, not a test: delivered events/s flat out and latency at a
@@ -514,7 +729,7 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
     };
     let n = events.to_string();
     let half = (events / 2).to_string();
-    let cases: Vec<(&str, Vec<&str>, Vec<Target>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "WS → WS, max, 1 subscriber",
             vec!["--events", &n, "--receivers", "1"],
@@ -542,49 +757,5 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
         ),
     ];
 
-    println!("| case | carried by | delivered | events/s | p50 ms | p99 ms | broker CPU µs/event | driver CPU µs/event |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (case, args, targets) in &cases {
-        let mut runs: Vec<Vec<serde_json::Value>> = targets.iter().map(|_| Vec::new()).collect();
-        for round in 0..rounds {
-            // Targets take turns, starting from a different one each round.
-            for k in 0..targets.len() {
-                let i = (k + round) % targets.len();
-                let t = &targets[i];
-                let pids: Vec<String> = t.pids.iter().map(u32::to_string).collect();
-                let mut a = vec!["bench.js".to_string()];
-                a.extend(t.args.iter().cloned());
-                a.extend(args.iter().map(|s| s.to_string()));
-                a.extend(["--pids".to_string(), pids.join(",")]);
-                let out = run_driver("node", &a, Duration::from_secs(300));
-                eprintln!("{case} | {} | {out}", t.name);
-                runs[i].push(out);
-            }
-        }
-        for (t, outs) in targets.iter().zip(&runs) {
-            let median = |f: &dyn Fn(&serde_json::Value) -> f64| {
-                let mut v: Vec<f64> = outs.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            let per_event = |v: &serde_json::Value, ms: f64| {
-                ms * 1000.0 / v["delivered"].as_f64().unwrap_or(1.0).max(1.0)
-            };
-            let delivered = median(&|v| v["delivered"].as_f64().unwrap_or(0.0));
-            let expected = outs[0]["expected"].as_u64().unwrap_or(0);
-            println!(
-                "| {case} | {} | {delivered}/{expected} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |",
-                t.name,
-                median(&|v| v["events_per_sec"].as_f64().unwrap_or(0.0)),
-                median(&|v| v["p50_ms"].as_f64().unwrap_or(f64::NAN)),
-                median(&|v| v["p99_ms"].as_f64().unwrap_or(f64::NAN)),
-                median(&|v| per_event(v, v["cpu_ms"]["broker"].as_f64().unwrap_or(0.0))),
-                median(&|v| per_event(
-                    v,
-                    v["cpu_ms"]["sender"].as_f64().unwrap_or(0.0)
-                        + v["cpu_ms"]["receivers"].as_f64().unwrap_or(0.0)
-                )),
-            );
-        }
-    }
+    run_cases(&cases, rounds);
 }

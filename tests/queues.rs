@@ -1115,10 +1115,18 @@ async fn bench_durable_enqueue_and_end_to_end() {
     // carries its enqueue time on a clock the worker shares.
     let mut producer = Producer::start(&url, "bench-producer", 256).await;
     let clock = Instant::now();
-    let enqueue_all = |queue: &'static str| {
+    // `rate` 0: as fast as confirmations allow; else paced on a 1 ms tick.
+    let enqueue_all = |queue: &'static str, n: usize, rate: u32| {
         let sender = producer.sender.clone();
         async move {
-            for i in 0..N {
+            let start = tokio::time::Instant::now();
+            for i in 0..n {
+                if rate > 0 {
+                    tokio::time::sleep_until(
+                        start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate)),
+                    )
+                    .await;
+                }
                 let t = clock.elapsed().as_micros() as u64;
                 sender
                     .send(
@@ -1145,7 +1153,7 @@ async fn bench_durable_enqueue_and_end_to_end() {
     // 1. Durable enqueue, no worker.
     let cpu0 = cpu(owner_pid);
     let start = Instant::now();
-    tokio::spawn(enqueue_all("bench-enq"));
+    tokio::spawn(enqueue_all("bench-enq", N, 0));
     let mut last = start;
     for k in 0..N {
         match tokio::time::timeout(Duration::from_secs(20), producer.confirmed.recv()).await {
@@ -1164,7 +1172,7 @@ async fn bench_durable_enqueue_and_end_to_end() {
     let mut worker = Worker::start(&url, "bench-worker", "bench-e2e", 256, false).await;
     let cpu0 = cpu(owner_pid);
     let start = Instant::now();
-    tokio::spawn(enqueue_all("bench-e2e"));
+    tokio::spawn(enqueue_all("bench-e2e", N, 0));
     let mut latencies = Vec::with_capacity(N);
     let mut pending_credit = 0;
     // rumqttd's shared groups now and then hand the member a task twice
@@ -1203,33 +1211,110 @@ async fn bench_durable_enqueue_and_end_to_end() {
         (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
     );
     while producer.confirmed.try_recv().is_ok() {}
+
+    // 3. Latency at a fixed 2 000 tasks/s (the anchors' rate), same worker.
+    let paced = N / 2;
+    let cpu0 = cpu(owner_pid);
+    tokio::spawn(enqueue_all("bench-e2e", paced, 2000));
+    let mut latencies = Vec::with_capacity(paced);
+    let mut seen = HashSet::with_capacity(paced);
+    while seen.len() < paced {
+        let task = worker
+            .next_task(Duration::from_secs(60))
+            .await
+            .expect("task");
+        if seen.insert(task["id"].as_str().unwrap_or_default().to_string()) {
+            let sent = task["payload"]["t"].as_u64().unwrap_or_default();
+            latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
+        }
+        worker.ack(&task).await;
+        pending_credit += 1;
+        if pending_credit == 64 {
+            worker.ready(64).await;
+            pending_credit = 0;
+        }
+    }
+    let (p50, p99) = percentiles_ms(&mut latencies);
+    println!(
+        "end to end at 2 000 tasks/s: {paced} tasks, enqueue to delivery p50 {p50:.2} ms p99 {p99:.2} ms, owner CPU {:.3} s/1k",
+        (cpu(owner_pid) - cpu0) / (paced as f64 / 1000.0)
+    );
+    while producer.confirmed.try_recv().is_ok() {}
 }
 
 /// The same load as [`bench_durable_enqueue_and_end_to_end`] on NATS
-/// JetStream's work-queue stream (`nats-server -js` from apt, file storage,
-/// its default sync interval: no fsync per message), run by the same
-/// command so the figures sit side by side: 20 000 tasks of ~100 B, a
-/// publisher keeping 256 publishes awaiting their stream ack, one pull
-/// consumer acking each message.
+/// JetStream's work-queue stream (file storage), run by the same command so
+/// the figures sit side by side: 20 000 tasks of ~100 B, a publisher
+/// keeping 256 publishes awaiting their stream ack, one pull consumer
+/// acking each message, then 10 000 at a fixed 2 000/s. Twice when the
+/// server is 2.10 or later: with its default sync interval (no fsync per
+/// message: a stream ack says "in the OS's page cache") and with
+/// `sync_interval: always` (an fsync per message, Axion's promise).
+/// `NATS_SERVER` names the binary (default `nats-server` on PATH;
+/// `scripts/bench-setup.sh` installs 2.15.1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 #[allow(non_snake_case)]
 async fn bench_jetstream_work_queue_same_load() {
-    use async_nats::jetstream::{self, consumer, stream};
-    use futures::StreamExt;
     let N: usize = std::env::var("QUEUE_BENCH_N")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
+    let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    let version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .expect("nats-server (scripts/bench-setup.sh, or NATS_SERVER=path)");
+    println!("{version}");
+    // "nats-server: v2.15.1": `sync_interval` exists from 2.10 on.
+    let minor: u32 = version
+        .rsplit('v')
+        .next()
+        .and_then(|v| v.split('.').nth(1))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    jetstream_run(&bin, N, false).await;
+    if minor >= 10 {
+        jetstream_run(&bin, N, true).await;
+    } else {
+        println!("(this nats-server predates `sync_interval: always`; that run is skipped)");
+    }
+}
+
+/// One JetStream server, the bulk and the paced load against it.
+#[allow(non_snake_case)]
+async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures::StreamExt;
+    let label = if sync_always {
+        "sync_interval: always (fsync per message)"
+    } else {
+        "default sync interval (no fsync per message)"
+    };
     let port = common::free_port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
+    let conf = dir.path().join("nats.conf");
+    let store = dir.path().join("js");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store:?}\n{}}}\n",
+            if sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            }
+        ),
+    )
+    .expect("nats.conf");
+    let mut server = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("nats-server (apt-get install -y nats-server)");
+        .expect("spawn nats-server");
     common::wait_for_port(port, Duration::from_secs(10));
     let client = async_nats::connect(format!("127.0.0.1:{port}"))
         .await
@@ -1246,9 +1331,16 @@ async fn bench_jetstream_work_queue_same_load() {
         .await
         .expect("stream");
     let clock = Instant::now();
-    let publish_all = |js: jetstream::Context| async move {
+    let publish_all = |js: jetstream::Context, n: usize, rate: u32| async move {
         let mut acks = tokio::task::JoinSet::new();
-        for _ in 0..N {
+        let start = tokio::time::Instant::now();
+        for i in 0..n {
+            if rate > 0 {
+                tokio::time::sleep_until(
+                    start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate)),
+                )
+                .await;
+            }
             if acks.len() >= 256 {
                 acks.join_next().await;
             }
@@ -1262,15 +1354,15 @@ async fn bench_jetstream_work_queue_same_load() {
 
     // 1. Publish with the stream's ack, no consumer.
     let start = Instant::now();
-    publish_all(js.clone()).await;
+    publish_all(js.clone(), N, 0).await;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "JetStream publish (stream ack, no fsync per message): {N} in {secs:.2}s = {:.0} msg/s",
+        "JetStream, {label}: publish (stream ack): {N} in {secs:.2}s = {:.0} msg/s",
         N as f64 / secs
     );
     tasks.purge().await.expect("purge");
 
-    // 2. End to end: publish → pull → ack.
+    // 2. End to end: publish → pull → ack; 3. the same at 2 000/s.
     let worker = tasks
         .create_consumer(consumer::pull::Config {
             durable_name: Some("worker".into()),
@@ -1280,26 +1372,34 @@ async fn bench_jetstream_work_queue_same_load() {
         .await
         .expect("consumer");
     let mut messages = worker.messages().await.expect("messages");
-    let start = Instant::now();
-    tokio::spawn(publish_all(js.clone()));
-    let mut latencies = Vec::with_capacity(N);
-    for _ in 0..N {
-        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
-            .await
-            .expect("message within 30 s")
-            .expect("stream open")
-            .expect("message");
-        let body: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-        let sent = body["payload"]["t"].as_u64().unwrap_or_default();
-        latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
-        m.ack().await.expect("ack");
+    for (n, rate) in [(N, 0), (N / 2, 2000)] {
+        let start = Instant::now();
+        tokio::spawn(publish_all(js.clone(), n, rate));
+        let mut latencies = Vec::with_capacity(n);
+        for _ in 0..n {
+            let m = tokio::time::timeout(Duration::from_secs(60), messages.next())
+                .await
+                .expect("message within 60 s")
+                .expect("stream open")
+                .expect("message");
+            let body: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            let sent = body["payload"]["t"].as_u64().unwrap_or_default();
+            latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
+            m.ack().await.expect("ack");
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let (p50, p99) = percentiles_ms(&mut latencies);
+        if rate == 0 {
+            println!(
+                "JetStream, {label}: end to end, 1 pull consumer: {n} tasks in {secs:.2}s = {:.0} tasks/s, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms",
+                n as f64 / secs
+            );
+        } else {
+            println!(
+                "JetStream, {label}: end to end at {rate} tasks/s: {n} tasks, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms"
+            );
+        }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let (p50, p99) = percentiles_ms(&mut latencies);
-    println!(
-        "JetStream end to end, 1 pull consumer: {N} tasks in {secs:.2}s = {:.0} tasks/s, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms",
-        N as f64 / secs
-    );
     let _ = server.kill();
     let _ = server.wait();
 }

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub events_published: AtomicU64,
     /// `{"event": …}` frames queued to clients.
     pub events_delivered: AtomicU64,
+    /// Enqueues published again because the owner had not confirmed them.
+    pub enqueue_retries: AtomicU64,
     pub mqtt_connected: AtomicBool,
 }
 
@@ -54,6 +56,7 @@ impl Metrics {
             "bad_frames": get(&self.bad_frames),
             "events_published": get(&self.events_published),
             "events_delivered": get(&self.events_delivered),
+            "enqueue_retries": get(&self.enqueue_retries),
             "mqtt_connected": self.mqtt_connected.load(Ordering::Relaxed),
         })
     }

@@ -250,6 +250,10 @@ impl Bridge {
         if let Err(error) = tasks.start().await {
             tracing::error!(%error, "could not subscribe the enqueue reply topic");
         }
+        let retrier = {
+            let (tasks, cancel) = (tasks.clone(), cancel.clone());
+            tokio::spawn(async move { tasks.retry_unconfirmed(cancel).await })
+        };
         let resyncer = {
             let (mqtt, tasks, cancel) = (mqtt.clone(), tasks.clone(), cancel.clone());
             tokio::spawn(async move {
@@ -374,6 +378,7 @@ impl Bridge {
         cancel.cancel();
         event_loop.abort();
         let _ = resyncer.await;
+        let _ = retrier.await;
         tracing::info!("WebSocket bridge stopped");
         result
     }

@@ -13,6 +13,15 @@
 //! (`…/ready` with `reset`), so the owner hands that work to another worker
 //! at once rather than after the ack wait. A restarted owner's
 //! `axion/<pkg>/cmd/announce` is answered with the credit of every queue.
+//!
+//! An enqueue is the bridge's until the owner confirms it: a broker may
+//! PUBACK a publish and still drop it (Mosquitto drops QoS 1 messages past
+//! a subscriber's `max_queued_messages`, 1 000 by default), and legacy
+//! clients never look for a confirmation. So every enqueue carries an id
+//! the bridge chose, at most [`ENQUEUE_WINDOW`] wait for their confirmation
+//! (further `enqueue` frames wait, which pushes back on that client's
+//! socket), and one unconfirmed after [`RETRY_AFTER`] is published again
+//! under the same id, which the owner enqueues once.
 
 use crate::client::{ClientHandle, Metrics};
 use crate::hub::{Hub, SubscribeError};
@@ -25,12 +34,23 @@ use rumqttc::v5::mqttbytes::QoS;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
-/// Enqueue confirmations still awaited; past this the oldest is forgotten
-/// (the client just gets no `enqueued` reply for it, which legacy clients
-/// never expected anyway).
-const MAX_PENDING_CONFIRMATIONS: usize = 65_536;
+/// Enqueues published and not yet confirmed by the owner, per bridge.
+/// Well under Mosquitto's default `max_queued_messages` (1 000), so a
+/// bridge alone never makes it drop.
+pub const ENQUEUE_WINDOW: usize = 512;
+
+/// An enqueue still unconfirmed this long is published again (then after
+/// twice as long, up to [`RETRY_MAX`]).
+pub const RETRY_AFTER: Duration = Duration::from_secs(3);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// At most this many copies every [`RETRY_TICK`].
+const RETRY_BATCH: usize = 128;
+const RETRY_TICK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -56,15 +76,25 @@ struct ClientTasks {
     held: HashSet<String>,
 }
 
+/// An enqueue the owner has not confirmed yet.
+struct Pending {
+    /// The WebSocket client told of the confirmation, if still connected.
+    client: u64,
+    topic: String,
+    body: Bytes,
+    sent: Instant,
+    retries: u32,
+}
+
 #[derive(Default)]
 struct State {
     /// queue → clients waiting for one task each, oldest first.
     waiting: HashMap<String, VecDeque<u64>>,
     held: HashMap<String, Held>,
     clients: HashMap<u64, ClientTasks>,
-    confirmations: HashMap<String, u64>,
-    confirmation_order: VecDeque<String>,
-    next_correlation: u64,
+    /// By task id, which is also the correlation data.
+    pending: HashMap<String, Pending>,
+    next_enqueue: u64,
 }
 
 pub struct Tasks {
@@ -76,6 +106,9 @@ pub struct Tasks {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    window: Semaphore,
+    /// Makes this process's task ids unique across bridge restarts.
+    nonce: String,
 }
 
 /// What the bridge reads of a task record: the rest passes through as is.
@@ -104,6 +137,8 @@ impl Tasks {
             hub,
             metrics,
             state: Mutex::new(State::default()),
+            window: Semaphore::new(ENQUEUE_WINDOW),
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -181,37 +216,99 @@ impl Tasks {
     }
 
     /// `enqueue`: a task request on `…/enqueue`; the owner's confirmation
-    /// comes back as `{"enqueued": {"id", "queue"}}`.
+    /// comes back as `{"enqueued": {"id", "queue"}}`. Waits while
+    /// [`ENQUEUE_WINDOW`] enqueues are unconfirmed.
     pub async fn enqueue(
         &self,
         client: &ClientHandle,
         queue: &str,
         task: Value,
     ) -> Result<(), TaskError> {
-        let correlation = {
+        self.window
+            .acquire()
+            .await
+            .map_err(|_| TaskError::Unavailable)?
+            .forget();
+        let topic = topics::queue(&self.package, queue, "enqueue");
+        let (id, body) = {
             let mut st = self.lock();
-            st.next_correlation += 1;
-            let corr = format!("{}-{}", client.key, st.next_correlation);
-            st.confirmations.insert(corr.clone(), client.key);
-            st.confirmation_order.push_back(corr.clone());
-            while st.confirmation_order.len() > MAX_PENDING_CONFIRMATIONS {
-                if let Some(old) = st.confirmation_order.pop_front() {
-                    st.confirmations.remove(&old);
-                }
-            }
-            corr
+            st.next_enqueue += 1;
+            let id = format!("{}-{}", self.nonce, st.next_enqueue);
+            let body = Bytes::from(json!({ "id": id, "payload": task }).to_string());
+            st.pending.insert(
+                id.clone(),
+                Pending {
+                    client: client.key,
+                    topic: topic.clone(),
+                    body: body.clone(),
+                    sent: Instant::now(),
+                    retries: 0,
+                },
+            );
+            (id, body)
         };
+        let sent = self.publish_enqueue(topic, body, &id).await;
+        if sent.is_err() && self.lock().pending.remove(&id).is_some() {
+            // Never reached the broker: the client hears so and may retry.
+            self.window.add_permits(1);
+        }
+        sent
+    }
+
+    async fn publish_enqueue(&self, topic: String, body: Bytes, id: &str) -> Result<(), TaskError> {
         let props = PublishProperties {
             response_topic: Some(self.reply_topic.clone()),
-            correlation_data: Some(Bytes::from(correlation)),
+            correlation_data: Some(Bytes::from(id.to_string())),
             ..Default::default()
         };
-        self.publish(
-            topics::queue(&self.package, queue, "enqueue"),
-            json!({ "payload": task }),
-            Some(props),
-        )
-        .await
+        self.mqtt
+            .client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, body, props)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, task = id, "enqueue publish failed");
+                TaskError::Unavailable
+            })
+    }
+
+    /// Publishes again every enqueue whose confirmation is overdue, until
+    /// `cancel`. The owner keeps the first copy that reaches it.
+    pub async fn retry_unconfirmed(&self, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(RETRY_TICK);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let due: Vec<(String, String, Bytes, u32)> = {
+                let mut st = self.lock();
+                let mut due: Vec<(&String, &mut Pending)> = st
+                    .pending
+                    .iter_mut()
+                    .filter(|(_, p)| {
+                        let wait = (RETRY_AFTER * 2u32.pow(p.retries.min(4))).min(RETRY_MAX);
+                        now.duration_since(p.sent) >= wait
+                    })
+                    .collect();
+                // Oldest first, a few at a time: a burst of copies would
+                // overflow the broker queue that dropped the originals.
+                due.sort_by_key(|(_, p)| p.sent);
+                due.into_iter()
+                    .take(RETRY_BATCH)
+                    .map(|(id, p)| {
+                        p.sent = now;
+                        p.retries += 1;
+                        (id.clone(), p.topic.clone(), p.body.clone(), p.retries)
+                    })
+                    .collect()
+            };
+            for (id, topic, body, retries) in due {
+                tracing::warn!(task = %id, topic, retries, "enqueue not confirmed by the queue owner; publishing it again");
+                self.metrics.enqueue_retries.fetch_add(1, Ordering::Relaxed);
+                let _ = self.publish_enqueue(topic, body, &id).await;
+            }
+        }
     }
 
     /// `pull`/`ready`: one more task for this client when one is there.
@@ -307,7 +404,6 @@ impl Tasks {
                     }
                 }
             }
-            st.confirmations.retain(|_, k| *k != key);
             (released, resets)
         };
         for (queue, id) in released {
@@ -360,6 +456,13 @@ impl Tasks {
         for key in keys {
             self.client_gone(key).await;
         }
+        let unconfirmed = self.lock().pending.len();
+        if unconfirmed > 0 {
+            tracing::warn!(
+                unconfirmed,
+                "stopping with enqueues the queue owner has not confirmed; they may or may not be queued"
+            );
+        }
     }
 
     /// A publish outside the event tree: a task record or an enqueue
@@ -403,10 +506,16 @@ impl Tasks {
             return;
         }
         let mut st = self.lock();
-        let Some(key) = st.confirmations.remove(corr) else {
+        let Some(pending) = st.pending.remove(corr) else {
+            // The answer to a copy published again: already confirmed.
             return;
         };
-        if let Some(handle) = st.clients.get(&key).and_then(|c| c.handle.clone()) {
+        self.window.add_permits(1);
+        if let Some(handle) = st
+            .clients
+            .get(&pending.client)
+            .and_then(|c| c.handle.clone())
+        {
             drop(st);
             handle.send(
                 Utf8Bytes::from(format!("{{\"enqueued\":{body}}}")),

@@ -7,6 +7,7 @@
 //                 [--size 100] [--receivers 1] [--pids 123,456]
 //   node bench.js --mqtt 127.0.0.1:1883 --package default [...same]
 //   node bench.js --url ws://… --send-mqtt 127.0.0.1:1883 --package default
+//   node bench.js --url ws://… --queue bench.q [--credits 256] [...same]
 //
 // `--mqtt`: sender and receivers are MQTT clients of the broker (direct
 // MQTT). `--send-mqtt`: the sender is an MQTT device and the receivers are
@@ -32,9 +33,9 @@ const SEND_BUFFER = 1 << 20;
 const SEND_BATCH = 100;
 
 function parseArgs(argv) {
-  const o = { events: 100000, rate: 0, size: 100, receivers: 1, package: "default" };
+  const o = { events: 100000, rate: 0, size: 100, receivers: 1, credits: 256, package: "default" };
   for (let i = 0; i < argv.length; i += 2) o[argv[i].replace(/^--/, "")] = argv[i + 1];
-  for (const k of ["events", "rate", "size", "receivers"]) o[k] = Number(o[k]);
+  for (const k of ["events", "rate", "size", "receivers", "credits"]) o[k] = Number(o[k]);
   return o;
 }
 
@@ -164,6 +165,18 @@ async function openSender() {
     };
   }
   const ws = await openWs();
+  if (opts.queue) {
+    // Axion confirms each task once it is on disk; the legacy broker never does.
+    const s = { confirmed: 0 };
+    ws.on("message", (data) => {
+      if (JSON.parse(data).enqueued) s.confirmed++;
+    });
+    return Object.assign(s, {
+      send: (task) => ws.send(JSON.stringify({ action: "enqueue", queue: opts.queue, task })),
+      backlog: () => ws.bufferedAmount,
+      socket: ws._socket,
+    });
+  }
   return {
     send: (payload) => ws.send(JSON.stringify({ action: "publish", message: { type: EVENT_TYPE, payload } })),
     backlog: () => ws.bufferedAmount,
@@ -186,8 +199,18 @@ async function receiver() {
   let last = 0;
   let probed = false;
   let cpu0 = 0;
+  const seen = new Set();
+  let duplicates = 0;
   const report = () =>
-    process.send({ kind: "result", count, first, last, cpu: cpuMs() - cpu0, lat: lat.subarray(0, count) });
+    process.send({
+      kind: "result",
+      count,
+      duplicates,
+      first,
+      last,
+      cpu: cpuMs() - cpu0,
+      lat: lat.subarray(0, count),
+    });
   const onEnvelope = (e) => {
     const p = e.payload;
     if (p.probe) {
@@ -207,6 +230,21 @@ async function receiver() {
   if (opts.mqtt) {
     const c = await MqttLite.open(opts.mqtt, (payload) => onEnvelope(JSON.parse(payload)));
     await c.subscribe(eventTopic());
+  } else if (opts.queue) {
+    const ws = await openWs();
+    const ready = JSON.stringify({ action: "ready", queue: opts.queue });
+    ws.on("message", (data) => {
+      const { task } = JSON.parse(data);
+      if (!task) return;
+      ws.send(JSON.stringify({ action: "ack", taskId: task.id }));
+      ws.send(ready);
+      if (seen.has(task.id)) duplicates++;
+      else {
+        seen.add(task.id);
+        onEnvelope(task);
+      }
+    });
+    for (let i = 0; i < opts.credits; i++) ws.send(ready);
   } else {
     const ws = await openWs();
     ws.on("message", (data) => {
@@ -230,6 +268,7 @@ async function sender() {
       probing = false;
       await run(s);
     }
+    if (m.kind === "report") process.send({ kind: "confirmed", confirmed: s.confirmed ?? null });
     if (m.kind === "exit") process.exit(0);
   });
   process.send({ kind: "ready" });
@@ -332,6 +371,8 @@ async function coordinator() {
     results.push(res);
   }
   const brokerMs = pids.map(procCpuMs).reduce((a, v, i) => a + v - broker0[i], 0);
+  snd.child.send({ kind: "report" });
+  const { confirmed } = (await snd.next("confirmed")) ?? {};
   for (const p of [...receivers, snd]) p.child.send({ kind: "exit" });
 
   const delivered = results.reduce((a, r) => a + r.count, 0);
@@ -353,7 +394,9 @@ async function coordinator() {
       receivers: opts.receivers,
       sent: opts.events,
       delivered,
-      expected: opts.events * opts.receivers,
+      expected: opts.queue ? opts.events : opts.events * opts.receivers,
+      duplicates: results.reduce((a, r) => a + (r.duplicates ?? 0), 0),
+      confirmed,
       sent_per_sec: Math.round(opts.events / ((sent.end - start) / 1000)),
       events_per_sec: Math.round(delivered / secs),
       p50_ms: pct(0.5),

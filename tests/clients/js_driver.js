@@ -189,6 +189,33 @@ async function tasks() {
   process.exit(0);
 }
 
-const scenarios = { pubsub, slow, tasks };
+// A producer floods `n` enqueues at once, then a worker in the seeds' JS
+// style (ack, pull again) takes them all: every task once, every enqueue
+// confirmed, even when the broker dropped some on the way to the owner.
+async function flood() {
+  const queue = args[0] || "flood.q";
+  const n = Number(args[1] || 400);
+  const producer = await connect();
+  let confirmed = 0;
+  producer.socket.on("message", (d) => {
+    if (JSON.parse(d.toString()).enqueued) confirmed++;
+  });
+  for (let i = 0; i < n; i++) producer.enqueue(queue, { i });
+  const worker = await connect();
+  const seen = new Set();
+  let duplicates = 0;
+  worker.onTaskReceived((t) => {
+    if (seen.has(t.payload.i)) duplicates++;
+    seen.add(t.payload.i);
+    worker.ack(t.id);
+    worker.pull(queue);
+  });
+  for (let i = 0; i < 32; i++) worker.pull(queue);
+  await until(() => seen.size === n && confirmed === n, 60000, `${n} tasks and confirmations`);
+  console.log(JSON.stringify({ confirmed, received: seen.size, duplicates }));
+  process.exit(0);
+}
+
+const scenarios = { pubsub, slow, tasks, flood };
 if (!scenarios[scenario]) fail(`unknown scenario ${scenario}`);
 scenarios[scenario]().catch((e) => fail(e.stack || e));
