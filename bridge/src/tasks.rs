@@ -233,7 +233,9 @@ impl Tasks {
         let (id, body) = {
             let mut st = self.lock();
             st.next_enqueue += 1;
-            let id = format!("{}-{}", self.nonce, st.next_enqueue);
+            // Zero-padded, so ids sort in the order they were made (the
+            // owner's store then writes to a few pages, not random ones).
+            let id = format!("{}-{:012}", self.nonce, st.next_enqueue);
             let body = Bytes::from(json!({ "id": id, "payload": task }).to_string());
             st.pending.insert(
                 id.clone(),

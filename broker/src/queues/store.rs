@@ -105,6 +105,24 @@ pub enum Op {
     },
 }
 
+/// Which table an op writes, and the key it sets there.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Key<'a> {
+    Task(&'a str, &'a str),
+    Dead(&'a str, &'a str),
+    Counters(&'a str),
+}
+
+impl Op {
+    fn key(&self) -> Key<'_> {
+        match self {
+            Op::Put { queue, id, .. } | Op::Delete { queue, id } => Key::Task(queue, id),
+            Op::PutDead { queue, id, .. } | Op::DeleteDead { queue, id } => Key::Dead(queue, id),
+            Op::Counters { queue, .. } => Key::Counters(queue),
+        }
+    }
+}
+
 /// Everything found on disk at start.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -168,6 +186,9 @@ impl Store {
     }
 
     /// Applies `ops` in one transaction and returns once it is on disk.
+    /// Each op sets the whole state of its key, so only the last op on a
+    /// key in the batch is written (a task enqueued, handed to a worker and
+    /// acked within one batch costs one delete, not three writes).
     pub fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
@@ -175,7 +196,11 @@ impl Store {
             let mut tasks = txn.open_table(TASKS)?;
             let mut dead = txn.open_table(DEAD)?;
             let mut counters = txn.open_table(COUNTERS)?;
-            for op in ops {
+            let mut later = std::collections::HashSet::with_capacity(ops.len());
+            for op in ops.iter().rev() {
+                if !later.insert(op.key()) {
+                    continue;
+                }
                 match op {
                     Op::Put { queue, id, bytes } => {
                         tasks.insert((queue.as_str(), id.as_str()), bytes.as_slice())?;
@@ -260,6 +285,48 @@ mod tests {
         assert_eq!(loaded.tasks[0].1, "b");
         assert_eq!(loaded.dead[0].1, "c");
         assert_eq!(loaded.counters["q"].enqueued, 3);
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_last_op_on_a_key_in_a_batch_wins() {
+        let dir = std::env::temp_dir().join(format!("axion-store-{}", uuid::Uuid::new_v4()));
+        let store = Store::open(&dir).unwrap();
+        let put = |id: &str, seq| Op::Put {
+            queue: "q".into(),
+            id: id.into(),
+            bytes: serde_json::to_vec(&task(seq)).unwrap(),
+        };
+        let delete = |id: &str| Op::Delete {
+            queue: "q".into(),
+            id: id.into(),
+        };
+        let counters = |acked| Op::Counters {
+            queue: "q".into(),
+            counters: Counters {
+                enqueued: 3,
+                acked,
+                failed: 0,
+            },
+        };
+        store
+            .commit(&[
+                put("gone", 1),
+                put("kept", 2),
+                counters(1),
+                put("gone", 1),
+                delete("gone"),
+                delete("kept"),
+                put("kept", 7),
+                counters(2),
+            ])
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.tasks.len(), 1);
+        assert_eq!(loaded.tasks[0].1, "kept");
+        assert_eq!(loaded.tasks[0].2.seq, 7);
+        assert_eq!(loaded.counters["q"].acked, 2);
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }
