@@ -653,6 +653,32 @@ fn a_qos1_burst_from_mosquitto_pub_reaches_mosquitto_sub_in_full() {
     assert_eq!(got, COUNT, "every message of the burst delivered");
 }
 
+/// Packets a client sends right behind its CONNECT (one segment, as
+/// paho does when it subscribes before the CONNACK) are served at once, not
+/// when the client next sends something: that wait lost the subscription
+/// of a client that closed before its keep-alive, and with it what was
+/// published for its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_right_behind_connect_are_served_at_once() {
+    let serve = Serve::start();
+    let mut c = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
+        .await
+        .unwrap();
+    let mut both = raw_connect(4, "pipelined", 60);
+    both.extend(raw_subscribe(4, "pipe/t", 1));
+    c.write_all(&both).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while got.len() < 9 && tokio::time::Instant::now() < deadline {
+        got.extend(read_reply(&mut c, 500).await);
+    }
+    assert_eq!(
+        got,
+        [0x20, 2, 0, 0, 0x90, 3, 0, 1, 1],
+        "CONNACK, then the SUBACK without waiting for more bytes"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_is_disconnected_and_a_healthy_one_gets_everything() {
     const COUNT: usize = 4_000;
@@ -705,6 +731,75 @@ async fn a_subscriber_that_never_reads_is_disconnected_and_a_healthy_one_gets_ev
         closed.is_ok(),
         "the client that never read was disconnected"
     );
+}
+
+/// A kept session with no connection is a subscriber too: publishers wait
+/// for it as for a slow reader (the router would otherwise overwrite what
+/// it has not read: 2 MiB into a 1 MiB log), and when it resumes it reads
+/// the whole flood, in order, while the publisher goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_away_during_a_flood_gets_all_of_it_on_resume() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    const COUNT: usize = 2_000;
+    let serve = Serve::start_with(&["--slow-consumer-timeout-ms", "60000"], &[]);
+    let mut o = rumqttc::v5::MqttOptions::new("away-sub", "127.0.0.1", serve.mqtt_port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_session_expiry_interval(Some(300));
+    let mut sub = V5::connect_with(o.clone()).await.expect("connect");
+    sub.subscribe("away/t", 1).await;
+    drop(sub);
+
+    let mut publisher = V5::connect(serve.mqtt_port, "away-pub").await;
+    let client = publisher.client.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..COUNT {
+            let mut payload = vec![b'a'; 1024];
+            payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            client
+                .publish(
+                    "away/t",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .expect("publish");
+        }
+    });
+    // Resume once the flood is past the log's high-water mark or over.
+    let mut acked = 0;
+    let mut deadline = None;
+    while acked < COUNT {
+        let wait = deadline.map_or(Duration::from_secs(20), |d: tokio::time::Instant| {
+            d.saturating_duration_since(tokio::time::Instant::now())
+        });
+        match tokio::time::timeout(wait, publisher.packets.recv()).await {
+            Ok(Some(Packet::PubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("publisher disconnected"),
+            Err(_) => break,
+        }
+        if acked == 400 {
+            deadline = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+        }
+    }
+    o.set_clean_start(false);
+    let mut sub = V5::connect_with(o).await.expect("resume");
+    assert!(sub.connack.session_present);
+    for i in 0..COUNT {
+        let m = tokio::time::timeout(Duration::from_secs(20), sub.rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("only {i} of {COUNT} (publisher acked {acked} before the resume)")
+            })
+            .expect("connected");
+        assert_eq!(
+            u64::from_be_bytes(m.payload[..8].try_into().unwrap()),
+            i as u64,
+            "in order, none skipped (publisher acked {acked} before the resume)"
+        );
+    }
+    sender.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,3 +349,62 @@ async fn a_client_cannot_forge_the_brokers_internal_mark() {
     let user = p.properties.map(|p| p.user_properties).unwrap_or_default();
     assert_eq!(user, vec![("k".to_string(), "v".to_string())]);
 }
+
+/// The router gives a resumed session its subscriptions back but not what
+/// the front end adds to them: the front end keeps that beside the session,
+/// so No Local, retain-as-published and UNSUBSCRIBE work after a resume as
+/// before it (a resumed session used to get its own messages back and could
+/// not drop a filter it held before reconnecting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_keeps_no_local_retain_as_published_and_its_filters() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, UnsubAckReason};
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let mut o = options(port, "res-sub");
+    o.set_session_expiry_interval(Some(300));
+    let mut c = V5::connect_with(o.clone()).await.expect("connect");
+    let mut nolocal = Filter::new("res/nl", QoS::AtLeastOnce);
+    nolocal.nolocal = true;
+    c.subscribe_filter(nolocal).await;
+    let mut rap = Filter::new("res/rap", QoS::AtLeastOnce);
+    rap.preserve_retain = true;
+    rap.retain_forward_rule = RetainForwardRule::Never;
+    c.subscribe_filter(rap).await;
+    c.subscribe("res/un", 1).await;
+    drop(c);
+
+    o.set_clean_start(false);
+    let mut c = V5::connect_with(o).await.expect("resume");
+    assert!(c.connack.session_present, "the session was kept");
+    let other = V5::connect(port, "res-other").await;
+
+    c.publish("res/nl", b"own", 1, false).await;
+    other.publish("res/nl", b"theirs", 1, false).await;
+    assert_eq!(
+        recv(&mut c.rx, 5).await.payload,
+        b"theirs",
+        "No Local still holds after the resume"
+    );
+
+    other.publish("res/rap", b"kept flag", 1, true).await;
+    let m = recv(&mut c.rx, 5).await;
+    assert_eq!(m.payload, b"kept flag");
+    assert!(m.retain, "retain-as-published still holds after the resume");
+
+    c.client.unsubscribe("res/un").await.expect("unsubscribe");
+    let reasons = loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.packets.recv()).await {
+            Ok(Some(Packet::UnsubAck(ack))) => break ack.reasons,
+            Ok(Some(_)) => {}
+            other => panic!("no UNSUBACK: {other:?}"),
+        }
+    };
+    assert_eq!(reasons, [UnsubAckReason::Success]);
+    other.publish("res/un", b"after", 1, false).await;
+    other.publish("res/nl", b"marker", 1, false).await;
+    assert_eq!(
+        recv(&mut c.rx, 5).await.payload,
+        b"marker",
+        "nothing arrives on the filter dropped after the resume"
+    );
+}

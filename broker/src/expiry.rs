@@ -12,8 +12,16 @@
 //! only schedule or perform the erase while it is still the newest, and the
 //! erase runs under the same lock a new connection takes, so an erase never
 //! hits a live session.
+//!
+//! What the router does not give back on a resumed session, the front end
+//! keeps here beside it: which filters it holds with No Local and
+//! retain-as-published, and, while no connection reads them, the flow
+//! control positions of its filters, so publishers still wait for a kept
+//! session that falls behind (and, past the slow-consumer timeout, it is
+//! the one that loses, counted and logged) instead of the router silently
+//! overwriting what it has not read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +30,32 @@ use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
+use crate::flow::Consumer;
+use crate::names;
 use crate::server::Shared;
+
+/// A session's subscriptions as the front end needs them after a resume
+/// (router-form filters, `$share/<group>/` included).
+#[derive(Default)]
+pub struct Subscriptions {
+    pub filters: HashSet<String>,
+    pub nolocal: HashSet<String>,
+    pub rap: HashSet<String>,
+    /// Flow positions of the non-shared filters while the session is kept
+    /// with no connection.
+    pub parked: Vec<(String, Arc<Consumer>)>,
+}
+
+pub type SharedSubscriptions = Arc<std::sync::Mutex<Subscriptions>>;
+
+/// Stops flow control for parked positions nobody will read any more.
+fn unpark(shared: &Shared, subs: &SharedSubscriptions) {
+    let parked = std::mem::take(&mut subs.lock().unwrap_or_else(|p| p.into_inner()).parked);
+    for (path, consumer) in parked {
+        let (_, filter) = names::split_share(&path);
+        shared.flow.unsubscribe(filter, &consumer, true);
+    }
+}
 
 /// The newest connection of each client id whose session is live or kept.
 #[derive(Default)]
@@ -44,6 +77,7 @@ struct Newest {
     /// they carry DUP. Shared, because the next connection may arrive
     /// before the old session notices its socket closed.
     unacknowledged: Arc<AtomicUsize>,
+    subscriptions: SharedSubscriptions,
 }
 
 /// What a new connection learns about its client id.
@@ -51,6 +85,9 @@ pub struct Resumed {
     pub generation: u64,
     /// Deliveries unacknowledged by the previous connection.
     pub unacknowledged: usize,
+    /// The subscriptions of the session this connection continues (empty
+    /// for a new one); the connection keeps them current.
+    pub subscriptions: SharedSubscriptions,
 }
 
 impl Lifetimes {
@@ -77,14 +114,27 @@ impl Lifetimes {
         if kept && (clean_start || ends_with_connection) {
             erase(shared, router_id).await;
         }
+        // The router resumes a kept session for an unclean connect (one it
+        // keeps, or an MQTT 5 connection without Clean Start).
+        let resumes = !(clean_start || (kept && ends_with_connection));
+        let previous = newest.remove(router_id);
+        let subscriptions = match previous.as_ref() {
+            Some(p) if p.kept && resumes => p.subscriptions.clone(),
+            Some(p) => {
+                unpark(shared, &p.subscriptions);
+                SharedSubscriptions::default()
+            }
+            None => SharedSubscriptions::default(),
+        };
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let previous = newest.insert(
+        newest.insert(
             router_id.to_string(),
             Newest {
                 generation,
                 kept,
                 expiry,
                 unacknowledged,
+                subscriptions: subscriptions.clone(),
             },
         );
         Resumed {
@@ -92,6 +142,32 @@ impl Lifetimes {
             unacknowledged: previous
                 .filter(|p| p.kept)
                 .map_or(0, |p| p.unacknowledged.load(Ordering::Relaxed)),
+            subscriptions,
+        }
+    }
+}
+
+impl Lifetimes {
+    /// Keeps the flow positions of an ended connection with its kept
+    /// session; gives them back if the session is not kept or a newer
+    /// connection has it (the caller then drops them).
+    pub async fn park(
+        &self,
+        router_id: &str,
+        generation: u64,
+        positions: Vec<(String, Arc<Consumer>)>,
+    ) -> Result<(), Vec<(String, Arc<Consumer>)>> {
+        let newest = self.newest.lock().await;
+        match newest.get(router_id) {
+            Some(e) if e.generation == generation && e.kept => {
+                e.subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .parked
+                    .extend(positions);
+                Ok(())
+            }
+            _ => Err(positions),
         }
     }
 }
@@ -115,7 +191,9 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
         let expiry = Duration::from_secs(u64::from(entry.expiry.load(Ordering::Relaxed)));
         if expiry.is_zero() {
             erase(&shared, &router_id).await;
-            newest.remove(&router_id);
+            if let Some(gone) = newest.remove(&router_id) {
+                unpark(&shared, &gone.subscriptions);
+            }
             return;
         }
         expiry
@@ -127,7 +205,9 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
         .is_some_and(|e| e.generation == generation)
     {
         erase(&shared, &router_id).await;
-        newest.remove(&router_id);
+        if let Some(gone) = newest.remove(&router_id) {
+            unpark(&shared, &gone.subscriptions);
+        }
         shared.lifetimes.expired.fetch_add(1, Ordering::Relaxed);
         debug!(client = router_id, ?expiry, "session expired and freed");
     }

@@ -45,12 +45,16 @@ struct FilterFlow {
 }
 
 impl FilterFlow {
-    /// Bytes the slowest consumer is behind, and that consumer.
+    /// Bytes the slowest consumer is behind, and that consumer. One
+    /// already cut off no longer holds anybody back (a connected one is on
+    /// its way out; a kept session with no connection stays cut off until
+    /// it resumes or expires).
     fn slowest(&self) -> Option<(u64, Arc<Consumer>)> {
         let appended = self.appended.load(Ordering::Relaxed);
         let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         consumers
             .iter()
+            .filter(|c| !c.kicked.load(Ordering::Relaxed))
             .map(|c| {
                 (
                     appended.saturating_sub(c.delivered.load(Ordering::Relaxed)),
@@ -129,6 +133,23 @@ impl Flow {
         if !consumers.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
             consumers.push(consumer.clone());
         }
+        consumer
+    }
+
+    /// A consumer of `filter` (not shared) for a resumed session, at the
+    /// position its previous connection left (`from`), so what the session
+    /// missed while away still counts as unread.
+    pub fn resume(
+        &self,
+        filter: &str,
+        client_id: &str,
+        kick: Arc<Notify>,
+        from: &Consumer,
+    ) -> Arc<Consumer> {
+        let consumer = self.subscribe(filter, None, client_id, kick);
+        consumer
+            .delivered
+            .store(from.delivered.load(Ordering::Relaxed), Ordering::Relaxed);
         consumer
     }
 
@@ -212,7 +233,7 @@ impl Flow {
                     lag_bytes = lag,
                     waited_ms = since.elapsed().as_millis() as u64,
                     total = self.slow_consumers_disconnected.load(Ordering::Relaxed),
-                    "slow consumer disconnected: it held publishers back past the timeout"
+                    "slow consumer cut off: it held publishers back past the timeout (a connected one is disconnected; a kept session without a connection loses what the router overwrites)"
                 );
                 slowest.kick.notify_one();
             }

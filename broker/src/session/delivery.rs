@@ -14,7 +14,7 @@ use rumqttd::Notification;
 use tracing::debug;
 
 use super::aliases::Outgoing;
-use super::{make_publish, now_or_never, Ending, Session};
+use super::{make_publish, now_or_never, Ending, Session, RESUBSCRIBE_PKID};
 use crate::marks::Mark;
 use crate::names;
 
@@ -195,6 +195,9 @@ impl Session {
                     // flow with the router ends here.
                     Packet::PubRel(rel, _) if self.downgraded.remove(&rel.pkid) => {
                         router_acks.push(pubcomp(rel.pkid));
+                    }
+                    Packet::SubAck(s, _) if s.pkid == RESUBSCRIBE_PKID && self.resubscribing => {
+                        self.resubscribing = false;
                     }
                     packet => {
                         let suback = match &packet {

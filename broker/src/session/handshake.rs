@@ -328,8 +328,10 @@ pub(super) async fn handshake(
             return None;
         }
     };
+    let session_present;
     let connack = match Option::<Packet>::from(connack) {
         Some(Packet::ConnAck(ack, props)) => {
+            session_present = ack.session_present;
             let mut props = props.unwrap_or_default();
             props.max_packet_size = u32::try_from(max).ok();
             props.topic_alias_max = Some(MAX_ALIASES);
@@ -353,7 +355,7 @@ pub(super) async fn handshake(
     let read_half = reader;
     let (writer, rx) = mpsc::channel(WRITE_QUEUE);
     let writer_task = tokio::spawn(write_loop(stream, rx, peer));
-    Some(Session {
+    let mut session = Session {
         peer,
         client_id,
         router_id,
@@ -395,5 +397,12 @@ pub(super) async fn handshake(
         held: VecDeque::new(),
         admission: None,
         held_bytes: 0,
-    })
+        subscriptions: resumed.subscriptions,
+        resubscribing: false,
+    };
+    session.restore_subscriptions(session_present);
+    if session.resubscribe().await.is_err() {
+        return None;
+    }
+    Some(session)
 }

@@ -251,6 +251,23 @@ impl Session {
                     filter.path = path;
                     forwarded.push(filter);
                 }
+                if !forwarded.is_empty() {
+                    let mut guard = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+                    let subs = &mut *guard;
+                    for f in &forwarded {
+                        subs.filters.insert(f.path.clone());
+                        for (mine, kept) in [
+                            (&self.nolocal_filters, &mut subs.nolocal),
+                            (&self.rap_filters, &mut subs.rap),
+                        ] {
+                            if mine.contains(&f.path) {
+                                kept.insert(f.path.clone());
+                            } else {
+                                kept.remove(&f.path);
+                            }
+                        }
+                    }
+                }
                 if forwarded.is_empty() {
                     let codes = local.into_iter().map(|(_, c)| c).collect();
                     self.encode(
@@ -302,6 +319,12 @@ impl Session {
                 if !forwarded.is_empty() {
                     // rumqttd drops the client from every shared group on any unsubscribe.
                     self.shared.leave_groups(&self.router_id);
+                    let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+                    for path in &forwarded {
+                        subs.filters.remove(path);
+                        subs.nolocal.remove(path);
+                        subs.rap.remove(path);
+                    }
                 }
                 if forwarded.is_empty() {
                     let reasons = known

@@ -26,8 +26,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, Publish,
-    PublishProperties, QoS, SubscribeReasonCode,
+    Disconnect, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet, Publish,
+    PublishProperties, QoS, RetainForwardRule, Subscribe, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,6 +40,7 @@ use crate::auth::Principal;
 use crate::codec::Codec;
 use crate::expiry;
 use crate::flow::Consumer;
+use crate::names;
 use crate::server::Shared;
 
 /// How a session ended, which decides what happens to the will.
@@ -56,6 +57,9 @@ enum Ending {
     /// The router dropped the link (session taken over): the link is gone.
     Kicked,
 }
+
+/// Packet id of the front end's own SUBSCRIBE (clients never use 0).
+const RESUBSCRIBE_PKID: u16 = 0;
 
 /// Outgoing bytes waiting for the writer task, in batches.
 const WRITE_QUEUE: usize = 64;
@@ -185,6 +189,12 @@ struct Session {
     downgraded: HashSet<u16>,
     /// Retained QoS 2 messages the front end sent, PUBREL'd, awaiting PUBCOMP.
     local_pubrel: HashSet<u16>,
+    /// The router's SUBACK for [`Session::resubscribe`] is still to come.
+    resubscribing: bool,
+    /// This session's subscriptions, kept beside it across connections
+    /// (see [`crate::expiry`]); mirrors `filters`, `nolocal_filters` and
+    /// `rap_filters`.
+    subscriptions: expiry::SharedSubscriptions,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -257,6 +267,14 @@ impl Session {
     async fn serve(&mut self, mut shutdown: watch::Receiver<bool>) -> Ending {
         let mut last_rx = Instant::now();
         let far = Duration::from_secs(86_400 * 365);
+        // A client may send its first packets right behind CONNECT, in the
+        // same segment the handshake read: they are already here, and no
+        // more bytes may come to wake the read below.
+        if !self.inbuf.is_empty() {
+            if let Some(ending) = self.incoming().await {
+                return ending;
+            }
+        }
         loop {
             let deadline = last_rx + self.keep_alive.unwrap_or(far);
             tokio::select! {
@@ -404,9 +422,118 @@ impl Session {
                 self.generation,
             ));
         }
+        self.park_consumers().await;
         self.drop_consumers(|_| true);
         self.shared.leave_groups(&self.router_id);
         self.close().await;
+    }
+
+    /// A resumed session takes back what the front end kept of it; a new
+    /// one starts with nothing (whatever was kept for the id is stale).
+    fn restore_subscriptions(&mut self, session_present: bool) {
+        let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        let parked = std::mem::take(&mut subs.parked);
+        if !session_present {
+            *subs = expiry::Subscriptions::default();
+            drop(subs);
+            for (path, consumer) in parked {
+                let (_, filter) = names::split_share(&path);
+                self.shared.flow.unsubscribe(filter, &consumer, true);
+            }
+            return;
+        }
+        self.filters = subs.filters.clone();
+        self.nolocal_filters = subs.nolocal.clone();
+        self.rap_filters = subs.rap.clone();
+        drop(subs);
+        let mut parked: HashMap<String, Arc<Consumer>> = parked.into_iter().collect();
+        for path in self.filters.clone() {
+            let (_, rest) = names::split_share(&path);
+            let group = names::share_group(&path);
+            if let Some(group) = group {
+                self.shared.join_group(group, &self.router_id);
+            }
+            let consumer = match (group, parked.remove(&path)) {
+                (None, Some(old)) => {
+                    if old.kicked.load(Ordering::Relaxed) {
+                        warn!(client_id = self.client_id, filter = rest, "resumed session fell behind while away: what the router overwrote meanwhile was dropped for it");
+                    }
+                    let c = self
+                        .shared
+                        .flow
+                        .resume(rest, &self.client_id, self.kick.clone(), &old);
+                    self.shared.flow.unsubscribe(rest, &old, true);
+                    c
+                }
+                _ => self
+                    .shared
+                    .flow
+                    .subscribe(rest, group, &self.client_id, self.kick.clone()),
+            };
+            self.consumers.push(Subscription { path, consumer });
+        }
+        for (path, old) in parked {
+            let (_, filter) = names::split_share(&path);
+            self.shared.flow.unsubscribe(filter, &old, true);
+        }
+    }
+
+    /// rumqttd restores a resumed session's subscriptions but not its entry
+    /// in the router's filter → connections map, so an UNSUBSCRIBE of one
+    /// of them would get no UNSUBACK and change nothing, and it drops the
+    /// session from its shared groups. Subscribing the same filters again
+    /// repairs both without a second reading position (the router keeps
+    /// the existing one); the front end swallows the SUBACK.
+    async fn resubscribe(&mut self) -> Result<(), ()> {
+        if self.filters.is_empty() {
+            return Ok(());
+        }
+        let filters = self
+            .filters
+            .iter()
+            .map(|path| Filter {
+                path: path.clone(),
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::Never,
+            })
+            .collect();
+        self.resubscribing = true;
+        self.forward(vec![Packet::Subscribe(
+            Subscribe {
+                pkid: RESUBSCRIBE_PKID,
+                filters,
+            },
+            None,
+        )])
+        .await
+    }
+
+    /// Hands the flow positions of a kept session's own (not shared)
+    /// filters to [`crate::expiry`] while no connection reads them.
+    async fn park_consumers(&mut self) {
+        if self.clean_session {
+            return;
+        }
+        let mut positions = Vec::new();
+        self.consumers.retain(|sub| {
+            if names::share_group(&sub.path).is_some() {
+                return true;
+            }
+            positions.push((sub.path.clone(), sub.consumer.clone()));
+            false
+        });
+        if let Err(back) = self
+            .shared
+            .lifetimes
+            .park(&self.router_id, self.generation, positions)
+            .await
+        {
+            for (path, consumer) in back {
+                self.consumers.push(Subscription { path, consumer });
+            }
+        }
     }
 
     fn will_packet(&self, will: LastWill, props: Option<LastWillProperties>) -> Packet {
