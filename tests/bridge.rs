@@ -454,6 +454,14 @@ struct Target {
 
 type Case<'a> = (&'a str, Vec<&'a str>, Vec<Target>);
 
+/// A benchmark setting from the environment, or its default.
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Runs every case on each of its targets `rounds` times (targets take
 /// turns, starting from a different one each round) and prints one
 /// Markdown row of medians per case and target.
@@ -531,14 +539,8 @@ fn run_cases(cases: &[Case], rounds: usize) {
 #[test]
 #[ignore = "benchmark; run with --ignored --nocapture"]
 fn bench_queue_over_websocket_vs_legacy_queue() {
-    let rounds: usize = std::env::var("AXION_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let tasks: usize = std::env::var("AXION_BENCH_EVENTS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20_000);
+    let rounds = env_usize("AXION_BENCH_ROUNDS", 3);
+    let tasks = env_usize("AXION_BENCH_EVENTS", 20_000);
     let legacy_port = free_port();
     let legacy = Proc {
         child: Command::new("node")
@@ -626,14 +628,8 @@ fn bench_queue_over_websocket_vs_legacy_queue() {
 #[test]
 #[ignore = "benchmark; run with --ignored --nocapture"]
 fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
-    let rounds: usize = std::env::var("AXION_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let events: usize = std::env::var("AXION_BENCH_EVENTS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(100_000);
+    let rounds = env_usize("AXION_BENCH_ROUNDS", 3);
+    let events = env_usize("AXION_BENCH_EVENTS", 100_000);
     let legacy = LegacyBroker::start();
     let serve = Stack::serve(&[]);
     // Mosquitto as the MQTT broker benchmark configures it (TCP_NODELAY on:

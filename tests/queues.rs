@@ -1121,12 +1121,7 @@ async fn bench_durable_enqueue_and_end_to_end() {
         async move {
             let start = tokio::time::Instant::now();
             for i in 0..n {
-                if rate > 0 {
-                    tokio::time::sleep_until(
-                        start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate)),
-                    )
-                    .await;
-                }
+                pace(start, i, rate).await;
                 let t = clock.elapsed().as_micros() as u64;
                 sender
                     .send(
@@ -1335,12 +1330,7 @@ async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
         let mut acks = tokio::task::JoinSet::new();
         let start = tokio::time::Instant::now();
         for i in 0..n {
-            if rate > 0 {
-                tokio::time::sleep_until(
-                    start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate)),
-                )
-                .await;
-            }
+            pace(start, i, rate).await;
             if acks.len() >= 256 {
                 acks.join_next().await;
             }
@@ -1402,6 +1392,17 @@ async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// Waits until the `i`-th of a run paced at `rate` per second (from
+/// `start`) is due; `rate` 0 does not wait.
+async fn pace(start: tokio::time::Instant, i: usize, rate: u32) {
+    if rate > 0 {
+        tokio::time::sleep_until(
+            start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate)),
+        )
+        .await;
+    }
 }
 
 /// p50 and p99 of latencies in microseconds, as milliseconds.

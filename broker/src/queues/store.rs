@@ -246,16 +246,19 @@ mod tests {
         }
     }
 
+    fn put(id: &str, seq: u64) -> Op {
+        Op::Put {
+            queue: "q".into(),
+            id: id.into(),
+            bytes: serde_json::to_vec(&task(seq)).unwrap(),
+        }
+    }
+
     #[test]
     fn batches_survive_reopen() {
         let dir = std::env::temp_dir().join(format!("axion-store-{}", uuid::Uuid::new_v4()));
         {
             let store = Store::open(&dir).unwrap();
-            let put = |id: &str, seq| Op::Put {
-                queue: "q".into(),
-                id: id.into(),
-                bytes: serde_json::to_vec(&task(seq)).unwrap(),
-            };
             store.commit(&[put("a", 1), put("b", 2)]).unwrap();
             store
                 .commit(&[
@@ -293,11 +296,6 @@ mod tests {
     fn the_last_op_on_a_key_in_a_batch_wins() {
         let dir = std::env::temp_dir().join(format!("axion-store-{}", uuid::Uuid::new_v4()));
         let store = Store::open(&dir).unwrap();
-        let put = |id: &str, seq| Op::Put {
-            queue: "q".into(),
-            id: id.into(),
-            bytes: serde_json::to_vec(&task(seq)).unwrap(),
-        };
         let delete = |id: &str| Op::Delete {
             queue: "q".into(),
             id: id.into(),
