@@ -31,6 +31,23 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}");
 }
 
+/// True once `port` accepts TCP; false if `proc` exits first. Panics
+/// after `timeout`.
+pub fn listens_while_running(proc: &mut Proc, port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        if matches!(proc.child.try_wait(), Ok(Some(_))) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}");
+}
+
 pub fn axion_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_axion"))
 }
@@ -93,18 +110,25 @@ impl Serve {
 
     /// Starts `axion serve` with extra CLI args and env vars, and waits
     /// until its MQTT port accepts connections.
+    /// A free port can be taken (by another test's client, say) before
+    /// `serve` binds it; `serve` then exits, and it is started again on
+    /// other ports.
     pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let data_dir = tempfile::tempdir().expect("tempdir");
-        let mqtt_port = free_port();
-        let ws_port = free_port();
-        let proc = spawn_serve(data_dir.path(), mqtt_port, ws_port, args, envs);
-        wait_for_port(mqtt_port, Duration::from_secs(20));
-        Serve {
-            proc,
-            mqtt_port,
-            ws_port,
-            data_dir,
+        for _ in 0..3 {
+            let mqtt_port = free_port();
+            let ws_port = free_port();
+            let mut proc = spawn_serve(data_dir.path(), mqtt_port, ws_port, args, envs);
+            if listens_while_running(&mut proc, mqtt_port, Duration::from_secs(20)) {
+                return Serve {
+                    proc,
+                    mqtt_port,
+                    ws_port,
+                    data_dir,
+                };
+            }
         }
+        panic!("axion serve exited before listening, three times");
     }
 
     pub fn mqtt_url(&self) -> String {
