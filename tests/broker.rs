@@ -186,6 +186,23 @@ async fn connections_past_the_limit_get_a_connack_refusal() {
         }
     }
     assert_broker_works(serve.mqtt_port).await;
+    // The refusals are counted where an operator looks: the broker's
+    // heartbeat record (`mosquitto_sub -t 'axion/+/heartbeat/broker/#'`).
+    let mut watcher = V4::connect(serve.mqtt_port, "counter-watcher").await;
+    watcher.subscribe("axion/+/heartbeat/broker/#", 0).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = recv(&mut watcher.rx, 10).await;
+        let record: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let counted = record["broker"]["refused_at_limit"].as_u64().unwrap_or(0);
+        if counted > refused as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusals not counted on the heartbeat: {record}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

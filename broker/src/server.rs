@@ -150,6 +150,24 @@ impl Shared {
     }
 }
 
+/// What the broker has counted since it started, for the heartbeat record
+/// (`mosquitto_sub -t 'axion/+/heartbeat/broker/#'` shows it) and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Sessions connected now.
+    pub sessions: usize,
+    /// Connections refused at `--max-connections`.
+    pub refused_at_limit: u64,
+    /// Subscribers cut off for holding publishers back past the timeout.
+    pub slow_consumers_cut_off: u64,
+    /// Kept sessions erased when their expiry passed.
+    pub sessions_expired: u64,
+    /// With an auth file: connects refused, publishes and subscriptions denied.
+    pub auth_refused_connects: u64,
+    pub acl_denied_publishes: u64,
+    pub acl_denied_subscribes: u64,
+}
+
 /// A running broker.
 pub struct Broker {
     local_addr: SocketAddr,
@@ -240,6 +258,12 @@ impl Broker {
         self.local_addr
     }
 
+    /// Reads [`Counters`] whenever called, for a task that outlives `&self`.
+    pub fn counters(&self) -> impl Fn() -> Counters + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || counters(&shared)
+    }
+
     /// False once rumqttd's router thread has died; the process should exit.
     pub fn is_healthy(&self) -> bool {
         self.shared.router.is_alive()
@@ -315,5 +339,19 @@ async fn accept_loop(
         if let Err(err) = done {
             error!(%err, "a client session panicked");
         }
+    }
+}
+
+fn counters(s: &Shared) -> Counters {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let audit = s.config.auth.as_ref().map(|a| &a.audit);
+    Counters {
+        sessions: s.sessions.load(Ordering::Relaxed),
+        refused_at_limit: get(&s.refused),
+        slow_consumers_cut_off: get(&s.flow.slow_consumers_disconnected),
+        sessions_expired: get(&s.lifetimes.expired),
+        auth_refused_connects: audit.map_or(0, |a| get(&a.refused_connects)),
+        acl_denied_publishes: audit.map_or(0, |a| get(&a.denied_publishes)),
+        acl_denied_subscribes: audit.map_or(0, |a| get(&a.denied_subscribes)),
     }
 }

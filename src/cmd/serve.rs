@@ -10,7 +10,9 @@ use anyhow::Context;
 use axion_bridge::{Bridge, BridgeConfig};
 use axion_broker::queues::QueueOwner;
 use axion_broker::{Broker, BrokerConfig};
-use axion_heartbeat::{spawn_janitor, HeartbeatConfig, HeartbeatPublisher, MqttUrl};
+use axion_heartbeat::{
+    spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher, MqttUrl,
+};
 use tracing::{error, info, warn};
 
 use super::bridge::{BridgeLimits, WsTls};
@@ -182,6 +184,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             info!(signal, "stopping");
             ExitCode::SUCCESS
         }
+        never = report_counters(&broker, &heartbeat) => match never {},
         _ = router_died(&broker) => {
             error!("the broker's router thread died; exiting so a supervisor restarts us");
             ExitCode::from(70)
@@ -221,6 +224,31 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     broker.shutdown().await;
     info!("stopped");
     Ok(code)
+}
+
+/// Puts the broker's counters on its heartbeat record (`"broker": {…}`)
+/// whenever they change, looked at every 2 s, so `mosquitto_sub` and
+/// `axion monitor` show refusals, slow consumers cut off and expired
+/// sessions as they happen.
+async fn report_counters(broker: &Broker, heartbeat: &HeartbeatHandle) -> std::convert::Infallible {
+    let read = broker.counters();
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let now = read();
+        if last == Some(now) {
+            continue;
+        }
+        last = Some(now);
+        match serde_json::to_value(now) {
+            Ok(value) => {
+                heartbeat.set_extra("broker", value);
+                heartbeat.publish_now();
+            }
+            Err(err) => warn!(%err, "could not encode the broker's counters"),
+        }
+    }
 }
 
 async fn router_died(broker: &Broker) {
