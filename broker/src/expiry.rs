@@ -66,7 +66,7 @@ pub struct Lifetimes {
     pub expired: AtomicU64,
 }
 
-struct Newest {
+pub struct Newest {
     generation: u64,
     /// The router keeps this session when the connection ends.
     kept: bool,
@@ -148,6 +148,20 @@ impl Lifetimes {
 }
 
 impl Lifetimes {
+    /// The lock new connections take, if `generation` is still the newest
+    /// connection of `router_id` (no takeover can start while it is held).
+    pub async fn hold_if_newest(
+        &self,
+        router_id: &str,
+        generation: u64,
+    ) -> Option<tokio::sync::MutexGuard<'_, HashMap<String, Newest>>> {
+        let newest = self.newest.lock().await;
+        newest
+            .get(router_id)
+            .is_some_and(|e| e.generation == generation)
+            .then_some(newest)
+    }
+
     /// Keeps the flow positions of an ended connection with its kept
     /// session; gives them back if the session is not kept or a newer
     /// connection has it (the caller then drops them).

@@ -411,7 +411,24 @@ impl Session {
                 },
                 None,
             ));
-            let _ = self.forward(packets).await;
+            // A newer connection of this id has taken the router's slot
+            // over: rumqttd reuses connection ids, so what this stale link
+            // sent now would land on that connection (a late DISCONNECT
+            // ended it). Holding the lock orders this against a takeover.
+            let shared = self.shared.clone();
+            match shared
+                .lifetimes
+                .hold_if_newest(&self.router_id, self.generation)
+                .await
+            {
+                Some(_newest) => {
+                    let _ = self.forward(packets).await;
+                }
+                None => debug!(
+                    client_id = self.client_id,
+                    "taken over before it ended; nothing more goes to the router"
+                ),
+            }
             if ending == Ending::Shutdown {
                 self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
                     .await;
