@@ -178,38 +178,27 @@ impl Tasks {
         );
     }
 
-    async fn publish(
-        &self,
-        topic: String,
-        body: Value,
-        props: Option<PublishProperties>,
-    ) -> Result<(), TaskError> {
-        let payload = Bytes::from(body.to_string());
-        let result = match props {
-            Some(p) => {
-                self.mqtt
-                    .client
-                    .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, p)
-                    .await
-            }
-            None => {
-                self.mqtt
-                    .client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-            }
-        };
-        result.map_err(|error| {
-            tracing::error!(%error, "queue publish failed");
-            TaskError::Unavailable
-        })
+    async fn publish(&self, topic: String, body: Value) -> Result<(), TaskError> {
+        self.mqtt
+            .client
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                Bytes::from(body.to_string()),
+            )
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "queue publish failed");
+                TaskError::Unavailable
+            })
     }
 
     /// For the event-loop task, which must never await a client call.
     fn publish_detached(self: &Arc<Self>, topic: String, body: Value) {
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(error) = this.publish(topic.clone(), body, None).await {
+            if let Err(error) = this.publish(topic.clone(), body).await {
                 tracing::error!(%error, topic, "detached queue publish failed");
             }
         });
@@ -336,7 +325,6 @@ impl Tasks {
         self.publish(
             topics::queue(&self.package, queue, "ready"),
             json!({ "worker": self.worker(), "credits": 1 }),
-            None,
         )
         .await
     }
@@ -368,7 +356,6 @@ impl Tasks {
                 self.publish(
                     topics::queue(&self.package, &queue, "ack"),
                     json!({ "id": task_id }),
-                    None,
                 )
                 .await
             }
@@ -377,7 +364,6 @@ impl Tasks {
                 self.publish(
                     topics::queue(&self.package, &queue, "fail"),
                     json!({ "id": task_id, "reason": reason }),
-                    None,
                 )
                 .await
             }
@@ -414,7 +400,6 @@ impl Tasks {
                 .publish(
                     topics::queue(&self.package, &queue, "release"),
                     json!({ "id": id, "worker": self.worker() }),
-                    None,
                 )
                 .await
             {
@@ -432,7 +417,6 @@ impl Tasks {
         self.publish(
             topics::queue(&self.package, queue, "ready"),
             json!({ "worker": self.worker(), "credits": credits, "reset": true }),
-            None,
         )
         .await
     }

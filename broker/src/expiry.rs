@@ -48,13 +48,19 @@ pub struct Subscriptions {
 
 pub type SharedSubscriptions = Arc<std::sync::Mutex<Subscriptions>>;
 
-/// Stops flow control for parked positions nobody will read any more.
-fn unpark(shared: &Shared, subs: &SharedSubscriptions) {
-    let parked = std::mem::take(&mut subs.lock().unwrap_or_else(|p| p.into_inner()).parked);
-    for (path, consumer) in parked {
+/// Stops flow control for flow positions (of non-shared filters) that
+/// nobody will read any more.
+pub fn release(shared: &Shared, positions: impl IntoIterator<Item = (String, Arc<Consumer>)>) {
+    for (path, consumer) in positions {
         let (_, filter) = names::split_share(&path);
         shared.flow.unsubscribe(filter, &consumer, true);
     }
+}
+
+/// Releases what a session that will not resume had parked.
+fn unpark(shared: &Shared, subs: &SharedSubscriptions) {
+    let parked = std::mem::take(&mut subs.lock().unwrap_or_else(|p| p.into_inner()).parked);
+    release(shared, parked);
 }
 
 /// The newest connection of each client id whose session is live or kept.
@@ -145,9 +151,7 @@ impl Lifetimes {
             subscriptions,
         }
     }
-}
 
-impl Lifetimes {
     /// The lock new connections take, if `generation` is still the newest
     /// connection of `router_id` (no takeover can start while it is held).
     pub async fn hold_if_newest(

@@ -453,10 +453,7 @@ impl Session {
         if !session_present {
             *subs = expiry::Subscriptions::default();
             drop(subs);
-            for (path, consumer) in parked {
-                let (_, filter) = names::split_share(&path);
-                self.shared.flow.unsubscribe(filter, &consumer, true);
-            }
+            expiry::release(&self.shared, parked);
             return;
         }
         self.filters = subs.filters.clone();
@@ -470,8 +467,10 @@ impl Session {
             if let Some(group) = group {
                 self.shared.join_group(group, &self.router_id);
             }
-            let consumer = match (group, parked.remove(&path)) {
-                (None, Some(old)) => {
+            // Only non-shared filters are parked.
+            let old = group.is_none().then(|| parked.remove(&path)).flatten();
+            let consumer = match old {
+                Some(old) => {
                     if old.kicked.load(Ordering::Relaxed) {
                         warn!(client_id = self.client_id, filter = rest, "resumed session fell behind while away: what the router overwrote meanwhile was dropped for it");
                     }
@@ -482,17 +481,14 @@ impl Session {
                     self.shared.flow.unsubscribe(rest, &old, true);
                     c
                 }
-                _ => self
+                None => self
                     .shared
                     .flow
                     .subscribe(rest, group, &self.client_id, self.kick.clone()),
             };
             self.consumers.push(Subscription { path, consumer });
         }
-        for (path, old) in parked {
-            let (_, filter) = names::split_share(&path);
-            self.shared.flow.unsubscribe(filter, &old, true);
-        }
+        expiry::release(&self.shared, parked);
     }
 
     /// rumqttd restores a resumed session's subscriptions but not its entry
@@ -547,9 +543,8 @@ impl Session {
             .park(&self.router_id, self.generation, positions)
             .await
         {
-            for (path, consumer) in back {
-                self.consumers.push(Subscription { path, consumer });
-            }
+            // Not kept, or taken over: nobody will read these.
+            expiry::release(&self.shared, back);
         }
     }
 
