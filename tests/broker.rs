@@ -1110,3 +1110,173 @@ async fn axions_own_clients_keep_slots_past_the_connection_limit() {
         .expect("Axion's own client connects past the limit");
     own.round_trip().await;
 }
+
+/// A client watching the broker's heartbeat record (its counters).
+async fn counter_watcher(port: u16) -> V4 {
+    let mut watcher = V4::connect(port, &format!("counter-{}", uuid_like())).await;
+    watcher.subscribe("axion/+/heartbeat/broker/#", 0).await;
+    watcher
+}
+
+/// Reads the broker's counters off its heartbeat record until `done` holds.
+async fn wait_counter(watcher: &mut V4, name: &str, done: impl Fn(u64) -> bool) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = recv(&mut watcher.rx, 20).await;
+        let record: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        let value = record["broker"][name].as_u64().unwrap_or(0);
+        if done(value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached the expected value: {record}"
+        );
+    }
+}
+
+/// Filters come and go (each a new one, as a bridge or a dashboard makes
+/// them): rumqttd never frees a filter, so the broker moves every session
+/// to a fresh router now and then. Meanwhile a QoS 1 stream reaches a kept
+/// session, a wildcard subscriber and a shared group without a gap, a
+/// duplicate or a reordering, and a kept session away during the renewals
+/// finds its subscription on return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
+    let serve = Serve::start_with(&["--max-filters", "60"], &[]);
+    let port = serve.mqtt_port;
+    let mut away_opts = rumqttc::v5::MqttOptions::new("renew-away", "127.0.0.1", port);
+    away_opts.set_session_expiry_interval(Some(300));
+    let mut away = V5::connect_with(away_opts.clone()).await.expect("connect");
+    away.subscribe("renew/away", 1).await;
+    drop(away);
+
+    let mut kept_opts = rumqttc::v5::MqttOptions::new("renew-kept", "127.0.0.1", port);
+    kept_opts.set_session_expiry_interval(Some(300));
+    let mut kept = V5::connect_with(kept_opts).await.expect("connect");
+    kept.subscribe("renew/stream", 1).await;
+    let mut wild = V4::connect(port, "renew-wild").await;
+    wild.subscribe("renew/+", 1).await;
+    let mut members = Vec::new();
+    for i in 0..2 {
+        let mut m = V5::connect(port, &format!("renew-member-{i}")).await;
+        m.subscribe("$share/renew/renew/stream", 1).await;
+        members.push(m);
+    }
+
+    let publisher = V5::connect(port, "renew-pub").await;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn(async move {
+        let mut n: u64 = 0;
+        while !*stop_rx.borrow_and_update() {
+            publisher
+                .publish("renew/stream", &n.to_be_bytes(), 1, false)
+                .await;
+            n += 1;
+            if n.is_multiple_of(50) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        n
+    });
+
+    let mut watcher = counter_watcher(port).await;
+    // Filter churn: each one new, used, dropped.
+    let mut churner = V5::connect(port, "renew-churner").await;
+    for i in 0..150 {
+        let f = format!("renew/tmp/{i}");
+        churner.subscribe(&f, 0).await;
+        churner.client.unsubscribe(f).await.expect("unsubscribe");
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let renewals = wait_counter(&mut watcher, "router_renewals", |n| n >= 2).await;
+    stop_tx.send(true).unwrap();
+    let sent = sender.await.unwrap();
+    assert!(sent > 100, "the stream ran through the renewals ({sent})");
+
+    // Every subscriber got 0..sent, in order, exactly once.
+    for (name, rx) in [("kept", &mut kept.rx), ("wildcard", &mut wild.rx)] {
+        for i in 0..sent {
+            let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: only {i} of {sent} after {renewals} renewals"))
+                .expect("connected");
+            assert_eq!(
+                u64::from_be_bytes(m.payload[..8].try_into().unwrap()),
+                i,
+                "{name}: in order, none lost or repeated"
+            );
+        }
+        recv_none(rx, 200).await;
+    }
+    let mut shared: Vec<u64> = Vec::new();
+    for m in &mut members {
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(500), m.rx.recv()).await
+        {
+            shared.push(u64::from_be_bytes(msg.payload[..8].try_into().unwrap()));
+        }
+    }
+    shared.sort_unstable();
+    assert_eq!(
+        shared,
+        (0..sent).collect::<Vec<_>>(),
+        "the shared group got each message once"
+    );
+
+    // The kept session that was away resumes on the new router.
+    away_opts.set_clean_start(false);
+    let mut away = V5::connect_with(away_opts).await.expect("resume");
+    assert!(away.connack.session_present, "kept across renewals");
+    let p = V5::connect(port, "renew-pub-2").await;
+    p.publish("renew/away", b"welcome back", 1, false).await;
+    assert_eq!(recv(&mut away.rx, 5).await.payload, b"welcome back");
+    // New filters are taken again.
+    churner.subscribe("renew/after", 1).await;
+    p.publish("renew/after", b"fresh", 1, false).await;
+    assert_eq!(recv(&mut churner.rx, 5).await.payload, b"fresh");
+}
+
+/// A kept session the old router still owes messages cannot move without
+/// losing them: the renewal waits until it has them (or expires), counted
+/// where an operator looks, and then happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_waits_for_a_kept_session_that_is_owed_messages() {
+    let serve = Serve::start_with(&["--max-filters", "40"], &[]);
+    let port = serve.mqtt_port;
+    let mut opts = rumqttc::v5::MqttOptions::new("owed-away", "127.0.0.1", port);
+    opts.set_session_expiry_interval(Some(300));
+    let mut away = V5::connect_with(opts.clone()).await.expect("connect");
+    away.subscribe("owed/away", 1).await;
+    drop(away);
+    let publisher = V5::connect(port, "owed-pub").await;
+    for i in 0u64..5 {
+        publisher
+            .publish("owed/away", &i.to_be_bytes(), 1, false)
+            .await;
+    }
+    let mut watcher = counter_watcher(port).await;
+    let mut churner = V5::connect(port, "owed-churner").await;
+    for i in 0..60 {
+        let f = format!("owed/tmp/{i}");
+        churner.subscribe(&f, 0).await;
+        churner.client.unsubscribe(f).await.expect("unsubscribe");
+    }
+    wait_counter(&mut watcher, "router_renewals_put_off", |n| n >= 1).await;
+    assert_eq!(
+        wait_counter(&mut watcher, "router_renewals", |_| true).await,
+        0,
+        "no renewal while the kept session is owed messages"
+    );
+    opts.set_clean_start(false);
+    let mut away = V5::connect_with(opts).await.expect("resume");
+    for i in 0u64..5 {
+        let m = recv(&mut away.rx, 5).await;
+        assert_eq!(m.payload, i.to_be_bytes());
+    }
+    wait_counter(&mut watcher, "router_renewals", |n| n >= 1).await;
+    publisher.publish("owed/away", b"after", 1, false).await;
+    assert_eq!(recv(&mut away.rx, 5).await.payload, b"after");
+}

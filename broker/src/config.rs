@@ -1,12 +1,12 @@
 //! Broker settings, each chosen on purpose.
 //!
-//! The router keeps one in-memory commit log per subscription filter and
-//! never frees filters, so its memory is bounded by
-//! `max_filters × segment_size × segment_count` (plus ~0.5 KB per distinct
-//! topic). The defaults keep that bound explicit: 10 000 filters × 256 KiB ×
-//! 4 segments is the worst case only if every filter holds a full log; a
-//! filter holds data only while matching publishes flow, and the front end
-//! refuses new filters past `max_filters` instead of growing without bound.
+//! The router keeps one in-memory commit log per subscription filter and a
+//! cache entry per matched topic, and frees neither; the front end renews
+//! the router (see `renewal`) once enough of them are dead, so its memory
+//! is bounded by `max_filters` filters (~7.6 KB each when idle, at most
+//! `segment_size × segment_count` while data flows) plus `max_topics`
+//! topics (~190 B each). Past `max_filters` filters in one router, new
+//! ones are refused until a renewal frees room.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +22,12 @@ pub struct BrokerConfig {
     pub max_packet_size: usize,
     /// Time a new TCP connection has to send its CONNECT.
     pub connect_timeout: Duration,
-    /// Distinct subscription filters the router may ever hold.
+    /// Distinct subscription filters a router may create; the router is
+    /// renewed (see `renewal`) well before, once enough of them are dead.
     pub max_filters: usize,
+    /// Distinct topics matching some filter after which the router is
+    /// renewed (its topic cache is never freed otherwise).
+    pub max_topics: usize,
     /// Size of one commit-log segment per filter.
     pub segment_size: usize,
     /// Segments kept per filter before the oldest is dropped.
@@ -65,6 +69,7 @@ impl Default for BrokerConfig {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_filters: 10_000,
+            max_topics: 100_000,
             segment_size: 256 * 1024,
             segment_count: 4,
             max_retained: 100_000,
@@ -85,6 +90,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("max_connections", &self.max_connections)
             .field("max_packet_size", &self.max_packet_size)
             .field("max_filters", &self.max_filters)
+            .field("max_topics", &self.max_topics)
             .field("auth", &self.auth)
             .field("tls", &self.tls.as_ref().map(|(addr, _)| addr))
             .finish_non_exhaustive()

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, QoS};
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
@@ -39,6 +39,8 @@ use crate::server::Shared;
 #[derive(Default)]
 pub struct Subscriptions {
     pub filters: HashSet<String>,
+    /// The QoS each filter was granted, to subscribe it again elsewhere.
+    pub qos: HashMap<String, QoS>,
     pub nolocal: HashSet<String>,
     pub rap: HashSet<String>,
     /// Flow positions of the non-shared filters while the session is kept
@@ -166,6 +168,69 @@ impl Lifetimes {
             .then_some(newest)
     }
 
+    /// Every filter a connected or kept session holds.
+    pub async fn all_filters(&self) -> HashSet<String> {
+        let newest = self.newest.lock().await;
+        let mut all = HashSet::new();
+        for entry in newest.values() {
+            let subs = entry
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            all.extend(subs.filters.iter().cloned());
+        }
+        all
+    }
+
+    /// True if no kept session without a connection (`is_live` tells the
+    /// connected generations) is owed anything by the router: nothing
+    /// unacknowledged, nothing unread on its filters.
+    pub async fn offline_drained(&self, shared: &Shared, is_live: impl Fn(u64) -> bool) -> bool {
+        let newest = self.newest.lock().await;
+        newest
+            .values()
+            .filter(|e| e.kept && !is_live(e.generation))
+            .all(|e| {
+                let subs = e.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+                e.unacknowledged.load(Ordering::Relaxed) == 0
+                    && subs.parked.iter().all(|(path, c)| {
+                        c.kicked.load(Ordering::Relaxed)
+                            || shared.flow.lag(names::split_share(path).1, c) == 0
+                    })
+            })
+    }
+
+    /// Creates every kept session without a connection on the (new)
+    /// current router, with its filters; returns how many.
+    pub async fn migrate_offline(&self, shared: &Shared, is_live: impl Fn(u64) -> bool) -> usize {
+        let newest = self.newest.lock().await;
+        let mut moved = 0;
+        for (router_id, e) in newest.iter() {
+            if !e.kept || is_live(e.generation) {
+                continue;
+            }
+            let filters: Vec<(String, QoS)> = {
+                let subs = e.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+                subs.filters
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.clone(),
+                            subs.qos.get(f).copied().unwrap_or(QoS::AtLeastOnce),
+                        )
+                    })
+                    .collect()
+            };
+            match crate::renewal::create_kept(shared, router_id, filters).await {
+                Ok(()) => moved += 1,
+                Err(err) => {
+                    warn!(client = router_id, %err, "a kept session could not be moved to the new router; it is lost")
+                }
+            }
+        }
+        moved
+    }
+
     /// Keeps the flow positions of an ended connection with its kept
     /// session; gives them back if the session is not kept or a newer
     /// connection has it (the caller then drops them).
@@ -236,7 +301,7 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
 async fn erase(shared: &Arc<Shared>, router_id: &str) {
     let link = {
         let (shared, id) = (shared.clone(), router_id.to_string());
-        tokio::task::spawn_blocking(move || shared.router.connect(&id, true)).await
+        tokio::task::spawn_blocking(move || shared.router().connect(&id, true)).await
     };
     match link {
         Ok(Ok((mut tx, _rx, _ack))) => {

@@ -77,6 +77,11 @@ pub struct Flow {
     waiting: AtomicUsize,
     progress: Notify,
     pub slow_consumers_disconnected: AtomicU64,
+    /// Set while a router renewal has publishing paused.
+    paused: AtomicBool,
+    /// Hashes of the distinct topics matching some filter since the
+    /// router started: the router caches each of them forever.
+    matched: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Flow {
@@ -90,7 +95,65 @@ impl Flow {
             waiting: AtomicUsize::new(0),
             progress: Notify::new(),
             slow_consumers_disconnected: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            matched: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Stops (or resumes) admitting publishes, for a router renewal.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            self.progress.notify_waiters();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Waits until publishing is not paused.
+    pub async fn unpaused(&self) {
+        while self.is_paused() {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// After a renewal drained the old router, every consumer has read
+    /// everything: positions start level in the new one, and so does the
+    /// count of cached topics.
+    pub fn resync(&self) {
+        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        for flow in filters.values() {
+            let appended = flow.appended.load(Ordering::Relaxed);
+            for c in flow
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                c.delivered.store(appended, Ordering::Relaxed);
+            }
+        }
+        drop(filters);
+        *self.matched.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    }
+
+    /// Distinct topics the current router has cached.
+    pub fn matched_topics(&self) -> usize {
+        self.matched.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Bytes `consumer` of router-form `filter` has yet to read.
+    pub fn lag(&self, filter: &str, consumer: &Consumer) -> u64 {
+        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        filters.get(filter).map_or(0, |flow| {
+            flow.appended
+                .load(Ordering::Relaxed)
+                .saturating_sub(consumer.delivered.load(Ordering::Relaxed))
+        })
     }
 
     /// Registers a consumer of router-form `filter` (without `$share/<g>/`),
@@ -193,6 +256,15 @@ impl Flow {
             .collect::<Vec<_>>()
             .into();
         drop(filters);
+        if !found.is_empty() {
+            use std::hash::{BuildHasher, RandomState};
+            static HASHER: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+            let hash = HASHER.get_or_init(RandomState::new).hash_one(topic);
+            self.matched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(hash);
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= TOPIC_CACHE {
             cache.clear();
@@ -205,6 +277,9 @@ impl Flow {
     /// matching `topic` has room; otherwise returns false (the caller waits
     /// with [`Flow::admit`]) and kicks consumers that stayed too slow.
     pub fn try_admit(&self, topic: &Bytes, size: u64) -> bool {
+        if self.is_paused() {
+            return false;
+        }
         let flows = self.matching(topic);
         let mut blocked = false;
         for flow in flows.iter() {

@@ -22,6 +22,7 @@ pub mod flow;
 pub mod marks;
 pub mod names;
 pub mod queues;
+pub mod renewal;
 pub mod retained;
 pub mod router;
 pub mod server;

@@ -27,6 +27,9 @@ pub struct Mark {
     pub retain: bool,
     /// The publishing client's router id, for No Local.
     pub origin: Option<String>,
+    /// A renewal marker of that round (see [`crate::renewal`]): never
+    /// delivered.
+    pub marker: Option<u64>,
 }
 
 impl Mark {
@@ -41,6 +44,9 @@ impl Mark {
         }
         if self.retain {
             s.push_str("r;");
+        }
+        if let Some(round) = self.marker {
+            s.push_str(&format!("m{round};"));
         }
         // Last, because a client id may contain `;`.
         if let Some(o) = &self.origin {
@@ -62,6 +68,7 @@ impl Mark {
             match field.split_at(1) {
                 ("q", q) => mark.qos = q.parse().ok(),
                 ("r", _) => mark.retain = true,
+                ("m", round) => mark.marker = round.parse().ok(),
                 _ => {}
             }
         }
@@ -76,6 +83,15 @@ impl Mark {
         let mut p = props.unwrap_or_default();
         p.user_properties.push((KEY.to_string(), self.encode()));
         Some(p)
+    }
+
+    /// The round of a renewal marker, without taking the mark off.
+    pub fn marker_round(props: &Option<PublishProperties>) -> Option<u64> {
+        let (k, v) = props.as_ref()?.user_properties.last()?;
+        if k != KEY {
+            return None;
+        }
+        Mark::decode(v).marker
     }
 
     /// Removes the mark from `props`, leaving `None` if nothing else was there.
@@ -118,6 +134,7 @@ impl Needed {
             qos: (qos == 0 || (qos == 1 && wanted(&self.qos1))).then_some(qos),
             retain: retain && wanted(&self.retain),
             origin: origin.filter(|_| wanted(&self.origin)).map(str::to_string),
+            marker: None,
         }
     }
 
@@ -138,6 +155,7 @@ mod tests {
             qos: Some(1),
             retain: true,
             origin: Some("a;b%2Fc".into()),
+            marker: Some(7),
         };
         let props = PublishProperties {
             user_properties: vec![("k".into(), "v".into())],

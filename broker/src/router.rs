@@ -5,7 +5,12 @@
 //! closures here: the rest of the front end sees only "connect a client"
 //! and "is the router still alive".
 
+use std::time::{Duration, Instant};
+
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, QoS, RetainForwardRule, Subscribe,
+};
 use rumqttd::{Notification, Router, RouterConfig, Strategy};
 
 use crate::BrokerConfig;
@@ -70,4 +75,129 @@ impl RouterHandle {
     pub fn is_alive(&self) -> bool {
         (self.alive)()
     }
+
+    /// Ends the router thread so that everything it holds (every filter's
+    /// log, the topic cache) is freed. Call it only once no session uses
+    /// this router any more.
+    ///
+    /// rumqttd's router keeps a sender of its own channel, so it never
+    /// stops by itself, and it has no stop event. The one way through its
+    /// public links is a known defect: when the last member of a shared
+    /// group leaves a persistent session with a QoS 1 delivery in flight,
+    /// the router thread panics ("group must exists") and unwinds, dropping
+    /// all its state. [`quiet_retired_routers`] keeps that expected panic
+    /// out of stderr.
+    pub async fn retire(self) -> Result<(), LinkFailed> {
+        RETIRING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let result = self.provoke_end().await;
+        RETIRING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+
+    async fn provoke_end(self) -> Result<(), LinkFailed> {
+        let handle = std::sync::Arc::new(self);
+        let link = |id: &'static str, clean: bool| {
+            let handle = handle.clone();
+            async move {
+                tokio::task::spawn_blocking(move || handle.connect(id, clean))
+                    .await
+                    .map_err(|e| LinkFailed(e.to_string()))?
+            }
+        };
+        let failed = |e: LinkError| LinkFailed(e.to_string());
+        let (mut sub_tx, mut sub_rx, _) = link("axion-retire-member", false).await?;
+        sub_tx
+            .send(Packet::Subscribe(
+                Subscribe {
+                    pkid: 1,
+                    filters: vec![Filter {
+                        path: "$share/axion-retire/axion-retire".into(),
+                        qos: QoS::AtLeastOnce,
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: RetainForwardRule::Never,
+                    }],
+                },
+                None,
+            ))
+            .await
+            .map_err(failed)?;
+        let (mut pub_tx, _pub_rx, _) = link("axion-retire-publisher", true).await?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // The SUBACK first, then the delivery the member never acknowledges.
+        let mut published = false;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(wait, sub_rx.next()).await {
+                Err(_) => return Err(LinkFailed("no delivery to the retiring member".into())),
+                Ok(Err(e)) => return Err(failed(e)),
+                Ok(Ok(Some(Notification::Forward(_)))) => break,
+                Ok(Ok(Some(Notification::DeviceAck(_)))) if !published => {
+                    pub_tx.publish("axion-retire", "retire").map_err(failed)?;
+                    published = true;
+                }
+                Ok(Ok(Some(Notification::Unschedule))) => {
+                    sub_rx.wake().await.map_err(failed)?;
+                }
+                Ok(_) => {}
+            }
+        }
+        sub_tx
+            .send(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ))
+            .await
+            .map_err(failed)?;
+        drop((sub_tx, sub_rx, pub_tx));
+        while handle.is_alive() {
+            if Instant::now() > deadline {
+                return Err(LinkFailed("the router thread did not end".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Gives memory the allocator holds free back to the system. A retired
+/// router frees its memory inside the allocator, but glibc keeps a dead
+/// thread's arena mapped unless asked to trim it.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only releases free pages of glibc's own heaps;
+        // it takes no pointers and is safe to call from any thread.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// Routers being retired right now (see [`RouterHandle::retire`]).
+static RETIRING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Installs, once, a panic hook that passes every panic to the previous
+/// hook except the expected one of a router thread being retired.
+pub fn quiet_retired_routers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let router_thread = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("router-"));
+            let expected = info.payload_as_str() == Some("group must exists");
+            if router_thread && expected && RETIRING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                tracing::debug!("retired router thread ended");
+                return;
+            }
+            previous(info);
+        }));
+    });
 }

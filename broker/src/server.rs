@@ -21,6 +21,7 @@ use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use crate::expiry::Lifetimes;
 use crate::flow::Flow;
 use crate::marks::{self, Needed};
+use crate::renewal::Renewal;
 use crate::retained::{Retained, RetainedStore, Stored};
 use crate::router::RouterHandle;
 use crate::{session, BrokerConfig};
@@ -37,11 +38,13 @@ pub enum BrokerError {
 /// State shared by every session.
 pub struct Shared {
     pub config: BrokerConfig,
-    pub router: RouterHandle,
+    /// The current router and its generation (see [`crate::renewal`]).
+    router: std::sync::RwLock<(u64, Arc<RouterHandle>)>,
     /// Sessions past their CONNECT (counted from accept, released on close).
     pub sessions: AtomicUsize,
     /// Connections refused at the limit, for logs and tests.
     pub refused: AtomicU64,
+    /// Filters created in the current router (it never frees one).
     filters: Mutex<HashSet<String>>,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
@@ -50,6 +53,8 @@ pub struct Shared {
     pub needed: Needed,
     /// When disconnected sessions end (see [`crate::expiry`]).
     pub lifetimes: Lifetimes,
+    /// Moving sessions to a fresh router (see [`crate::renewal`]).
+    pub renewal: Renewal,
 }
 
 impl Shared {
@@ -113,6 +118,34 @@ impl Shared {
         store.matching(filter)
     }
 
+    /// The router sessions link to now.
+    pub fn router(&self) -> Arc<RouterHandle> {
+        self.router_epoch().1
+    }
+
+    /// The current router with its generation.
+    pub fn router_epoch(&self) -> (u64, Arc<RouterHandle>) {
+        let slot = self.router.read().unwrap_or_else(|p| p.into_inner());
+        (slot.0, slot.1.clone())
+    }
+
+    /// Makes `new` the current router; returns the previous one.
+    pub fn replace_router(&self, new: Arc<RouterHandle>) -> Arc<RouterHandle> {
+        let mut slot = self.router.write().unwrap_or_else(|p| p.into_inner());
+        let epoch = slot.0 + 1;
+        std::mem::replace(&mut *slot, (epoch, new)).1
+    }
+
+    /// How many filters the current router has created.
+    pub fn created_filters(&self) -> usize {
+        self.filters.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// A fresh router holds exactly the filters sessions hold.
+    pub fn reset_created_filters(&self, filters: HashSet<String>) {
+        *self.filters.lock().unwrap_or_else(|p| p.into_inner()) = filters;
+    }
+
     /// True if `filter` exists already or there is room for one more.
     pub fn admit_filter(&self, filter: &str) -> bool {
         let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
@@ -166,6 +199,10 @@ pub struct Counters {
     pub auth_refused_connects: u64,
     pub acl_denied_publishes: u64,
     pub acl_denied_subscribes: u64,
+    /// Times every session moved to a fresh router to free filter and
+    /// topic memory, and times that was put off.
+    pub router_renewals: u64,
+    pub router_renewals_put_off: u64,
 }
 
 /// A running broker.
@@ -209,7 +246,8 @@ impl Broker {
             }
             None => None,
         };
-        let router = RouterHandle::spawn(&config);
+        crate::router::quiet_retired_routers();
+        let router = std::sync::RwLock::new((0, Arc::new(RouterHandle::spawn(&config))));
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let retained = Mutex::new(RetainedStore::new(
             config.max_retained,
@@ -226,6 +264,7 @@ impl Broker {
             flow,
             needed: Needed::default(),
             lifetimes: Lifetimes::default(),
+            renewal: Renewal::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tls = tls_listener.map(|(listener, addr, acceptor)| {
@@ -238,6 +277,7 @@ impl Broker {
             ));
             (addr, task)
         });
+        tokio::spawn(crate::renewal::run(shared.clone(), shutdown_rx.clone()));
         let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, None));
         info!(%local_addr, "MQTT listening (3.1.1 and 5)");
         Ok(Broker {
@@ -266,7 +306,7 @@ impl Broker {
 
     /// False once rumqttd's router thread has died; the process should exit.
     pub fn is_healthy(&self) -> bool {
-        self.shared.router.is_alive()
+        self.shared.router().is_alive()
     }
 
     /// Stops accepting, tells every client the server is shutting down and
@@ -353,5 +393,7 @@ fn counters(s: &Shared) -> Counters {
         auth_refused_connects: audit.map_or(0, |a| get(&a.refused_connects)),
         acl_denied_publishes: audit.map_or(0, |a| get(&a.denied_publishes)),
         acl_denied_subscribes: audit.map_or(0, |a| get(&a.denied_subscribes)),
+        router_renewals: get(&s.renewal.renewals),
+        router_renewals_put_off: get(&s.renewal.deferred),
     }
 }

@@ -38,9 +38,12 @@ pub struct Args {
     /// Largest MQTT packet accepted, in bytes.
     #[arg(long, env = "AXION_MAX_PACKET_SIZE", default_value_t = 1024 * 1024)]
     pub max_packet_size: usize,
-    /// Distinct subscription filters the broker will hold (bounds its memory).
+    /// Distinct subscription filters one router holds (bounds its memory); the router is renewed once enough are unused.
     #[arg(long, env = "AXION_MAX_FILTERS", default_value_t = 10_000)]
     pub max_filters: usize,
+    /// Distinct published topics after which the router is renewed to free its topic cache (~190 B each).
+    #[arg(long, env = "AXION_MAX_TOPICS", default_value_t = 100_000)]
+    pub max_topics: usize,
     /// Retained messages (distinct topics) the broker keeps; more are delivered but not retained.
     #[arg(long, env = "AXION_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: usize,
@@ -132,6 +135,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections,
         max_packet_size: args.max_packet_size,
         max_filters: args.max_filters,
+        max_topics: args.max_topics,
         max_retained: args.max_retained,
         slow_consumer_timeout: Duration::from_millis(args.slow_consumer_timeout_ms),
         max_keep_alive: args.max_keep_alive_secs,

@@ -186,8 +186,13 @@ impl Session {
         while let Some(notification) = next.take() {
             match notification {
                 Notification::Forward(forward) => {
-                    self.delivered(&forward.publish.topic, &forward.publish.payload);
-                    delivered = true;
+                    match Mark::marker_round(&forward.properties) {
+                        Some(round) => self.shared.renewal.marker_copy(round),
+                        None => {
+                            self.delivered(&forward.publish.topic, &forward.publish.payload);
+                            delivered = true;
+                        }
+                    }
                     release |= self.deliver(forward.publish, forward.properties, &mut out);
                 }
                 Notification::DeviceAck(ack) => match self.patch_ack(Packet::from(ack)) {
@@ -198,6 +203,13 @@ impl Session {
                     }
                     Packet::SubAck(s, _) if s.pkid == RESUBSCRIBE_PKID && self.resubscribing => {
                         self.resubscribing = false;
+                    }
+                    // Only a renewal's barrier asks the router for one.
+                    Packet::PingResp(_) => self.barrier_passed(),
+                    Packet::PubRec(rec, props) => {
+                        // The router holds this QoS 2 publish until PUBREL.
+                        self.qos2_in.insert(rec.pkid);
+                        self.encode(Packet::PubRec(rec, props), &mut out);
                     }
                     packet => {
                         let suback = match &packet {
@@ -301,7 +313,7 @@ impl Session {
                 "message over the client's maximum packet size discarded"
             );
         }
-        let discard = not_for_me || oversize;
+        let discard = not_for_me || oversize || mark.marker.is_some();
         if let (false, Some(Outgoing::New(a))) = (discard, alias) {
             self.aliases.learned(topic, a);
         }

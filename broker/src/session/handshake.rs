@@ -297,6 +297,8 @@ pub(super) async fn handshake(
     let router_id = names::router_client_id(&client_id);
     let session_expiry = Arc::new(AtomicU32::new(session_expiry));
     let unacknowledged = Arc::new(AtomicUsize::new(0));
+    // No router renewal starts while this connection links and registers.
+    let gate = shared.renewal.gate.read().await;
     let resumed = shared
         .lifetimes
         .connected(
@@ -308,16 +310,15 @@ pub(super) async fn handshake(
             unacknowledged.clone(),
         )
         .await;
+    let (link_epoch, router) = shared.router_epoch();
     let link = {
-        let shared = shared.clone();
         let router_id = router_id.clone();
-        tokio::task::spawn_blocking(move || shared.router.connect(&router_id, !keep_in_router))
-            .await
+        tokio::task::spawn_blocking(move || router.connect(&router_id, !keep_in_router)).await
     };
     let (link_tx, link_rx, connack) = match link {
         Ok(Ok(link)) => link,
         other => {
-            warn!(%peer, client_id, error = ?other.err().map(|e| e.to_string()), router_alive = shared.router.is_alive(), "router refused the link");
+            warn!(%peer, client_id, error = ?other.err().map(|e| e.to_string()), router_alive = shared.router().is_alive(), "router refused the link");
             let p = refusal(
                 &codec,
                 ConnectReturnCode::ServiceUnavailable,
@@ -352,6 +353,7 @@ pub(super) async fn handshake(
     }
     debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, ?session_expiry, keep_alive, "client connected");
 
+    let (live, renewal_rx) = shared.renewal.register(resumed.generation, link_epoch);
     let read_half = reader;
     let (writer, rx) = mpsc::channel(WRITE_QUEUE);
     let writer_task = tokio::spawn(write_loop(stream, rx, peer));
@@ -399,10 +401,19 @@ pub(super) async fn handshake(
         held_bytes: 0,
         subscriptions: resumed.subscriptions,
         resubscribing: false,
+        filter_qos: HashMap::new(),
+        router_filters: HashSet::new(),
+        qos2_in: HashSet::new(),
+        live,
+        renewal_rx,
+        link_epoch,
+        barrier_round: None,
     };
     session.restore_subscriptions(session_present);
     if session.resubscribe().await.is_err() {
+        shared.renewal.deregister(resumed.generation);
         return None;
     }
+    drop(gate);
     Some(session)
 }

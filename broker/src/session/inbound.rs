@@ -112,6 +112,12 @@ impl Session {
             return;
         }
         while let Some(packet) = self.held.front() {
+            if !matches!(packet, Packet::Publish(..)) && self.shared.flow.is_paused() {
+                // A router renewal is under way: (un)subscribes wait too.
+                let shared = self.shared.clone();
+                self.admission = Some(Box::pin(async move { shared.flow.unpaused().await }));
+                return;
+            }
             if let Packet::Publish(publish, _) = packet {
                 let size = (publish.topic.len() + publish.payload.len()) as u64;
                 if !self.shared.flow.try_admit(&publish.topic, size) {
@@ -221,6 +227,7 @@ impl Session {
                     if filter.qos == QoS::ExactlyOnce {
                         Needed::set(&needed.qos1);
                     }
+                    self.filter_qos.insert(path.clone(), filter.qos);
                     let new = self.filters.insert(path.clone());
                     if new {
                         let (_, rest) = names::split_share(&path);
@@ -256,6 +263,7 @@ impl Session {
                     let subs = &mut *guard;
                     for f in &forwarded {
                         subs.filters.insert(f.path.clone());
+                        subs.qos.insert(f.path.clone(), f.qos);
                         for (mine, kept) in [
                             (&self.nolocal_filters, &mut subs.nolocal),
                             (&self.rap_filters, &mut subs.rap),
@@ -307,6 +315,7 @@ impl Session {
                     let path = names::escape_filter(filter);
                     let exists = self.filters.remove(&path);
                     if exists {
+                        self.filter_qos.remove(&path);
                         self.drop_consumers(|p| p == path);
                         self.nolocal_filters.remove(&path);
                         self.rap_filters.remove(&path);
@@ -322,6 +331,7 @@ impl Session {
                     let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
                     for path in &forwarded {
                         subs.filters.remove(path);
+                        subs.qos.remove(path);
                         subs.nolocal.remove(path);
                         subs.rap.remove(path);
                     }
@@ -389,6 +399,7 @@ impl Session {
                         reply,
                     );
                 } else {
+                    self.qos2_in.remove(&pubrel.pkid);
                     to_router.push(Packet::PubRel(pubrel, None));
                 }
             }

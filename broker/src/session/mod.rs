@@ -26,8 +26,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet, Publish,
-    PublishProperties, QoS, RetainForwardRule, Subscribe, SubscribeReasonCode,
+    Disconnect, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet, PingReq,
+    Publish, PublishProperties, QoS, RetainForwardRule, Subscribe, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -41,6 +41,7 @@ use crate::codec::Codec;
 use crate::expiry;
 use crate::flow::Consumer;
 use crate::names;
+use crate::renewal::{self, Phase};
 use crate::server::Shared;
 
 /// How a session ended, which decides what happens to the will.
@@ -195,6 +196,20 @@ struct Session {
     /// (see [`crate::expiry`]); mirrors `filters`, `nolocal_filters` and
     /// `rap_filters`.
     subscriptions: expiry::SharedSubscriptions,
+    /// The QoS granted for each filter in `filters`.
+    filter_qos: HashMap<String, QoS>,
+    /// Filters the router has been sent (`filters` runs ahead of it while
+    /// a SUBSCRIBE is held).
+    router_filters: HashSet<String>,
+    /// QoS 2 publishes the router holds until the client's PUBREL.
+    qos2_in: HashSet<u16>,
+    /// What a router renewal needs to know of this session.
+    live: renewal::Live,
+    renewal_rx: watch::Receiver<Phase>,
+    /// Generation of the router `link_tx`/`link_rx` belong to.
+    link_epoch: u64,
+    /// The renewal round whose barrier PINGREQ awaits its PINGRESP.
+    barrier_round: Option<u64>,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -251,7 +266,13 @@ async fn now_or_never<F: Future>(fut: F) -> Option<F::Output> {
     .await
 }
 
-fn make_publish(topic: Bytes, payload: Bytes, qos: QoS, retain: bool, pkid: u16) -> Publish {
+pub(crate) fn make_publish(
+    topic: Bytes,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    pkid: u16,
+) -> Publish {
     // `Publish`'s qos and pkid are crate-private in rumqttd; its own
     // serialization format is the public way to set them.
     let mut b = BytesMut::with_capacity(5 + topic.len() + payload.len());
@@ -323,8 +344,84 @@ impl Session {
                     info!(client_id = self.client_id, "keep-alive expired");
                     return Ending::Lost;
                 }
+                Ok(()) = self.renewal_rx.changed() => {
+                    let phase = *self.renewal_rx.borrow_and_update();
+                    if self.follow_renewal(phase).await.is_err() {
+                        return Ending::Kicked;
+                    }
+                }
+            }
+            if *self.renewal_rx.borrow() != Phase::Idle {
+                self.report_idle();
             }
         }
+    }
+
+    /// Takes this session's part in a router renewal (see [`crate::renewal`]).
+    async fn follow_renewal(&mut self, phase: Phase) -> Result<(), ()> {
+        match phase {
+            Phase::Idle => self.barrier_round = None,
+            Phase::Pause(round) => {
+                // A publish admitted just before the pause goes first, so
+                // that the barrier is behind it.
+                if let Some(admission) = self.admission.as_mut() {
+                    if now_or_never(admission).await.is_some() {
+                        self.admission = None;
+                        let mut batch: Vec<Packet> = self.pop_held().into_iter().collect();
+                        self.pump_held(&mut batch);
+                        self.forward(batch).await?;
+                    }
+                }
+                self.barrier_round = Some(round);
+                self.forward(vec![Packet::PingReq(PingReq)]).await?;
+            }
+            Phase::Switch(_) => self.relink().await?,
+        }
+        self.report_idle();
+        Ok(())
+    }
+
+    /// The router answered the barrier: all this session sent is in it.
+    fn barrier_passed(&mut self) {
+        if let Some(round) = self.barrier_round.take() {
+            let filters = self.router_filters.iter().cloned().collect();
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).barrier = Some((round, filters));
+        }
+    }
+
+    /// Tells a renewal whether anything between client and router is
+    /// still in flight.
+    fn report_idle(&self) {
+        let idle = self.ledger.is_empty()
+            && self.window.is_empty()
+            && self.downgraded.is_empty()
+            && self.qos2_in.is_empty()
+            && !self.resubscribing;
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).idle = idle;
+    }
+
+    /// Moves this session's link to the current router, if a renewal
+    /// replaced it: same id, same filters at the same QoS.
+    async fn relink(&mut self) -> Result<(), ()> {
+        let (epoch, router) = self.shared.router_epoch();
+        if epoch == self.link_epoch {
+            return Ok(());
+        }
+        let (id, clean) = (self.router_id.clone(), self.clean_session);
+        let link = tokio::task::spawn_blocking(move || router.connect(&id, clean)).await;
+        let Ok(Ok((tx, rx, _connack))) = link else {
+            warn!(
+                client_id = self.client_id,
+                "could not move to the renewed router"
+            );
+            return Err(());
+        };
+        self.link_tx = tx;
+        self.link_rx = rx;
+        self.link_epoch = epoch;
+        self.router_filters.clear();
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).epoch = epoch;
+        self.resubscribe().await
     }
 
     /// Sends `bytes` to the writer task; false if the client is gone.
@@ -362,6 +459,19 @@ impl Session {
     /// Hands packets to the router: all but the last go straight into the
     /// link's buffer, the last one wakes the router once for the batch.
     async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
+        for packet in &packets {
+            match packet {
+                Packet::Subscribe(sub, _) => self
+                    .router_filters
+                    .extend(sub.filters.iter().map(|f| f.path.clone())),
+                Packet::Unsubscribe(unsub, _) => {
+                    for path in &unsub.filters {
+                        self.router_filters.remove(path);
+                    }
+                }
+                _ => {}
+            }
+        }
         let Some(last) = packets.pop() else {
             return Ok(());
         };
@@ -381,6 +491,10 @@ impl Session {
     /// Publishes the will if due, detaches from the router and closes.
     async fn finish(mut self, ending: Ending) {
         debug!(client_id = self.client_id, ?ending, "session ended");
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finishing = Some(!self.clean_session);
         if ending != Ending::Kicked {
             // What the client sent before it left goes out, held or not.
             let mut packets: Vec<Packet> = self.held.drain(..).collect();
@@ -415,14 +529,19 @@ impl Session {
             // over: rumqttd reuses connection ids, so what this stale link
             // sent now would land on that connection (a late DISCONNECT
             // ended it). Holding the lock orders this against a takeover.
+            // The renewal gate keeps a router renewal from starting while
+            // these last packets go out, and they go to the current router.
             let shared = self.shared.clone();
+            let _gate = shared.renewal.gate.read().await;
             match shared
                 .lifetimes
                 .hold_if_newest(&self.router_id, self.generation)
                 .await
             {
                 Some(_newest) => {
-                    let _ = self.forward(packets).await;
+                    if self.relink().await.is_ok() {
+                        let _ = self.forward(packets).await;
+                    }
                 }
                 None => debug!(
                     client_id = self.client_id,
@@ -457,6 +576,7 @@ impl Session {
             return;
         }
         self.filters = subs.filters.clone();
+        self.filter_qos = subs.qos.clone();
         self.nolocal_filters = subs.nolocal.clone();
         self.rap_filters = subs.rap.clone();
         drop(subs);
@@ -506,7 +626,11 @@ impl Session {
             .iter()
             .map(|path| Filter {
                 path: path.clone(),
-                qos: QoS::AtLeastOnce,
+                qos: self
+                    .filter_qos
+                    .get(path)
+                    .copied()
+                    .unwrap_or(QoS::AtLeastOnce),
                 nolocal: false,
                 preserve_retain: false,
                 retain_forward_rule: RetainForwardRule::Never,
@@ -576,6 +700,12 @@ impl Session {
             tokio::select! {
                 _ = sleep_until(deadline) => return true,
                 n = self.link_rx.next() => match n {
+                    // A renewal retired this link's router: not a takeover
+                    // (that is checked again before the will goes out).
+                    Err(_) if self.shared.router_epoch().0 != self.link_epoch => {
+                        sleep_until(deadline).await;
+                        return true;
+                    }
                     Err(_) => return false,
                     Ok(Some(Notification::Unschedule)) => { let _ = self.link_rx.wake().await; }
                     Ok(_) => {}
@@ -585,6 +715,7 @@ impl Session {
     }
 
     async fn close(self) {
+        self.shared.renewal.deregister(self.generation);
         drop(self.writer);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.writer_task).await;
     }

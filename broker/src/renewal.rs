@@ -1,0 +1,517 @@
+//! Router renewal: how filter and topic memory comes back.
+//!
+//! rumqttd's router never frees a filter's log or its cache of which
+//! filters a topic matches, and it cannot be told to forget either. So when
+//! enough of what the router holds is dead (filters no session holds any
+//! more, or many distinct topics published), the front end moves every
+//! session to a fresh router and retires the old one
+//! ([`RouterHandle::retire`]), which frees all of it.
+//!
+//! The move loses nothing and reorders nothing:
+//! 1. **Pause.** Flow control admits no publish and sessions forward no
+//!    (un)subscribe; acknowledgements still flow. Each session sends the old
+//!    router a PINGREQ behind everything it forwarded: its PINGRESP proves
+//!    the router has appended all of it.
+//! 2. **Drain.** One marker publish per live filter goes into the old
+//!    router behind all of that. Every reading position (a session's filter,
+//!    or a shared group's) yields exactly one copy of each marker matching
+//!    its filter, after everything before it, so once the sessions have
+//!    counted every copy expected (and their clients acknowledged what is in
+//!    flight), nothing is left in the old router. Markers are never
+//!    delivered to clients.
+//! 3. **Switch.** The new router becomes current; each session links to it
+//!    under its id and subscribes its filters again at their QoS; each kept
+//!    session without a connection is created there with its filters.
+//! 4. **Resume** publishing, then retire the old router.
+//!
+//! If a step cannot finish (a client not reading, a kept session still
+//! owed messages by the old router), the renewal is abandoned before the
+//! switch, everything goes on as before, and it is tried again later.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, PublishProperties, QoS, RetainForwardRule,
+    Subscribe,
+};
+use tokio::sync::{watch, RwLock};
+use tracing::{debug, info, warn};
+
+use crate::marks::Mark;
+use crate::names;
+use crate::router::RouterHandle;
+use crate::server::Shared;
+
+/// Longest each step of a pause may wait for sessions before the renewal
+/// is abandoned (publishers wait meanwhile).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the broker checks whether its router should be renewed.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Where a renewal is; sessions follow it (see [`crate::session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    /// Round `n` paused publishing: send the barrier.
+    Pause(u64),
+    /// The new router is current: link to it.
+    Switch(u64),
+}
+
+/// One connected session as a renewal sees it.
+#[derive(Default)]
+pub struct LiveState {
+    /// Router generation its link belongs to.
+    pub epoch: u64,
+    /// The round whose barrier it passed, with its filters at that time.
+    pub barrier: Option<(u64, Vec<String>)>,
+    /// Nothing between it and its client that the router waits for.
+    pub idle: bool,
+    /// The connection ended; `Some(kept)` tells whether the router keeps
+    /// its session.
+    pub finishing: Option<bool>,
+}
+
+pub type Live = Arc<Mutex<LiveState>>;
+
+pub struct Renewal {
+    phase: watch::Sender<Phase>,
+    /// Held for reading while a session links or forwards its last packets,
+    /// for writing by a renewal: neither happens in the middle of the other.
+    pub gate: RwLock<()>,
+    live: Mutex<HashMap<u64, Live>>,
+    /// Marker copies sessions received in the current round.
+    copies: AtomicU64,
+    round: AtomicU64,
+    /// Renewals completed, and renewals abandoned or put off.
+    pub renewals: AtomicU64,
+    pub deferred: AtomicU64,
+}
+
+impl Default for Renewal {
+    fn default() -> Self {
+        Self {
+            phase: watch::channel(Phase::Idle).0,
+            gate: RwLock::new(()),
+            live: Mutex::new(HashMap::new()),
+            copies: AtomicU64::new(0),
+            round: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Renewal {
+    /// Registers a connected session (call it holding [`Renewal::gate`]).
+    pub fn register(&self, generation: u64, epoch: u64) -> (Live, watch::Receiver<Phase>) {
+        let live = Live::new(Mutex::new(LiveState {
+            epoch,
+            ..Default::default()
+        }));
+        self.lock_live().insert(generation, live.clone());
+        (live, self.phase.subscribe())
+    }
+
+    pub fn deregister(&self, generation: u64) {
+        self.lock_live().remove(&generation);
+    }
+
+    /// A session received a marker of `round` (an abandoned round's
+    /// markers may still arrive later: they do not count).
+    pub fn marker_copy(&self, round: u64) {
+        if round == self.round.load(Ordering::Relaxed) {
+            self.copies.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sessions still serving a client, with their state.
+    fn serving(&self) -> Vec<(u64, Live)> {
+        self.lock_live()
+            .iter()
+            .filter(|(_, l)| {
+                l.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .finishing
+                    .is_none()
+            })
+            .map(|(g, l)| (*g, l.clone()))
+            .collect()
+    }
+
+    /// True if some session whose router keeps it is ending right now.
+    fn kept_finishing(&self) -> bool {
+        self.lock_live()
+            .values()
+            .any(|l| l.lock().unwrap_or_else(|p| p.into_inner()).finishing == Some(true))
+    }
+}
+
+/// Waits until `done` holds for every serving session, or the timeout.
+async fn wait_all(renewal: &Renewal, done: impl Fn(&LiveState) -> bool) -> bool {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let all = renewal
+            .serving()
+            .iter()
+            .all(|(_, l)| done(&l.lock().unwrap_or_else(|p| p.into_inner())));
+        if all {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A topic the router-form `filter` matches.
+pub fn marker_topic(filter: &str) -> String {
+    filter
+        .split('/')
+        .map(|level| {
+            if level == "+" || level == "#" {
+                "m"
+            } else {
+                level
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Marker copies one reading position of `filter` yields.
+fn copies_for(filter: &str, markers: &HashSet<String>) -> u64 {
+    if !filter.contains(['+', '#']) {
+        return u64::from(markers.contains(filter));
+    }
+    markers
+        .iter()
+        .filter(|t| rumqttd::protocol::matches(t, filter))
+        .count() as u64
+}
+
+/// Checks now and then whether the router holds enough that is dead to be
+/// worth renewing, and renews it.
+pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = CHECK_EVERY;
+    let mut put_off = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        if !due(&shared).await {
+            backoff = CHECK_EVERY;
+            continue;
+        }
+        match renew(&shared).await {
+            Ok(()) => {
+                backoff = CHECK_EVERY;
+                put_off = false;
+            }
+            Err(PutOff::NotReady(why)) => {
+                // Cheap to check again soon: nothing was paused.
+                if !put_off {
+                    shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
+                    info!(why, "router renewal put off");
+                }
+                put_off = true;
+                backoff = CHECK_EVERY;
+            }
+            Err(PutOff::Abandoned(why)) => {
+                // Publishers waited for nothing: wait longer before again.
+                shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                warn!(
+                    why,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "router renewal abandoned"
+                );
+            }
+        }
+    }
+}
+
+/// Why a renewal did not happen.
+#[derive(Debug)]
+pub enum PutOff {
+    /// Nothing was touched; it may be tried again soon.
+    NotReady(&'static str),
+    /// Publishing was paused and resumed with the old router kept.
+    Abandoned(&'static str),
+}
+
+/// Every filter some session holds, connected or kept.
+async fn live_filters(shared: &Shared) -> HashSet<String> {
+    shared.lifetimes.all_filters().await
+}
+
+async fn due(shared: &Shared) -> bool {
+    let max = shared.config.max_filters.max(1);
+    let created = shared.created_filters();
+    if shared.flow.matched_topics() >= shared.config.max_topics {
+        return true;
+    }
+    // Cheap first: nothing to win until a share of the limit is used.
+    if created * 10 < max {
+        return false;
+    }
+    let live = live_filters(shared).await.len();
+    let dead = created.saturating_sub(live);
+    dead * 4 >= max || (created * 10 >= max * 9 && dead * 100 >= max)
+}
+
+/// Moves every session to a new router and retires the old one.
+pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
+    let renewal = &shared.renewal;
+    let started = Instant::now();
+    let gate = renewal.gate.write().await;
+    if !shared
+        .lifetimes
+        .offline_drained(shared, |g| renewal.lock_live().contains_key(&g))
+        .await
+    {
+        return Err(PutOff::NotReady(
+            "a kept session without a connection is still owed messages",
+        ));
+    }
+    let config = shared.config.clone();
+    let new = tokio::task::spawn_blocking(move || RouterHandle::spawn(&config))
+        .await
+        .map_err(|_| PutOff::NotReady("could not start a router"))?;
+    let round = renewal.round.fetch_add(1, Ordering::Relaxed) + 1;
+    renewal.copies.store(0, Ordering::Relaxed);
+    shared.flow.pause(true);
+    renewal.phase.send_replace(Phase::Pause(round));
+    let outcome = drain(shared, round).await;
+    if let Err(why) = outcome {
+        shared.flow.pause(false);
+        renewal.phase.send_replace(Phase::Idle);
+        tokio::spawn(retire(Arc::new(new)));
+        return Err(PutOff::Abandoned(why));
+    }
+
+    // Commit: from here on the old router is left for good.
+    let old = shared.replace_router(Arc::new(new));
+    let epoch = shared.router_epoch().0;
+    let offline = shared
+        .lifetimes
+        .migrate_offline(shared, |g| renewal.lock_live().contains_key(&g))
+        .await;
+    renewal.phase.send_replace(Phase::Switch(round));
+    if !wait_all(renewal, |s| s.epoch == epoch).await {
+        warn!("some sessions did not move to the new router in time; they will be disconnected");
+    }
+    let kept = live_filters(shared).await;
+    let filters = kept.len();
+    shared.reset_created_filters(kept);
+    shared.flow.resync();
+    shared.flow.pause(false);
+    renewal.phase.send_replace(Phase::Idle);
+    drop(gate);
+    let paused = started.elapsed();
+    renewal.renewals.fetch_add(1, Ordering::Relaxed);
+    info!(
+        sessions = renewal.lock_live().len(),
+        offline_sessions = offline,
+        filters,
+        paused_ms = paused.as_millis() as u64,
+        "router renewed: sessions moved to a fresh router"
+    );
+    retire(old).await;
+    Ok(())
+}
+
+/// Ends a router no session uses and gives its memory back.
+async fn retire(mut router: Arc<RouterHandle>) {
+    // A link being made just before the switch may hold it for a moment.
+    for _ in 0..100 {
+        match Arc::try_unwrap(router) {
+            Ok(router) => {
+                if let Err(err) = router.retire().await {
+                    warn!(%err, "a router could not be retired; its memory stays");
+                }
+                crate::router::release_freed_memory();
+                return;
+            }
+            Err(still) => router = still,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    warn!("a replaced router is still referenced after 5 s; its memory stays");
+}
+
+/// Steps 1 and 2: barrier, markers, wait until every copy is counted.
+async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
+    let renewal = &shared.renewal;
+    let passed = |s: &LiveState| s.barrier.as_ref().is_some_and(|(r, _)| *r == round);
+    if !wait_all(renewal, passed).await {
+        return Err("a session did not reach the barrier in time");
+    }
+    if renewal.kept_finishing() {
+        return Err("a kept session is ending");
+    }
+    // What each reading position must yield.
+    let mut own: Vec<String> = Vec::new();
+    let mut groups: HashSet<String> = HashSet::new();
+    for (_, live) in renewal.serving() {
+        let state = live.lock().unwrap_or_else(|p| p.into_inner());
+        for path in state.barrier.iter().flat_map(|(_, f)| f) {
+            if names::share_group(path).is_some() {
+                groups.insert(path.clone());
+            } else {
+                own.push(path.clone());
+            }
+        }
+    }
+    let markers: HashSet<String> = own
+        .iter()
+        .chain(groups.iter())
+        .map(|p| marker_topic(names::split_share(p).1))
+        .collect();
+    let expected = {
+        let markers = markers.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cache: HashMap<&str, u64> = HashMap::new();
+            own.iter()
+                .chain(groups.iter())
+                .map(|p| {
+                    let f = names::split_share(p).1;
+                    *cache.entry(f).or_insert_with(|| copies_for(f, &markers))
+                })
+                .sum::<u64>()
+        })
+        .await
+        .map_err(|_| "counting markers failed")?
+    };
+    publish_markers(shared, round, markers).await?;
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let copies = renewal.copies.load(Ordering::Relaxed);
+        let idle = renewal
+            .serving()
+            .iter()
+            .all(|(_, l)| l.lock().unwrap_or_else(|p| p.into_inner()).idle);
+        if copies >= expected && idle {
+            debug!(copies, expected, "old router drained");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            debug!(copies, expected, idle, "old router not drained in time");
+            return Err("the old router was not drained in time");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn publish_markers(
+    shared: &Arc<Shared>,
+    round: u64,
+    markers: HashSet<String>,
+) -> Result<(), &'static str> {
+    if markers.is_empty() {
+        return Ok(());
+    }
+    let router = shared.router();
+    let id = format!("axion-renewal-{round}");
+    let (mut tx, _rx, _) = tokio::task::spawn_blocking(move || router.connect(&id, true))
+        .await
+        .map_err(|_| "marker link failed")?
+        .map_err(|_| "marker link refused")?;
+    let props = Mark {
+        marker: Some(round),
+        ..Default::default()
+    }
+    .attach(Option::<PublishProperties>::None);
+    let mut packets: Vec<Packet> = markers
+        .into_iter()
+        .map(|topic| {
+            let publish = crate::session::make_publish(
+                Bytes::from(topic),
+                Bytes::new(),
+                QoS::AtMostOnce,
+                false,
+                0,
+            );
+            Packet::Publish(publish, props.clone())
+        })
+        .collect();
+    packets.push(Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    ));
+    let last = packets.pop().ok_or("no packets")?;
+    tx.buffer().extend(packets);
+    tx.send(last).await.map_err(|_| "markers not sent")?;
+    Ok(())
+}
+
+/// Creates a kept session on the current router under `router_id`, with
+/// `filters` at their QoS, and leaves it there without a connection.
+pub async fn create_kept(
+    shared: &Shared,
+    router_id: &str,
+    filters: Vec<(String, QoS)>,
+) -> Result<(), String> {
+    let router = shared.router();
+    let id = router_id.to_string();
+    let (mut tx, _rx, _) = tokio::task::spawn_blocking(move || router.connect(&id, false))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if !filters.is_empty() {
+        let filters = filters
+            .into_iter()
+            .map(|(path, qos)| Filter {
+                path,
+                qos,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::Never,
+            })
+            .collect();
+        tx.buffer()
+            .push_back(Packet::Subscribe(Subscribe { pkid: 1, filters }, None));
+    }
+    let bye = Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    tx.send(bye).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_topic_matches_its_filter_and_counts_once_per_position() {
+        for f in ["a/b", "a/+", "a/#", "#", "+/x/#", "+"] {
+            assert!(rumqttd::protocol::matches(&marker_topic(f), f), "{f}");
+        }
+        let markers: HashSet<String> = ["a/b", "a/m", "m"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(copies_for("a/b", &markers), 1);
+        assert_eq!(copies_for("a/+", &markers), 2);
+        assert_eq!(copies_for("#", &markers), 3);
+        assert_eq!(copies_for("x", &markers), 0);
+    }
+}
