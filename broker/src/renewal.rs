@@ -29,7 +29,7 @@
 //! switch, everything goes on as before, and it is tried again later.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,7 @@ pub enum Phase {
 /// One connected session as a renewal sees it.
 #[derive(Default)]
 pub struct LiveState {
+    pub client_id: String,
     /// Router generation its link belongs to.
     pub epoch: u64,
     /// The round whose barrier it passed, with its filters at that time.
@@ -91,6 +92,10 @@ pub struct Renewal {
     /// Renewals completed, and renewals abandoned or put off.
     pub renewals: AtomicU64,
     pub deferred: AtomicU64,
+    /// How long the last renewal paused publishing, in milliseconds.
+    pub last_pause_ms: AtomicU64,
+    /// A probe of the router's responsiveness is under way.
+    probing: Arc<AtomicBool>,
 }
 
 impl Default for Renewal {
@@ -103,14 +108,22 @@ impl Default for Renewal {
             round: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             deferred: AtomicU64::new(0),
+            last_pause_ms: AtomicU64::new(0),
+            probing: Arc::new(AtomicBool::new(false)),
         }
     }
 }
 
 impl Renewal {
     /// Registers a connected session (call it holding [`Renewal::gate`]).
-    pub fn register(&self, generation: u64, epoch: u64) -> (Live, watch::Receiver<Phase>) {
+    pub fn register(
+        &self,
+        generation: u64,
+        epoch: u64,
+        client_id: &str,
+    ) -> (Live, watch::Receiver<Phase>) {
         let live = Live::new(Mutex::new(LiveState {
+            client_id: client_id.to_string(),
             epoch,
             ..Default::default()
         }));
@@ -172,6 +185,15 @@ async fn wait_all(renewal: &Renewal, done: impl Fn(&LiveState) -> bool) -> bool 
             return true;
         }
         if Instant::now() > deadline {
+            let late: Vec<String> = renewal
+                .serving()
+                .iter()
+                .filter_map(|(_, l)| {
+                    let s = l.lock().unwrap_or_else(|p| p.into_inner());
+                    (!done(&s)).then(|| s.client_id.clone())
+                })
+                .collect();
+            info!(?late, "sessions a router renewal waited for in vain");
             return false;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -235,7 +257,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             Err(PutOff::Abandoned(why)) => {
                 // Publishers waited for nothing: wait longer before again.
                 shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
                 warn!(
                     why,
                     retry_in_ms = backoff.as_millis() as u64,
@@ -272,6 +294,7 @@ async fn due(shared: &Shared) -> bool {
     }
     let live = live_filters(shared).await.len();
     let dead = created.saturating_sub(live);
+    debug!(created, live, dead, max, "router filters");
     dead * 4 >= max || (created * 10 >= max * 9 && dead * 100 >= max)
 }
 
@@ -288,6 +311,9 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
         return Err(PutOff::NotReady(
             "a kept session without a connection is still owed messages",
         ));
+    }
+    if !responsive(shared).await {
+        return Err(PutOff::NotReady("the router is busy"));
     }
     let config = shared.config.clone();
     let new = tokio::task::spawn_blocking(move || RouterHandle::spawn(&config))
@@ -324,6 +350,9 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
     renewal.phase.send_replace(Phase::Idle);
     drop(gate);
     let paused = started.elapsed();
+    renewal
+        .last_pause_ms
+        .store(paused.as_millis() as u64, Ordering::Relaxed);
     renewal.renewals.fetch_add(1, Ordering::Relaxed);
     info!(
         sessions = renewal.lock_live().len(),
@@ -353,6 +382,41 @@ async fn retire(mut router: Arc<RouterHandle>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     warn!("a replaced router is still referenced after 5 s; its memory stays");
+}
+
+/// True if the router answers a connect at once. A router still working
+/// through a backlog (thousands of unsubscribes, say) would keep sessions
+/// from reaching the barrier while publishers wait for nothing.
+async fn responsive(shared: &Arc<Shared>) -> bool {
+    let renewal = &shared.renewal;
+    if renewal.probing.swap(true, Ordering::SeqCst) {
+        // The last probe is still waiting for the router.
+        return false;
+    }
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let router = shared.router();
+    let id = format!(
+        "axion-renewal-probe-{}",
+        renewal.round.load(Ordering::Relaxed)
+    );
+    let probing = renewal.probing.clone();
+    tokio::spawn(async move {
+        let link = tokio::task::spawn_blocking(move || router.connect(&id, true)).await;
+        if let Ok(Ok((mut tx, _rx, _))) = link {
+            let bye = Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            let _ = tx.send(bye).await;
+        }
+        probing.store(false, Ordering::SeqCst);
+        let _ = done_tx.send(());
+    });
+    tokio::time::timeout(Duration::from_millis(100), done)
+        .await
+        .is_ok()
 }
 
 /// Steps 1 and 2: barrier, markers, wait until every copy is counted.

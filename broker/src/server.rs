@@ -203,6 +203,8 @@ pub struct Counters {
     /// topic memory, and times that was put off.
     pub router_renewals: u64,
     pub router_renewals_put_off: u64,
+    /// How long the last renewal paused publishing, in milliseconds.
+    pub router_renewal_pause_ms: u64,
 }
 
 /// A running broker.
@@ -395,5 +397,6 @@ fn counters(s: &Shared) -> Counters {
         acl_denied_subscribes: audit.map_or(0, |a| get(&a.denied_subscribes)),
         router_renewals: get(&s.renewal.renewals),
         router_renewals_put_off: get(&s.renewal.deferred),
+        router_renewal_pause_ms: get(&s.renewal.last_pause_ms),
     }
 }

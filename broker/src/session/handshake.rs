@@ -353,7 +353,9 @@ pub(super) async fn handshake(
     }
     debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, ?session_expiry, keep_alive, "client connected");
 
-    let (live, renewal_rx) = shared.renewal.register(resumed.generation, link_epoch);
+    let (live, renewal_rx) = shared
+        .renewal
+        .register(resumed.generation, link_epoch, &client_id);
     let read_half = reader;
     let (writer, rx) = mpsc::channel(WRITE_QUEUE);
     let writer_task = tokio::spawn(write_loop(stream, rx, peer));
