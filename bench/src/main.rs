@@ -107,9 +107,17 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
             .arg(format!("127.0.0.1:{}", free_port()?))
             .arg("--data-dir")
             .arg(dir.path())
-            .env("RUST_LOG", "warn")
+            // AXION_BENCH_LOG=info shows the broker's log on stderr.
+            .env(
+                "RUST_LOG",
+                std::env::var("AXION_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("AXION_BENCH_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
     };
