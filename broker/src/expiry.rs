@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, QoS};
+use rumqttd::protocol::QoS;
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
@@ -46,6 +46,19 @@ pub struct Subscriptions {
     /// Flow positions of the non-shared filters while the session is kept
     /// with no connection.
     pub parked: Vec<(String, Arc<Consumer>)>,
+}
+
+impl Subscriptions {
+    /// Each filter with the QoS it was granted.
+    pub fn with_qos(&self) -> Vec<(String, QoS)> {
+        self.filters
+            .iter()
+            .map(|f| {
+                let qos = self.qos.get(f).copied().unwrap_or(QoS::AtLeastOnce);
+                (f.clone(), qos)
+            })
+            .collect()
+    }
 }
 
 pub type SharedSubscriptions = Arc<std::sync::Mutex<Subscriptions>>;
@@ -182,45 +195,33 @@ impl Lifetimes {
         all
     }
 
-    /// True if no kept session without a connection (`is_live` tells the
-    /// connected generations) is owed anything by the router: nothing
+    /// True if no kept session without a connection (`connected` tells
+    /// the connected generations) is owed anything by the router: nothing
     /// unacknowledged, nothing unread on its filters.
-    pub async fn offline_drained(&self, shared: &Shared, is_live: impl Fn(u64) -> bool) -> bool {
+    pub async fn offline_drained(&self, shared: &Shared, connected: impl Fn(u64) -> bool) -> bool {
         let newest = self.newest.lock().await;
-        newest
-            .values()
-            .filter(|e| e.kept && !is_live(e.generation))
-            .all(|e| {
-                let subs = e.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-                e.unacknowledged.load(Ordering::Relaxed) == 0
-                    && subs.parked.iter().all(|(path, c)| {
-                        c.kicked.load(Ordering::Relaxed)
-                            || shared.flow.lag(names::split_share(path).1, c) == 0
-                    })
-            })
+        let drained = offline(&newest, connected).all(|(_, e)| {
+            let subs = e.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+            e.unacknowledged.load(Ordering::Relaxed) == 0
+                && subs.parked.iter().all(|(path, c)| {
+                    c.kicked.load(Ordering::Relaxed)
+                        || shared.flow.lag(names::split_share(path).1, c) == 0
+                })
+        });
+        drained
     }
 
     /// Creates every kept session without a connection on the (new)
     /// current router, with its filters; returns how many.
-    pub async fn migrate_offline(&self, shared: &Shared, is_live: impl Fn(u64) -> bool) -> usize {
+    pub async fn migrate_offline(&self, shared: &Shared, connected: impl Fn(u64) -> bool) -> usize {
         let newest = self.newest.lock().await;
         let mut moved = 0;
-        for (router_id, e) in newest.iter() {
-            if !e.kept || is_live(e.generation) {
-                continue;
-            }
-            let filters: Vec<(String, QoS)> = {
-                let subs = e.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-                subs.filters
-                    .iter()
-                    .map(|f| {
-                        (
-                            f.clone(),
-                            subs.qos.get(f).copied().unwrap_or(QoS::AtLeastOnce),
-                        )
-                    })
-                    .collect()
-            };
+        for (router_id, e) in offline(&newest, connected) {
+            let filters = e
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .with_qos();
             match crate::renewal::create_kept(shared, router_id, filters).await {
                 Ok(()) => moved += 1,
                 Err(err) => {
@@ -253,6 +254,16 @@ impl Lifetimes {
             _ => Err(positions),
         }
     }
+}
+
+/// Kept sessions whose connection has ended.
+fn offline(
+    newest: &HashMap<String, Newest>,
+    connected: impl Fn(u64) -> bool,
+) -> impl Iterator<Item = (&String, &Newest)> {
+    newest
+        .iter()
+        .filter(move |(_, e)| e.kept && !connected(e.generation))
 }
 
 /// The connection `generation` of `router_id` has ended and told the
@@ -299,23 +310,8 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
 /// Drops the router's saved session of `router_id`: a clean connect takes
 /// the saved state, a disconnect right after keeps nothing.
 async fn erase(shared: &Arc<Shared>, router_id: &str) {
-    let link = {
-        let (shared, id) = (shared.clone(), router_id.to_string());
-        tokio::task::spawn_blocking(move || shared.router().connect(&id, true)).await
-    };
-    match link {
-        Ok(Ok((mut tx, _rx, _ack))) => {
-            let bye = Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            );
-            if let Err(err) = tx.send(bye).await {
-                warn!(client = router_id, %err, "could not end the session being erased");
-            }
-        }
-        Ok(Err(err)) => warn!(client = router_id, %err, "could not erase an ended session"),
-        Err(err) => warn!(client = router_id, %err, "could not erase an ended session"),
+    let router = shared.router();
+    if let Err(err) = router.visit(router_id.to_string(), true, Vec::new()).await {
+        warn!(client = router_id, %err, "could not erase an ended session");
     }
 }

@@ -50,18 +50,19 @@ impl FilterFlow {
     /// its way out; a kept session with no connection stays cut off until
     /// it resumes or expires).
     fn slowest(&self) -> Option<(u64, Arc<Consumer>)> {
-        let appended = self.appended.load(Ordering::Relaxed);
         let consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         consumers
             .iter()
             .filter(|c| !c.kicked.load(Ordering::Relaxed))
-            .map(|c| {
-                (
-                    appended.saturating_sub(c.delivered.load(Ordering::Relaxed)),
-                    c.clone(),
-                )
-            })
+            .map(|c| (self.lag_of(c), c.clone()))
             .max_by_key(|(lag, _)| *lag)
+    }
+
+    /// Bytes appended that `consumer` has not read yet.
+    fn lag_of(&self, consumer: &Consumer) -> u64 {
+        self.appended
+            .load(Ordering::Relaxed)
+            .saturating_sub(consumer.delivered.load(Ordering::Relaxed))
     }
 }
 
@@ -82,6 +83,7 @@ pub struct Flow {
     /// Hashes of the distinct topics matching some filter since the
     /// router started: the router caches each of them forever.
     matched: Mutex<std::collections::HashSet<u64>>,
+    topic_hasher: std::hash::RandomState,
 }
 
 impl Flow {
@@ -97,6 +99,7 @@ impl Flow {
             slow_consumers_disconnected: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             matched: Mutex::new(std::collections::HashSet::new()),
+            topic_hasher: std::hash::RandomState::new(),
         }
     }
 
@@ -112,12 +115,16 @@ impl Flow {
         self.paused.load(Ordering::SeqCst)
     }
 
-    /// Waits until publishing is not paused.
+    /// Waits until publishing is not paused ([`Flow::pause`] wakes it).
     pub async fn unpaused(&self) {
-        while self.is_paused() {
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        loop {
+            let resumed = self.progress.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.is_paused() {
+                return;
+            }
+            resumed.await;
         }
     }
 
@@ -149,11 +156,7 @@ impl Flow {
     /// Bytes `consumer` of router-form `filter` has yet to read.
     pub fn lag(&self, filter: &str, consumer: &Consumer) -> u64 {
         let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
-        filters.get(filter).map_or(0, |flow| {
-            flow.appended
-                .load(Ordering::Relaxed)
-                .saturating_sub(consumer.delivered.load(Ordering::Relaxed))
-        })
+        filters.get(filter).map_or(0, |flow| flow.lag_of(consumer))
     }
 
     /// Registers a consumer of router-form `filter` (without `$share/<g>/`),
@@ -257,9 +260,8 @@ impl Flow {
             .into();
         drop(filters);
         if !found.is_empty() {
-            use std::hash::{BuildHasher, RandomState};
-            static HASHER: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
-            let hash = HASHER.get_or_init(RandomState::new).hash_one(topic);
+            use std::hash::BuildHasher;
+            let hash = self.topic_hasher.hash_one(topic);
             self.matched
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

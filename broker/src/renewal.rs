@@ -34,16 +34,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, PublishProperties, QoS, RetainForwardRule,
-    Subscribe,
-};
-use tokio::sync::{watch, RwLock};
+use rumqttd::protocol::{Packet, PublishProperties, QoS};
+use tokio::sync::{watch, Notify, RwLock};
 use tracing::{debug, info, warn};
 
 use crate::marks::Mark;
 use crate::names;
-use crate::router::RouterHandle;
+use crate::router::{self, RouterHandle};
 use crate::server::Shared;
 
 /// Longest each step of a pause may wait for sessions before the renewal
@@ -60,7 +57,7 @@ pub enum Phase {
     /// Round `n` paused publishing: send the barrier.
     Pause(u64),
     /// The new router is current: link to it.
-    Switch(u64),
+    Switch,
 }
 
 /// One connected session as a renewal sees it.
@@ -86,6 +83,8 @@ pub struct Renewal {
     /// for writing by a renewal: neither happens in the middle of the other.
     pub gate: RwLock<()>,
     live: Mutex<HashMap<u64, Live>>,
+    /// Woken whenever a session's [`LiveState`] changes or a marker arrives.
+    changed: Notify,
     /// Marker copies sessions received in the current round.
     copies: AtomicU64,
     round: AtomicU64,
@@ -104,6 +103,7 @@ impl Default for Renewal {
             phase: watch::channel(Phase::Idle).0,
             gate: RwLock::new(()),
             live: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
             copies: AtomicU64::new(0),
             round: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
@@ -135,34 +135,48 @@ impl Renewal {
         self.lock_live().remove(&generation);
     }
 
+    /// Changes what a renewal knows of a session, and wakes the renewal.
+    pub fn update(&self, live: &Live, change: impl FnOnce(&mut LiveState)) {
+        change(&mut live.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_waiters();
+    }
+
     /// A session received a marker of `round` (an abandoned round's
     /// markers may still arrive later: they do not count).
     pub fn marker_copy(&self, round: u64) {
         if round == self.round.load(Ordering::Relaxed) {
             self.copies.fetch_add(1, Ordering::Relaxed);
+            self.changed.notify_waiters();
         }
-    }
-
-    pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sessions still serving a client, with their state.
-    fn serving(&self) -> Vec<(u64, Live)> {
+    fn is_connected(&self, generation: u64) -> bool {
+        self.lock_live().contains_key(&generation)
+    }
+
+    /// The state of every session still serving a client.
+    fn serving(&self) -> Vec<Live> {
         self.lock_live()
-            .iter()
-            .filter(|(_, l)| {
+            .values()
+            .filter(|l| {
                 l.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .finishing
                     .is_none()
             })
-            .map(|(g, l)| (*g, l.clone()))
+            .cloned()
             .collect()
+    }
+
+    /// True if `done` holds for every serving session.
+    fn all_serving(&self, done: &impl Fn(&LiveState) -> bool) -> bool {
+        self.serving()
+            .iter()
+            .all(|l| done(&l.lock().unwrap_or_else(|p| p.into_inner())))
     }
 
     /// True if some session whose router keeps it is ending right now.
@@ -171,37 +185,45 @@ impl Renewal {
             .values()
             .any(|l| l.lock().unwrap_or_else(|p| p.into_inner()).finishing == Some(true))
     }
-}
 
-/// Waits until `done` holds for every serving session, or the timeout.
-async fn wait_all(renewal: &Renewal, done: impl Fn(&LiveState) -> bool) -> bool {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    loop {
-        let all = renewal
-            .serving()
-            .iter()
-            .all(|(_, l)| done(&l.lock().unwrap_or_else(|p| p.into_inner())));
-        if all {
-            return true;
+    /// Waits until `ready` holds, woken by sessions' updates; false at the
+    /// timeout.
+    async fn wait_until(&self, ready: impl Fn() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if ready() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return ready();
+            }
         }
-        if Instant::now() > deadline {
-            let late: Vec<String> = renewal
-                .serving()
-                .iter()
-                .filter_map(|(_, l)| {
-                    let s = l.lock().unwrap_or_else(|p| p.into_inner());
-                    (!done(&s)).then(|| s.client_id.clone())
-                })
-                .collect();
-            info!(?late, "sessions a router renewal waited for in vain");
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
+/// Waits until `done` holds for every serving session; at the timeout,
+/// logs those it waited for in vain.
+async fn wait_all(renewal: &Renewal, done: impl Fn(&LiveState) -> bool) -> bool {
+    if renewal.wait_until(|| renewal.all_serving(&done)).await {
+        return true;
+    }
+    let late: Vec<String> = renewal
+        .serving()
+        .iter()
+        .filter_map(|l| {
+            let s = l.lock().unwrap_or_else(|p| p.into_inner());
+            (!done(&s)).then(|| s.client_id.clone())
+        })
+        .collect();
+    info!(?late, "sessions a router renewal waited for in vain");
+    false
+}
+
 /// A topic the router-form `filter` matches.
-pub fn marker_topic(filter: &str) -> String {
+fn marker_topic(filter: &str) -> String {
     filter
         .split('/')
         .map(|level| {
@@ -277,11 +299,6 @@ pub enum PutOff {
     Abandoned(&'static str),
 }
 
-/// Every filter some session holds, connected or kept.
-async fn live_filters(shared: &Shared) -> HashSet<String> {
-    shared.lifetimes.all_filters().await
-}
-
 async fn due(shared: &Shared) -> bool {
     let max = shared.config.max_filters.max(1);
     let created = shared.created_filters();
@@ -292,7 +309,7 @@ async fn due(shared: &Shared) -> bool {
     if created * 10 < max {
         return false;
     }
-    let live = live_filters(shared).await.len();
+    let live = shared.lifetimes.all_filters().await.len();
     let dead = created.saturating_sub(live);
     debug!(created, live, dead, max, "router filters");
     dead * 4 >= max || (created * 10 >= max * 9 && dead * 100 >= max)
@@ -301,13 +318,9 @@ async fn due(shared: &Shared) -> bool {
 /// Moves every session to a new router and retires the old one.
 pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
     let renewal = &shared.renewal;
-    let started = Instant::now();
     let gate = renewal.gate.write().await;
-    if !shared
-        .lifetimes
-        .offline_drained(shared, |g| renewal.lock_live().contains_key(&g))
-        .await
-    {
+    let connected = |g| renewal.is_connected(g);
+    if !shared.lifetimes.offline_drained(shared, connected).await {
         return Err(PutOff::NotReady(
             "a kept session without a connection is still owed messages",
         ));
@@ -319,37 +332,35 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
     let new = tokio::task::spawn_blocking(move || RouterHandle::spawn(&config))
         .await
         .map_err(|_| PutOff::NotReady("could not start a router"))?;
+    let new = Arc::new(new);
     let round = renewal.round.fetch_add(1, Ordering::Relaxed) + 1;
     renewal.copies.store(0, Ordering::Relaxed);
+    let paused = Instant::now();
     shared.flow.pause(true);
     renewal.phase.send_replace(Phase::Pause(round));
-    let outcome = drain(shared, round).await;
-    if let Err(why) = outcome {
+    if let Err(why) = drain(shared, round).await {
         shared.flow.pause(false);
         renewal.phase.send_replace(Phase::Idle);
-        tokio::spawn(retire(Arc::new(new)));
+        tokio::spawn(retire(new));
         return Err(PutOff::Abandoned(why));
     }
 
     // Commit: from here on the old router is left for good.
-    let old = shared.replace_router(Arc::new(new));
+    let old = shared.replace_router(new);
     let epoch = shared.router_epoch().0;
-    let offline = shared
-        .lifetimes
-        .migrate_offline(shared, |g| renewal.lock_live().contains_key(&g))
-        .await;
-    renewal.phase.send_replace(Phase::Switch(round));
+    let offline = shared.lifetimes.migrate_offline(shared, connected).await;
+    renewal.phase.send_replace(Phase::Switch);
     if !wait_all(renewal, |s| s.epoch == epoch).await {
         warn!("some sessions did not move to the new router in time; they will be disconnected");
     }
-    let kept = live_filters(shared).await;
+    let kept = shared.lifetimes.all_filters().await;
     let filters = kept.len();
     shared.reset_created_filters(kept);
     shared.flow.resync();
     shared.flow.pause(false);
     renewal.phase.send_replace(Phase::Idle);
     drop(gate);
-    let paused = started.elapsed();
+    let paused = paused.elapsed();
     renewal
         .last_pause_ms
         .store(paused.as_millis() as u64, Ordering::Relaxed);
@@ -365,23 +376,11 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
     Ok(())
 }
 
-/// Ends a router no session uses and gives its memory back.
-async fn retire(mut router: Arc<RouterHandle>) {
-    // A link being made just before the switch may hold it for a moment.
-    for _ in 0..100 {
-        match Arc::try_unwrap(router) {
-            Ok(router) => {
-                if let Err(err) = router.retire().await {
-                    warn!(%err, "a router could not be retired; its memory stays");
-                }
-                crate::router::release_freed_memory();
-                return;
-            }
-            Err(still) => router = still,
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Ends a router no session uses any more.
+async fn retire(router: Arc<RouterHandle>) {
+    if let Err(err) = router.retire().await {
+        warn!(%err, "a router could not be retired; its memory stays");
     }
-    warn!("a replaced router is still referenced after 5 s; its memory stays");
 }
 
 /// True if the router answers a connect at once. A router still working
@@ -394,23 +393,13 @@ async fn responsive(shared: &Arc<Shared>) -> bool {
         return false;
     }
     let (done_tx, done) = tokio::sync::oneshot::channel();
-    let router = shared.router();
     let id = format!(
         "axion-renewal-probe-{}",
         renewal.round.load(Ordering::Relaxed)
     );
-    let probing = renewal.probing.clone();
+    let (router, probing) = (shared.router(), renewal.probing.clone());
     tokio::spawn(async move {
-        let link = tokio::task::spawn_blocking(move || router.connect(&id, true)).await;
-        if let Ok(Ok((mut tx, _rx, _))) = link {
-            let bye = Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            );
-            let _ = tx.send(bye).await;
-        }
+        let _ = router.visit(id, true, Vec::new()).await;
         probing.store(false, Ordering::SeqCst);
         let _ = done_tx.send(());
     });
@@ -432,7 +421,7 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
     // What each reading position must yield.
     let mut own: Vec<String> = Vec::new();
     let mut groups: HashSet<String> = HashSet::new();
-    for (_, live) in renewal.serving() {
+    for live in renewal.serving() {
         let state = live.lock().unwrap_or_else(|p| p.into_inner());
         for path in state.barrier.iter().flat_map(|(_, f)| f) {
             if names::share_group(path).is_some() {
@@ -442,44 +431,31 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
             }
         }
     }
-    let markers: HashSet<String> = own
-        .iter()
-        .chain(groups.iter())
-        .map(|p| marker_topic(names::split_share(p).1))
-        .collect();
-    let expected = {
-        let markers = markers.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut cache: HashMap<&str, u64> = HashMap::new();
-            own.iter()
-                .chain(groups.iter())
-                .map(|p| {
-                    let f = names::split_share(p).1;
-                    *cache.entry(f).or_insert_with(|| copies_for(f, &markers))
-                })
-                .sum::<u64>()
-        })
-        .await
-        .map_err(|_| "counting markers failed")?
-    };
-    publish_markers(shared, round, markers).await?;
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    loop {
-        let copies = renewal.copies.load(Ordering::Relaxed);
-        let idle = renewal
-            .serving()
+    let (markers, expected) = tokio::task::spawn_blocking(move || {
+        let positions: Vec<&str> = own
             .iter()
-            .all(|(_, l)| l.lock().unwrap_or_else(|p| p.into_inner()).idle);
-        if copies >= expected && idle {
-            debug!(copies, expected, "old router drained");
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            debug!(copies, expected, idle, "old router not drained in time");
-            return Err("the old router was not drained in time");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+            .chain(groups.iter())
+            .map(|p| names::split_share(p).1)
+            .collect();
+        let markers: HashSet<String> = positions.iter().map(|f| marker_topic(f)).collect();
+        let mut cache: HashMap<&str, u64> = HashMap::new();
+        let expected: u64 = positions
+            .iter()
+            .map(|f| *cache.entry(f).or_insert_with(|| copies_for(f, &markers)))
+            .sum();
+        (markers, expected)
+    })
+    .await
+    .map_err(|_| "counting markers failed")?;
+    publish_markers(shared, round, markers).await?;
+    let drained =
+        || renewal.copies.load(Ordering::Relaxed) >= expected && renewal.all_serving(&|s| s.idle);
+    if !renewal.wait_until(drained).await {
+        let copies = renewal.copies.load(Ordering::Relaxed);
+        debug!(copies, expected, "old router not drained in time");
+        return Err("the old router was not drained in time");
     }
+    Ok(())
 }
 
 async fn publish_markers(
@@ -490,18 +466,12 @@ async fn publish_markers(
     if markers.is_empty() {
         return Ok(());
     }
-    let router = shared.router();
-    let id = format!("axion-renewal-{round}");
-    let (mut tx, _rx, _) = tokio::task::spawn_blocking(move || router.connect(&id, true))
-        .await
-        .map_err(|_| "marker link failed")?
-        .map_err(|_| "marker link refused")?;
     let props = Mark {
         marker: Some(round),
         ..Default::default()
     }
     .attach(Option::<PublishProperties>::None);
-    let mut packets: Vec<Packet> = markers
+    let packets = markers
         .into_iter()
         .map(|topic| {
             let publish = crate::session::make_publish(
@@ -514,16 +484,11 @@ async fn publish_markers(
             Packet::Publish(publish, props.clone())
         })
         .collect();
-    packets.push(Packet::Disconnect(
-        Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    ));
-    let last = packets.pop().ok_or("no packets")?;
-    tx.buffer().extend(packets);
-    tx.send(last).await.map_err(|_| "markers not sent")?;
-    Ok(())
+    shared
+        .router()
+        .visit(format!("axion-renewal-{round}"), true, packets)
+        .await
+        .map_err(|_| "markers not sent")
 }
 
 /// Creates a kept session on the current router under `router_id`, with
@@ -532,35 +497,16 @@ pub async fn create_kept(
     shared: &Shared,
     router_id: &str,
     filters: Vec<(String, QoS)>,
-) -> Result<(), String> {
-    let router = shared.router();
-    let id = router_id.to_string();
-    let (mut tx, _rx, _) = tokio::task::spawn_blocking(move || router.connect(&id, false))
+) -> Result<(), router::LinkFailed> {
+    let subscribe = (!filters.is_empty()).then(|| router::subscribe(1, filters));
+    shared
+        .router()
+        .visit(
+            router_id.to_string(),
+            false,
+            subscribe.into_iter().collect(),
+        )
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    if !filters.is_empty() {
-        let filters = filters
-            .into_iter()
-            .map(|(path, qos)| Filter {
-                path,
-                qos,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: RetainForwardRule::Never,
-            })
-            .collect();
-        tx.buffer()
-            .push_back(Packet::Subscribe(Subscribe { pkid: 1, filters }, None));
-    }
-    let bye = Packet::Disconnect(
-        Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    );
-    tx.send(bye).await.map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 #[cfg(test)]

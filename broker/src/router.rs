@@ -3,8 +3,11 @@
 //! `rumqttd::Broker` hides its router channel, and the router's `Event`
 //! type cannot be named outside rumqttd, so the channel is captured in
 //! closures here: the rest of the front end sees only "connect a client"
-//! and "is the router still alive".
+//! and "is the router still alive". A router that no session uses any more
+//! is retired here too (see [`RouterHandle::retire`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
@@ -15,8 +18,10 @@ use rumqttd::{Notification, Router, RouterConfig, Strategy};
 
 use crate::BrokerConfig;
 
-type Connect =
-    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkFailed> + Send + Sync;
+/// Both ends of a link and the router's CONNACK.
+pub type Link = (LinkTx, LinkRx, Notification);
+
+type Connect = dyn Fn(&str, bool) -> Result<Link, LinkFailed> + Send + Sync;
 
 /// The router would not register a link (it died, or refused the client).
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +67,33 @@ impl RouterHandle {
     }
 
     /// Registers a client with the router. Blocks until the router answers,
-    /// so call it from a blocking context.
-    pub fn connect(
-        &self,
-        client_id: &str,
-        clean_session: bool,
-    ) -> Result<(LinkTx, LinkRx, Notification), LinkFailed> {
+    /// so call it from a blocking context (or use [`RouterHandle::link`]).
+    pub fn connect(&self, client_id: &str, clean_session: bool) -> Result<Link, LinkFailed> {
         (self.connect)(client_id, clean_session)
+    }
+
+    /// [`RouterHandle::connect`] from async code.
+    pub async fn link(self: Arc<Self>, client_id: String, clean: bool) -> Result<Link, LinkFailed> {
+        tokio::task::spawn_blocking(move || self.connect(&client_id, clean))
+            .await
+            .map_err(|e| LinkFailed(e.to_string()))?
+    }
+
+    /// Links `client_id`, sends `packets` and leaves with a DISCONNECT: how
+    /// the front end erases, creates or probes a session in the router.
+    pub async fn visit(
+        self: Arc<Self>,
+        client_id: String,
+        clean: bool,
+        packets: Vec<Packet>,
+    ) -> Result<(), LinkFailed> {
+        // The receiving end stays open until the DISCONNECT is sent.
+        let (mut tx, _rx, _) = self.link(client_id, clean).await?;
+        tx.buffer().extend(packets);
+        tx.send(disconnect())
+            .await
+            .map(|_| ())
+            .map_err(|e| LinkFailed(e.to_string()))
     }
 
     /// False once the router thread has died.
@@ -77,8 +102,8 @@ impl RouterHandle {
     }
 
     /// Ends the router thread so that everything it holds (every filter's
-    /// log, the topic cache) is freed. Call it only once no session uses
-    /// this router any more.
+    /// log, the topic cache) is freed, and gives that memory back to the
+    /// system. Call it only once no session uses this router any more.
     ///
     /// rumqttd's router keeps a sender of its own channel, so it never
     /// stops by itself, and it has no stop event. The one way through its
@@ -87,49 +112,33 @@ impl RouterHandle {
     /// the router thread panics ("group must exists") and unwinds, dropping
     /// all its state. [`quiet_retired_routers`] keeps that expected panic
     /// out of stderr.
-    pub async fn retire(self) -> Result<(), LinkFailed> {
-        RETIRING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    pub async fn retire(self: Arc<Self>) -> Result<(), LinkFailed> {
+        RETIRING.fetch_add(1, Ordering::SeqCst);
         let result = self.provoke_end().await;
-        RETIRING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        RETIRING.fetch_sub(1, Ordering::SeqCst);
+        release_freed_memory();
         result
     }
 
-    async fn provoke_end(self) -> Result<(), LinkFailed> {
-        let handle = std::sync::Arc::new(self);
-        let link = |id: &'static str, clean: bool| {
-            let handle = handle.clone();
-            async move {
-                tokio::task::spawn_blocking(move || handle.connect(id, clean))
-                    .await
-                    .map_err(|e| LinkFailed(e.to_string()))?
-            }
-        };
+    async fn provoke_end(self: Arc<Self>) -> Result<(), LinkFailed> {
         let failed = |e: LinkError| LinkFailed(e.to_string());
-        let (mut sub_tx, mut sub_rx, _) = link("axion-retire-member", false).await?;
+        let member = "axion-retire-member".to_string();
+        let (mut sub_tx, mut sub_rx, _) = self.clone().link(member, false).await?;
+        let group = "$share/axion-retire/axion-retire".to_string();
         sub_tx
-            .send(Packet::Subscribe(
-                Subscribe {
-                    pkid: 1,
-                    filters: vec![Filter {
-                        path: "$share/axion-retire/axion-retire".into(),
-                        qos: QoS::AtLeastOnce,
-                        nolocal: false,
-                        preserve_retain: false,
-                        retain_forward_rule: RetainForwardRule::Never,
-                    }],
-                },
-                None,
-            ))
+            .send(subscribe(1, [(group, QoS::AtLeastOnce)]))
             .await
             .map_err(failed)?;
-        let (mut pub_tx, _pub_rx, _) = link("axion-retire-publisher", true).await?;
+        let publisher = "axion-retire-publisher".to_string();
+        let (mut pub_tx, mut pub_rx, _) = self.clone().link(publisher, true).await?;
         let deadline = Instant::now() + Duration::from_secs(5);
+        let timed_out = || LinkFailed("the retiring router did not answer in time".into());
         // The SUBACK first, then the delivery the member never acknowledges.
         let mut published = false;
         loop {
             let wait = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(wait, sub_rx.next()).await {
-                Err(_) => return Err(LinkFailed("no delivery to the retiring member".into())),
+                Err(_) => return Err(timed_out()),
                 Ok(Err(e)) => return Err(failed(e)),
                 Ok(Ok(Some(Notification::Forward(_)))) => break,
                 Ok(Ok(Some(Notification::DeviceAck(_)))) if !published => {
@@ -142,24 +151,52 @@ impl RouterHandle {
                 Ok(_) => {}
             }
         }
-        sub_tx
-            .send(Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            ))
-            .await
-            .map_err(failed)?;
+        sub_tx.send(disconnect()).await.map_err(failed)?;
         drop((sub_tx, sub_rx, pub_tx));
-        while handle.is_alive() {
-            if Instant::now() > deadline {
-                return Err(LinkFailed("the router thread did not end".into()));
+        // The unwinding router drops the publisher's notification channel.
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(wait, pub_rx.next()).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The rest of its state goes in the same unwind.
+        while self.is_alive() {
+            if Instant::now() > deadline {
+                return Err(timed_out());
+            }
+            tokio::task::yield_now().await;
         }
         Ok(())
     }
+}
+
+/// A normal DISCONNECT for a link.
+pub fn disconnect() -> Packet {
+    Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
+}
+
+/// A SUBSCRIBE of router-form `filters` at their QoS, with no retained
+/// messages (the front end sends those itself).
+pub fn subscribe(pkid: u16, filters: impl IntoIterator<Item = (String, QoS)>) -> Packet {
+    let filters = filters
+        .into_iter()
+        .map(|(path, qos)| Filter {
+            path,
+            qos,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::Never,
+        })
+        .collect();
+    Packet::Subscribe(Subscribe { pkid, filters }, None)
 }
 
 /// Gives memory the allocator holds free back to the system. A retired
@@ -180,7 +217,7 @@ pub fn release_freed_memory() {
 }
 
 /// Routers being retired right now (see [`RouterHandle::retire`]).
-static RETIRING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static RETIRING: AtomicUsize = AtomicUsize::new(0);
 
 /// Installs, once, a panic hook that passes every panic to the previous
 /// hook except the expected one of a router thread being retired.
@@ -193,7 +230,7 @@ pub fn quiet_retired_routers() {
                 .name()
                 .is_some_and(|n| n.starts_with("router-"));
             let expected = info.payload_as_str() == Some("group must exists");
-            if router_thread && expected && RETIRING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if router_thread && expected && RETIRING.load(Ordering::SeqCst) > 0 {
                 tracing::debug!("retired router thread ended");
                 return;
             }

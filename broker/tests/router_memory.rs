@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axion_broker::router::{quiet_retired_routers, release_freed_memory, RouterHandle};
+use axion_broker::router::{quiet_retired_routers, RouterHandle};
 use axion_broker::BrokerConfig;
 
 fn rss_kb() -> u64 {
@@ -21,25 +21,15 @@ fn rss_kb() -> u64 {
 /// Starts a router, gives it `n` filters and retires it; RSS at its peak.
 async fn fill_and_retire(n: usize) -> u64 {
     let router = Arc::new(RouterHandle::spawn(&BrokerConfig::default()));
-    let r = router.clone();
-    let (mut tx, rx, _) = tokio::task::spawn_blocking(move || r.connect("filters", true))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut tx, rx, _) = router.clone().link("filters".into(), true).await.unwrap();
     for i in 0..n {
         tx.subscribe(format!("f/{i}")).unwrap();
     }
     // The router has them all once a later connect is answered.
-    let r = router.clone();
-    let probe = tokio::task::spawn_blocking(move || r.connect("probe", true))
-        .await
-        .unwrap()
-        .unwrap();
+    let probe = router.clone().link("probe".into(), true).await.unwrap();
     let peak = rss_kb();
     drop((tx, rx, probe));
-    let router = Arc::try_unwrap(router).ok().unwrap();
     router.retire().await.unwrap();
-    release_freed_memory();
     peak
 }
 

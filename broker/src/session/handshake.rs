@@ -311,14 +311,10 @@ pub(super) async fn handshake(
         )
         .await;
     let (link_epoch, router) = shared.router_epoch();
-    let link = {
-        let router_id = router_id.clone();
-        tokio::task::spawn_blocking(move || router.connect(&router_id, !keep_in_router)).await
-    };
-    let (link_tx, link_rx, connack) = match link {
-        Ok(Ok(link)) => link,
-        other => {
-            warn!(%peer, client_id, error = ?other.err().map(|e| e.to_string()), router_alive = shared.router().is_alive(), "router refused the link");
+    let (link_tx, link_rx, connack) = match router.link(router_id.clone(), !keep_in_router).await {
+        Ok(link) => link,
+        Err(err) => {
+            warn!(%peer, client_id, %err, router_alive = shared.router().is_alive(), "router refused the link");
             let p = refusal(
                 &codec,
                 ConnectReturnCode::ServiceUnavailable,
@@ -403,13 +399,13 @@ pub(super) async fn handshake(
         held_bytes: 0,
         subscriptions: resumed.subscriptions,
         resubscribing: false,
-        filter_qos: HashMap::new(),
         router_filters: HashSet::new(),
         qos2_in: HashSet::new(),
         live,
         renewal_rx,
         link_epoch,
         barrier_round: None,
+        renewing: false,
     };
     session.restore_subscriptions(session_present);
     if session.resubscribe().await.is_err() {

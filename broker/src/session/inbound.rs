@@ -227,7 +227,6 @@ impl Session {
                     if filter.qos == QoS::ExactlyOnce {
                         Needed::set(&needed.qos1);
                     }
-                    self.filter_qos.insert(path.clone(), filter.qos);
                     let new = self.filters.insert(path.clone());
                     if new {
                         let (_, rest) = names::split_share(&path);
@@ -315,7 +314,6 @@ impl Session {
                     let path = names::escape_filter(filter);
                     let exists = self.filters.remove(&path);
                     if exists {
-                        self.filter_qos.remove(&path);
                         self.drop_consumers(|p| p == path);
                         self.nolocal_filters.remove(&path);
                         self.rap_filters.remove(&path);

@@ -26,8 +26,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet, PingReq,
-    Publish, PublishProperties, QoS, RetainForwardRule, Subscribe, SubscribeReasonCode,
+    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingReq, Publish,
+    PublishProperties, QoS, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -42,6 +42,7 @@ use crate::expiry;
 use crate::flow::Consumer;
 use crate::names;
 use crate::renewal::{self, Phase};
+use crate::router;
 use crate::server::Shared;
 
 /// How a session ended, which decides what happens to the will.
@@ -196,8 +197,6 @@ struct Session {
     /// (see [`crate::expiry`]); mirrors `filters`, `nolocal_filters` and
     /// `rap_filters`.
     subscriptions: expiry::SharedSubscriptions,
-    /// The QoS granted for each filter in `filters`.
-    filter_qos: HashMap<String, QoS>,
     /// Filters the router has been sent (`filters` runs ahead of it while
     /// a SUBSCRIBE is held).
     router_filters: HashSet<String>,
@@ -210,6 +209,8 @@ struct Session {
     link_epoch: u64,
     /// The renewal round whose barrier PINGREQ awaits its PINGRESP.
     barrier_round: Option<u64>,
+    /// A router renewal is under way: report what is in flight.
+    renewing: bool,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -351,7 +352,7 @@ impl Session {
                     }
                 }
             }
-            if *self.renewal_rx.borrow() != Phase::Idle {
+            if self.renewing {
                 self.report_idle();
             }
         }
@@ -359,6 +360,7 @@ impl Session {
 
     /// Takes this session's part in a router renewal (see [`crate::renewal`]).
     async fn follow_renewal(&mut self, phase: Phase) -> Result<(), ()> {
+        self.renewing = phase != Phase::Idle;
         match phase {
             Phase::Idle => self.barrier_round = None,
             Phase::Pause(round) => {
@@ -375,7 +377,7 @@ impl Session {
                 self.barrier_round = Some(round);
                 self.forward(vec![Packet::PingReq(PingReq)]).await?;
             }
-            Phase::Switch(_) => self.relink().await?,
+            Phase::Switch => self.relink().await?,
         }
         self.report_idle();
         Ok(())
@@ -385,7 +387,9 @@ impl Session {
     fn barrier_passed(&mut self) {
         if let Some(round) = self.barrier_round.take() {
             let filters = self.router_filters.iter().cloned().collect();
-            self.live.lock().unwrap_or_else(|p| p.into_inner()).barrier = Some((round, filters));
+            self.shared
+                .renewal
+                .update(&self.live, |s| s.barrier = Some((round, filters)));
         }
     }
 
@@ -397,7 +401,7 @@ impl Session {
             && self.downgraded.is_empty()
             && self.qos2_in.is_empty()
             && !self.resubscribing;
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).idle = idle;
+        self.shared.renewal.update(&self.live, |s| s.idle = idle);
     }
 
     /// Moves this session's link to the current router, if a renewal
@@ -407,20 +411,15 @@ impl Session {
         if epoch == self.link_epoch {
             return Ok(());
         }
-        let (id, clean) = (self.router_id.clone(), self.clean_session);
-        let link = tokio::task::spawn_blocking(move || router.connect(&id, clean)).await;
-        let Ok(Ok((tx, rx, _connack))) = link else {
-            warn!(
-                client_id = self.client_id,
-                "could not move to the renewed router"
-            );
-            return Err(());
-        };
+        let (tx, rx, _connack) = router
+            .link(self.router_id.clone(), self.clean_session)
+            .await
+            .map_err(|err| warn!(client_id = self.client_id, %err, "could not move to the renewed router"))?;
         self.link_tx = tx;
         self.link_rx = rx;
         self.link_epoch = epoch;
         self.router_filters.clear();
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).epoch = epoch;
+        self.shared.renewal.update(&self.live, |s| s.epoch = epoch);
         self.resubscribe().await
     }
 
@@ -491,10 +490,10 @@ impl Session {
     /// Publishes the will if due, detaches from the router and closes.
     async fn finish(mut self, ending: Ending) {
         debug!(client_id = self.client_id, ?ending, "session ended");
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .finishing = Some(!self.clean_session);
+        let kept = !self.clean_session;
+        self.shared
+            .renewal
+            .update(&self.live, |s| s.finishing = Some(kept));
         if ending != Ending::Kicked {
             // What the client sent before it left goes out, held or not.
             let mut packets: Vec<Packet> = self.held.drain(..).collect();
@@ -519,12 +518,7 @@ impl Session {
                 }
                 packets.push(self.will_packet(will, props));
             }
-            packets.push(Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            ));
+            packets.push(router::disconnect());
             // A newer connection of this id has taken the router's slot
             // over: rumqttd reuses connection ids, so what this stale link
             // sent now would land on that connection (a late DISCONNECT
@@ -576,7 +570,6 @@ impl Session {
             return;
         }
         self.filters = subs.filters.clone();
-        self.filter_qos = subs.qos.clone();
         self.nolocal_filters = subs.nolocal.clone();
         self.rap_filters = subs.rap.clone();
         drop(subs);
@@ -622,29 +615,13 @@ impl Session {
             return Ok(());
         }
         let filters = self
-            .filters
-            .iter()
-            .map(|path| Filter {
-                path: path.clone(),
-                qos: self
-                    .filter_qos
-                    .get(path)
-                    .copied()
-                    .unwrap_or(QoS::AtLeastOnce),
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: RetainForwardRule::Never,
-            })
-            .collect();
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .with_qos();
         self.resubscribing = true;
-        self.forward(vec![Packet::Subscribe(
-            Subscribe {
-                pkid: RESUBSCRIBE_PKID,
-                filters,
-            },
-            None,
-        )])
-        .await
+        self.forward(vec![router::subscribe(RESUBSCRIBE_PKID, filters)])
+            .await
     }
 
     /// Hands the flow positions of a kept session's own (not shared)
