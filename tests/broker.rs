@@ -27,6 +27,24 @@ async fn assert_broker_works(port: u16) {
     );
 }
 
+/// Publishes `count` 1 KiB QoS 1 messages to `topic`, each starting with
+/// its number (8 bytes, big-endian).
+async fn numbered_flood(client: rumqttc::v5::AsyncClient, topic: &'static str, count: usize) {
+    for i in 0..count {
+        let mut payload = vec![b'n'; 1024];
+        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        client
+            .publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish");
+    }
+}
+
 fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -768,21 +786,7 @@ async fn a_kept_session_away_during_a_flood_gets_all_of_it_on_resume() {
 
     let mut publisher = V5::connect(serve.mqtt_port, "away-pub").await;
     let client = publisher.client.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..COUNT {
-            let mut payload = vec![b'a'; 1024];
-            payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            client
-                .publish(
-                    "away/t",
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .await
-                .expect("publish");
-        }
-    });
+    let sender = tokio::spawn(numbered_flood(client, "away/t", COUNT));
     // Resume once the flood is past the log's high-water mark or over.
     let mut acked = 0;
     let mut deadline = None;
@@ -829,21 +833,7 @@ async fn a_client_flooding_its_own_subscription_is_not_deadlocked_by_flow_contro
     let mut both = V5::connect(serve.mqtt_port, "self-subscriber").await;
     both.subscribe("loop/t", 1).await;
     let client = both.client.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..COUNT {
-            let mut payload = vec![b'l'; 1024];
-            payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            client
-                .publish(
-                    "loop/t",
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .await
-                .expect("publish");
-        }
-    });
+    let sender = tokio::spawn(numbered_flood(client, "loop/t", COUNT));
     for i in 0..COUNT {
         let m = tokio::time::timeout(Duration::from_secs(20), both.rx.recv())
             .await
