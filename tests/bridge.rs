@@ -413,7 +413,7 @@ fn task_actions(stack: &Stack) {
     assert_eq!(out["confirmations"][0]["queue"], "jobs.test");
 }
 
-/// The seeds' legacy Node broker (`tests/clients/legacy_broker.js`) on a
+/// One of the seeds' legacy Node brokers (`tests/clients/<script>`) on a
 /// free port, its per-event console logging sent to /dev/null.
 struct LegacyBroker {
     proc: Proc,
@@ -421,22 +421,22 @@ struct LegacyBroker {
 }
 
 impl LegacyBroker {
-    fn start() -> LegacyBroker {
+    fn start(script: &str) -> LegacyBroker {
         let port = free_port();
         let child = Command::new("node")
-            .arg("legacy_broker.js")
+            .arg(script)
             .env("PORT", port.to_string())
             .current_dir(clients_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn node legacy_broker.js");
+            .unwrap_or_else(|e| panic!("spawn node {script}: {e}"));
         common::wait_for_port(port, Duration::from_secs(10));
         LegacyBroker {
             proc: Proc {
                 child,
-                name: "legacy broker".into(),
+                name: script.into(),
             },
             port,
         }
@@ -541,20 +541,7 @@ fn run_cases(cases: &[Case], rounds: usize) {
 fn bench_queue_over_websocket_vs_legacy_queue() {
     let rounds = env_usize("AXION_BENCH_ROUNDS", 3);
     let tasks = env_usize("AXION_BENCH_EVENTS", 20_000);
-    let legacy_port = free_port();
-    let legacy = Proc {
-        child: Command::new("node")
-            .arg("legacy_queue_broker.js")
-            .env("PORT", legacy_port.to_string())
-            .current_dir(clients_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn node legacy_queue_broker.js"),
-        name: "legacy queue broker".into(),
-    };
-    common::wait_for_port(legacy_port, Duration::from_secs(10));
+    let legacy = LegacyBroker::start("legacy_queue_broker.js");
     let serve = Stack::serve(&[]);
     let standalone = Stack::standalone(&[], true);
     let mut standalone_pids = Vec::new();
@@ -586,8 +573,8 @@ fn bench_queue_over_websocket_vs_legacy_queue() {
             },
             Target {
                 name: "legacy broker, in-memory queue",
-                args: vec!["--url".into(), format!("ws://127.0.0.1:{legacy_port}")],
-                pids: vec![legacy.pid()],
+                args: vec!["--url".into(), format!("ws://127.0.0.1:{}", legacy.port)],
+                pids: vec![legacy.proc.pid()],
             },
         ]
     };
@@ -630,7 +617,7 @@ fn bench_queue_over_websocket_vs_legacy_queue() {
 fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
     let rounds = env_usize("AXION_BENCH_ROUNDS", 3);
     let events = env_usize("AXION_BENCH_EVENTS", 100_000);
-    let legacy = LegacyBroker::start();
+    let legacy = LegacyBroker::start("legacy_broker.js");
     let serve = Stack::serve(&[]);
     // Mosquitto as the MQTT broker benchmark configures it (TCP_NODELAY on:
     // its default Nagle delays a quiet stream of small messages by up to

@@ -27,6 +27,19 @@ async fn assert_broker_works(port: u16) {
     );
 }
 
+/// Subscribes a kept MQTT 5 session (expiry 300 s) to `filter` at QoS 1
+/// and leaves; returns its options for the resume.
+async fn leave_kept_subscriber(port: u16, id: &str, filter: &str) -> rumqttc::v5::MqttOptions {
+    let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_session_expiry_interval(Some(300));
+    let mut sub = V5::connect_with(opts.clone()).await.expect("connect");
+    sub.subscribe(filter, 1).await;
+    drop(sub);
+    opts.set_clean_start(false);
+    opts
+}
+
 /// Publishes `count` 1 KiB QoS 1 messages to `topic`, each starting with
 /// its number (8 bytes, big-endian).
 async fn numbered_flood(client: rumqttc::v5::AsyncClient, topic: &'static str, count: usize) {
@@ -777,12 +790,7 @@ async fn a_kept_session_away_during_a_flood_gets_all_of_it_on_resume() {
     use rumqttc::v5::mqttbytes::v5::Packet;
     const COUNT: usize = 2_000;
     let serve = Serve::start_with(&["--slow-consumer-timeout-ms", "60000"], &[]);
-    let mut o = rumqttc::v5::MqttOptions::new("away-sub", "127.0.0.1", serve.mqtt_port);
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_session_expiry_interval(Some(300));
-    let mut sub = V5::connect_with(o.clone()).await.expect("connect");
-    sub.subscribe("away/t", 1).await;
-    drop(sub);
+    let o = leave_kept_subscriber(serve.mqtt_port, "away-sub", "away/t").await;
 
     let mut publisher = V5::connect(serve.mqtt_port, "away-pub").await;
     let client = publisher.client.clone();
@@ -804,7 +812,6 @@ async fn a_kept_session_away_during_a_flood_gets_all_of_it_on_resume() {
             deadline = Some(tokio::time::Instant::now() + Duration::from_millis(500));
         }
     }
-    o.set_clean_start(false);
     let mut sub = V5::connect_with(o).await.expect("resume");
     assert!(sub.connack.session_present);
     for i in 0..COUNT {
@@ -1139,11 +1146,7 @@ fn counter(record: &common::mqtt::Msg, name: &str) -> u64 {
 async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
     let serve = Serve::start_with(&["--max-filters", "60"], &[]);
     let port = serve.mqtt_port;
-    let mut away_opts = rumqttc::v5::MqttOptions::new("renew-away", "127.0.0.1", port);
-    away_opts.set_session_expiry_interval(Some(300));
-    let mut away = V5::connect_with(away_opts.clone()).await.expect("connect");
-    away.subscribe("renew/away", 1).await;
-    drop(away);
+    let away_opts = leave_kept_subscriber(port, "renew-away", "renew/away").await;
 
     let mut kept_opts = rumqttc::v5::MqttOptions::new("renew-kept", "127.0.0.1", port);
     kept_opts.set_session_expiry_interval(Some(300));
@@ -1236,7 +1239,6 @@ async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
     );
 
     // The kept session that was away resumes on the new router.
-    away_opts.set_clean_start(false);
     let mut away = V5::connect_with(away_opts).await.expect("resume");
     assert!(away.connack.session_present, "kept across renewals");
     let p = V5::connect(port, "renew-pub-2").await;
@@ -1255,11 +1257,7 @@ async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
 async fn a_renewal_waits_for_a_kept_session_that_is_owed_messages() {
     let serve = Serve::start_with(&["--max-filters", "40"], &[]);
     let port = serve.mqtt_port;
-    let mut opts = rumqttc::v5::MqttOptions::new("owed-away", "127.0.0.1", port);
-    opts.set_session_expiry_interval(Some(300));
-    let mut away = V5::connect_with(opts.clone()).await.expect("connect");
-    away.subscribe("owed/away", 1).await;
-    drop(away);
+    let opts = leave_kept_subscriber(port, "owed-away", "owed/away").await;
     let publisher = V5::connect(port, "owed-pub").await;
     for i in 0u64..5 {
         publisher
@@ -1279,7 +1277,6 @@ async fn a_renewal_waits_for_a_kept_session_that_is_owed_messages() {
         0,
         "no renewal while the kept session is owed messages"
     );
-    opts.set_clean_start(false);
     let mut away = V5::connect_with(opts).await.expect("resume");
     for i in 0u64..5 {
         let m = recv(&mut away.rx, 5).await;
