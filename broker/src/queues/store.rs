@@ -135,6 +135,30 @@ pub struct Store {
     db: Database,
 }
 
+/// Bytes at the start of a redb file that hold its magic number.
+const MAGIC_LEN: usize = 9;
+
+/// True if the store file starts with zeros where redb's magic number
+/// goes. redb writes the magic number last when it creates a database, so
+/// a start killed while creating the file leaves it without one; nothing
+/// was ever committed to it, and `Database::create` refuses it for good.
+fn never_initialised(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; MAGIC_LEN];
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut read = 0;
+    while read < MAGIC_LEN {
+        match file.read(&mut head[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(_) => return false,
+        }
+    }
+    read > 0 && head[..read].iter().all(|b| *b == 0)
+}
+
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
@@ -142,10 +166,19 @@ impl Store {
             source,
         })?;
         let path = data_dir.join("queues.redb");
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
+        let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
-        })?;
+        };
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(err) if never_initialised(&path) => {
+                tracing::warn!(path = %path.display(), %err, "the queue store was never fully created (a start was killed while creating it); creating it again");
+                std::fs::remove_file(&path).map_err(|e| open_err(e.into()))?;
+                Database::create(&path).map_err(open_err)?
+            }
+            Err(err) => return Err(open_err(err)),
+        };
         // Create the tables so that a fresh store can be read at once.
         let txn = db.begin_write()?;
         txn.open_table(TASKS)?;
@@ -289,6 +322,24 @@ mod tests {
         assert_eq!(loaded.dead[0].1, "c");
         assert_eq!(loaded.counters["q"].enqueued, 3);
         drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_store_whose_creation_was_killed_is_created_again_but_nothing_else_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("axion-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("queues.redb");
+        // What redb leaves when killed before it writes the magic number.
+        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+        let store = Store::open(&dir).unwrap();
+        store.commit(&[put("a", 1)]).unwrap();
+        drop(store);
+        assert_eq!(Store::open(&dir).unwrap().load().unwrap().tasks.len(), 1);
+        // A file that is something else is an error, and stays as it was.
+        std::fs::write(&path, b"not a queue store").unwrap();
+        assert!(matches!(Store::open(&dir), Err(StoreError::Open { .. })));
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a queue store");
         let _ = std::fs::remove_dir_all(dir);
     }
 
