@@ -146,7 +146,22 @@ impl Serve {
             args,
             envs,
         );
-        wait_for_port(self.mqtt_port, Duration::from_secs(20));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.mqtt_port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            let exited = self.proc.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.data_dir.path().join("serve.log"));
+                panic!(
+                    "axion serve did not come back on {addr} (exit: {exited:?}); its log:\n{}",
+                    log.unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -167,22 +182,34 @@ fn spawn_serve(
         .arg(data_dir)
         .args(args)
         .envs(envs.iter().copied());
-    spawn_axion("axion serve", &mut cmd)
+    spawn_axion_logged("axion serve", &mut cmd, Some(&data_dir.join("serve.log")))
 }
 
 /// Spawns an Axion command with the tests' conventions: quiet unless
 /// `AXION_TEST_LOG` is set (then its value is `RUST_LOG` and stderr shows).
 pub fn spawn_axion(name: &str, cmd: &mut Command) -> Proc {
-    let log = std::env::var("AXION_TEST_LOG").ok();
+    spawn_axion_logged(name, cmd, None)
+}
+
+/// [`spawn_axion`], with warnings and errors appended to `log` (when
+/// `AXION_TEST_LOG` is not set), for a failure to quote.
+fn spawn_axion_logged(name: &str, cmd: &mut Command, log: Option<&Path>) -> Proc {
+    let level = std::env::var("AXION_TEST_LOG").ok();
+    let stderr = match (&level, log) {
+        (Some(_), _) => Stdio::inherit(),
+        (None, Some(path)) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+        (None, None) => Stdio::null(),
+    };
     let child = cmd
-        .env("RUST_LOG", log.clone().unwrap_or_else(|| "warn".into()))
+        .env("RUST_LOG", level.unwrap_or_else(|| "warn".into()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(if log.is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
+        .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     Proc {
