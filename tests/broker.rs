@@ -630,6 +630,141 @@ async fn acknowledgements_in_any_order_are_accepted() {
     }
 }
 
+/// rumqttd 0.20 forwards a `$share` member the same message again when
+/// its channel to the member fills. A member that answers every message
+/// with a QoS 1 publish of its own, as a queue worker acks (the router's
+/// acks share that channel), gets each of 20 000 messages exactly once,
+/// and the broker's heartbeat counts the second copies it dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_member_that_answers_every_message_gets_each_once() {
+    const COUNT: usize = 20_000;
+    let serve = Serve::start();
+    let mut member = V5::connect(serve.mqtt_port, "share-member").await;
+    member.subscribe("$share/workers/load/t", 1).await;
+    let publisher = V5::connect(serve.mqtt_port, "share-publisher").await;
+    tokio::spawn(numbered_flood(publisher.client.clone(), "load/t", COUNT));
+    let mut seen = vec![false; COUNT];
+    let (mut got, mut twice) = (0, 0);
+    while got < COUNT {
+        let m = recv(&mut member.rx, 30).await;
+        let i = u64::from_be_bytes(m.payload[..8].try_into().expect("numbered")) as usize;
+        if std::mem::replace(&mut seen[i], true) {
+            twice += 1;
+        } else {
+            got += 1;
+        }
+        member.publish("load/acks", b"done", 1, false).await;
+    }
+    recv_none(&mut member.rx, 500).await;
+    assert_eq!(twice, 0, "messages delivered twice");
+    let mut watcher = counter_watcher(serve.mqtt_port).await;
+    let dropped = wait_counter(&mut watcher, "share_repeats_dropped", |_| true).await;
+    println!("second copies from the router dropped (last published count): {dropped}");
+}
+
+/// `mosquitto_sub` through a Unix socket: the first message on `topic`.
+fn mosquitto_sub_unix(sock: &std::path::Path, topic: &str) -> String {
+    let out = std::process::Command::new("mosquitto_sub")
+        .arg("--unix")
+        .arg(sock)
+        .args(["-t", topic, "-C", "1", "-W", "5"])
+        .output()
+        .expect("run mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `axion serve` also listens on `<data-dir>/mqtt.sock` (its own queue
+/// owner, bridge and heartbeat use it): operators' `mosquitto_sub --unix`
+/// and TCP clients see each other's messages; a socket left by `kill -9`
+/// is replaced on restart, a live one is never taken over, and a clean
+/// stop removes it.
+#[test]
+fn the_unix_socket_carries_mqtt_both_ways_and_is_never_stolen() {
+    use std::process::Command;
+    let mut serve = Serve::start();
+    let sock = serve.data_dir.path().join("mqtt.sock");
+    let port = serve.mqtt_port.to_string();
+    let pub_tcp = |topic: &str, msg: &str| {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-p", &port, "-t", topic, "-m", msg, "-r", "-q", "1"])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(ok.success());
+    };
+    pub_tcp("unix/from-tcp", "over tcp");
+    assert_eq!(mosquitto_sub_unix(&sock, "unix/from-tcp"), "over tcp");
+    let ok = Command::new("mosquitto_pub")
+        .arg("--unix")
+        .arg(&sock)
+        .args([
+            "-t",
+            "unix/from-socket",
+            "-m",
+            "over the socket",
+            "-r",
+            "-q",
+            "1",
+        ])
+        .status()
+        .expect("mosquitto_pub --unix");
+    assert!(ok.success());
+    let out = Command::new("mosquitto_sub")
+        .args(["-p", &port, "-t", "unix/from-socket", "-C", "1", "-W", "5"])
+        .output()
+        .expect("mosquitto_sub");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "over the socket"
+    );
+
+    // A second broker told to use the live socket stops with the reason.
+    let other = tempfile::tempdir().expect("tempdir");
+    let second = Command::new(common::axion_bin())
+        .arg("serve")
+        .args([
+            "--mqtt-listen",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .args(["--ws-listen", &format!("127.0.0.1:{}", common::free_port())])
+        .arg("--data-dir")
+        .arg(other.path())
+        .arg("--mqtt-unix")
+        .arg(&sock)
+        .output()
+        .expect("run a second axion serve");
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("mqtt.sock") && err.contains("another process is listening"),
+        "{err}"
+    );
+    assert_eq!(mosquitto_sub_unix(&sock, "unix/from-tcp"), "over tcp");
+
+    // kill -9 leaves the socket file behind; the next broker replaces it
+    // (on other ports: a killed broker's port may be taken meanwhile).
+    serve.proc.signal(9);
+    serve.proc.wait_exit(Duration::from_secs(5));
+    assert!(sock.exists());
+    let sock_arg = sock.to_string_lossy().into_owned();
+    let mut next = Serve::start_with(&["--mqtt-unix", &sock_arg], &[]);
+    let ok = Command::new("mosquitto_pub")
+        .args([
+            "-p",
+            &next.mqtt_port.to_string(),
+            "-t",
+            "unix/after-restart",
+        ])
+        .args(["-m", "back", "-r", "-q", "1"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(ok.success());
+    assert_eq!(mosquitto_sub_unix(&sock, "unix/after-restart"), "back");
+
+    next.proc.signal(15);
+    assert_eq!(next.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!sock.exists(), "a clean stop removes the socket");
+}
+
 #[test]
 fn a_qos1_burst_from_mosquitto_pub_reaches_mosquitto_sub_in_full() {
     use std::io::{BufRead, BufReader, Write};

@@ -9,6 +9,7 @@
 //! ones are refused until a renewal frees room.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct BrokerConfig {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// A second listener speaking MQTT over TLS, with its certificate.
     pub tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
+    /// A listener on this Unix domain socket: local clients (the embedded
+    /// queue owner and bridge, `mosquitto_sub --unix`) skip the TCP stack.
+    pub unix: Option<PathBuf>,
     /// Longest keep-alive an MQTT 5 client gets: one asking for more is
     /// told this in CONNACK (Server Keep Alive), so a dead peer is noticed
     /// within 1.5× of it.
@@ -77,6 +81,7 @@ impl Default for BrokerConfig {
             slow_consumer_timeout: Duration::from_secs(10),
             auth: None,
             tls: None,
+            unix: None,
             max_keep_alive: 60,
             max_session_expiry: 86_400,
         }
@@ -93,6 +98,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("max_topics", &self.max_topics)
             .field("auth", &self.auth)
             .field("tls", &self.tls.as_ref().map(|(addr, _)| addr))
+            .field("unix", &self.unix)
             .finish_non_exhaustive()
     }
 }

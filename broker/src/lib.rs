@@ -19,6 +19,7 @@ pub mod codec;
 pub mod config;
 pub mod expiry;
 pub mod flow;
+pub mod listener;
 pub mod marks;
 pub mod names;
 pub mod queues;

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use rumqttd::protocol::{Packet, Publish, PublishProperties};
 
 use crate::expiry::Lifetimes;
 use crate::flow::Flow;
+use crate::listener::{self, Listener};
 use crate::marks::{self, Needed};
 use crate::renewal::Renewal;
 use crate::retained::{Retained, RetainedStore, Stored};
@@ -33,6 +35,11 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for MQTT on the Unix socket {path}: {source}")]
+    BindUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every session.
@@ -44,6 +51,9 @@ pub struct Shared {
     pub sessions: AtomicUsize,
     /// Connections refused at the limit, for logs and tests.
     pub refused: AtomicU64,
+    /// Second copies of `$share` messages the router sent and the front
+    /// end dropped (see `session::repeats`).
+    pub share_repeats: AtomicU64,
     /// Filters created in the current router (it never frees one).
     filters: Mutex<HashSet<String>>,
     groups: Mutex<HashMap<String, HashSet<String>>>,
@@ -205,6 +215,8 @@ pub struct Counters {
     pub router_renewals_put_off: u64,
     /// How long the last renewal paused publishing, in milliseconds.
     pub router_renewal_pause_ms: u64,
+    /// Repeated `$share` deliveries from the router, dropped.
+    pub share_repeats_dropped: u64,
 }
 
 /// A running broker.
@@ -215,6 +227,8 @@ pub struct Broker {
     accept: tokio::task::JoinHandle<()>,
     /// The MQTT-over-TLS listener's address and accept loop, if configured.
     tls: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// The Unix socket's path and accept loop, if configured.
+    unix: Option<(PathBuf, tokio::task::JoinHandle<()>)>,
 }
 
 impl Broker {
@@ -248,6 +262,16 @@ impl Broker {
             }
             None => None,
         };
+        let unix_listener =
+            match &config.unix {
+                Some(path) => Some(listener::bind_unix(path).await.map_err(|source| {
+                    BrokerError::BindUnix {
+                        path: path.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         crate::router::quiet_retired_routers();
         let router = std::sync::RwLock::new((0, Arc::new(RouterHandle::spawn(&config))));
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
@@ -260,6 +284,7 @@ impl Broker {
             router,
             sessions: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            share_repeats: AtomicU64::new(0),
             filters: Mutex::new(HashSet::new()),
             groups: Mutex::new(HashMap::new()),
             retained,
@@ -272,7 +297,7 @@ impl Broker {
         let tls = tls_listener.map(|(listener, addr, acceptor)| {
             info!(%addr, "MQTT over TLS listening (3.1.1 and 5)");
             let task = tokio::spawn(accept_loop(
-                listener,
+                Listener::Tcp(listener),
                 shared.clone(),
                 shutdown_rx.clone(),
                 Some(acceptor),
@@ -280,7 +305,24 @@ impl Broker {
             (addr, task)
         });
         tokio::spawn(crate::renewal::run(shared.clone(), shutdown_rx.clone()));
-        let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, None));
+        let unix = unix_listener
+            .zip(shared.config.unix.clone())
+            .map(|(listener, path)| {
+                info!(path = %path.display(), "MQTT listening on a Unix socket (3.1.1 and 5)");
+                let task = tokio::spawn(accept_loop(
+                    Listener::Unix(listener),
+                    shared.clone(),
+                    shutdown_rx.clone(),
+                    None,
+                ));
+                (path, task)
+            });
+        let accept = tokio::spawn(accept_loop(
+            Listener::Tcp(listener),
+            shared.clone(),
+            shutdown_rx,
+            None,
+        ));
         info!(%local_addr, "MQTT listening (3.1.1 and 5)");
         Ok(Broker {
             local_addr,
@@ -288,6 +330,7 @@ impl Broker {
             shutdown,
             accept,
             tls,
+            unix,
         })
     }
 
@@ -298,6 +341,11 @@ impl Broker {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Path of the Unix socket listener, if one is configured.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// Reads [`Counters`] whenever called, for a task that outlives `&self`.
@@ -323,6 +371,17 @@ impl Broker {
                 warn!("TLS sessions did not close within 3 s");
             }
         }
+        if let Some((path, task)) = self.unix {
+            if tokio::time::timeout(Duration::from_secs(3), task)
+                .await
+                .is_err()
+            {
+                warn!("Unix socket sessions did not close within 3 s");
+            }
+            if let Err(err) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), %err, "could not remove the Unix socket");
+            }
+        }
         if tokio::time::timeout(Duration::from_secs(3), self.accept)
             .await
             .is_err()
@@ -342,7 +401,7 @@ impl Drop for SessionGuard {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -398,5 +457,6 @@ fn counters(s: &Shared) -> Counters {
         router_renewals: get(&s.renewal.renewals),
         router_renewals_put_off: get(&s.renewal.deferred),
         router_renewal_pause_ms: get(&s.renewal.last_pause_ms),
+        share_repeats_dropped: get(&s.share_repeats),
     }
 }

@@ -23,6 +23,9 @@ pub struct Args {
     /// Address of the MQTT listener (3.1.1 and 5 on one port).
     #[arg(long, env = "AXION_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
+    /// Unix socket the broker also listens on (`off`: none). Axion's own queue owner, bridge and heartbeat use it instead of TCP. Default: <data-dir>/mqtt.sock.
+    #[arg(long, env = "AXION_MQTT_UNIX", value_name = "PATH|off")]
+    pub mqtt_unix: Option<String>,
     /// Address of the legacy WebSocket bridge.
     #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
     pub ws_listen: SocketAddr,
@@ -130,6 +133,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
+    let unix = unix_socket(&args)?;
     let config = BrokerConfig {
         listen: args.mqtt_listen,
         max_connections: args.max_connections,
@@ -142,13 +146,29 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_session_expiry: args.max_session_expiry_secs,
         auth: auth.clone(),
         tls,
+        unix: unix.as_ref().map(|u| u.path.clone()),
         ..BrokerConfig::default()
     };
-    let broker = Broker::start(config).await?;
+    let broker = match Broker::start(config.clone()).await {
+        Err(err @ axion_broker::BrokerError::BindUnix { .. })
+            if unix.as_ref().is_some_and(|u| !u.asked) =>
+        {
+            warn!(error = %err, "no Unix socket; Axion's own clients use TCP");
+            Broker::start(BrokerConfig {
+                unix: None,
+                ..config
+            })
+            .await?
+        }
+        started => started?,
+    };
     let mqtt_port = broker.local_addr().port();
-    // The embedded components reach the broker over loopback, whatever
-    // address the public listener is bound to.
-    let mut local = MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?;
+    // The embedded components reach the broker over its Unix socket, or
+    // over loopback whatever address the public listener is bound to.
+    let mut local = match broker.unix_path() {
+        Some(path) => MqttUrl::unix(path),
+        None => MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?,
+    };
     if auth.is_some() {
         local.user = Some(axion_broker::auth::INTERNAL_USER.to_string());
         local.password = Some(internal_secret);
@@ -180,7 +200,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let heartbeat = HeartbeatPublisher::start(heartbeat_config)?;
     heartbeat.set_connected(true);
     let janitor = spawn_janitor(&local, ghost_after);
-    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), %ws, auth = auth.is_some(), package = args.package, data_dir = %args.data_dir.display(), "axion serve is up");
+    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), unix = ?broker.unix_path(), %ws, auth = auth.is_some(), package = args.package, data_dir = %args.data_dir.display(), "axion serve is up");
 
     let mut bridge_done = false;
     let code = tokio::select! {
@@ -228,6 +248,32 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     broker.shutdown().await;
     info!("stopped");
     Ok(code)
+}
+
+/// The Unix socket to listen on, and whether the user named it (then not
+/// getting it is an error, not a fallback to TCP).
+struct UnixSocket {
+    path: PathBuf,
+    asked: bool,
+}
+
+fn unix_socket(args: &Args) -> anyhow::Result<Option<UnixSocket>> {
+    match args.mqtt_unix.as_deref() {
+        Some("off") => Ok(None),
+        Some(path) => Ok(Some(UnixSocket {
+            path: PathBuf::from(path),
+            asked: true,
+        })),
+        None => {
+            std::fs::create_dir_all(&args.data_dir).with_context(|| {
+                format!("create the data directory {}", args.data_dir.display())
+            })?;
+            Ok(Some(UnixSocket {
+                path: args.data_dir.join("mqtt.sock"),
+                asked: false,
+            }))
+        }
+    }
 }
 
 /// Puts the broker's counters on its heartbeat record (`"broker": {…}`)

@@ -186,14 +186,23 @@ impl Session {
         while let Some(notification) = next.take() {
             match notification {
                 Notification::Forward(forward) => {
-                    match Mark::marker_round(&forward.properties) {
-                        Some(round) => self.shared.renewal.marker_copy(round),
-                        None => {
-                            self.delivered(&forward.publish.topic, &forward.publish.payload);
-                            delivered = true;
+                    let repeat = self.only_a_share_matches(&forward.publish.topic)
+                        && self
+                            .repeats
+                            .is_repeat(forward.cursor, &forward.publish.payload);
+                    if repeat {
+                        self.shared.share_repeats.fetch_add(1, Ordering::Relaxed);
+                        debug!(client_id = self.client_id, cursor = ?forward.cursor, "router forwarded a $share message twice; second copy dropped");
+                    } else {
+                        match Mark::marker_round(&forward.properties) {
+                            Some(round) => self.shared.renewal.marker_copy(round),
+                            None => {
+                                self.delivered(&forward.publish.topic, &forward.publish.payload);
+                                delivered = true;
+                            }
                         }
                     }
-                    release |= self.deliver(forward.publish, forward.properties, &mut out);
+                    release |= self.deliver(forward.publish, forward.properties, repeat, &mut out);
                 }
                 Notification::DeviceAck(ack) => match self.patch_ack(Packet::from(ack)) {
                     // A QoS 2 delivery the client got at a lower QoS: its
@@ -274,6 +283,7 @@ impl Session {
         &mut self,
         mut publish: Publish,
         mut props: Option<PublishProperties>,
+        repeat: bool,
         out: &mut BytesMut,
     ) -> bool {
         let mark = Mark::take(&mut props);
@@ -313,7 +323,7 @@ impl Session {
                 "message over the client's maximum packet size discarded"
             );
         }
-        let discard = not_for_me || oversize || mark.marker.is_some();
+        let discard = not_for_me || oversize || repeat || mark.marker.is_some();
         if let (false, Some(Outgoing::New(a))) = (discard, alias) {
             self.aliases.learned(topic, a);
         }
@@ -411,6 +421,29 @@ impl Session {
             }
             other => other,
         }
+    }
+
+    /// True if the router-form `topic` matches exactly one subscription of
+    /// this client and that one is a `$share` (see [`super::repeats`]).
+    fn only_a_share_matches(&self, topic: &Bytes) -> bool {
+        if !self
+            .consumers
+            .iter()
+            .any(|sub| sub.path.starts_with("$share/"))
+        {
+            return false;
+        }
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return false;
+        };
+        let mut matching = self.consumers.iter().filter(|sub| {
+            let (_, filter) = names::split_share(&sub.path);
+            rumqttd::protocol::matches(topic, filter)
+        });
+        matches!(
+            (matching.next(), matching.next()),
+            (Some(sub), None) if sub.path.starts_with("$share/")
+        )
     }
 
     /// Counts a forwarded message against every subscription it matches.

@@ -406,6 +406,7 @@ pub(super) async fn handshake(
         link_epoch,
         barrier_round: None,
         renewing: false,
+        repeats: Default::default(),
     };
     session.restore_subscriptions(session_present);
     if session.resubscribe().await.is_err() {

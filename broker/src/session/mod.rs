@@ -11,6 +11,7 @@ mod aliases;
 mod delivery;
 mod handshake;
 mod inbound;
+mod repeats;
 
 use delivery::Slot;
 use handshake::handshake;
@@ -40,6 +41,7 @@ use crate::auth::Principal;
 use crate::codec::Codec;
 use crate::expiry;
 use crate::flow::Consumer;
+use crate::listener::Stream;
 use crate::names;
 use crate::renewal::{self, Phase};
 use crate::router;
@@ -69,24 +71,27 @@ const WRITE_QUEUE: usize = 64;
 type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
-/// Serves one accepted TCP connection to completion, over TLS if `tls`.
-pub async fn run(
-    stream: TcpStream,
+/// Serves one accepted connection to completion, over TLS if `tls`.
+pub(crate) async fn run(
+    stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%peer, %err, "set_nodelay failed");
-    }
-    let session = match tls {
-        None => {
+    let session = match (stream, tls) {
+        (Stream::Unix(stream), _) => {
+            let (r, w) = stream.into_split();
+            handshake(Box::new(r), Box::new(w), peer, &shared).await
+        }
+        (Stream::Tcp(stream), None) => {
+            set_nodelay(&stream, peer);
             // Owned halves: no lock between reader and writer on plain TCP.
             let (r, w) = stream.into_split();
             handshake(Box::new(r), Box::new(w), peer, &shared).await
         }
-        Some(acceptor) => {
+        (Stream::Tcp(stream), Some(acceptor)) => {
+            set_nodelay(&stream, peer);
             let accepted =
                 tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(stream)).await;
             match accepted {
@@ -110,6 +115,12 @@ pub async fn run(
     };
     let ending = session.serve(shutdown).await;
     session.finish(ending).await;
+}
+
+fn set_nodelay(stream: &TcpStream, peer: SocketAddr) {
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%peer, %err, "set_nodelay failed");
+    }
 }
 
 /// State of an established session.
@@ -211,6 +222,8 @@ struct Session {
     barrier_round: Option<u64>,
     /// A router renewal is under way: report what is in flight.
     renewing: bool,
+    /// `$share` forwards already sent on this link (see [`repeats`]).
+    repeats: repeats::Repeats,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -418,6 +431,7 @@ impl Session {
         self.link_tx = tx;
         self.link_rx = rx;
         self.link_epoch = epoch;
+        self.repeats.clear();
         self.router_filters.clear();
         self.shared.renewal.update(&self.live, |s| s.epoch = epoch);
         self.resubscribe().await
