@@ -282,13 +282,21 @@ impl Bridge {
                 let h = shared.clone();
                 let task: tokio::task::JoinHandle<()> = tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    let mut was_connected = None;
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tick.tick() => {}
                         }
-                        h.set_connected(metrics.mqtt_connected.load(Ordering::Relaxed));
+                        let connected = metrics.mqtt_connected.load(Ordering::Relaxed);
+                        h.set_connected(connected);
                         h.set_extra("clients", metrics.clients.load(Ordering::Relaxed).into());
+                        // The first record goes out before the bridge's own
+                        // MQTT client is up: say so at once, not a whole
+                        // heartbeat interval later.
+                        if was_connected.replace(connected) != Some(connected) {
+                            h.publish_now();
+                        }
                     }
                 });
                 (shared, task)
