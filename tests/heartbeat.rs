@@ -687,6 +687,51 @@ fn ten_thousand_instances_are_listed_within_two_seconds() {
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
+/// `axion monitor --once` lists each Axion broker's counters under the
+/// table, read from the `"broker"` object of its heartbeat record; and
+/// `axion serve`'s bridge says it is connected within seconds of start,
+/// not one heartbeat interval (15 s) later.
+#[test]
+fn monitor_once_shows_serve_connected_with_its_broker_counters() {
+    if use_mosquitto() {
+        return;
+    }
+    let s = serve();
+    let monitor = |extra: &[&str]| {
+        let out = Command::new(axion_bin())
+            .args(["monitor", "--once", "--mqtt", &s.mqtt_url()])
+            .args(["--package", SERVE_PACKAGE, "--settle-ms", "200"])
+            .args(extra)
+            .output()
+            .expect("run axion monitor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let line = wait_until(Duration::from_secs(8), "the broker's counters", || {
+        monitor(&[])
+            .lines()
+            .find(|l| l.starts_with("broker ") && l.contains(&format!(":{}: ", s.mqtt_port)))
+            .map(str::to_string)
+    });
+    for counter in [
+        "sessions ",
+        "refused at limit 0",
+        "slow consumers cut off 0",
+        "router renewals 0",
+    ] {
+        assert!(line.contains(counter), "{counter:?} missing from {line:?}");
+    }
+    wait_until(
+        Duration::from_secs(5),
+        "the bridge's record to say connected",
+        || {
+            let rows: Vec<Value> = serde_json::from_str(&monitor(&["--json"])).ok()?;
+            rows.iter()
+                .any(|r| r["service"] == "bridge" && r["connected"] == true)
+                .then_some(())
+        },
+    );
+}
+
 #[test]
 fn the_dashboard_renders_in_a_terminal_sorts_and_quits_on_q() {
     let b = broker();

@@ -19,7 +19,7 @@ use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, Wrap};
 use ratatui::{DefaultTerminal, Frame};
 use serde_json::Value;
 
@@ -121,8 +121,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         })?;
         let mut rows = watcher.views(now_unix());
         sort_rows(&mut rows, args.sort, false);
-        print_once(&rows, args.json)?;
+        let printed = print_once(&rows, args.json);
         runtime.block_on(watcher.stop());
+        // `axion monitor --once | head` closes the pipe early: not an error.
+        let closed_pipe = printed.as_ref().err().is_some_and(|e| {
+            let kind = e
+                .downcast_ref::<std::io::Error>()
+                .map(std::io::Error::kind)
+                .or_else(|| e.downcast_ref::<serde_json::Error>()?.io_error_kind());
+            kind == Some(std::io::ErrorKind::BrokenPipe)
+        });
+        if !closed_pipe {
+            printed?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let mut terminal = ratatui::init();
@@ -160,7 +171,45 @@ fn print_once(rows: &[InstanceView], json: bool) -> anyhow::Result<()> {
             h.inflight
         )?;
     }
+    for (instance, line) in broker_counters(rows) {
+        writeln!(out, "broker {instance}: {line}")?;
+    }
     Ok(())
+}
+
+/// The counters an Axion broker puts on its heartbeat record (`"broker"`),
+/// one line per broker instance shown: refusals, slow consumers cut off
+/// and router renewals are what an operator looks for when clients
+/// complain.
+fn broker_counters(rows: &[InstanceView]) -> Vec<(String, String)> {
+    let fields = [
+        ("sessions", "sessions"),
+        ("refused_at_limit", "refused at limit"),
+        ("slow_consumers_cut_off", "slow consumers cut off"),
+        ("sessions_expired", "sessions expired"),
+        ("auth_refused_connects", "logins refused"),
+        ("acl_denied_publishes", "publishes denied"),
+        ("acl_denied_subscribes", "subscribes denied"),
+        ("router_renewals", "router renewals"),
+        ("router_renewals_put_off", "put off"),
+        ("router_renewal_pause_ms", "last pause ms"),
+        ("share_repeats_dropped", "$share repeats dropped"),
+    ];
+    rows.iter()
+        .filter(|r| r.state != State::Offline)
+        .filter_map(|r| {
+            let counters = r.record.extras.get("broker")?.as_object()?;
+            let line = fields
+                .iter()
+                .filter_map(|(key, label)| {
+                    let n = counters.get(*key)?.as_u64()?;
+                    Some(format!("{label} {n}"))
+                })
+                .collect::<Vec<_>>()
+                .join(" · ");
+            Some((r.record.instance_id.clone(), line))
+        })
+        .collect()
 }
 
 /// Groups by package and service, then orders each group by `key`.
@@ -270,10 +319,18 @@ impl View<'_> {
         } else {
             (self.queues.len() as u16 + 3).min(12)
         };
-        let [header, instances, queues, footer] = Layout::vertical([
+        let brokers = broker_counters(self.rows);
+        let broker_height = if brokers.is_empty() {
+            0
+        } else {
+            // Two lines each: the counters wrap on a narrow terminal.
+            (brokers.len() as u16 * 2 + 1).min(9)
+        };
+        let [header, instances, queues, broker, footer] = Layout::vertical([
             Constraint::Length(2),
             Constraint::Min(4),
             Constraint::Length(queue_height),
+            Constraint::Length(broker_height),
             Constraint::Length(1),
         ])
         .areas(frame.area());
@@ -281,6 +338,23 @@ impl View<'_> {
         frame.render_widget(self.instances(), instances);
         if queue_height > 0 {
             frame.render_widget(self.queue_table(), queues);
+        }
+        if broker_height > 0 {
+            let lines = brokers
+                .into_iter()
+                .map(|(instance, line)| {
+                    Line::from(vec![
+                        Span::styled(instance, Style::new().add_modifier(Modifier::BOLD)),
+                        Span::raw(format!("  {line}")),
+                    ])
+                })
+                .collect::<Vec<_>>();
+            frame.render_widget(
+                Paragraph::new(lines)
+                    .wrap(Wrap { trim: true })
+                    .block(Block::new().borders(Borders::TOP).title(" brokers ")),
+                broker,
+            );
         }
         frame.render_widget(
             Paragraph::new(Line::from(vec![
