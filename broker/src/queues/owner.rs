@@ -38,6 +38,8 @@ const INBOUND_CAPACITY: usize = 1024;
 const REQUEST_CAPACITY: usize = 16_384;
 const STATS_EVERY_MS: u64 = 1000;
 const STATS_REFRESH_MS: u64 = 5000;
+/// A group commit slower than this is logged.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -101,7 +103,14 @@ pub(crate) async fn run(
         .name("axion-queue-store".into())
         .spawn(move || {
             while let Ok(batch) = writer_rx.recv() {
+                let started = std::time::Instant::now();
                 let result = store.commit(&batch);
+                let took = started.elapsed();
+                // Every task in the batch waits this long to be confirmed
+                // or delivered: a slow disk shows here first.
+                if took >= SLOW_COMMIT {
+                    tracing::warn!(ms = took.as_millis() as u64, ops = batch.len(), "slow queue store commit");
+                }
                 if let Err(err) = &result {
                     tracing::error!(error = %err, ops = batch.len(), "queue store commit failed");
                 }
