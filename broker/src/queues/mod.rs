@@ -69,7 +69,10 @@ pub struct QueueConfig {
     /// owner; there it only costs throughput, because rumqttd's router
     /// keeps at most 100 messages unacknowledged per client and everything
     /// behind them (task acks included) would wait for each fsync.
-    /// Everything else is acknowledged on receipt either way. Default true.
+    /// Everything else is acknowledged on receipt either way; when nothing
+    /// waits, the MQTT client acknowledges by itself, a read's worth of
+    /// PUBACKs in one write (by hand, rumqttc 0.25 writes each alone).
+    /// Default true.
     pub ack_after_commit: bool,
 }
 

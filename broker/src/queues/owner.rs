@@ -11,8 +11,10 @@
 //!   commit runs goes into the next one, so one fsync covers every enqueue of
 //!   that window (group commit) without adding a fixed delay at low load.
 //!
-//! Incoming publishes are acknowledged by hand (PUBACK) only after what they
-//! changed is on disk, in receive order.
+//! Beside a broker that outlives it, the owner acknowledges an incoming
+//! `enqueue` (PUBACK) by hand only once the task is on disk, in receive
+//! order. Beside the embedded broker, which dies with it, the MQTT client
+//! acknowledges every publish on receipt.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -83,7 +85,8 @@ pub(crate) async fn run(
         .clone()
         .unwrap_or_else(|| format!("axion-queues-{}", cfg.package));
     let mut opts = cfg.mqtt.options_v5(&client_id);
-    opts.set_manual_acks(true);
+    // By hand only when an enqueue's PUBACK waits for its commit.
+    opts.set_manual_acks(cfg.ack_after_commit);
     opts.set_max_packet_size(Some(cfg.max_packet_size));
     opts.set_receive_maximum(Some(1000));
     // A persistent session lets an external broker keep enqueues for the
@@ -331,7 +334,10 @@ impl Core {
             }
             Inbound::Publish(publish) => {
                 self.on_publish(&publish);
-                let wait = self.cfg.ack_after_commit && publish.topic.ends_with(b"/enqueue");
+                if !self.cfg.ack_after_commit {
+                    return;
+                }
+                let wait = publish.topic.ends_with(b"/enqueue");
                 let ack = Publish {
                     payload: Bytes::new(),
                     properties: None,
