@@ -325,6 +325,71 @@ fn cli(url: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// An operator's `mosquitto_sub` sees a task's whole life on the queue
+/// topics: the enqueue, the worker's credit, the delivery and the ack
+/// (inside `axion serve` the owner takes its copy of the inbound ones
+/// straight from the sessions; the router still carries them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_sees_enqueue_ready_task_and_ack() {
+    use std::io::{BufRead, BufReader};
+    let setup = Setup::start(&[]).await;
+    let url = setup.url();
+    let port = MqttUrl::parse(&url).expect("url").port.to_string();
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-p", &port, "-t", &format!("axion/{PKG}/queue/vis/+"), "-v"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    let (line_tx, mut lines) = mpsc::unbounded_channel();
+    let stdout = sub.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Subscribed once a probe comes through.
+    let producer = Producer::start(&url, "vis-producer", 16).await;
+    let probe = format!("axion/{PKG}/queue/vis/probe");
+    'probing: loop {
+        producer
+            .sender
+            .client
+            .publish(&probe, QoS::AtLeastOnce, false, "{}")
+            .await
+            .expect("probe");
+        let until = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(Some(line)) = tokio::time::timeout_at(until, lines.recv()).await {
+            if line.starts_with(&probe) {
+                break 'probing;
+            }
+        }
+    }
+    let mut worker = Worker::start(&url, "vis-worker", "vis", 1, false).await;
+    producer.enqueue("vis", "seen-1").await;
+    let task = worker
+        .next_task(Duration::from_secs(10))
+        .await
+        .expect("task");
+    worker.ack(&task).await;
+    let mut missing: HashSet<&str> = ["enqueue", "ready", "tasks", "ack"].into();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !missing.is_empty() {
+        let line = tokio::time::timeout_at(deadline, lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("mosquitto_sub never showed {missing:?}"))
+            .expect("mosquitto_sub output");
+        let (topic, body) = line.split_once(' ').unwrap_or((&line, ""));
+        let leaf = topic.rsplit('/').next().unwrap_or_default();
+        if leaf == "ready" || body.contains("seen-1") {
+            missing.remove(leaf);
+        }
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_piles_up_then_drains_within_credit() {
     piles_up_then_drains(Setup::start(&[]).await).await;

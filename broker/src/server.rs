@@ -65,6 +65,9 @@ pub struct Shared {
     pub lifetimes: Lifetimes,
     /// Moving sessions to a fresh router (see [`crate::renewal`]).
     pub renewal: Renewal,
+    /// Copies of queue publishes for the queue owner beside this broker
+    /// (see [`crate::queues::tap`]).
+    pub queue_tap: std::sync::OnceLock<crate::queues::tap::Tap>,
 }
 
 impl Shared {
@@ -292,6 +295,7 @@ impl Broker {
             needed: Needed::default(),
             lifetimes: Lifetimes::default(),
             renewal: Renewal::default(),
+            queue_tap: std::sync::OnceLock::new(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tls = tls_listener.map(|(listener, addr, acceptor)| {
@@ -341,6 +345,15 @@ impl Broker {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// From now on, sessions hand publishes to `package`'s queue topics
+    /// (`enqueue`, `ack`, …) to the returned end as well as to the router:
+    /// for the queue owner running beside this broker. `None` if a tap is
+    /// already installed.
+    pub fn tap_queues(&self, package: &str) -> Option<crate::queues::tap::TapRx> {
+        let (tap, rx) = crate::queues::tap::tap(package);
+        self.shared.queue_tap.set(tap).ok().map(|()| rx)
     }
 
     /// Path of the Unix socket listener, if one is configured.

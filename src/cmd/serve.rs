@@ -179,7 +179,12 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             .config(local.clone(), args.data_dir.clone(), args.package.clone());
     // The embedded broker dies with the owner: nothing to hand over again.
     queue_config.ack_after_commit = false;
-    let mut queues = QueueOwner::start(queue_config)
+    // Installed before the owner loads its store: what producers send
+    // meanwhile waits for it instead of finding no subscriber.
+    let tap = broker
+        .tap_queues(&args.package)
+        .context("install the queue tap")?;
+    let mut queues = QueueOwner::start_tapped(queue_config, tap)
         .await
         .context("start the queue owner")?;
 

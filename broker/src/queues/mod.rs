@@ -24,6 +24,7 @@ mod owner;
 pub mod proto;
 mod queue;
 mod store;
+pub mod tap;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -128,6 +129,23 @@ impl QueueOwner {
     /// broker and starts serving. Returns once the store is loaded; the MQTT
     /// connection is made (and remade) in the background.
     pub async fn start(cfg: QueueConfig) -> Result<QueueHandle, QueueError> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// [`QueueOwner::start`] beside the embedded broker: the owner's
+    /// inbound queue traffic comes through `tap` (see [`tap`]) instead of
+    /// its MQTT subscriptions.
+    pub async fn start_tapped(
+        cfg: QueueConfig,
+        tap: tap::TapRx,
+    ) -> Result<QueueHandle, QueueError> {
+        Self::start_with(cfg, Some(tap)).await
+    }
+
+    async fn start_with(
+        cfg: QueueConfig,
+        tap: Option<tap::TapRx>,
+    ) -> Result<QueueHandle, QueueError> {
         topics::validate_level("package", &cfg.package)?;
         for queue in cfg.ack_wait_overrides.keys() {
             topics::validate_level("queue", queue)?;
@@ -153,7 +171,7 @@ impl QueueOwner {
             "queue owner starting"
         );
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(owner::run(cfg, store, loaded, rx));
+        let task = tokio::spawn(owner::run(cfg, store, loaded, rx, tap));
         Ok(QueueHandle {
             shutdown: Some(tx),
             task,

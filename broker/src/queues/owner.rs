@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::proto::{Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest};
 use super::queue::{After, Effects, Limits, Outgoing, Queue};
 use super::store::{Loaded, Op, Store, StoreError};
+use super::tap::{TapRx, LEAVES};
 use super::{QueueConfig, QueueError};
 
 /// Deliveries per queue per pass, so one busy queue does not starve others.
@@ -79,6 +80,7 @@ pub(crate) async fn run(
     store: Store,
     loaded: Loaded,
     shutdown: oneshot::Receiver<()>,
+    tap: Option<TapRx>,
 ) -> Result<(), QueueError> {
     let client_id = cfg
         .client_id
@@ -96,7 +98,8 @@ pub(crate) async fn run(
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
-    let subs = subscriptions(&cfg.package);
+    let subs = subscriptions(&cfg.package, tap.is_some());
+    let mut tap_rx = tap.map(|t| t.0);
     let announce = topics::announce(&cfg.package);
     let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
 
@@ -112,7 +115,11 @@ pub(crate) async fn run(
                 // Every task in the batch waits this long to be confirmed
                 // or delivered: a slow disk shows here first.
                 if took >= SLOW_COMMIT {
-                    tracing::warn!(ms = took.as_millis() as u64, ops = batch.len(), "slow queue store commit");
+                    tracing::warn!(
+                        ms = took.as_millis() as u64,
+                        ops = batch.len(),
+                        "slow queue store commit"
+                    );
                 }
                 if let Err(err) = &result {
                     tracing::error!(error = %err, ops = batch.len(), "queue store commit failed");
@@ -148,6 +155,15 @@ pub(crate) async fn run(
                     }
                 }
             }
+            Some(first) = recv_tap(&mut tap_rx) => {
+                core.inbound(Inbound::Publish(first));
+                for _ in 0..INBOUND_CAPACITY {
+                    match tap_rx.as_mut().map(mpsc::Receiver::try_recv) {
+                        Some(Ok(more)) => core.inbound(Inbound::Publish(more)),
+                        _ => break,
+                    }
+                }
+            }
             _ = tick.tick() => core.on_tick(),
         }
         core.settle();
@@ -179,13 +195,25 @@ pub(crate) async fn run(
     result
 }
 
-fn subscriptions(package: &str) -> Vec<String> {
-    let mut subs: Vec<String> = [
-        "enqueue", "ready", "ack", "fail", "progress", "release", "cmd",
-    ]
-    .iter()
-    .map(|leaf| topics::queue(package, "+", leaf))
-    .collect();
+/// The next copy from the tap; never, without one.
+async fn recv_tap(tap: &mut Option<mpsc::Receiver<Box<Publish>>>) -> Option<Box<Publish>> {
+    match tap {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the owner subscribes to: its queues' inbound topics, unless a tap
+/// brings them, and every heartbeat of its package (workers that go).
+fn subscriptions(package: &str, tapped: bool) -> Vec<String> {
+    let mut subs: Vec<String> = if tapped {
+        Vec::new()
+    } else {
+        LEAVES
+            .iter()
+            .map(|leaf| topics::queue(package, "+", leaf))
+            .collect()
+    };
     subs.push(format!("axion/{package}/heartbeat/+/+"));
     subs
 }

@@ -42,6 +42,7 @@ use crate::codec::Codec;
 use crate::expiry;
 use crate::flow::Consumer;
 use crate::listener::Stream;
+use crate::marks::Mark;
 use crate::names;
 use crate::renewal::{self, Phase};
 use crate::router;
@@ -483,6 +484,19 @@ impl Session {
                     }
                 }
                 _ => {}
+            }
+        }
+        if let Some(tap) = self.shared.queue_tap.get() {
+            for packet in &packets {
+                if let Packet::Publish(publish, props) = packet {
+                    let topic = names::unescape_topic(publish.topic.clone());
+                    if tap.wants(&topic) {
+                        let mut props = props.clone();
+                        Mark::take(&mut props);
+                        tap.send(topic, publish.payload.clone(), publish.retain, props)
+                            .await;
+                    }
+                }
             }
         }
         let Some(last) = packets.pop() else {

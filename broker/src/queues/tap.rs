@@ -1,0 +1,125 @@
+//! The queue owner's inbound traffic, straight from the client sessions of
+//! the embedded broker it runs beside.
+//!
+//! Per task the owner receives an `enqueue` and an `ack`. As an MQTT client
+//! each costs a router delivery, the owner's session writing it out, a
+//! socket and rumqttc reading it back. Inside `axion serve` the session
+//! that received the publish hands the owner a copy instead (after the ACL
+//! check, as the router gets it), and the owner subscribes only to what it
+//! still needs over MQTT (heartbeats). The router still gets every publish,
+//! so `mosquitto_sub -t 'axion/#'` shows queue traffic as before.
+//!
+//! The channel is bounded: a session whose copy does not fit waits, which
+//! holds back that client alone, as a slow owner connection did. Installed
+//! as the broker starts, it also keeps what arrives before the owner has
+//! loaded its store, where a subscription would have missed it.
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::sync::mpsc;
+
+/// Topic leaves (`axion/<pkg>/queue/<q>/<leaf>`) the owner acts on.
+pub(crate) const LEAVES: [&str; 7] = [
+    "enqueue", "ready", "ack", "fail", "progress", "release", "cmd",
+];
+
+/// Copies waiting for the owner; past this, sessions wait.
+const CAPACITY: usize = 4096;
+
+/// The sessions' end: which topics to copy, and where to.
+pub struct Tap {
+    prefix: String,
+    tx: mpsc::Sender<Box<Publish>>,
+}
+
+/// The owner's end, handed to [`super::QueueOwner::start_tapped`].
+pub struct TapRx(pub(crate) mpsc::Receiver<Box<Publish>>);
+
+/// A tap for the queues of `package`.
+pub fn tap(package: &str) -> (Tap, TapRx) {
+    let (tx, rx) = mpsc::channel(CAPACITY);
+    let tap = Tap {
+        prefix: format!("axion/{package}/queue/"),
+        tx,
+    };
+    (tap, TapRx(rx))
+}
+
+impl Tap {
+    /// True for `axion/<package>/queue/<q>/<leaf>` with a leaf in [`LEAVES`].
+    pub fn wants(&self, topic: &[u8]) -> bool {
+        let Some(rest) = topic.strip_prefix(self.prefix.as_bytes()) else {
+            return false;
+        };
+        let mut levels = rest.split(|b| *b == b'/');
+        match (levels.next(), levels.next(), levels.next()) {
+            (Some(queue), Some(leaf), None) if !queue.is_empty() => {
+                LEAVES.iter().any(|l| l.as_bytes() == leaf)
+            }
+            _ => false,
+        }
+    }
+
+    /// Hands the owner a copy of a publish the router is about to get.
+    /// Waits while the owner is behind; once the owner has stopped the copy
+    /// is dropped (the router still has the publish, and `axion serve`
+    /// stops with its owner).
+    pub async fn send(
+        &self,
+        topic: Bytes,
+        payload: Bytes,
+        retain: bool,
+        props: Option<rumqttd::protocol::PublishProperties>,
+    ) {
+        let properties = props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        });
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain,
+            topic,
+            pkid: 0,
+            payload,
+            properties,
+        };
+        if self.tx.send(Box::new(publish)).await.is_err() {
+            tracing::debug!("queue owner gone; its copy of a queue publish dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_packages_queue_leaves_are_copied() {
+        let (tap, _rx) = tap("p");
+        for topic in [
+            "axion/p/queue/jobs/enqueue",
+            "axion/p/queue/jobs/ack",
+            "axion/p/queue/jobs/cmd",
+        ] {
+            assert!(tap.wants(topic.as_bytes()), "{topic}");
+        }
+        for topic in [
+            "axion/p/queue/jobs/tasks",
+            "axion/p/queue/jobs/stats",
+            "axion/p/queue/jobs/enqueue/more",
+            "axion/p/queue//enqueue",
+            "axion/q/queue/jobs/enqueue",
+            "axion/p/heartbeat/svc/h:1",
+        ] {
+            assert!(!tap.wants(topic.as_bytes()), "{topic}");
+        }
+    }
+}
