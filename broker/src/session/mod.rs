@@ -472,6 +472,8 @@ impl Session {
 
     /// Hands packets to the router: all but the last go straight into the
     /// link's buffer, the last one wakes the router once for the batch.
+    /// Publishes to the embedded queue owner's inbound topics go to it too,
+    /// first (see [`crate::queues::tap`]).
     async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
         for packet in &packets {
             match packet {
@@ -491,6 +493,8 @@ impl Session {
                 if let Packet::Publish(publish, props) = packet {
                     let topic = names::unescape_topic(publish.topic.clone());
                     if tap.wants(&topic) {
+                        // The owner gets the client's properties, not the
+                        // front end's mark for the router.
                         let mut props = props.clone();
                         Mark::take(&mut props);
                         tap.send(topic, publish.payload.clone(), publish.retain, props)
