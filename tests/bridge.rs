@@ -379,9 +379,17 @@ fn enqueues_the_broker_dropped_are_published_again_until_confirmed() {
             .and_then(|(_, body)| serde_json::from_str(&body).ok())
             .unwrap_or_default()
     };
+    // Every enqueue went to a broker with no owner and is published again
+    // (after 3 s unconfirmed) before the owner even starts. Waiting for
+    // the bridge to have read them is not enough: a publish still on its
+    // way when the owner subscribes would be taken the first time.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while stats()["frames_in"].as_u64().unwrap_or(0) < 400 {
-        assert!(Instant::now() < deadline, "the bridge never read the flood");
+    while stats()["enqueue_retries"].as_u64().unwrap_or(0) < 400 {
+        assert!(
+            Instant::now() < deadline,
+            "the bridge did not publish the flood again: {}",
+            stats()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let data = tempfile::tempdir().expect("tempdir");
@@ -396,11 +404,6 @@ fn enqueues_the_broker_dropped_are_published_again_until_confirmed() {
     assert_eq!(out["received"], 400, "{out}");
     assert_eq!(out["confirmed"], 400, "{out}");
     assert_eq!(out["duplicates"], 0, "{out}");
-    assert!(
-        stats()["enqueue_retries"].as_u64().unwrap_or(0) >= 400,
-        "{}",
-        stats()
-    );
 }
 
 fn task_actions(stack: &Stack) {
