@@ -136,6 +136,60 @@ async fn will_is_published_on_tcp_drop_and_not_on_clean_disconnect() {
     recv_none(&mut watcher.rx, 700).await;
 }
 
+/// A connection taken over by a new one with its client id ends there,
+/// and its will goes out (MQTT 5 3.1.3.2.2), before anything the new
+/// connection publishes: a retained "gone" never overwrites the "back"
+/// the new connection retains. A will whose delay is still running when
+/// the client comes back is not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_taken_over_sends_its_will_before_the_new_one_speaks() {
+    let serve = Serve::start();
+    let mut watcher = V4::connect(serve.mqtt_port, "takeover-watcher").await;
+    watcher.subscribe("takeover/#", 1).await;
+
+    let mut opts = rumqttc::MqttOptions::new("twin", "127.0.0.1", serve.mqtt_port);
+    opts.set_last_will(rumqttc::LastWill::new(
+        "takeover/twin",
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        true,
+    ));
+    let _first = V4::connect_with(opts).await.expect("connect with will");
+    let second = V4::connect(serve.mqtt_port, "twin").await;
+    second.publish("takeover/twin", b"back", 1, true).await;
+    let seen: Vec<Vec<u8>> = vec![
+        recv(&mut watcher.rx, 5).await.payload,
+        recv(&mut watcher.rx, 5).await.payload,
+    ];
+    assert_eq!(seen, [b"gone".to_vec(), b"back".to_vec()]);
+    let mut late = V4::connect(serve.mqtt_port, "takeover-late").await;
+    late.subscribe("takeover/twin", 1).await;
+    assert_eq!(recv(&mut late.rx, 5).await.payload, b"back");
+
+    let mut opts = rumqttc::v5::MqttOptions::new("twin5", "127.0.0.1", serve.mqtt_port);
+    opts.set_session_expiry_interval(Some(120));
+    opts.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+        "takeover/twin5",
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            delay_interval: Some(60),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    ));
+    let _first = V5::connect_with(opts)
+        .await
+        .expect("connect with a delayed will");
+    let _second = V5::connect(serve.mqtt_port, "twin5").await;
+    recv_none(&mut watcher.rx, 700).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ids_with_topic_characters_work_and_break_nothing() {
     let serve = Serve::start();

@@ -99,6 +99,30 @@ pub struct Newest {
     /// before the old session notices its socket closed.
     unacknowledged: Arc<AtomicUsize>,
     subscriptions: SharedSubscriptions,
+    /// The connection's will while it may still be due.
+    will: WillSlot,
+}
+
+/// A connection's will, shared with the next connection of its client id:
+/// whichever ends the old connection (the session finishing, or a
+/// takeover) takes it, so it goes out at most once.
+pub type WillSlot = Arc<std::sync::Mutex<Option<Will>>>;
+
+/// A will as the CONNECT carried it (topic already in router form).
+pub type Will = (
+    rumqttd::protocol::LastWill,
+    Option<rumqttd::protocol::LastWillProperties>,
+);
+
+/// The session of a connection being registered, as [`Newest`] keeps it.
+pub struct Joining {
+    /// The router keeps this session when the connection ends.
+    pub kept: bool,
+    /// Seconds the session outlives the connection.
+    pub expiry: Arc<AtomicU32>,
+    /// Deliveries the client has not acknowledged.
+    pub unacknowledged: Arc<AtomicUsize>,
+    pub will: WillSlot,
 }
 
 /// What a new connection learns about its client id.
@@ -109,6 +133,8 @@ pub struct Resumed {
     /// The subscriptions of the session this connection continues (empty
     /// for a new one); the connection keeps them current.
     pub subscriptions: SharedSubscriptions,
+    /// The will of a connection this one takes over, still to be decided.
+    pub superseded_will: Option<Will>,
 }
 
 impl Lifetimes {
@@ -117,17 +143,19 @@ impl Lifetimes {
     /// session is erased before the caller connects anew with `clean_start`
     /// and a session to keep, or when the old one was to end with its
     /// connection (it may not have noticed yet that its socket closed).
-    /// `kept`, `expiry` and `unacknowledged` describe the new connection's
-    /// session.
     pub async fn connected(
         &self,
         shared: &Arc<Shared>,
         router_id: &str,
         clean_start: bool,
-        kept: bool,
-        expiry: Arc<AtomicU32>,
-        unacknowledged: Arc<AtomicUsize>,
+        joining: Joining,
     ) -> Resumed {
+        let Joining {
+            kept,
+            expiry,
+            unacknowledged,
+            will,
+        } = joining;
         let mut newest = self.newest.lock().await;
         let ends_with_connection = newest
             .get(router_id)
@@ -139,6 +167,12 @@ impl Lifetimes {
         // keeps, or an MQTT 5 connection without Clean Start).
         let resumes = !(clean_start || (kept && ends_with_connection));
         let previous = newest.remove(router_id);
+        let superseded_will = previous.as_ref().and_then(|p| {
+            p.will
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take()
+        });
         let subscriptions = match previous.as_ref() {
             Some(p) if p.kept && resumes => p.subscriptions.clone(),
             Some(p) => {
@@ -156,6 +190,7 @@ impl Lifetimes {
                 expiry,
                 unacknowledged,
                 subscriptions: subscriptions.clone(),
+                will,
             },
         );
         Resumed {
@@ -164,6 +199,7 @@ impl Lifetimes {
                 .filter(|p| p.kept)
                 .map_or(0, |p| p.unacknowledged.load(Ordering::Relaxed)),
             subscriptions,
+            superseded_will,
         }
     }
 

@@ -297,6 +297,7 @@ pub(super) async fn handshake(
     let router_id = names::router_client_id(&client_id);
     let session_expiry = Arc::new(AtomicU32::new(session_expiry));
     let unacknowledged = Arc::new(AtomicUsize::new(0));
+    let will: crate::expiry::WillSlot = Arc::new(std::sync::Mutex::new(will));
     // No router renewal starts while this connection links and registers.
     let gate = shared.renewal.gate.read().await;
     let resumed = shared
@@ -305,12 +306,33 @@ pub(super) async fn handshake(
             shared,
             &router_id,
             clean_session,
-            keep_in_router,
-            session_expiry.clone(),
-            unacknowledged.clone(),
+            crate::expiry::Joining {
+                kept: keep_in_router,
+                expiry: session_expiry.clone(),
+                unacknowledged: unacknowledged.clone(),
+                will: will.clone(),
+            },
         )
         .await;
     let (link_epoch, router) = shared.router_epoch();
+    if let Some((old_will, old_props)) = resumed.superseded_will {
+        // Taking over a live connection ends it (MQTT 5 3.1.3.2.2: its will
+        // goes out unless a Will Delay is still running). Published before
+        // this connection links, so it reaches subscribers before anything
+        // the new connection sends (say, its own "online" heartbeat).
+        let delayed = old_props
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0)
+            > 0;
+        if !delayed {
+            let packet = super::will_packet(shared, old_will, old_props);
+            let visitor = format!("{}will-{}", names::OWN_CLIENT_PREFIX, resumed.generation);
+            if let Err(err) = router.clone().visit(visitor, true, vec![packet]).await {
+                warn!(%peer, client_id, %err, "the will of the connection taken over was not published");
+            }
+        }
+    }
     let (link_tx, link_rx, connack) = match router.link(router_id.clone(), !keep_in_router).await {
         Ok(link) => link,
         Err(err) => {

@@ -118,6 +118,28 @@ pub(crate) async fn run(
     session.finish(ending).await;
 }
 
+/// The publish a will becomes, ready for the router.
+fn will_packet(shared: &Shared, will: LastWill, props: Option<LastWillProperties>) -> Packet {
+    let qos = if will.qos == QoS::AtMostOnce {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let pkid = if qos == QoS::AtMostOnce { 0 } else { u16::MAX };
+    let publish = make_publish(will.topic, will.message, qos, will.retain, pkid);
+    let props = props.map(|p| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type,
+    });
+    shared.prepare_publish(publish, qos as u8, props, None)
+}
+
 fn set_nodelay(stream: &TcpStream, peer: SocketAddr) {
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%peer, %err, "set_nodelay failed");
@@ -151,7 +173,8 @@ struct Session {
     writer: mpsc::Sender<BytesMut>,
     writer_task: tokio::task::JoinHandle<()>,
     inbuf: BytesMut,
-    will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// The will, until this session's end or a takeover decides it.
+    will: expiry::WillSlot,
     /// Filters this client holds, as stored in the router.
     filters: HashSet<String>,
     /// SUBACK codes answered by the front end, spliced into the router's SUBACK.
@@ -526,12 +549,19 @@ impl Session {
         self.shared
             .renewal
             .update(&self.live, |s| s.finishing = Some(kept));
+        // Taken whatever the ending, so that no later connection of this id
+        // finds it (a takeover has already taken it).
+        let will = self
+            .will
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
         if ending != Ending::Kicked {
             // What the client sent before it left goes out, held or not.
             let mut packets: Vec<Packet> = self.held.drain(..).collect();
             self.admission = None;
             let will_due = matches!(ending, Ending::Lost | Ending::CleanWithWill);
-            if let (true, Some((will, props))) = (will_due, self.will.take()) {
+            if let (true, Some((will, props))) = (will_due, will) {
                 // MQTT-3.1.3-9: at the will delay or the session's end,
                 // whichever comes first.
                 let delay = props
@@ -548,7 +578,7 @@ impl Session {
                     self.close().await;
                     return;
                 }
-                packets.push(self.will_packet(will, props));
+                packets.push(will_packet(&self.shared, will, props));
             }
             packets.push(router::disconnect());
             // A newer connection of this id has taken the router's slot
@@ -679,27 +709,6 @@ impl Session {
             // Not kept, or taken over: nobody will read these.
             expiry::release(&self.shared, back);
         }
-    }
-
-    fn will_packet(&self, will: LastWill, props: Option<LastWillProperties>) -> Packet {
-        let qos = if will.qos == QoS::AtMostOnce {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        let pkid = if qos == QoS::AtMostOnce { 0 } else { u16::MAX };
-        let publish = make_publish(will.topic, will.message, qos, will.retain, pkid);
-        let props = props.map(|p| PublishProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            message_expiry_interval: p.message_expiry_interval,
-            topic_alias: None,
-            response_topic: p.response_topic,
-            correlation_data: p.correlation_data,
-            user_properties: p.user_properties,
-            subscription_identifiers: Vec::new(),
-            content_type: p.content_type,
-        });
-        self.shared.prepare_publish(publish, qos as u8, props, None)
     }
 
     /// Waits out a will delay; false if the link was taken over meanwhile.
