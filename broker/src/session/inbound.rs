@@ -377,6 +377,11 @@ impl Session {
                 }
                 let with_will =
                     disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                if !with_will {
+                    // Deleted now, not when the session has finished: a
+                    // reconnect right behind this DISCONNECT must not find it.
+                    self.take_will();
+                }
                 return Ok(Some(if with_will {
                     Ending::CleanWithWill
                 } else {

@@ -549,38 +549,28 @@ impl Session {
         self.shared
             .renewal
             .update(&self.live, |s| s.finishing = Some(kept));
-        // Taken whatever the ending, so that no later connection of this id
-        // finds it (a takeover has already taken it).
-        let will = self
-            .will
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
         if ending != Ending::Kicked {
             // What the client sent before it left goes out, held or not.
             let mut packets: Vec<Packet> = self.held.drain(..).collect();
             self.admission = None;
             let will_due = matches!(ending, Ending::Lost | Ending::CleanWithWill);
-            if let (true, Some((will, props))) = (will_due, will) {
-                // MQTT-3.1.3-9: at the will delay or the session's end,
-                // whichever comes first.
-                let delay = props
-                    .as_ref()
-                    .and_then(|p| p.delay_interval)
-                    .unwrap_or(0)
-                    .min(self.session_expiry.load(Ordering::Relaxed));
-                if delay > 0
-                    && !self
+            // MQTT-3.1.3-9: at the will delay or the session's end,
+            // whichever comes first.
+            let delay = self.will_delay();
+            if will_due && delay > 0 {
+                // Taken at once: a takeover while it waits cancels it.
+                if let Some((will, props)) = self.take_will() {
+                    if !self
                         .wait_will_delay(Duration::from_secs(u64::from(delay)))
                         .await
-                {
-                    // Taken over by a reconnect during the will delay: no will.
-                    self.close().await;
-                    return;
+                    {
+                        // Taken over by a reconnect during the will delay: no will.
+                        self.close().await;
+                        return;
+                    }
+                    packets.push(will_packet(&self.shared, will, props));
                 }
-                packets.push(will_packet(&self.shared, will, props));
             }
-            packets.push(router::disconnect());
             // A newer connection of this id has taken the router's slot
             // over: rumqttd reuses connection ids, so what this stale link
             // sent now would land on that connection (a late DISCONNECT
@@ -595,6 +585,12 @@ impl Session {
                 .await
             {
                 Some(_newest) => {
+                    // Under the lock a takeover takes the will with: it
+                    // goes out once, from here or from the new connection.
+                    if let (true, Some((will, props))) = (will_due, self.take_will()) {
+                        packets.push(will_packet(&self.shared, will, props));
+                    }
+                    packets.push(router::disconnect());
                     if self.relink().await.is_ok() {
                         let _ = self.forward(packets).await;
                     }
@@ -614,6 +610,8 @@ impl Session {
                 self.generation,
             ));
         }
+        // Whatever the ending, no later connection of this id may find it.
+        self.take_will();
         self.park_consumers().await;
         self.drop_consumers(|_| true);
         self.shared.leave_groups(&self.router_id);
@@ -709,6 +707,29 @@ impl Session {
             // Not kept, or taken over: nobody will read these.
             expiry::release(&self.shared, back);
         }
+    }
+
+    /// Takes the will out of the slot this connection shares with the next
+    /// one of its id.
+    fn take_will(&self) -> Option<expiry::Will> {
+        self.will
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
+    /// Seconds the will waits after the connection ends: its Will Delay,
+    /// or less if the session ends sooner.
+    fn will_delay(&self) -> u32 {
+        let slot = self
+            .will
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        slot.as_ref()
+            .and_then(|(_, props)| props.as_ref())
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0)
+            .min(self.session_expiry.load(Ordering::Relaxed))
     }
 
     /// Waits out a will delay; false if the link was taken over meanwhile.
