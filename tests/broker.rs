@@ -173,15 +173,7 @@ async fn a_connection_taken_over_sends_its_will_before_the_new_one_speaks() {
         "gone",
         rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
         false,
-        Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
-            delay_interval: Some(60),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-        }),
+        Some(common::mqtt::will_delay(60)),
     ));
     let _first = V5::connect_with(opts)
         .await

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::mqtt::{recv, recv_none, V4, V5};
 use common::raw::{mqtt_str, raw_subscribe, read_packet, varint};
 use common::Serve;
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
 use tokio::io::AsyncWriteExt;
@@ -122,15 +122,7 @@ async fn the_will_comes_at_the_sessions_end_when_that_is_before_the_will_delay()
     watcher.subscribe("will/t", 1).await;
     let mut o = options(port, "will-owner");
     o.set_session_expiry_interval(Some(1));
-    let props = LastWillProperties {
-        delay_interval: Some(600),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
+    let props = common::mqtt::will_delay(600);
     o.set_last_will(LastWill::new(
         "will/t",
         "gone",

@@ -270,3 +270,17 @@ pub async fn recv_none(rx: &mut mpsc::UnboundedReceiver<Msg>, ms: u64) {
         panic!("unexpected message {m:?}");
     }
 }
+
+/// MQTT 5 will properties with only a Will Delay Interval (rumqttc's type
+/// has no `Default`).
+pub fn will_delay(secs: u32) -> rumqttc::v5::mqttbytes::v5::LastWillProperties {
+    rumqttc::v5::mqttbytes::v5::LastWillProperties {
+        delay_interval: Some(secs),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    }
+}
