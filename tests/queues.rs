@@ -352,7 +352,12 @@ async fn mosquitto_sub_sees_enqueue_ready_task_and_ack() {
     // Subscribed once a probe comes through.
     let producer = Producer::start(&url, "vis-producer", 16).await;
     let probe = format!("axion/{PKG}/queue/vis/probe");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
     'probing: loop {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "mosquitto_sub never subscribed"
+        );
         producer
             .sender
             .client

@@ -125,6 +125,11 @@ pub struct Joining {
     pub will: WillSlot,
 }
 
+/// A will's Will Delay Interval in seconds (0 without one).
+pub fn will_delay(will: &Will) -> u32 {
+    will.1.as_ref().and_then(|p| p.delay_interval).unwrap_or(0)
+}
+
 /// What a new connection learns about its client id.
 pub struct Resumed {
     pub generation: u64,

@@ -7,6 +7,7 @@
 //! file only renders it.
 
 use std::cmp::Ordering;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -121,18 +122,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         })?;
         let mut rows = watcher.views(now_unix());
         sort_rows(&mut rows, args.sort, false);
-        let printed = print_once(&rows, args.json);
+        let text = render_once(&rows, args.json)?;
         runtime.block_on(watcher.stop());
-        // `axion monitor --once | head` closes the pipe early: not an error.
-        let closed_pipe = printed.as_ref().err().is_some_and(|e| {
-            let kind = e
-                .downcast_ref::<std::io::Error>()
-                .map(std::io::Error::kind)
-                .or_else(|| e.downcast_ref::<serde_json::Error>()?.io_error_kind());
-            kind == Some(std::io::ErrorKind::BrokenPipe)
-        });
-        if !closed_pipe {
-            printed?;
+        match std::io::stdout().lock().write_all(text.as_bytes()) {
+            // `axion monitor --once | head` closes the pipe early: not an error.
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {}
+            written => written.context("write the table")?,
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -143,13 +138,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
-fn print_once(rows: &[InstanceView], json: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+/// The `--once` output: the table (and broker counters), or JSON.
+fn render_once(rows: &[InstanceView], json: bool) -> anyhow::Result<String> {
     if json {
-        serde_json::to_writer_pretty(&mut out, rows).context("write JSON")?;
-        writeln!(out)?;
-        return Ok(());
+        return Ok(serde_json::to_string_pretty(rows).context("encode JSON")? + "\n");
     }
+    let mut out = String::new();
     writeln!(
         out,
         "{:<12} {:<16} {:<28} {:<9} {:>7} {:>8} {:>8} {:>6} {:>8}",
@@ -174,7 +168,7 @@ fn print_once(rows: &[InstanceView], json: bool) -> anyhow::Result<()> {
     for (instance, line) in broker_counters(rows) {
         writeln!(out, "broker {instance}: {line}")?;
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The counters an Axion broker puts on its heartbeat record (`"broker"`),

@@ -31,21 +31,35 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}");
 }
 
-/// True once `port` accepts TCP; false if `proc` exits first. Panics
-/// after `timeout`.
-pub fn listens_while_running(proc: &mut Proc, port: u16, timeout: Duration) -> bool {
+/// Waits until `port` accepts TCP: `Err` with the exit status if `proc`
+/// exits first, `Err(None)` after `timeout`.
+pub fn wait_listening(
+    proc: &mut Proc,
+    port: u16,
+    timeout: Duration,
+) -> Result<(), Option<std::process::ExitStatus>> {
     let deadline = Instant::now() + timeout;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
+            return Ok(());
         }
-        if matches!(proc.child.try_wait(), Ok(Some(_))) {
-            return false;
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return Err(Some(status));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}");
+    Err(None)
+}
+
+/// True once `port` accepts TCP; false if `proc` exits first. Panics
+/// after `timeout`.
+pub fn listens_while_running(proc: &mut Proc, port: u16, timeout: Duration) -> bool {
+    match wait_listening(proc, port, timeout) {
+        Ok(()) => true,
+        Err(Some(_)) => false,
+        Err(None) => panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}"),
+    }
 }
 
 pub fn axion_bin() -> PathBuf {
@@ -146,21 +160,14 @@ impl Serve {
             args,
             envs,
         );
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.mqtt_port));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            let exited = self.proc.child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.data_dir.path().join("serve.log"));
-                panic!(
-                    "axion serve did not come back on {addr} (exit: {exited:?}); its log:\n{}",
-                    log.unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Err(exited) = wait_listening(&mut self.proc, self.mqtt_port, Duration::from_secs(20))
+        {
+            let log = std::fs::read_to_string(self.data_dir.path().join("serve.log"));
+            panic!(
+                "axion serve did not come back on port {} (exit: {exited:?}); its log:\n{}",
+                self.mqtt_port,
+                log.unwrap_or_default()
+            );
         }
     }
 }

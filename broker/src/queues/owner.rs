@@ -147,21 +147,12 @@ pub(crate) async fn run(
             inbound = in_rx.recv() => {
                 let Some(first) = inbound else { break Err(QueueError::MqttLoop) };
                 core.inbound(first);
-                // Take what is already waiting, so one commit covers it all.
-                for _ in 0..INBOUND_CAPACITY {
-                    match in_rx.try_recv() {
-                        Ok(more) => core.inbound(more),
-                        Err(_) => break,
-                    }
-                }
+                take_waiting(&mut in_rx, |more| core.inbound(more));
             }
             Some(first) = recv_tap(&mut tap_rx) => {
                 core.inbound(Inbound::Publish(first));
-                for _ in 0..INBOUND_CAPACITY {
-                    match tap_rx.as_mut().map(mpsc::Receiver::try_recv) {
-                        Some(Ok(more)) => core.inbound(Inbound::Publish(more)),
-                        _ => break,
-                    }
+                if let Some(rx) = tap_rx.as_mut() {
+                    take_waiting(rx, |more| core.inbound(Inbound::Publish(more)));
                 }
             }
             _ = tick.tick() => core.on_tick(),
@@ -193,6 +184,17 @@ pub(crate) async fn run(
     }
     tracing::info!("queue owner stopped");
     result
+}
+
+/// Hands `each` what is already waiting in `rx` (a channel's worth at
+/// most), so that one commit covers it all.
+fn take_waiting<T>(rx: &mut mpsc::Receiver<T>, mut each: impl FnMut(T)) {
+    for _ in 0..INBOUND_CAPACITY {
+        match rx.try_recv() {
+            Ok(more) => each(more),
+            Err(_) => break,
+        }
+    }
 }
 
 /// The next copy from the tap; never, without one.

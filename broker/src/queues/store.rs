@@ -144,19 +144,10 @@ const MAGIC_LEN: usize = 9;
 /// was ever committed to it, and `Database::create` refuses it for good.
 fn never_initialised(path: &Path) -> bool {
     use std::io::Read;
-    let mut head = [0u8; MAGIC_LEN];
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut read = 0;
-    while read < MAGIC_LEN {
-        match file.read(&mut head[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(_) => return false,
-        }
-    }
-    read > 0 && head[..read].iter().all(|b| *b == 0)
+    let mut head = Vec::with_capacity(MAGIC_LEN);
+    let read = std::fs::File::open(path)
+        .and_then(|file| file.take(MAGIC_LEN as u64).read_to_end(&mut head));
+    matches!(read, Ok(n) if n > 0) && head.iter().all(|b| *b == 0)
 }
 
 impl Store {

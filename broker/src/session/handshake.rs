@@ -315,22 +315,16 @@ pub(super) async fn handshake(
         )
         .await;
     let (link_epoch, router) = shared.router_epoch();
-    if let Some((old_will, old_props)) = resumed.superseded_will {
-        // Taking over a live connection ends it (MQTT 5 3.1.3.2.2: its will
-        // goes out unless a Will Delay is still running). Published before
-        // this connection links, so it reaches subscribers before anything
-        // the new connection sends (say, its own "online" heartbeat).
-        let delayed = old_props
-            .as_ref()
-            .and_then(|p| p.delay_interval)
-            .unwrap_or(0)
-            > 0;
-        if !delayed {
-            let packet = super::will_packet(shared, old_will, old_props);
-            let visitor = format!("{}will-{}", names::OWN_CLIENT_PREFIX, resumed.generation);
-            if let Err(err) = router.clone().visit(visitor, true, vec![packet]).await {
-                warn!(%peer, client_id, %err, "the will of the connection taken over was not published");
-            }
+    // Taking over a live connection ends it (MQTT 5 3.1.3.2.2: its will
+    // goes out unless a Will Delay is still running). Published before this
+    // connection links, so it reaches subscribers before anything the new
+    // connection sends (say, its own "online" heartbeat).
+    let superseded = resumed.superseded_will;
+    if let Some((will, props)) = superseded.filter(|w| crate::expiry::will_delay(w) == 0) {
+        let packet = super::will_packet(shared, will, props);
+        let visitor = format!("{}will-{}", names::OWN_CLIENT_PREFIX, resumed.generation);
+        if let Err(err) = router.clone().visit(visitor, true, vec![packet]).await {
+            warn!(%peer, client_id, %err, "the will of the connection taken over was not published");
         }
     }
     let (link_tx, link_rx, connack) = match router.link(router_id.clone(), !keep_in_router).await {

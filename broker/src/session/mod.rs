@@ -726,9 +726,7 @@ impl Session {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         slot.as_ref()
-            .and_then(|(_, props)| props.as_ref())
-            .and_then(|p| p.delay_interval)
-            .unwrap_or(0)
+            .map_or(0, expiry::will_delay)
             .min(self.session_expiry.load(Ordering::Relaxed))
     }
 
