@@ -7,6 +7,12 @@ mod logging;
 
 use clap::{Parser, Subcommand};
 
+// The broker's sessions, router and queue store allocate a few small
+// buffers per message; glibc's malloc spent ~14% of serve's CPU on them
+// under the queue benchmark (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "axion",

@@ -201,7 +201,9 @@ pub fn subscribe(pkid: u16, filters: impl IntoIterator<Item = (String, QoS)>) ->
 
 /// Gives memory the allocator holds free back to the system. A retired
 /// router frees its memory inside the allocator, but glibc keeps a dead
-/// thread's arena mapped unless asked to trim it.
+/// thread's arena mapped unless asked to trim it. (The `axion` binary
+/// allocates with mimalloc, which purges freed pages by itself after a
+/// short delay; the trim then only concerns glibc's few own allocations.)
 pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
