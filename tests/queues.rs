@@ -719,6 +719,46 @@ async fn duplicate_id_is_enqueued_once_and_delay_is_honoured() {
     assert_eq!(s.depth, 0);
 }
 
+/// A Response Topic no message can be published to (a wildcard) holds up
+/// nothing: the task is still enqueued, and what the owner sends after
+/// the refused reply (answers, confirmations) still goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_topic_with_a_wildcard_holds_up_nothing() {
+    let setup = Setup::start(&[]).await;
+    let url = setup.url();
+    let opts = MqttUrl::parse(&url)
+        .expect("url")
+        .options_v5("wild-replies");
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let conn = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    for (i, reply) in ["replies/+/x", "replies/#"].into_iter().enumerate() {
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: Some(reply.to_string()),
+            ..Default::default()
+        };
+        client
+            .publish_with_properties(
+                format!("axion/{PKG}/queue/wild/enqueue"),
+                QoS::AtLeastOnce,
+                false,
+                json!({ "id": format!("wild-{i}"), "payload": i }).to_string(),
+                props,
+            )
+            .await
+            .expect("publish");
+    }
+    let mut c = ops(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show(&mut c, "wild").await.depth < 2 {
+        assert!(Instant::now() < deadline, "the two enqueues never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let good = enqueue(&mut c, "wild", json!({ "id": "good", "payload": 2 })).await;
+    assert!(!good.duplicate);
+    assert_eq!(show(&mut c, "wild").await.depth, 3);
+    conn.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_worker_tasks_reach_another_worker_at_once() {
     let setup = Setup::start(&[]).await; // 30 s ack wait

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod ops;
+pub mod outlet;
 mod owner;
 pub mod proto;
 mod queue;
@@ -35,6 +36,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use store::StoreError;
+
+/// The owner's MQTT client id unless [`QueueConfig::client_id`] says
+/// otherwise: stable, so a restart takes over its session.
+pub fn owner_client_id(package: &str) -> String {
+    format!("axion-queues-{package}")
+}
 
 /// Everything the owner needs. [`QueueConfig::new`] fills the defaults.
 #[derive(Debug, Clone)]
@@ -134,7 +141,9 @@ impl QueueOwner {
 
     /// [`QueueOwner::start`] beside the embedded broker: the owner's
     /// inbound queue traffic comes through `tap` (see [`tap`]) instead of
-    /// its MQTT subscriptions.
+    /// its MQTT subscriptions, and what it publishes goes out through the
+    /// tap's outlet (see [`outlet`]) when it connects under the default
+    /// client id.
     pub async fn start_tapped(
         cfg: QueueConfig,
         tap: tap::TapRx,

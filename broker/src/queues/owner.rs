@@ -26,6 +26,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{mpsc, oneshot};
 
+use super::outlet::{Injected, OutletTx, Refused};
 use super::proto::{Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest};
 use super::queue::{After, Effects, Limits, Outgoing, Queue};
 use super::store::{Loaded, Op, Store, StoreError};
@@ -56,7 +57,9 @@ enum Inbound {
 }
 
 enum Out {
-    Publish(Outgoing, QoS),
+    Publish(Outgoing),
+    /// A publish the outlet had no room for, ready to go again.
+    Injected(Injected),
     Ack(Publish),
 }
 
@@ -64,6 +67,9 @@ pub(crate) struct Core {
     cfg: QueueConfig,
     prefix: String,
     client: AsyncClient,
+    /// Beside the embedded broker: the way out that skips MQTT (see
+    /// [`super::outlet`]); publishes go through `client` without it.
+    outlet: Option<OutletTx>,
     queues: HashMap<String, Queue>,
     next_seq: u64,
     fx: Effects,
@@ -85,7 +91,7 @@ pub(crate) async fn run(
     let client_id = cfg
         .client_id
         .clone()
-        .unwrap_or_else(|| format!("axion-queues-{}", cfg.package));
+        .unwrap_or_else(|| super::owner_client_id(&cfg.package));
     let mut opts = cfg.mqtt.options_v5(&client_id);
     // By hand only when an enqueue's PUBACK waits for its commit.
     opts.set_manual_acks(cfg.ack_after_commit);
@@ -99,7 +105,15 @@ pub(crate) async fn run(
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let subs = subscriptions(&cfg.package, tap.is_some());
-    let mut tap_rx = tap.map(|t| t.0);
+    let (mut tap_rx, outlet) = match tap {
+        // The outlet feeds the session of one client id: this one's, unless
+        // configured otherwise.
+        Some(t) => {
+            let ours = t.outlet.client_id() == client_id;
+            (Some(t.rx), ours.then_some(t.outlet))
+        }
+        None => (None, None),
+    };
     let announce = topics::announce(&cfg.package);
     let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
 
@@ -131,7 +145,7 @@ pub(crate) async fn run(
         })
         .map_err(QueueError::Thread)?;
 
-    let mut core = Core::new(cfg, client.clone(), loaded, writer_tx);
+    let mut core = Core::new(cfg, client.clone(), outlet, loaded, writer_tx);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shutdown;
@@ -285,6 +299,7 @@ impl Core {
     fn new(
         cfg: QueueConfig,
         client: AsyncClient,
+        outlet: Option<OutletTx>,
         loaded: Loaded,
         writer_tx: std::sync::mpsc::SyncSender<Vec<Op>>,
     ) -> Self {
@@ -292,6 +307,7 @@ impl Core {
             prefix: format!("axion/{}/", cfg.package),
             cfg,
             client,
+            outlet,
             queues: HashMap::new(),
             next_seq: 1,
             fx: Effects::default(),
@@ -426,6 +442,15 @@ impl Core {
         let props = publish.properties.as_ref();
         let topic = props.and_then(|p| p.response_topic.clone()).or(fallback);
         let Some(topic) = topic else { return };
+        if !publishable(&topic) {
+            // Queued, it would hold up every message behind it: the MQTT
+            // client refuses it and the outbox keeps it at its head.
+            tracing::warn!(
+                topic,
+                "reply dropped: a message cannot be published to this topic"
+            );
+            return;
+        }
         let corr = props.and_then(|p| p.correlation_data.clone());
         self.fx.after.push(After::Publish(Outgoing {
             topic,
@@ -636,7 +661,7 @@ impl Core {
                 retain: true,
                 correlation: None,
             };
-            self.outbox.push_back(Out::Publish(out, QoS::AtLeastOnce));
+            self.outbox.push_back(Out::Publish(out));
         }
         self.last_stats.insert(name.to_string(), now);
     }
@@ -667,7 +692,7 @@ impl Core {
             q.take_counters(&mut self.fx);
         }
         for out in self.fx.now.drain(..) {
-            self.outbox.push_back(Out::Publish(out, QoS::AtLeastOnce));
+            self.outbox.push_back(Out::Publish(out));
         }
         if !self.writer_busy {
             if self.fx.ops.is_empty() {
@@ -707,7 +732,7 @@ impl Core {
                     }
                     self.wake.insert(queue);
                 }
-                After::Publish(out) => self.outbox.push_back(Out::Publish(out, QoS::AtLeastOnce)),
+                After::Publish(out) => self.outbox.push_back(Out::Publish(out)),
                 After::Ack(publish) => self.outbox.push_back(Out::Ack(publish)),
             }
         }
@@ -730,38 +755,108 @@ impl Core {
     }
 
     fn flush_outbox(&mut self) {
-        while let Some(out) = self.outbox.front() {
-            let sent = match out {
-                Out::Ack(publish) => self.client.try_ack(publish).is_ok(),
-                Out::Publish(o, qos) => {
-                    let properties = o.correlation.as_ref().map(|corr| PublishProperties {
-                        correlation_data: Some(corr.clone()),
-                        ..PublishProperties::default()
-                    });
-                    match properties {
-                        Some(p) => self
-                            .client
-                            .try_publish_with_properties(
-                                o.topic.clone(),
-                                *qos,
-                                o.retain,
-                                o.payload.clone(),
-                                p,
-                            )
-                            .is_ok(),
-                        None => self
-                            .client
-                            .try_publish(o.topic.clone(), *qos, o.retain, o.payload.clone())
-                            .is_ok(),
-                    }
-                }
-            };
-            if !sent {
+        while let Some(out) = self.outbox.pop_front() {
+            if let Some(out) = self.send(out) {
+                self.outbox.push_front(out);
                 break;
             }
-            self.outbox.pop_front();
         }
     }
+
+    /// Hands one message to the outlet or the MQTT client without waiting;
+    /// gives it back if neither has room.
+    fn send(&mut self, out: Out) -> Option<Out> {
+        let outgoing = match out {
+            Out::Ack(publish) => {
+                return self
+                    .client
+                    .try_ack(&publish)
+                    .err()
+                    .map(|_| Out::Ack(publish));
+            }
+            Out::Publish(o) => match &self.outlet {
+                Some(_) => return self.inject(injected(o)),
+                None => o,
+            },
+            Out::Injected(i) => match &self.outlet {
+                Some(_) => return self.inject(i),
+                None => outgoing(i),
+            },
+        };
+        let o = &outgoing;
+        let sent = match &o.correlation {
+            Some(corr) => {
+                let properties = PublishProperties {
+                    correlation_data: Some(corr.clone()),
+                    ..PublishProperties::default()
+                };
+                self.client.try_publish_with_properties(
+                    o.topic.clone(),
+                    QoS::AtLeastOnce,
+                    o.retain,
+                    o.payload.clone(),
+                    properties,
+                )
+            }
+            None => self.client.try_publish(
+                o.topic.clone(),
+                QoS::AtLeastOnce,
+                o.retain,
+                o.payload.clone(),
+            ),
+        };
+        sent.err().map(|_| Out::Publish(outgoing))
+    }
+
+    /// [`Core::send`] through the outlet.
+    fn inject(&mut self, publish: Injected) -> Option<Out> {
+        let Some(outlet) = &self.outlet else {
+            return Some(Out::Injected(publish));
+        };
+        match outlet.try_send(publish) {
+            Ok(()) => None,
+            Err(Refused::Full(publish)) => Some(Out::Injected(publish)),
+            Err(Refused::Closed(publish)) => {
+                // The embedded broker has stopped; the MQTT client reports
+                // that connection's fate from here on.
+                tracing::warn!("the broker's outlet closed; publishing over MQTT");
+                self.outlet = None;
+                Some(Out::Injected(publish))
+            }
+        }
+    }
+}
+
+/// What the outlet carries for an owner publish (always QoS 1).
+fn injected(o: Outgoing) -> Injected {
+    let properties = o.correlation.map(|corr| {
+        Box::new(rumqttd::protocol::PublishProperties {
+            correlation_data: Some(corr),
+            ..Default::default()
+        })
+    });
+    Injected {
+        topic: Bytes::from(o.topic),
+        payload: o.payload,
+        retain: o.retain,
+        properties,
+    }
+}
+
+/// Back from the outlet's form, for the MQTT client.
+fn outgoing(i: Injected) -> Outgoing {
+    Outgoing {
+        topic: String::from_utf8_lossy(&i.topic).into_owned(),
+        payload: i.payload,
+        retain: i.retain,
+        correlation: i.properties.and_then(|p| p.correlation_data),
+    }
+}
+
+/// True for a topic name a PUBLISH may carry (MQTT 4.7.3): the reply
+/// topics clients name come unchecked.
+fn publishable(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= usize::from(u16::MAX) && !topic.contains(['+', '#', '\0'])
 }
 
 fn bad_body(topic: &str, err: &serde_json::Error) {

@@ -14,10 +14,14 @@
 //! as the broker starts, it also keeps what arrives before the owner has
 //! loaded its store, where a subscription would have missed it.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
+
+use super::outlet::{self, Outlet, OutletTx};
 
 /// Topic leaves (`axion/<pkg>/queue/<q>/<leaf>`) the owner acts on.
 pub(crate) const LEAVES: [&str; 7] = [
@@ -27,23 +31,37 @@ pub(crate) const LEAVES: [&str; 7] = [
 /// Copies waiting for the owner; past this, sessions wait.
 const CAPACITY: usize = 4096;
 
-/// The sessions' end: which topics to copy, and where to.
+/// The sessions' end: which topics to copy, and where to; and the
+/// owner's way out (see [`super::outlet`]).
 pub struct Tap {
     prefix: String,
     tx: mpsc::Sender<Box<Publish>>,
+    pub(crate) outlet: Arc<Outlet>,
 }
 
 /// The owner's end, handed to [`super::QueueOwner::start_tapped`].
-pub struct TapRx(pub(crate) mpsc::Receiver<Box<Publish>>);
+pub struct TapRx {
+    pub(crate) rx: mpsc::Receiver<Box<Publish>>,
+    pub(crate) outlet: OutletTx,
+}
 
-/// A tap for the queues of `package`.
+/// A tap for the queues of `package`, with an outlet for the owner's
+/// session (client id [`super::owner_client_id`]).
 pub fn tap(package: &str) -> (Tap, TapRx) {
     let (tx, rx) = mpsc::channel(CAPACITY);
+    let (outlet, outlet_tx) = outlet::outlet(&super::owner_client_id(package));
     let tap = Tap {
         prefix: format!("axion/{package}/queue/"),
         tx,
+        outlet,
     };
-    (tap, TapRx(rx))
+    (
+        tap,
+        TapRx {
+            rx,
+            outlet: outlet_tx,
+        },
+    )
 }
 
 impl Tap {

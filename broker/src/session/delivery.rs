@@ -215,6 +215,7 @@ impl Session {
                     }
                     // Only a renewal's barrier asks the router for one.
                     Packet::PingResp(_) => self.barrier_passed(),
+                    Packet::PubAck(ack, _) if ack.pkid == super::OUTLET_PKID => {}
                     Packet::PubRec(rec, props) => {
                         // The router holds this QoS 2 publish until PUBREL.
                         self.qos2_in.insert(rec.pkid);

@@ -423,7 +423,12 @@ pub(super) async fn handshake(
         barrier_round: None,
         renewing: false,
         repeats: Default::default(),
+        outlet: None,
     };
+    session.outlet = shared
+        .queue_tap
+        .get()
+        .and_then(|tap| tap.outlet.for_client(&session.client_id));
     session.restore_subscriptions(session_present);
     if session.resubscribe().await.is_err() {
         shared.renewal.deregister(resumed.generation);

@@ -14,6 +14,7 @@ use super::{held_size, Ending, Session, Subscription};
 use crate::codec::{self, Frame};
 use crate::marks::Needed;
 use crate::names;
+use crate::queues::outlet::Injected;
 
 impl Session {
     /// Decodes every complete packet in the input buffer and acts on it.
@@ -448,6 +449,38 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// The outlet's publishes as the router must get them, checked like
+    /// the client's own: a topic the client could not publish to is
+    /// dropped with a warning (the owner publishes only to topics its
+    /// clients named: a bad Response Topic lands here).
+    pub(super) fn injected_packets(&self, batch: impl Iterator<Item = Injected>) -> Vec<Packet> {
+        let mut packets = Vec::new();
+        for p in batch {
+            if let Err(err) = names::check_topic(&p.topic) {
+                warn!(client_id = self.client_id, topic = %String::from_utf8_lossy(&p.topic), %err, "queue owner publish dropped: invalid topic");
+                continue;
+            }
+            if !self.may_publish(&p.topic) {
+                continue;
+            }
+            let topic = names::escape_topic(p.topic);
+            let publish = super::make_publish(
+                topic,
+                p.payload,
+                QoS::AtLeastOnce,
+                p.retain,
+                super::OUTLET_PKID,
+            );
+            packets.push(self.shared.prepare_publish(
+                publish,
+                QoS::AtLeastOnce as u8,
+                p.properties.map(|p| *p),
+                Some(&self.router_id),
+            ));
+        }
+        packets
     }
 
     /// Asks the ACL (if any) about a publish; logs and counts a denial.

@@ -44,6 +44,7 @@ use crate::flow::Consumer;
 use crate::listener::Stream;
 use crate::marks::Mark;
 use crate::names;
+use crate::queues::outlet::{Injected, OutletLink};
 use crate::renewal::{self, Phase};
 use crate::router;
 use crate::server::Shared;
@@ -65,6 +66,10 @@ enum Ending {
 
 /// Packet id of the front end's own SUBSCRIBE (clients never use 0).
 const RESUBSCRIBE_PKID: u16 = 0;
+
+/// Packet id of the outlet's publishes: the router's PUBACK for them is
+/// not the client's (clients never use 0).
+const OUTLET_PKID: u16 = 0;
 
 /// Outgoing bytes waiting for the writer task, in batches.
 const WRITE_QUEUE: usize = 64;
@@ -248,6 +253,9 @@ struct Session {
     renewing: bool,
     /// `$share` forwards already sent on this link (see [`repeats`]).
     repeats: repeats::Repeats,
+    /// Publishes the queue owner hands its own session without MQTT (see
+    /// [`crate::queues::outlet`]); only on the owner's session.
+    outlet: Option<OutletLink>,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -294,6 +302,14 @@ async fn write_loop(mut half: Writer, mut rx: mpsc::Receiver<BytesMut>, peer: So
     let _ = half.shutdown().await;
 }
 
+/// The next publishes from the outlet; never, without one.
+async fn recv_injected(outlet: &mut Option<OutletLink>, buf: &mut Vec<Injected>) -> usize {
+    match outlet {
+        Some(link) => link.recv_many(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Polls a future once; `None` if it is not ready.
 async fn now_or_never<F: Future>(fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
@@ -325,6 +341,7 @@ pub(crate) fn make_publish(
 impl Session {
     async fn serve(&mut self, mut shutdown: watch::Receiver<bool>) -> Ending {
         let mut last_rx = Instant::now();
+        let mut injected = Vec::new();
         let far = Duration::from_secs(86_400 * 365);
         // A client may send its first packets right behind CONNECT, in the
         // same segment the handshake read: they are already here, and no
@@ -364,6 +381,21 @@ impl Session {
                         Err(err) => {
                             debug!(peer = %self.peer, client_id = self.client_id, %err, "read failed");
                             return Ending::Lost;
+                        }
+                    }
+                }
+                n = recv_injected(&mut self.outlet, &mut injected), if self.held_bytes < MAX_HELD_BYTES => {
+                    if n == 0 {
+                        // The owner has stopped.
+                        self.outlet = None;
+                    } else {
+                        let packets = self.injected_packets(injected.drain(..));
+                        self.held_bytes += packets.iter().map(held_size).sum::<usize>();
+                        self.held.extend(packets);
+                        let mut batch = Vec::new();
+                        self.pump_held(&mut batch);
+                        if self.forward(batch).await.is_err() {
+                            return Ending::Kicked;
                         }
                     }
                 }
@@ -585,6 +617,11 @@ impl Session {
                 .await
             {
                 Some(_newest) => {
+                    // So does what the queue owner handed the outlet before
+                    // it disconnected (its final stats).
+                    if let Some(waiting) = self.outlet.as_mut().map(OutletLink::take_waiting) {
+                        packets.extend(self.injected_packets(waiting.into_iter()));
+                    }
                     // Under the lock a takeover takes the will with: it
                     // goes out once, from here or from the new connection.
                     if let (true, Some((will, props))) = (will_due, self.take_will()) {
