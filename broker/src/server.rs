@@ -82,7 +82,6 @@ impl Shared {
         props: Option<PublishProperties>,
         origin: Option<&str>,
     ) -> Packet {
-        let mark = self.needed.mark(qos, publish.retain, origin);
         // The decoder hands out slices of the connection's read buffer; a
         // message kept in the router's log or the retained store would pin
         // that whole buffer (rumqtt#1001: tens of times the message's size).
@@ -90,10 +89,23 @@ impl Shared {
         publish.topic = Bytes::copy_from_slice(&publish.topic);
         publish.payload = Bytes::copy_from_slice(&publish.payload);
         let mut props = props;
+        if let Some(data) = props.as_mut().and_then(|p| p.correlation_data.as_mut()) {
+            *data = Bytes::copy_from_slice(data);
+        }
+        self.prepare_owned_publish(publish, qos, props, origin)
+    }
+
+    /// [`Shared::prepare_publish`] for a publish whose bytes are its own,
+    /// not slices of a read buffer (the queue owner's, through its outlet).
+    pub fn prepare_owned_publish(
+        &self,
+        mut publish: Publish,
+        qos: u8,
+        mut props: Option<PublishProperties>,
+        origin: Option<&str>,
+    ) -> Packet {
+        let mark = self.needed.mark(qos, publish.retain, origin);
         if let Some(p) = props.as_mut() {
-            if let Some(data) = p.correlation_data.as_mut() {
-                *data = Bytes::copy_from_slice(data);
-            }
             // The mark's key is reserved: a client cannot forge one.
             if !p.user_properties.is_empty() {
                 p.user_properties.retain(|(k, _)| k != marks::KEY);

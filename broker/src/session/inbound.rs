@@ -473,7 +473,7 @@ impl Session {
                 p.retain,
                 super::OUTLET_PKID,
             );
-            packets.push(self.shared.prepare_publish(
+            packets.push(self.shared.prepare_owned_publish(
                 publish,
                 QoS::AtLeastOnce as u8,
                 p.properties.map(|p| *p),
