@@ -497,7 +497,8 @@ impl Core {
             if let Some(delay) = request.delay_ms.filter(|d| *d > 0) {
                 task.not_before = now + delay;
             }
-            q.enqueue(id.clone(), task, &mut self.fx);
+            q.enqueue(id.clone(), task, now, &mut self.fx);
+            self.wake.insert(queue.to_string());
         }
         let confirm = Enqueued {
             id,
@@ -723,15 +724,8 @@ impl Core {
     }
 
     fn run_after(&mut self, after: Vec<After>) {
-        let now = now_ms();
         for item in after {
             match item {
-                After::Activate { queue, id } => {
-                    if let Some(q) = self.queues.get_mut(&queue) {
-                        q.activate(&id, now);
-                    }
-                    self.wake.insert(queue);
-                }
                 After::Publish(out) => self.outbox.push_back(Out::Publish(out)),
                 After::Ack(publish) => self.outbox.push_back(Out::Ack(publish)),
             }

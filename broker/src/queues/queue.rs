@@ -44,11 +44,6 @@ impl Outgoing {
 /// What to do once the current changes are on disk.
 #[derive(Debug)]
 pub enum After {
-    /// Make a newly enqueued task deliverable.
-    Activate {
-        queue: String,
-        id: String,
-    },
     Publish(Outgoing),
     /// PUBACK an incoming publish (manual acks, in receive order).
     Ack(rumqttc::v5::mqttbytes::v5::Publish),
@@ -62,20 +57,17 @@ pub struct Effects {
     /// Released after that commit, in order.
     pub after: Vec<After>,
     /// Published right away (deliveries, dead letters, stats): they report
-    /// state that is either already durable or allowed to be lost in a crash.
+    /// state that is either already durable or allowed to be lost in a crash
+    /// (a task delivered before its first commit was not yet confirmed to
+    /// its producer).
     pub now: Vec<Outgoing>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
-    /// Accepted, not yet on disk.
-    Pending,
     Ready,
     Delayed,
-    Inflight {
-        worker: String,
-        deadline: u64,
-    },
+    Inflight { worker: String, deadline: u64 },
 }
 
 #[derive(Debug)]
@@ -111,7 +103,6 @@ pub struct Queue {
     /// may already have spent on a delivery still on its way; the debt is
     /// paid by the worker's next `ready`, so credit never inflates.
     credits: HashMap<String, i64>,
-    pending: u64,
     counters: Counters,
     counters_dirty: bool,
     /// Something visible in stats changed since they were last published.
@@ -142,7 +133,6 @@ impl Queue {
             dead: HashMap::new(),
             dead_order: BTreeMap::new(),
             credits: HashMap::new(),
-            pending: 0,
             counters,
             counters_dirty: false,
             changed: true,
@@ -176,8 +166,7 @@ impl Queue {
                 worker: worker.clone(),
                 deadline: now + self.limits.ack_wait.as_millis() as u64,
             },
-            None if stored.not_before > now => State::Delayed,
-            None => State::Ready,
+            None => waiting(&stored, now),
         };
         self.index(&id, stored.seq, stored.not_before, &state);
         self.tasks.insert(id, Task { stored, state });
@@ -190,7 +179,6 @@ impl Queue {
 
     fn index(&mut self, id: &str, seq: u64, not_before: u64, state: &State) {
         match state {
-            State::Pending => self.pending += 1,
             State::Ready => {
                 self.ready.insert(seq, id.to_string());
             }
@@ -205,7 +193,6 @@ impl Queue {
 
     fn unindex(&mut self, seq: u64, not_before: u64, state: &State) {
         match state {
-            State::Pending => self.pending = self.pending.saturating_sub(1),
             State::Ready => {
                 self.ready.remove(&seq);
             }
@@ -233,40 +220,18 @@ impl Queue {
         self.tasks.contains_key(id)
     }
 
-    /// Accepts a new task; it becomes deliverable after the commit
-    /// ([`Queue::activate`]).
-    pub fn enqueue(&mut self, id: String, stored: StoredTask, fx: &mut Effects) {
+    /// Accepts a new task, deliverable at once (or at its `not_before`).
+    /// Its producer's confirmation waits for the commit; delivery does not,
+    /// so a slow commit holds up no worker, and a task delivered, and even
+    /// acked, within one commit window costs that commit a single op.
+    pub fn enqueue(&mut self, id: String, stored: StoredTask, now: u64, fx: &mut Effects) {
         self.put(&id, &stored, fx);
         self.counters.enqueued += 1;
         self.counters_dirty = true;
-        fx.after.push(After::Activate {
-            queue: self.name.clone(),
-            id: id.clone(),
-        });
-        self.pending += 1;
+        let state = waiting(&stored, now);
+        self.index(&id, stored.seq, stored.not_before, &state);
+        self.tasks.insert(id, Task { stored, state });
         self.changed = true;
-        self.tasks.insert(
-            id,
-            Task {
-                stored,
-                state: State::Pending,
-            },
-        );
-    }
-
-    pub fn activate(&mut self, id: &str, now: u64) {
-        let Some(task) = self.tasks.get(id) else {
-            return;
-        };
-        if task.state != State::Pending {
-            return;
-        }
-        let state = if task.stored.not_before > now {
-            State::Delayed
-        } else {
-            State::Ready
-        };
-        self.set_state(id, state);
     }
 
     /// Adds (or with `reset`, sets) a worker's credit.
@@ -354,9 +319,6 @@ impl Queue {
             tracing::debug!(queue = %self.name, id, "ack for an unknown task");
             return;
         };
-        if task.state == State::Pending {
-            return;
-        }
         let (seq, not_before, state) =
             (task.stored.seq, task.stored.not_before, task.state.clone());
         self.unindex(seq, not_before, &state);
@@ -622,7 +584,7 @@ impl Queue {
         self.last_stats = Some((now, self.counters));
         Stats {
             queue: self.name.clone(),
-            depth: (self.ready.len() + self.delayed.len()) as u64 + self.pending,
+            depth: (self.ready.len() + self.delayed.len()) as u64,
             inflight: self.inflight.len() as u64,
             dead: self.dead.len() as u64,
             enqueued_total: self.counters.enqueued,
@@ -805,6 +767,15 @@ impl Queue {
     }
 }
 
+/// Where a task not held by any worker waits.
+fn waiting(stored: &StoredTask, now: u64) -> State {
+    if stored.not_before > now {
+        State::Delayed
+    } else {
+        State::Ready
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,8 +795,7 @@ mod tests {
         for i in 0..n {
             let payload = RawValue::from_string(i.to_string()).unwrap();
             let task = q.new_task(payload, i, 0);
-            q.enqueue(format!("t{i}"), task, &mut fx);
-            q.activate(&format!("t{i}"), 0);
+            q.enqueue(format!("t{i}"), task, 0, &mut fx);
         }
         (q, fx)
     }
