@@ -784,6 +784,80 @@ async fn dead_worker_tasks_reach_another_worker_at_once() {
     );
 }
 
+/// Inside `axion serve` the broker knows which tasks a worker's connection
+/// never acknowledged receiving: when that connection drops they go back
+/// to the owner at once, will or no will, heartbeat or none (otherwise
+/// they wait for the ack wait). This is also what closes the race where
+/// the owner re-delivers a dead worker's task and the broker hands it to
+/// that worker's connection before it has noticed the drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_a_dropped_connection_never_acknowledged_goes_to_another_worker_at_once() {
+    let setup = Setup::serve(&[]).await; // 30 s ack wait
+    let url = setup.url();
+    let mut c = ops(&url).await;
+    enqueue(
+        &mut c,
+        "unacked",
+        json!({ "payload": "x", "id": "on-the-wire" }),
+    )
+    .await;
+
+    // A worker whose client has not acknowledged the delivery (QoS 1
+    // PUBACK) when its connection drops: it never got the task. No will,
+    // no heartbeat.
+    let mut opts = MqttUrl::parse(&url).expect("url").options_v5("w-unacked");
+    opts.set_manual_acks(true);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    client
+        .subscribe(
+            format!("$share/{PKG}.unacked/axion/{PKG}/queue/unacked/tasks"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .expect("subscribe");
+    let received = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut announced = false;
+        loop {
+            match eventloop.poll().await.expect("connection") {
+                Event::Incoming(Packet::SubAck(_)) if !announced => {
+                    announced = true;
+                    client
+                        .publish(
+                            format!("axion/{PKG}/queue/unacked/ready"),
+                            QoS::AtLeastOnce,
+                            false,
+                            json!({ "worker": "w-unacked", "credits": 1 }).to_string(),
+                        )
+                        .await
+                        .expect("ready");
+                }
+                Event::Incoming(Packet::Publish(p)) => return p,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the task reached the first worker");
+    let task: Value = serde_json::from_slice(&received.payload).expect("task json");
+    assert_eq!(task["id"], "on-the-wire");
+
+    let mut w2 = Worker::start(&url, "w-acking", "unacked", 1, false).await;
+    let start = Instant::now();
+    drop(eventloop);
+    drop(client);
+    let t = w2
+        .next_task(Duration::from_secs(4))
+        .await
+        .expect("task given back when the connection dropped");
+    assert_eq!(t["id"], "on-the-wire");
+    assert_eq!(t["attempts"], 1, "the undelivered try does not count");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_heartbeat_goes_offline_loses_its_tasks_to_another() {
     let setup = Setup::start(&[]).await; // 30 s ack wait

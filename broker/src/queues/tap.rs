@@ -65,18 +65,57 @@ pub fn tap(package: &str) -> (Tap, TapRx) {
 }
 
 impl Tap {
-    /// True for `axion/<package>/queue/<q>/<leaf>` with a leaf in [`LEAVES`].
-    pub fn wants(&self, topic: &[u8]) -> bool {
-        let Some(rest) = topic.strip_prefix(self.prefix.as_bytes()) else {
-            return false;
-        };
+    /// The leaf of `axion/<package>/queue/<q>/<leaf>`, if `topic` is one.
+    fn leaf<'t>(&self, topic: &'t [u8]) -> Option<&'t [u8]> {
+        let rest = topic.strip_prefix(self.prefix.as_bytes())?;
         let mut levels = rest.split(|b| *b == b'/');
         match (levels.next(), levels.next(), levels.next()) {
-            (Some(queue), Some(leaf), None) if !queue.is_empty() => {
-                LEAVES.iter().any(|l| l.as_bytes() == leaf)
-            }
-            _ => false,
+            (Some(queue), Some(leaf), None) if !queue.is_empty() => Some(leaf),
+            _ => None,
         }
+    }
+
+    /// True for `axion/<package>/queue/<q>/<leaf>` with a leaf in [`LEAVES`].
+    pub fn wants(&self, topic: &[u8]) -> bool {
+        self.leaf(topic)
+            .is_some_and(|leaf| LEAVES.iter().any(|l| l.as_bytes() == leaf))
+    }
+
+    /// True for `axion/<package>/queue/<q>/tasks`: a delivery of the owner.
+    pub fn is_task(&self, topic: &[u8]) -> bool {
+        self.leaf(topic) == Some(b"tasks".as_slice())
+    }
+
+    /// Hands the owner back a task (`task_topic`, `payload`) that
+    /// `client_id` never acknowledged receiving: a `release` from that
+    /// client, as a worker that got another's task and has no room sends
+    /// it (`bridge/QUEUE-CONTRACT.md`).
+    pub async fn give_back(&self, task_topic: &[u8], payload: &[u8], client_id: &str) {
+        #[derive(serde::Deserialize)]
+        struct Delivered {
+            id: String,
+        }
+        let (Some(queue_prefix), Ok(task)) = (
+            task_topic.strip_suffix(b"tasks"),
+            serde_json::from_slice::<Delivered>(payload),
+        ) else {
+            return;
+        };
+        let mut topic = queue_prefix.to_vec();
+        topic.extend_from_slice(b"release");
+        let body = serde_json::json!({ "id": task.id, "worker": client_id });
+        tracing::debug!(
+            client_id,
+            id = task.id,
+            "task the client never received given back to the queue owner"
+        );
+        self.send(
+            Bytes::from(topic),
+            Bytes::from(body.to_string()),
+            false,
+            None,
+        )
+        .await;
     }
 
     /// Hands the owner a copy of a publish the router is about to get.

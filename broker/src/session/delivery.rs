@@ -36,6 +36,10 @@ pub(super) struct Slot {
     pub(super) acked: bool,
     /// The router sent it at QoS 2: it expects PUBREC, not PUBACK.
     pub(super) rec: bool,
+    /// A task the embedded queue owner delivered (topic, payload): given
+    /// back to it if the client never acknowledges it (see
+    /// [`Session::give_back_tasks`]).
+    pub(super) task: Option<Box<(Bytes, Bytes)>>,
 }
 
 impl Session {
@@ -154,6 +158,7 @@ impl Session {
                         local: true,
                         acked: false,
                         rec: false,
+                        task: None,
                     });
                 }
                 let publish = make_publish(
@@ -291,9 +296,18 @@ impl Session {
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = own && self.only_nolocal_match(&publish.topic);
         let as_published = mark.retain && self.retain_as_published(&publish.topic);
+        let router_topic = publish.topic.clone();
         publish.topic = names::unescape_topic(publish.topic);
         let alias = self.aliases.outgoing(&publish.topic);
         let topic = publish.topic.clone();
+        // Only a worker's copy: an observer's (`axion/#`) is not the one
+        // the owner counts on.
+        let task = self
+            .shared
+            .queue_tap
+            .get()
+            .filter(|tap| tap.is_task(&topic) && self.only_a_share_matches(&router_topic))
+            .map(|_| Box::new((topic.clone(), publish.payload.clone())));
         match alias {
             Some(Outgoing::Known(a)) => {
                 props.get_or_insert_with(Default::default).topic_alias = Some(a);
@@ -364,6 +378,7 @@ impl Session {
             local: false,
             acked,
             rec: router_qos == 2,
+            task: task.filter(|_| !acked),
         });
         if router_qos == 2 && (acked || qos < 2) {
             self.downgraded.insert(pkid);
@@ -480,6 +495,25 @@ impl Session {
 }
 
 /// QoS and packet id of an encoded PUBLISH with QoS > 0.
+impl Session {
+    /// Hands the embedded queue owner back every task this client was sent
+    /// and never acknowledged receiving, as this client's `release`: the
+    /// owner delivers it again at once, to a live worker, without counting
+    /// an attempt. Called once the router has this session's DISCONNECT,
+    /// so that the delivery cannot come back to it.
+    pub(super) async fn give_back_tasks(&mut self) {
+        let Some(tap) = self.shared.queue_tap.get() else {
+            return;
+        };
+        for slot in std::mem::take(&mut self.ledger) {
+            if let (false, Some(task)) = (slot.acked, slot.task) {
+                let (topic, payload) = *task;
+                tap.give_back(&topic, &payload, &self.client_id).await;
+            }
+        }
+    }
+}
+
 fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
     let byte1 = *packet.first()?;
     let qos = (byte1 >> 1) & 0x03;

@@ -641,6 +641,11 @@ impl Session {
                 self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
                     .await;
             }
+            // After the router has this session's DISCONNECT: the owner's
+            // next delivery of these goes to a live member.
+            if ending != Ending::Shutdown {
+                self.give_back_tasks().await;
+            }
             tokio::spawn(expiry::session_ended(
                 self.shared.clone(),
                 self.router_id.clone(),
