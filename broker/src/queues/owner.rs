@@ -760,22 +760,18 @@ impl Core {
     /// Hands one message to the outlet or the MQTT client without waiting;
     /// gives it back if neither has room.
     fn send(&mut self, out: Out) -> Option<Out> {
-        let outgoing = match out {
-            Out::Ack(publish) => {
+        let outgoing = match (out, self.outlet.is_some()) {
+            (Out::Ack(publish), _) => {
                 return self
                     .client
                     .try_ack(&publish)
                     .err()
                     .map(|_| Out::Ack(publish));
             }
-            Out::Publish(o) => match &self.outlet {
-                Some(_) => return self.inject(injected(o)),
-                None => o,
-            },
-            Out::Injected(i) => match &self.outlet {
-                Some(_) => return self.inject(i),
-                None => outgoing(i),
-            },
+            (Out::Publish(o), true) => return self.inject(injected(o)),
+            (Out::Injected(i), true) => return self.inject(i),
+            (Out::Publish(o), false) => o,
+            (Out::Injected(i), false) => outgoing(i),
         };
         let o = &outgoing;
         let sent = match &o.correlation {
