@@ -4,6 +4,7 @@
 //! messages the front end sends itself.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
@@ -497,22 +498,52 @@ impl Session {
 /// QoS and packet id of an encoded PUBLISH with QoS > 0.
 impl Session {
     /// Hands the embedded queue owner back every task this client was sent
-    /// and never acknowledged receiving, as this client's `release`: the
-    /// owner delivers it again at once, to a live worker, without counting
-    /// an attempt. Called once the router has this session's DISCONNECT,
-    /// so that the delivery cannot come back to it.
+    /// and never acknowledged receiving, and every one the router sent that
+    /// this session never read, as this client's `release`: the owner
+    /// delivers it again at once, to a live worker, without counting an
+    /// attempt. Called once the router has this session's DISCONNECT; it
+    /// reads the link until the router lets go of it, so that nothing more
+    /// can come to it and the owner's next delivery goes to a live member.
     pub(super) async fn give_back_tasks(&mut self) {
         let Some(tap) = self.shared.queue_tap.get() else {
             return;
         };
-        for slot in std::mem::take(&mut self.ledger) {
-            if let (false, Some(task)) = (slot.acked, slot.task) {
-                let (topic, payload) = *task;
-                tap.give_back(&topic, &payload, &self.client_id).await;
+        let mut tasks: Vec<(Bytes, Bytes)> = std::mem::take(&mut self.ledger)
+            .into_iter()
+            .filter(|slot| !slot.acked)
+            .filter_map(|slot| slot.task.map(|task| *task))
+            .collect();
+        let deadline = tokio::time::Instant::now() + LINK_RELEASE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.link_rx.next()).await {
+                Ok(Ok(Some(Notification::Forward(forward)))) => {
+                    let publish = forward.publish;
+                    let worker_copy = Mark::marker_round(&forward.properties).is_none()
+                        && self.only_a_share_matches(&publish.topic);
+                    let topic = names::unescape_topic(publish.topic);
+                    if worker_copy && tap.is_task(&topic) {
+                        tasks.push((topic, publish.payload));
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    debug!(
+                        client_id = self.client_id,
+                        "the router kept the link of an ended session"
+                    );
+                    break;
+                }
             }
+        }
+        for (topic, payload) in tasks {
+            tap.give_back(&topic, &payload, &self.client_id).await;
         }
     }
 }
+
+/// Longest an ended session waits for the router to drop its link.
+const LINK_RELEASE: Duration = Duration::from_secs(2);
 
 fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
     let byte1 = *packet.first()?;

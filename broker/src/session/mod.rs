@@ -641,8 +641,9 @@ impl Session {
                 self.disconnect_client(DisconnectReasonCode::ServerShuttingDown)
                     .await;
             }
-            // After the router has this session's DISCONNECT: the owner's
-            // next delivery of these goes to a live member.
+            // Not under the gate: it waits for the router to let go of
+            // the link.
+            drop(_gate);
             if ending != Ending::Shutdown {
                 self.give_back_tasks().await;
             }
