@@ -297,18 +297,18 @@ impl Session {
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = own && self.only_nolocal_match(&publish.topic);
         let as_published = mark.retain && self.retain_as_published(&publish.topic);
-        let router_topic = publish.topic.clone();
-        publish.topic = names::unescape_topic(publish.topic);
-        let alias = self.aliases.outgoing(&publish.topic);
-        let topic = publish.topic.clone();
-        // Only a worker's copy: an observer's (`axion/#`) is not the one
-        // the owner counts on.
+        // Only a worker's copy: an observer's (`axion/#`) is not the one the
+        // owner counts on. Task topics start with `axion/`, which the router
+        // form never escapes.
         let task = self
             .shared
             .queue_tap
             .get()
-            .filter(|tap| tap.is_task(&topic) && self.only_a_share_matches(&router_topic))
-            .map(|_| Box::new((topic.clone(), publish.payload.clone())));
+            .filter(|tap| tap.is_task(&publish.topic) && self.only_a_share_matches(&publish.topic))
+            .map(|_| Box::new((publish.topic.clone(), publish.payload.clone())));
+        publish.topic = names::unescape_topic(publish.topic);
+        let alias = self.aliases.outgoing(&publish.topic);
+        let topic = publish.topic.clone();
         match alias {
             Some(Outgoing::Known(a)) => {
                 props.get_or_insert_with(Default::default).topic_alias = Some(a);
@@ -508,10 +508,11 @@ impl Session {
         let Some(tap) = self.shared.queue_tap.get() else {
             return;
         };
-        let mut tasks: Vec<(Bytes, Bytes)> = std::mem::take(&mut self.ledger)
-            .into_iter()
+        let mut tasks: Vec<(Bytes, Bytes)> = self
+            .ledger
+            .iter_mut()
             .filter(|slot| !slot.acked)
-            .filter_map(|slot| slot.task.map(|task| *task))
+            .filter_map(|slot| slot.task.take().map(|task| *task))
             .collect();
         let deadline = tokio::time::Instant::now() + LINK_RELEASE;
         loop {
@@ -519,10 +520,10 @@ impl Session {
                 Ok(Ok(Some(Notification::Forward(forward)))) => {
                     let publish = forward.publish;
                     let worker_copy = Mark::marker_round(&forward.properties).is_none()
+                        && tap.is_task(&publish.topic)
                         && self.only_a_share_matches(&publish.topic);
-                    let topic = names::unescape_topic(publish.topic);
-                    if worker_copy && tap.is_task(&topic) {
-                        tasks.push((topic, publish.payload));
+                    if worker_copy {
+                        tasks.push((publish.topic, publish.payload));
                     }
                 }
                 Ok(Ok(_)) => {}

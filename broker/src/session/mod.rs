@@ -610,7 +610,7 @@ impl Session {
             // The renewal gate keeps a router renewal from starting while
             // these last packets go out, and they go to the current router.
             let shared = self.shared.clone();
-            let _gate = shared.renewal.gate.read().await;
+            let gate = shared.renewal.gate.read().await;
             match shared
                 .lifetimes
                 .hold_if_newest(&self.router_id, self.generation)
@@ -643,7 +643,7 @@ impl Session {
             }
             // Not under the gate: it waits for the router to let go of
             // the link.
-            drop(_gate);
+            drop(gate);
             if ending != Ending::Shutdown {
                 self.give_back_tasks().await;
             }
