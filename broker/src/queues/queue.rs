@@ -2,12 +2,13 @@
 //! which tasks wait, which are in flight and with whom, the credit each
 //! worker announced, and what each worker message does to them.
 //!
-//! It performs no I/O. Every change it makes is described as [`Effects`]:
-//! store operations (committed by the owner in the next group commit) and
-//! MQTT messages (published by the owner). Keeping the rules free of I/O keeps
+//! It performs no I/O. Every change it makes is described as [`Effects`]
+//! (MQTT messages the owner publishes) or noted as a task whose record
+//! changed, which [`Queue::take_ops`] turns into store operations when the
+//! owner starts its next group commit. Keeping the rules free of I/O keeps
 //! them easy to follow and to test.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,7 +53,8 @@ pub enum After {
 /// Side effects collected while handling messages.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// Changes for the next group commit.
+    /// Dead-letter changes for the next group commit (task records are
+    /// taken from the queues when it starts, see [`Queue::take_ops`]).
     pub ops: Vec<Op>,
     /// Released after that commit, in order.
     pub after: Vec<After>,
@@ -74,6 +76,9 @@ enum State {
 struct Task {
     stored: StoredTask,
     state: State,
+    /// Its record is in the store (or in the commit under way). A task that
+    /// ends before its first commit never costs the store anything.
+    on_disk: bool,
 }
 
 /// Settings that apply to one queue.
@@ -105,6 +110,11 @@ pub struct Queue {
     credits: HashMap<String, i64>,
     counters: Counters,
     counters_dirty: bool,
+    /// Tasks whose record changed since the last batch was taken: their
+    /// current state is encoded once per commit, however often it changed.
+    dirty: HashSet<String>,
+    /// Tasks that ended (acked, dead-lettered, purged) while on disk.
+    gone: Vec<String>,
     /// Something visible in stats changed since they were last published.
     pub changed: bool,
     last_stats: Option<(u64, Counters)>,
@@ -135,6 +145,8 @@ impl Queue {
             credits: HashMap::new(),
             counters,
             counters_dirty: false,
+            dirty: HashSet::new(),
+            gone: Vec::new(),
             changed: true,
             last_stats: None,
         }
@@ -148,13 +160,54 @@ impl Queue {
         format!("{}{leaf}", self.topic_prefix)
     }
 
-    fn put(&self, id: &str, stored: &StoredTask, fx: &mut Effects) {
-        if let Some(bytes) = encode(stored) {
-            fx.ops.push(Op::Put {
+    /// Notes that a task's record changed and must be written.
+    fn touch(&mut self, id: &str) {
+        if !self.dirty.contains(id) {
+            self.dirty.insert(id.to_string());
+        }
+    }
+
+    /// Notes that a task left the queue: its record goes, if it has one.
+    fn forget(&mut self, id: &str, task: &Task) {
+        self.dirty.remove(id);
+        if task.on_disk {
+            self.gone.push(id.to_string());
+        }
+    }
+
+    /// A task record waits to be written: someone may wait on its commit.
+    pub fn has_puts(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Finished tasks wait to be deleted from the store.
+    pub fn has_deletes(&self) -> bool {
+        !self.gone.is_empty()
+    }
+
+    /// The store operations that bring the disk up to date with this queue,
+    /// for the group commit about to start.
+    pub fn take_ops(&mut self, ops: &mut Vec<Op>) {
+        // Deletes first: an id that ended and was enqueued again since is
+        // put back by its Put (the store keeps the last op on a key).
+        for id in self.gone.drain(..) {
+            ops.push(Op::Delete {
                 queue: self.name.clone(),
-                id: id.to_string(),
-                bytes,
+                id,
             });
+        }
+        for id in self.dirty.drain() {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if let Some(bytes) = encode(&task.stored) {
+                task.on_disk = true;
+                ops.push(Op::Put {
+                    queue: self.name.clone(),
+                    id,
+                    bytes,
+                });
+            }
         }
     }
 
@@ -169,7 +222,14 @@ impl Queue {
             None => waiting(&stored, now),
         };
         self.index(&id, stored.seq, stored.not_before, &state);
-        self.tasks.insert(id, Task { stored, state });
+        self.tasks.insert(
+            id,
+            Task {
+                stored,
+                state,
+                on_disk: true,
+            },
+        );
     }
 
     pub fn restore_dead(&mut self, id: String, stored: StoredTask) {
@@ -222,15 +282,22 @@ impl Queue {
 
     /// Accepts a new task, deliverable at once (or at its `not_before`).
     /// Its producer's confirmation waits for the commit; delivery does not,
-    /// so a slow commit holds up no worker, and a task delivered, and even
-    /// acked, within one commit window costs that commit a single op.
-    pub fn enqueue(&mut self, id: String, stored: StoredTask, now: u64, fx: &mut Effects) {
-        self.put(&id, &stored, fx);
+    /// so a slow commit holds up no worker, and a task delivered and acked
+    /// before the next commit starts never reaches the disk at all.
+    pub fn enqueue(&mut self, id: String, stored: StoredTask, now: u64) {
+        self.touch(&id);
         self.counters.enqueued += 1;
         self.counters_dirty = true;
         let state = waiting(&stored, now);
         self.index(&id, stored.seq, stored.not_before, &state);
-        self.tasks.insert(id, Task { stored, state });
+        self.tasks.insert(
+            id,
+            Task {
+                stored,
+                state,
+                on_disk: false,
+            },
+        );
         self.changed = true;
     }
 
@@ -298,8 +365,7 @@ impl Queue {
             if let Ok(body) = serde_json::to_vec(&record) {
                 fx.now.push(Outgoing::plain(tasks_topic, body));
             }
-            let stored = task.stored.clone();
-            self.put(&id, &stored, fx);
+            self.touch(&id);
             self.changed = true;
             sent += 1;
             budget -= 1;
@@ -314,19 +380,13 @@ impl Queue {
         }
     }
 
-    pub fn ack(&mut self, id: &str, fx: &mut Effects) {
-        let Some(task) = self.tasks.get(id) else {
+    pub fn ack(&mut self, id: &str) {
+        let Some(task) = self.tasks.remove(id) else {
             tracing::debug!(queue = %self.name, id, "ack for an unknown task");
             return;
         };
-        let (seq, not_before, state) =
-            (task.stored.seq, task.stored.not_before, task.state.clone());
-        self.unindex(seq, not_before, &state);
-        self.tasks.remove(id);
-        fx.ops.push(Op::Delete {
-            queue: self.name.clone(),
-            id: id.to_string(),
-        });
+        self.unindex(task.stored.seq, task.stored.not_before, &task.state);
+        self.forget(id, &task);
         self.counters.acked += 1;
         self.counters_dirty = true;
         self.changed = true;
@@ -398,13 +458,9 @@ impl Queue {
         } else {
             State::Ready
         };
-        let (nb, st, stored) = (
-            task.stored.not_before,
-            task.state.clone(),
-            task.stored.clone(),
-        );
+        let (nb, st) = (task.stored.not_before, task.state.clone());
         self.index(id, seq, nb, &st);
-        self.put(id, &stored, fx);
+        self.touch(id);
         self.changed = true;
     }
 
@@ -430,10 +486,7 @@ impl Queue {
         if let Ok(body) = serde_json::to_vec(&record) {
             fx.now.push(Outgoing::plain(self.topic("dead"), body));
         }
-        fx.ops.push(Op::Delete {
-            queue: self.name.clone(),
-            id: id.to_string(),
-        });
+        self.forget(id, &task);
         if let Some(bytes) = encode(&task.stored) {
             fx.ops.push(Op::PutDead {
                 queue: self.name.clone(),
@@ -481,7 +534,7 @@ impl Queue {
     /// Hands a delivered task back without counting the delivery. A member
     /// that was not the addressed worker never used that worker's credit, so
     /// it is given back.
-    pub fn release(&mut self, id: &str, releaser: Option<&str>, fx: &mut Effects) {
+    pub fn release(&mut self, id: &str, releaser: Option<&str>) {
         let Some(holder) = self.inflight_worker(id) else {
             return;
         };
@@ -495,8 +548,7 @@ impl Queue {
             task.stored.attempts = task.stored.attempts.saturating_sub(1);
             task.stored.worker = None;
             task.stored.not_before = 0;
-            let stored = task.stored.clone();
-            self.put(id, &stored, fx);
+            self.touch(id);
         }
     }
 
@@ -544,10 +596,10 @@ impl Queue {
     }
 
     /// Store op for the totals if they changed.
-    pub fn take_counters(&mut self, fx: &mut Effects) {
+    pub fn take_counters(&mut self, ops: &mut Vec<Op>) {
         if self.counters_dirty {
             self.counters_dirty = false;
-            fx.ops.push(Op::Counters {
+            ops.push(Op::Counters {
                 queue: self.name.clone(),
                 counters: self.counters,
             });
@@ -637,6 +689,7 @@ impl Queue {
             if let Some(Task {
                 stored,
                 state: State::Inflight { worker, .. },
+                ..
             }) = self.tasks.get(id)
             {
                 match workers.iter_mut().find(|w| &w.worker == worker) {
@@ -705,13 +758,14 @@ impl Queue {
                 queue: self.name.clone(),
                 id: id.clone(),
             });
-            self.put(&id, &stored, fx);
+            self.touch(&id);
             self.index(&id, stored.seq, 0, &State::Ready);
             self.tasks.insert(
                 id,
                 Task {
                     stored,
                     state: State::Ready,
+                    on_disk: false,
                 },
             );
             moved += 1;
@@ -732,10 +786,7 @@ impl Queue {
         for id in waiting {
             if let Some(task) = self.tasks.remove(&id) {
                 self.unindex(task.stored.seq, task.stored.not_before, &task.state);
-                fx.ops.push(Op::Delete {
-                    queue: self.name.clone(),
-                    id,
-                });
+                self.forget(&id, &task);
                 removed += 1;
             }
         }
@@ -795,7 +846,7 @@ mod tests {
         for i in 0..n {
             let payload = RawValue::from_string(i.to_string()).unwrap();
             let task = q.new_task(payload, i, 0);
-            q.enqueue(format!("t{i}"), task, 0, &mut fx);
+            q.enqueue(format!("t{i}"), task, 0);
         }
         (q, fx)
     }
@@ -832,11 +883,43 @@ mod tests {
         let (mut q, mut fx) = queue_with(1);
         q.ready("w", 1, false);
         q.dispatch(0, 10, &mut fx);
-        q.release("t0", Some("x"), &mut fx);
+        q.release("t0", Some("x"));
         assert_eq!(q.stats(0).credits, 1);
         q.dispatch(0, 10, &mut fx);
         let (_, tasks) = q.show(10);
         assert_eq!(tasks[0].attempts, 1);
+    }
+
+    /// Keys the store would write, in order.
+    fn taken(q: &mut Queue) -> Vec<String> {
+        let mut ops = Vec::new();
+        q.take_ops(&mut ops);
+        ops.iter()
+            .map(|op| match op {
+                Op::Put { id, .. } => format!("put {id}"),
+                Op::Delete { id, .. } => format!("delete {id}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_task_finished_before_the_commit_never_reaches_the_store() {
+        let (mut q, mut fx) = queue_with(2);
+        q.ready("w", 2, false);
+        q.dispatch(0, 10, &mut fx);
+        q.ack("t0");
+        assert_eq!(taken(&mut q), ["put t1"], "t0 was done before any commit");
+        assert!(taken(&mut q).is_empty(), "nothing changed since");
+        q.ack("t1");
+        assert_eq!(taken(&mut q), ["delete t1"]);
+        // The same id again, after its first life reached the disk.
+        let (mut q, _) = queue_with(1);
+        assert_eq!(taken(&mut q), ["put t0"]);
+        q.ack("t0");
+        let again = q.new_task(RawValue::from_string("1".into()).unwrap(), 9, 0);
+        q.enqueue("t0".into(), again, 0);
+        assert_eq!(taken(&mut q), ["delete t0", "put t0"], "the put wins");
     }
 
     #[test]

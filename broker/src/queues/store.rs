@@ -211,8 +211,7 @@ impl Store {
 
     /// Applies `ops` in one transaction and returns once it is on disk.
     /// Each op sets the whole state of its key, so only the last op on a
-    /// key in the batch is written (a task enqueued, handed to a worker and
-    /// acked within one batch costs one delete, not three writes).
+    /// key in the batch is written.
     pub fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
