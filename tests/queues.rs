@@ -1305,21 +1305,9 @@ async fn bench_durable_enqueue_and_end_to_end() {
             }
         }
     };
-    let cpu = |pid: u32| -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-            + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-        ticks / 100.0
-    };
 
     // 1. Durable enqueue, no worker.
-    let cpu0 = cpu(owner_pid);
+    let cpu0 = cpu_secs(owner_pid);
     let start = Instant::now();
     tokio::spawn(enqueue_all("bench-enq", N, 0));
     let mut last = start;
@@ -1333,12 +1321,12 @@ async fn bench_durable_enqueue_and_end_to_end() {
     println!(
         "durable enqueue (confirmed on disk): {N} tasks in {secs:.2}s = {:.0} tasks/s, owner CPU {:.3} s/1k",
         N as f64 / secs,
-        (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
+        (cpu_secs(owner_pid) - cpu0) / (N as f64 / 1000.0)
     );
 
     // 2. End to end with one worker: enqueue → deliver → ack.
     let mut worker = Worker::start(&url, "bench-worker", "bench-e2e", 256, false).await;
-    let cpu0 = cpu(owner_pid);
+    let cpu0 = cpu_secs(owner_pid);
     let start = Instant::now();
     tokio::spawn(enqueue_all("bench-e2e", N, 0));
     let mut latencies = Vec::with_capacity(N);
@@ -1376,13 +1364,13 @@ async fn bench_durable_enqueue_and_end_to_end() {
     println!(
         "end to end, 1 worker, 256 credits: {N} tasks in {secs:.2}s = {:.0} tasks/s, enqueue to delivery p50 {p50:.2} ms p99 {p99:.2} ms ({duplicates} delivered twice; owner counted all acks at {drained:.2}s), owner CPU {:.3} s/1k",
         N as f64 / secs,
-        (cpu(owner_pid) - cpu0) / (N as f64 / 1000.0)
+        (cpu_secs(owner_pid) - cpu0) / (N as f64 / 1000.0)
     );
     while producer.confirmed.try_recv().is_ok() {}
 
     // 3. Latency at a fixed 2 000 tasks/s (the anchors' rate), same worker.
     let paced = N / 2;
-    let cpu0 = cpu(owner_pid);
+    let cpu0 = cpu_secs(owner_pid);
     tokio::spawn(enqueue_all("bench-e2e", paced, 2000));
     let mut latencies = Vec::with_capacity(paced);
     let mut seen = HashSet::with_capacity(paced);
@@ -1405,7 +1393,7 @@ async fn bench_durable_enqueue_and_end_to_end() {
     let (p50, p99) = percentiles_ms(&mut latencies);
     println!(
         "end to end at 2 000 tasks/s: {paced} tasks, enqueue to delivery p50 {p50:.2} ms p99 {p99:.2} ms, owner CPU {:.3} s/1k",
-        (cpu(owner_pid) - cpu0) / (paced as f64 / 1000.0)
+        (cpu_secs(owner_pid) - cpu0) / (paced as f64 / 1000.0)
     );
     while producer.confirmed.try_recv().is_ok() {}
 }
@@ -1515,13 +1503,19 @@ async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
         while acks.join_next().await.is_some() {}
     };
 
+    // Server CPU per 1 000 tasks since `cpu0`, beside Axion's owner CPU.
+    let pid = server.id();
+    let per_1k = |cpu0: f64, n: usize| (cpu_secs(pid) - cpu0) / (n as f64 / 1000.0);
+
     // 1. Publish with the stream's ack, no consumer.
+    let cpu0 = cpu_secs(pid);
     let start = Instant::now();
     publish_all(js.clone(), N, 0).await;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "JetStream, {label}: publish (stream ack): {N} in {secs:.2}s = {:.0} msg/s",
-        N as f64 / secs
+        "JetStream, {label}: publish (stream ack): {N} in {secs:.2}s = {:.0} msg/s, server CPU {:.3} s/1k",
+        N as f64 / secs,
+        per_1k(cpu0, N)
     );
     tasks.purge().await.expect("purge");
 
@@ -1536,6 +1530,7 @@ async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
         .expect("consumer");
     let mut messages = worker.messages().await.expect("messages");
     for (n, rate) in [(N, 0), (N / 2, 2000)] {
+        let cpu0 = cpu_secs(pid);
         let start = Instant::now();
         tokio::spawn(publish_all(js.clone(), n, rate));
         let mut latencies = Vec::with_capacity(n);
@@ -1554,17 +1549,33 @@ async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
         let (p50, p99) = percentiles_ms(&mut latencies);
         if rate == 0 {
             println!(
-                "JetStream, {label}: end to end, 1 pull consumer: {n} tasks in {secs:.2}s = {:.0} tasks/s, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms",
-                n as f64 / secs
+                "JetStream, {label}: end to end, 1 pull consumer: {n} tasks in {secs:.2}s = {:.0} tasks/s, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms, server CPU {:.3} s/1k",
+                n as f64 / secs,
+                per_1k(cpu0, n)
             );
         } else {
             println!(
-                "JetStream, {label}: end to end at {rate} tasks/s: {n} tasks, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms"
+                "JetStream, {label}: end to end at {rate} tasks/s: {n} tasks, publish to delivery p50 {p50:.2} ms p99 {p99:.2} ms, server CPU {:.3} s/1k",
+                per_1k(cpu0, n)
             );
         }
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
 
 /// Waits until the `i`-th of a run paced at `rate` per second (from
