@@ -196,7 +196,11 @@ impl Queue {
                 id,
             });
         }
-        for id in self.dirty.drain() {
+        // In id order: time-ordered ids (UUID v7) then fill B-tree pages
+        // one after another.
+        let mut dirty: Vec<String> = self.dirty.drain().collect();
+        dirty.sort_unstable();
+        for id in dirty {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };
