@@ -720,8 +720,8 @@ impl Core {
     ///
     /// Only new or changed task records start a commit at once. Deletes of
     /// finished tasks ride along with them, or go alone after
-    /// [`DELETE_LINGER_MS`]: at a moderate rate that halves the fsyncs, and
-    /// a crash in between only runs a finished task again. The totals alone
+    /// [`DELETE_LINGER_MS`]: at a moderate rate acks then cost no commit of
+    /// their own, and a crash in between only runs a finished task again. The totals alone
     /// are written at most once a second, or with `all` (at shutdown): they
     /// are figures, not promises.
     fn start_commit(&mut self, now: u64, all: bool) {
