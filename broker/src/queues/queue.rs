@@ -846,7 +846,7 @@ mod tests {
 
     fn queue_with(n: u64) -> (Queue, Effects) {
         let mut q = Queue::new("p", "q", limits(), Counters::default());
-        let mut fx = Effects::default();
+        let fx = Effects::default();
         for i in 0..n {
             let payload = RawValue::from_string(i.to_string()).unwrap();
             let task = q.new_task(payload, i, 0);
