@@ -379,6 +379,21 @@ impl Core {
             .or_insert_with(|| Queue::new(&package, name, limits, counters))
     }
 
+    /// Creates the queue if it is new; on the hot path (it exists) without
+    /// allocating.
+    fn ensure_queue(&mut self, name: &str) {
+        if !self.queues.contains_key(name) {
+            self.queue(name);
+        }
+    }
+
+    /// Marks a queue as having work to dispatch.
+    fn wake(&mut self, name: &str) {
+        if !self.wake.contains(name) {
+            self.wake.insert(name.to_string());
+        }
+    }
+
     fn queue(&mut self, name: &str) -> &mut Queue {
         self.queue_with(name, Default::default())
     }
@@ -423,26 +438,27 @@ impl Core {
         let mut parts = rest.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some("queue"), Some(queue), Some(leaf), None) if !queue.is_empty() => {
-                let queue = queue.to_string();
                 let body = &publish.payload;
                 let now = now_ms();
                 match leaf {
-                    "enqueue" => self.on_enqueue(&queue, publish, now),
+                    "enqueue" => self.on_enqueue(queue, publish, now),
                     "ready" => match serde_json::from_slice::<Ready>(body) {
                         Ok(ready) => {
-                            self.queue(&queue)
-                                .ready(&ready.worker, ready.credits, ready.reset);
-                            self.wake.insert(queue);
+                            self.ensure_queue(queue);
+                            if let Some(q) = self.queues.get_mut(queue) {
+                                q.ready(&ready.worker, ready.credits, ready.reset);
+                            }
+                            self.wake(queue);
                         }
                         Err(err) => bad_body(topic, &err),
                     },
                     "ack" | "fail" | "progress" | "release" => {
                         match serde_json::from_slice::<TaskRef>(body) {
-                            Ok(r) => self.on_task_ref(&queue, leaf, r, now),
+                            Ok(r) => self.on_task_ref(queue, leaf, r, now),
                             Err(err) => bad_body(topic, &err),
                         }
                     }
-                    "cmd" => self.on_command(&queue, publish),
+                    "cmd" => self.on_command(queue, publish),
                     _ => {}
                 }
             }
@@ -495,11 +511,11 @@ impl Core {
         let id = request
             .id
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let duplicate = self.queue(queue).contains(&id);
+        self.ensure_queue(queue);
+        let duplicate = self.queues.get(queue).is_some_and(|q| q.contains(&id));
         if !duplicate {
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.queue(queue);
             let Some(q) = self.queues.get_mut(queue) else {
                 return;
             };
@@ -513,7 +529,7 @@ impl Core {
                 task.not_before = now + delay;
             }
             q.enqueue(id.clone(), task, now);
-            self.wake.insert(queue.to_string());
+            self.wake(queue);
         }
         let confirm = Enqueued {
             id,
@@ -543,7 +559,7 @@ impl Core {
             }
             _ => tracing::debug!(queue, leaf, "task message without an id"),
         }
-        self.wake.insert(queue.to_string());
+        self.wake(queue);
     }
 
     /// A heartbeat that says `offline` (or was deleted) means that instance's
