@@ -120,6 +120,30 @@ impl Setup {
         }
         wait_owner(&self.url()).await;
     }
+
+    /// Stops the owner as an operator would (SIGTERM: it drains) and starts
+    /// it again on the same data directory.
+    async fn stop_and_restart(&mut self) {
+        match self {
+            Setup::Serve { serve, args } => {
+                serve.proc.signal(15);
+                assert_eq!(serve.proc.wait_exit(Duration::from_secs(15)), Some(0));
+                serve.restart(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+            }
+            Setup::Standalone {
+                broker,
+                owner,
+                dir,
+                args,
+            } => {
+                owner.signal(15);
+                assert_eq!(owner.wait_exit(Duration::from_secs(15)), Some(0));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                *owner = spawn_owner(&broker.mqtt_url(), dir.path(), &args);
+            }
+        }
+        wait_owner(&self.url()).await;
+    }
 }
 
 async fn ops(url: &str) -> OpsClient {
@@ -573,6 +597,49 @@ async fn kill_9_owner_loses_nothing_and_redelivers_in_flight() {
         w2.ready(1).await;
     }
     assert_eq!(got, ids);
+}
+
+/// Acks and totals reach the disk lazily (an ack's delete rides with the
+/// next write, totals alone go once a second); a stop must still leave
+/// nothing behind: no acked task comes back, no count is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_acks_keeps_them_and_the_totals() {
+    let mut setup = Setup::start(&[]).await;
+    let url = setup.url();
+    let mut c = ops(&url).await;
+    let mut ids = HashSet::new();
+    for i in 0..8 {
+        ids.insert(enqueue(&mut c, "stop", json!({ "payload": i })).await.id);
+    }
+    let mut w = Worker::start(&url, "w-stop", "stop", 5, false).await;
+    for _ in 0..5 {
+        let t = w.next_task(Duration::from_secs(5)).await.expect("task");
+        assert!(ids.remove(t["id"].as_str().expect("id")));
+        w.ack(&t).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while show(&mut c, "stop").await.acked_total < 5 {
+        assert!(Instant::now() < deadline, "acks not counted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(w);
+    drop(c);
+    setup.stop_and_restart().await;
+
+    let mut c = ops(&url).await;
+    let s = show(&mut c, "stop").await;
+    assert_eq!(
+        (s.depth, s.inflight, s.enqueued_total, s.acked_total),
+        (3, 0, 8, 5),
+        "after the restart: {s:?}"
+    );
+    let mut w = Worker::start(&url, "w-stop-2", "stop", 10, false).await;
+    let mut got = HashSet::new();
+    while let Some(t) = w.next_task(Duration::from_millis(1500)).await {
+        got.insert(t["id"].as_str().expect("id").to_string());
+        w.ack(&t).await;
+    }
+    assert_eq!(got, ids, "only the three never acked come back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
