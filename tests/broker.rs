@@ -35,7 +35,7 @@ async fn leave_kept_subscriber(port: u16, id: &str, filter: &str) -> rumqttc::v5
     opts.set_session_expiry_interval(Some(300));
     let mut sub = V5::connect_with(opts.clone()).await.expect("connect");
     sub.subscribe(filter, 1).await;
-    drop(sub);
+    sub.kill().await;
     opts.set_clean_start(false);
     opts
 }

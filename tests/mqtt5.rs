@@ -92,7 +92,7 @@ async fn a_session_lives_for_its_expiry_interval_and_is_then_freed() {
     o.set_session_expiry_interval(Some(1));
     let mut c = V5::connect_with(o.clone()).await.expect("connect");
     c.subscribe("exp/t", 1).await;
-    drop(c);
+    c.kill().await;
     publisher.publish("exp/t", b"while away", 1, false).await;
     publisher.round_trip().await;
     o.set_clean_start(false);

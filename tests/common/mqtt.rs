@@ -132,6 +132,15 @@ impl Drop for V5 {
 }
 
 impl V5 {
+    /// Drops the connection without DISCONNECT and returns once the socket
+    /// is closed. A plain drop only asks the client's task to stop: a task
+    /// running at that moment goes on reading, and may take (and PUBACK) a
+    /// message meant for the session it left behind.
+    pub async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
     pub async fn connect(port: u16, id: &str) -> V5 {
         let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
