@@ -98,12 +98,21 @@ impl Setup {
         }
     }
 
-    /// `kill -9` the owner and start it again on the same data directory.
-    /// Inside `axion serve` that takes the broker down with it, so every
-    /// client connection drops too.
-    async fn kill_9_owner_and_restart(&mut self) {
+    /// Stops the owner with `signal` (9: a crash; 15: as an operator
+    /// would, and it drains) and starts it again on the same data
+    /// directory. Inside `axion serve` that takes the broker down with it,
+    /// so every client connection drops too.
+    async fn restart_owner(&mut self, signal: i32) {
+        let stopped = |proc: &mut common::Proc| {
+            proc.signal(signal);
+            let code = proc.wait_exit(Duration::from_secs(15));
+            if signal != 9 {
+                assert_eq!(code, Some(0), "the owner did not stop cleanly");
+            }
+        };
         match self {
             Setup::Serve { serve, args } => {
+                stopped(&mut serve.proc);
                 serve.restart(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
             }
             Setup::Standalone {
@@ -112,8 +121,7 @@ impl Setup {
                 dir,
                 args,
             } => {
-                owner.signal(9);
-                owner.wait_exit(Duration::from_secs(5));
+                stopped(owner);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 *owner = spawn_owner(&broker.mqtt_url(), dir.path(), &args);
             }
@@ -121,28 +129,12 @@ impl Setup {
         wait_owner(&self.url()).await;
     }
 
-    /// Stops the owner as an operator would (SIGTERM: it drains) and starts
-    /// it again on the same data directory.
+    async fn kill_9_owner_and_restart(&mut self) {
+        self.restart_owner(9).await;
+    }
+
     async fn stop_and_restart(&mut self) {
-        match self {
-            Setup::Serve { serve, args } => {
-                serve.proc.signal(15);
-                assert_eq!(serve.proc.wait_exit(Duration::from_secs(15)), Some(0));
-                serve.restart(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-            }
-            Setup::Standalone {
-                broker,
-                owner,
-                dir,
-                args,
-            } => {
-                owner.signal(15);
-                assert_eq!(owner.wait_exit(Duration::from_secs(15)), Some(0));
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                *owner = spawn_owner(&broker.mqtt_url(), dir.path(), &args);
-            }
-        }
-        wait_owner(&self.url()).await;
+        self.restart_owner(15).await;
     }
 }
 
