@@ -737,9 +737,9 @@ impl Core {
     /// Only new or changed task records start a commit at once. Deletes of
     /// finished tasks ride along with them, or go alone after
     /// [`DELETE_LINGER_MS`]: at a moderate rate acks then cost no commit of
-    /// their own, and a crash in between only runs a finished task again. The totals alone
-    /// are written at most once a second, or with `all` (at shutdown): they
-    /// are figures, not promises.
+    /// their own, and a crash in between only runs a finished task again.
+    /// The totals alone are written at most once a second, or with `all`
+    /// (at shutdown): they are figures, not promises.
     fn start_commit(&mut self, now: u64, all: bool) {
         let mut ops = std::mem::take(&mut self.fx.ops);
         let urgent = all || !ops.is_empty() || self.queues.values().any(Queue::has_puts);
@@ -803,7 +803,7 @@ impl Core {
 
     async fn drain_store(&mut self, done_rx: &mut mpsc::Receiver<Result<(), StoreError>>) {
         // The commit under way, then one with everything since.
-        for _ in 0..3 {
+        for last in [false, true] {
             if self.writer_busy {
                 match done_rx.recv().await {
                     Some(Ok(())) => self.committed(),
@@ -814,9 +814,8 @@ impl Core {
                     None => return,
                 }
             }
-            self.start_commit(now_ms(), true);
-            if !self.writer_busy {
-                return;
+            if !last {
+                self.start_commit(now_ms(), true);
             }
         }
     }

@@ -8,7 +8,7 @@
 //! owner starts its next group commit. Keeping the rules free of I/O keeps
 //! them easy to follow and to test.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -112,7 +112,9 @@ pub struct Queue {
     counters_dirty: bool,
     /// Tasks whose record changed since the last batch was taken: their
     /// current state is encoded once per commit, however often it changed.
-    dirty: HashSet<String>,
+    /// In id order: time-ordered ids (UUID v7) then fill B-tree pages one
+    /// after another.
+    dirty: BTreeSet<String>,
     /// Tasks that ended (acked, dead-lettered, purged) while on disk.
     gone: Vec<String>,
     /// Something visible in stats changed since they were last published.
@@ -145,7 +147,7 @@ impl Queue {
             credits: HashMap::new(),
             counters,
             counters_dirty: false,
-            dirty: HashSet::new(),
+            dirty: BTreeSet::new(),
             gone: Vec::new(),
             changed: true,
             last_stats: None,
@@ -196,11 +198,7 @@ impl Queue {
                 id,
             });
         }
-        // In id order: time-ordered ids (UUID v7) then fill B-tree pages
-        // one after another.
-        let mut dirty: Vec<String> = self.dirty.drain().collect();
-        dirty.sort_unstable();
-        for id in dirty {
+        for id in std::mem::take(&mut self.dirty) {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };

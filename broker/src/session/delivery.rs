@@ -18,6 +18,7 @@ use super::aliases::Outgoing;
 use super::{make_publish, now_or_never, Ending, Session, RESUBSCRIBE_PKID};
 use crate::marks::Mark;
 use crate::names;
+use crate::queues::tap::Tap;
 
 /// Packet ids the front end uses for its own QoS 1 and 2 publishes,
 /// above the router's range.
@@ -297,14 +298,11 @@ impl Session {
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = own && self.only_nolocal_match(&publish.topic);
         let as_published = mark.retain && self.retain_as_published(&publish.topic);
-        // Only a worker's copy: an observer's (`axion/#`) is not the one the
-        // owner counts on. Task topics start with `axion/`, which the router
-        // form never escapes.
         let task = self
             .shared
             .queue_tap
             .get()
-            .filter(|tap| tap.is_task(&publish.topic) && self.only_a_share_matches(&publish.topic))
+            .filter(|tap| self.is_worker_task(tap, &publish.topic))
             .map(|_| Box::new((publish.topic.clone(), publish.payload.clone())));
         publish.topic = names::unescape_topic(publish.topic);
         let alias = self.aliases.outgoing(&publish.topic);
@@ -493,17 +491,23 @@ impl Session {
             false
         });
     }
-}
+    /// True if the router-form `topic` is a task of the embedded queue
+    /// owner that came to this client as a worker: only a `$share`
+    /// subscription matched it (an observer's `axion/#` copy is not the one
+    /// the owner counts on). Task topics start with `axion/`, which the
+    /// router form never escapes.
+    fn is_worker_task(&self, tap: &Tap, topic: &Bytes) -> bool {
+        tap.is_task(topic) && self.only_a_share_matches(topic)
+    }
 
-/// QoS and packet id of an encoded PUBLISH with QoS > 0.
-impl Session {
     /// Hands the embedded queue owner back every task this client was sent
     /// and never acknowledged receiving, and every one the router sent that
     /// this session never read, as this client's `release`: the owner
     /// delivers it again at once, to a live worker, without counting an
-    /// attempt. Called once the router has this session's DISCONNECT; it
-    /// reads the link until the router lets go of it, so that nothing more
-    /// can come to it and the owner's next delivery goes to a live member.
+    /// attempt. Called once the router has this session's DISCONNECT; a
+    /// shared-group member reads the link until the router lets go of it,
+    /// so that nothing more can come to it and the owner's next delivery
+    /// goes to a live member.
     pub(super) async fn give_back_tasks(&mut self) {
         let Some(tap) = self.shared.queue_tap.get() else {
             return;
@@ -514,26 +518,32 @@ impl Session {
             .filter(|slot| !slot.acked)
             .filter_map(|slot| slot.task.take().map(|task| *task))
             .collect();
+        let member = self
+            .consumers
+            .iter()
+            .any(|sub| sub.path.starts_with("$share/"));
         let deadline = tokio::time::Instant::now() + LINK_RELEASE;
-        loop {
-            match tokio::time::timeout_at(deadline, self.link_rx.next()).await {
-                Ok(Ok(Some(Notification::Forward(forward)))) => {
-                    let publish = forward.publish;
-                    let worker_copy = Mark::marker_round(&forward.properties).is_none()
-                        && tap.is_task(&publish.topic)
-                        && self.only_a_share_matches(&publish.topic);
-                    if worker_copy {
-                        tasks.push((publish.topic, publish.payload));
+        // Only a shared-group member can be sent a task.
+        if member {
+            loop {
+                match tokio::time::timeout_at(deadline, self.link_rx.next()).await {
+                    Ok(Ok(Some(Notification::Forward(forward)))) => {
+                        let publish = forward.publish;
+                        if Mark::marker_round(&forward.properties).is_none()
+                            && self.is_worker_task(tap, &publish.topic)
+                        {
+                            tasks.push((publish.topic, publish.payload));
+                        }
                     }
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    debug!(
-                        client_id = self.client_id,
-                        "the router kept the link of an ended session"
-                    );
-                    break;
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        debug!(
+                            client_id = self.client_id,
+                            "the router kept the link of an ended session"
+                        );
+                        break;
+                    }
                 }
             }
         }
@@ -546,6 +556,7 @@ impl Session {
 /// Longest an ended session waits for the router to drop its link.
 const LINK_RELEASE: Duration = Duration::from_secs(2);
 
+/// QoS and packet id of an encoded PUBLISH with QoS > 0.
 fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
     let byte1 = *packet.first()?;
     let qos = (byte1 >> 1) & 0x03;
