@@ -16,12 +16,19 @@ use std::time::{Duration, Instant};
 use axion_broker::queues::ops::{OpsClient, OpsError};
 use axion_broker::queues::proto::{Command as OpsCommand, TaskRequest};
 use axion_heartbeat::MqttUrl;
+use common::batched::Batched;
 use common::{axion_bin, Mosquitto, Proc, Serve};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+
+/// The benchmarks' load generator shares two cores with the server it
+/// measures: under glibc's malloc a fifth of its CPU went to allocation.
+/// The `axion` binary uses the same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PKG: &str = "qt";
 
@@ -1342,25 +1349,59 @@ async fn bench_durable_enqueue_and_end_to_end() {
         .or_else(|| setup.as_ref().map(Setup::owner_pid))
         .unwrap_or_default();
 
+    // The load generator speaks MQTT through `common::batched`, which
+    // writes what is queued in one syscall as async-nats does on the
+    // JetStream side; rumqttc's write per packet took a third of the
+    // generator's CPU on the two cores the server also runs on.
+    let addr = {
+        let u = MqttUrl::parse(&url).expect("url");
+        format!("{}:{}", u.host, u.port)
+    };
+
     // A pipelined producer: at most 256 enqueues await their on-disk
     // confirmation (JetStream's publish window in the anchors). Each task
     // carries its enqueue time on a clock the worker shares.
-    let mut producer = Producer::start(&url, "bench-producer", 256).await;
+    let mut producer = Batched::connect(&addr, "bench-producer").await;
+    let reply = format!("axion/{PKG}/reply/bench-producer");
+    producer.subscribe(&reply).await;
+    let Batched {
+        publisher,
+        incoming: mut replies,
+        conn: _producer_conn,
+        ..
+    } = producer;
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let (confirmed_tx, mut confirmed) = mpsc::unbounded_channel();
+    let permits = window.clone();
+    tokio::spawn(async move {
+        while replies.recv().await.is_some() {
+            permits.add_permits(1);
+            if confirmed_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
     let clock = Instant::now();
     // `rate` 0: as fast as confirmations allow; else paced on a 1 ms tick.
     let enqueue_all = |queue: &'static str, n: usize, rate: u32| {
-        let sender = producer.sender.clone();
+        let publisher = publisher.clone();
+        let window = window.clone();
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: Some(reply.clone()),
+            ..Default::default()
+        };
         async move {
+            let topic = format!("axion/{PKG}/queue/{queue}/enqueue");
+            let pad = "x".repeat(60);
             let start = tokio::time::Instant::now();
             for i in 0..n {
                 pace(start, i, rate).await;
+                if let Ok(permit) = window.acquire().await {
+                    permit.forget();
+                }
                 let t = clock.elapsed().as_micros() as u64;
-                sender
-                    .send(
-                        queue,
-                        json!({ "payload": { "i": i, "t": t, "pad": "x".repeat(60) } }),
-                    )
-                    .await;
+                let body = format!(r#"{{"payload":{{"i":{i},"t":{t},"pad":"{pad}"}}}}"#);
+                publisher.publish(topic.clone(), body.into(), Some(props.clone()));
             }
         }
     };
@@ -1371,8 +1412,8 @@ async fn bench_durable_enqueue_and_end_to_end() {
     tokio::spawn(enqueue_all("bench-enq", N, 0));
     let mut last = start;
     for k in 0..N {
-        match tokio::time::timeout(Duration::from_secs(20), producer.confirmed.recv()).await {
-            Ok(Some(_)) => last = Instant::now(),
+        match tokio::time::timeout(Duration::from_secs(20), confirmed.recv()).await {
+            Ok(Some(())) => last = Instant::now(),
             _ => panic!("only {k} of {N} confirmations"),
         }
     }
@@ -1384,33 +1425,11 @@ async fn bench_durable_enqueue_and_end_to_end() {
     );
 
     // 2. End to end with one worker: enqueue → deliver → ack.
-    let mut worker = Worker::start(&url, "bench-worker", "bench-e2e", 256, false).await;
+    let mut worker = BenchWorker::start(&addr, "bench-e2e").await;
     let cpu0 = cpu_secs(owner_pid);
     let start = Instant::now();
     tokio::spawn(enqueue_all("bench-e2e", N, 0));
-    let mut latencies = Vec::with_capacity(N);
-    let mut pending_credit = 0;
-    // rumqttd's shared groups now and then hand the member a task twice
-    // (QoS 1 allows it); the run ends when every task was seen once.
-    let mut seen = HashSet::with_capacity(N);
-    let mut duplicates = 0;
-    while seen.len() < N {
-        let task = worker
-            .next_task(Duration::from_secs(60))
-            .await
-            .expect("task");
-        let sent = task["payload"]["t"].as_u64().unwrap_or_default();
-        latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
-        if !seen.insert(task["id"].as_str().unwrap_or_default().to_string()) {
-            duplicates += 1;
-        }
-        worker.ack(&task).await;
-        pending_credit += 1;
-        if pending_credit == 64 {
-            worker.ready(64).await;
-            pending_credit = 0;
-        }
-    }
+    let (mut latencies, duplicates) = worker.work(N, clock).await;
     let secs = start.elapsed().as_secs_f64();
     let mut c = ops(&url).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1425,36 +1444,119 @@ async fn bench_durable_enqueue_and_end_to_end() {
         N as f64 / secs,
         (cpu_secs(owner_pid) - cpu0) / (N as f64 / 1000.0)
     );
-    while producer.confirmed.try_recv().is_ok() {}
+    while confirmed.try_recv().is_ok() {}
 
     // 3. Latency at a fixed 2 000 tasks/s (the anchors' rate), same worker.
     let paced = N / 2;
     let cpu0 = cpu_secs(owner_pid);
     tokio::spawn(enqueue_all("bench-e2e", paced, 2000));
-    let mut latencies = Vec::with_capacity(paced);
-    let mut seen = HashSet::with_capacity(paced);
-    while seen.len() < paced {
-        let task = worker
-            .next_task(Duration::from_secs(60))
-            .await
-            .expect("task");
-        if seen.insert(task["id"].as_str().unwrap_or_default().to_string()) {
-            let sent = task["payload"]["t"].as_u64().unwrap_or_default();
-            latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
-        }
-        worker.ack(&task).await;
-        pending_credit += 1;
-        if pending_credit == 64 {
-            worker.ready(64).await;
-            pending_credit = 0;
-        }
-    }
+    let (mut latencies, _) = worker.work(paced, clock).await;
     let (p50, p99) = percentiles_ms(&mut latencies);
     println!(
         "end to end at 2 000 tasks/s: {paced} tasks, enqueue to delivery p50 {p50:.2} ms p99 {p99:.2} ms, owner CPU {:.3} s/1k",
         (cpu_secs(owner_pid) - cpu0) / (paced as f64 / 1000.0)
     );
-    while producer.confirmed.try_recv().is_ok() {}
+    while confirmed.try_recv().is_ok() {}
+}
+
+/// What the benchmarks read of a task: the enqueue time its payload
+/// carries (µs on the run's clock).
+#[derive(serde::Deserialize)]
+struct Stamped {
+    payload: Stamp,
+}
+
+#[derive(serde::Deserialize)]
+struct Stamp {
+    t: u64,
+}
+
+/// A task as the benchmark's worker reads it.
+#[derive(serde::Deserialize)]
+struct BenchTask<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    payload: Stamp,
+}
+
+/// The benchmark's worker on a [`Batched`] connection: the only member of
+/// its queue's group, it keeps every task, acks each one as it comes and
+/// announces 64 credits at a time, 256 at most outstanding.
+struct BenchWorker {
+    client: Batched,
+    id: String,
+    queue: String,
+    /// Credit used since it was last announced.
+    used: u32,
+}
+
+impl BenchWorker {
+    const CREDITS: u32 = 256;
+    const TOP_UP: u32 = 64;
+
+    async fn start(addr: &str, queue: &str) -> BenchWorker {
+        let id = "bench-worker".to_string();
+        let mut client = Batched::connect(addr, &id).await;
+        client
+            .subscribe(&format!(
+                "$share/{PKG}.{queue}/axion/{PKG}/queue/{queue}/tasks"
+            ))
+            .await;
+        client.subscribe(&format!("axion/{PKG}/cmd/announce")).await;
+        let w = BenchWorker {
+            client,
+            id,
+            queue: queue.into(),
+            used: 0,
+        };
+        w.ready(Self::CREDITS, false);
+        w
+    }
+
+    fn publish(&self, leaf: &str, body: String) {
+        self.client.publisher.publish(
+            format!("axion/{PKG}/queue/{}/{leaf}", self.queue),
+            body.into(),
+            None,
+        );
+    }
+
+    fn ready(&self, credits: u32, reset: bool) {
+        let body = json!({ "worker": self.id, "credits": credits, "reset": reset });
+        self.publish("ready", body.to_string());
+    }
+
+    /// Works until `n` distinct tasks are done; returns each one's enqueue
+    /// to delivery latency (µs) and how many came twice (rumqttd's shared
+    /// groups now and then hand a member a task again, as QoS 1 allows).
+    async fn work(&mut self, n: usize, clock: Instant) -> (Vec<u64>, usize) {
+        let mut latencies = Vec::with_capacity(n);
+        let mut seen = HashSet::with_capacity(n);
+        let mut duplicates = 0;
+        while seen.len() < n {
+            let p = tokio::time::timeout(Duration::from_secs(60), self.client.incoming.recv())
+                .await
+                .expect("a task within 60 s")
+                .expect("connection open");
+            if p.topic.ends_with(b"/cmd/announce") {
+                self.ready(Self::CREDITS - self.used, true);
+                continue;
+            }
+            let task: BenchTask = serde_json::from_slice(&p.payload).expect("task JSON");
+            if seen.insert(task.id.to_string()) {
+                latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(task.payload.t));
+            } else {
+                duplicates += 1;
+            }
+            self.publish("ack", json!({ "id": task.id }).to_string());
+            self.used += 1;
+            if self.used == Self::TOP_UP {
+                self.ready(Self::TOP_UP, false);
+                self.used = 0;
+            }
+        }
+        (latencies, duplicates)
+    }
 }
 
 /// The same load as [`bench_durable_enqueue_and_end_to_end`] on NATS
@@ -1599,8 +1701,9 @@ async fn jetstream_run(bin: &str, N: usize, sync_always: bool) {
                 .expect("message within 60 s")
                 .expect("stream open")
                 .expect("message");
-            let body: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
-            let sent = body["payload"]["t"].as_u64().unwrap_or_default();
+            let sent = serde_json::from_slice::<Stamped>(&m.payload)
+                .map(|s| s.payload.t)
+                .unwrap_or_default();
             latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(sent));
             m.ack().await.expect("ack");
         }

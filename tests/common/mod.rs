@@ -2,6 +2,7 @@
 //! processes (`axion serve`, Mosquitto) that are killed when the test ends.
 #![allow(dead_code)]
 
+pub mod batched;
 pub mod mqtt;
 pub mod raw;
 
