@@ -1353,10 +1353,7 @@ async fn bench_durable_enqueue_and_end_to_end() {
     // writes what is queued in one syscall as async-nats does on the
     // JetStream side; rumqttc's write per packet took a third of the
     // generator's CPU on the two cores the server also runs on.
-    let addr = {
-        let u = MqttUrl::parse(&url).expect("url");
-        format!("{}:{}", u.host, u.port)
-    };
+    let addr = MqttUrl::parse(&url).expect("url");
 
     // A pipelined producer: at most 256 enqueues await their on-disk
     // confirmation (JetStream's publish window in the anchors). Each task
@@ -1494,7 +1491,7 @@ impl BenchWorker {
     const CREDITS: u32 = 256;
     const TOP_UP: u32 = 64;
 
-    async fn start(addr: &str, queue: &str) -> BenchWorker {
+    async fn start(addr: &MqttUrl, queue: &str) -> BenchWorker {
         let id = "bench-worker".to_string();
         let mut client = Batched::connect(addr, &id).await;
         client

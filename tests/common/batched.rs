@@ -13,9 +13,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axion_heartbeat::MqttUrl;
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, Connect, ConnectReturnCode, Filter, Packet, PingReq, PubAck, Publish,
+    ConnAck, Connect, ConnectReturnCode, Filter, Login, Packet, PingReq, PubAck, Publish,
     PublishProperties, Subscribe,
 };
 use rumqttc::v5::mqttbytes::{Error as CodecError, QoS};
@@ -65,10 +66,17 @@ impl Publisher {
 }
 
 impl Batched {
-    /// Connects with a clean start to `addr` ("host:port") and waits for the
-    /// CONNACK; its Receive Maximum bounds the QoS 1 publishes in flight.
-    pub async fn connect(addr: &str, client_id: &str) -> Batched {
-        let stream = TcpStream::connect(addr).await.expect("connect");
+    /// Connects with a clean start (and the URL's login, if any) and waits
+    /// for the CONNACK; its Receive Maximum bounds the QoS 1 publishes in
+    /// flight. TCP only.
+    pub async fn connect(url: &MqttUrl, client_id: &str) -> Batched {
+        assert!(
+            url.unix.is_none(),
+            "the batched client speaks TCP only: {url}"
+        );
+        let stream = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
         stream.set_nodelay(true).expect("nodelay");
         let (mut read, mut write) = stream.into_split();
         let connect = Packet::Connect(
@@ -79,7 +87,9 @@ impl Batched {
                 properties: None,
             },
             None,
-            None,
+            url.user
+                .as_ref()
+                .map(|u| Login::new(u, url.password.as_deref().unwrap_or(""))),
         );
         let mut buf = BytesMut::new();
         connect.write(&mut buf, None).expect("encode CONNECT");
