@@ -1326,12 +1326,25 @@ async fn a_fast_worker_does_the_work_a_slow_one_cannot() {
 /// `QUEUE_BENCH_URL` runs its own `axion queues` against another broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
-#[allow(non_snake_case)]
 async fn bench_durable_enqueue_and_end_to_end() {
-    let n_env = std::env::var("QUEUE_BENCH_N")
+    let n = std::env::var("QUEUE_BENCH_N")
         .ok()
-        .and_then(|n| n.parse().ok());
-    let N: usize = n_env.unwrap_or(20_000);
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
+    durable_bench(n).await;
+}
+
+/// The benchmark's load at a small scale, so that its client and its
+/// checks (every enqueue confirmed, every task delivered, every ack
+/// counted by the owner) keep working between benchmark runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_load_has_every_task_confirmed_delivered_and_acked() {
+    durable_bench(400).await;
+}
+
+/// [`bench_durable_enqueue_and_end_to_end`] with `N` tasks.
+#[allow(non_snake_case)]
+async fn durable_bench(N: usize) {
     let bench_url = std::env::var("QUEUE_BENCH_URL").ok();
     let setup = match bench_url {
         Some(_) => None,
