@@ -28,6 +28,8 @@ use tokio::task::JoinHandle;
 
 /// Bytes gathered for one write at most.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Room made in the read buffer before each read.
+const READ_CHUNK: usize = 64 * 1024;
 /// Sent when nothing else was for this long.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
@@ -167,7 +169,7 @@ async fn next_packet(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> Option<Pac
             Err(CodecError::InsufficientBytes(_)) => {}
             Err(_) => return None,
         }
-        buf.reserve(WRITE_BATCH);
+        buf.reserve(READ_CHUNK);
         match read.read_buf(buf).await {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
