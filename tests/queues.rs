@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use axion_broker::queues::ops::{OpsClient, OpsError};
 use axion_broker::queues::proto::{Command as OpsCommand, TaskRequest};
 use axion_heartbeat::MqttUrl;
+use bytes::Bytes;
 use common::batched::Batched;
 use common::{axion_bin, Mosquitto, Proc, Serve};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
@@ -1049,15 +1050,6 @@ impl Producer {
 impl Enqueuer {
     /// Enqueues a ~100 B task with this id once the window has room.
     async fn enqueue(&self, queue: &str, id: &str) {
-        self.send(
-            queue,
-            json!({ "id": id, "payload": { "pad": "x".repeat(60) } }),
-        )
-        .await;
-    }
-
-    /// Sends one enqueue request once the window has room.
-    async fn send(&self, queue: &str, request: Value) {
         if let Ok(permit) = self.window.acquire().await {
             permit.forget();
         }
@@ -1065,7 +1057,7 @@ impl Enqueuer {
             response_topic: Some(self.reply.clone()),
             ..Default::default()
         };
-        let body = request.to_string();
+        let body = json!({ "id": id, "payload": { "pad": "x".repeat(60) } }).to_string();
         // Fails once the broker is gone; the caller notices by the
         // confirmations that stop.
         let _ = self
@@ -1407,7 +1399,7 @@ async fn durable_bench(N: usize) {
             ..Default::default()
         };
         async move {
-            let topic = format!("axion/{PKG}/queue/{queue}/enqueue");
+            let topic = Bytes::from(format!("axion/{PKG}/queue/{queue}/enqueue"));
             let pad = "x".repeat(60);
             let start = tokio::time::Instant::now();
             for i in 0..n {
@@ -1501,7 +1493,8 @@ struct BenchTask<'a> {
 struct BenchWorker {
     client: Batched,
     id: String,
-    queue: String,
+    ack_topic: Bytes,
+    ready_topic: Bytes,
     /// Credit used since it was last announced.
     used: u32,
 }
@@ -1519,27 +1512,23 @@ impl BenchWorker {
             ))
             .await;
         client.subscribe(&format!("axion/{PKG}/cmd/announce")).await;
+        let leaf = |leaf: &str| Bytes::from(format!("axion/{PKG}/queue/{queue}/{leaf}"));
         let w = BenchWorker {
             client,
             id,
-            queue: queue.into(),
+            ack_topic: leaf("ack"),
+            ready_topic: leaf("ready"),
             used: 0,
         };
         w.ready(Self::CREDITS, false);
         w
     }
 
-    fn publish(&self, leaf: &str, body: String) {
-        self.client.publisher.publish(
-            format!("axion/{PKG}/queue/{}/{leaf}", self.queue),
-            body.into(),
-            None,
-        );
-    }
-
     fn ready(&self, credits: u32, reset: bool) {
         let body = json!({ "worker": self.id, "credits": credits, "reset": reset });
-        self.publish("ready", body.to_string());
+        self.client
+            .publisher
+            .publish(self.ready_topic.clone(), body.to_string().into(), None);
     }
 
     /// Works until `n` distinct tasks are done; returns each one's enqueue
@@ -1564,7 +1553,10 @@ impl BenchWorker {
             } else {
                 duplicates += 1;
             }
-            self.publish("ack", json!({ "id": task.id }).to_string());
+            let ack = json!({ "id": task.id }).to_string();
+            self.client
+                .publisher
+                .publish(self.ack_topic.clone(), ack.into(), None);
             self.used += 1;
             if self.used == Self::TOP_UP {
                 self.ready(Self::TOP_UP, false);

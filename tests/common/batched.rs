@@ -61,8 +61,17 @@ impl Publisher {
     /// Queues a QoS 1 publish; it goes out once the broker's Receive
     /// Maximum allows. Fails silently once the connection is gone: callers
     /// notice by the replies that stop.
-    pub fn publish(&self, topic: String, payload: Bytes, properties: Option<PublishProperties>) {
-        let publish = Publish::new(topic, QoS::AtLeastOnce, payload, properties);
+    /// The topic is shared, not copied: a load generator sends the same few.
+    pub fn publish(&self, topic: Bytes, payload: Bytes, properties: Option<PublishProperties>) {
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic,
+            pkid: 0,
+            payload,
+            properties,
+        };
         let _ = self.0.send(Packet::Publish(publish));
     }
 }
