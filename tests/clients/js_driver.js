@@ -66,14 +66,18 @@ async function pubsub() {
   if (sample.type !== "fs.change" || sample.source !== b.id || typeof sample.timestamp !== "string")
     fail(`bad envelope ${JSON.stringify(sample)}`);
 
-  // Unsubscribe: events published before a sentinel that does arrive must not.
+  // Unsubscribe. A sentinel reaching `a` proves the bridge has taken its
+  // unsubscribe (sent before the sentinel's subscribe). An event published
+  // after that, and before a second sentinel that arrives, must not reach
+  // it. (Publishing both from the start raced: an event the bridge routed
+  // just before the unsubscribe was rightly delivered.)
   a.unsubscribe("fs.change");
   const sentinel = [];
   a.subscribe("fs.sentinel", (e) => sentinel.push(e));
-  await until(() => sentinel.length > 0, 5000, "the sentinel", () => {
-    b.publish("fs.change", { after: true });
-    b.publish("fs.sentinel", {});
-  });
+  await until(() => sentinel.length > 0, 5000, "the sentinel", () => b.publish("fs.sentinel", {}));
+  b.publish("fs.change", { after: true });
+  b.publish("fs.sentinel", { second: true });
+  await until(() => sentinel.some((e) => e.payload && e.payload.second), 5000, "the second sentinel");
   if (aRaw.some((f) => f.event && f.event.payload && f.event.payload.after))
     fail("received an event after unsubscribe");
 

@@ -99,17 +99,31 @@ async def mqtt_side(url, host, port, pkg):
     if order != list(range(n)):
         fail(f"order broken: {order[:20]}")
 
-    # Unsubscribe: nothing more for that pattern once a later sentinel arrives.
+    # Unsubscribe. A sentinel arriving proves the bridge has taken the
+    # unsubscribe (sent before the sentinel's subscribe); an event published
+    # after that, and before a second sentinel that arrives, must not come.
+    # (Publishing both from the start raced: an event routed just before
+    # the unsubscribe was rightly delivered.)
     await client.unsubscribe("sensor.+")
-    del client.event_handlers["sensor.temp"]
-    await client.subscribe("sentinel.x", handler)
-    before = len([x for x in seen if x["type"] == "sensor.temp"])
+    # The handler stays (recording apart), so that a frame the bridge
+    # still sent would show rather than be dropped by the client.
+    after = []
 
-    def both():
-        paho.publish(prefix + "sensor/temp", "late")
-        paho.publish(prefix + "sentinel/x", "s")
-    await until(lambda: any(x["type"] == "sentinel.x" for x in seen), 5, "the sentinel", both)
-    if any(x.get("payload") == "late" for x in seen) or len([x for x in seen if x["type"] == "sensor.temp"]) != before:
+    async def record_after(event):
+        after.append(event)
+
+    client.event_handlers["sensor.temp"] = record_after
+    await client.subscribe("sentinel.x", handler)
+
+    def sentinel(payload):
+        return any(x["type"] == "sentinel.x" and x.get("payload") == payload for x in seen)
+
+    await until(lambda: sentinel("s"), 5, "the sentinel", lambda: paho.publish(prefix + "sentinel/x", "s"))
+    after.clear()  # routed before the bridge took the unsubscribe
+    paho.publish(prefix + "sensor/temp", "late")
+    paho.publish(prefix + "sentinel/x", "second")
+    await until(lambda: sentinel("second"), 5, "the second sentinel")
+    if after:
         fail("event delivered after unsubscribe")
     paho.loop_stop()
     print(json.dumps({"ok": True, "ordered": len(order)}))
