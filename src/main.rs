@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run everything a single machine needs: embedded broker, queues, bridge, heartbeat.
-    Serve(cmd::serve::Args),
+    Serve(Box<cmd::serve::Args>),
     /// Live dashboard of every instance's heartbeat and every queue (--once --json for scripts).
     Monitor(cmd::monitor::Args),
     /// Publish heartbeats for a non-Rust process; mark it offline when its pid exits.
@@ -38,6 +38,8 @@ enum Command {
     Queue(cmd::queue::Args),
     /// Run the legacy WebSocket bridge alone against any MQTT 5 broker.
     Bridge(cmd::bridge::Args),
+    /// Stop this host's processes that hang (silent, cut off from the broker, stalled), and alarm on restart loops.
+    Reap(cmd::reap::Args),
     /// Run a command per task of a queue, with the service runtime's fail-fast guarantees.
     Work(cmd::work::Args),
     /// Print the argon2 hash of a password (or a new bridge token) for the auth file.
@@ -48,13 +50,14 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();
     let result = match cli.command {
-        Command::Serve(args) => cmd::serve::run(args),
+        Command::Serve(args) => cmd::serve::run(*args),
         Command::Monitor(args) => cmd::monitor::run(args),
         Command::Heartbeat(args) => cmd::heartbeat::run(args),
         Command::Queues(args) => cmd::queues::run(args),
         Command::Queue(args) => cmd::queue::run(args),
         Command::Bridge(args) => cmd::bridge::run(args),
         Command::Work(args) => cmd::work::run(args),
+        Command::Reap(args) => cmd::reap::run(args),
         Command::Passwd(args) => cmd::passwd::run(args),
     };
     match result {

@@ -92,6 +92,10 @@ pub struct BridgeConfig {
     pub auth: Option<Arc<axion_broker::auth::Auth>>,
     /// Serve `wss://` (and `/health` over `https://`) instead of plain `ws://`.
     pub tls: Option<TlsFiles>,
+    /// The legacy heartbeat service, answered on this port too
+    /// (`/heartbeat`, `/heartbeats`), and fed the `heartbeat` events that
+    /// WebSocket clients publish.
+    pub legacy_heartbeats: Option<Arc<axion_supervise::LegacyHeartbeats>>,
 }
 
 /// PEM files of the bridge's TLS certificate chain and private key.
@@ -111,6 +115,7 @@ impl BridgeConfig {
             heartbeat: true,
             auth: None,
             tls: None,
+            legacy_heartbeats: None,
         }
     }
 }
@@ -318,6 +323,7 @@ impl Bridge {
             shutdown: clients_root.clone(),
             next_key: AtomicU64::new(1),
             started: Instant::now(),
+            legacy_heartbeats: config.legacy_heartbeats.clone(),
         });
         tracing::info!(listen = %local_addr, tls = tls.is_some(), mqtt = %config.mqtt, package = config.package, client_id, "WebSocket bridge up");
         // Upgraded connections outlive hyper's graceful shutdown, so the
@@ -338,7 +344,9 @@ impl Bridge {
                         tracing::debug!(%error, "TCP_NODELAY on a WebSocket connection");
                     }
                 });
-                axum::serve(listener, server::router(shared))
+                let app =
+                    server::router(shared).into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(listener, app)
                     .with_graceful_shutdown(shutdown)
                     .await
                     .map_err(BridgeError::Serve)

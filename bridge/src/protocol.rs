@@ -333,6 +333,11 @@ impl Event {
 }
 
 impl Message<'_> {
+    /// The event's `payload` as sent, if any.
+    pub fn payload(&self) -> Option<&RawValue> {
+        self.payload
+    }
+
     /// The legacy `normalize`: keeps `type`, `source`, `payload`,
     /// `timestamp` and the truthy `correlationId`/`replyTo`, in that order;
     /// fills `source` with the sender's id and `timestamp` with now when

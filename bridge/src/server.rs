@@ -19,6 +19,8 @@ use crate::tasks::Tasks;
 use crate::Limits;
 use axion_broker::auth::{Auth, Principal};
 use axion_heartbeat::topics;
+use axion_supervise::legacy::Source;
+use axion_supervise::LegacyHeartbeats;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -56,15 +58,21 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub next_key: AtomicU64,
     pub started: Instant,
+    pub legacy_heartbeats: Option<Arc<LegacyHeartbeats>>,
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let legacy = shared.legacy_heartbeats.clone();
+    let router = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/stats", get(stats))
         .fallback(upgrade)
-        .with_state(shared)
+        .with_state(shared);
+    match legacy {
+        Some(service) => router.merge(axion_supervise::legacy::routes(service)),
+        None => router,
+    }
 }
 
 async fn live() -> Json<Value> {
@@ -92,8 +100,12 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Value> {
 async fn upgrade(
     State(s): State<Arc<Shared>>,
     uri: axum::http::Uri,
+    extensions: axum::http::Extensions,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let peer = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
@@ -121,7 +133,7 @@ async fn upgrade(
     let transport_limit = s.limits.max_frame_bytes.saturating_mul(4);
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
-        .on_upgrade(move |socket| connection(socket, s, principal))
+        .on_upgrade(move |socket| connection(socket, s, principal, peer))
 }
 
 struct Conn {
@@ -130,6 +142,8 @@ struct Conn {
     principal: Option<Principal>,
     /// MQTT filters this client subscribed through the hub.
     filters: HashSet<String>,
+    /// Where the client connects from, when known.
+    peer: Option<std::net::IpAddr>,
 }
 
 fn query_token(uri: &axum::http::Uri) -> Option<&str> {
@@ -156,7 +170,12 @@ async fn check_token(auth: &Arc<Auth>, token: &str) -> Option<Principal> {
     }
 }
 
-async fn connection(socket: WebSocket, s: Arc<Shared>, principal: Option<Principal>) {
+async fn connection(
+    socket: WebSocket,
+    s: Arc<Shared>,
+    principal: Option<Principal>,
+    peer: Option<std::net::IpAddr>,
+) {
     let key = s.next_key.fetch_add(1, Ordering::Relaxed);
     let id = uuid::Uuid::new_v4().to_string();
     let (tx, rx) = mpsc::channel(s.limits.client_queue_frames);
@@ -186,6 +205,7 @@ async fn connection(socket: WebSocket, s: Arc<Shared>, principal: Option<Princip
         handle: handle.clone(),
         principal,
         filters: HashSet::new(),
+        peer,
     };
     read_loop(stream, &mut conn, &last_heard, &s).await;
 
@@ -376,12 +396,33 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
     }
 }
 
+fn legacy_beat(service: &LegacyHeartbeats, message: &protocol::Message<'_>, conn: &Conn) {
+    let Some(payload) = message.payload() else {
+        return;
+    };
+    let beat = serde_json::from_str::<Value>(payload.get())
+        .map_err(|e| e.to_string())
+        .and_then(|v| {
+            service
+                .accept_json(&v, conn.peer, Source::BridgeEvent)
+                .map_err(|r| r.error)
+        });
+    if let Err(error) = beat {
+        tracing::debug!(client = %conn.handle.id, error, "heartbeat event not taken as a legacy heartbeat");
+    }
+}
+
 /// Publishes a client's event on MQTT, and hands it to this bridge's own
 /// WebSocket subscribers directly: the bridge's event subscriptions are
 /// No Local, so the broker does not send its own events back to it.
 async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Result<(), Value> {
     if !s.metrics.mqtt_connected.load(Ordering::Relaxed) {
         return Err(error("the MQTT broker is unreachable; event not published"));
+    }
+    // The legacy service template beats with `heartbeat` events: the
+    // process joins the mesh as if it had used the heartbeat service.
+    if let (Some(service), "heartbeat") = (&s.legacy_heartbeats, message.event_type.as_ref()) {
+        legacy_beat(service, &message, conn);
     }
     let event = message.normalize(&conn.handle.id);
     let topic = protocol::type_to_topic(&s.hub.event_prefix, &message.event_type);

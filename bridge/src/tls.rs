@@ -122,6 +122,9 @@ async fn connection(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    // Handlers that need the client's address (the legacy heartbeat
+    // service) read it as they do behind `axum::serve`.
+    let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
     let conn = http
         .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
         .with_upgrades();

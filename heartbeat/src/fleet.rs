@@ -63,6 +63,10 @@ pub struct InstanceView {
     pub topic: String,
     pub state: State,
     pub age_secs: f64,
+    /// The active alarm of this instance's service (`axion/<pkg>/alarm/<service>`),
+    /// when the watcher was asked for alarms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alarm: Option<Value>,
 }
 
 /// Why a message did not change the table.
@@ -215,6 +219,7 @@ impl Fleet {
                 topic: i.topic.clone(),
                 state: self.state_of(&i.record, now),
                 age_secs: i.record.age_secs(now),
+                alarm: None,
             })
             .collect()
     }
@@ -242,6 +247,8 @@ pub struct WatchOptions {
     pub service: Option<String>,
     /// Also keep the retained `axion/<pkg>/queue/<queue>/stats` records.
     pub queues: bool,
+    /// Also keep the retained `axion/<pkg>/alarm/<service>` records.
+    pub alarms: bool,
     pub stale_after: Duration,
 }
 
@@ -251,6 +258,7 @@ impl Default for WatchOptions {
             package: None,
             service: None,
             queues: false,
+            alarms: false,
             stale_after: Duration::from_secs(DEFAULT_STALE_SECS),
         }
     }
@@ -263,6 +271,9 @@ impl WatchOptions {
         let mut filters = vec![format!("axion/{pkg}/heartbeat/{svc}/+")];
         if self.queues {
             filters.push(topics::queue(pkg, "+", "stats"));
+        }
+        if self.alarms {
+            filters.push(topics::alarm(pkg, svc));
         }
         Ok(filters)
     }
@@ -285,6 +296,8 @@ struct WatchState {
     fleet: Fleet,
     /// Latest stats record per queue topic.
     queues: BTreeMap<String, Value>,
+    /// Latest alarm per alarm topic.
+    alarms: BTreeMap<String, Value>,
     /// When the last message flagged retained arrived: the burst after a
     /// SUBACK is over once these stop.
     last_retained: Option<Instant>,
@@ -315,6 +328,7 @@ impl FleetWatcher {
         let state = Arc::new(Mutex::new(WatchState {
             fleet: Fleet::new(options.stale_after),
             queues: BTreeMap::new(),
+            alarms: BTreeMap::new(),
             last_retained: None,
         }));
         let (subscribed_tx, subscribed) = watch::channel(false);
@@ -358,6 +372,15 @@ impl FleetWatcher {
                         }
                         if parse_heartbeat_topic(topic).is_some() {
                             st.fleet.apply(topic, &p.payload, now_unix());
+                        } else if topics::parse_alarm(topic).is_some() {
+                            match serde_json::from_slice::<Value>(&p.payload) {
+                                Ok(v) if !p.payload.is_empty() => {
+                                    st.alarms.insert(topic.to_string(), v);
+                                }
+                                _ => {
+                                    st.alarms.remove(topic);
+                                }
+                            }
                         } else if p.payload.is_empty() {
                             st.queues.remove(topic);
                         } else if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
@@ -422,9 +445,27 @@ impl FleetWatcher {
         self.changes.clone()
     }
 
-    /// The table with states at `now`.
+    /// The table with states at `now`, each row with its service's alarm.
     pub fn views(&self, now: f64) -> Vec<InstanceView> {
-        lock(&self.state).fleet.views(now)
+        let st = lock(&self.state);
+        let mut views = st.fleet.views(now);
+        if !st.alarms.is_empty() {
+            for view in &mut views {
+                if let Some((pkg, svc, _)) = parse_heartbeat_topic(&view.topic) {
+                    view.alarm = st.alarms.get(&topics::alarm(pkg, svc)).cloned();
+                }
+            }
+        }
+        views
+    }
+
+    /// The active alarms by topic (when `alarms` was asked for).
+    pub fn alarms(&self) -> Vec<(String, Value)> {
+        lock(&self.state)
+            .alarms
+            .iter()
+            .map(|(t, v)| (t.clone(), v.clone()))
+            .collect()
     }
 
     pub fn counts(&self, now: f64) -> Counts {

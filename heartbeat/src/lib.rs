@@ -1,11 +1,13 @@
 //! Axion's client side, shared by every process that talks to the broker:
 //! the `mqtt://` URL every command accepts, the topic tree of DESIGN.md, the
 //! retained heartbeat record and its publisher, the fleet table that readers
-//! build from those records, and the janitor that clears dead instances.
+//! build from those records, the janitor that clears dead instances, and
+//! what `/proc` says about the processes behind them.
 
 pub mod error;
 pub mod fleet;
 pub mod janitor;
+pub mod process;
 pub mod publisher;
 pub mod runtime;
 pub mod schema;

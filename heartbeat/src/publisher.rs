@@ -150,6 +150,7 @@ impl HeartbeatPublisher {
         let pid = config.pid.unwrap_or_else(std::process::id);
         let port_slot = config.port.map(u32::from).unwrap_or(pid);
         let instance_id = format!("{hostname}:{port_slot}");
+        let process = crate::process::identity(pid);
         let identity = Identity {
             topic: topics::heartbeat(&config.package, &config.service, &instance_id),
             announce_topic: topics::announce(&config.package),
@@ -167,6 +168,9 @@ impl HeartbeatPublisher {
             started: Instant::now(),
             interval: config.interval.max(Duration::from_secs(1)),
             ghost_secs: u32::try_from(config.ghost_after.as_secs()).unwrap_or(u32::MAX),
+            started_at: process.and_then(|p| crate::process::started_at_unix(p.start_ticks)),
+            host_boot_id: process.and(crate::process::host_boot_id()),
+            process,
         };
         let shared = Arc::new(Shared {
             id: identity,
@@ -178,6 +182,7 @@ impl HeartbeatPublisher {
                 avg_job_ms: None,
                 status: Status::Online,
                 extras: config.extras,
+                cpu: process.map(crate::process::CpuSampler::new),
             }),
             seq: AtomicU64::new(0),
             mqtt_connected: AtomicBool::new(false),
@@ -217,6 +222,10 @@ struct Identity {
     started: Instant,
     interval: Duration,
     ghost_secs: u32,
+    /// Who the reported pid is, so a reaper can act on this record.
+    process: Option<crate::process::ProcessIdentity>,
+    started_at: Option<f64>,
+    host_boot_id: Option<String>,
 }
 
 /// The fields the service updates between beats.
@@ -228,6 +237,7 @@ struct Live {
     avg_job_ms: Option<f64>,
     status: Status,
     extras: Map<String, Value>,
+    cpu: Option<crate::process::CpuSampler>,
 }
 
 struct Shared {
@@ -248,7 +258,8 @@ impl Shared {
     }
 
     fn record(&self, status: Status, reason: Option<&str>, seq: u64) -> Heartbeat {
-        let live = self.live();
+        let mut live = self.live();
+        let cpu_percent = live.cpu.as_mut().and_then(|c| c.sample());
         Heartbeat {
             service: self.id.service.clone(),
             instance_id: self.id.instance_id.clone(),
@@ -268,6 +279,14 @@ impl Shared {
             inflight: live.inflight,
             last_progress_ts: live.last_progress_ts,
             avg_job_ms: live.avg_job_ms,
+            cpu_percent,
+            memory_bytes: self
+                .id
+                .process
+                .and_then(|p| crate::process::rss_bytes(p.pid)),
+            started_at: self.id.started_at,
+            proc_start_ticks: self.id.process.map(|p| p.start_ticks),
+            host_boot_id: self.id.host_boot_id.clone(),
             extras: live.extras.clone(),
         }
     }

@@ -73,6 +73,23 @@ pub struct Heartbeat {
     pub last_progress_ts: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avg_job_ms: Option<f64>,
+    /// CPU use of the process in percent of one core, from `/proc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the process in bytes, from `/proc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// When the process started, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<f64>,
+    /// The process's start time in clock ticks since boot: with `pid` and
+    /// `host_boot_id` it names exactly one process (see `process`). A
+    /// record without it is never acted on by the reaper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proc_start_ticks: Option<u64>,
+    /// The kernel boot id of the machine the process runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_boot_id: Option<String>,
     /// Whatever else the caller put in (the seeds' `extras`), at top level.
     #[serde(flatten)]
     pub extras: serde_json::Map<String, serde_json::Value>,

@@ -34,6 +34,21 @@ pub fn heartbeat(package: &str, service: &str, instance_id: &str) -> String {
 /// Wildcard over every heartbeat of every package.
 pub const ALL_HEARTBEATS: &str = "axion/+/heartbeat/+/+";
 
+/// `axion/<pkg>/alarm/<service>`: a retained alarm about a service (a
+/// restart loop), cleared by an empty retained message.
+pub fn alarm(package: &str, service: &str) -> String {
+    format!("axion/{package}/alarm/{service}")
+}
+
+/// `(package, service)` of an alarm topic.
+pub fn parse_alarm(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("axion/")?;
+    let (package, rest) = rest.split_once('/')?;
+    let service = rest.strip_prefix("alarm/")?;
+    (!package.is_empty() && !service.is_empty() && !service.contains('/'))
+        .then_some((package, service))
+}
+
 /// `axion/<pkg>/cmd/announce`: ask every instance to republish now.
 pub fn announce(package: &str) -> String {
     format!("axion/{package}/cmd/announce")

@@ -92,6 +92,8 @@ pub struct Args {
     pub tls: WsTls,
     #[command(flatten)]
     pub limits: BridgeLimits,
+    #[command(flatten)]
+    pub legacy: super::reap::LegacyArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -112,9 +114,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             config.auth = Some(std::sync::Arc::new(axion_broker::auth::Auth::load(path)?));
             tracing::info!(auth_file = %path.display(), "WebSocket authentication and ACLs on");
         }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut legacy_config = args
+            .legacy
+            .config(config.mqtt.clone(), &config.package, None)?;
+        legacy_config.local_only = config.auth.is_some();
+        let legacy = axion_supervise::LegacyHeartbeats::start(legacy_config, stop.clone())?;
+        if let Some(addr) = args.legacy.legacy_heartbeat_listen {
+            axion_supervise::legacy::serve(addr, legacy.clone(), stop.clone()).await?;
+        }
+        config.legacy_heartbeats = Some(legacy.clone());
         let bridge = Bridge::bind(config).await?;
         tracing::info!(listen = %bridge.local_addr(), "axion bridge listening");
         bridge.serve(shutdown_signal()).await?;
+        stop.cancel();
+        legacy.stop().await;
         Ok(ExitCode::SUCCESS)
     })
 }

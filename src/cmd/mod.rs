@@ -6,5 +6,6 @@ pub mod monitor;
 pub mod passwd;
 pub mod queue;
 pub mod queues;
+pub mod reap;
 pub mod serve;
 pub mod work;

@@ -3,7 +3,7 @@
 //! A live terminal dashboard (ratatui) over the retained heartbeat mesh and
 //! the retained queue stats, or with `--once` a single snapshot for scripts
 //! (`--json`: an array of heartbeat records plus `state`, `topic`,
-//! `age_secs`). All the state logic lives in `axion_heartbeat::fleet`; this
+//! `age_secs`, and `alarm` on the rows of a service with an active alarm). All the state logic lives in `axion_heartbeat::fleet`; this
 //! file only renders it.
 
 use std::cmp::Ordering;
@@ -101,6 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         package: args.package.clone(),
         service: args.service.clone(),
         queues: !args.once,
+        alarms: true,
         stale_after: Duration::from_secs(args.stale_secs),
     };
     let broker = args.mqtt.clone().with_env_credentials();
@@ -122,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         })?;
         let mut rows = watcher.views(now_unix());
         sort_rows(&mut rows, args.sort, false);
-        let text = render_once(&rows, args.json)?;
+        let text = render_once(&rows, &watcher.alarms(), args.json)?;
         runtime.block_on(watcher.stop());
         match std::io::stdout().lock().write_all(text.as_bytes()) {
             // `axion monitor --once | head` closes the pipe early: not an error.
@@ -139,7 +140,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The `--once` output: the table (and broker counters), or JSON.
-fn render_once(rows: &[InstanceView], json: bool) -> anyhow::Result<String> {
+fn render_once(
+    rows: &[InstanceView],
+    alarms: &[(String, Value)],
+    json: bool,
+) -> anyhow::Result<String> {
     if json {
         return Ok(serde_json::to_string_pretty(rows).context("encode JSON")? + "\n");
     }
@@ -151,13 +156,17 @@ fn render_once(rows: &[InstanceView], json: bool) -> anyhow::Result<String> {
     )?;
     for r in rows {
         let h = &r.record;
+        let state = match (&h.reason, r.state) {
+            (Some(reason), State::Offline) => format!("offline/{reason}"),
+            _ => r.state.as_str().to_string(),
+        };
         writeln!(
             out,
             "{:<12} {:<16} {:<28} {:<9} {:>7} {:>8} {:>8} {:>6} {:>8}",
             h.package,
             h.service,
             h.instance_id,
-            r.state.as_str(),
+            state,
             fmt_secs(r.age_secs),
             fmt_secs(h.uptime_seconds as f64),
             h.pid,
@@ -168,7 +177,30 @@ fn render_once(rows: &[InstanceView], json: bool) -> anyhow::Result<String> {
     for (instance, line) in broker_counters(rows) {
         writeln!(out, "broker {instance}: {line}")?;
     }
+    for (topic, alarm) in alarms {
+        writeln!(out, "ALARM {}", alarm_line(topic, alarm))?;
+    }
     Ok(out)
+}
+
+/// One alarm in words: which service, what happened, what to do.
+fn alarm_line(topic: &str, alarm: &Value) -> String {
+    let field = |k: &str| alarm.get(k).and_then(Value::as_str).unwrap_or("");
+    let service = axion_heartbeat::topics::parse_alarm(topic)
+        .map(|(pkg, svc)| format!("{pkg}/{svc}"))
+        .unwrap_or_else(|| topic.to_string());
+    match alarm.get("restarts").and_then(Value::as_u64) {
+        Some(n) => format!(
+            "{service} on {}: {n} restarts in {}s; {}",
+            field("host"),
+            alarm
+                .get("window_secs")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            field("hint")
+        ),
+        None => format!("{service}: {alarm}"),
+    }
 }
 
 /// The counters an Axion broker puts on its heartbeat record (`"broker"`),
@@ -254,12 +286,14 @@ fn dashboard(
         sort_rows(&mut rows, sort, reverse);
         let counts = watcher.counts(now);
         let queues = watcher.queue_stats();
+        let alarms = watcher.alarms();
         let view = View {
             broker,
             args,
             rows: &rows,
             counts,
             queues: &queues,
+            alarms: &alarms,
             sort,
             reverse,
             now,
@@ -292,6 +326,7 @@ struct View<'a> {
     rows: &'a [InstanceView],
     counts: Counts,
     queues: &'a [(String, Value)],
+    alarms: &'a [(String, Value)],
     sort: SortKey,
     reverse: bool,
     now: f64,
@@ -320,8 +355,14 @@ impl View<'_> {
             // Two lines each: the counters wrap on a narrow terminal.
             (brokers.len() as u16 * 2 + 1).min(9)
         };
-        let [header, instances, queues, broker, footer] = Layout::vertical([
+        let alarm_height = if self.alarms.is_empty() {
+            0
+        } else {
+            (self.alarms.len() as u16 * 2 + 1).min(7)
+        };
+        let [header, alarms, instances, queues, broker, footer] = Layout::vertical([
             Constraint::Length(2),
+            Constraint::Length(alarm_height),
             Constraint::Min(4),
             Constraint::Length(queue_height),
             Constraint::Length(broker_height),
@@ -329,6 +370,24 @@ impl View<'_> {
         ])
         .areas(frame.area());
         frame.render_widget(self.header(), header);
+        if alarm_height > 0 {
+            let lines = self
+                .alarms
+                .iter()
+                .map(|(topic, alarm)| {
+                    Line::styled(
+                        alarm_line(topic, alarm),
+                        Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+                    )
+                })
+                .collect::<Vec<_>>();
+            frame.render_widget(
+                Paragraph::new(lines)
+                    .wrap(Wrap { trim: true })
+                    .block(Block::new().borders(Borders::TOP).title(" alarms ")),
+                alarms,
+            );
+        }
         frame.render_widget(self.instances(), instances);
         if queue_height > 0 {
             frame.render_widget(self.queue_table(), queues);

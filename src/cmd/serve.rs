@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 
 use super::bridge::{BridgeLimits, WsTls};
 use super::queues::QueueTuning;
+use super::reap::{LegacyArgs, ReapTuning};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -80,6 +81,13 @@ pub struct Args {
     pub bridge: BridgeLimits,
     #[command(flatten)]
     pub ws_tls: WsTls,
+    /// Run the reaper: stop this host's processes whose heartbeat says they hang (see `axion reap --help`).
+    #[arg(long, env = "AXION_REAP")]
+    pub reap: bool,
+    #[command(flatten)]
+    pub reap_tuning: ReapTuning,
+    #[command(flatten)]
+    pub legacy: LegacyArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -188,7 +196,29 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .context("start the queue owner")?;
 
+    let supervision = tokio_util::sync::CancellationToken::new();
+    let mut legacy_config =
+        args.legacy
+            .config(local.clone(), &args.package, Some(&args.reap_tuning))?;
+    legacy_config.local_only = auth.is_some();
+    let legacy = axion_supervise::LegacyHeartbeats::start(legacy_config, supervision.clone())?;
+    if let Some(addr) = args.legacy.legacy_heartbeat_listen {
+        axion_supervise::legacy::serve(addr, legacy.clone(), supervision.clone()).await?;
+    }
+    let reaper = args.reap.then(|| {
+        let config = args.reap_tuning.config(local.clone(), &args.package);
+        let stop = supervision.clone();
+        tokio::spawn(async move {
+            let ended = axion_supervise::reaper::run(config, stop).await;
+            if let Err(err) = &ended {
+                error!(%err, "the reaper stopped; processes that hang are not stopped");
+            }
+            ended
+        })
+    });
+
     let mut bridge_config = BridgeConfig::new(args.ws_listen, local.clone(), args.package.clone());
+    bridge_config.legacy_heartbeats = Some(legacy.clone());
     bridge_config.limits = args.bridge.limits();
     bridge_config.auth = auth.clone();
     bridge_config.tls = args.ws_tls.files();
@@ -243,6 +273,16 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    supervision.cancel();
+    if let Some(reaper) = reaper {
+        match tokio::time::timeout(Duration::from_secs(5), reaper).await {
+            Ok(Ok(Ok(()))) => {}
+            other => {
+                warn!(result = ?other.map(|j| j.map(|r| r.map_err(|e| e.to_string()))), "reaper did not stop cleanly")
+            }
+        }
+    }
+    legacy.stop().await;
     if let Err(err) = queues.shutdown().await {
         warn!(%err, "queue owner did not stop cleanly");
     }
