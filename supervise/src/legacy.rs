@@ -133,6 +133,8 @@ struct Tracked {
     name: String,
     pid: u32,
     host: String,
+    /// Heard over loopback: its pid is one of this machine's.
+    local: bool,
     /// Set for local processes: who the pid was when first heard.
     identity: Option<ProcessIdentity>,
     cpu: Option<CpuSampler>,
@@ -452,6 +454,7 @@ impl LegacyHeartbeats {
                     name: beat.name.clone(),
                     pid: beat.pid,
                     host: host.clone(),
+                    local,
                     identity,
                     cpu: identity.map(CpuSampler::new),
                     boot_id,
@@ -555,6 +558,7 @@ impl LegacyHeartbeats {
             name: beat.name.clone(),
             pid: beat.pid,
             host: host.to_string(),
+            local: identity.is_some(),
             identity,
             cpu: None,
             boot_id: match identity {
@@ -640,8 +644,10 @@ impl LegacyHeartbeats {
                     .tracked
                     .retain(|_, t| t.status != Status::Offline || t.last_beat.elapsed() < ghost);
                 for t in inner.tracked.values_mut() {
+                    // A local pid that never ran here is gone as well.
                     let gone = t.status != Status::Offline
-                        && t.identity.is_some_and(|i| !process::is_running(i));
+                        && t.local
+                        && t.identity.is_none_or(|i| !process::is_running(i));
                     if gone {
                         t.status = Status::Offline;
                         t.reason = Some("exited".into());
