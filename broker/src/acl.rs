@@ -26,6 +26,8 @@ pub enum Denied {
     Forbidden,
     /// A heartbeat topic written by another instance's client.
     ForeignHeartbeat,
+    /// A client id reserved to Axion's own components.
+    ReservedClientId,
 }
 
 impl Denied {
@@ -34,6 +36,7 @@ impl Denied {
             Denied::NoRule => "no rule allows it",
             Denied::Forbidden => "forbidden by the deny list",
             Denied::ForeignHeartbeat => "heartbeat topic of another instance",
+            Denied::ReservedClientId => "client id reserved to Axion's own components",
         }
     }
 }
@@ -71,8 +74,15 @@ impl Rule {
         })
     }
 
+    /// Whether the rule, as written (a deny rule has no `%c`/`%u`), matches
+    /// `topic`.
+    pub fn matches(&self, topic: &str) -> bool {
+        topic_matches(&self.raw, topic)
+    }
+
     /// The rule with `%c`/`%u` filled in; `None` if a value would change
-    /// the rule's shape (a `/`, `+` or `#` in it) or `%u` has no user.
+    /// the rule's shape (a `/`, `+` or `#` in it), `%u` has no user, or
+    /// `%c` is not a client id the user may claim (see [`claims`]).
     fn resolve<'a>(
         &'a self,
         client_id: &str,
@@ -84,7 +94,7 @@ impl Rule {
         let unsafe_value = |v: &str| v.is_empty() || v.contains(['/', '+', '#', '\0']);
         let mut s = self.raw.clone();
         if s.contains("%c") {
-            if unsafe_value(client_id) {
+            if unsafe_value(client_id) || !claims(user, client_id) {
                 return None;
             }
             s = s.replace("%c", client_id);
@@ -97,12 +107,28 @@ impl Rule {
     }
 }
 
+/// Whether `user` may claim `client_id` for a `%c` rule: the id is the
+/// user name, or starts with it and a `-` (`alice`, `alice-sensor-7`).
+/// Any client may pick any id, so without this a `%c` rule would grant
+/// one user's topics to whoever connects with that user's device id; an
+/// anonymous client claims nothing.
+pub fn claims(user: Option<&str>, client_id: &str) -> bool {
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return false;
+    };
+    client_id
+        .strip_prefix(user)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
 /// The rules one principal holds (the union of its roles).
 #[derive(Debug, Clone, Default)]
 pub struct Permissions {
     /// Everything allowed (Axion's internal components, admins), except
     /// the global deny lists.
     pub superuser: bool,
+    /// May use the client ids of Axion's own components (`axion-…`).
+    pub components: bool,
     pub publish: Vec<Rule>,
     pub subscribe: Vec<Rule>,
 }
@@ -235,6 +261,7 @@ mod tests {
     fn perms(publish: &[&str], subscribe: &[&str]) -> Permissions {
         Permissions {
             superuser: false,
+            components: false,
             publish: publish.iter().map(|r| Rule::new(r).unwrap()).collect(),
             subscribe: subscribe.iter().map(|r| Rule::new(r).unwrap()).collect(),
         }
@@ -269,8 +296,15 @@ mod tests {
     fn substitution_cannot_widen_a_rule() {
         let p = perms(&["dev/%c/#", "user/%u/+"], &["dev/%c/#"]);
         let deny = DenyList::default();
-        assert!(p.may_publish(&deny, "c1", None, "dev/c1/x").is_ok());
-        assert!(p.may_publish(&deny, "c1", None, "dev/c2/x").is_err());
+        let bob = Some("bob");
+        assert!(p.may_publish(&deny, "bob-c1", bob, "dev/bob-c1/x").is_ok());
+        assert!(p.may_publish(&deny, "bob-c1", bob, "dev/bob-c2/x").is_err());
+        // `%c` only stands for ids the user may claim.
+        assert!(p
+            .may_publish(&deny, "alice-c1", bob, "dev/alice-c1/x")
+            .is_err());
+        assert!(p.may_publish(&deny, "bobby", bob, "dev/bobby/x").is_err());
+        assert!(p.may_publish(&deny, "c1", None, "dev/c1/x").is_err());
         assert!(p
             .may_publish(&deny, "c1", Some("bob"), "user/bob/x")
             .is_ok());

@@ -74,6 +74,11 @@ struct FileFormat {
 struct RoleEntry {
     #[serde(default)]
     superuser: bool,
+    /// May connect with the client ids of Axion's own components
+    /// (`axion-…`): for a queue owner, bridge, worker or heartbeat
+    /// sidecar run on its own against this broker.
+    #[serde(default)]
+    axion_components: bool,
     #[serde(default)]
     publish: Vec<String>,
     #[serde(default)]
@@ -106,8 +111,14 @@ struct User {
 #[derive(Debug, Default)]
 pub struct Audit {
     pub refused_connects: AtomicU64,
+    /// Connections refused for their client id: another user's session,
+    /// or an id reserved to Axion's own components.
+    pub refused_client_ids: AtomicU64,
     pub denied_publishes: AtomicU64,
     pub denied_subscribes: AtomicU64,
+    /// Messages on a `deny_subscribe` topic withheld from a subscriber
+    /// whose wider filter matched them.
+    pub withheld_deliveries: AtomicU64,
 }
 
 /// An authenticated client: its user name (none if anonymous) and rules.
@@ -178,6 +189,7 @@ impl Auth {
                 name.clone(),
                 Permissions {
                     superuser: role.superuser,
+                    components: role.axion_components,
                     publish: rules(name, &role.publish)?,
                     subscribe: rules(name, &role.subscribe)?,
                 },
@@ -190,6 +202,7 @@ impl Auth {
                     AuthError::Invalid(format!("{who} has the unknown role {name:?}"))
                 })?;
                 perms.superuser |= role.superuser;
+                perms.components |= role.components;
                 perms.publish.extend(role.publish.iter().cloned());
                 perms.subscribe.extend(role.subscribe.iter().cloned());
             }
@@ -301,6 +314,21 @@ impl Auth {
         }
     }
 
+    /// May `p` connect as `client_id`? Ids starting `axion-` name Axion's
+    /// own components (the queue owner's outlet, heartbeat records and
+    /// wills hang on them): only the internal user, superusers and roles
+    /// with `axion_components` may use them.
+    pub fn may_use_client_id(&self, p: &Principal, client_id: &str) -> Result<(), Denied> {
+        let reserved = client_id.starts_with(crate::names::OWN_CLIENT_PREFIX);
+        if reserved && !(p.perms.superuser || p.perms.components) {
+            self.audit
+                .refused_client_ids
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Denied::ReservedClientId);
+        }
+        Ok(())
+    }
+
     pub fn may_publish(&self, p: &Principal, client_id: &str, topic: &str) -> Result<(), Denied> {
         let r = p
             .perms
@@ -309,6 +337,25 @@ impl Auth {
             self.audit.denied_publishes.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Whether a message on `topic` must be withheld from every
+    /// subscriber: a subscription is refused only when a deny rule covers
+    /// its whole filter, so a wider filter (`#`, `+/…`, `$share/g/…`) that
+    /// merely overlaps one is granted and its denied topics are dropped
+    /// here, at delivery, live and retained alike. Cheap when the deny
+    /// list is empty, as it usually is.
+    pub fn withholds(&self, topic: &str) -> bool {
+        if self.deny.subscribe.is_empty() {
+            return false;
+        }
+        let denied = self.deny.subscribe.iter().any(|r| r.matches(topic));
+        if denied {
+            self.audit
+                .withheld_deliveries
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        denied
     }
 
     pub fn may_subscribe(

@@ -101,6 +101,9 @@ pub struct Newest {
     subscriptions: SharedSubscriptions,
     /// The connection's will while it may still be due.
     will: WillSlot,
+    /// The user whose connection made the session (`None`: anonymous, or
+    /// authentication off): only that user may resume or take it over.
+    owner: Option<String>,
 }
 
 /// A connection's will, shared with the next connection of its client id:
@@ -123,6 +126,15 @@ pub struct Joining {
     /// Deliveries the client has not acknowledged.
     pub unacknowledged: Arc<AtomicUsize>,
     pub will: WillSlot,
+    /// The user connecting (see [`Newest::owner`]).
+    pub owner: Option<String>,
+}
+
+/// A connection refused because its client id names a session (live or
+/// kept) of another user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignSession {
+    pub owner: Option<String>,
 }
 
 /// A will's Will Delay Interval in seconds (0 without one).
@@ -154,14 +166,22 @@ impl Lifetimes {
         router_id: &str,
         clean_start: bool,
         joining: Joining,
-    ) -> Resumed {
+    ) -> Result<Resumed, ForeignSession> {
         let Joining {
             kept,
             expiry,
             unacknowledged,
             will,
+            owner,
         } = joining;
         let mut newest = self.newest.lock().await;
+        // Checked under the lock every connection of this id takes, so no
+        // takeover, resume or erase happens for another user in between.
+        if let Some(held) = newest.get(router_id).filter(|p| p.owner != owner) {
+            return Err(ForeignSession {
+                owner: held.owner.clone(),
+            });
+        }
         let ends_with_connection = newest
             .get(router_id)
             .is_some_and(|p| p.kept && p.expiry.load(Ordering::Relaxed) == 0);
@@ -196,16 +216,17 @@ impl Lifetimes {
                 unacknowledged,
                 subscriptions: subscriptions.clone(),
                 will,
+                owner,
             },
         );
-        Resumed {
+        Ok(Resumed {
             generation,
             unacknowledged: previous
                 .filter(|p| p.kept)
                 .map_or(0, |p| p.unacknowledged.load(Ordering::Relaxed)),
             subscriptions,
             superseded_will,
-        }
+        })
     }
 
     /// The lock new connections take, if `generation` is still the newest

@@ -123,6 +123,24 @@ pub enum NameError {
     InvalidFilter(String),
 }
 
+/// True for `axion/<pkg>/queue/<q>/enqueue` and `…/cmd`: requests the
+/// queue owner answers on a topic the requester names.
+pub fn is_queue_request(topic: &[u8]) -> bool {
+    let mut levels = topic.split(|b| *b == b'/');
+    matches!(
+        (
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next()
+        ),
+        (Some(b"axion"), Some(pkg), Some(b"queue"), Some(q), Some(b"enqueue" | b"cmd"), None)
+            if !pkg.is_empty() && !q.is_empty()
+    )
+}
+
 /// Checks a PUBLISH topic name (MQTT-4.7.3, 3.3.2-2). An empty topic is
 /// only legal with an MQTT 5 topic alias, which the caller checks.
 pub fn check_topic(topic: &[u8]) -> Result<(), NameError> {

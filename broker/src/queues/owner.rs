@@ -62,6 +62,8 @@ pub(crate) fn now_ms() -> u64 {
 
 enum Inbound {
     Publish(Box<Publish>),
+    /// A copy from the embedded broker's sessions, which names its sender.
+    Tapped(Box<Publish>),
     Connected,
 }
 
@@ -92,6 +94,9 @@ pub(crate) struct Core {
     outbox: VecDeque<Out>,
     wake: HashSet<String>,
     last_stats: HashMap<String, u64>,
+    /// Acks, fails, progress and releases ignored because their sender
+    /// does not hold the task.
+    foreign_task_refs: u64,
 }
 
 pub(crate) async fn run(
@@ -177,9 +182,9 @@ pub(crate) async fn run(
                 take_waiting(&mut in_rx, |more| core.inbound(more));
             }
             Some(first) = recv_tap(&mut tap_rx) => {
-                core.inbound(Inbound::Publish(first));
+                core.inbound(Inbound::Tapped(first));
                 if let Some(rx) = tap_rx.as_mut() {
-                    take_waiting(rx, |more| core.inbound(Inbound::Publish(more)));
+                    take_waiting(rx, |more| core.inbound(Inbound::Tapped(more)));
                 }
             }
             _ = tick.tick() => core.on_tick(),
@@ -331,6 +336,7 @@ impl Core {
             writer_tx: Some(writer_tx),
             outbox: VecDeque::new(),
             wake: HashSet::new(),
+            foreign_task_refs: 0,
             last_stats: HashMap::new(),
         };
         let now = now_ms();
@@ -408,27 +414,41 @@ impl Core {
                     q.changed = true;
                 }
             }
-            Inbound::Publish(publish) => {
-                self.on_publish(&publish);
-                if !self.cfg.ack_after_commit {
-                    return;
-                }
-                let wait = publish.topic.ends_with(b"/enqueue");
-                let ack = Publish {
-                    payload: Bytes::new(),
-                    properties: None,
-                    ..*publish
-                };
-                if wait {
-                    self.fx.after.push(After::Ack(ack));
-                } else {
-                    self.outbox.push_back(Out::Ack(ack));
-                }
+            Inbound::Publish(publish) => self.publish_in(publish, None),
+            Inbound::Tapped(publish) => {
+                let sender = publish.properties.as_ref().and_then(|p| {
+                    p.user_properties
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k == super::tap::SENDER)
+                        .map(|(_, v)| v.clone())
+                });
+                self.publish_in(publish, sender);
             }
         }
     }
 
-    fn on_publish(&mut self, publish: &Publish) {
+    fn publish_in(&mut self, publish: Box<Publish>, sender: Option<String>) {
+        self.on_publish(&publish, sender.as_deref());
+        if !self.cfg.ack_after_commit {
+            return;
+        }
+        let wait = publish.topic.ends_with(b"/enqueue");
+        let ack = Publish {
+            payload: Bytes::new(),
+            properties: None,
+            ..*publish
+        };
+        if wait {
+            self.fx.after.push(After::Ack(ack));
+        } else {
+            self.outbox.push_back(Out::Ack(ack));
+        }
+    }
+
+    /// `sender`: the client id of the session that sent it, when the
+    /// embedded broker says so (see [`super::tap::SENDER`]).
+    fn on_publish(&mut self, publish: &Publish, sender: Option<&str>) {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return;
         };
@@ -443,7 +463,11 @@ impl Core {
                 match leaf {
                     "enqueue" => self.on_enqueue(queue, publish, now),
                     "ready" => match serde_json::from_slice::<Ready>(body) {
-                        Ok(ready) => {
+                        Ok(mut ready) => {
+                            // Credit is the sender's, whatever the body claims.
+                            if let Some(sender) = sender {
+                                ready.worker = sender.to_string();
+                            }
                             self.ensure_queue(queue);
                             if let Some(q) = self.queues.get_mut(queue) {
                                 q.ready(&ready.worker, ready.credits, ready.reset);
@@ -454,7 +478,7 @@ impl Core {
                     },
                     "ack" | "fail" | "progress" | "release" => {
                         match serde_json::from_slice::<TaskRef>(body) {
-                            Ok(r) => self.on_task_ref(queue, leaf, r, now),
+                            Ok(r) => self.on_task_ref(queue, leaf, r, now, sender),
                             Err(err) => bad_body(topic, &err),
                         }
                     }
@@ -469,10 +493,34 @@ impl Core {
         }
     }
 
+    /// Topics a reply may never go to: the package's queue, heartbeat,
+    /// alarm and command trees, and `$` topics. (Beside the embedded
+    /// broker the requester's own publish rights are checked as well.)
+    fn reserved_reply(&self, topic: &str) -> bool {
+        if topic.starts_with('$') {
+            return true;
+        }
+        let Some(rest) = topic.strip_prefix(self.prefix.as_str()) else {
+            return false;
+        };
+        ["queue/", "heartbeat/", "alarm/", "cmd/"]
+            .iter()
+            .any(|tree| rest.starts_with(tree))
+    }
+
     fn reply(&mut self, publish: &Publish, fallback: Option<String>, body: Vec<u8>) {
         let props = publish.properties.as_ref();
         let topic = props.and_then(|p| p.response_topic.clone()).or(fallback);
         let Some(topic) = topic else { return };
+        if self.reserved_reply(&topic) {
+            // The owner writes with its own rights: never onto the topics
+            // that steer Axion itself, whoever asks.
+            tracing::warn!(
+                topic,
+                "reply refused: a reply topic may not be one of Axion's own (queue, heartbeat, alarm, cmd)"
+            );
+            return;
+        }
         if !publishable(&topic) {
             // Queued, it would hold up every message behind it: the MQTT
             // client refuses it and the outbox keeps it at its head.
@@ -541,10 +589,42 @@ impl Core {
         }
     }
 
-    fn on_task_ref(&mut self, queue: &str, leaf: &str, r: TaskRef, now: u64) {
+    fn on_task_ref(
+        &mut self,
+        queue: &str,
+        leaf: &str,
+        mut r: TaskRef,
+        now: u64,
+        sender: Option<&str>,
+    ) {
         let Some(q) = self.queues.get_mut(queue) else {
             return;
         };
+        if let Some(sender) = sender {
+            // Only the worker that holds a task may finish or extend it;
+            // the broker, not the body, says who is asking. Any client may
+            // hand a task back (`release`): a shared subscription can
+            // deliver a task to a member other than the one whose credit
+            // it used, and that member gives it back; a release only puts
+            // the task up again, with its attempt restored.
+            let giving_back = leaf == "release" || (leaf == "fail" && r.release);
+            if let Some(holder) = r.id.as_deref().and_then(|id| q.holder(id)) {
+                if holder != sender && !giving_back {
+                    self.foreign_task_refs += 1;
+                    tracing::warn!(
+                        queue,
+                        leaf,
+                        id = r.id.as_deref().unwrap_or(""),
+                        holder,
+                        sender,
+                        refused_total = self.foreign_task_refs,
+                        "task message from a client that does not hold the task; ignored"
+                    );
+                    return;
+                }
+            }
+            r.worker = Some(sender.to_string());
+        }
         match (leaf, r.id.as_deref()) {
             ("ack", Some(id)) => q.ack(id),
             ("fail", Some(id)) if r.release => q.release(id, r.worker.as_deref()),

@@ -375,6 +375,14 @@ impl Queue {
         sent
     }
 
+    /// The worker a task is in flight with.
+    pub fn holder(&self, id: &str) -> Option<&str> {
+        match self.tasks.get(id).map(|t| &t.state) {
+            Some(State::Inflight { worker, .. }) => Some(worker),
+            _ => None,
+        }
+    }
+
     fn inflight_worker(&self, id: &str) -> Option<String> {
         match self.tasks.get(id).map(|t| &t.state) {
             Some(State::Inflight { worker, .. }) => Some(worker.clone()),

@@ -28,6 +28,12 @@ pub(crate) const LEAVES: [&str; 7] = [
     "enqueue", "ready", "ack", "fail", "progress", "release", "cmd",
 ];
 
+/// User property the tap puts on each copy: the client id of the session
+/// that sent it, as the broker knows it. The owner believes it over any
+/// `worker` field in the body, and only from the tap: over MQTT anyone
+/// could set it, so the owner ignores it there.
+pub(crate) const SENDER: &str = "axion-sender";
+
 /// Copies waiting for the owner; past this, sessions wait.
 const CAPACITY: usize = 4096;
 
@@ -91,6 +97,7 @@ impl Tap {
     /// client, as a worker that got another's task and has no room sends
     /// it (`bridge/QUEUE-CONTRACT.md`).
     pub async fn give_back(&self, task_topic: &[u8], payload: &[u8], client_id: &str) {
+        let client_id_owned = client_id.to_string();
         #[derive(serde::Deserialize)]
         struct Delivered {
             id: String,
@@ -114,22 +121,24 @@ impl Tap {
             Bytes::from(body.to_string()),
             false,
             None,
+            &client_id_owned,
         )
         .await;
     }
 
-    /// Hands the owner a copy of a publish the router is about to get.
-    /// Waits while the owner is behind; once the owner has stopped the copy
-    /// is dropped (the router still has the publish, and `axion serve`
-    /// stops with its owner).
+    /// Hands the owner a copy of a publish the router is about to get,
+    /// sent by `sender` (a client id). Waits while the owner is behind;
+    /// once the owner has stopped the copy is dropped (the router still
+    /// has the publish, and `axion serve` stops with its owner).
     pub async fn send(
         &self,
         topic: Bytes,
         payload: Bytes,
         retain: bool,
         props: Option<rumqttd::protocol::PublishProperties>,
+        sender: &str,
     ) {
-        let properties = props.map(|p| PublishProperties {
+        let mut properties = props.map(|p| PublishProperties {
             payload_format_indicator: p.payload_format_indicator,
             message_expiry_interval: p.message_expiry_interval,
             topic_alias: None,
@@ -139,6 +148,11 @@ impl Tap {
             subscription_identifiers: Vec::new(),
             content_type: p.content_type,
         });
+        let props = properties.get_or_insert_with(Default::default);
+        props.user_properties.retain(|(k, _)| k != SENDER);
+        props
+            .user_properties
+            .push((SENDER.to_string(), sender.to_string()));
         let publish = Publish {
             dup: false,
             qos: QoS::AtLeastOnce,

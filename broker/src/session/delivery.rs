@@ -149,6 +149,10 @@ impl Session {
         };
         for (filter, sub_qos) in filters {
             for (topic, retained) in self.shared.retained_matching(&filter) {
+                let topic = names::unescape_topic(topic);
+                if self.withheld(&topic) {
+                    continue;
+                }
                 let (qos, pkid) = match retained.qos.min(sub_qos) {
                     0 => (QoS::AtMostOnce, 0),
                     1 => (QoS::AtLeastOnce, self.local_pkid()),
@@ -163,13 +167,7 @@ impl Session {
                         task: None,
                     });
                 }
-                let publish = make_publish(
-                    names::unescape_topic(topic),
-                    retained.payload,
-                    qos,
-                    true,
-                    pkid,
-                );
+                let publish = make_publish(topic, retained.payload, qos, true, pkid);
                 let start = out.len();
                 let props = retained.properties.map(|p| *p);
                 self.encode(Packet::Publish(publish, props), out);
@@ -305,6 +303,7 @@ impl Session {
             .filter(|tap| self.is_worker_task(tap, &publish.topic))
             .map(|_| Box::new((publish.topic.clone(), publish.payload.clone())));
         publish.topic = names::unescape_topic(publish.topic);
+        let withheld = self.withheld(&publish.topic);
         let alias = self.aliases.outgoing(&publish.topic);
         let topic = publish.topic.clone();
         match alias {
@@ -337,7 +336,7 @@ impl Session {
                 "message over the client's maximum packet size discarded"
             );
         }
-        let discard = not_for_me || oversize || repeat || mark.marker.is_some();
+        let discard = not_for_me || oversize || repeat || withheld || mark.marker.is_some();
         if let (false, Some(Outgoing::New(a))) = (discard, alias) {
             self.aliases.learned(topic, a);
         }
@@ -383,6 +382,16 @@ impl Session {
             self.downgraded.insert(pkid);
         }
         acked
+    }
+
+    /// True if the deny list withholds a message on (client-form) `topic`
+    /// from every subscriber.
+    fn withheld(&self, topic: &Bytes) -> bool {
+        self.shared
+            .config
+            .auth
+            .as_ref()
+            .is_some_and(|auth| std::str::from_utf8(topic).is_ok_and(|t| auth.withholds(t)))
     }
 
     /// True if a subscription of this client matching the router-form

@@ -243,6 +243,19 @@ pub(super) async fn handshake(
             }
         }
     };
+    if let (Some(auth), Some(principal)) = (&shared.config.auth, &principal) {
+        if let Err(why) = auth.may_use_client_id(principal, &client_id) {
+            warn!(%peer, client_id, user = principal.user.as_deref().unwrap_or(""), reason = why.as_str(), "connect refused: client id");
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::ClientIdentifierNotValid,
+                ConnectReturnCode::ClientIdentifierNotValid,
+                why.as_str(),
+            );
+            write_once(&mut stream, &codec, p).await;
+            return None;
+        }
+    }
     if let (Some(auth), Some(principal), Some(w)) = (&shared.config.auth, &principal, &will) {
         // A will is a publish made later on the client's behalf: same rules.
         let topic = String::from_utf8_lossy(&w.topic);
@@ -311,9 +324,31 @@ pub(super) async fn handshake(
                 expiry: session_expiry.clone(),
                 unacknowledged: unacknowledged.clone(),
                 will: will.clone(),
+                owner: principal.as_ref().and_then(|p| p.user.clone()),
             },
         )
         .await;
+    let resumed = match resumed {
+        Ok(resumed) => resumed,
+        Err(foreign) => {
+            drop(gate);
+            if let Some(auth) = &shared.config.auth {
+                auth.audit
+                    .refused_client_ids
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            warn!(%peer, client_id, user = principal.as_ref().and_then(|p| p.user.as_deref()).unwrap_or(""),
+                owner = foreign.owner.as_deref().unwrap_or(""), "connect refused: the client id's session belongs to another user");
+            let p = refusal(
+                &codec,
+                ConnectReturnCode::ClientIdentifierNotValid,
+                ConnectReturnCode::ClientIdentifierNotValid,
+                "client id in use by another user",
+            );
+            write_once(&mut stream, &codec, p).await;
+            return None;
+        }
+    };
     let (link_epoch, router) = shared.router_epoch();
     // Taking over a live connection ends it (MQTT 5 3.1.3.2.2: its will
     // goes out unless a Will Delay is still running). Published before this

@@ -4,9 +4,9 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
-    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, QoS, RetainForwardRule, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecProperties, PubRecReason, PubRel, PubRelReason, Publish, QoS,
+    RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tracing::warn;
 
@@ -161,7 +161,11 @@ impl Session {
                 }
                 let qos = (byte1 >> 1) & 0x03;
                 if !self.may_publish(&publish.topic) {
-                    self.refuse_publish(&publish, qos, reply);
+                    self.refuse_publish(&publish, qos, reply, None);
+                    return Ok(None);
+                }
+                if let Err(why) = self.may_ask_reply(&publish, props.as_ref()) {
+                    self.refuse_publish(&publish, qos, reply, Some(why));
                     return Ok(None);
                 }
                 publish.topic = names::escape_topic(publish.topic);
@@ -521,7 +525,49 @@ impl Session {
     /// Answers a denied publish without passing it on: QoS 0 is dropped,
     /// QoS 1 gets PUBACK (0x87 in MQTT 5), QoS 2 PUBREC (0x87 in MQTT 5;
     /// in 3.1.1 the flow completes and the front end answers the PUBREL).
-    pub(super) fn refuse_publish(&mut self, publish: &Publish, qos: u8, reply: &mut BytesMut) {
+    /// A request to the queue owner (`…/queue/<q>/enqueue` or `…/cmd`)
+    /// names where the owner should answer: the Response Topic, and for
+    /// `cmd` the body's `replyTo`. The owner publishes with its own rights,
+    /// so the client must itself be allowed to publish there, or the owner
+    /// would write for it where it may not (another queue's `ack`, a
+    /// heartbeat, another user's topic).
+    fn may_ask_reply(
+        &self,
+        publish: &Publish,
+        props: Option<&rumqttd::protocol::PublishProperties>,
+    ) -> Result<(), &'static str> {
+        if self.shared.config.auth.is_none() || !names::is_queue_request(&publish.topic) {
+            return Ok(());
+        }
+        let mut asked: Vec<String> = props
+            .and_then(|p| p.response_topic.clone())
+            .into_iter()
+            .collect();
+        if publish.topic.ends_with(b"/cmd") {
+            #[derive(serde::Deserialize)]
+            struct Cmd {
+                #[serde(rename = "replyTo")]
+                reply_to: Option<String>,
+            }
+            if let Ok(Cmd { reply_to: Some(to) }) = serde_json::from_slice(&publish.payload) {
+                asked.push(to);
+            }
+        }
+        for topic in asked {
+            if !self.may_publish(&Bytes::from(topic)) {
+                return Err("not authorized to publish on the reply topic");
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn refuse_publish(
+        &mut self,
+        publish: &Publish,
+        qos: u8,
+        reply: &mut BytesMut,
+        reason: Option<&str>,
+    ) {
         // `Publish::pkid` is crate-private; its serialization is public.
         let raw = publish.serialize();
         let pkid = u16::from_be_bytes([raw[1], raw[2]]);
@@ -537,7 +583,10 @@ impl Session {
                             PubAckReason::Success
                         },
                     },
-                    None,
+                    reason.filter(|_| v5).map(|r| PubAckProperties {
+                        reason_string: Some(r.to_string()),
+                        user_properties: Vec::new(),
+                    }),
                 ),
                 reply,
             ),
@@ -555,7 +604,10 @@ impl Session {
                                 PubRecReason::Success
                             },
                         },
-                        None,
+                        reason.filter(|_| v5).map(|r| PubRecProperties {
+                            reason_string: Some(r.to_string()),
+                            user_properties: Vec::new(),
+                        }),
                     ),
                     reply,
                 );

@@ -554,8 +554,14 @@ impl Session {
                         let mut props = props.clone();
                         Mark::take(&mut props);
                         let topic = publish.topic.clone();
-                        tap.send(topic, publish.payload.clone(), publish.retain, props)
-                            .await;
+                        tap.send(
+                            topic,
+                            publish.payload.clone(),
+                            publish.retain,
+                            props,
+                            &self.client_id,
+                        )
+                        .await;
                     }
                 }
             }
