@@ -64,6 +64,7 @@ deny_subscribe = ["test/nosubscribe"]
 [roles.service]
 publish = ["axion/p/#", "test/#"]
 subscribe = ["axion/p/#", "test/#"]
+axion_components = true
 
 [roles.reader]
 subscribe = ["axion/p/#", "axion/+/heartbeat/#", "axion/default/event/sec/#"]
