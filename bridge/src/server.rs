@@ -447,6 +447,11 @@ async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Res
             error("the MQTT connection is gone; event not published")
         })?;
     s.metrics.events_published.fetch_add(1, Ordering::Relaxed);
+    // The broker withholds deny-listed topics from every subscriber; the
+    // bridge's own subscribers, served without it, likewise.
+    if s.auth.as_ref().is_some_and(|auth| auth.withholds(&topic)) {
+        return Ok(());
+    }
     for client in s.hub.dispatch_local(&topic, &frame) {
         let patience = s.limits.slow_consumer_timeout;
         if client
