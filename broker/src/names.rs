@@ -82,6 +82,23 @@ pub fn escape_filter(filter: &str) -> String {
     }
 }
 
+/// A router-form filter as the client subscribed it (the inverse of
+/// [`escape_filter`]).
+pub fn client_filter(path: &str) -> String {
+    let (prefix, rest) = split_share(path);
+    let rest = rest.strip_prefix(ESCAPE as char).unwrap_or(rest);
+    match share_group(path) {
+        Some(group) => {
+            let group = group.split_once('~').map_or(group, |(g, _)| g);
+            format!("$share/{group}/{rest}")
+        }
+        None => {
+            debug_assert!(prefix.is_empty());
+            rest.to_string()
+        }
+    }
+}
+
 /// FNV-1a: a stable, dependency-free hash for the router's group names.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -183,6 +200,27 @@ pub fn check_filter(filter: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn router_filters_map_back_to_what_the_client_subscribed() {
+        for filter in ["a/+/c", "#", "$share/g/a/#", "$share/g/é/x", "é/#"] {
+            assert_eq!(client_filter(&escape_filter(filter)), filter);
+        }
+    }
+
+    #[test]
+    fn queue_requests_are_enqueue_and_cmd_only() {
+        assert!(is_queue_request(b"axion/p/queue/q/enqueue"));
+        assert!(is_queue_request(b"axion/p/queue/q/cmd"));
+        for t in [
+            "axion/p/queue/q/ack",
+            "axion/p/queue//enqueue",
+            "axion/p/queue/q/enqueue/x",
+            "x/p/queue/q/cmd",
+        ] {
+            assert!(!is_queue_request(t.as_bytes()), "{t}");
+        }
+    }
 
     #[test]
     fn client_ids_map_injectively() {

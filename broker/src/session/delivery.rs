@@ -69,6 +69,22 @@ impl Session {
         any
     }
 
+    /// True if only subscriptions dropped when the session resumed (its
+    /// user may no longer hold them) match the router-form `topic`.
+    pub(super) fn only_revoked_match(&self, topic: &Bytes) -> bool {
+        if self.revoked.is_empty() {
+            return false;
+        }
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return false;
+        };
+        let matched = |filter: &String| {
+            let (_, f) = names::split_share(filter);
+            rumqttd::protocol::matches(topic, f)
+        };
+        self.revoked.iter().any(matched) && !self.filters.iter().any(matched)
+    }
+
     /// Sends the QoS 1 or 2 publish encoded at `out[start..]` now, or keeps
     /// it until the client's receive window has room (MQTT-4.9.0-2).
     pub(super) fn send_windowed(&mut self, out: &mut BytesMut, start: usize) {
@@ -294,7 +310,8 @@ impl Session {
     ) -> bool {
         let mark = Mark::take(&mut props);
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
-        let not_for_me = own && self.only_nolocal_match(&publish.topic);
+        let not_for_me = (own && self.only_nolocal_match(&publish.topic))
+            || self.only_revoked_match(&publish.topic);
         let as_published = mark.retain && self.retain_as_published(&publish.topic);
         let task = self
             .shared

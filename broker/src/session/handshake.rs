@@ -459,6 +459,7 @@ pub(super) async fn handshake(
         renewing: false,
         repeats: Default::default(),
         outlet: None,
+        revoked: HashSet::new(),
     };
     session.outlet = shared
         .queue_tap

@@ -256,6 +256,9 @@ struct Session {
     /// Publishes the queue owner hands its own session without MQTT (see
     /// [`crate::queues::outlet`]); only on the owner's session.
     outlet: Option<OutletLink>,
+    /// Router-form filters of a resumed session its user may no longer
+    /// hold (see `restore_subscriptions`).
+    revoked: HashSet<String>,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -680,10 +683,30 @@ impl Session {
             expiry::release(&self.shared, parked);
             return;
         }
+        // A resumed session keeps only what its user may subscribe to now:
+        // rights can change while it is away (the auth file reloaded).
+        let revoked: Vec<String> = subs
+            .filters
+            .iter()
+            .filter(|path| !self.may_subscribe(&names::client_filter(path)))
+            .cloned()
+            .collect();
+        for path in &revoked {
+            subs.filters.remove(path);
+            subs.qos.remove(path);
+            subs.nolocal.remove(path);
+            subs.rap.remove(path);
+        }
         self.filters = subs.filters.clone();
         self.nolocal_filters = subs.nolocal.clone();
         self.rap_filters = subs.rap.clone();
         drop(subs);
+        if !revoked.is_empty() {
+            info!(client_id = self.client_id, filters = ?revoked, "resumed session: subscriptions no longer allowed are dropped");
+        }
+        // The router still holds them; what it delivers on them alone is
+        // dropped at delivery.
+        self.revoked = revoked.into_iter().collect();
         let mut parked: HashMap<String, Arc<Consumer>> = parked.into_iter().collect();
         for path in self.filters.clone() {
             let (_, rest) = names::split_share(&path);
