@@ -55,6 +55,8 @@ pub struct BrokerConfig {
     /// Session Expiry Interval and is the expiry of 3.1.1 persistent
     /// sessions, so abandoned client ids do not hold memory forever.
     pub max_session_expiry: u32,
+    /// File that keeps retained messages across restarts (`None`: memory only).
+    pub retained_file: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -84,6 +86,7 @@ impl Default for BrokerConfig {
             unix: None,
             max_keep_alive: 60,
             max_session_expiry: 86_400,
+            retained_file: None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod names;
 pub mod queues;
 pub mod renewal;
 pub mod retained;
+pub mod retained_disk;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -92,6 +92,25 @@ impl RetainedStore {
         Stored::Kept
     }
 
+    /// Puts back a message read from disk at start, stored `age` ago (its
+    /// expiry keeps counting from then). Past the bounds it is skipped.
+    pub fn restore(
+        &mut self,
+        topic: Bytes,
+        payload: Bytes,
+        qos: u8,
+        properties: Option<PublishProperties>,
+        age: std::time::Duration,
+    ) -> bool {
+        if self.store(topic.clone(), payload, qos, properties) != Stored::Kept {
+            return false;
+        }
+        if let Some(r) = self.map.get_mut(&topic) {
+            r.stored = Instant::now().checked_sub(age).unwrap_or(r.stored);
+        }
+        true
+    }
+
     /// Retained messages matching a router-form filter, with their message
     /// expiry counted down; expired ones are dropped on the way.
     pub fn matching(&mut self, filter: &str) -> Vec<(Bytes, Retained)> {

@@ -40,6 +40,8 @@ pub enum BrokerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    RetainedDisk(#[from] crate::retained_disk::RetainedDiskError),
 }
 
 /// State shared by every session.
@@ -58,6 +60,8 @@ pub struct Shared {
     filters: Mutex<HashSet<String>>,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
+    /// Where retained changes are also written (see [`crate::retained_disk`]).
+    retained_disk: Option<crate::retained_disk::RetainedDisk>,
     pub flow: Flow,
     /// What publishes must carry for their subscribers (see [`marks`]).
     pub needed: Needed,
@@ -77,11 +81,36 @@ impl Shared {
     /// [`crate::marks`] its subscribers need.
     pub fn prepare_publish(
         &self,
-        mut publish: Publish,
+        publish: Publish,
         qos: u8,
         props: Option<PublishProperties>,
         origin: Option<&str>,
     ) -> Packet {
+        self.prepare_publish_durable(publish, qos, props, origin).0
+    }
+
+    /// [`Shared::prepare_publish`] for a publish whose bytes are its own,
+    /// not slices of a read buffer (the queue owner's, through its outlet).
+    pub fn prepare_owned_publish(
+        &self,
+        publish: Publish,
+        qos: u8,
+        props: Option<PublishProperties>,
+        origin: Option<&str>,
+    ) -> Packet {
+        self.prepare_durable(publish, qos, props, origin).0
+    }
+
+    /// [`Shared::prepare_publish`], also handing back the disk commit of a
+    /// retained message (when the store is on disk), which a QoS 1 or 2
+    /// publish must await before the router may acknowledge it.
+    pub fn prepare_publish_durable(
+        &self,
+        mut publish: Publish,
+        qos: u8,
+        props: Option<PublishProperties>,
+        origin: Option<&str>,
+    ) -> (Packet, Option<crate::retained_disk::Commit>) {
         // The decoder hands out slices of the connection's read buffer; a
         // message kept in the router's log or the retained store would pin
         // that whole buffer (rumqtt#1001: tens of times the message's size).
@@ -92,18 +121,17 @@ impl Shared {
         if let Some(data) = props.as_mut().and_then(|p| p.correlation_data.as_mut()) {
             *data = Bytes::copy_from_slice(data);
         }
-        self.prepare_owned_publish(publish, qos, props, origin)
+        self.prepare_durable(publish, qos, props, origin)
     }
 
-    /// [`Shared::prepare_publish`] for a publish whose bytes are its own,
-    /// not slices of a read buffer (the queue owner's, through its outlet).
-    pub fn prepare_owned_publish(
+    fn prepare_durable(
         &self,
         mut publish: Publish,
         qos: u8,
         mut props: Option<PublishProperties>,
         origin: Option<&str>,
-    ) -> Packet {
+    ) -> (Packet, Option<crate::retained_disk::Commit>) {
+        let mut commit = None;
         let mark = self.needed.mark(qos, publish.retain, origin);
         if let Some(p) = props.as_mut() {
             // The mark's key is reserved: a client cannot forge one.
@@ -118,23 +146,41 @@ impl Shared {
                 p
             });
             let mut store = self.retained.lock().unwrap_or_else(|p| p.into_inner());
-            if store.store(
+            let on_disk = stored_props.clone();
+            match store.store(
                 publish.topic.clone(),
                 publish.payload.clone(),
                 qos,
                 stored_props,
-            ) == Stored::Refused
-            {
-                warn!(
+            ) {
+                Stored::Refused => warn!(
                     topic = %String::from_utf8_lossy(&publish.topic),
                     refused_total = store.refused_total,
                     retained = store.len(),
                     "retained store full; message delivered but not retained"
-                );
+                ),
+                // Written under the store's lock, so the disk sees the
+                // changes of one topic in the order memory did.
+                Stored::Kept => {
+                    commit = self.retained_disk.as_ref().map(|d| {
+                        d.put(
+                            publish.topic.clone(),
+                            &publish.payload,
+                            qos,
+                            on_disk.as_ref(),
+                        )
+                    })
+                }
+                Stored::Cleared => {
+                    commit = self
+                        .retained_disk
+                        .as_ref()
+                        .map(|d| d.delete(publish.topic.clone()))
+                }
             }
             publish.retain = false;
         }
-        Packet::Publish(publish, mark.attach(props))
+        (Packet::Publish(publish, mark.attach(props)), commit)
     }
 
     /// Retained messages for a router-form filter.
@@ -290,10 +336,38 @@ impl Broker {
         crate::router::quiet_retired_routers();
         let router = std::sync::RwLock::new((0, Arc::new(RouterHandle::spawn(&config))));
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
-        let retained = Mutex::new(RetainedStore::new(
-            config.max_retained,
-            config.max_retained_bytes,
-        ));
+        let mut store = RetainedStore::new(config.max_retained, config.max_retained_bytes);
+        let retained_disk = match &config.retained_file {
+            Some(path) => {
+                let started = std::time::Instant::now();
+                let (disk, loaded) = crate::retained_disk::RetainedDisk::open(path)?;
+                let found = loaded.len();
+                let kept = loaded
+                    .into_iter()
+                    .filter(|m| {
+                        store.restore(
+                            m.topic.clone(),
+                            m.payload.clone(),
+                            m.qos,
+                            m.properties.clone(),
+                            m.age,
+                        )
+                    })
+                    .count();
+                if kept < found {
+                    warn!(
+                        found,
+                        kept,
+                        max = config.max_retained,
+                        "retained messages on disk beyond the store's bounds were not loaded"
+                    );
+                }
+                info!(file = %path.display(), retained = kept, took_ms = started.elapsed().as_millis() as u64, "retained messages restored");
+                Some(disk)
+            }
+            None => None,
+        };
+        let retained = Mutex::new(store);
         let shared = Arc::new(Shared {
             config,
             router,
@@ -303,6 +377,7 @@ impl Broker {
             filters: Mutex::new(HashSet::new()),
             groups: Mutex::new(HashMap::new()),
             retained,
+            retained_disk,
             flow,
             needed: Needed::default(),
             lifetimes: Lifetimes::default(),
@@ -412,6 +487,9 @@ impl Broker {
             .is_err()
         {
             warn!("sessions did not close within 3 s");
+        }
+        if let Some(disk) = &self.shared.retained_disk {
+            let _ = disk.sync().await;
         }
     }
 }

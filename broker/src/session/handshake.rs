@@ -460,6 +460,7 @@ pub(super) async fn handshake(
         repeats: Default::default(),
         outlet: None,
         revoked: HashSet::new(),
+        retained_commits: Vec::new(),
     };
     session.outlet = shared
         .queue_tap

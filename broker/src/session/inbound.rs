@@ -169,12 +169,14 @@ impl Session {
                     return Ok(None);
                 }
                 publish.topic = names::escape_topic(publish.topic);
-                to_router.push(self.shared.prepare_publish(
-                    publish,
-                    qos,
-                    props,
-                    Some(&self.router_id),
-                ));
+                let (packet, commit) =
+                    self.shared
+                        .prepare_publish_durable(publish, qos, props, Some(&self.router_id));
+                to_router.push(packet);
+                // Acknowledged by the router: held until it is on disk.
+                if let Some(commit) = commit.filter(|_| qos > 0) {
+                    self.retained_commits.push(commit);
+                }
             }
             Packet::Subscribe(mut subscribe, props) => {
                 let mut local: Vec<(usize, SubscribeReasonCode)> = Vec::new();

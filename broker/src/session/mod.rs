@@ -256,6 +256,9 @@ struct Session {
     /// Publishes the queue owner hands its own session without MQTT (see
     /// [`crate::queues::outlet`]); only on the owner's session.
     outlet: Option<OutletLink>,
+    /// Disk commits of retained messages in the batch being forwarded (see
+    /// [`crate::retained_disk`]).
+    retained_commits: Vec<crate::retained_disk::Commit>,
     /// Router-form filters of a resumed session its user may no longer
     /// hold (see `restore_subscriptions`).
     revoked: HashSet<String>,
@@ -568,6 +571,11 @@ impl Session {
                     }
                 }
             }
+        }
+        // A retained QoS 1/2 message is acknowledged by the router: only
+        // once it is on disk.
+        for commit in self.retained_commits.drain(..) {
+            let _ = commit.await;
         }
         let Some(last) = packets.pop() else {
             return Ok(());

@@ -1,0 +1,374 @@
+//! Retained messages on disk, so device state and configuration survive a
+//! restart of `axion serve`, clean or `kill -9`.
+//!
+//! The in-memory [`crate::retained::RetainedStore`] stays the read path;
+//! every change to it is also written here, in the data directory's
+//! `retained.redb`, by one thread that commits whatever has queued up as
+//! one fsynced transaction (group commit: a burst of retained publishes
+//! from many clients costs one fsync). A session forwards a QoS 1 or 2
+//! retained publish to the router (which acknowledges it) only once its
+//! commit is done, so a retained message the broker has acknowledged is on
+//! disk. At start the file is read back into memory, message expiry
+//! counted down by the time that passed.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use rumqttd::protocol::PublishProperties;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// Router-form topic → [`encode`]d message.
+const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
+/// Changes taken into one transaction at most.
+const BATCH: usize = 4096;
+/// Format of a stored value; bumped if it ever changes.
+const VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetainedDiskError {
+    #[error("cannot create the data directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("retained store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("retained store: {0}")]
+    Transaction(#[from] redb::TransactionError),
+    #[error("retained store: {0}")]
+    Table(#[from] redb::TableError),
+    #[error("retained store: {0}")]
+    Storage(#[from] redb::StorageError),
+    #[error("retained store: {0}")]
+    Commit(#[from] redb::CommitError),
+    #[error("retained store: {0}")]
+    Durability(#[from] redb::SetDurabilityError),
+}
+
+/// The properties a retained message keeps (what MQTT 5 forwards).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Meta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    format: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expiry: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    user: Vec<(String, String)>,
+}
+
+/// A retained message read back at start.
+#[derive(Debug)]
+pub struct Loaded {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub properties: Option<PublishProperties>,
+    /// How long ago it was stored.
+    pub age: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `[version][qos][stored ms, u64 LE][meta length, u32 LE][meta JSON][payload]`.
+fn encode(payload: &[u8], qos: u8, props: Option<&PublishProperties>) -> Vec<u8> {
+    let meta = props.map(|p| Meta {
+        format: p.payload_format_indicator,
+        expiry: p.message_expiry_interval,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation: p.correlation_data.as_ref().map(|c| c.to_vec()),
+        user: p.user_properties.clone(),
+    });
+    // A struct of options and strings always serializes.
+    let meta = meta
+        .map(|m| serde_json::to_vec(&m).unwrap_or_default())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(14 + meta.len() + payload.len());
+    out.push(VERSION);
+    out.push(qos);
+    out.extend_from_slice(&now_ms().to_le_bytes());
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn decode(topic: &[u8], raw: &[u8], now: u64) -> Option<Loaded> {
+    let (&version, rest) = raw.split_first()?;
+    if version != VERSION {
+        return None;
+    }
+    let (&qos, rest) = rest.split_first()?;
+    let stored = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let meta_len = u32::from_le_bytes(rest.get(8..12)?.try_into().ok()?) as usize;
+    let meta = rest.get(12..12 + meta_len)?;
+    let payload = rest.get(12 + meta_len..)?;
+    let properties = if meta.is_empty() {
+        None
+    } else {
+        let m: Meta = serde_json::from_slice(meta).ok()?;
+        Some(PublishProperties {
+            payload_format_indicator: m.format,
+            message_expiry_interval: m.expiry,
+            topic_alias: None,
+            response_topic: m.response_topic,
+            correlation_data: m.correlation.map(Bytes::from),
+            user_properties: m.user,
+            subscription_identifiers: Vec::new(),
+            content_type: m.content_type,
+        })
+    };
+    Some(Loaded {
+        topic: Bytes::copy_from_slice(topic),
+        payload: Bytes::copy_from_slice(payload),
+        qos,
+        properties,
+        age: Duration::from_millis(now.saturating_sub(stored)),
+    })
+}
+
+enum Op {
+    Put(Bytes, Vec<u8>),
+    Delete(Bytes),
+    /// Nothing to write: done once everything queued before it is.
+    Sync,
+}
+
+/// Resolves once the change it was handed out for is on disk (or the
+/// writer is gone, which the writer logs).
+pub type Commit = oneshot::Receiver<()>;
+
+/// The writing end; cheap to call from any thread.
+pub struct RetainedDisk {
+    tx: Option<mpsc::Sender<(Op, Option<oneshot::Sender<()>>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RetainedDisk {
+    /// Lets the writer commit what is queued, then waits for it to close
+    /// the file.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for RetainedDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetainedDisk")
+    }
+}
+
+impl RetainedDisk {
+    /// Opens (or creates) `path`, reads every message back, and starts the
+    /// writer thread. Expired and unreadable records are dropped from the
+    /// file as they are found.
+    pub fn open(path: &Path) -> Result<(Self, Vec<Loaded>), RetainedDiskError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| RetainedDiskError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = Database::create(path).map_err(|source| RetainedDiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let now = now_ms();
+        let mut loaded = Vec::new();
+        let mut stale = Vec::new();
+        {
+            let read = db.begin_read()?;
+            match read.open_table(RETAINED) {
+                Ok(table) => {
+                    for entry in table.iter()? {
+                        let (k, v) = entry?;
+                        match decode(k.value(), v.value(), now) {
+                            Some(m) if !expired(&m) => loaded.push(m),
+                            _ => stale.push(k.value().to_vec()),
+                        }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !stale.is_empty() {
+            let mut write = db.begin_write()?;
+            write.set_durability(Durability::Immediate)?;
+            {
+                let mut table = write.open_table(RETAINED)?;
+                for k in &stale {
+                    table.remove(k.as_slice())?;
+                }
+            }
+            write.commit()?;
+            tracing::info!(
+                dropped = stale.len(),
+                "expired retained messages dropped at start"
+            );
+        }
+        let (tx, rx) = mpsc::channel();
+        let file = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("axion-retained".into())
+            .spawn(move || writer(db, rx, file))
+            .map_err(|source| RetainedDiskError::Dir {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok((
+            Self {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            loaded,
+        ))
+    }
+
+    /// Writes (replaces) the retained message of router-form `topic`.
+    pub fn put(
+        &self,
+        topic: Bytes,
+        payload: &[u8],
+        qos: u8,
+        props: Option<&PublishProperties>,
+    ) -> Commit {
+        self.send(Op::Put(topic, encode(payload, qos, props)))
+    }
+
+    /// Removes the retained message of router-form `topic`.
+    pub fn delete(&self, topic: Bytes) -> Commit {
+        self.send(Op::Delete(topic))
+    }
+
+    /// Resolves once every change handed in before is on disk (a clean
+    /// stop waits for it).
+    pub fn sync(&self) -> Commit {
+        self.send(Op::Sync)
+    }
+
+    fn send(&self, op: Op) -> Commit {
+        let (done, commit) = oneshot::channel();
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send((op, Some(done))).is_ok());
+        if !sent {
+            tracing::error!("retained store writer is gone; a retained change is not on disk");
+        }
+        commit
+    }
+}
+
+fn expired(m: &Loaded) -> bool {
+    m.properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .is_some_and(|secs| m.age >= Duration::from_secs(u64::from(secs)))
+}
+
+/// Commits what queued up, one transaction per batch, until every sender
+/// is gone.
+fn writer(db: Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, file: PathBuf) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let result = (|| -> Result<(), RetainedDiskError> {
+            let mut write = db.begin_write()?;
+            write.set_durability(Durability::Immediate)?;
+            {
+                let mut table = write.open_table(RETAINED)?;
+                for (op, _) in &batch {
+                    match op {
+                        Op::Put(topic, value) => {
+                            table.insert(topic.as_ref(), value.as_slice())?;
+                        }
+                        Op::Delete(topic) => {
+                            table.remove(topic.as_ref())?;
+                        }
+                        Op::Sync => {}
+                    }
+                }
+            }
+            write.commit()?;
+            Ok(())
+        })();
+        if let Err(error) = result {
+            // The messages are still retained in memory and delivered;
+            // only a restart would lose them. Said loudly, once per batch.
+            tracing::error!(file = %file.display(), %error, changes = batch.len(), "retained messages not written to disk");
+        }
+        for (_, done) in batch {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_their_properties_come_back_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("retained.redb");
+        {
+            let (disk, loaded) = RetainedDisk::open(&path).unwrap();
+            assert!(loaded.is_empty());
+            let props = PublishProperties {
+                content_type: Some("application/json".into()),
+                message_expiry_interval: Some(3600),
+                user_properties: vec![("k".into(), "v".into())],
+                ..Default::default()
+            };
+            let a = disk.put(Bytes::from("a/b"), b"1", 1, Some(&props));
+            let gone = disk.put(Bytes::from("a/c"), b"2", 0, None);
+            let del = disk.delete(Bytes::from("a/c"));
+            let short = PublishProperties {
+                message_expiry_interval: Some(0),
+                ..Default::default()
+            };
+            let e = disk.put(Bytes::from("a/e"), b"3", 0, Some(&short));
+            for c in [a, gone, del, e] {
+                c.blocking_recv().unwrap();
+            }
+        }
+        let (_disk, loaded) = RetainedDisk::open(&path).unwrap();
+        assert_eq!(loaded.len(), 1, "{loaded:?}");
+        let m = &loaded[0];
+        assert_eq!(m.topic, Bytes::from("a/b"));
+        assert_eq!(m.payload, Bytes::from("1"));
+        assert_eq!(m.qos, 1);
+        let p = m.properties.as_ref().unwrap();
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
+    }
+}

@@ -1,0 +1,210 @@
+//! Broker state that outlives `axion serve`: retained messages come back
+//! after a clean stop and after `kill -9`, with the same data directory.
+//! Real processes: `axion serve`, `mosquitto_pub`, rumqttc.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::mqtt::V5;
+use common::Serve;
+use rumqttc::v5::mqttbytes::v5::Packet;
+
+/// `mosquitto_pub -r`: it exits once the broker has acknowledged (QoS 1).
+fn publish_retained(port: u16, topic: &str, payload: &str, qos: u8) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args([
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "-q",
+        &qos.to_string(),
+        "-r",
+    ]);
+    if payload.is_empty() {
+        cmd.arg("-n");
+    } else {
+        cmd.args(["-m", payload]);
+    }
+    let status = cmd.status().expect("run mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub {topic}");
+}
+
+/// Every retained message under `filter` a new subscriber gets.
+async fn retained_under(port: u16, filter: &str) -> BTreeMap<String, String> {
+    let mut sub = V5::connect(port, &format!("reader-{}", unique())).await;
+    sub.subscribe(filter, 1).await;
+    let mut got = BTreeMap::new();
+    // The retained burst follows the SUBACK at once; it is over when
+    // nothing more comes for a moment.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), sub.rx.recv()).await {
+        assert!(m.retain, "{} arrived without the retain flag", m.topic);
+        got.insert(m.topic, String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    got
+}
+
+/// A client id no other reader of this test binary uses.
+fn unique() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn retained_messages_survive_a_clean_stop_and_kill_9() {
+    let mut s = Serve::start();
+    let port = s.mqtt_port;
+    publish_retained(port, "dev/a/state", "on", 1);
+    publish_retained(port, "dev/c/state", "soon gone", 1);
+    publish_retained(port, "dev/c/state", "", 1);
+    publish_retained(port, "dev/é/state", "multi-byte first level", 1);
+
+    // kill -9 right after the PUBACKs: acknowledged means on disk.
+    s.proc.signal(9);
+    s.restart(&[], &[]);
+    let after_kill = retained_under(s.mqtt_port, "dev/+/state").await;
+    assert_eq!(
+        after_kill,
+        map(&[
+            ("dev/a/state", "on"),
+            ("dev/é/state", "multi-byte first level")
+        ]),
+        "after kill -9"
+    );
+
+    // QoS 0 and a replacement, then a clean stop.
+    publish_retained(port, "dev/b/state", "qos0", 0);
+    publish_retained(port, "dev/a/state", "off", 1);
+    s.proc.signal(15);
+    assert_eq!(s.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    s.restart(&[], &[]);
+    let after_stop = retained_under(s.mqtt_port, "dev/+/state").await;
+    assert_eq!(
+        after_stop,
+        map(&[
+            ("dev/a/state", "off"),
+            ("dev/b/state", "qos0"),
+            ("dev/é/state", "multi-byte first level")
+        ]),
+        "after SIGTERM"
+    );
+}
+
+/// Many clients' acknowledged retained messages, `kill -9` amid a stream of
+/// them: every one acknowledged before the kill is back.
+#[tokio::test]
+async fn every_acknowledged_retained_message_survives_kill_9_amid_publishing() {
+    let mut s = Serve::start();
+    let mut publisher = V5::connect(s.mqtt_port, "fleet-writer").await;
+    let total = 300;
+    for i in 0..total {
+        publisher
+            .client
+            .publish(
+                format!("fleet/{i}/config"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                true,
+                format!("v{i}"),
+            )
+            .await
+            .expect("publish");
+    }
+    // Kill once half of them are acknowledged; count every PUBACK that
+    // arrived before the kill.
+    let mut acked = 0;
+    while acked < total / 2 {
+        match tokio::time::timeout(Duration::from_secs(10), publisher.packets.recv()).await {
+            Ok(Some(Packet::PubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBACK: {other:?}"),
+        }
+    }
+    s.proc.signal(9);
+    while let Ok(p) = publisher.packets.try_recv() {
+        if matches!(p, Packet::PubAck(_)) {
+            acked += 1;
+        }
+    }
+    publisher.kill().await;
+    s.restart(&[], &[]);
+    let back = retained_under(s.mqtt_port, "fleet/+/config").await;
+    // PUBACKs come back in order: the first `acked` publishes were acknowledged.
+    for i in 0..acked {
+        assert_eq!(
+            back.get(&format!("fleet/{i}/config")).map(String::as_str),
+            Some(format!("v{i}").as_str()),
+            "acknowledged retained message {i} of {acked} lost"
+        );
+    }
+    assert!(back.len() <= total);
+}
+
+#[tokio::test]
+async fn message_expiry_keeps_counting_across_a_restart() {
+    let mut s = Serve::start();
+    let port = s.mqtt_port;
+    let mut v5 = V5::connect(port, "expiring").await;
+    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        message_expiry_interval: Some(2),
+        ..Default::default()
+    };
+    v5.client
+        .publish_with_properties(
+            "exp/short",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            "short",
+            props,
+        )
+        .await
+        .expect("publish");
+    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        message_expiry_interval: Some(3600),
+        ..Default::default()
+    };
+    v5.client
+        .publish_with_properties(
+            "exp/long",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            "long",
+            props,
+        )
+        .await
+        .expect("publish");
+    // Both are acknowledged (and so on disk) before the stop.
+    let mut acks = 0;
+    while acks < 2 {
+        if let Some(Packet::PubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(10), v5.packets.recv())
+                .await
+                .expect("PUBACK")
+        {
+            acks += 1;
+        }
+    }
+    s.proc.signal(15);
+    s.proc.wait_exit(Duration::from_secs(10));
+    // Down for longer than the short one's expiry.
+    std::thread::sleep(Duration::from_millis(2100));
+    s.restart(&[], &[]);
+    assert_eq!(
+        retained_under(s.mqtt_port, "exp/#").await,
+        map(&[("exp/long", "long")])
+    );
+}
