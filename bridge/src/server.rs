@@ -18,6 +18,7 @@ use crate::protocol::{self, FrameError, Request};
 use crate::tasks::Tasks;
 use crate::Limits;
 use axion_broker::auth::{Auth, Principal};
+use axion_broker::login_limit::Throttled;
 use axion_heartbeat::topics;
 use axion_supervise::legacy::Source;
 use axion_supervise::LegacyHeartbeats;
@@ -34,6 +35,7 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,9 +115,23 @@ async fn upgrade(
     // `?token=` is checked before the upgrade (401); without it the first
     // frame must be `{"action":"auth","token":…}`.
     let principal = match (&s.auth, query_token(&uri)) {
-        (Some(auth), Some(token)) => match check_token(auth, token).await {
-            Some(p) => Some(p),
-            None => return (StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        (Some(auth), Some(token)) => match check_token(auth, token, peer).await {
+            Ok(p) => Some(p),
+            Err(TokenRefused::Invalid) => {
+                return (StatusCode::UNAUTHORIZED, "invalid token").into_response()
+            }
+            Err(TokenRefused::Throttled(throttled)) => {
+                let retry_after = match throttled {
+                    Throttled::Backoff { retry_in, .. } => retry_in.as_secs().max(1),
+                    Throttled::Busy { .. } => 1,
+                };
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(axum::http::header::RETRY_AFTER, retry_after.to_string())],
+                    throttled.to_string(),
+                )
+                    .into_response();
+            }
         },
         _ => None,
     };
@@ -143,7 +159,7 @@ struct Conn {
     /// MQTT filters this client subscribed through the hub.
     filters: HashSet<String>,
     /// Where the client connects from, when known.
-    peer: Option<std::net::IpAddr>,
+    peer: Option<IpAddr>,
 }
 
 fn query_token(uri: &axum::http::Uri) -> Option<&str> {
@@ -152,20 +168,42 @@ fn query_token(uri: &axum::http::Uri) -> Option<&str> {
         .find_map(|kv| kv.strip_prefix("token="))
 }
 
-/// Verifies a bearer token off the async threads (argon2); logs refusals.
-async fn check_token(auth: &Arc<Auth>, token: &str) -> Option<Principal> {
+/// Why a bearer token did not let a client in.
+#[derive(Debug, thiserror::Error)]
+enum TokenRefused {
+    #[error("unauthorized")]
+    Invalid,
+    #[error(transparent)]
+    Throttled(#[from] Throttled),
+}
+
+/// Verifies a bearer token off the async threads (argon2), unless `peer`
+/// has failed too often (then refused before argon2); logs refusals.
+async fn check_token(
+    auth: &Arc<Auth>,
+    token: &str,
+    peer: Option<IpAddr>,
+) -> Result<Principal, TokenRefused> {
+    // Both listeners give every request its peer; a router served without
+    // one puts all its clients in one bucket of the login limit.
+    let peer = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let user = token.split_once('.').map(|(u, _)| u).unwrap_or("");
+    let attempt = auth.admit(peer, user)?;
     let (a, t) = (auth.clone(), token.to_string());
     match tokio::task::spawn_blocking(move || a.token(&t)).await {
-        Ok(Ok(p)) => Some(p),
+        Ok(Ok(p)) => {
+            attempt.succeeded();
+            Ok(p)
+        }
         Ok(Err(why)) => {
             auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
-            let user = token.split_once('.').map(|(u, _)| u).unwrap_or("");
-            tracing::warn!(user, reason = why.as_str(), "WebSocket client refused");
-            None
+            let failures = auth.login_failed(attempt, peer, user).failures;
+            tracing::warn!(%peer, user, failures, reason = why.as_str(), "WebSocket client refused");
+            Err(TokenRefused::Invalid)
         }
         Err(error) => {
             tracing::error!(%error, "token check failed");
-            None
+            Err(TokenRefused::Invalid)
         }
     }
 }
@@ -174,7 +212,7 @@ async fn connection(
     socket: WebSocket,
     s: Arc<Shared>,
     principal: Option<Principal>,
-    peer: Option<std::net::IpAddr>,
+    peer: Option<IpAddr>,
 ) {
     let key = s.next_key.fetch_add(1, Ordering::Relaxed);
     let id = uuid::Uuid::new_v4().to_string();
@@ -281,12 +319,18 @@ fn error(msg: impl std::fmt::Display) -> Value {
 }
 
 /// The first frame of an unauthenticated client: `{"action":"auth","token":…}`.
-async fn authenticate(text: &str, auth: &Arc<Auth>) -> Option<Principal> {
-    let frame: Value = serde_json::from_str(text).ok()?;
-    if frame.get("action")?.as_str()? != "auth" {
-        return None;
-    }
-    check_token(auth, frame.get("token")?.as_str()?).await
+async fn authenticate(
+    text: &str,
+    auth: &Arc<Auth>,
+    peer: Option<IpAddr>,
+) -> Result<Principal, TokenRefused> {
+    let frame: Value = serde_json::from_str(text).map_err(|_| TokenRefused::Invalid)?;
+    let token = frame
+        .get("action")
+        .filter(|a| a.as_str() == Some("auth"))
+        .and_then(|_| frame.get("token")?.as_str())
+        .ok_or(TokenRefused::Invalid)?;
+    check_token(auth, token, peer).await
 }
 
 /// Asks the ACL about a request's MQTT topic or filter (`publish` or
@@ -316,10 +360,8 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
         )));
     }
     if let (Some(auth), None) = (&s.auth, &conn.principal) {
-        conn.principal = authenticate(text, auth).await;
-        if conn.principal.is_none() {
-            return Err(error("unauthorized"));
-        }
+        let principal = authenticate(text, auth, conn.peer).await;
+        conn.principal = Some(principal.map_err(error)?);
         return Ok(());
     }
     let request = protocol::parse_frame(text).map_err(|e: FrameError| e.reply())?;

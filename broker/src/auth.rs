@@ -24,18 +24,28 @@
 //! [anonymous]                              # optional: clients without a user name
 //! roles = ["service"]
 //! ```
+//!
+//! Guessing is made slow and blind: every failed check costs one argon2
+//! verification, an unknown user's included (against a dummy hash with the
+//! file's parameters), so the time taken does not tell which user names
+//! exist; and each address gets a few failures before a backoff refuses its
+//! logins unchecked (see [`crate::login_limit`]). The limit is one table in
+//! the `Auth` that MQTT and the bridge share: switching doors gains nothing.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::{Algorithm, Argon2, Params};
 use serde::Deserialize;
+use tracing::{debug, warn};
 
 use crate::acl::{Denied, DenyList, Permissions, Rule};
+use crate::login_limit::{Attempt, Failure, LoginLimiter, LoginLimits, Throttled};
 
 /// The user name of Axion's own components inside `axion serve`.
 pub const INTERNAL_USER: &str = "axion-internal";
@@ -110,10 +120,14 @@ struct User {
 /// Refusals and denials since start, for logs and tests.
 #[derive(Debug, Default)]
 pub struct Audit {
+    /// Logins whose credentials were checked and found wrong (or missing).
     pub refused_connects: AtomicU64,
     /// Connections refused for their client id: another user's session,
     /// or an id reserved to Axion's own components.
     pub refused_client_ids: AtomicU64,
+    /// Logins refused unchecked: their address was in backoff after too
+    /// many failures, or had too many checks running.
+    pub throttled_logins: AtomicU64,
     pub denied_publishes: AtomicU64,
     pub denied_subscribes: AtomicU64,
     /// Messages on a `deny_subscribe` topic withheld from a subscriber
@@ -152,6 +166,9 @@ pub struct Auth {
     anonymous: Option<Arc<Permissions>>,
     deny: DenyList,
     internal_secret: Option<String>,
+    /// Checked when the user is unknown or has no hash to check.
+    dummy_hash: String,
+    limiter: LoginLimiter,
     pub audit: Audit,
 }
 
@@ -234,6 +251,12 @@ impl Auth {
             .anonymous
             .map(|a| union("anonymous", &a.roles))
             .transpose()?;
+        let dummy_hash = dummy_hash(
+            users
+                .values()
+                .flat_map(|u| u.password.iter().chain(&u.tokens))
+                .map(String::as_str),
+        )?;
         Ok(Auth {
             users,
             anonymous,
@@ -242,8 +265,45 @@ impl Auth {
                 subscribe: rules("deny_subscribe", &file.deny_subscribe)?,
             },
             internal_secret: None,
+            dummy_hash,
+            limiter: LoginLimiter::new(LoginLimits::default()),
             audit: Audit::default(),
         })
+    }
+
+    /// Limits failed logins per address with `limits` instead of the defaults.
+    pub fn with_login_limits(mut self, limits: LoginLimits) -> Auth {
+        self.limiter = LoginLimiter::new(limits);
+        self
+    }
+
+    /// Call before checking `user`'s credentials from `peer` (not for
+    /// [`INTERNAL_USER`], which is never limited): refuses at once, without
+    /// argon2, an address in backoff or with too many checks running.
+    /// Cheap enough for the async threads. Settle the [`Attempt`] with
+    /// [`Auth::login_failed`] or [`Attempt::succeeded`].
+    pub fn admit(&self, peer: IpAddr, user: &str) -> Result<Attempt<'_>, Throttled> {
+        self.limiter.begin(peer).inspect_err(|throttled| {
+            self.audit.throttled_logins.fetch_add(1, Ordering::Relaxed);
+            // A flood logs its start (below) at warn; each refusal at debug.
+            match throttled {
+                Throttled::Backoff { retry_in, failures } => {
+                    debug!(%peer, user, failures, retry_in_ms = retry_in.as_millis() as u64, "login refused unchecked: address in backoff")
+                }
+                Throttled::Busy { in_flight } => {
+                    debug!(%peer, user, in_flight, "login refused unchecked: too many checks running for this address")
+                }
+            }
+        })
+    }
+
+    /// Counts a failed check against its address; logs the backoff it starts.
+    pub fn login_failed(&self, attempt: Attempt<'_>, peer: IpAddr, user: &str) -> Failure {
+        let failure = attempt.failed();
+        if let Some(backoff) = failure.backoff {
+            warn!(%peer, user, failures = failure.failures, backoff_ms = backoff.as_millis() as u64, "too many failed logins from this address: refusing its logins during the backoff");
+        }
+        failure
     }
 
     /// Lets [`INTERNAL_USER`] in with `secret` as a superuser: `axion
@@ -287,23 +347,35 @@ impl Auth {
                 Err(LoginError::BadCredentials)
             };
         }
-        let user = self.users.get(name).ok_or(LoginError::BadCredentials)?;
-        let hash = user.password.as_deref().ok_or(LoginError::BadCredentials)?;
-        if verify(hash, password) {
-            Ok(Principal {
+        let found = self
+            .users
+            .get(name)
+            .and_then(|u| u.password.as_deref().map(|hash| (u, hash)));
+        match found {
+            Some((user, hash)) if verify(hash, password) => Ok(Principal {
                 user: Some(name.to_string()),
                 perms: user.perms.clone(),
-            })
-        } else {
-            Err(LoginError::BadCredentials)
+            }),
+            Some(_) => Err(LoginError::BadCredentials),
+            None => {
+                // As slow as a wrong password, or timing tells who exists.
+                std::hint::black_box(verify(&self.dummy_hash, password));
+                Err(LoginError::BadCredentials)
+            }
         }
     }
 
     /// Checks a bridge bearer token `<user>.<secret>` against the user's
-    /// token hashes. Slow on purpose (argon2).
+    /// token hashes. Slow on purpose (argon2): an unknown user, one without
+    /// tokens and a token without a user name cost one check, as a wrong
+    /// token of a user with one token does.
     pub fn token(&self, token: &str) -> Result<Principal, LoginError> {
-        let (name, secret) = token.split_once('.').ok_or(LoginError::BadCredentials)?;
-        let user = self.users.get(name).ok_or(LoginError::BadCredentials)?;
+        let (name, secret) = token.split_once('.').unwrap_or(("", token));
+        let user = self.users.get(name).filter(|u| !u.tokens.is_empty());
+        let Some(user) = user else {
+            std::hint::black_box(verify(&self.dummy_hash, secret.as_bytes()));
+            return Err(LoginError::BadCredentials);
+        };
         if user.tokens.iter().any(|h| verify(h, secret.as_bytes())) {
             Ok(Principal {
                 user: Some(name.to_string()),
@@ -382,6 +454,44 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A hash of a random secret with the argon2 algorithm and parameters most
+/// of `hashes` use (`axion passwd`'s if none is argon2), made once per
+/// loaded file: checking a login against it costs what checking a real
+/// hash costs.
+fn dummy_hash<'a>(hashes: impl Iterator<Item = &'a str>) -> Result<String, AuthError> {
+    let mut seen: HashMap<String, (usize, PasswordHash<'a>)> = HashMap::new();
+    for hash in hashes.filter_map(|h| PasswordHash::new(h).ok()) {
+        // Only what argon2 can check: anything else fails fast anyway.
+        if Algorithm::try_from(hash.algorithm).is_err() || Params::try_from(&hash).is_err() {
+            continue;
+        }
+        let kind = format!("{}${:?}${}", hash.algorithm, hash.version, hash.params);
+        seen.entry(kind).or_insert((0, hash)).0 += 1;
+    }
+    // Ties go to the smaller key, so the choice does not vary by run.
+    let model = seen
+        .into_iter()
+        .max_by(|(ka, (na, _)), (kb, (nb, _))| na.cmp(nb).then(kb.cmp(ka)))
+        .map(|(_, (_, hash))| hash);
+    let secret = random_secret();
+    let Some(model) = model else {
+        return hash_password(&secret);
+    };
+    let salt = SaltString::generate(&mut OsRng);
+    let hashed = Params::try_from(&model).and_then(|params| {
+        Argon2::default().hash_password_customized(
+            secret.as_bytes(),
+            Some(model.algorithm),
+            model.version,
+            params,
+            &salt,
+        )
+    });
+    hashed
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
 /// An argon2id PHC hash line for the auth file.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
     let salt = SaltString::generate(&mut OsRng);
@@ -430,5 +540,27 @@ mod tests {
         assert!(auth.token("alice.t0k").is_ok());
         assert!(auth.token("alice.bad").is_err());
         assert!(Auth::parse("[users.bob]\nroles = [\"missing\"]\n").is_err());
+    }
+
+    #[test]
+    fn the_dummy_hash_costs_what_the_files_hashes_cost() {
+        let params_of = |hash: &str| PasswordHash::new(hash).unwrap().params.to_string();
+        let cheap = Argon2::new(
+            Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            Params::new(8 * 1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"pw", &SaltString::generate(&mut OsRng))
+        .unwrap()
+        .to_string();
+        let auth = Auth::parse(&format!("[users.a]\npassword = \"{cheap}\"\n")).unwrap();
+        assert_eq!(params_of(&auth.dummy_hash), params_of(&cheap));
+        assert!(auth.login(Some("nobody"), Some(b"pw")).is_err());
+        // No hash in the file: those `axion passwd` makes.
+        let auth = Auth::parse("").unwrap();
+        assert_eq!(
+            params_of(&auth.dummy_hash),
+            params_of(&hash_password("x").unwrap())
+        );
     }
 }

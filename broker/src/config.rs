@@ -40,7 +40,9 @@ pub struct BrokerConfig {
     /// How long a subscriber may hold publishers back (see `flow`) before
     /// it is disconnected.
     pub slow_consumer_timeout: Duration,
-    /// Users, roles and ACLs; `None` lets every client in with every right.
+    /// Users, roles and ACLs, and the limit on failed logins per address
+    /// (one table, shared with the bridge); `None` lets every client in
+    /// with every right.
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// A second listener speaking MQTT over TLS, with its certificate.
     pub tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,

@@ -10,8 +10,8 @@
 //! topic safe for the router, [`retained`] keeps retained messages (the
 //! router drops most of them), and [`router`] owns the router thread.
 //! [`auth`] and [`acl`] decide who may connect, publish and subscribe
-//! (rumqttd has no per-topic authorization); [`tls`] loads the MQTTS
-//! certificate.
+//! (rumqttd has no per-topic authorization), [`login_limit`] slows down
+//! password guessing; [`tls`] loads the MQTTS certificate.
 
 pub mod acl;
 pub mod auth;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod expiry;
 pub mod flow;
 pub mod listener;
+pub mod login_limit;
 pub mod marks;
 pub mod names;
 pub mod queues;

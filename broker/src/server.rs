@@ -268,6 +268,9 @@ pub struct Counters {
     pub sessions_expired: u64,
     /// With an auth file: connects refused, publishes and subscriptions denied.
     pub auth_refused_connects: u64,
+    /// With an auth file: logins (MQTT and the bridge's) refused unchecked
+    /// because their address failed too often or had too many checks running.
+    pub auth_throttled_logins: u64,
     pub acl_denied_publishes: u64,
     pub acl_denied_subscribes: u64,
     /// Times every session moved to a fresh router to free filter and
@@ -555,6 +558,7 @@ fn counters(s: &Shared) -> Counters {
         slow_consumers_cut_off: get(&s.flow.slow_consumers_disconnected),
         sessions_expired: get(&s.lifetimes.expired),
         auth_refused_connects: audit.map_or(0, |a| get(&a.refused_connects)),
+        auth_throttled_logins: audit.map_or(0, |a| get(&a.throttled_logins)),
         acl_denied_publishes: audit.map_or(0, |a| get(&a.denied_publishes)),
         acl_denied_subscribes: audit.map_or(0, |a| get(&a.denied_subscribes)),
         router_renewals: get(&s.renewal.renewals),

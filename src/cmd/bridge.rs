@@ -89,6 +89,8 @@ pub struct Args {
     #[arg(long, env = "AXION_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
     #[command(flatten)]
+    pub login_limits: super::serve::LoginLimitArgs,
+    #[command(flatten)]
     pub tls: WsTls,
     #[command(flatten)]
     pub limits: BridgeLimits,
@@ -111,7 +113,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.limits = args.limits.limits();
         config.tls = args.tls.files();
         if let Some(path) = &args.auth_file {
-            config.auth = Some(std::sync::Arc::new(axion_broker::auth::Auth::load(path)?));
+            let auth =
+                axion_broker::auth::Auth::load(path)?.with_login_limits(args.login_limits.limits());
+            config.auth = Some(std::sync::Arc::new(auth));
             tracing::info!(auth_file = %path.display(), "WebSocket authentication and ACLs on");
         }
         let stop = tokio_util::sync::CancellationToken::new();

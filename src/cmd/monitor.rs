@@ -214,6 +214,7 @@ fn broker_counters(rows: &[InstanceView]) -> Vec<(String, String)> {
         ("slow_consumers_cut_off", "slow consumers cut off"),
         ("sessions_expired", "sessions expired"),
         ("auth_refused_connects", "logins refused"),
+        ("auth_throttled_logins", "logins throttled"),
         ("acl_denied_publishes", "publishes denied"),
         ("acl_denied_subscribes", "subscribes denied"),
         ("router_renewals", "router renewals"),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axion_bridge::{Bridge, BridgeConfig};
+use axion_broker::login_limit::LoginLimits;
 use axion_broker::queues::QueueOwner;
 use axion_broker::{Broker, BrokerConfig};
 use axion_heartbeat::{
@@ -63,6 +64,8 @@ pub struct Args {
     /// TOML file of users (argon2 hashes), roles and ACLs; without it every client has every right and listeners must be loopback.
     #[arg(long, env = "AXION_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub login_limits: LoginLimitArgs,
     /// Allow listening on a non-loopback address without an auth file (anyone who reaches the port may do anything).
     #[arg(long, env = "AXION_ALLOW_ANONYMOUS_REMOTE")]
     pub allow_anonymous_remote: bool,
@@ -90,6 +93,36 @@ pub struct Args {
     pub legacy: LegacyArgs,
 }
 
+/// How failed logins per client address are limited (with an auth file),
+/// shared with `axion bridge` (flatten them there).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoginLimitArgs {
+    /// Failed logins (MQTT passwords and bridge tokens together) one client address may make before its logins are refused for a backoff; a successful login resets the count. IPv6 addresses count per /64.
+    #[arg(long, env = "AXION_LOGIN_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_max_failures: u32,
+    /// Seconds after an address's last failed login (or the end of its backoff) after which its count starts over.
+    #[arg(long, env = "AXION_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 60)]
+    pub login_failure_window_secs: u64,
+    /// The first backoff, in milliseconds; every further failed login from the address doubles it.
+    #[arg(long, env = "AXION_LOGIN_BACKOFF_MS", default_value_t = 1_000)]
+    pub login_backoff_ms: u64,
+    /// The longest backoff, in seconds.
+    #[arg(long, env = "AXION_LOGIN_MAX_BACKOFF_SECS", default_value_t = 300)]
+    pub login_max_backoff_secs: u64,
+}
+
+impl LoginLimitArgs {
+    pub fn limits(&self) -> LoginLimits {
+        LoginLimits {
+            max_failures: self.login_max_failures,
+            window: Duration::from_secs(self.login_failure_window_secs),
+            backoff: Duration::from_millis(self.login_backoff_ms),
+            max_backoff: Duration::from_secs(self.login_max_backoff_secs),
+            ..LoginLimits::default()
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     axion_heartbeat::topics::validate_level("package", &args.package)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -108,8 +141,9 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let internal_secret = axion_broker::auth::random_secret();
     let auth = match &args.auth_file {
         Some(path) => {
-            let auth =
-                axion_broker::auth::Auth::load(path)?.with_internal_secret(internal_secret.clone());
+            let auth = axion_broker::auth::Auth::load(path)?
+                .with_internal_secret(internal_secret.clone())
+                .with_login_limits(args.login_limits.limits());
             info!(auth_file = %path.display(), "authentication and ACLs on");
             Some(std::sync::Arc::new(auth))
         }

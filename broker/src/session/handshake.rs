@@ -16,8 +16,9 @@ use tracing::{debug, info, warn};
 use super::aliases::{Aliases, MAX_ALIASES};
 use super::delivery::LOCAL_PKIDS;
 use super::{write_loop, Reader, Session, Writer, WRITE_QUEUE};
-use crate::auth::LoginError;
+use crate::auth::{LoginError, INTERNAL_USER};
 use crate::codec::{self, Codec, Frame};
+use crate::login_limit::Throttled;
 use crate::names;
 use crate::server::Shared;
 
@@ -205,24 +206,56 @@ pub(super) async fn handshake(
     let principal = match &shared.config.auth {
         None => None,
         Some(auth) => {
-            let auth = auth.clone();
             let (user, pass) = match login {
                 Some(l) => (Some(l.username), Some(l.password)),
                 None => (None, None),
             };
-            let user_for_log = user.clone();
+            let user_for_log = user.clone().unwrap_or_default();
+            // Before argon2 runs, so a flood from an address in backoff costs
+            // no CPU. No user name means no password check (anonymous or
+            // refused at once); the internal user has a random secret
+            // compared in constant time and must never be locked out.
+            let limited = !user_for_log.is_empty() && user_for_log != INTERNAL_USER;
+            let attempt = if limited {
+                match auth.admit(peer.ip(), &user_for_log) {
+                    Ok(attempt) => Some(attempt),
+                    Err(throttled) => {
+                        let (v4, v5) = match throttled {
+                            // 3.1.1 has no code for a ban; "not authorized" is closest.
+                            Throttled::Backoff { .. } => {
+                                (ConnectReturnCode::NotAuthorized, ConnectReturnCode::Banned)
+                            }
+                            Throttled::Busy { .. } => (
+                                ConnectReturnCode::ServiceUnavailable,
+                                ConnectReturnCode::ConnectionRateExceeded,
+                            ),
+                        };
+                        let reason = throttled.to_string();
+                        write_once(&mut stream, &codec, refusal(&codec, v4, v5, &reason)).await;
+                        return None;
+                    }
+                }
+            } else {
+                None
+            };
+            let checker = auth.clone();
             // argon2 takes milliseconds of CPU: keep it off the async threads.
             let checked = tokio::task::spawn_blocking(move || {
-                auth.login(user.as_deref(), pass.as_deref().map(str::as_bytes))
+                checker.login(user.as_deref(), pass.as_deref().map(str::as_bytes))
             })
             .await;
             match checked {
-                Ok(Ok(principal)) => Some(principal),
-                Ok(Err(why)) => {
-                    if let Some(auth) = &shared.config.auth {
-                        auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(principal)) => {
+                    if let Some(attempt) = attempt {
+                        attempt.succeeded();
                     }
-                    warn!(%peer, client_id, user = user_for_log.as_deref().unwrap_or(""), reason = why.as_str(), "connect refused");
+                    Some(principal)
+                }
+                Ok(Err(why)) => {
+                    auth.audit.refused_connects.fetch_add(1, Ordering::Relaxed);
+                    let failures =
+                        attempt.map(|a| auth.login_failed(a, peer.ip(), &user_for_log).failures);
+                    warn!(%peer, client_id, user = user_for_log, failures, reason = why.as_str(), "connect refused");
                     let (v4, v5) = match why {
                         LoginError::BadCredentials => (
                             ConnectReturnCode::BadUserNamePassword,
