@@ -67,6 +67,13 @@ enum Inbound {
     Connected,
 }
 
+/// Who sent a tapped publish, as the embedded broker says.
+struct Sender {
+    client_id: String,
+    /// The broker delivered this client the task the message is about.
+    received: bool,
+}
+
 enum Out {
     Publish(Outgoing),
     /// A publish the outlet had no room for, ready to go again.
@@ -416,20 +423,26 @@ impl Core {
             }
             Inbound::Publish(publish) => self.publish_in(publish, None),
             Inbound::Tapped(publish) => {
-                let sender = publish.properties.as_ref().and_then(|p| {
-                    p.user_properties
-                        .iter()
-                        .rev()
-                        .find(|(k, _)| k == super::tap::SENDER)
-                        .map(|(_, v)| v.clone())
+                let property = |key: &str| {
+                    publish.properties.as_ref().and_then(|p| {
+                        p.user_properties
+                            .iter()
+                            .rev()
+                            .find(|(k, _)| k == key)
+                            .map(|(_, v)| v.clone())
+                    })
+                };
+                let sender = property(super::tap::SENDER).map(|client_id| Sender {
+                    client_id,
+                    received: property(super::tap::RECEIVED).is_some(),
                 });
                 self.publish_in(publish, sender);
             }
         }
     }
 
-    fn publish_in(&mut self, publish: Box<Publish>, sender: Option<String>) {
-        self.on_publish(&publish, sender.as_deref());
+    fn publish_in(&mut self, publish: Box<Publish>, sender: Option<Sender>) {
+        self.on_publish(&publish, sender.as_ref());
         if !self.cfg.ack_after_commit {
             return;
         }
@@ -448,7 +461,7 @@ impl Core {
 
     /// `sender`: the client id of the session that sent it, when the
     /// embedded broker says so (see [`super::tap::SENDER`]).
-    fn on_publish(&mut self, publish: &Publish, sender: Option<&str>) {
+    fn on_publish(&mut self, publish: &Publish, sender: Option<&Sender>) {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return;
         };
@@ -466,7 +479,7 @@ impl Core {
                         Ok(mut ready) => {
                             // Credit is the sender's, whatever the body claims.
                             if let Some(sender) = sender {
-                                ready.worker = sender.to_string();
+                                ready.worker = sender.client_id.clone();
                             }
                             self.ensure_queue(queue);
                             if let Some(q) = self.queues.get_mut(queue) {
@@ -595,7 +608,7 @@ impl Core {
         leaf: &str,
         mut r: TaskRef,
         now: u64,
-        sender: Option<&str>,
+        sender: Option<&Sender>,
     ) {
         let Some(q) = self.queues.get_mut(queue) else {
             return;
@@ -606,24 +619,27 @@ impl Core {
             // hand a task back (`release`): a shared subscription can
             // deliver a task to a member other than the one whose credit
             // it used, and that member gives it back; a release only puts
-            // the task up again, with its attempt restored.
+            // the task up again, with its attempt restored. A member the
+            // task was delivered to may also claim it (the broker vouches
+            // for that delivery).
             let giving_back = leaf == "release" || (leaf == "fail" && r.release);
+            let sender_id = sender.client_id.as_str();
             if let Some(holder) = r.id.as_deref().and_then(|id| q.holder(id)) {
-                if holder != sender && !giving_back {
+                if holder != sender_id && !giving_back && !sender.received {
                     self.foreign_task_refs += 1;
                     tracing::warn!(
                         queue,
                         leaf,
                         id = r.id.as_deref().unwrap_or(""),
                         holder,
-                        sender,
+                        sender = sender_id,
                         refused_total = self.foreign_task_refs,
                         "task message from a client that does not hold the task; ignored"
                     );
                     return;
                 }
             }
-            r.worker = Some(sender.to_string());
+            r.worker = Some(sender_id.to_string());
         }
         match (leaf, r.id.as_deref()) {
             ("ack", Some(id)) => q.ack(id),

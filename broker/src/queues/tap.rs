@@ -34,6 +34,38 @@ pub(crate) const LEAVES: [&str; 7] = [
 /// could set it, so the owner ignores it there.
 pub(crate) const SENDER: &str = "axion-sender";
 
+/// User property the tap puts on an `ack`, `fail` or `progress` copy when
+/// the sending session was itself delivered that task: a shared group may
+/// deliver a task to a member other than the one whose credit it used, and
+/// that member may claim it (see `bridge/QUEUE-CONTRACT.md`). The broker
+/// vouches for the delivery, so nobody claims a task it never got.
+pub(crate) const RECEIVED: &str = "axion-received";
+
+/// The `id` of a task record or task message: its first field, as the
+/// owner and Axion's workers write them, read without a parse; anything
+/// else is parsed.
+pub(crate) fn task_id(payload: &[u8]) -> Option<String> {
+    if let Some(rest) = payload.strip_prefix(br#"{"id":""#) {
+        if let Some(end) = rest.iter().position(|b| *b == b'"' || *b == b'\\') {
+            if rest[end] == b'"' {
+                return std::str::from_utf8(&rest[..end]).ok().map(str::to_string);
+            }
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    serde_json::from_slice::<Id>(payload).ok().map(|i| i.id)
+}
+
+/// True for `axion/<pkg>/queue/<q>/ack|fail|progress`.
+pub(crate) fn is_task_answer(topic: &[u8]) -> bool {
+    [&b"/ack"[..], b"/fail", b"/progress"]
+        .iter()
+        .any(|leaf| topic.ends_with(leaf))
+}
+
 /// Copies waiting for the owner; past this, sessions wait.
 const CAPACITY: usize = 4096;
 
@@ -122,6 +154,7 @@ impl Tap {
             false,
             None,
             &client_id_owned,
+            true,
         )
         .await;
     }
@@ -137,6 +170,7 @@ impl Tap {
         retain: bool,
         props: Option<rumqttd::protocol::PublishProperties>,
         sender: &str,
+        received: bool,
     ) {
         let mut properties = props.map(|p| PublishProperties {
             payload_format_indicator: p.payload_format_indicator,
@@ -149,10 +183,17 @@ impl Tap {
             content_type: p.content_type,
         });
         let props = properties.get_or_insert_with(Default::default);
-        props.user_properties.retain(|(k, _)| k != SENDER);
+        props
+            .user_properties
+            .retain(|(k, _)| k != SENDER && k != RECEIVED);
         props
             .user_properties
             .push((SENDER.to_string(), sender.to_string()));
+        if received {
+            props
+                .user_properties
+                .push((RECEIVED.to_string(), "1".to_string()));
+        }
         let publish = Publish {
             dup: false,
             qos: QoS::AtLeastOnce,

@@ -3,6 +3,7 @@
 //! the order it insists on, the client's receive window, and the retained
 //! messages the front end sends itself.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -42,6 +43,34 @@ pub(super) struct Slot {
     /// back to it if the client never acknowledges it (see
     /// [`Session::give_back_tasks`]).
     pub(super) task: Option<Box<(Bytes, Bytes)>>,
+}
+
+/// The last few task ids delivered to a client, bounded.
+#[derive(Debug, Default)]
+pub(crate) struct Recent {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl Recent {
+    /// Enough for every task a worker can hold at once (its credit) and
+    /// more, at a few kilobytes for a busy worker; nothing for the rest.
+    const KEEP: usize = 1024;
+
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::KEEP {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
 }
 
 impl Session {
@@ -319,6 +348,12 @@ impl Session {
             .get()
             .filter(|tap| self.is_worker_task(tap, &publish.topic))
             .map(|_| Box::new((publish.topic.clone(), publish.payload.clone())));
+        if let Some(id) = task
+            .as_ref()
+            .and_then(|t| crate::queues::tap::task_id(&t.1))
+        {
+            self.received_tasks.insert(id);
+        }
         publish.topic = names::unescape_topic(publish.topic);
         let withheld = self.withheld(&publish.topic);
         let alias = self.aliases.outgoing(&publish.topic);

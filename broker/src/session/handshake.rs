@@ -276,7 +276,8 @@ pub(super) async fn handshake(
             }
         }
     };
-    if let (Some(auth), Some(principal)) = (&shared.config.auth, &principal) {
+    // An id the broker assigned is the client's own whatever its prefix.
+    if let (Some(auth), Some(principal), false) = (&shared.config.auth, &principal, assigned) {
         if let Err(why) = auth.may_use_client_id(principal, &client_id) {
             warn!(%peer, client_id, user = principal.user.as_deref().unwrap_or(""), reason = why.as_str(), "connect refused: client id");
             let p = refusal(
@@ -493,6 +494,7 @@ pub(super) async fn handshake(
         repeats: Default::default(),
         outlet: None,
         revoked: HashSet::new(),
+        received_tasks: Default::default(),
         retained_commits: Vec::new(),
     };
     session.outlet = shared

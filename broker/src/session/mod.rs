@@ -256,6 +256,9 @@ struct Session {
     /// Publishes the queue owner hands its own session without MQTT (see
     /// [`crate::queues::outlet`]); only on the owner's session.
     outlet: Option<OutletLink>,
+    /// Ids of the last tasks the queue owner delivered to this client (see
+    /// [`crate::queues::tap::RECEIVED`]).
+    received_tasks: delivery::Recent,
     /// Disk commits of retained messages in the batch being forwarded (see
     /// [`crate::retained_disk`]).
     retained_commits: Vec<crate::retained_disk::Commit>,
@@ -560,12 +563,16 @@ impl Session {
                         let mut props = props.clone();
                         Mark::take(&mut props);
                         let topic = publish.topic.clone();
+                        let received = crate::queues::tap::is_task_answer(&topic)
+                            && crate::queues::tap::task_id(&publish.payload)
+                                .is_some_and(|id| self.received_tasks.contains(&id));
                         tap.send(
                             topic,
                             publish.payload.clone(),
                             publish.retain,
                             props,
                             &self.client_id,
+                            received,
                         )
                         .await;
                     }
