@@ -249,6 +249,10 @@ pub struct WatchOptions {
     pub queues: bool,
     /// Also keep the retained `axion/<pkg>/alarm/<service>` records.
     pub alarms: bool,
+    /// Prefix of the watcher's random client id: `axion-fleet` for Axion's
+    /// components; a tool run by an operator (`axion monitor`) takes one
+    /// outside the `axion-` ids an auth file reserves to components.
+    pub client_prefix: &'static str,
     pub stale_after: Duration,
 }
 
@@ -259,6 +263,7 @@ impl Default for WatchOptions {
             service: None,
             queues: false,
             alarms: false,
+            client_prefix: "axion-fleet",
             stale_after: Duration::from_secs(DEFAULT_STALE_SECS),
         }
     }
@@ -317,7 +322,8 @@ impl FleetWatcher {
     pub fn start(url: &MqttUrl, options: WatchOptions) -> Result<Self, HeartbeatError> {
         let filters = options.filters()?;
         let client_id = format!(
-            "axion-fleet-{}",
+            "{}-{}",
+            options.client_prefix,
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
         let mut opts = url.options_v5(&client_id);

@@ -102,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         service: args.service.clone(),
         queues: !args.once,
         alarms: true,
+        client_prefix: "monitor",
         stale_after: Duration::from_secs(args.stale_secs),
     };
     let broker = args.mqtt.clone().with_env_credentials();

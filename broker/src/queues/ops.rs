@@ -59,7 +59,9 @@ impl OpsClient {
         timeout: Duration,
     ) -> Result<Self, OpsError> {
         topics::validate_level("package", package)?;
-        let client_id = format!("axion-queue-cli-{}", uuid::Uuid::new_v4().simple());
+        // Not an `axion-` id: those are reserved to Axion's components, and
+        // an operator with read rights must be able to inspect queues.
+        let client_id = format!("queue-cli-{}", uuid::Uuid::new_v4().simple());
         let mut opts = url.options_v5(&client_id);
         opts.set_max_packet_size(Some(16 * 1024 * 1024));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
