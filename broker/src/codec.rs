@@ -3,25 +3,34 @@
 //! A connection's first packet is framed here (fixed header and remaining
 //! length only) so the front end can refuse an oversize CONNECT and pick
 //! rumqttd's 3.1.1 or 5 codec from the protocol level. rumqttd's codecs are
-//! then used for everything else, behind a guard: a decoding panic on
-//! hostile bytes becomes a malformed-packet error for that one client.
+//! then used for everything else, behind two guards: every packet's fields
+//! must fill its remaining length exactly ([`Codec::read`]), and a decoding
+//! panic on hostile bytes becomes a malformed-packet error for that one
+//! client.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::BytesMut;
 use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol};
 
+/// A whole packet at the start of a buffer, as [`frame`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framed {
+    /// Packet type and flags.
+    pub byte1: u8,
+    /// Bytes of the whole packet, fixed header included.
+    pub len: usize,
+    /// Bytes after the fixed header (the remaining length).
+    pub remaining: usize,
+}
+
 /// What framing the start of a buffer yields.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
     /// More bytes are needed.
     Incomplete,
-    /// A whole packet of `len` bytes (header included) with first byte `byte1`.
-    Complete {
-        byte1: u8,
-        len: usize,
-        remaining: usize,
-    },
+    /// A whole packet.
+    Complete(Framed),
     /// The packet announces more than the limit allows.
     TooLarge { remaining: usize },
     /// The remaining length is not a valid variable byte integer.
@@ -45,11 +54,11 @@ pub fn frame(buf: &[u8], max_remaining: usize) -> Frame {
             if buf.len() < len {
                 return Frame::Incomplete;
             }
-            return Frame::Complete {
+            return Frame::Complete(Framed {
                 byte1,
                 len,
                 remaining,
-            };
+            });
         }
         shift += 7;
         if shift > 21 {
@@ -115,6 +124,8 @@ pub fn check_connect_flags(flags: u8, level: u8) -> Result<(), &'static str> {
 pub enum DecodeError {
     #[error("malformed packet: {0}")]
     Protocol(#[from] rumqttd::protocol::Error),
+    #[error("malformed packet: {0}")]
+    Length(#[from] LengthError),
     #[error("the MQTT decoder panicked on this packet")]
     Panicked,
 }
@@ -138,16 +149,27 @@ impl Codec {
         matches!(self, Codec::V5(_))
     }
 
-    /// Decodes one complete packet (already framed) from the front of `buf`.
-    pub fn read(&mut self, buf: &mut BytesMut, max_size: usize) -> Result<Packet, DecodeError> {
-        let result = catch_unwind(AssertUnwindSafe(|| match self {
-            Codec::V4(c) => c.read_mut(buf, max_size),
-            Codec::V5(c) => c.read_mut(buf, max_size),
+    /// Decodes the packet `framed` (from [`frame`]) at the front of `buf`
+    /// and takes it off `buf`. Its fields must fill its remaining length
+    /// exactly ([`check_length`]), which rumqttd does not check. After an
+    /// error the connection must close: what is left in `buf` is then
+    /// unspecified.
+    pub fn read(
+        &mut self,
+        buf: &mut BytesMut,
+        framed: Framed,
+        max_size: usize,
+    ) -> Result<Packet, DecodeError> {
+        let v5 = self.is_v5();
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<Packet, DecodeError> {
+            let body = &buf[framed.len - framed.remaining..framed.len];
+            check_length(framed.byte1, body, v5)?;
+            Ok(match self {
+                Codec::V4(c) => c.read_mut(buf, max_size),
+                Codec::V5(c) => c.read_mut(buf, max_size),
+            }?)
         }));
-        match result {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(DecodeError::Panicked),
-        }
+        result.unwrap_or(Err(DecodeError::Panicked))
     }
 
     /// Encodes `packet` for this client. MQTT 5 properties are dropped for
@@ -161,6 +183,214 @@ impl Codec {
             Codec::V5(c) => c.write(packet, out),
             Codec::V4(c) => c.write(strip_properties(packet), out),
         }
+    }
+}
+
+/// How a packet's fields fail to fill its remaining length exactly.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LengthError {
+    #[error("the {0} runs past the end of the packet")]
+    PastEnd(&'static str),
+    #[error("a property runs past the end of its property list")]
+    PastProperties,
+    #[error("bytes left over after the last field: {0}")]
+    LeftOver(usize),
+    #[error("unknown property {0:#04x}")]
+    UnknownProperty(u8),
+    #[error("the {0} is not a valid variable byte integer")]
+    VarInt(&'static str),
+}
+
+/// Walks the fields of a client packet's `body` (what follows its fixed
+/// header) by their declared lengths and checks that the last one ends
+/// exactly where the body does (MQTT-3.1.4-1; in MQTT 5 anything else is a
+/// Malformed Packet, 4.13).
+///
+/// rumqttd's decoders take the packet by value and tell no position: they
+/// ignore what follows a CONNECT's last field, bytes after a PINGREQ, a
+/// 3.1.1 PUBREC/PUBREL/PUBCOMP's packet id or an MQTT 5 acknowledgement's
+/// or DISCONNECT's properties, and let an MQTT 5 property run past its
+/// list. Only lengths are read here (no copy, no allocation; a PUBLISH's
+/// payload is not touched); rumqttd still decodes and checks the values.
+fn check_length(byte1: u8, body: &[u8], v5: bool) -> Result<(), LengthError> {
+    let mut f = Fields { bytes: body, at: 0 };
+    match byte1 >> 4 {
+        // CONNECT
+        1 => {
+            f.prefixed("protocol name")?;
+            f.skip(1, "protocol level")?;
+            let flags = f.byte("connect flags")?;
+            f.skip(2, "keep alive")?;
+            if v5 {
+                f.properties()?;
+            }
+            f.prefixed("client identifier")?;
+            if flags & 0x04 != 0 {
+                if v5 {
+                    f.properties()?;
+                }
+                f.prefixed("will topic")?;
+                f.prefixed("will payload")?;
+            }
+            if flags & 0x80 != 0 {
+                f.prefixed("user name")?;
+            }
+            if flags & 0x40 != 0 {
+                f.prefixed("password")?;
+            }
+        }
+        // PUBLISH: whatever follows the variable header is the payload.
+        3 => {
+            f.prefixed("topic name")?;
+            if byte1 & 0x06 != 0 {
+                f.skip(2, "packet identifier")?;
+            }
+            if v5 {
+                f.properties()?;
+            }
+            return Ok(());
+        }
+        // PUBACK, PUBREC, PUBREL, PUBCOMP: MQTT 5 may add a reason code,
+        // then properties.
+        4..=7 => {
+            f.skip(2, "packet identifier")?;
+            if v5 {
+                f.reason_and_properties()?;
+            }
+        }
+        // SUBSCRIBE
+        8 => {
+            f.skip(2, "packet identifier")?;
+            if v5 {
+                f.properties()?;
+            }
+            while f.left() > 0 {
+                f.prefixed("topic filter")?;
+                f.skip(1, "subscription options")?;
+            }
+        }
+        // UNSUBSCRIBE
+        10 => {
+            f.skip(2, "packet identifier")?;
+            if v5 {
+                f.properties()?;
+            }
+            while f.left() > 0 {
+                f.prefixed("topic filter")?;
+            }
+        }
+        // DISCONNECT: MQTT 5 may add a reason code, then properties.
+        14 if v5 => f.reason_and_properties()?,
+        // PINGREQ, 3.1.1's DISCONNECT: no body at all.
+        12 | 14 => {}
+        // What only a server sends, and the reserved types, are refused
+        // whatever their length.
+        _ => return Ok(()),
+    }
+    match f.left() {
+        0 => Ok(()),
+        n => Err(LengthError::LeftOver(n)),
+    }
+}
+
+/// A read position in a packet body or in one property list.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Fields<'_> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn skip(&mut self, n: usize, field: &'static str) -> Result<(), LengthError> {
+        if n > self.left() {
+            return Err(LengthError::PastEnd(field));
+        }
+        self.at += n;
+        Ok(())
+    }
+
+    fn byte(&mut self, field: &'static str) -> Result<u8, LengthError> {
+        let b = *self.bytes.get(self.at).ok_or(LengthError::PastEnd(field))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    /// A two-byte length and that many bytes (string or binary data).
+    fn prefixed(&mut self, field: &'static str) -> Result<(), LengthError> {
+        let len = u16::from_be_bytes([self.byte(field)?, self.byte(field)?]);
+        self.skip(usize::from(len), field)
+    }
+
+    fn varint(&mut self, field: &'static str) -> Result<usize, LengthError> {
+        let mut value = 0;
+        for shift in [0, 7, 14, 21] {
+            let b = self.byte(field)?;
+            value |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(LengthError::VarInt(field))
+    }
+
+    /// An MQTT 5 property list: its length, then properties that must fill
+    /// exactly that many bytes.
+    fn properties(&mut self) -> Result<(), LengthError> {
+        let len = self.varint("property length")?;
+        if len > self.left() {
+            return Err(LengthError::PastEnd("property list"));
+        }
+        let mut list = Fields {
+            bytes: &self.bytes[self.at..self.at + len],
+            at: 0,
+        };
+        self.at += len;
+        while list.left() > 0 {
+            list.property().map_err(|e| match e {
+                LengthError::PastEnd(_) => LengthError::PastProperties,
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One property: its identifier says how long its value is.
+    fn property(&mut self) -> Result<(), LengthError> {
+        const FIELD: &str = "property";
+        match self.byte(FIELD)? {
+            // Byte.
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => self.skip(1, FIELD),
+            // Two-byte integer.
+            0x13 | 0x21 | 0x22 | 0x23 => self.skip(2, FIELD),
+            // Four-byte integer.
+            0x02 | 0x11 | 0x18 | 0x27 => self.skip(4, FIELD),
+            // Variable byte integer (Subscription Identifier).
+            0x0b => self.varint(FIELD).map(drop),
+            // UTF-8 string or binary data.
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1a | 0x1c | 0x1f => self.prefixed(FIELD),
+            // User Property: a string pair.
+            0x26 => {
+                self.prefixed(FIELD)?;
+                self.prefixed(FIELD)
+            }
+            id => Err(LengthError::UnknownProperty(id)),
+        }
+    }
+
+    /// MQTT 5 acknowledgements and DISCONNECT: after what is fixed, a
+    /// reason code if any bytes are left, then properties if any are still
+    /// left (a shorter packet means success and no properties).
+    fn reason_and_properties(&mut self) -> Result<(), LengthError> {
+        if self.left() > 0 {
+            self.skip(1, "reason code")?;
+            if self.left() > 0 {
+                self.properties()?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -186,17 +416,314 @@ fn strip_properties(packet: Packet) -> Packet {
 mod tests {
     use super::*;
 
+    use rumqttd::protocol::{
+        Connect, ConnectProperties, Disconnect, DisconnectProperties, DisconnectReasonCode, Filter,
+        LastWill, LastWillProperties, Login, PingReq, PubAck, PubAckProperties, PubAckReason,
+        PubComp, PubCompProperties, PubCompReason, PubRec, PubRecProperties, PubRecReason, PubRel,
+        PubRelProperties, PubRelReason, PublishProperties, QoS, RetainForwardRule, Subscribe,
+        SubscribeProperties, Unsubscribe, UnsubscribeProperties,
+    };
+
+    /// Every packet type a client sends, with every field and property
+    /// rumqttd can encode (properties only for MQTT 5).
+    fn client_packets(v5: bool) -> Vec<Packet> {
+        fn user() -> Vec<(String, String)> {
+            vec![("k".into(), "v".into())]
+        }
+        let filter = |path: &str| Filter {
+            path: path.into(),
+            qos: QoS::AtLeastOnce,
+            nolocal: v5,
+            preserve_retain: v5,
+            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
+        };
+        vec![
+            Packet::Connect(
+                Connect {
+                    keep_alive: 30,
+                    client_id: "client".into(),
+                    clean_session: false,
+                },
+                v5.then(|| ConnectProperties {
+                    session_expiry_interval: Some(60),
+                    receive_maximum: Some(10),
+                    max_packet_size: Some(1000),
+                    topic_alias_max: Some(4),
+                    request_response_info: Some(1),
+                    request_problem_info: Some(1),
+                    user_properties: user(),
+                    authentication_method: None,
+                    authentication_data: None,
+                }),
+                Some(LastWill {
+                    topic: "will".into(),
+                    message: "gone".into(),
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
+                }),
+                v5.then(|| LastWillProperties {
+                    delay_interval: Some(5),
+                    payload_format_indicator: Some(1),
+                    message_expiry_interval: Some(9),
+                    content_type: Some("text/plain".into()),
+                    response_topic: Some("re".into()),
+                    correlation_data: Some("id".into()),
+                    user_properties: user(),
+                }),
+                Some(Login {
+                    username: "user".into(),
+                    password: "pass".into(),
+                }),
+            ),
+            Packet::Publish(
+                crate::session::make_publish("t/1".into(), "p".into(), QoS::ExactlyOnce, true, 7),
+                v5.then(|| PublishProperties {
+                    payload_format_indicator: Some(1),
+                    message_expiry_interval: Some(60),
+                    topic_alias: Some(2),
+                    response_topic: Some("re".into()),
+                    correlation_data: Some("id".into()),
+                    user_properties: user(),
+                    subscription_identifiers: vec![],
+                    content_type: Some("text/plain".into()),
+                }),
+            ),
+            Packet::PubAck(
+                PubAck {
+                    pkid: 7,
+                    reason: PubAckReason::NoMatchingSubscribers,
+                },
+                v5.then_some(PubAckProperties {
+                    reason_string: Some("none".into()),
+                    user_properties: user(),
+                }),
+            ),
+            Packet::PubRec(
+                PubRec {
+                    pkid: 7,
+                    reason: PubRecReason::Success,
+                },
+                v5.then_some(PubRecProperties {
+                    reason_string: Some("ok".into()),
+                    user_properties: user(),
+                }),
+            ),
+            Packet::PubRel(
+                PubRel {
+                    pkid: 7,
+                    reason: PubRelReason::Success,
+                },
+                v5.then_some(PubRelProperties {
+                    reason_string: Some("ok".into()),
+                    user_properties: user(),
+                }),
+            ),
+            Packet::PubComp(
+                PubComp {
+                    pkid: 7,
+                    reason: PubCompReason::Success,
+                },
+                v5.then_some(PubCompProperties {
+                    reason_string: Some("ok".into()),
+                    user_properties: user(),
+                }),
+            ),
+            Packet::Subscribe(
+                Subscribe {
+                    pkid: 8,
+                    filters: vec![filter("a/#"), filter("b")],
+                },
+                v5.then_some(SubscribeProperties {
+                    id: Some(300),
+                    user_properties: user(),
+                }),
+            ),
+            Packet::Unsubscribe(
+                Unsubscribe {
+                    pkid: 9,
+                    filters: vec!["a/#".into(), "b".into()],
+                },
+                v5.then_some(UnsubscribeProperties {
+                    user_properties: user(),
+                }),
+            ),
+            Packet::PingReq(PingReq),
+            Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::DisconnectWithWillMessage,
+                },
+                v5.then_some(DisconnectProperties {
+                    session_expiry_interval: Some(0),
+                    reason_string: Some("bye".into()),
+                    user_properties: user(),
+                    server_reference: None,
+                }),
+            ),
+        ]
+    }
+
+    fn framed(buf: &[u8]) -> Framed {
+        match frame(buf, usize::MAX) {
+            Frame::Complete(f) => f,
+            other => panic!("not one whole packet: {other:?}"),
+        }
+    }
+
+    /// `packet` with its body changed by `edit` and its remaining length
+    /// made to match.
+    fn edited(packet: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> BytesMut {
+        let f = framed(packet);
+        let mut body = packet[f.len - f.remaining..].to_vec();
+        edit(&mut body);
+        let mut out = vec![f.byte1];
+        let mut n = body.len();
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend(body);
+        BytesMut::from(&out[..])
+    }
+
+    fn read(codec: &mut Codec, buf: &mut BytesMut) -> Result<Packet, DecodeError> {
+        let f = framed(buf);
+        codec.read(buf, f, usize::MAX)
+    }
+
+    #[test]
+    fn client_packets_decode_to_their_exact_length_and_no_further() {
+        for (level, v5) in [(4, false), (5, true)] {
+            let mut codec = Codec::for_level(level).expect("codec");
+            for packet in client_packets(v5) {
+                let what = format!("level {level}: {packet:?}");
+                let is_publish = matches!(packet, Packet::Publish(..));
+                let mut wire = BytesMut::new();
+                codec.write(packet, &mut wire).expect("encode");
+
+                // As encoded, followed by the next packet: exactly one is taken.
+                let mut buf = wire.clone();
+                buf.extend_from_slice(&[0xc0, 0]);
+                assert!(read(&mut codec, &mut buf).is_ok(), "{what}");
+                assert_eq!(&buf[..], &[0xc0, 0], "{what}: the next packet is left");
+
+                // A byte left over (a PUBLISH's payload just grows; in a
+                // (UN)SUBSCRIBE it starts a filter that runs past the end).
+                let result = read(&mut codec, &mut edited(&wire, |b| b.push(0)));
+                if is_publish {
+                    assert!(result.is_ok(), "{what}: {result:?}");
+                } else {
+                    assert!(
+                        matches!(result, Err(DecodeError::Length(_))),
+                        "{what}: {result:?}"
+                    );
+                }
+
+                // A byte short: the last field runs past the end.
+                if wire.len() > 2 && !is_publish {
+                    let result = read(
+                        &mut codec,
+                        &mut edited(&wire, |b| {
+                            b.pop();
+                        }),
+                    );
+                    assert!(
+                        matches!(
+                            result,
+                            Err(DecodeError::Length(
+                                LengthError::PastEnd(_) | LengthError::PastProperties
+                            ))
+                        ),
+                        "{what}: {result:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fields_and_properties_past_their_end_are_named() {
+        let v4_connect = raw_connect(4, b"", &[]);
+        let v5_connect = raw_connect(5, &[0], &[]);
+        assert_eq!(check(&v4_connect, false), Ok(()));
+        assert_eq!(check(&v5_connect, true), Ok(()));
+        // CONNECT: bytes after the client id; a will topic past the end.
+        assert_eq!(
+            check(&raw_connect(4, b"", &[0xde, 0xad]), false),
+            Err(LengthError::LeftOver(2))
+        );
+        let mut will = raw_connect(4, b"", &[0, 200, b'w']);
+        will[9] |= 0x04;
+        assert_eq!(check(&will, false), Err(LengthError::PastEnd("will topic")));
+        // A Session Expiry (4 bytes) in a property list of 1 byte.
+        let short_list = raw_connect(5, &[1, 0x11, 0, 0, 0, 60], &[]);
+        assert_eq!(check(&short_list, true), Err(LengthError::PastProperties));
+        // PUBLISH (QoS 0): a property list longer than the packet, an
+        // unknown property, a property length of five bytes.
+        let publish = |props: &[u8]| [&[0x30, 0, 0, 1, b't'][..], props].concat();
+        assert_eq!(check(&publish(&[0, 1, 2]), true), Ok(()));
+        assert_eq!(
+            check(&publish(&[9, 0x01, 1]), true),
+            Err(LengthError::PastEnd("property list"))
+        );
+        assert_eq!(
+            check(&publish(&[2, 0x7f, 0]), true),
+            Err(LengthError::UnknownProperty(0x7f))
+        );
+        assert_eq!(
+            check(&publish(&[0x80, 0x80, 0x80, 0x80, 0x01]), true),
+            Err(LengthError::VarInt("property length"))
+        );
+        // A Subscription Identifier whose variable byte integer runs past its list.
+        let subscribe = [0x82, 0, 0, 1, 2, 0x0b, 0x81, 0x01, 0, 1, b'a', 0];
+        assert_eq!(check(&subscribe, true), Err(LengthError::PastProperties));
+        // PINGREQ has no body; a 3.1.1 PUBREL only a packet id.
+        assert_eq!(check(&[0xc0, 0, 0], false), Err(LengthError::LeftOver(1)));
+        assert_eq!(
+            check(&[0x62, 0, 0, 1, 0], false),
+            Err(LengthError::LeftOver(1))
+        );
+        // MQTT 5: reason code alone, or reason code and properties.
+        assert_eq!(check(&[0x62, 0, 0, 1, 0x92], true), Ok(()));
+        assert_eq!(check(&[0xe0, 0, 0x04], true), Ok(()));
+        assert_eq!(
+            check(&[0xe0, 0, 0x04, 0, 0], true),
+            Err(LengthError::LeftOver(1))
+        );
+    }
+
+    /// A CONNECT (client id "c", clean session) with `props` (MQTT 5:
+    /// the connect properties) and `extra` bytes after the client id.
+    fn raw_connect(level: u8, props: &[u8], extra: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 30];
+        p.extend_from_slice(props);
+        p.extend_from_slice(&[0, 1, b'c']);
+        p.extend_from_slice(extra);
+        p
+    }
+
+    /// [`check_length`] on `packet`, whose remaining-length byte (one byte,
+    /// written as 0) is filled in here.
+    fn check(packet: &[u8], v5: bool) -> Result<(), LengthError> {
+        let mut packet = packet.to_vec();
+        packet[1] = u8::try_from(packet.len() - 2).expect("a short packet");
+        check_length(packet[0], &packet[2..], v5)
+    }
+
     #[test]
     fn frames_and_limits() {
         assert_eq!(frame(&[], 10), Frame::Incomplete);
         assert_eq!(frame(&[0x30], 10), Frame::Incomplete);
         assert_eq!(
             frame(&[0xc0, 0x00], 10),
-            Frame::Complete {
+            Frame::Complete(Framed {
                 byte1: 0xc0,
                 len: 2,
                 remaining: 0
-            }
+            })
         );
         assert_eq!(frame(&[0x30, 0x05, 1, 2], 10), Frame::Incomplete);
         assert_eq!(

@@ -17,7 +17,7 @@ use super::aliases::{Aliases, MAX_ALIASES};
 use super::delivery::LOCAL_PKIDS;
 use super::{write_loop, Reader, Session, Writer, WRITE_QUEUE};
 use crate::auth::{LoginError, INTERNAL_USER};
-use crate::codec::{self, Codec, Frame};
+use crate::codec::{self, Codec, DecodeError, Frame, Framed};
 use crate::login_limit::Throttled;
 use crate::names;
 use crate::server::Shared;
@@ -68,9 +68,9 @@ pub(super) async fn handshake(
     let max = shared.config.max_packet_size;
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = Instant::now() + shared.config.connect_timeout;
-    let (byte1, len) = loop {
+    let framed = loop {
         match codec::frame(&buf, max) {
-            Frame::Complete { byte1, len, .. } => break (byte1, len),
+            Frame::Complete(framed) => break framed,
             Frame::TooLarge { remaining } => {
                 // The level is readable if the CONNECT header already arrived.
                 if let Some(codec) = codec::connect_level(&buf).and_then(Codec::for_level) {
@@ -100,6 +100,7 @@ pub(super) async fn handshake(
             }
         }
     };
+    let Framed { byte1, len, .. } = framed;
     if byte1 >> 4 != 1 {
         debug!(%peer, byte1, "first packet is not CONNECT");
         return None;
@@ -131,11 +132,17 @@ pub(super) async fn handshake(
         }
         None => return None,
     }
-    let (connect, props, will, will_props, login) = match codec.read(&mut buf, max) {
+    let (connect, props, will, will_props, login) = match codec.read(&mut buf, framed, max) {
         Ok(Packet::Connect(connect, props, will, will_props, login)) => {
             (connect, props, will, will_props, login)
         }
         Ok(_) => return None,
+        // Fields that do not fill the packet exactly: nothing in it can be
+        // trusted, so no CONNACK either (MQTT-3.1.4-1; Mosquitto does the same).
+        Err(DecodeError::Length(err)) => {
+            debug!(%peer, %err, "CONNECT does not fill its length; closed without CONNACK");
+            return None;
+        }
         Err(err) => {
             let p = refusal(
                 &codec,

@@ -24,9 +24,9 @@ impl Session {
         let mut reply = BytesMut::new();
         let mut ending = None;
         loop {
-            let byte1 = match codec::frame(&self.inbuf, max) {
+            let framed = match codec::frame(&self.inbuf, max) {
                 Frame::Incomplete => break,
-                Frame::Complete { byte1, .. } => byte1,
+                Frame::Complete(framed) => framed,
                 Frame::TooLarge { remaining } => {
                     warn!(
                         client_id = self.client_id,
@@ -48,14 +48,14 @@ impl Session {
                     break;
                 }
             };
-            if let Err(why) = check_flags(byte1) {
+            if let Err(why) = check_flags(framed.byte1) {
                 ending = Some(
                     self.violation(why, DisconnectReasonCode::MalformedPacket)
                         .await,
                 );
                 break;
             }
-            let packet = match self.codec.read(&mut self.inbuf, max) {
+            let packet = match self.codec.read(&mut self.inbuf, framed, max) {
                 Ok(p) => p,
                 Err(err) => {
                     let why = format!("undecodable packet: {err}");
@@ -66,7 +66,7 @@ impl Session {
                     break;
                 }
             };
-            match self.inbound(packet, byte1, &mut to_router, &mut reply) {
+            match self.inbound(packet, framed.byte1, &mut to_router, &mut reply) {
                 Ok(None) => {}
                 Ok(Some(end)) => {
                     ending = Some(end);
