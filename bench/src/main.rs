@@ -23,6 +23,10 @@ struct Args {
     /// The axion binary to benchmark (build with --release).
     #[arg(long, env = "AXION_BIN", default_value = "target/release/axion")]
     axion: PathBuf,
+    /// Another axion build (an earlier commit's) run beside it in the same
+    /// rounds, to tell a change from run-to-run noise.
+    #[arg(long, env = "AXION_BASELINE_BIN")]
+    baseline: Option<PathBuf>,
     /// Rounds per case (A/B alternating); the median is reported.
     #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3)]
     rounds: usize,
@@ -51,6 +55,8 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Axion,
+    /// The `--baseline` build of axion.
+    Baseline,
     Mosquitto,
     /// rumqttd 0.20 alone: what Axion's front end is measured against.
     Rumqttd,
@@ -101,7 +107,10 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
                 .spawn()
                 .context("spawn mosquitto (scripts/setup.sh installs it)")?
         }
-        Kind::Axion => Command::new(&args.axion)
+        Kind::Axion | Kind::Baseline => Command::new(match (kind, &args.baseline) {
+            (Kind::Baseline, Some(path)) => path,
+            _ => &args.axion,
+        })
             .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
             .arg("--ws-listen")
             .arg(format!("127.0.0.1:{}", free_port()?))
@@ -558,8 +567,12 @@ fn main() -> anyhow::Result<()> {
         let mut results: Vec<(Kind, Outcome)> = Vec::new();
         for round in 0..args.rounds {
             // Alternate which broker goes first, so drift hits both alike.
-            let mut order = [Kind::Axion, Kind::Mosquitto, Kind::Rumqttd];
-            order.rotate_left(round % 3);
+            let mut order = vec![Kind::Axion, Kind::Mosquitto, Kind::Rumqttd];
+            if args.baseline.is_some() {
+                order.push(Kind::Baseline);
+            }
+            let len = order.len();
+            order.rotate_left(round % len);
             for kind in order {
                 let broker = start(kind, &args)?;
                 let outcome = rt.block_on(run_case(
@@ -600,7 +613,11 @@ fn main() -> anyhow::Result<()> {
             pick(Kind::Mosquitto),
             pick(Kind::Rumqttd),
         );
-        for (kind, o) in [("axion", a), ("mosquitto", m), ("rumqttd alone", r)] {
+        let mut rows = vec![("axion", a), ("mosquitto", m), ("rumqttd alone", r)];
+        if args.baseline.is_some() {
+            rows.insert(1, ("axion baseline", pick(Kind::Baseline)));
+        }
+        for (kind, o) in rows {
             println!(
                 "| {name} | {kind} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
                 o.received,
@@ -612,12 +629,14 @@ fn main() -> anyhow::Result<()> {
                 o.per_cpu_sec()
             );
         }
-        summary.push((name.to_string(), a, m, r, rate.is_some()));
+        let baseline = args.baseline.is_some().then(|| pick(Kind::Baseline));
+        summary.push((name.to_string(), a, m, r, rate.is_some(), baseline));
     }
     println!();
     println!("| case | axion ÷ mosquitto | delivered by rumqttd alone |");
     println!("|---|---|---|");
-    for (name, a, m, r, fixed) in summary {
+    for (name, a, m, r, fixed, _) in &summary {
+        let (a, m, r, fixed) = (*a, *m, *r, *fixed);
         let alone = format!("{}/{}", r.received, r.sent);
         if fixed {
             println!(
@@ -631,6 +650,27 @@ fn main() -> anyhow::Result<()> {
                 a.rate() / m.rate(),
                 a.per_cpu_sec() / m.per_cpu_sec()
             );
+        }
+    }
+    if args.baseline.is_some() {
+        println!();
+        println!("| case | axion ÷ axion baseline |");
+        println!("|---|---|");
+        for (name, a, _, _, fixed, b) in &summary {
+            let Some(b) = b else { continue };
+            if *fixed {
+                println!(
+                    "| {name} | p99 {:.2}×, CPU per message {:.2}× |",
+                    a.p99_ms / b.p99_ms,
+                    (a.broker_cpu / a.received as f64) / (b.broker_cpu / b.received as f64)
+                );
+            } else {
+                println!(
+                    "| {name} | throughput {:.2}×, messages per broker CPU-second {:.2}× |",
+                    a.rate() / b.rate(),
+                    a.per_cpu_sec() / b.per_cpu_sec()
+                );
+            }
         }
     }
     Ok(())
