@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -162,21 +162,38 @@ impl LoginError {
 
 /// The loaded auth file (plus the internal credential of `axion serve`).
 pub struct Auth {
+    /// What the auth file says; replaced whole by [`Auth::reload`].
+    rules: RwLock<Arc<Rules>>,
+    internal_secret: Option<String>,
+    limiter: LoginLimiter,
+    pub audit: Audit,
+}
+
+/// The contents of one auth file.
+struct Rules {
     users: HashMap<String, User>,
     anonymous: Option<Arc<Permissions>>,
     deny: DenyList,
-    internal_secret: Option<String>,
     /// Checked when the user is unknown or has no hash to check.
     dummy_hash: String,
-    limiter: LoginLimiter,
-    pub audit: Audit,
+}
+
+/// What a reload changed, for the log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub users_added: Vec<String>,
+    pub users_removed: Vec<String>,
+    /// Users whose password, tokens or roles changed.
+    pub users_changed: Vec<String>,
+    pub deny_lists_changed: bool,
+    pub anonymous_changed: bool,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
-            .field("users", &self.users.len())
-            .field("anonymous", &self.anonymous.is_some())
+            .field("users", &self.rules().users.len())
+            .field("anonymous", &self.rules().anonymous.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +216,74 @@ impl Auth {
     }
 
     pub fn parse(text: &str) -> Result<Auth, AuthError> {
+        Ok(Auth {
+            rules: RwLock::new(Arc::new(Rules::parse(text)?)),
+            internal_secret: None,
+            limiter: LoginLimiter::new(LoginLimits::default()),
+            audit: Audit::default(),
+        })
+    }
+
+    /// The rules for a check on the hot path: a read lock, no copy.
+    fn rules_now(&self) -> std::sync::RwLockReadGuard<'_, Arc<Rules>> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the auth file at `path` again and puts it in force for every
+    /// login and check from now on; a file that does not parse changes
+    /// nothing. Connections keep the rights they logged in with; the deny
+    /// lists apply to everyone at once.
+    pub fn reload(&self, path: &Path) -> Result<Reloaded, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let new = Arc::new(Rules::parse(&text)?);
+        let mut slot = self.rules.write().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::replace(&mut *slot, new.clone());
+        drop(slot);
+        let mut changes = Reloaded::default();
+        for (name, user) in &new.users {
+            match old.users.get(name) {
+                None => changes.users_added.push(name.clone()),
+                Some(was) if !was.same_as(user) => changes.users_changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.users_removed = old
+            .users
+            .keys()
+            .filter(|name| !new.users.contains_key(*name))
+            .cloned()
+            .collect();
+        for list in [
+            &mut changes.users_added,
+            &mut changes.users_removed,
+            &mut changes.users_changed,
+        ] {
+            list.sort();
+        }
+        changes.deny_lists_changed = format!("{:?}", old.deny) != format!("{:?}", new.deny);
+        changes.anonymous_changed =
+            format!("{:?}", old.anonymous) != format!("{:?}", new.anonymous);
+        Ok(changes)
+    }
+}
+
+impl User {
+    fn same_as(&self, other: &User) -> bool {
+        self.password == other.password
+            && self.tokens == other.tokens
+            && format!("{:?}", self.perms) == format!("{:?}", other.perms)
+    }
+}
+
+impl Rules {
+    fn parse(text: &str) -> Result<Rules, AuthError> {
         let file: FileFormat = toml::from_str(text)?;
         let mut roles = HashMap::new();
         for (name, role) in &file.roles {
@@ -257,20 +342,19 @@ impl Auth {
                 .flat_map(|u| u.password.iter().chain(&u.tokens))
                 .map(String::as_str),
         )?;
-        Ok(Auth {
+        Ok(Rules {
             users,
             anonymous,
             deny: DenyList {
                 publish: rules("deny_publish", &file.deny_publish)?,
                 subscribe: rules("deny_subscribe", &file.deny_subscribe)?,
             },
-            internal_secret: None,
             dummy_hash,
-            limiter: LoginLimiter::new(LoginLimits::default()),
-            audit: Audit::default(),
         })
     }
+}
 
+impl Auth {
     /// Limits failed logins per address with `limits` instead of the defaults.
     pub fn with_login_limits(mut self, limits: LoginLimits) -> Auth {
         self.limiter = LoginLimiter::new(limits);
@@ -320,8 +404,9 @@ impl Auth {
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<Principal, LoginError> {
+        let rules = self.rules();
         let Some(name) = username.filter(|u| !u.is_empty()) else {
-            return match &self.anonymous {
+            return match &rules.anonymous {
                 Some(perms) => Ok(Principal {
                     user: None,
                     perms: perms.clone(),
@@ -347,7 +432,7 @@ impl Auth {
                 Err(LoginError::BadCredentials)
             };
         }
-        let found = self
+        let found = rules
             .users
             .get(name)
             .and_then(|u| u.password.as_deref().map(|hash| (u, hash)));
@@ -359,7 +444,7 @@ impl Auth {
             Some(_) => Err(LoginError::BadCredentials),
             None => {
                 // As slow as a wrong password, or timing tells who exists.
-                std::hint::black_box(verify(&self.dummy_hash, password));
+                std::hint::black_box(verify(&rules.dummy_hash, password));
                 Err(LoginError::BadCredentials)
             }
         }
@@ -371,9 +456,10 @@ impl Auth {
     /// token of a user with one token does.
     pub fn token(&self, token: &str) -> Result<Principal, LoginError> {
         let (name, secret) = token.split_once('.').unwrap_or(("", token));
-        let user = self.users.get(name).filter(|u| !u.tokens.is_empty());
+        let rules = self.rules();
+        let user = rules.users.get(name).filter(|u| !u.tokens.is_empty());
         let Some(user) = user else {
-            std::hint::black_box(verify(&self.dummy_hash, secret.as_bytes()));
+            std::hint::black_box(verify(&rules.dummy_hash, secret.as_bytes()));
             return Err(LoginError::BadCredentials);
         };
         if user.tokens.iter().any(|h| verify(h, secret.as_bytes())) {
@@ -404,7 +490,7 @@ impl Auth {
     pub fn may_publish(&self, p: &Principal, client_id: &str, topic: &str) -> Result<(), Denied> {
         let r = p
             .perms
-            .may_publish(&self.deny, client_id, p.user.as_deref(), topic);
+            .may_publish(&self.rules_now().deny, client_id, p.user.as_deref(), topic);
         if r.is_err() {
             self.audit.denied_publishes.fetch_add(1, Ordering::Relaxed);
         }
@@ -418,10 +504,11 @@ impl Auth {
     /// here, at delivery, live and retained alike. Cheap when the deny
     /// list is empty, as it usually is.
     pub fn withholds(&self, topic: &str) -> bool {
-        if self.deny.subscribe.is_empty() {
+        let rules = self.rules_now();
+        if rules.deny.subscribe.is_empty() {
             return false;
         }
-        let denied = self.deny.subscribe.iter().any(|r| r.matches(topic));
+        let denied = rules.deny.subscribe.iter().any(|r| r.matches(topic));
         if denied {
             self.audit
                 .withheld_deliveries
@@ -438,7 +525,7 @@ impl Auth {
     ) -> Result<(), Denied> {
         let r = p
             .perms
-            .may_subscribe(&self.deny, client_id, p.user.as_deref(), filter);
+            .may_subscribe(&self.rules_now().deny, client_id, p.user.as_deref(), filter);
         if r.is_err() {
             self.audit.denied_subscribes.fetch_add(1, Ordering::Relaxed);
         }
@@ -554,12 +641,12 @@ mod tests {
         .unwrap()
         .to_string();
         let auth = Auth::parse(&format!("[users.a]\npassword = \"{cheap}\"\n")).unwrap();
-        assert_eq!(params_of(&auth.dummy_hash), params_of(&cheap));
+        assert_eq!(params_of(&auth.rules().dummy_hash), params_of(&cheap));
         assert!(auth.login(Some("nobody"), Some(b"pw")).is_err());
         // No hash in the file: those `axion passwd` makes.
         let auth = Auth::parse("").unwrap();
         assert_eq!(
-            params_of(&auth.dummy_hash),
+            params_of(&auth.rules().dummy_hash),
             params_of(&hash_password("x").unwrap())
         );
     }

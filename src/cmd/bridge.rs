@@ -118,6 +118,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             config.auth = Some(std::sync::Arc::new(auth));
             tracing::info!(auth_file = %path.display(), "WebSocket authentication and ACLs on");
         }
+        // SIGHUP reloads the auth file and never stops the bridge.
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("install the SIGHUP handler")?;
+        {
+            let (auth, path) = (config.auth.clone(), args.auth_file.clone());
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    super::serve::reload_auth(auth.as_deref(), path.as_deref());
+                }
+            });
+        }
         let stop = tokio_util::sync::CancellationToken::new();
         let mut legacy_config = args
             .legacy

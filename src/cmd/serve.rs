@@ -134,8 +134,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
-    // Installed first: a SIGTERM during start-up must stop us cleanly too.
+    // Installed first: a SIGTERM during start-up must stop us cleanly too,
+    // and a SIGHUP (a terminal hang-up, `systemctl reload`) must never
+    // kill us.
     let signals = Signals::install()?;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("install the SIGHUP handler")?;
     // The embedded components log in as an internal superuser with a
     // password that lives only in this process.
     let internal_secret = axion_broker::auth::random_secret();
@@ -169,6 +173,14 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    {
+        let (auth, path) = (auth.clone(), args.auth_file.clone());
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                reload_auth(auth.as_deref(), path.as_deref());
+            }
+        });
+    }
     let tls = match (&args.mqtts_listen, &args.tls_cert, &args.tls_key) {
         (Some(addr), Some(cert), Some(key)) => {
             Some((*addr, axion_broker::tls::acceptor(cert, key)?))
@@ -352,6 +364,29 @@ fn unix_socket(args: &Args) -> anyhow::Result<Option<UnixSocket>> {
                 path: args.data_dir.join("mqtt.sock"),
                 asked: false,
             }))
+        }
+    }
+}
+
+/// SIGHUP: reads the auth file again. A file that does not load is
+/// refused with a log line and the one in force stays.
+pub fn reload_auth(auth: Option<&axion_broker::auth::Auth>, path: Option<&std::path::Path>) {
+    let (Some(auth), Some(path)) = (auth, path) else {
+        info!("SIGHUP: no --auth-file, nothing to reload");
+        return;
+    };
+    match auth.reload(path) {
+        Ok(changed) => info!(
+            auth_file = %path.display(),
+            users_added = ?changed.users_added,
+            users_removed = ?changed.users_removed,
+            users_changed = ?changed.users_changed,
+            deny_lists_changed = changed.deny_lists_changed,
+            anonymous_changed = changed.anonymous_changed,
+            "SIGHUP: auth file reloaded; new logins and checks use it, connected clients keep their rights"
+        ),
+        Err(err) => {
+            error!(auth_file = %path.display(), %err, "SIGHUP: auth file refused; the one loaded before stays in force")
         }
     }
 }
