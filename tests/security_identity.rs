@@ -104,6 +104,10 @@ roles = ["plain"]
 {pw}
 roles = ["components"]
 
+[users.comp2]
+{pw}
+roles = ["components"]
+
 [users.dave]
 {pw}
 roles = ["reader"]
@@ -1300,4 +1304,61 @@ async fn a_shared_group_member_may_still_claim_a_task_addressed_to_another() {
         misaddressed > 0,
         "no task reached a member other than the addressed one ({deliveries} deliveries)"
     );
+}
+
+/// A heartbeat topic belongs to the user that wrote it first: another user
+/// with the same component role, holding the instance's client id while the
+/// instance is away, cannot forge or clear its record (guard:
+/// `Auth::claim_heartbeat`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_record_belongs_to_the_user_that_wrote_it() {
+    let s = serve(&[]);
+    let port = s.mqtt_port;
+    let topic = "axion/default/heartbeat/report/h1:8080";
+    let id = "axion-hb-report-h1-8080";
+
+    let mut owner = v5_as(port, id, "comp").await;
+    assert_eq!(
+        publish_retained_acked(&mut owner, topic, b"{\"status\":\"online\"}").await,
+        PubAckReason::Success
+    );
+    owner.kill().await;
+
+    // The id is free now; another component user takes it.
+    let mut intruder = v5_as(port, id, "comp2").await;
+    assert_eq!(
+        publish_retained_acked(&mut intruder, topic, b"{\"status\":\"forged\"}").await,
+        PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        publish_retained_acked(&mut intruder, topic, b"").await,
+        PubAckReason::NotAuthorized,
+        "nor may it clear the record"
+    );
+    intruder.kill().await;
+
+    let mut owner = v5_as(port, id, "comp").await;
+    assert_eq!(
+        publish_retained_acked(&mut owner, topic, b"{\"status\":\"back\"}").await,
+        PubAckReason::Success
+    );
+    let mut reader = v5_as(port, "late-reader", "dave").await;
+    reader.subscribe(topic, 1).await;
+    assert_eq!(
+        recv_on(&mut reader.rx, topic, 5).await.payload,
+        b"{\"status\":\"back\"}"
+    );
+}
+
+async fn publish_retained_acked(c: &mut V5, topic: &str, payload: &[u8]) -> PubAckReason {
+    c.client
+        .publish(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            payload.to_vec(),
+        )
+        .await
+        .expect("publish");
+    next_puback(c).await.reason
 }

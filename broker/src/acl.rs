@@ -189,6 +189,11 @@ impl Permissions {
     }
 }
 
+/// True for `axion/<pkg>/heartbeat/<service>/<instance>`.
+pub fn is_heartbeat_topic(topic: &str) -> bool {
+    heartbeat_owner(topic).is_some()
+}
+
 /// The client id allowed to write `topic` if it is a heartbeat topic.
 fn heartbeat_owner(topic: &str) -> Option<String> {
     let mut levels = topic.split('/');

@@ -164,6 +164,8 @@ impl LoginError {
 pub struct Auth {
     /// What the auth file says; replaced whole by [`Auth::reload`].
     rules: RwLock<Arc<Rules>>,
+    /// The user each heartbeat topic belongs to (see `claim_heartbeat`).
+    heartbeat_owners: std::sync::Mutex<HashMap<String, Option<String>>>,
     internal_secret: Option<String>,
     limiter: LoginLimiter,
     pub audit: Audit,
@@ -218,6 +220,7 @@ impl Auth {
     pub fn parse(text: &str) -> Result<Auth, AuthError> {
         Ok(Auth {
             rules: RwLock::new(Arc::new(Rules::parse(text)?)),
+            heartbeat_owners: std::sync::Mutex::new(HashMap::new()),
             internal_secret: None,
             limiter: LoginLimiter::new(LoginLimits::default()),
             audit: Audit::default(),
@@ -488,13 +491,35 @@ impl Auth {
     }
 
     pub fn may_publish(&self, p: &Principal, client_id: &str, topic: &str) -> Result<(), Denied> {
-        let r = p
-            .perms
-            .may_publish(&self.rules_now().deny, client_id, p.user.as_deref(), topic);
+        let mut r =
+            p.perms
+                .may_publish(&self.rules_now().deny, client_id, p.user.as_deref(), topic);
+        if r.is_ok() && !p.perms.superuser && crate::acl::is_heartbeat_topic(topic) {
+            r = self.claim_heartbeat(topic, p.user.as_deref());
+        }
         if r.is_err() {
             self.audit.denied_publishes.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// A heartbeat topic belongs to the first user that writes it (its
+    /// record, or a will aimed at it) for as long as this broker runs: the
+    /// instance's client id alone is not enough, since another user with a
+    /// component role could take that id while the instance is away.
+    fn claim_heartbeat(&self, topic: &str, user: Option<&str>) -> Result<(), Denied> {
+        let mut owners = self
+            .heartbeat_owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match owners.get(topic) {
+            Some(owner) if owner.as_deref() != user => Err(Denied::ForeignHeartbeat),
+            Some(_) => Ok(()),
+            None => {
+                owners.insert(topic.to_string(), user.map(str::to_string));
+                Ok(())
+            }
+        }
     }
 
     /// Whether a message on `topic` must be withheld from every
