@@ -208,3 +208,117 @@ async fn message_expiry_keeps_counting_across_a_restart() {
         map(&[("exp/long", "long")])
     );
 }
+
+/// A kept session, left with its subscription, then the broker stops
+/// (`signal`) and comes back: the client resumes with session_present=1
+/// and gets what was published to it after the restart while it was away.
+async fn kept_session_survives(signal: i32, v5: bool) {
+    let mut s = Serve::start();
+    let id = format!("kept-{signal}-{v5}");
+    let resume = |port: u16| {
+        let id = id.clone();
+        async move {
+            if v5 {
+                let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+                o.set_clean_start(false);
+                o.set_session_expiry_interval(Some(300));
+                let c = V5::connect_with(o).await.expect("v5 connect");
+                let present = c.connack.session_present;
+                (Client::V5(Box::new(c)), present)
+            } else {
+                let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+                o.set_clean_session(false);
+                let c = common::mqtt::V4::connect_with(o).await.expect("v4 connect");
+                let present = c.session_present;
+                (Client::V4(c), present)
+            }
+        }
+    };
+    let (client, present) = resume(s.mqtt_port).await;
+    assert!(!present);
+    let client = match client {
+        Client::V5(mut c) => {
+            c.subscribe("kept/#", 1).await;
+            Client::V5(c)
+        }
+        Client::V4(mut c) => {
+            c.subscribe("kept/#", 1).await;
+            Client::V4(c)
+        }
+    };
+    client.kill().await;
+
+    s.proc.signal(signal);
+    if signal == 15 {
+        assert_eq!(s.proc.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+    s.restart(&[], &[]);
+    for i in 0..3 {
+        publish_retained_free(s.mqtt_port, &format!("kept/{i}"), &format!("m{i}"));
+    }
+    let (mut client, present) = resume(s.mqtt_port).await;
+    assert!(
+        present,
+        "the session is back after the restart (signal {signal})"
+    );
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = common::mqtt::recv(client.rx(), 5).await;
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    assert_eq!(got, ["m0", "m1", "m2"]);
+}
+
+enum Client {
+    V4(common::mqtt::V4),
+    V5(Box<V5>),
+}
+
+impl Client {
+    async fn kill(self) {
+        match self {
+            Client::V4(c) => c.kill(),
+            Client::V5(c) => c.kill().await,
+        }
+    }
+
+    fn rx(&mut self) -> &mut tokio::sync::mpsc::UnboundedReceiver<common::mqtt::Msg> {
+        match self {
+            Client::V4(c) => &mut c.rx,
+            Client::V5(c) => &mut c.rx,
+        }
+    }
+}
+
+/// `mosquitto_pub -q 1` (not retained): exits once acknowledged.
+fn publish_retained_free(port: u16, topic: &str, payload: &str) {
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-q",
+            "1",
+            "-m",
+            payload,
+        ])
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_kept_3_1_1_session_survives_a_clean_stop() {
+    kept_session_survives(15, false).await;
+}
+
+#[tokio::test]
+async fn a_kept_mqtt5_session_survives_kill_9() {
+    kept_session_survives(9, true).await;
+}
+
+#[tokio::test]
+async fn a_kept_3_1_1_session_survives_kill_9() {
+    kept_session_survives(9, false).await;
+}

@@ -58,7 +58,7 @@ pub struct BrokerConfig {
     /// sessions, so abandoned client ids do not hold memory forever.
     pub max_session_expiry: u32,
     /// File that keeps retained messages across restarts (`None`: memory only).
-    pub retained_file: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -88,7 +88,7 @@ impl Default for BrokerConfig {
             unix: None,
             max_keep_alive: 60,
             max_session_expiry: 86_400,
-            retained_file: None,
+            state_file: None,
         }
     }
 }

@@ -22,6 +22,9 @@
 //! overwriting what it has not read.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +79,171 @@ pub fn release(shared: &Shared, positions: impl IntoIterator<Item = (String, Arc
 fn unpark(shared: &Shared, subs: &SharedSubscriptions) {
     let parked = std::mem::take(&mut subs.lock().unwrap_or_else(|p| p.into_inner()).parked);
     release(shared, parked);
+}
+
+/// A kept session as the data directory holds it: enough to create it on
+/// the router again at start, with its owner and what is left of its
+/// expiry. Written when the session connects, subscribes, unsubscribes and
+/// ends; removed when it is erased.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeptRecord {
+    pub router_id: String,
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Seconds the session outlives its connection.
+    pub expiry: u32,
+    /// Unix ms its last connection ended; none while connected (a crash
+    /// ends it at the next start).
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+    pub filters: Vec<KeptFilter>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeptFilter {
+    /// Router form.
+    pub path: String,
+    pub qos: u8,
+    #[serde(default)]
+    pub nolocal: bool,
+    #[serde(default)]
+    pub rap: bool,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl KeptRecord {
+    /// The record of `router_id`'s session with these subscriptions.
+    pub fn new(
+        router_id: &str,
+        owner: Option<&str>,
+        expiry: u32,
+        ended: bool,
+        subs: &Subscriptions,
+    ) -> Self {
+        let mut filters: Vec<KeptFilter> = subs
+            .filters
+            .iter()
+            .map(|path| KeptFilter {
+                path: path.clone(),
+                qos: subs.qos.get(path).map_or(1, |q| *q as u8),
+                nolocal: subs.nolocal.contains(path),
+                rap: subs.rap.contains(path),
+            })
+            .collect();
+        filters.sort_by(|a, b| a.path.cmp(&b.path));
+        Self {
+            router_id: router_id.to_string(),
+            owner: owner.map(str::to_string),
+            expiry,
+            ended_ms: ended.then(unix_ms),
+            filters,
+        }
+    }
+
+    /// Writes it (a no-op without a data directory).
+    pub fn save(&self, shared: &Shared) {
+        if let Some(disk) = &shared.disk {
+            // A struct of strings and numbers always serializes.
+            drop(disk.put_session(
+                &self.router_id,
+                serde_json::to_vec(self).unwrap_or_default(),
+            ));
+        }
+    }
+}
+
+/// Forgets a kept session on disk.
+pub fn forget_kept(shared: &Shared, router_id: &str) {
+    if let Some(disk) = &shared.disk {
+        drop(disk.delete_session(router_id));
+    }
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Puts the kept sessions read from disk back: each is created on the
+/// router with its filters, registered here with what is left of its
+/// expiry, and erased when that runs out. Expired and unreadable records
+/// are dropped. Runs before the listeners accept anyone.
+pub async fn restore_kept(shared: &Arc<Shared>, records: Vec<Vec<u8>>) {
+    let now = unix_ms();
+    let mut restored = 0;
+    for raw in records {
+        let record: KeptRecord = match serde_json::from_slice(&raw) {
+            Ok(r) => r,
+            Err(err) => {
+                warn!(%err, "unreadable kept-session record dropped");
+                continue;
+            }
+        };
+        let away_ms = now.saturating_sub(record.ended_ms.unwrap_or(now));
+        let left = u64::from(record.expiry).saturating_sub(away_ms / 1000);
+        if left == 0 {
+            forget_kept(shared, &record.router_id);
+            continue;
+        }
+        let filters: Vec<(String, QoS)> = record
+            .filters
+            .iter()
+            .filter(|f| shared.admit_filter(&f.path))
+            .map(|f| (f.path.clone(), qos_of(f.qos)))
+            .collect();
+        if let Err(err) = crate::renewal::create_kept(shared, &record.router_id, filters).await {
+            warn!(client = record.router_id, %err, "a kept session could not be restored");
+            continue;
+        }
+        let mut subs = Subscriptions::default();
+        for f in &record.filters {
+            subs.filters.insert(f.path.clone());
+            subs.qos.insert(f.path.clone(), qos_of(f.qos));
+            if f.nolocal {
+                subs.nolocal.insert(f.path.clone());
+            }
+            if f.rap {
+                subs.rap.insert(f.path.clone());
+            }
+        }
+        let left = u32::try_from(left).unwrap_or(u32::MAX);
+        let generation = shared
+            .lifetimes
+            .next_generation
+            .fetch_add(1, Ordering::Relaxed);
+        shared.lifetimes.newest.lock().await.insert(
+            record.router_id.clone(),
+            Newest {
+                generation,
+                kept: true,
+                expiry: Arc::new(AtomicU32::new(left)),
+                unacknowledged: Arc::new(AtomicUsize::new(0)),
+                subscriptions: Arc::new(std::sync::Mutex::new(subs)),
+                will: Arc::new(std::sync::Mutex::new(None)),
+                owner: record.owner.clone(),
+            },
+        );
+        KeptRecord {
+            expiry: left,
+            ended_ms: Some(now),
+            ..record.clone()
+        }
+        .save(shared);
+        tokio::spawn(session_ended(shared.clone(), record.router_id, generation));
+        restored += 1;
+    }
+    if restored > 0 {
+        tracing::info!(sessions = restored, "kept sessions restored");
+    }
 }
 
 /// The newest connection of each client id whose session is live or kept.
@@ -192,6 +360,10 @@ impl Lifetimes {
         // keeps, or an MQTT 5 connection without Clean Start).
         let resumes = !(clean_start || (kept && ends_with_connection));
         let previous = newest.remove(router_id);
+        // A session that will not be kept replaces one that was.
+        if !kept && previous.as_ref().is_some_and(|p| p.kept) {
+            forget_kept(shared, router_id);
+        }
         let superseded_will = previous.as_ref().and_then(|p| {
             p.will
                 .lock()
@@ -372,6 +544,7 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
 /// Drops the router's saved session of `router_id`: a clean connect takes
 /// the saved state, a disconnect right after keeps nothing.
 async fn erase(shared: &Arc<Shared>, router_id: &str) {
+    forget_kept(shared, router_id);
     let router = shared.router();
     if let Err(err) = router.visit(router_id.to_string(), true, Vec::new()).await {
         warn!(client = router_id, %err, "could not erase an ended session");

@@ -41,7 +41,7 @@ pub enum BrokerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    RetainedDisk(#[from] crate::retained_disk::RetainedDiskError),
+    BrokerDisk(#[from] crate::disk::DiskError),
 }
 
 /// State shared by every session.
@@ -60,8 +60,8 @@ pub struct Shared {
     filters: Mutex<HashSet<String>>,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
-    /// Where retained changes are also written (see [`crate::retained_disk`]).
-    retained_disk: Option<crate::retained_disk::RetainedDisk>,
+    /// Where retained changes are also written (see [`crate::disk`]).
+    pub(crate) disk: Option<crate::disk::BrokerDisk>,
     pub flow: Flow,
     /// What publishes must carry for their subscribers (see [`marks`]).
     pub needed: Needed,
@@ -110,7 +110,7 @@ impl Shared {
         qos: u8,
         props: Option<PublishProperties>,
         origin: Option<&str>,
-    ) -> (Packet, Option<crate::retained_disk::Commit>) {
+    ) -> (Packet, Option<crate::disk::Commit>) {
         // The decoder hands out slices of the connection's read buffer; a
         // message kept in the router's log or the retained store would pin
         // that whole buffer (rumqtt#1001: tens of times the message's size).
@@ -130,7 +130,7 @@ impl Shared {
         qos: u8,
         mut props: Option<PublishProperties>,
         origin: Option<&str>,
-    ) -> (Packet, Option<crate::retained_disk::Commit>) {
+    ) -> (Packet, Option<crate::disk::Commit>) {
         let mut commit = None;
         let mark = self.needed.mark(qos, publish.retain, origin);
         if let Some(p) = props.as_mut() {
@@ -162,7 +162,7 @@ impl Shared {
                 // Written under the store's lock, so the disk sees the
                 // changes of one topic in the order memory did.
                 Stored::Kept => {
-                    commit = self.retained_disk.as_ref().map(|d| {
+                    commit = self.disk.as_ref().map(|d| {
                         d.put(
                             publish.topic.clone(),
                             &publish.payload,
@@ -172,10 +172,7 @@ impl Shared {
                     })
                 }
                 Stored::Cleared => {
-                    commit = self
-                        .retained_disk
-                        .as_ref()
-                        .map(|d| d.delete(publish.topic.clone()))
+                    commit = self.disk.as_ref().map(|d| d.delete(publish.topic.clone()))
                 }
             }
             publish.retain = false;
@@ -340,10 +337,16 @@ impl Broker {
         let router = std::sync::RwLock::new((0, Arc::new(RouterHandle::spawn(&config))));
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let mut store = RetainedStore::new(config.max_retained, config.max_retained_bytes);
-        let retained_disk = match &config.retained_file {
+        let mut kept_sessions = Vec::new();
+        let disk = match &config.state_file {
             Some(path) => {
                 let started = std::time::Instant::now();
-                let (disk, loaded) = crate::retained_disk::RetainedDisk::open(path)?;
+                let crate::disk::Opened {
+                    disk,
+                    retained: loaded,
+                    sessions,
+                } = crate::disk::BrokerDisk::open(path)?;
+                kept_sessions = sessions;
                 let found = loaded.len();
                 let kept = loaded
                     .into_iter()
@@ -380,13 +383,16 @@ impl Broker {
             filters: Mutex::new(HashSet::new()),
             groups: Mutex::new(HashMap::new()),
             retained,
-            retained_disk,
+            disk,
             flow,
             needed: Needed::default(),
             lifetimes: Lifetimes::default(),
             renewal: Renewal::default(),
             queue_tap: std::sync::OnceLock::new(),
         });
+        // Before any client can connect: kept sessions are back on the
+        // router, so a client resuming finds its session present.
+        crate::expiry::restore_kept(&shared, kept_sessions).await;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tls = tls_listener.map(|(listener, addr, acceptor)| {
             info!(%addr, "MQTT over TLS listening (3.1.1 and 5)");
@@ -491,7 +497,7 @@ impl Broker {
         {
             warn!("sessions did not close within 3 s");
         }
-        if let Some(disk) = &self.shared.retained_disk {
+        if let Some(disk) = &self.shared.disk {
             let _ = disk.sync().await;
         }
     }

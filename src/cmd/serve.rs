@@ -201,7 +201,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         auth: auth.clone(),
         tls,
         unix: unix.as_ref().map(|u| u.path.clone()),
-        retained_file: Some(args.data_dir.join("retained.redb")),
+        state_file: Some(args.data_dir.join("broker.redb")),
         ..BrokerConfig::default()
     };
     let broker = match Broker::start(config.clone()).await {

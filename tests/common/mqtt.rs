@@ -19,6 +19,8 @@ pub struct Msg {
 pub struct V4 {
     pub client: rumqttc::AsyncClient,
     pub rx: mpsc::UnboundedReceiver<Msg>,
+    /// The CONNACK's session present flag.
+    pub session_present: bool,
     /// SUBACKs received so far, so `subscribe` can wait for its own.
     subacks: tokio::sync::watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
@@ -40,16 +42,18 @@ impl V4 {
     /// Connects with `opts`; `Err` carries the connection error (e.g. a refusal).
     pub async fn connect_with(opts: rumqttc::MqttOptions) -> Result<V4, rumqttc::ConnectionError> {
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 1000);
-        loop {
+        let session_present = loop {
             match timeout(Duration::from_secs(10), eventloop.poll())
                 .await
                 .expect("CONNACK within 10 s")
             {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => break,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    break ack.session_present
+                }
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
-        }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let (suback_tx, subacks) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
@@ -73,6 +77,7 @@ impl V4 {
         Ok(V4 {
             client,
             rx,
+            session_present,
             subacks,
             task,
         })

@@ -509,6 +509,7 @@ pub(super) async fn handshake(
         .get()
         .and_then(|tap| tap.outlet.for_client(&session.client_id));
     session.restore_subscriptions(session_present);
+    session.save_kept(false);
     if session.resubscribe().await.is_err() {
         shared.renewal.deregister(resumed.generation);
         return None;

@@ -282,6 +282,9 @@ impl Session {
                         }
                     }
                 }
+                if !forwarded.is_empty() {
+                    self.save_kept(false);
+                }
                 if forwarded.is_empty() {
                     let codes = local.into_iter().map(|(_, c)| c).collect();
                     self.encode(
@@ -340,6 +343,9 @@ impl Session {
                         subs.nolocal.remove(path);
                         subs.rap.remove(path);
                     }
+                }
+                if !forwarded.is_empty() {
+                    self.save_kept(false);
                 }
                 if forwarded.is_empty() {
                     let reasons = known

@@ -260,8 +260,8 @@ struct Session {
     /// [`crate::queues::tap::RECEIVED`]).
     received_tasks: delivery::Recent,
     /// Disk commits of retained messages in the batch being forwarded (see
-    /// [`crate::retained_disk`]).
-    retained_commits: Vec<crate::retained_disk::Commit>,
+    /// [`crate::disk`]).
+    retained_commits: Vec<crate::disk::Commit>,
     /// Router-form filters of a resumed session its user may no longer
     /// hold (see `restore_subscriptions`).
     revoked: HashSet<String>,
@@ -600,6 +600,24 @@ impl Session {
         }
     }
 
+    /// Writes this session's record to the data directory if the session
+    /// outlives its connection (see [`expiry::KeptRecord`]).
+    pub(super) fn save_kept(&self, ended: bool) {
+        let expiry = self.session_expiry.load(Ordering::Relaxed);
+        if self.clean_session || expiry == 0 || self.shared.disk.is_none() {
+            return;
+        }
+        let subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        expiry::KeptRecord::new(
+            &self.router_id,
+            self.principal.as_ref().and_then(|p| p.user.as_deref()),
+            expiry,
+            ended,
+            &subs,
+        )
+        .save(&self.shared);
+    }
+
     /// Publishes the will if due, detaches from the router and closes.
     async fn finish(mut self, ending: Ending) {
         debug!(client_id = self.client_id, ?ending, "session ended");
@@ -654,6 +672,7 @@ impl Session {
                         packets.push(will_packet(&self.shared, will, props));
                     }
                     packets.push(router::disconnect());
+                    self.save_kept(true);
                     if self.relink().await.is_ok() {
                         let _ = self.forward(packets).await;
                     }

@@ -1,14 +1,14 @@
-//! Retained messages on disk, so device state and configuration survive a
-//! restart of `axion serve`, clean or `kill -9`.
+//! Broker state on disk, so it survives a restart of `axion serve`, clean
+//! or `kill -9`: retained messages, and the sessions clients asked to keep.
 //!
-//! The in-memory [`crate::retained::RetainedStore`] stays the read path;
-//! every change to it is also written here, in the data directory's
-//! `retained.redb`, by one thread that commits whatever has queued up as
-//! one fsynced transaction (group commit: a burst of retained publishes
-//! from many clients costs one fsync). A session forwards a QoS 1 or 2
-//! retained publish to the router (which acknowledges it) only once its
-//! commit is done, so a retained message the broker has acknowledged is on
-//! disk. At start the file is read back into memory, message expiry
+//! Memory stays the read path ([`crate::retained::RetainedStore`],
+//! [`crate::expiry::Lifetimes`]); every change is also written here, in the
+//! data directory's `broker.redb`, by one thread that commits whatever has
+//! queued up as one fsynced transaction (group commit: a burst of retained
+//! publishes from many clients costs one fsync). A session forwards a QoS 1
+//! or 2 retained publish to the router (which acknowledges it) only once
+//! its commit is done, so a retained message the broker has acknowledged is
+//! on disk. At start the file is read back into memory, message expiry
 //! counted down by the time that passed.
 
 use std::path::{Path, PathBuf};
@@ -23,13 +23,23 @@ use tokio::sync::oneshot;
 
 /// Router-form topic → [`encode`]d message.
 const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
+/// Router client id → a kept session (see [`crate::expiry::KeptRecord`]).
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+
+/// Which table a change goes to.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Retained,
+    Sessions,
+}
+
 /// Changes taken into one transaction at most.
 const BATCH: usize = 4096;
 /// Format of a stored value; bumped if it ever changes.
 const VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum RetainedDiskError {
+pub enum DiskError {
     #[error("cannot create the data directory {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -146,8 +156,8 @@ fn decode(topic: &[u8], raw: &[u8], now: u64) -> Option<Loaded> {
 }
 
 enum Op {
-    Put(Bytes, Vec<u8>),
-    Delete(Bytes),
+    Put(Table, Bytes, Vec<u8>),
+    Delete(Table, Bytes),
     /// Nothing to write: done once everything queued before it is.
     Sync,
 }
@@ -156,13 +166,21 @@ enum Op {
 /// writer is gone, which the writer logs).
 pub type Commit = oneshot::Receiver<()>;
 
+/// What [`BrokerDisk::open`] found, and the writer.
+pub struct Opened {
+    pub disk: BrokerDisk,
+    pub retained: Vec<Loaded>,
+    /// Kept-session records (see [`crate::expiry::KeptRecord`]).
+    pub sessions: Vec<Vec<u8>>,
+}
+
 /// The writing end; cheap to call from any thread.
-pub struct RetainedDisk {
+pub struct BrokerDisk {
     tx: Option<mpsc::Sender<(Op, Option<oneshot::Sender<()>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for RetainedDisk {
+impl Drop for BrokerDisk {
     /// Lets the writer commit what is queued, then waits for it to close
     /// the file.
     fn drop(&mut self) {
@@ -173,29 +191,30 @@ impl Drop for RetainedDisk {
     }
 }
 
-impl std::fmt::Debug for RetainedDisk {
+impl std::fmt::Debug for BrokerDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RetainedDisk")
+        f.write_str("BrokerDisk")
     }
 }
 
-impl RetainedDisk {
+impl BrokerDisk {
     /// Opens (or creates) `path`, reads every message back, and starts the
     /// writer thread. Expired and unreadable records are dropped from the
     /// file as they are found.
-    pub fn open(path: &Path) -> Result<(Self, Vec<Loaded>), RetainedDiskError> {
+    pub fn open(path: &Path) -> Result<Opened, DiskError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| RetainedDiskError::Dir {
+            std::fs::create_dir_all(dir).map_err(|source| DiskError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        let db = Database::create(path).map_err(|source| RetainedDiskError::Open {
+        let db = Database::create(path).map_err(|source| DiskError::Open {
             path: path.to_path_buf(),
             source,
         })?;
         let now = now_ms();
         let mut loaded = Vec::new();
+        let mut sessions = Vec::new();
         let mut stale = Vec::new();
         {
             let read = db.begin_read()?;
@@ -207,6 +226,16 @@ impl RetainedDisk {
                             Some(m) if !expired(&m) => loaded.push(m),
                             _ => stale.push(k.value().to_vec()),
                         }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match read.open_table(SESSIONS) {
+                Ok(table) => {
+                    for entry in table.iter()? {
+                        let (_, v) = entry?;
+                        sessions.push(v.value().to_vec());
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -231,19 +260,20 @@ impl RetainedDisk {
         let (tx, rx) = mpsc::channel();
         let file = path.to_path_buf();
         let thread = std::thread::Builder::new()
-            .name("axion-retained".into())
+            .name("axion-broker-disk".into())
             .spawn(move || writer(db, rx, file))
-            .map_err(|source| RetainedDiskError::Dir {
+            .map_err(|source| DiskError::Dir {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Ok((
-            Self {
+        Ok(Opened {
+            disk: Self {
                 tx: Some(tx),
                 thread: Some(thread),
             },
-            loaded,
-        ))
+            retained: loaded,
+            sessions,
+        })
     }
 
     /// Writes (replaces) the retained message of router-form `topic`.
@@ -254,12 +284,29 @@ impl RetainedDisk {
         qos: u8,
         props: Option<&PublishProperties>,
     ) -> Commit {
-        self.send(Op::Put(topic, encode(payload, qos, props)))
+        self.send(Op::Put(Table::Retained, topic, encode(payload, qos, props)))
     }
 
     /// Removes the retained message of router-form `topic`.
     pub fn delete(&self, topic: Bytes) -> Commit {
-        self.send(Op::Delete(topic))
+        self.send(Op::Delete(Table::Retained, topic))
+    }
+
+    /// Writes (replaces) the record of the kept session `router_id`.
+    pub fn put_session(&self, router_id: &str, record: Vec<u8>) -> Commit {
+        self.send(Op::Put(
+            Table::Sessions,
+            Bytes::copy_from_slice(router_id.as_bytes()),
+            record,
+        ))
+    }
+
+    /// Forgets the kept session `router_id`.
+    pub fn delete_session(&self, router_id: &str) -> Commit {
+        self.send(Op::Delete(
+            Table::Sessions,
+            Bytes::copy_from_slice(router_id.as_bytes()),
+        ))
     }
 
     /// Resolves once every change handed in before is on disk (a clean
@@ -299,20 +346,29 @@ fn writer(db: Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, f
                 Err(_) => break,
             }
         }
-        let result = (|| -> Result<(), RetainedDiskError> {
+        let result = (|| -> Result<(), DiskError> {
             let mut write = db.begin_write()?;
             write.set_durability(Durability::Immediate)?;
             {
-                let mut table = write.open_table(RETAINED)?;
+                let mut retained = write.open_table(RETAINED)?;
+                let mut sessions = write.open_table(SESSIONS)?;
                 for (op, _) in &batch {
-                    match op {
-                        Op::Put(topic, value) => {
-                            table.insert(topic.as_ref(), value.as_slice())?;
+                    let (table, key, value) = match op {
+                        Op::Put(t, k, v) => (*t, k, Some(v)),
+                        Op::Delete(t, k) => (*t, k, None),
+                        Op::Sync => continue,
+                    };
+                    let table = match table {
+                        Table::Retained => &mut retained,
+                        Table::Sessions => &mut sessions,
+                    };
+                    match value {
+                        Some(v) => {
+                            table.insert(key.as_ref(), v.as_slice())?;
                         }
-                        Op::Delete(topic) => {
-                            table.remove(topic.as_ref())?;
+                        None => {
+                            table.remove(key.as_ref())?;
                         }
-                        Op::Sync => {}
                     }
                 }
             }
@@ -339,9 +395,13 @@ mod tests {
     #[test]
     fn messages_and_their_properties_come_back_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("retained.redb");
+        let path = dir.path().join("broker.redb");
         {
-            let (disk, loaded) = RetainedDisk::open(&path).unwrap();
+            let crate::disk::Opened {
+                disk,
+                retained: loaded,
+                ..
+            } = BrokerDisk::open(&path).unwrap();
             assert!(loaded.is_empty());
             let props = PublishProperties {
                 content_type: Some("application/json".into()),
@@ -361,7 +421,7 @@ mod tests {
                 c.blocking_recv().unwrap();
             }
         }
-        let (_disk, loaded) = RetainedDisk::open(&path).unwrap();
+        let loaded = BrokerDisk::open(&path).unwrap().retained;
         assert_eq!(loaded.len(), 1, "{loaded:?}");
         let m = &loaded[0];
         assert_eq!(m.topic, Bytes::from("a/b"));
