@@ -111,24 +111,24 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
             (Kind::Baseline, Some(path)) => path,
             _ => &args.axion,
         })
-            .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
-            .arg("--ws-listen")
-            .arg(format!("127.0.0.1:{}", free_port()?))
-            .arg("--data-dir")
-            .arg(dir.path())
-            // AXION_BENCH_LOG=info shows the broker's log on stderr.
-            .env(
-                "RUST_LOG",
-                std::env::var("AXION_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("AXION_BENCH_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
+        .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .arg("--ws-listen")
+        .arg(format!("127.0.0.1:{}", free_port()?))
+        .arg("--data-dir")
+        .arg(dir.path())
+        // AXION_BENCH_LOG=info shows the broker's log on stderr.
+        .env(
+            "RUST_LOG",
+            std::env::var("AXION_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("AXION_BENCH_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
