@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::wait_until;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -115,21 +117,6 @@ fn monitor_once(b: &Broker, extra: &[&str]) -> Vec<Value> {
 
 fn row(rows: &[Value], topic: &str) -> Option<Value> {
     rows.iter().find(|r| r["topic"] == topic).cloned()
-}
-
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A live reader (the library the dashboard uses) for precise timings.

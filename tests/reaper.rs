@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::wait_until;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -300,21 +302,6 @@ fn monitor_text(s: &Serve) -> String {
 
 fn row(rows: &[Value], topic: &str) -> Option<Value> {
     rows.iter().find(|r| r["topic"] == topic).cloned()
-}
-
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -6,25 +6,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::mqtt::{recv, recv_none, V5};
-use common::{axion_bin, Serve};
+use common::Serve;
 
 const PASSWORD: &str = "reload-pw";
-
-fn hash_line() -> String {
-    let out = Command::new(axion_bin())
-        .args(["passwd", "--password", PASSWORD])
-        .output()
-        .expect("run axion passwd");
-    assert!(out.status.success(), "axion passwd: {out:?}");
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string()
-}
 
 /// An auth file with the given users (all with the same password), each
 /// with one role of the given rules.
@@ -62,7 +49,7 @@ async fn connect_eventually(port: u16, id: &str, user: &str) -> V5 {
 
 #[tokio::test]
 async fn sighup_adds_a_user_keeps_connections_and_refuses_a_bad_file() {
-    let hash = hash_line();
+    let hash = common::auth::hash_line(PASSWORD);
     let dir = tempfile::tempdir().expect("tempdir");
     let auth = dir.path().join("auth.toml");
     write_auth(&auth, &[("alice", &["t/#"])], &hash);
@@ -121,7 +108,7 @@ async fn sighup_adds_a_user_keeps_connections_and_refuses_a_bad_file() {
 
 #[tokio::test]
 async fn a_resumed_session_loses_subscriptions_its_user_may_no_longer_hold() {
-    let hash = hash_line();
+    let hash = common::auth::hash_line(PASSWORD);
     let dir = tempfile::tempdir().expect("tempdir");
     let auth = dir.path().join("auth.toml");
     write_auth(&auth, &[("carol", &["t/#"]), ("dave", &["t/#"])], &hash);

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::auth::{hash_line, token_lines};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,37 +15,6 @@ use common::{axion_bin, free_port, Serve};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 
 const PASSWORD: &str = "correct horse";
-
-/// `axion passwd` output for `password`: `password = "<hash>"`.
-fn hash_line(password: &str) -> String {
-    let out = Command::new(axion_bin())
-        .args(["passwd", "--password", password])
-        .output()
-        .expect("run axion passwd");
-    assert!(out.status.success(), "axion passwd failed: {out:?}");
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string()
-}
-
-/// A fresh bridge token for `user`: (token, `tokens = [...]` line).
-fn token_lines(user: &str) -> (String, String) {
-    let out = Command::new(axion_bin())
-        .args(["passwd", "--token-for", user])
-        .output()
-        .expect("run axion passwd --token-for");
-    assert!(out.status.success(), "axion passwd failed: {out:?}");
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let mut lines = text.lines();
-    let token = lines
-        .next()
-        .and_then(|l| l.strip_prefix("token = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("token line")
-        .to_string();
-    (token, lines.next().expect("tokens line").to_string())
-}
 
 /// An auth file with: `svc` (publishes anything under axion/p, subscribes
 /// axion/p), `reader` (subscribes axion/p and heartbeats), `admin`

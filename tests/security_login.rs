@@ -9,12 +9,14 @@
 
 mod common;
 
+use common::auth::{hash_line, token_lines};
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mqtt::{recv, V4, V5};
 use common::raw::{mqtt_str, read_packet, varint};
-use common::{axion_bin, wait_for_port, Serve};
+use common::{wait_for_port, Serve};
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,37 +36,6 @@ fn limits(backoff_ms: &'static str) -> [(&'static str, &'static str); 3] {
 const BAD_USER_NAME_OR_PASSWORD: u8 = 0x86;
 const BANNED: u8 = 0x8A;
 const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
-
-/// `axion passwd` output for `password`: `password = "<hash>"`.
-fn hash_line(password: &str) -> String {
-    let out = Command::new(axion_bin())
-        .args(["passwd", "--password", password])
-        .output()
-        .expect("run axion passwd");
-    assert!(out.status.success(), "axion passwd failed: {out:?}");
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string()
-}
-
-/// A fresh bridge token for `user`: (token, `tokens = [...]` line).
-fn token_lines(user: &str) -> (String, String) {
-    let out = Command::new(axion_bin())
-        .args(["passwd", "--token-for", user])
-        .output()
-        .expect("run axion passwd --token-for");
-    assert!(out.status.success(), "axion passwd failed: {out:?}");
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let mut lines = text.lines();
-    let token = lines
-        .next()
-        .and_then(|l| l.strip_prefix("token = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("token line")
-        .to_string();
-    (token, lines.next().expect("tokens line").to_string())
-}
 
 /// Users: `svc` (a password, no token), `reader` (a bridge token, no
 /// password) and `admin` (a password; superuser, reads the counters).

@@ -160,6 +160,48 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// A process heard for the first time.
+    fn new(
+        beat: &Beat,
+        host: &str,
+        local: bool,
+        identity: Option<ProcessIdentity>,
+        source: Source,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            name: beat.name.clone(),
+            pid: beat.pid,
+            host: host.to_string(),
+            local,
+            identity,
+            cpu: identity.map(CpuSampler::new),
+            // New at every start of the process, as the schema asks.
+            boot_id: match identity {
+                Some(i) => format!("legacy-{}-{}", i.pid, i.start_ticks),
+                None => format!("legacy-{}-{}", beat.pid, uuid::Uuid::new_v4().simple()),
+            },
+            seq: 0,
+            started: now,
+            started_at: identity.and_then(|i| process::started_at_unix(i.start_ticks)),
+            last_beat: now,
+            last_ms: (now_unix() * 1000.0) as u64,
+            interval_secs: DEFAULT_INTERVAL_SECS,
+            connected: beat.connected.unwrap_or(true),
+            queue_depth: 0,
+            inflight: 0,
+            last_progress_ts: None,
+            avg_job_ms: None,
+            cpu_percent: 0.0,
+            memory: 0,
+            net: (0, 0),
+            status: Status::Online,
+            reason: None,
+            killed_at: None,
+            source,
+        }
+    }
+
     fn topic(&self, package: &str) -> String {
         topics::heartbeat(package, &self.name, &format!("{}:{}", self.host, self.pid))
     }
@@ -437,10 +479,6 @@ impl LegacyHeartbeats {
                     return Err(self.refuse_at_limit(&beat, &host, identity, limit, source));
                 }
             }
-            let boot_id = match identity {
-                Some(i) => format!("legacy-{}-{}", i.pid, i.start_ticks),
-                None => format!("legacy-{}-{}", beat.pid, uuid::Uuid::new_v4().simple()),
-            };
             tracing::info!(
                 name = beat.name,
                 pid = beat.pid,
@@ -448,36 +486,8 @@ impl LegacyHeartbeats {
                 source = source.as_str(),
                 "legacy process heard for the first time"
             );
-            inner.tracked.insert(
-                key.clone(),
-                Tracked {
-                    name: beat.name.clone(),
-                    pid: beat.pid,
-                    host: host.clone(),
-                    local,
-                    identity,
-                    cpu: identity.map(CpuSampler::new),
-                    boot_id,
-                    seq: 0,
-                    started: now,
-                    started_at: identity.and_then(|i| process::started_at_unix(i.start_ticks)),
-                    last_beat: now,
-                    last_ms: now_ms,
-                    interval_secs: DEFAULT_INTERVAL_SECS,
-                    connected: true,
-                    queue_depth: 0,
-                    inflight: 0,
-                    last_progress_ts: None,
-                    avg_job_ms: None,
-                    cpu_percent: 0.0,
-                    memory: 0,
-                    net: (0, 0),
-                    status: Status::Online,
-                    reason: None,
-                    killed_at: None,
-                    source,
-                },
-            );
+            let t = Tracked::new(&beat, &host, local, identity, source);
+            inner.tracked.insert(key.clone(), t);
         }
         let Some(t) = inner.tracked.get_mut(&key) else {
             return Err(Refusal::bad("internal: beat lost"));
@@ -554,36 +564,11 @@ impl LegacyHeartbeats {
             refused_total = n,
             "instance limit reached; refusing a legacy process"
         );
-        let mut t = Tracked {
-            name: beat.name.clone(),
-            pid: beat.pid,
-            host: host.to_string(),
-            local: identity.is_some(),
-            identity,
-            cpu: None,
-            boot_id: match identity {
-                Some(i) => format!("legacy-{}-{}", i.pid, i.start_ticks),
-                None => format!("legacy-{}-refused", beat.pid),
-            },
-            seq: 1,
-            started: Instant::now(),
-            started_at: identity.and_then(|i| process::started_at_unix(i.start_ticks)),
-            last_beat: Instant::now(),
-            last_ms: (now_unix() * 1000.0) as u64,
-            interval_secs: DEFAULT_INTERVAL_SECS,
-            connected: beat.connected.unwrap_or(true),
-            queue_depth: 0,
-            inflight: 0,
-            last_progress_ts: None,
-            avg_job_ms: None,
-            cpu_percent: 0.0,
-            memory: 0,
-            net: (0, 0),
-            status: Status::Offline,
-            reason: Some("refused:instance_limit".into()),
-            killed_at: None,
-            source,
-        };
+        let mut t = Tracked::new(beat, host, identity.is_some(), identity, source);
+        t.cpu = None;
+        t.seq = 1;
+        t.status = Status::Offline;
+        t.reason = Some("refused:instance_limit".into());
         t.sample();
         let (topic, payload) = self.encode(&t);
         self.link

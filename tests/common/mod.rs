@@ -2,6 +2,7 @@
 //! processes (`axion serve`, Mosquitto) that are killed when the test ends.
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod batched;
 pub mod mqtt;
 pub mod raw;
@@ -274,5 +275,20 @@ impl Mosquitto {
 
     pub fn mqtt_url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
