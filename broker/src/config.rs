@@ -26,6 +26,13 @@ pub struct BrokerConfig {
     /// Distinct subscription filters a router may create; the router is
     /// renewed (see `renewal`) well before, once enough of them are dead.
     pub max_filters: usize,
+    /// Distinct filters one session may hold (`$share` ones included): one
+    /// client cannot take the router's whole `max_filters` for itself and
+    /// leave none to the others until a renewal, which a kept session still
+    /// owed messages can put off for as long as it lives. Axion's own
+    /// components are not held to it (the bridge subscribes for all its
+    /// WebSocket clients in one session, within its own bound).
+    pub max_filters_per_client: usize,
     /// Distinct topics matching some filter after which the router is
     /// renewed (its topic cache is never freed otherwise).
     pub max_topics: usize,
@@ -77,6 +84,7 @@ impl Default for BrokerConfig {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_filters: 10_000,
+            max_filters_per_client: 1_000,
             max_topics: 100_000,
             segment_size: 256 * 1024,
             segment_count: 4,
@@ -100,6 +108,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("max_connections", &self.max_connections)
             .field("max_packet_size", &self.max_packet_size)
             .field("max_filters", &self.max_filters)
+            .field("max_filters_per_client", &self.max_filters_per_client)
             .field("max_topics", &self.max_topics)
             .field("auth", &self.auth)
             .field("tls", &self.tls.as_ref().map(|(addr, _)| addr))

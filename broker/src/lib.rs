@@ -11,7 +11,8 @@
 //! router drops most of them), and [`router`] owns the router thread.
 //! [`auth`] and [`acl`] decide who may connect, publish and subscribe
 //! (rumqttd has no per-topic authorization), [`login_limit`] slows down
-//! password guessing; [`tls`] loads the MQTTS certificate.
+//! password guessing; [`tls`] loads the MQTTS certificate; [`refusals`]
+//! logs refused subscriptions once per episode.
 
 pub mod acl;
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod login_limit;
 pub mod marks;
 pub mod names;
 pub mod queues;
+pub mod refusals;
 pub mod renewal;
 pub mod retained;
 pub mod router;

@@ -23,6 +23,7 @@ use crate::expiry::Lifetimes;
 use crate::flow::Flow;
 use crate::listener::{self, Listener};
 use crate::marks::{self, Needed};
+use crate::refusals::Refusals;
 use crate::renewal::Renewal;
 use crate::retained::{Retained, RetainedStore, Stored};
 use crate::router::RouterHandle;
@@ -58,6 +59,11 @@ pub struct Shared {
     pub share_repeats: AtomicU64,
     /// Filters created in the current router (it never frees one).
     filters: Mutex<HashSet<String>>,
+    /// Filters refused because the current router holds `max_filters`,
+    /// for one log line per episode.
+    pub filter_limit_refusals: Refusals,
+    /// Filters refused because their session held `max_filters_per_client`.
+    pub filters_refused_per_client: AtomicU64,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
     /// Where retained changes are also written (see [`crate::disk`]).
@@ -278,6 +284,9 @@ pub struct Counters {
     pub router_renewal_pause_ms: u64,
     /// Repeated `$share` deliveries from the router, dropped.
     pub share_repeats_dropped: u64,
+    /// Subscriptions refused because the client held
+    /// `--max-filters-per-client` filters already.
+    pub filters_refused_per_client: u64,
 }
 
 /// A running broker.
@@ -381,6 +390,8 @@ impl Broker {
             refused: AtomicU64::new(0),
             share_repeats: AtomicU64::new(0),
             filters: Mutex::new(HashSet::new()),
+            filter_limit_refusals: Refusals::default(),
+            filters_refused_per_client: AtomicU64::new(0),
             groups: Mutex::new(HashMap::new()),
             retained,
             disk,
@@ -571,5 +582,6 @@ fn counters(s: &Shared) -> Counters {
         router_renewals_put_off: get(&s.renewal.deferred),
         router_renewal_pause_ms: get(&s.renewal.last_pause_ms),
         share_repeats_dropped: get(&s.share_repeats),
+        filters_refused_per_client: get(&s.filters_refused_per_client),
     }
 }

@@ -218,6 +218,7 @@ fn broker_counters(rows: &[InstanceView]) -> Vec<(String, String)> {
         ("auth_throttled_logins", "logins throttled"),
         ("acl_denied_publishes", "publishes denied"),
         ("acl_denied_subscribes", "subscribes denied"),
+        ("filters_refused_per_client", "filters refused per client"),
         ("router_renewals", "router renewals"),
         ("router_renewals_put_off", "put off"),
         ("router_renewal_pause_ms", "last pause ms"),

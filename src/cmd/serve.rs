@@ -46,6 +46,9 @@ pub struct Args {
     /// Distinct subscription filters one router holds (bounds its memory); the router is renewed once enough are unused.
     #[arg(long, env = "AXION_MAX_FILTERS", default_value_t = 10_000)]
     pub max_filters: usize,
+    /// Distinct subscription filters one client may hold ($share ones included); more get SUBACK 0x97 (0x80 in MQTT 3.1.1), so one client cannot use up --max-filters for everyone. Must be below --max-filters; default: a tenth of it (1000).
+    #[arg(long, env = "AXION_MAX_FILTERS_PER_CLIENT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_filters_per_client: Option<u64>,
     /// Distinct published topics after which the router is renewed to free its topic cache (~190 B each).
     #[arg(long, env = "AXION_MAX_TOPICS", default_value_t = 100_000)]
     pub max_topics: usize,
@@ -134,6 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    let max_filters_per_client = filters_per_client(&args)?;
     // Installed first: a SIGTERM during start-up must stop us cleanly too,
     // and a SIGHUP (a terminal hang-up, `systemctl reload`) must never
     // kill us.
@@ -193,6 +197,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections,
         max_packet_size: args.max_packet_size,
         max_filters: args.max_filters,
+        max_filters_per_client,
         max_topics: args.max_topics,
         max_retained: args.max_retained,
         slow_consumer_timeout: Duration::from_millis(args.slow_consumer_timeout_ms),
@@ -340,6 +345,21 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     broker.shutdown().await;
     info!("stopped");
     Ok(code)
+}
+
+/// `--max-filters-per-client`, or its default. A bound at or above
+/// `--max-filters` would let one client take every filter again.
+fn filters_per_client(args: &Args) -> anyhow::Result<usize> {
+    let Some(asked) = args.max_filters_per_client else {
+        return Ok((args.max_filters / 10).max(1));
+    };
+    match usize::try_from(asked) {
+        Ok(n) if n < args.max_filters => Ok(n),
+        _ => anyhow::bail!(
+            "--max-filters-per-client ({asked}) must be below --max-filters ({}): otherwise one client can hold every filter and leave none to the others",
+            args.max_filters
+        ),
+    }
 }
 
 /// The Unix socket to listen on, and whether the user named it (then not

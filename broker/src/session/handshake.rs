@@ -441,6 +441,16 @@ pub(super) async fn handshake(
     }
     debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, ?session_expiry, keep_alive, "client connected");
 
+    // Axion's own components are not held to the per-client filter bound:
+    // the bridge subscribes for all its WebSocket clients in one session
+    // (within its own --ws-max-filters). Only they have such an id: with
+    // an auth file it was checked above against the user's rights, without
+    // one every client is trusted and only loopback ones count. An id the
+    // broker assigned is the client's own whatever its prefix.
+    let component = !assigned
+        && client_id.starts_with(names::OWN_CLIENT_PREFIX)
+        && (shared.config.auth.is_some() || peer.ip().is_loopback());
+    let filter_bound = (!component).then_some(shared.config.max_filters_per_client);
     let (live, renewal_rx) = shared
         .renewal
         .register(resumed.generation, link_epoch, &client_id);
@@ -477,6 +487,8 @@ pub(super) async fn handshake(
         inbuf: buf,
         will,
         filters: HashSet::new(),
+        filter_bound,
+        bound_refusals: Default::default(),
         suback_patches: HashMap::new(),
         unsuback_patches: HashMap::new(),
         ledger: VecDeque::new(),

@@ -196,12 +196,11 @@ impl Session {
                         continue;
                     }
                     let path = names::escape_filter(&filter.path);
-                    if !self.shared.admit_filter(&path) {
-                        warn!(
-                            client_id = self.client_id,
-                            filter = filter.path,
-                            "filter limit reached; subscription refused"
-                        );
+                    // The client's own bound first: a filter it may not
+                    // have must not take room in the router's.
+                    if self.past_own_bound(&path, &filter.path)
+                        || !self.admitted(&path, &filter.path)
+                    {
                         local.push((i, self.sub_failure(SubscribeReasonCode::QuotaExceeded)));
                         continue;
                     }
@@ -493,6 +492,54 @@ impl Session {
             ));
         }
         packets
+    }
+
+    /// True if `path` (router form of the client's `filter`) would be one
+    /// filter more than this session may hold; counts and logs (once per
+    /// episode) the refusal. A filter it holds already is subscribed again.
+    fn past_own_bound(&self, path: &str, filter: &str) -> bool {
+        let Some(max) = self.filter_bound else {
+            return false;
+        };
+        if self.filters.len() < max || self.filters.contains(path) {
+            return false;
+        }
+        self.shared
+            .filters_refused_per_client
+            .fetch_add(1, Ordering::Relaxed);
+        self.bound_refusals
+            .refuse(&self.client_id, filter, move |e| {
+                warn!(
+                    client_id = e.first_client_id,
+                    refused = e.refused,
+                    max_filters_per_client = max,
+                    first_filter = e.first_filter,
+                    "per-client filter bound reached; subscriptions refused"
+                )
+            });
+        true
+    }
+
+    /// True if the router has room for `path` (router form of the
+    /// client's `filter`); logs a refusal once per episode.
+    fn admitted(&self, path: &str, filter: &str) -> bool {
+        if self.shared.admit_filter(path) {
+            return true;
+        }
+        let max = self.shared.config.max_filters;
+        self.shared
+            .filter_limit_refusals
+            .refuse(&self.client_id, filter, move |e| {
+                warn!(
+                    refused = e.refused,
+                    clients = e.clients.len(),
+                    first_client_id = e.first_client_id,
+                    first_filter = e.first_filter,
+                    max_filters = max,
+                    "filter limit reached; subscriptions refused until a router renewal frees room"
+                )
+            });
+        false
     }
 
     /// Asks the ACL (if any) about a publish; logs and counts a denial.

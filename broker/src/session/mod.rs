@@ -182,6 +182,11 @@ struct Session {
     will: expiry::WillSlot,
     /// Filters this client holds, as stored in the router.
     filters: HashSet<String>,
+    /// Most filters it may hold (`max_filters_per_client`); `None` for
+    /// Axion's own components.
+    filter_bound: Option<usize>,
+    /// Its filters refused at that bound, for one log line per episode.
+    bound_refusals: crate::refusals::Refusals,
     /// SUBACK codes answered by the front end, spliced into the router's SUBACK.
     suback_patches: HashMap<u16, Vec<(usize, SubscribeReasonCode)>>,
     /// For each UNSUBSCRIBE forwarded, whether each original filter existed.
