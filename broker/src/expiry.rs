@@ -146,15 +146,15 @@ impl KeptRecord {
         }
     }
 
-    /// Writes it (a no-op without a data directory).
-    pub fn save(&self, shared: &Shared) {
-        if let Some(disk) = &shared.disk {
-            // A struct of strings and numbers always serializes.
-            drop(disk.put_session(
-                &self.router_id,
-                serde_json::to_vec(self).unwrap_or_default(),
-            ));
-        }
+    /// Writes it (nothing without a data directory); the commit resolves
+    /// once it is on disk.
+    pub fn save(&self, shared: &Shared) -> Option<crate::disk::Commit> {
+        // A struct of strings and numbers always serializes.
+        let record = serde_json::to_vec(self).unwrap_or_default();
+        shared
+            .disk
+            .as_ref()
+            .map(|disk| disk.put_session(&self.router_id, record))
     }
 }
 
@@ -232,12 +232,15 @@ pub async fn restore_kept(shared: &Arc<Shared>, records: Vec<Vec<u8>>) {
                 owner: record.owner.clone(),
             },
         );
-        KeptRecord {
-            expiry: left,
-            ended_ms: Some(now),
-            ..record.clone()
-        }
-        .save(shared);
+        // Not awaited: the next start reads the old record just as well.
+        drop(
+            KeptRecord {
+                expiry: left,
+                ended_ms: Some(now),
+                ..record.clone()
+            }
+            .save(shared),
+        );
         tokio::spawn(session_ended(shared.clone(), record.router_id, generation));
         restored += 1;
     }

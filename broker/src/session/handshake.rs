@@ -514,14 +514,16 @@ pub(super) async fn handshake(
         outlet: None,
         revoked: HashSet::new(),
         received_tasks: Default::default(),
-        retained_commits: Vec::new(),
+        disk_commits: Vec::new(),
     };
     session.outlet = shared
         .queue_tap
         .get()
         .and_then(|tap| tap.outlet.for_client(&session.client_id));
     session.restore_subscriptions(session_present);
-    session.save_kept(false);
+    // Not awaited: until it subscribes, a kept session lost with the broker
+    // costs its client only `session_present` (its SUBACKs wait for disk).
+    drop(session.save_kept(false));
     if session.resubscribe().await.is_err() {
         shared.renewal.deregister(resumed.generation);
         return None;

@@ -175,7 +175,7 @@ impl Session {
                 to_router.push(packet);
                 // Acknowledged by the router: held until it is on disk.
                 if let Some(commit) = commit.filter(|_| qos > 0) {
-                    self.retained_commits.push(commit);
+                    self.disk_commits.push(commit);
                 }
             }
             Packet::Subscribe(mut subscribe, props) => {
@@ -282,7 +282,10 @@ impl Session {
                     }
                 }
                 if !forwarded.is_empty() {
-                    self.save_kept(false);
+                    // Acknowledged once the session's record says so.
+                    if let Some(commit) = self.save_kept(false) {
+                        self.disk_commits.push(commit);
+                    }
                 }
                 if forwarded.is_empty() {
                     let codes = local.into_iter().map(|(_, c)| c).collect();
@@ -344,7 +347,10 @@ impl Session {
                     }
                 }
                 if !forwarded.is_empty() {
-                    self.save_kept(false);
+                    // Acknowledged once the session's record says so.
+                    if let Some(commit) = self.save_kept(false) {
+                        self.disk_commits.push(commit);
+                    }
                 }
                 if forwarded.is_empty() {
                     let reasons = known

@@ -264,9 +264,9 @@ struct Session {
     /// Ids of the last tasks the queue owner delivered to this client (see
     /// [`crate::queues::tap::RECEIVED`]).
     received_tasks: delivery::Recent,
-    /// Disk commits of retained messages in the batch being forwarded (see
-    /// [`crate::disk`]).
-    retained_commits: Vec<crate::disk::Commit>,
+    /// Disk commits the batch being forwarded waits for: retained messages
+    /// and kept-session records (see [`crate::disk`]).
+    disk_commits: Vec<crate::disk::Commit>,
     /// Router-form filters of a resumed session its user may no longer
     /// hold (see `restore_subscriptions`).
     revoked: HashSet<String>,
@@ -584,9 +584,9 @@ impl Session {
                 }
             }
         }
-        // A retained QoS 1/2 message is acknowledged by the router: only
-        // once it is on disk.
-        for commit in self.retained_commits.drain(..) {
+        // The router acknowledges a retained QoS 1/2 message and a
+        // subscription: only once they are on disk.
+        for commit in self.disk_commits.drain(..) {
             let _ = commit.await;
         }
         let Some(last) = packets.pop() else {
@@ -607,10 +607,10 @@ impl Session {
 
     /// Writes this session's record to the data directory if the session
     /// outlives its connection (see [`expiry::KeptRecord`]).
-    pub(super) fn save_kept(&self, ended: bool) {
+    pub(super) fn save_kept(&self, ended: bool) -> Option<crate::disk::Commit> {
         let expiry = self.session_expiry.load(Ordering::Relaxed);
         if self.clean_session || expiry == 0 || self.shared.disk.is_none() {
-            return;
+            return None;
         }
         let subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
         expiry::KeptRecord::new(
@@ -620,7 +620,7 @@ impl Session {
             ended,
             &subs,
         )
-        .save(&self.shared);
+        .save(&self.shared)
     }
 
     /// Publishes the will if due, detaches from the router and closes.
@@ -677,7 +677,7 @@ impl Session {
                         packets.push(will_packet(&self.shared, will, props));
                     }
                     packets.push(router::disconnect());
-                    self.save_kept(true);
+                    drop(self.save_kept(true));
                     if self.relink().await.is_ok() {
                         let _ = self.forward(packets).await;
                     }
