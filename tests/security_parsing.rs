@@ -517,3 +517,43 @@ async fn an_mqtt5_disconnect_with_bytes_left_over_is_malformed_not_a_clean_goodb
     expect_closed(&mut s, "well-formed DISCONNECT").await;
     assert_quiet(&mut watcher.rx, 1_000, "after a normal DISCONNECT").await;
 }
+
+/// Packets only a server sends (CONNACK, SUBACK, UNSUBACK, PINGRESP) are
+/// refused before the decoder sees them: MQTT 5 clients get DISCONNECT 0x82
+/// (Protocol Error), and nothing panics in the broker (rumqttd's decoder
+/// panicked on some of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_only_a_server_sends_are_refused_before_decoding() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let server_only: [(&str, Vec<u8>); 4] = [
+        ("CONNACK", packet(0x20, &[0, 0, 0])),
+        ("SUBACK", packet(0x90, &[0, 1, 0, 0])),
+        ("UNSUBACK", packet(0xb0, &[0, 1, 0, 0])),
+        ("PINGRESP", packet(0xd0, &[])),
+    ];
+    for level in [4u8, 5] {
+        for (name, bytes) in &server_only {
+            let what = format!("{name} from a {level} client");
+            let mut s = clean_session(port, level, &format!("server-only-{level}-{name}")).await;
+            s.write_all(bytes).await.expect("write");
+            if level == 5 {
+                let (byte1, body) = expect_packet(&mut s, &what).await;
+                assert_eq!(
+                    (byte1, body.first()),
+                    (0xe0, Some(&0x82)),
+                    "{what}: DISCONNECT 0x82, got {byte1:#04x} {body:?}"
+                );
+            }
+            expect_closed(&mut s, &what).await;
+        }
+    }
+    // The broker is fine and printed no panic.
+    let mut alive = clean_session(port, 5, "after-server-only").await;
+    expect_alive(&mut alive, "a client after the refusals").await;
+    let log = std::fs::read_to_string(serve.data_dir.path().join("serve.log")).unwrap_or_default();
+    assert!(
+        !log.contains("panicked"),
+        "the broker's log shows a panic:\n{log}"
+    );
+}

@@ -128,6 +128,22 @@ pub enum DecodeError {
     Length(#[from] LengthError),
     #[error("the MQTT decoder panicked on this packet")]
     Panicked,
+    /// A packet type only a server sends (CONNACK, SUBACK, UNSUBACK,
+    /// PINGRESP) or a reserved one: refused before rumqttd's decoder, which
+    /// panics on some of them.
+    #[error("packet type {0} is not one a client sends")]
+    NotFromClient(u8),
+}
+
+impl DecodeError {
+    /// MQTT 5's reason for closing over it: a packet that should never
+    /// come is a Protocol Error, anything else a Malformed Packet.
+    pub fn reason(&self) -> rumqttd::protocol::DisconnectReasonCode {
+        match self {
+            DecodeError::NotFromClient(_) => rumqttd::protocol::DisconnectReasonCode::ProtocolError,
+            _ => rumqttd::protocol::DisconnectReasonCode::MalformedPacket,
+        }
+    }
 }
 
 /// rumqttd's 3.1.1 or 5 codec, chosen once per connection.
@@ -161,6 +177,11 @@ impl Codec {
         max_size: usize,
     ) -> Result<Packet, DecodeError> {
         let v5 = self.is_v5();
+        // CONNECT only as the first packet, which the handshake reads.
+        let kind = framed.byte1 >> 4;
+        if matches!(kind, 0 | 2 | 9 | 11 | 13) {
+            return Err(DecodeError::NotFromClient(kind));
+        }
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<Packet, DecodeError> {
             let body = &buf[framed.len - framed.remaining..framed.len];
             check_length(framed.byte1, body, v5)?;

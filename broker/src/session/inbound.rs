@@ -59,10 +59,7 @@ impl Session {
                 Ok(p) => p,
                 Err(err) => {
                     let why = format!("undecodable packet: {err}");
-                    ending = Some(
-                        self.violation(&why, DisconnectReasonCode::MalformedPacket)
-                            .await,
-                    );
+                    ending = Some(self.violation(&why, err.reason()).await);
                     break;
                 }
             };
