@@ -322,3 +322,49 @@ async fn a_kept_mqtt5_session_survives_kill_9() {
 async fn a_kept_3_1_1_session_survives_kill_9() {
     kept_session_survives(9, false).await;
 }
+
+/// A subscription matching more retained QoS 1 messages than a session has
+/// packet ids (64 536) gets every one of them: the ones past the ids at
+/// QoS 0, instead of a broker that spins looking for a free id and never
+/// answers the SUBSCRIBE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_matching_more_retained_messages_than_packet_ids_gets_them_all() {
+    let total: usize = 66_000;
+    let s = Serve::start_with(&["--max-retained", "200000"], &[]);
+    let mut publisher = V5::connect(s.mqtt_port, "many-retained").await;
+    let mut acked = 0;
+    for i in 0..total {
+        publisher
+            .client
+            .publish(
+                format!("many/{i}"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                true,
+                "x",
+            )
+            .await
+            .expect("publish");
+        // Keep the request queue short: drain PUBACKs as they come.
+        while let Ok(p) = publisher.packets.try_recv() {
+            if matches!(p, Packet::PubAck(_)) {
+                acked += 1;
+            }
+        }
+    }
+    while acked < total {
+        match tokio::time::timeout(Duration::from_secs(30), publisher.packets.recv()).await {
+            Ok(Some(Packet::PubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("PUBACK {acked} of {total}: {other:?}"),
+        }
+    }
+    let mut sub = V5::connect(s.mqtt_port, "many-reader").await;
+    sub.subscribe("many/#", 1).await;
+    let mut got = 0;
+    while got < total {
+        match tokio::time::timeout(Duration::from_secs(30), sub.rx.recv()).await {
+            Ok(Some(_)) => got += 1,
+            other => panic!("retained {got} of {total}: {other:?}"),
+        }
+    }
+}

@@ -13,7 +13,7 @@ use rumqttd::protocol::{
     PublishProperties, QoS, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::aliases::Outgoing;
 use super::{make_publish, now_or_never, Ending, Session, RESUBSCRIBE_PKID};
@@ -173,35 +173,62 @@ impl Session {
         }
     }
 
-    pub(super) fn local_pkid(&mut self) -> u16 {
-        loop {
+    /// A free local packet id, given the ids in use; `None` once all of
+    /// [`LOCAL_PKIDS`] are taken (the caller then sends at QoS 0).
+    fn alloc_local_pkid(&mut self, used: &mut HashSet<u16>) -> Option<u16> {
+        let span = usize::from(*LOCAL_PKIDS.end() - *LOCAL_PKIDS.start()) + 1;
+        for _ in 0..span {
             let pkid = self.next_local_pkid;
             self.next_local_pkid = if pkid == *LOCAL_PKIDS.end() {
                 *LOCAL_PKIDS.start()
             } else {
                 pkid + 1
             };
-            if !self.ledger.iter().any(|s| s.pkid == pkid) && !self.local_pubrel.contains(&pkid) {
-                return pkid;
+            if used.insert(pkid) {
+                return Some(pkid);
             }
         }
+        None
     }
 
     /// Writes the retained messages for the filters of SUBSCRIBE `pkid`.
+    ///
+    /// A QoS 1/2 retained message takes a local packet id until the client
+    /// acknowledges it; a subscription matching more retained messages than
+    /// there are ids (64 536) gets the rest at QoS 0 rather than waiting,
+    /// said once in the log. The ids in use are gathered once per call, so
+    /// a large burst costs no scan per message.
     pub(super) fn deliver_retained(&mut self, pkid: u16, out: &mut BytesMut) {
         let Some(filters) = self.pending_retained.remove(&pkid) else {
             return;
         };
+        let mut used: HashSet<u16> = self
+            .ledger
+            .iter()
+            .map(|s| s.pkid)
+            .chain(self.local_pubrel.iter().copied())
+            .collect();
+        let mut downgraded = 0usize;
         for (filter, sub_qos) in filters {
             for (topic, retained) in self.shared.retained_matching(&filter) {
                 let topic = names::unescape_topic(topic);
                 if self.withheld(&topic) {
                     continue;
                 }
-                let (qos, pkid) = match retained.qos.min(sub_qos) {
-                    0 => (QoS::AtMostOnce, 0),
-                    1 => (QoS::AtLeastOnce, self.local_pkid()),
-                    _ => (QoS::ExactlyOnce, self.local_pkid()),
+                let wanted = retained.qos.min(sub_qos);
+                // Once the ids ran out they stay out for this burst.
+                let id = if wanted > 0 && downgraded == 0 {
+                    self.alloc_local_pkid(&mut used)
+                } else {
+                    None
+                };
+                if wanted > 0 && id.is_none() {
+                    downgraded += 1;
+                }
+                let (qos, pkid) = match (wanted, id) {
+                    (1, Some(id)) => (QoS::AtLeastOnce, id),
+                    (2.., Some(id)) => (QoS::ExactlyOnce, id),
+                    _ => (QoS::AtMostOnce, 0),
                 };
                 if pkid != 0 {
                     self.ledger.push_back(Slot {
@@ -220,6 +247,13 @@ impl Session {
                     self.send_windowed(out, start);
                 }
             }
+        }
+        if downgraded > 0 {
+            warn!(
+                client_id = self.client_id,
+                downgraded,
+                "more retained messages than packet ids for one subscription: the rest sent at QoS 0"
+            );
         }
     }
 
