@@ -5,6 +5,12 @@
 //! one after the other, alternating A/B for several rounds; the median of
 //! each case is reported with the ratio Axion ÷ Mosquitto and each broker's
 //! CPU time, read from /proc. See BENCHMARKS.md for figures.
+//!
+//! `--persistence` instead measures state across restarts (retained
+//! messages, persistent sessions) beside Mosquitto with persistence on:
+//! see [`persistence`].
+
+mod persistence;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -46,6 +52,19 @@ struct Args {
     /// Distinct filters for the memory run (default: as many as --topics).
     #[arg(long, env = "BENCH_FILTERS")]
     filters: Option<u64>,
+    /// Instead of throughput, measure state across restarts beside
+    /// Mosquitto with `persistence true`: retained publish rate, clean
+    /// restart time, store size, what survives `kill -9`.
+    #[arg(long, env = "BENCH_PERSISTENCE")]
+    persistence: bool,
+    /// Retained messages (distinct topics, 64 B, QoS 1) for --persistence
+    /// (0: none).
+    #[arg(long, env = "BENCH_RETAINED", default_value_t = 100_000)]
+    retained: u64,
+    /// Also with --persistence: this many MQTT 3.1.1 persistent sessions
+    /// (clean_session=0, one filter each) across a clean restart.
+    #[arg(long, env = "BENCH_SESSIONS")]
+    sessions: Option<u64>,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -511,6 +530,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(port) = args.serve_rumqttd {
         return serve_rumqttd(port);
+    }
+    if args.persistence {
+        return persistence::run(&args);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
