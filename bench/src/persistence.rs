@@ -1,5 +1,5 @@
 //! `axion-bench --persistence`: broker state across restarts, Axion
-//! (`axion serve`, retained messages in `<data-dir>/retained.redb`) beside
+//! (`axion serve`, retained messages in `<data-dir>/broker.redb`) beside
 //! Mosquitto with `persistence true`, in one run.
 //!
 //! Per broker and round, on fresh data directories:
@@ -58,7 +58,7 @@ impl Who {
     /// The file that holds the broker's persistent state.
     fn store(self, data: &Path) -> PathBuf {
         match self {
-            Who::Axion => data.join("retained.redb"),
+            Who::Axion => data.join("broker.redb"),
             Who::Mosquitto => data.join("mosquitto.db"),
         }
     }
