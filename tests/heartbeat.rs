@@ -93,26 +93,7 @@ fn sidecar(b: &Broker, service: &str, port: u16, args: &[&str], envs: &[(&str, &
 
 /// `axion monitor --once --json`: the table a script would read.
 fn monitor_once(b: &Broker, extra: &[&str]) -> Vec<Value> {
-    let out = Command::new(axion_bin())
-        .args([
-            "monitor",
-            "--mqtt",
-            &b.url,
-            "--once",
-            "--json",
-            "--settle-ms",
-            "200",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run axion monitor");
-    assert!(
-        out.status.success(),
-        "monitor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("monitor prints a JSON array")
+    common::monitor_json(&b.url, extra)
 }
 
 fn row(rows: &[Value], topic: &str) -> Option<Value> {

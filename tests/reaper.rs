@@ -274,18 +274,7 @@ fn wait_ready(s: &Serve) {
 
 /// `axion monitor --once --json` against `s`'s broker.
 fn monitor_json(s: &Serve) -> Vec<Value> {
-    let out = Command::new(axion_bin())
-        .args(["monitor", "--mqtt", &s.mqtt_url(), "--once", "--json"])
-        .args(["--settle-ms", "200"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run axion monitor");
-    assert!(
-        out.status.success(),
-        "monitor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("monitor prints a JSON array")
+    common::monitor_json(&s.mqtt_url(), &[])
 }
 
 /// `axion monitor --once` (the text table) against `s`'s broker.

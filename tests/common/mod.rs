@@ -292,3 +292,28 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `axion monitor --once --json` against the broker at `url` (plus `extra`
+/// flags): the table a script would read.
+pub fn monitor_json(url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(axion_bin())
+        .args([
+            "monitor",
+            "--mqtt",
+            url,
+            "--once",
+            "--json",
+            "--settle-ms",
+            "200",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run axion monitor");
+    assert!(
+        out.status.success(),
+        "monitor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("monitor prints a JSON array")
+}
