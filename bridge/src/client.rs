@@ -42,6 +42,43 @@ pub struct Metrics {
     /// Enqueues published again because the owner had not confirmed them.
     pub enqueue_retries: AtomicU64,
     pub mqtt_connected: AtomicBool,
+    /// The broker's Maximum Packet Size from its last CONNACK (0: none
+    /// given, so only the bridge's own limit applies).
+    pub broker_max_packet: AtomicU64,
+    /// The bridge's own limit on what it sends (its MQTT client's).
+    pub own_max_packet: AtomicU64,
+    /// Frames refused because the MQTT packet they would make is too large
+    /// for the broker, or a property too long.
+    pub oversize_refused: AtomicU64,
+    /// CONNACKs from the broker: more than one means the connection dropped.
+    pub mqtt_connects: AtomicU64,
+}
+
+/// Largest MQTT 5 binary or string property (a two-byte length).
+pub const MAX_PROPERTY: usize = u16::MAX as usize;
+
+impl Metrics {
+    /// Checks that a publish of `topic` and `payload` with `properties`
+    /// bytes of properties fits the broker's Maximum Packet Size and the
+    /// bridge's own: one client's frame must never become a packet that
+    /// makes the MQTT connection every client shares drop.
+    pub fn fits(&self, topic: usize, payload: usize, properties: usize) -> Result<(), String> {
+        // Fixed header (≤ 5), topic length (2), packet id (2), property
+        // length (≤ 4).
+        let size = (5 + 2 + topic + 2 + 4 + properties + payload) as u64;
+        let broker = self.broker_max_packet.load(Ordering::Relaxed);
+        let own = self.own_max_packet.load(Ordering::Relaxed);
+        let limit = [broker, own].into_iter().filter(|l| *l > 0).min();
+        match limit {
+            Some(limit) if size > limit => {
+                self.oversize_refused.fetch_add(1, Ordering::Relaxed);
+                Err(format!(
+                    "too large for MQTT: this would be a {size}-byte packet and the broker takes at most {limit}"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Metrics {
@@ -57,6 +94,8 @@ impl Metrics {
             "events_published": get(&self.events_published),
             "events_delivered": get(&self.events_delivered),
             "enqueue_retries": get(&self.enqueue_retries),
+            "oversize_refused": get(&self.oversize_refused),
+            "mqtt_connects": get(&self.mqtt_connects),
             "mqtt_connected": self.mqtt_connected.load(Ordering::Relaxed),
         })
     }

@@ -225,6 +225,9 @@ impl Bridge {
         let max_packet = u32::try_from(config.limits.max_frame_bytes.saturating_add(64 * 1024))
             .unwrap_or(u32::MAX);
         options.set_max_packet_size(Some(max_packet));
+        metrics
+            .own_max_packet
+            .store(u64::from(max_packet), Ordering::Relaxed);
         options.set_clean_start(true);
         // Events are small and latency matters more than packet count.
         let mut network = rumqttc::NetworkOptions::new();

@@ -126,8 +126,13 @@ pub async fn run_event_loop(
                     tasks.on_publish(topic, &publish);
                 }
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = BACKOFF_MIN;
+                let max = ack.properties.as_ref().and_then(|p| p.max_packet_size);
+                metrics
+                    .broker_max_packet
+                    .store(max.map_or(0, u64::from), Ordering::Relaxed);
+                metrics.mqtt_connects.fetch_add(1, Ordering::Relaxed);
                 metrics.mqtt_connected.store(true, Ordering::Relaxed);
                 tracing::info!("connected to the MQTT broker");
                 resync.notify_one();

@@ -468,6 +468,22 @@ async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Res
     }
     let event = message.normalize(&conn.handle.id);
     let topic = protocol::type_to_topic(&s.hub.event_prefix, &message.event_type);
+    // Checked before anything reaches MQTT: a property past its length
+    // field or a packet past the broker's maximum makes the broker drop
+    // the connection every client shares.
+    let correlation = event.correlation.as_ref().map_or(0, Vec::len);
+    if correlation > crate::client::MAX_PROPERTY {
+        s.metrics.oversize_refused.fetch_add(1, Ordering::Relaxed);
+        return Err(error(format!(
+            "correlationId too long: {correlation} bytes (at most {})",
+            crate::client::MAX_PROPERTY
+        )));
+    }
+    let envelope_len = event.envelope_range().len();
+    let reply_len = event.reply_to.as_ref().map_or(0, |r| r.len()) + s.hub.event_prefix.len() + 8;
+    s.metrics
+        .fits(topic.len(), envelope_len, 3 + correlation + 3 + reply_len)
+        .map_err(error)?;
     let envelope = event.envelope_range();
     let props = PublishProperties {
         correlation_data: event.correlation.map(Bytes::from),

@@ -62,6 +62,8 @@ pub enum TaskError {
     NotHeld(String),
     #[error("the MQTT broker is unreachable; try again")]
     Unavailable,
+    #[error("task {0}")]
+    TooLarge(String),
 }
 
 struct Held {
@@ -219,6 +221,14 @@ impl Tasks {
             .map_err(|_| TaskError::Unavailable)?
             .forget();
         let topic = topics::queue(&self.package, queue, "enqueue");
+        // The body is `{"id":…,"payload":…}`: checked before anything is
+        // taken or sent.
+        let body_len = task.to_string().len() + 64;
+        let props_len = 3 + self.reply_topic.len() + 3 + 64;
+        if let Err(why) = self.metrics.fits(topic.len(), body_len, props_len) {
+            self.window.add_permits(1);
+            return Err(TaskError::TooLarge(why));
+        }
         let (id, body) = {
             let mut st = self.lock();
             st.next_enqueue += 1;
