@@ -1,4 +1,4 @@
-//! End-to-end tests of the legacy WebSocket bridge with the seeds' own
+//! End-to-end tests of the legacy WebSocket bridge with the legacy
 //! clients, unchanged: `brokerClient.js` (Node `ws`) and `broker_client.py`
 //! (Python `websockets`), driven by the small scripts in `tests/clients/`,
 //! with paho-mqtt on the MQTT side.
@@ -416,7 +416,7 @@ fn task_actions(stack: &Stack) {
     assert_eq!(out["confirmations"][0]["queue"], "jobs.test");
 }
 
-/// One of the seeds' legacy Node brokers (`tests/clients/<script>`) on a
+/// One of the legacy Node brokers (`tests/clients/<script>`) on a
 /// free port, its per-event console logging sent to /dev/null.
 struct LegacyBroker {
     proc: Proc,
@@ -527,16 +527,16 @@ fn run_cases(cases: &[Case], rounds: usize) {
     }
 }
 
-/// Benchmark, not a test: the seeds' work-queue protocol over WebSocket
+/// Benchmark, not a test: the legacy work-queue protocol over WebSocket
 /// (`enqueue` → `{task}` → `ack` + `ready`), through Axion (durable: every
 /// task committed to disk before its `enqueued` reply, inside `axion serve`
 /// and as `axion bridge` + `axion queues` beside Mosquitto) and through the
-/// seeds/003 legacy broker with the in-memory queue manager its code calls
+/// legacy broker with the in-memory queue manager its code calls
 /// (`tests/clients/legacy_queue_broker.js`; nothing on disk). One load
 /// driver (`bench.js --queue`): a producer process and a worker process
 /// holding `--credits` readies; tasks/s end to end flat out, and
-/// enqueue-to-delivery latency at a fixed 2 000 tasks/s (the anchors' rate
-/// in `../shared/notes/queue-anchors-measured.md`).
+/// enqueue-to-delivery latency at a fixed 2 000 tasks/s (the reference rate
+/// of the durable-queue comparisons).
 ///
 /// `cargo test --release --test bridge -- --ignored --nocapture bench_queue`
 #[test]
@@ -608,7 +608,7 @@ fn bench_queue_over_websocket_vs_legacy_queue() {
 
 /// Benchmark, not a test: delivered events/s flat out and latency at a
 /// fixed 10k events/s, through the bridge (inside `axion serve`, and
-/// `axion bridge` beside Mosquitto), the seeds' legacy Node broker, and
+/// `axion bridge` beside Mosquitto), the legacy Node broker, and
 /// direct MQTT on the same brokers, side by side in one run with one load
 /// driver (`tests/clients/bench.js`: a sender process and one process per
 /// subscriber). Prints the median of `AXION_BENCH_ROUNDS` (3) runs per case,

@@ -1,6 +1,6 @@
 //! The retained-heartbeat mesh end to end, with real processes and real
 //! clients: the `axion heartbeat` sidecar publishes, `axion monitor --once
-//! --json` and paho-mqtt (the seeds/004 way) read, and kills, signals,
+//! --json` and paho-mqtt (the legacy Python way) read, and kills, signals,
 //! announces, forged stale records and late wills are thrown at it.
 //!
 //! The broker is one parameter: `axion serve` (the product) by default,
@@ -247,7 +247,7 @@ fn a_dashboard_and_paho_joining_two_seconds_late_see_the_record_at_once() {
 }
 
 #[test]
-fn a_python_seeds_004_publisher_appears_in_the_monitor() {
+fn a_legacy_python_publisher_appears_in_the_monitor() {
     let b = broker();
     let port = free_port();
     let mut child = Command::new(python())

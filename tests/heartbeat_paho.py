@@ -1,4 +1,4 @@
-"""paho-mqtt clients for tests/heartbeat.rs, written the seeds/004 way
+"""paho-mqtt clients for tests/heartbeat.rs, written the legacy way
 (VERSION2 callback API, five-argument on_connect, retained QoS 1 heartbeats).
 
   heartbeat_paho.py sub HOST PORT TOPIC_FILTER N
@@ -6,7 +6,7 @@
       line, with the topic and retain flag added) and exits 0; exits 1 after
       10 s without them.
   heartbeat_paho.py pub HOST PORT PACKAGE SERVICE INSTANCE_PORT
-      runs start_heartbeat() as seeds/004 describes (interval from
+      runs start_heartbeat() as the legacy standard describes (interval from
       HEARTBEAT_INTERVAL_SECS) until killed; prints "ready" once the first
       record is acknowledged.
 """
@@ -56,7 +56,7 @@ def sub(host, port, topic, n):
 
 
 def start_heartbeat(client, service_type, port, package, extras=None):
-    """seeds/004: a daemon thread publishing a retained record every interval."""
+    """The legacy standard: a daemon thread publishing a retained record every interval."""
     interval = float(os.environ.get("HEARTBEAT_INTERVAL_SECS", "15"))
     hostname = socket.gethostname()
     topic = f"axion/{package}/heartbeat/{service_type}/{hostname}:{port}"

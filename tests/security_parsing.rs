@@ -42,7 +42,7 @@ impl<'a> Will<'a> {
 }
 
 /// A CONNECT of a session that outlives the connection (3.1.1: clean
-/// session 0; 5: clean start 0 and Session Expiry 60 s given by
+/// session off; 5: clean start off and Session Expiry 60 s given by
 /// `properties`), with an optional retained QoS 1 will, and `extra` inside
 /// the remaining length after the last field.
 fn connect(level: u8, id: &str, properties: &[u8], will: Option<Will>, extra: &[u8]) -> Vec<u8> {

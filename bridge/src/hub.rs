@@ -286,7 +286,7 @@ impl Hub {
 
     /// `{"event": <envelope>}` for a message on an event topic. The bridge's
     /// own (complete) envelopes pass through byte for byte; anything else
-    /// is completed or wrapped as DESIGN.md says.
+    /// is completed or wrapped as docs/DESIGN.md says.
     pub fn event_frame(
         &self,
         topic: &str,

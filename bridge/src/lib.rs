@@ -1,5 +1,5 @@
 //! `axion-bridge`: the legacy WebSocket JSON protocol of the old Node broker
-//! (DESIGN.md, "The legacy WebSocket protocol"), translated onto Axion's
+//! (docs/DESIGN.md, "The legacy WebSocket protocol"), translated onto Axion's
 //! MQTT topics so the old JS and Python clients keep working unchanged
 //! against any MQTT 5 broker, the embedded one included.
 //!

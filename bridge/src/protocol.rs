@@ -1,4 +1,4 @@
-//! The legacy WebSocket JSON protocol (DESIGN.md, "The legacy WebSocket
+//! The legacy WebSocket JSON protocol (docs/DESIGN.md, "The legacy WebSocket
 //! protocol"): parsing one text frame into a [`Request`], and the event-type
 //! rules that map legacy types onto MQTT topic levels.
 //!

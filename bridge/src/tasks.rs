@@ -1,5 +1,5 @@
 //! The legacy task actions (`enqueue`, `pull`/`ready`, `ack`, `fail`)
-//! translated onto the queue topics of DESIGN.md, so the durable queue
+//! translated onto the queue topics of docs/DESIGN.md, so the durable queue
 //! owner (`broker/src/queues/`) does the queueing and the bridge only
 //! carries messages. The topic contract is in `bridge/QUEUE-CONTRACT.md`.
 //!

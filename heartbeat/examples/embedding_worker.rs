@@ -1,5 +1,5 @@
 //! A fake embedding service on the Axion service runtime: the
-//! `embedding_service` of seeds/000 rewritten in Rust, used by the
+//! legacy `embedding_service` rewritten in Rust, used by the
 //! end-to-end tests (`tests/runtime.rs`) and the README.
 //!
 //! It serves the `embedding.generate` queue and answers `embedding.request`

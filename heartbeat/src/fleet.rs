@@ -3,7 +3,7 @@
 //!
 //! `Fleet` is the pure table (no I/O, unit-tested): feed it every message
 //! from `axion/+/heartbeat/+/+` and it keeps one row per topic, drops late
-//! records of an earlier run (the `boot_id` rule of DESIGN.md), removes a row
+//! records of an earlier run (the `boot_id` rule of docs/DESIGN.md), removes a row
 //! on an empty retained payload, and derives `online`/`draining`/`stale`/
 //! `offline`. `FleetWatcher` is that table fed by its own MQTT connection,
 //! for the dashboard and for the queue owner (to notice a worker went away).

@@ -1,5 +1,5 @@
 //! Axion's client side, shared by every process that talks to the broker:
-//! the `mqtt://` URL every command accepts, the topic tree of DESIGN.md, the
+//! the `mqtt://` URL every command accepts, the topic tree of docs/DESIGN.md, the
 //! retained heartbeat record and its publisher, the fleet table that readers
 //! build from those records, the janitor that clears dead instances, and
 //! what `/proc` says about the processes behind them.

@@ -2,7 +2,7 @@
 //!
 //! `HeartbeatPublisher::start` opens a dedicated MQTT 5 connection (so the
 //! heartbeat keeps telling the truth about the process even when the
-//! service's own connection is busy or gone) and publishes the DESIGN.md
+//! service's own connection is busy or gone) and publishes the docs/DESIGN.md
 //! record, retained, to `axion/<pkg>/heartbeat/<service>/<host>:<port>`:
 //! every interval, at once on every CONNACK (the embedded broker forgets
 //! retained messages when it restarts), at once when anyone publishes to
@@ -73,7 +73,7 @@ pub struct HeartbeatConfig {
 }
 
 impl HeartbeatConfig {
-    /// A config with the DESIGN.md defaults, overridden by
+    /// A config with the docs/DESIGN.md defaults, overridden by
     /// `HEARTBEAT_INTERVAL_SECS` and `HEARTBEAT_GHOST_SECS` when set.
     pub fn new(
         mqtt: MqttUrl,

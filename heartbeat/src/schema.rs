@@ -1,9 +1,9 @@
-//! The heartbeat record of DESIGN.md, as one serde type.
+//! The heartbeat record of docs/DESIGN.md, as one serde type.
 //!
 //! The publisher, the aggregation, the janitor, the dashboard and the tests
 //! all read and write this one struct, so the JSON on
 //! `axion/<pkg>/heartbeat/<service>/<host>:<port>` cannot drift between them.
-//! Records from other publishers (the Python `start_heartbeat` of seeds/004)
+//! Records from other publishers (the legacy Python `start_heartbeat`)
 //! carry only the first eight fields; everything Axion added is optional on
 //! the way in.
 
@@ -90,7 +90,7 @@ pub struct Heartbeat {
     /// The kernel boot id of the machine the process runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_boot_id: Option<String>,
-    /// Whatever else the caller put in (the seeds' `extras`), at top level.
+    /// Whatever else the caller put in (the legacy publisher's `extras`), at top level.
     #[serde(flatten)]
     pub extras: serde_json::Map<String, serde_json::Value>,
 }
@@ -128,7 +128,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_a_seeds_004_record() {
+    fn reads_a_legacy_python_record() {
         let raw = br#"{"service":"report","instance_id":"myhost:9400","hostname":"myhost",
             "port":9400,"package":"homechoice","uptime_seconds":3600,"pid":12345,
             "timestamp":1700000000.0}"#;

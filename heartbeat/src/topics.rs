@@ -1,4 +1,4 @@
-//! The `axion/<package>/…` topic tree of DESIGN.md, built in one place.
+//! The `axion/<package>/…` topic tree of docs/DESIGN.md, built in one place.
 //!
 //! Every name that becomes a topic level (package, service, queue) is checked
 //! here, so a `/`, `+`, `#` or NUL in user input is refused with a clear error

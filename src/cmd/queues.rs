@@ -95,7 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let mut owner = QueueOwner::start(cfg)
             .await
             .context("start the queue owner")?;
-        // No listening port: the pid stands in the port slot (DESIGN.md).
+        // No listening port: the pid stands in the port slot (docs/DESIGN.md).
         let heartbeat = HeartbeatPublisher::start(HeartbeatConfig::new(mqtt, &package, "queues")?)
             .context("start the heartbeat")?;
         tokio::select! {

@@ -1,5 +1,5 @@
 // Load driver for the WebSocket bridge benchmark: the same driver against
-// the bridge, against the legacy Node broker of the seeds, and against an
+// the bridge, against the legacy Node broker, and against an
 // MQTT broker directly (the same envelopes published and received by MQTT
 // clients, to show what the bridge adds).
 //

@@ -193,7 +193,7 @@ async function tasks() {
   process.exit(0);
 }
 
-// A producer floods `n` enqueues at once, then a worker in the seeds' JS
+// A producer floods `n` enqueues at once, then a worker in the legacy JS
 // style (ack, pull again) takes them all: every task once, every enqueue
 // confirmed, even when the broker dropped some on the way to the owner.
 async function flood() {

@@ -1,5 +1,5 @@
-// The legacy Node broker of seeds/003 ("Debugging WebSocket Restarts"),
-// verbatim except for the import of its queue manager: the seeds call a
+// The legacy Node broker,
+// verbatim except for the import of its queue manager: the legacy code calls a
 // `shared/js/queueManager.js` whose code they do not contain, so
 // `legacy_queue_manager.js` stands in for it (see there). Used only as the
 // comparison in the queue benchmark.

@@ -1,10 +1,10 @@
 // Stand-in for the legacy `shared/js/queueManager.js`, whose code is not in
-// the seeds (seeds/003 only calls it). It follows the in-memory "v0" the
-// seeds planned (seeds/001, "Unified Broker + Task Queue System"):
+// the legacy code (the broker only calls it). It follows the in-memory "v0" the
+// legacy design planned ("Unified Broker + Task Queue System"):
 // `queues` maps a queue name to its waiting tasks, `workers` maps it to the
 // sockets that said `ready`, and a task record is
 // `{ id, queue, payload, status, assignedTo, attempts, createdAt }`,
-// delivered as `{ task }` (what the seeds' clients read). Nothing is on disk:
+// delivered as `{ task }` (what the legacy clients read). Nothing is on disk:
 // it is the "before" of the queue benchmark, not a reference for semantics.
 import { randomUUID } from "crypto";
 

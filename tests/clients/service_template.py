@@ -1,10 +1,10 @@
 # shared/py/service_template.py
 #
-# The legacy Python service template (seeds/000), as it stands after its two
+# The legacy Python service template , as it stands after its two
 # patches there: `run_service` (wraps `start_service` and waits forever) and
 # the fail-fast heartbeat loop that publishes `heartbeat` events
 # ({"pid", "name", "ts"}) over the same BrokerClient connection. The parts the
-# seeds show only as diff context are reconstructed around them.
+# legacy patches show only as diff context are reconstructed around them.
 #
 # Changed for the tests, and only this:
 # - the import line: BrokerClient comes from tests/clients/broker_client.py;
@@ -132,7 +132,7 @@ async def run_service(
     await asyncio.Event().wait()
 
 
-# tests: an entry point, as the seeds' services have one
+# tests: an entry point, as the legacy services have one
 # (`python3 service_template.py <name>`, with BROKER_URL and HEARTBEAT_INTERVAL
 # in the environment).
 if __name__ == "__main__":

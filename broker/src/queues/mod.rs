@@ -5,7 +5,7 @@
 //! process, the queue owner, keeps every task in an embedded store and only
 //! hands tasks to workers that announced credit, with ack wait, retries,
 //! dead letters and stats — NATS JetStream's work-queue model over the
-//! DESIGN.md topics. It is an ordinary MQTT client: `axion serve` runs it
+//! docs/DESIGN.md topics. It is an ordinary MQTT client: `axion serve` runs it
 //! against its embedded broker, and `axion queues --mqtt URL` runs it against
 //! any MQTT 5 broker.
 //!

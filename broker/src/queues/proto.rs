@@ -1,4 +1,4 @@
-//! The JSON bodies of the queue topics (DESIGN.md "Bodies" plus the
+//! The JSON bodies of the queue topics (docs/DESIGN.md "Bodies" plus the
 //! additions in `bridge/QUEUE-CONTRACT.md`), in one place so the owner, the
 //! ops CLI and the bridge agree byte for byte.
 

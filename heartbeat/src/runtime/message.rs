@@ -5,7 +5,7 @@
 //! `axion/<pkg>/event/embedding/result`) and a whole topic when it comes as
 //! an MQTT 5 Response Topic; both are resolved here, once, so tasks, events
 //! and overload refusals reply the same way. Replies are event envelopes
-//! (DESIGN.md "Bodies"), so WebSocket clients of the bridge receive them
+//! (docs/DESIGN.md "Bodies"), so WebSocket clients of the bridge receive them
 //! like any other event.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::vitals::Vitals;
 use crate::topics;
 
-/// A task as the queue owner delivered it (DESIGN.md "Task record").
+/// A task as the queue owner delivered it (docs/DESIGN.md "Task record").
 #[derive(Debug, Clone)]
 pub struct Task {
     pub id: String,
@@ -41,7 +41,7 @@ impl Task {
     }
 }
 
-/// An event as received (DESIGN.md "Event envelope").
+/// An event as received (docs/DESIGN.md "Event envelope").
 #[derive(Debug, Clone)]
 pub struct Event {
     /// `t1.t2.…`, from the envelope or, for a bare MQTT payload, the topic.

@@ -1,4 +1,4 @@
-//! The fail-fast watchdog (seeds/002 Step 3), on a plain OS thread.
+//! The fail-fast watchdog (the post-mortem's "watchdog" step), on a plain OS thread.
 //!
 //! The post-mortem's service lost its broker and hung while looking alive.
 //! This thread reads [`Vitals`] on a short interval and ends the process with
