@@ -98,6 +98,51 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Mosquitto on `port` with the listener settings every bench uses plus
+/// `extra` config lines, its config written to `conf`.
+fn spawn_mosquitto(conf: &std::path::Path, port: u16, extra: &str) -> anyhow::Result<Child> {
+    std::fs::write(
+        conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\n\
+             max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra}"
+        ),
+    )?;
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn mosquitto (scripts/setup.sh installs it)")
+}
+
+/// `axion serve` on `port` with its data in `data`, quiet unless
+/// AXION_BENCH_LOG is set (then its value is RUST_LOG and stderr shows).
+fn axion_serve(
+    bin: &std::path::Path,
+    port: u16,
+    data: &std::path::Path,
+) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .arg("--ws-listen")
+        .arg(format!("127.0.0.1:{}", free_port()?))
+        .arg("--data-dir")
+        .arg(data)
+        .env(
+            "RUST_LOG",
+            std::env::var("AXION_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("AXION_BENCH_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    Ok(cmd)
+}
+
 fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
@@ -110,44 +155,17 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
             .spawn()
             .context("spawn the plain rumqttd broker")?,
         Kind::Mosquitto => {
-            let conf = dir.path().join("m.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n"
-                ),
-            )?;
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("spawn mosquitto (scripts/setup.sh installs it)")?
+            spawn_mosquitto(&dir.path().join("m.conf"), port, "persistence false\n")?
         }
-        Kind::Axion | Kind::Baseline => Command::new(match (kind, &args.baseline) {
-            (Kind::Baseline, Some(path)) => path,
-            _ => &args.axion,
-        })
-        .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
-        .arg("--ws-listen")
-        .arg(format!("127.0.0.1:{}", free_port()?))
-        .arg("--data-dir")
-        .arg(dir.path())
-        // AXION_BENCH_LOG=info shows the broker's log on stderr.
-        .env(
-            "RUST_LOG",
-            std::env::var("AXION_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("AXION_BENCH_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
+        Kind::Axion | Kind::Baseline => {
+            let bin = match (kind, &args.baseline) {
+                (Kind::Baseline, Some(path)) => path,
+                _ => &args.axion,
+            };
+            axion_serve(bin, port, dir.path())?
+                .spawn()
+                .with_context(|| format!("spawn {} (cargo build --release)", bin.display()))?
+        }
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -22,7 +22,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{cpu_secs, free_port, nodelay, Args};
+use super::{axion_serve, cpu_secs, free_port, nodelay, spawn_mosquitto, Args};
 
 /// Payload of every retained message.
 const PAYLOAD: usize = 64;
@@ -123,46 +123,19 @@ fn spawn(who: Who, args: &Args, data: &Path, conf_dir: &Path) -> anyhow::Result<
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(conf_dir, std::fs::Permissions::from_mode(0o711))?;
             std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o777))?;
-            let conf = conf_dir.join("m.conf");
             // The throughput bench's listener settings, plus persistence at
             // Mosquitto's default autosave interval (1800 s).
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\n\
-                     max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n\
-                     persistence true\npersistence_location {}/\nautosave_interval 1800\n",
-                    data.display()
-                ),
-            )?;
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("spawn mosquitto (scripts/setup.sh installs it)")?
+            let extra = format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1800\n",
+                data.display()
+            );
+            spawn_mosquitto(&conf_dir.join("m.conf"), port, &extra)?
         }
-        Who::Axion => Command::new(&args.axion)
-            .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
-            .arg("--ws-listen")
-            .arg(format!("127.0.0.1:{}", free_port()?))
-            .arg("--data-dir")
-            .arg(data)
-            // Its default keeps 100 000 retained topics (its own records
-            // among them); the bench's N must all fit.
+        // Its default keeps 100 000 retained topics (its own records among
+        // them); the bench's N must all fit.
+        Who::Axion => axion_serve(&args.axion, port, data)?
             .arg("--max-retained")
             .arg((args.retained + 10_000).max(100_000).to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("AXION_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("AXION_BENCH_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
             .spawn()
             .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
     };
