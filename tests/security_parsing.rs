@@ -10,9 +10,9 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{Msg, V4, V5};
-use common::raw::{mqtt_str, raw_connect, raw_subscribe, varint};
+use common::raw::{mqtt_str, next_packet, raw_connect, raw_subscribe, varint};
 use common::Serve;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -73,29 +73,6 @@ fn connect(level: u8, id: &str, properties: &[u8], will: Option<Will>, extra: &[
 
 /// MQTT 5 CONNECT properties: Session Expiry Interval 60 s.
 const EXPIRY_60: &[u8] = &[5, 0x11, 0, 0, 0, 60];
-
-/// The next whole packet: `Some(None)` if the broker closed the
-/// connection, `None` if nothing came within `ms`.
-async fn next_packet(stream: &mut TcpStream, ms: u64) -> Option<Option<(u8, Vec<u8>)>> {
-    let read = async {
-        let byte1 = stream.read_u8().await.ok()?;
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let b = stream.read_u8().await.ok()?;
-            len |= usize::from(b & 0x7f) << shift;
-            shift += 7;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await.ok()?;
-        Some((byte1, body))
-    };
-    tokio::time::timeout(Duration::from_millis(ms), read)
-        .await
-        .ok()
-}
 
 /// The next packet, which must come within 5 s.
 async fn expect_packet(stream: &mut TcpStream, what: &str) -> (u8, Vec<u8>) {

@@ -86,9 +86,9 @@ pub async fn read_reply(stream: &mut TcpStream, ms: u64) -> Vec<u8> {
     }
 }
 
-/// Reads one whole packet: (first byte, body). `None` if the broker closed
-/// the connection; panics if nothing comes within `ms`.
-pub async fn read_packet(stream: &mut TcpStream, ms: u64) -> Option<(u8, Vec<u8>)> {
+/// The next whole packet: (first byte, body); `Some(None)` if the broker
+/// closed the connection, `None` if nothing came within `ms`.
+pub async fn next_packet(stream: &mut TcpStream, ms: u64) -> Option<Option<(u8, Vec<u8>)>> {
     let read = async {
         let byte1 = stream.read_u8().await.ok()?;
         let (mut len, mut shift) = (0usize, 0);
@@ -106,5 +106,13 @@ pub async fn read_packet(stream: &mut TcpStream, ms: u64) -> Option<(u8, Vec<u8>
     };
     tokio::time::timeout(Duration::from_millis(ms), read)
         .await
-        .unwrap_or_else(|_| panic!("no packet within {ms} ms"))
+        .ok()
+}
+
+/// Reads one whole packet: (first byte, body). `None` if the broker closed
+/// the connection; panics if nothing comes within `ms`.
+pub async fn read_packet(stream: &mut TcpStream, ms: u64) -> Option<(u8, Vec<u8>)> {
+    next_packet(stream, ms)
+        .await
+        .unwrap_or_else(|| panic!("no packet within {ms} ms"))
 }
