@@ -832,7 +832,7 @@ async fn a_reply_topic_with_a_wildcard_holds_up_nothing() {
     conn.abort();
 }
 
-/// `worker` gets task `id` within the bound for a dead worker's
+/// `worker` gets task `id` within the contract's bound for a dead worker's
 /// task reaching another worker: 2 s from `start`.
 async fn expect_moved_to(worker: &mut Worker, id: &str, start: Instant) -> Value {
     let task = worker
