@@ -135,7 +135,12 @@ impl Serve {
             let mqtt_port = free_port();
             let ws_port = free_port();
             let mut proc = spawn_serve(data_dir.path(), mqtt_port, ws_port, args, envs);
-            if listens_while_running(&mut proc, mqtt_port, Duration::from_secs(20)) {
+            // `serve` binds MQTT before the bridge: it is ready once both
+            // listen, and a taken WebSocket port makes it exit after MQTT
+            // already accepted (a client then sees a reset).
+            if listens_while_running(&mut proc, mqtt_port, Duration::from_secs(20))
+                && listens_while_running(&mut proc, ws_port, Duration::from_secs(20))
+            {
                 return Serve {
                     proc,
                     mqtt_port,
@@ -162,8 +167,9 @@ impl Serve {
             args,
             envs,
         );
-        if let Err(exited) = wait_listening(&mut self.proc, self.mqtt_port, Duration::from_secs(20))
-        {
+        let ready = wait_listening(&mut self.proc, self.mqtt_port, Duration::from_secs(20))
+            .and_then(|()| wait_listening(&mut self.proc, self.ws_port, Duration::from_secs(20)));
+        if let Err(exited) = ready {
             let log = std::fs::read_to_string(self.data_dir.path().join("serve.log"));
             panic!(
                 "axion serve did not come back on port {} (exit: {exited:?}); its log:\n{}",
