@@ -209,9 +209,10 @@ async fn message_expiry_keeps_counting_across_a_restart() {
     );
 }
 
-/// A kept session, left with its subscription, then the broker stops
-/// (`signal`) and comes back: the client resumes with session_present=1
-/// and gets what was published to it after the restart while it was away.
+/// A kept session, left with its subscription, is sent three QoS 1
+/// messages while away (each acknowledged to its publisher); then the
+/// broker stops (`signal`) and comes back, and three more are published:
+/// the client resumes with session_present=1 and gets all six, in order.
 async fn kept_session_survives(signal: i32, v5: bool) {
     let mut s = Serve::start();
     let id = format!("kept-{signal}-{v5}");
@@ -246,14 +247,17 @@ async fn kept_session_survives(signal: i32, v5: bool) {
             Client::V4(c)
         }
     };
-    client.kill().await;
+    client.leave().await;
 
+    for i in 0..3 {
+        publish_retained_free(s.mqtt_port, &format!("kept/{i}"), &format!("m{i}"));
+    }
     s.proc.signal(signal);
     if signal == 15 {
         assert_eq!(s.proc.wait_exit(Duration::from_secs(10)), Some(0));
     }
     s.restart(&[], &[]);
-    for i in 0..3 {
+    for i in 3..6 {
         publish_retained_free(s.mqtt_port, &format!("kept/{i}"), &format!("m{i}"));
     }
     let (mut client, present) = resume(s.mqtt_port).await;
@@ -262,11 +266,11 @@ async fn kept_session_survives(signal: i32, v5: bool) {
         "the session is back after the restart (signal {signal})"
     );
     let mut got = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..6 {
         let m = common::mqtt::recv(client.rx(), 5).await;
         got.push(String::from_utf8_lossy(&m.payload).into_owned());
     }
-    assert_eq!(got, ["m0", "m1", "m2"]);
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
 }
 
 enum Client {
@@ -275,10 +279,10 @@ enum Client {
 }
 
 impl Client {
-    async fn kill(self) {
+    async fn leave(self) {
         match self {
-            Client::V4(c) => c.kill(),
-            Client::V5(c) => c.kill().await,
+            Client::V4(c) => c.leave().await,
+            Client::V5(c) => c.leave().await,
         }
     }
 

@@ -64,8 +64,14 @@ pub struct BrokerConfig {
     /// Session Expiry Interval and is the expiry of 3.1.1 persistent
     /// sessions, so abandoned client ids do not hold memory forever.
     pub max_session_expiry: u32,
-    /// File that keeps retained messages across restarts (`None`: memory only).
+    /// File that keeps retained messages, kept sessions and what they are
+    /// owed across restarts (`None`: memory only, and the router holds
+    /// what an away session is owed).
     pub state_file: Option<PathBuf>,
+    /// Messages, and bytes on disk, one away session's queue may hold;
+    /// past either, new messages for it are dropped and counted.
+    pub max_queued_messages: u64,
+    pub max_queued_bytes: u64,
 }
 
 impl BrokerConfig {
@@ -97,6 +103,8 @@ impl Default for BrokerConfig {
             max_keep_alive: 60,
             max_session_expiry: 86_400,
             state_file: None,
+            max_queued_messages: 50_000,
+            max_queued_bytes: 64 * 1024 * 1024,
         }
     }
 }

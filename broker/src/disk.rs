@@ -1,5 +1,7 @@
 //! Broker state on disk, so it survives a restart of `axion serve`, clean
-//! or `kill -9`: retained messages, and the sessions clients asked to keep.
+//! or `kill -9`: retained messages, the sessions clients asked to keep, and
+//! what those sessions are owed while they are away (see
+//! [`crate::offline`]).
 //!
 //! Memory stays the read path ([`crate::retained::RetainedStore`],
 //! [`crate::expiry::Lifetimes`]); every change is also written here, in the
@@ -12,7 +14,7 @@
 //! counted down by the time that passed.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -26,11 +28,17 @@ const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained")
 /// Router client id → a kept session (see [`crate::expiry::KeptRecord`]).
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 
+/// `<router client id>` 0xFF `<sequence, u64 BE>` → [`encode_queued`]
+/// message: what a kept session is owed, in order. 0xFF never occurs in
+/// UTF-8, so one id's keys are one contiguous range.
+const QUEUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queued");
+
 /// Which table a change goes to.
 #[derive(Debug, Clone, Copy)]
 enum Table {
     Retained,
     Sessions,
+    Queued,
 }
 
 /// Changes taken into one transaction at most.
@@ -45,20 +53,20 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("retained store {path}: {source}")]
+    #[error("broker store {path}: {source}")]
     Open {
         path: PathBuf,
         source: redb::DatabaseError,
     },
-    #[error("retained store: {0}")]
+    #[error("broker store: {0}")]
     Transaction(#[from] redb::TransactionError),
-    #[error("retained store: {0}")]
+    #[error("broker store: {0}")]
     Table(#[from] redb::TableError),
-    #[error("retained store: {0}")]
+    #[error("broker store: {0}")]
     Storage(#[from] redb::StorageError),
-    #[error("retained store: {0}")]
+    #[error("broker store: {0}")]
     Commit(#[from] redb::CommitError),
-    #[error("retained store: {0}")]
+    #[error("broker store: {0}")]
     Durability(#[from] redb::SetDurabilityError),
 }
 
@@ -88,6 +96,94 @@ pub struct Loaded {
     pub properties: Option<PublishProperties>,
     /// How long ago it was stored.
     pub age: Duration,
+}
+
+/// A message a kept session is owed, read back from disk.
+#[derive(Debug)]
+pub struct QueuedMessage {
+    pub seq: u64,
+    /// Router form.
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// The client was sent it before (and did not acknowledge it).
+    pub dup: bool,
+    pub properties: Option<PublishProperties>,
+    /// How long ago it was queued.
+    pub age: Duration,
+    /// Bytes it takes on disk (what the queue's bound counts).
+    pub size: u64,
+}
+
+/// What one kept session's queue holds, found when the file is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    pub messages: u64,
+    pub bytes: u64,
+    /// Highest sequence number in use.
+    pub last_seq: u64,
+}
+
+fn queue_key(router_id: &str, seq: u64) -> Bytes {
+    let mut key = Vec::with_capacity(router_id.len() + 9);
+    key.extend_from_slice(router_id.as_bytes());
+    key.push(0xFF);
+    key.extend_from_slice(&seq.to_be_bytes());
+    Bytes::from(key)
+}
+
+/// The id and sequence of a [`QUEUED`] key.
+fn split_queue_key(key: &[u8]) -> Option<(&str, u64)> {
+    let (id, seq) = key.split_at_checked(key.len().checked_sub(9)?)?;
+    let (&sep, seq) = seq.split_first()?;
+    (sep == 0xFF).then_some(())?;
+    Some((
+        std::str::from_utf8(id).ok()?,
+        u64::from_be_bytes(seq.try_into().ok()?),
+    ))
+}
+
+/// How a queued message was published and whether it was sent before.
+#[derive(Debug, Clone, Copy)]
+pub struct QueuedFlags {
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+}
+
+/// `[topic length, u16 LE][topic]` then [`encode`] with RETAIN and DUP in
+/// the QoS byte's high bits.
+pub fn encode_queued(
+    topic: &[u8],
+    payload: &[u8],
+    flags: QueuedFlags,
+    props: Option<&PublishProperties>,
+) -> Vec<u8> {
+    let byte = flags.qos | (u8::from(flags.retain) << 7) | (u8::from(flags.dup) << 6);
+    let body = encode(payload, byte, props);
+    let mut out = Vec::with_capacity(2 + topic.len() + body.len());
+    out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    out.extend_from_slice(topic);
+    out.extend_from_slice(&body);
+    out
+}
+
+fn decode_queued(seq: u64, raw: &[u8], now: u64) -> Option<QueuedMessage> {
+    let len = usize::from(u16::from_le_bytes(raw.get(..2)?.try_into().ok()?));
+    let topic = raw.get(2..2 + len)?;
+    let m = decode(topic, raw.get(2 + len..)?, now)?;
+    Some(QueuedMessage {
+        seq,
+        topic: m.topic,
+        payload: m.payload,
+        qos: m.qos & 0x03,
+        retain: m.qos & 0x80 != 0,
+        dup: m.qos & 0x40 != 0,
+        properties: m.properties,
+        age: m.age,
+        size: raw.len() as u64,
+    })
 }
 
 fn now_ms() -> u64 {
@@ -158,6 +254,8 @@ fn decode(topic: &[u8], raw: &[u8], now: u64) -> Option<Loaded> {
 enum Op {
     Put(Table, Bytes, Vec<u8>),
     Delete(Table, Bytes),
+    /// Every queued message of one router client id.
+    DeleteQueue(String),
     /// Nothing to write: done once everything queued before it is.
     Sync,
 }
@@ -172,10 +270,14 @@ pub struct Opened {
     pub retained: Vec<Loaded>,
     /// Kept-session records (see [`crate::expiry::KeptRecord`]).
     pub sessions: Vec<Vec<u8>>,
+    /// What each kept session's queue holds, by router client id.
+    pub queues: std::collections::HashMap<String, QueueSummary>,
 }
 
 /// The writing end; cheap to call from any thread.
 pub struct BrokerDisk {
+    /// Shared with the writer; reads (a queue at resume) need no writer.
+    db: Arc<Database>,
     tx: Option<mpsc::Sender<(Op, Option<oneshot::Sender<()>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -215,6 +317,7 @@ impl BrokerDisk {
         let now = now_ms();
         let mut loaded = Vec::new();
         let mut sessions = Vec::new();
+        let mut queues: std::collections::HashMap<String, QueueSummary> = Default::default();
         let mut stale = Vec::new();
         {
             let read = db.begin_read()?;
@@ -241,6 +344,21 @@ impl BrokerDisk {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(e.into()),
             }
+            match read.open_table(QUEUED) {
+                Ok(table) => {
+                    for entry in table.iter()? {
+                        let (k, v) = entry?;
+                        if let Some((id, seq)) = split_queue_key(k.value()) {
+                            let q = queues.entry(id.to_string()).or_default();
+                            q.messages += 1;
+                            q.bytes += v.value().len() as u64;
+                            q.last_seq = q.last_seq.max(seq);
+                        }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         if !stale.is_empty() {
             let mut write = db.begin_write()?;
@@ -259,20 +377,24 @@ impl BrokerDisk {
         }
         let (tx, rx) = mpsc::channel();
         let file = path.to_path_buf();
+        let db = Arc::new(db);
+        let writer_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("axion-broker-disk".into())
-            .spawn(move || writer(db, rx, file))
+            .spawn(move || writer(&writer_db, rx, file))
             .map_err(|source| DiskError::Dir {
                 path: path.to_path_buf(),
                 source,
             })?;
         Ok(Opened {
             disk: Self {
+                db,
                 tx: Some(tx),
                 thread: Some(thread),
             },
             retained: loaded,
             sessions,
+            queues,
         })
     }
 
@@ -309,6 +431,49 @@ impl BrokerDisk {
         ))
     }
 
+    /// Appends message `seq` (an [`encode_queued`] value) to the queue of
+    /// the kept session `router_id`.
+    pub fn put_queued(&self, router_id: &str, seq: u64, value: Vec<u8>) -> Commit {
+        self.send(Op::Put(Table::Queued, queue_key(router_id, seq), value))
+    }
+
+    /// Removes message `seq` from the queue of `router_id` (delivered).
+    pub fn delete_queued(&self, router_id: &str, seq: u64) -> Commit {
+        self.send(Op::Delete(Table::Queued, queue_key(router_id, seq)))
+    }
+
+    /// Removes the whole queue of `router_id` (its session ended).
+    pub fn delete_queue(&self, router_id: &str) -> Commit {
+        self.send(Op::DeleteQueue(router_id.to_string()))
+    }
+
+    /// Reads the queue of `router_id`, oldest first. Blocking: call it
+    /// after a [`BrokerDisk::sync`], from a blocking context.
+    pub fn load_queue(&self, router_id: &str) -> Result<Vec<QueuedMessage>, DiskError> {
+        let read = self.db.begin_read()?;
+        let table = match read.open_table(QUEUED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let (from, to) = (queue_key(router_id, 0), queue_key(router_id, u64::MAX));
+        let now = now_ms();
+        let mut out = Vec::new();
+        for entry in table.range(from.as_ref()..=to.as_ref())? {
+            let (k, v) = entry?;
+            let Some((_, seq)) = split_queue_key(k.value()) else {
+                continue;
+            };
+            match decode_queued(seq, v.value(), now) {
+                Some(m) => out.push(m),
+                None => {
+                    tracing::warn!(client = router_id, seq, "unreadable queued message skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Resolves once every change handed in before is on disk (a clean
     /// stop waits for it).
     pub fn sync(&self) -> Commit {
@@ -322,7 +487,7 @@ impl BrokerDisk {
             .as_ref()
             .is_some_and(|tx| tx.send((op, Some(done))).is_ok());
         if !sent {
-            tracing::error!("retained store writer is gone; a retained change is not on disk");
+            tracing::error!("broker store writer is gone; a change is not on disk");
         }
         commit
     }
@@ -337,7 +502,7 @@ fn expired(m: &Loaded) -> bool {
 
 /// Commits what queued up, one transaction per batch, until every sender
 /// is gone.
-fn writer(db: Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, file: PathBuf) {
+fn writer(db: &Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, file: PathBuf) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -352,15 +517,22 @@ fn writer(db: Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, f
             {
                 let mut retained = write.open_table(RETAINED)?;
                 let mut sessions = write.open_table(SESSIONS)?;
+                let mut queued = write.open_table(QUEUED)?;
                 for (op, _) in &batch {
                     let (table, key, value) = match op {
                         Op::Put(t, k, v) => (*t, k, Some(v)),
                         Op::Delete(t, k) => (*t, k, None),
+                        Op::DeleteQueue(id) => {
+                            let (from, to) = (queue_key(id, 0), queue_key(id, u64::MAX));
+                            queued.retain_in(from.as_ref()..=to.as_ref(), |_, _| false)?;
+                            continue;
+                        }
                         Op::Sync => continue,
                     };
                     let table = match table {
                         Table::Retained => &mut retained,
                         Table::Sessions => &mut sessions,
+                        Table::Queued => &mut queued,
                     };
                     match value {
                         Some(v) => {
@@ -376,9 +548,9 @@ fn writer(db: Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, f
             Ok(())
         })();
         if let Err(error) = result {
-            // The messages are still retained in memory and delivered;
-            // only a restart would lose them. Said loudly, once per batch.
-            tracing::error!(file = %file.display(), %error, changes = batch.len(), "retained messages not written to disk");
+            // Retained messages are still in memory and delivered; queued
+            // ones are lost with this batch. Said loudly, once per batch.
+            tracing::error!(file = %file.display(), %error, changes = batch.len(), "broker state not written to disk");
         }
         for (_, done) in batch {
             if let Some(done) = done {

@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 
 use crate::flow::Consumer;
 use crate::names;
+use crate::offline::{Drainer, Overlap};
 use crate::server::Shared;
 
 /// A session's subscriptions as the front end needs them after a resume
@@ -158,10 +159,11 @@ impl KeptRecord {
     }
 }
 
-/// Forgets a kept session on disk.
+/// Forgets a kept session on disk, with what it was owed.
 pub fn forget_kept(shared: &Shared, router_id: &str) {
     if let Some(disk) = &shared.disk {
         drop(disk.delete_session(router_id));
+        shared.offline.forget(disk, router_id);
     }
 }
 
@@ -230,6 +232,7 @@ pub async fn restore_kept(shared: &Arc<Shared>, records: Vec<Vec<u8>>) {
                 subscriptions: Arc::new(std::sync::Mutex::new(subs)),
                 will: Arc::new(std::sync::Mutex::new(None)),
                 owner: record.owner.clone(),
+                drainer: None,
             },
         );
         // Not awaited: the next start reads the old record just as well.
@@ -275,6 +278,9 @@ pub struct Newest {
     /// The user whose connection made the session (`None`: anonymous, or
     /// authentication off): only that user may resume or take it over.
     owner: Option<String>,
+    /// Writes what the session is owed to its queue while it is away
+    /// (see [`crate::offline`]).
+    drainer: Option<Drainer>,
 }
 
 /// A connection's will, shared with the next connection of its client id:
@@ -323,6 +329,9 @@ pub struct Resumed {
     pub subscriptions: SharedSubscriptions,
     /// The will of a connection this one takes over, still to be decided.
     pub superseded_will: Option<Will>,
+    /// The session comes back from away: its queue is to be read and
+    /// sent first, and these router copies of queued messages skipped.
+    pub back: Option<Overlap>,
 }
 
 impl Lifetimes {
@@ -353,6 +362,13 @@ impl Lifetimes {
                 owner: held.owner.clone(),
             });
         }
+        // The drainer lets go of the router's session before anything
+        // else touches it.
+        let drainer = newest.get_mut(router_id).and_then(|p| p.drainer.take());
+        let away = drainer.is_some();
+        if let Some(drainer) = drainer {
+            drainer.stop().await;
+        }
         let ends_with_connection = newest
             .get(router_id)
             .is_some_and(|p| p.kept && p.expiry.load(Ordering::Relaxed) == 0);
@@ -373,6 +389,8 @@ impl Lifetimes {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take()
         });
+        let back = (away && resumes && previous.as_ref().is_some_and(|p| p.kept))
+            .then(|| shared.offline.unpark(router_id));
         let subscriptions = match previous.as_ref() {
             Some(p) if p.kept && resumes => p.subscriptions.clone(),
             Some(p) => {
@@ -392,6 +410,7 @@ impl Lifetimes {
                 subscriptions: subscriptions.clone(),
                 will,
                 owner,
+                drainer: None,
             },
         );
         Ok(Resumed {
@@ -401,6 +420,7 @@ impl Lifetimes {
                 .map_or(0, |p| p.unacknowledged.load(Ordering::Relaxed)),
             subscriptions,
             superseded_will,
+            back,
         })
     }
 
@@ -438,6 +458,11 @@ impl Lifetimes {
     pub async fn offline_drained(&self, shared: &Shared, connected: impl Fn(u64) -> bool) -> bool {
         let newest = self.newest.lock().await;
         let drained = offline(&newest, connected).all(|(_, e)| {
+            // An away session with a drainer is owed nothing by the
+            // router: the renewal waits for its drainer to catch up.
+            if e.drainer.is_some() {
+                return true;
+            }
             let subs = e.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
             e.unacknowledged.load(Ordering::Relaxed) == 0
                 && subs.parked.iter().all(|(path, c)| {
@@ -446,6 +471,21 @@ impl Lifetimes {
                 })
         });
         drained
+    }
+
+    /// True once every away session has a drainer and each has read all
+    /// the router holds for it: a clean stop waits for this, so what the
+    /// last connections left unacknowledged is in their queues.
+    pub async fn settled(&self, shared: &Shared) -> bool {
+        if shared.disk.is_none() {
+            return true;
+        }
+        let newest = self.newest.lock().await;
+        newest
+            .values()
+            .filter(|e| e.kept && e.expiry.load(Ordering::Relaxed) > 0)
+            .all(|e| e.drainer.is_some())
+            && shared.offline.caught_up(shared)
     }
 
     /// Creates every kept session without a connection on the (new)
@@ -520,6 +560,28 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
             return;
         }
         let expiry = Duration::from_secs(u64::from(entry.expiry.load(Ordering::Relaxed)));
+        if !expiry.is_zero() && shared.disk.is_some() && entry.drainer.is_none() {
+            let filters: Vec<(String, u8, bool)> = {
+                let subs = entry
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                subs.with_qos()
+                    .into_iter()
+                    .map(|(path, qos)| {
+                        let rap = subs.rap.contains(&path);
+                        (path, qos as u8, rap)
+                    })
+                    .collect()
+            };
+            let queue = shared.offline.park(&router_id, &filters);
+            entry.drainer = Some(crate::offline::spawn_drainer(
+                shared.clone(),
+                queue,
+                entry.subscriptions.clone(),
+                entry.unacknowledged.load(Ordering::Relaxed),
+            ));
+        }
         if expiry.is_zero() {
             erase(&shared, &router_id).await;
             if let Some(gone) = newest.remove(&router_id) {
@@ -531,10 +593,13 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
     };
     tokio::time::sleep(expiry).await;
     let mut newest = shared.lifetimes.newest.lock().await;
-    if newest
-        .get(&router_id)
-        .is_some_and(|e| e.generation == generation)
+    if let Some(entry) = newest
+        .get_mut(&router_id)
+        .filter(|e| e.generation == generation)
     {
+        if let Some(drainer) = entry.drainer.take() {
+            drainer.stop().await;
+        }
         erase(&shared, &router_id).await;
         if let Some(gone) = newest.remove(&router_id) {
             unpark(&shared, &gone.subscriptions);

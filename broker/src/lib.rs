@@ -12,7 +12,9 @@
 //! [`auth`] and [`acl`] decide who may connect, publish and subscribe
 //! (rumqttd has no per-topic authorization), [`login_limit`] slows down
 //! password guessing; [`tls`] loads the MQTTS certificate; [`refusals`]
-//! logs refused subscriptions once per episode.
+//! logs refused subscriptions once per episode. [`disk`] keeps retained
+//! messages, kept sessions and, through [`offline`], what away sessions
+//! are owed.
 
 pub mod acl;
 pub mod auth;
@@ -25,6 +27,7 @@ pub mod listener;
 pub mod login_limit;
 pub mod marks;
 pub mod names;
+pub mod offline;
 pub mod queues;
 pub mod refusals;
 pub mod renewal;

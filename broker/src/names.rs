@@ -31,6 +31,31 @@ pub fn router_client_id(client_id: &str) -> String {
     out
 }
 
+/// The client id a [`router_client_id`] came from, for logs and records.
+pub fn client_id_of(router_id: &str) -> String {
+    if !router_id.contains('%') {
+        return router_id.to_string();
+    }
+    let mut out = String::with_capacity(router_id.len());
+    let mut rest = router_id;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at + 1..at + 3);
+        match code.and_then(|c| u8::from_str_radix(c, 16).ok()) {
+            Some(b) => {
+                out.push(char::from(b));
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn needs_escape(first: u8) -> bool {
     first >= ESCAPE
 }
@@ -199,6 +224,14 @@ pub fn check_filter(filter: &str) -> Result<(), NameError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_router_client_id_turns_back_into_the_client_id() {
+        for id in ["plain", "a/b+c#d$e%f", "%", "x%2"] {
+            assert_eq!(client_id_of(&router_client_id(id)), id);
+        }
+    }
+
     use super::*;
 
     #[test]

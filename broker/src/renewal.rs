@@ -131,6 +131,11 @@ impl Renewal {
         (live, self.phase.subscribe())
     }
 
+    /// Follows the phases of renewals (the drainers of away sessions do).
+    pub fn phases(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
     pub fn deregister(&self, generation: u64) {
         self.lock_live().remove(&generation);
     }
@@ -448,8 +453,13 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
     .await
     .map_err(|_| "counting markers failed")?;
     publish_markers(shared, round, markers).await?;
-    let drained =
-        || renewal.copies.load(Ordering::Relaxed) >= expected && renewal.all_serving(&|s| s.idle);
+    // Drainers of away sessions count no markers: they are done once
+    // they have read everything admitted before the pause.
+    let drained = || {
+        renewal.copies.load(Ordering::Relaxed) >= expected
+            && renewal.all_serving(&|s| s.idle)
+            && shared.offline.caught_up(shared)
+    };
     if !renewal.wait_until(drained).await {
         let copies = renewal.copies.load(Ordering::Relaxed);
         debug!(copies, expected, "old router not drained in time");

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, QoS, RetainForwardRule, Subscribe,
+    Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, QoS, RetainForwardRule, Subscribe,
 };
 use rumqttd::{Notification, Router, RouterConfig, Strategy};
 
@@ -178,6 +179,37 @@ pub fn disconnect() -> Packet {
     Packet::Disconnect(
         Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
+}
+
+/// Acknowledgements a link gives the router for its deliveries.
+pub fn puback(pkid: u16) -> Packet {
+    Packet::PubAck(
+        PubAck {
+            pkid,
+            reason: PubAckReason::Success,
+        },
+        None,
+    )
+}
+
+pub fn pubrec(pkid: u16) -> Packet {
+    Packet::PubRec(
+        PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+pub fn pubcomp(pkid: u16) -> Packet {
+    Packet::PubComp(
+        PubComp {
+            pkid,
+            reason: PubCompReason::Success,
         },
         None,
     )

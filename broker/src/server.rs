@@ -67,7 +67,9 @@ pub struct Shared {
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
     /// Where retained changes are also written (see [`crate::disk`]).
-    pub(crate) disk: Option<crate::disk::BrokerDisk>,
+    pub(crate) disk: Option<Arc<crate::disk::BrokerDisk>>,
+    /// What away kept sessions are owed (see [`crate::offline`]).
+    pub offline: crate::offline::Offline,
     pub flow: Flow,
     /// What publishes must carry for their subscribers (see [`marks`]).
     pub needed: Needed,
@@ -287,6 +289,10 @@ pub struct Counters {
     /// Subscriptions refused because the client held
     /// `--max-filters-per-client` filters already.
     pub filters_refused_per_client: u64,
+    /// QoS 1/2 messages waiting in the queues of away kept sessions, and
+    /// messages dropped because a queue was full (see [`crate::offline`]).
+    pub queued_messages: u64,
+    pub queued_dropped: u64,
 }
 
 /// A running broker.
@@ -347,6 +353,7 @@ impl Broker {
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let mut store = RetainedStore::new(config.max_retained, config.max_retained_bytes);
         let mut kept_sessions = Vec::new();
+        let mut queues = HashMap::new();
         let disk = match &config.state_file {
             Some(path) => {
                 let started = std::time::Instant::now();
@@ -354,8 +361,10 @@ impl Broker {
                     disk,
                     retained: loaded,
                     sessions,
+                    queues: found_queues,
                 } = crate::disk::BrokerDisk::open(path)?;
                 kept_sessions = sessions;
+                queues = found_queues;
                 let found = loaded.len();
                 let kept = loaded
                     .into_iter()
@@ -378,11 +387,16 @@ impl Broker {
                     );
                 }
                 info!(file = %path.display(), retained = kept, took_ms = started.elapsed().as_millis() as u64, "retained messages restored");
-                Some(disk)
+                Some(Arc::new(disk))
             }
             None => None,
         };
         let retained = Mutex::new(store);
+        let offline = crate::offline::Offline::new(
+            config.max_queued_messages,
+            config.max_queued_bytes,
+            queues,
+        );
         let shared = Arc::new(Shared {
             config,
             router,
@@ -395,6 +409,7 @@ impl Broker {
             groups: Mutex::new(HashMap::new()),
             retained,
             disk,
+            offline,
             flow,
             needed: Needed::default(),
             lifetimes: Lifetimes::default(),
@@ -474,6 +489,12 @@ impl Broker {
         move || counters(&shared)
     }
 
+    /// The kept sessions whose queue dropped messages (client id, how
+    /// many), most first, at most `n`.
+    pub fn queue_drops(&self, n: usize) -> Vec<(String, u64)> {
+        self.shared.offline.drops(n)
+    }
+
     /// False once rumqttd's router thread has died; the process should exit.
     pub fn is_healthy(&self) -> bool {
         self.shared.router().is_alive()
@@ -507,6 +528,16 @@ impl Broker {
             .is_err()
         {
             warn!("sessions did not close within 3 s");
+        }
+        // What kept sessions were owed when their connections closed goes
+        // to their queues before the process ends.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.shared.lifetimes.settled(&self.shared).await {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("what away sessions were owed was not all queued within 3 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some(disk) = &self.shared.disk {
             let _ = disk.sync().await;
@@ -583,5 +614,7 @@ fn counters(s: &Shared) -> Counters {
         router_renewal_pause_ms: get(&s.renewal.last_pause_ms),
         share_repeats_dropped: get(&s.share_repeats),
         filters_refused_per_client: get(&s.filters_refused_per_client),
+        queued_messages: s.offline.waiting(),
+        queued_dropped: get(&s.offline.dropped_total),
     }
 }

@@ -223,6 +223,8 @@ fn broker_counters(rows: &[InstanceView]) -> Vec<(String, String)> {
         ("router_renewals_put_off", "put off"),
         ("router_renewal_pause_ms", "last pause ms"),
         ("share_repeats_dropped", "$share repeats dropped"),
+        ("queued_messages", "queued for away sessions"),
+        ("queued_dropped", "queue drops"),
     ];
     rows.iter()
         .filter(|r| r.state != State::Offline)

@@ -64,6 +64,12 @@ pub struct Args {
     /// Longest time (seconds) a disconnected client's session (subscriptions, queued messages) is kept; also the expiry of MQTT 3.1.1 persistent sessions.
     #[arg(long, env = "AXION_MAX_SESSION_EXPIRY_SECS", default_value_t = 86_400)]
     pub max_session_expiry_secs: u32,
+    /// QoS 1/2 messages one disconnected kept session may have queued on disk; past it (or --max-queued-bytes) new ones for it are dropped and counted.
+    #[arg(long, env = "AXION_MAX_QUEUED_MESSAGES", default_value_t = 50_000)]
+    pub max_queued_messages: u64,
+    /// Bytes one disconnected kept session's queue may take on disk.
+    #[arg(long, env = "AXION_MAX_QUEUED_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_queued_bytes: u64,
     /// TOML file of users (argon2 hashes), roles and ACLs; without it every client has every right and listeners must be loopback.
     #[arg(long, env = "AXION_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
@@ -203,6 +209,8 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         slow_consumer_timeout: Duration::from_millis(args.slow_consumer_timeout_ms),
         max_keep_alive: args.max_keep_alive_secs,
         max_session_expiry: args.max_session_expiry_secs,
+        max_queued_messages: args.max_queued_messages,
+        max_queued_bytes: args.max_queued_bytes,
         auth: auth.clone(),
         tls,
         unix: unix.as_ref().map(|u| u.path.clone()),
@@ -427,7 +435,16 @@ async fn report_counters(broker: &Broker, heartbeat: &HeartbeatHandle) -> std::c
         }
         last = Some(now);
         match serde_json::to_value(now) {
-            Ok(value) => {
+            Ok(mut value) => {
+                // Which away sessions lost messages at their queue's bound.
+                let drops: serde_json::Map<String, serde_json::Value> = broker
+                    .queue_drops(20)
+                    .into_iter()
+                    .map(|(client, n)| (client, n.into()))
+                    .collect();
+                if let Some(counters) = value.as_object_mut() {
+                    counters.insert("queue_drops_by_client".into(), drops.into());
+                }
                 heartbeat.set_extra("broker", value);
                 heartbeat.publish_now();
             }

@@ -115,6 +115,16 @@ impl V4 {
     pub fn kill(self) {
         self.task.abort();
     }
+
+    /// Sends DISCONNECT and returns once the broker has closed the
+    /// connection (its session has ended).
+    pub async fn leave(mut self) {
+        self.client.disconnect().await.expect("disconnect");
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("the broker closes the connection after DISCONNECT")
+            .expect("event loop task");
+    }
 }
 
 pub struct V5 {
@@ -144,6 +154,16 @@ impl V5 {
     pub async fn kill(mut self) {
         self.task.abort();
         let _ = (&mut self.task).await;
+    }
+
+    /// Sends DISCONNECT and returns once the broker has closed the
+    /// connection (its session has ended).
+    pub async fn leave(mut self) {
+        self.client.disconnect().await.expect("disconnect");
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("the broker closes the connection after DISCONNECT")
+            .expect("event loop task");
     }
 
     pub async fn connect(port: u16, id: &str) -> V5 {

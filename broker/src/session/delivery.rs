@@ -8,10 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::{
-    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
-    PublishProperties, QoS, UnsubAck, UnsubAckReason,
-};
+use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS, UnsubAck, UnsubAckReason};
 use rumqttd::Notification;
 use tracing::{debug, warn};
 
@@ -20,6 +17,7 @@ use super::{make_publish, now_or_never, Ending, Session, RESUBSCRIBE_PKID};
 use crate::marks::Mark;
 use crate::names;
 use crate::queues::tap::Tap;
+use crate::router::{puback, pubcomp, pubrec};
 
 /// Packet ids the front end uses for its own QoS 1 and 2 publishes,
 /// above the router's range.
@@ -43,6 +41,9 @@ pub(super) struct Slot {
     /// back to it if the client never acknowledges it (see
     /// [`Session::give_back_tasks`]).
     pub(super) task: Option<Box<(Bytes, Bytes)>>,
+    /// A message of this session's offline queue (sequence number, bytes
+    /// on disk): deleted from it once the client acknowledges it.
+    pub(super) queued: Option<(u64, u64)>,
 }
 
 /// The last few task ids delivered to a client, bounded.
@@ -161,6 +162,11 @@ impl Session {
     pub(super) fn release_acks(&mut self, to_router: &mut Vec<Packet>) {
         while self.ledger.front().is_some_and(|s| s.acked) {
             if let Some(slot) = self.ledger.pop_front() {
+                if let (Some((seq, size)), Some(disk)) = (slot.queued, &self.shared.disk) {
+                    self.shared
+                        .offline
+                        .delivered(disk, &self.router_id, seq, size);
+                }
                 if slot.local {
                     continue;
                 }
@@ -189,6 +195,76 @@ impl Session {
             }
         }
         None
+    }
+
+    /// Writes what this session was owed while it was away, oldest first,
+    /// ahead of anything live (see [`crate::offline`]). Each keeps a local
+    /// packet id until the client acknowledges it, and is deleted from the
+    /// queue then; what the client may no longer receive is deleted now.
+    pub(super) fn replay(&mut self, queued: Vec<crate::disk::QueuedMessage>, out: &mut BytesMut) {
+        let Some(disk) = self.shared.disk.clone() else {
+            return;
+        };
+        let mut used: HashSet<u16> = self
+            .ledger
+            .iter()
+            .map(|s| s.pkid)
+            .chain(self.local_pubrel.iter().copied())
+            .collect();
+        let (total, mut sent) = (queued.len(), 0usize);
+        for m in queued {
+            let topic = names::unescape_topic(m.topic.clone());
+            if self.withheld(&topic) || self.only_revoked_match(&m.topic) {
+                self.shared
+                    .offline
+                    .delivered(&disk, &self.router_id, m.seq, m.size);
+                continue;
+            }
+            let Some(pkid) = self.alloc_local_pkid(&mut used) else {
+                // Still queued: the next connection gets the rest.
+                warn!(
+                    client_id = self.client_id,
+                    sent,
+                    left = total - sent,
+                    "more queued messages than packet ids: the rest wait for the next connection"
+                );
+                break;
+            };
+            let mut props = m.properties;
+            if let Some(expiry) = props
+                .as_mut()
+                .and_then(|p| p.message_expiry_interval.as_mut())
+            {
+                // MQTT-3.3.2-6: the interval left.
+                let waited = u32::try_from(m.age.as_secs()).unwrap_or(u32::MAX);
+                *expiry = expiry.saturating_sub(waited).max(1);
+            }
+            let qos = if m.qos >= 2 {
+                QoS::ExactlyOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            self.ledger.push_back(Slot {
+                pkid,
+                local: true,
+                acked: false,
+                rec: false,
+                task: None,
+                queued: Some((m.seq, m.size)),
+            });
+            let publish = make_publish(topic, m.payload, qos, m.retain, pkid);
+            let start = out.len();
+            self.encode(Packet::Publish(publish, props), out);
+            if m.dup {
+                // MQTT-3.3.1-1: sent before, unacknowledged.
+                out[start] |= 0x08;
+            }
+            self.send_windowed(out, start);
+            sent += 1;
+        }
+        if total > 0 {
+            debug!(client_id = self.client_id, sent, "queued messages replayed");
+        }
     }
 
     /// Writes the retained messages for the filters of SUBSCRIBE `pkid`.
@@ -237,6 +313,7 @@ impl Session {
                         acked: false,
                         rec: false,
                         task: None,
+                        queued: None,
                     });
                 }
                 let publish = make_publish(topic, retained.payload, qos, true, pkid);
@@ -372,6 +449,12 @@ impl Session {
         out: &mut BytesMut,
     ) -> bool {
         let mark = Mark::take(&mut props);
+        // A copy of a message that waited in this session's offline queue
+        // (and went out from there).
+        let queued_copy = !self.overlap.is_empty()
+            && self
+                .overlap
+                .take(self.shared.offline.hash(&publish.topic, &publish.payload));
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = (own && self.only_nolocal_match(&publish.topic))
             || self.only_revoked_match(&publish.topic);
@@ -422,7 +505,8 @@ impl Session {
                 "message over the client's maximum packet size discarded"
             );
         }
-        let discard = not_for_me || oversize || repeat || withheld || mark.marker.is_some();
+        let discard =
+            not_for_me || oversize || repeat || withheld || queued_copy || mark.marker.is_some();
         if let (false, Some(Outgoing::New(a))) = (discard, alias) {
             self.aliases.learned(topic, a);
         }
@@ -463,6 +547,7 @@ impl Session {
             acked,
             rec: router_qos == 2,
             task: task.filter(|_| !acked),
+            queued: None,
         });
         if router_qos == 2 && (acked || qos < 2) {
             self.downgraded.insert(pkid);
@@ -669,34 +754,4 @@ fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
         qos,
         u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]),
     ))
-}
-
-fn pubrec(pkid: u16) -> Packet {
-    Packet::PubRec(
-        PubRec {
-            pkid,
-            reason: PubRecReason::Success,
-        },
-        None,
-    )
-}
-
-pub(super) fn pubcomp(pkid: u16) -> Packet {
-    Packet::PubComp(
-        PubComp {
-            pkid,
-            reason: PubCompReason::Success,
-        },
-        None,
-    )
-}
-
-fn puback(pkid: u16) -> Packet {
-    Packet::PubAck(
-        PubAck {
-            pkid,
-            reason: PubAckReason::Success,
-        },
-        None,
-    )
 }

@@ -515,12 +515,24 @@ pub(super) async fn handshake(
         revoked: HashSet::new(),
         received_tasks: Default::default(),
         disk_commits: Vec::new(),
+        overlap: Default::default(),
     };
     session.outlet = shared
         .queue_tap
         .get()
         .and_then(|tap| tap.outlet.for_client(&session.client_id));
     session.restore_subscriptions(session_present);
+    if let (Some(overlap), Some(disk)) = (resumed.back, shared.disk.clone()) {
+        // What it was owed while away goes out before anything live.
+        let queued = shared.offline.load(&disk, &session.router_id).await;
+        session.overlap = overlap;
+        let mut out = BytesMut::new();
+        session.replay(queued, &mut out);
+        if !session.send_bytes(out).await {
+            shared.renewal.deregister(resumed.generation);
+            return None;
+        }
+    }
     // Not awaited: until it subscribes, a kept session lost with the broker
     // costs its client only `session_present` (its SUBACKs wait for disk).
     drop(session.save_kept(false));

@@ -166,6 +166,18 @@ impl Session {
                     return Ok(None);
                 }
                 publish.topic = names::escape_topic(publish.topic);
+                // Away sessions it matches get it on disk first (the
+                // publisher's acknowledgement waits for that too).
+                if let (true, Some(disk)) = (qos > 0, &self.shared.disk) {
+                    self.disk_commits.extend(self.shared.offline.capture(
+                        disk,
+                        &publish.topic,
+                        &publish.payload,
+                        qos,
+                        publish.retain,
+                        props.as_ref(),
+                    ));
+                }
                 let (packet, commit) =
                     self.shared
                         .prepare_publish_durable(publish, qos, props, Some(&self.router_id));

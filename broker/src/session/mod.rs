@@ -270,6 +270,9 @@ struct Session {
     /// Router-form filters of a resumed session its user may no longer
     /// hold (see `restore_subscriptions`).
     revoked: HashSet<String>,
+    /// Router copies of messages this session got from its offline queue,
+    /// still to come and to be skipped (see [`crate::offline`]).
+    overlap: crate::offline::Overlap,
 }
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -325,7 +328,7 @@ async fn recv_injected(outlet: &mut Option<OutletLink>, buf: &mut Vec<Injected>)
 }
 
 /// Polls a future once; `None` if it is not ready.
-async fn now_or_never<F: Future>(fut: F) -> Option<F::Output> {
+pub(crate) async fn now_or_never<F: Future>(fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
         Poll::Ready(v) => Poll::Ready(Some(v)),

@@ -1,0 +1,782 @@
+//! What a kept session is owed while no connection reads it: a queue on
+//! disk per session, bounded, replayed when the client comes back.
+//!
+//! rumqttd keeps a disconnected persistent session's messages in its
+//! in-memory filter logs. That loses them on a restart, makes every
+//! publisher to the session's topics wait for it (flow control keeps the
+//! router from overwriting what it has not read), and keeps a router
+//! renewal waiting for as long as the session is owed anything. So when the
+//! connection of a kept session ends (and the broker has a data directory),
+//! the front end takes over what the session is owed.
+//!
+//! Two writers fill a queue, each in its own range of sequence numbers so
+//! that the queue stays in publish order:
+//! - **Capture**, by the publisher's session: a QoS 1/2 publish matching a
+//!   queue's filters is written before the router sees it, and the
+//!   publisher's PUBACK waits for the commit (see `Session::forward`). What
+//!   the broker acknowledged is on disk.
+//! - **The drainer**, a link the front end holds to the router under the
+//!   session's id. It reads what the router had for the session before
+//!   capture began (what the last connection left unacknowledged or never
+//!   read) and its shared-subscription deliveries, writes them, and skips
+//!   the router's copies of what capture already wrote (an [`Overlap`]
+//!   count). It acknowledges everything at once: the router holds nothing
+//!   for an away session, so nobody waits for it.
+//!
+//! When the client comes back the drainer stops, capture stops, the queue
+//! is read back after a sync (so nothing captured is missing) and sent
+//! ahead of anything live; the router's copies of captured messages still
+//! on their way to the new connection are skipped the same way. A message
+//! is deleted when the client acknowledges it. Past `max_messages` or
+//! `max_bytes`, new messages for that session are dropped: counted per
+//! session and in total, logged once per episode, and never waited for.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttd::local::LinkTx;
+use rumqttd::protocol::{Packet, PublishProperties};
+use rumqttd::Notification;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::disk::{BrokerDisk, Commit, QueueSummary, QueuedFlags, QueuedMessage};
+use crate::expiry::SharedSubscriptions;
+use crate::marks::Mark;
+use crate::names;
+use crate::renewal::Phase;
+use crate::router;
+use crate::server::Shared;
+
+/// Sequence numbers the drainer may use before capture's range begins;
+/// one offline period never writes that many.
+const DRAIN_RANGE: u64 = 1 << 40;
+
+/// How long a captured message waits for its router copy before its
+/// overlap entry is forgotten (the copy comes within milliseconds; one that
+/// never comes must not hide a later message with the same content).
+const OVERLAP_TTL: Duration = Duration::from_secs(30);
+
+/// Most topics whose matching queues are cached.
+const TOPIC_CACHE: usize = 100_000;
+
+/// Router copies still to come of messages capture wrote, by content.
+#[derive(Debug, Default)]
+pub struct Overlap {
+    counts: HashMap<u64, (u32, Instant)>,
+}
+
+impl Overlap {
+    fn add(&mut self, hash: u64, copies: u32) {
+        let entry = self.counts.entry(hash).or_insert((0, Instant::now()));
+        entry.0 += copies;
+        entry.1 = Instant::now();
+        if self.counts.len() > 4096 {
+            self.counts.retain(|_, (_, at)| at.elapsed() < OVERLAP_TTL);
+        }
+    }
+
+    /// True (and counted off) if a copy of this content was expected.
+    pub fn take(&mut self, hash: u64) -> bool {
+        let Some((n, at)) = self.counts.get_mut(&hash) else {
+            return false;
+        };
+        let fresh = at.elapsed() < OVERLAP_TTL;
+        *n -= 1;
+        if *n == 0 || !fresh {
+            self.counts.remove(&hash);
+        }
+        fresh
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    /// Capture and drainer write to it (the session is away).
+    open: bool,
+    messages: u64,
+    bytes: u64,
+    last_seq: u64,
+    next_drain: u64,
+    next_capture: u64,
+    overlap: Overlap,
+    /// Messages dropped at the bound, ever, and whether the current
+    /// episode was logged.
+    dropped: u64,
+    dropping: bool,
+}
+
+/// One kept session's queue.
+pub struct Queue {
+    pub router_id: String,
+    state: Mutex<QueueState>,
+    /// What tells whether its drainer has read all the router holds for
+    /// the session, while one runs.
+    probe: Mutex<Option<Probe>>,
+}
+
+struct Probe {
+    /// Router deliveries the last connection left unacknowledged that have
+    /// not come back to the drainer yet.
+    resend: Arc<AtomicUsize>,
+    subs: SharedSubscriptions,
+}
+
+impl Probe {
+    /// Nothing unread on its filters (as far as flow control can tell) and
+    /// nothing the last connection left unacknowledged still to come.
+    fn caught_up(&self, shared: &Shared) -> bool {
+        let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        self.resend.load(Ordering::Relaxed) == 0
+            && subs
+                .parked
+                .iter()
+                .all(|(path, c)| shared.flow.lag(names::split_share(path).1, c) == 0)
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Messages waiting, and messages dropped at the bound so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.messages, s.dropped)
+    }
+}
+
+/// A queue's interest in one filter.
+#[derive(Clone)]
+struct Entry {
+    queue: Arc<Queue>,
+    qos: u8,
+    rap: bool,
+}
+
+/// A queue a topic matches: its best QoS, retain-as-published, and how
+/// many copies the router delivers it (one per matching filter).
+#[derive(Clone)]
+struct Hit {
+    queue: Arc<Queue>,
+    qos: u8,
+    rap: bool,
+    copies: u32,
+}
+
+/// Every kept session's queue, and which filters capture watches.
+pub struct Offline {
+    max_messages: u64,
+    max_bytes: u64,
+    queues: Mutex<HashMap<String, Arc<Queue>>>,
+    /// Router-form filter (not shared) → queues of away sessions.
+    index: Mutex<HashMap<String, Vec<Entry>>>,
+    cache: Mutex<HashMap<Bytes, Arc<[Hit]>>>,
+    /// Queues in the index: capture costs nothing while it is zero.
+    capturing: AtomicUsize,
+    hasher: std::hash::RandomState,
+    /// Messages dropped at a queue's bound, in total.
+    pub dropped_total: AtomicU64,
+}
+
+impl Offline {
+    pub fn new(max_messages: u64, max_bytes: u64, found: HashMap<String, QueueSummary>) -> Self {
+        let queues = found
+            .into_iter()
+            .map(|(id, q)| {
+                let queue = Arc::new(Queue {
+                    router_id: id.clone(),
+                    state: Mutex::new(QueueState {
+                        messages: q.messages,
+                        bytes: q.bytes,
+                        last_seq: q.last_seq,
+                        ..Default::default()
+                    }),
+                    probe: Mutex::new(None),
+                });
+                (id, queue)
+            })
+            .collect();
+        Self {
+            max_messages,
+            max_bytes,
+            queues: Mutex::new(queues),
+            index: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
+            capturing: AtomicUsize::new(0),
+            hasher: std::hash::RandomState::new(),
+            dropped_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Messages waiting in every queue.
+    pub fn waiting(&self) -> u64 {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.values().map(|q| q.lock().messages).sum()
+    }
+
+    /// True once every drainer has read all the router holds for its
+    /// session (a renewal and a clean stop wait for it).
+    pub fn caught_up(&self, shared: &Shared) -> bool {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.values().all(|q| {
+            q.probe
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_none_or(|p| p.caught_up(shared))
+        })
+    }
+
+    /// The sessions whose queue dropped messages (client id, how many),
+    /// most first, at most `n`.
+    pub fn drops(&self, n: usize) -> Vec<(String, u64)> {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let mut drops: Vec<(String, u64)> = queues
+            .values()
+            .filter_map(|q| {
+                let dropped = q.lock().dropped;
+                (dropped > 0).then(|| (names::client_id_of(&q.router_id), dropped))
+            })
+            .collect();
+        drops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        drops.truncate(n);
+        drops
+    }
+
+    /// The queue of `router_id`, if it has one.
+    pub fn queue(&self, router_id: &str) -> Option<Arc<Queue>> {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.get(router_id).cloned()
+    }
+
+    /// What [`Overlap`] counts a message by.
+    pub fn hash(&self, topic: &[u8], payload: &[u8]) -> u64 {
+        self.hasher.hash_one((topic, payload))
+    }
+
+    /// The session `router_id` is away from now on: capture and the
+    /// drainer write to its queue. `filters` are router-form paths with
+    /// their QoS and retain-as-published.
+    pub fn park(&self, router_id: &str, filters: &[(String, u8, bool)]) -> Arc<Queue> {
+        let queue = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues
+                .entry(router_id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Queue {
+                        router_id: router_id.to_string(),
+                        state: Mutex::new(QueueState::default()),
+                        probe: Mutex::new(None),
+                    })
+                })
+                .clone()
+        };
+        {
+            let mut s = queue.lock();
+            if s.open {
+                return queue.clone();
+            }
+            s.open = true;
+            s.next_drain = s.last_seq + 1;
+            s.next_capture = s.last_seq + 1 + DRAIN_RANGE;
+            s.overlap = Overlap::default();
+        }
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        for (path, qos, rap) in filters {
+            if names::share_group(path).is_some() {
+                // The router picks one member per message; the drainer
+                // takes this session's turns.
+                continue;
+            }
+            index.entry(path.clone()).or_default().push(Entry {
+                queue: queue.clone(),
+                qos: *qos,
+                rap: *rap,
+            });
+        }
+        drop(index);
+        self.capturing.fetch_add(1, Ordering::SeqCst);
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        queue
+    }
+
+    /// The session is back (or gone): capture and the drainer stop
+    /// writing. Returns the router copies still expected of captured
+    /// messages, which the new connection skips.
+    pub fn unpark(&self, router_id: &str) -> Overlap {
+        let Some(queue) = self.queue(router_id) else {
+            return Overlap::default();
+        };
+        let overlap = {
+            let mut s = queue.lock();
+            if !s.open {
+                return Overlap::default();
+            }
+            s.open = false;
+            s.dropping = false;
+            std::mem::take(&mut s.overlap)
+        };
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        index.retain(|_, entries| {
+            entries.retain(|e| !Arc::ptr_eq(&e.queue, &queue));
+            !entries.is_empty()
+        });
+        drop(index);
+        self.capturing.fetch_sub(1, Ordering::SeqCst);
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        overlap
+    }
+
+    /// The session ended for good: its queue goes, on disk too.
+    pub fn forget(&self, disk: &BrokerDisk, router_id: &str) {
+        self.unpark(router_id);
+        let gone = self
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(router_id);
+        if gone.is_some() {
+            drop(disk.delete_queue(router_id));
+        }
+    }
+
+    /// Reads the queue of a returning session, once everything written to
+    /// it is on disk. Messages past their expiry are left out (and
+    /// deleted).
+    pub async fn load(&self, disk: &Arc<BrokerDisk>, router_id: &str) -> Vec<QueuedMessage> {
+        if self.queue(router_id).is_none_or(|q| q.lock().messages == 0) {
+            return Vec::new();
+        }
+        let _ = disk.sync().await;
+        let (reader, id) = (disk.clone(), router_id.to_string());
+        let loaded = tokio::task::spawn_blocking(move || reader.load_queue(&id)).await;
+        let messages = match loaded {
+            Ok(Ok(m)) => m,
+            Ok(Err(err)) => {
+                warn!(client = router_id, %err, "the queue of a returning session could not be read");
+                return Vec::new();
+            }
+            Err(err) => {
+                warn!(client = router_id, %err, "reading a queue failed");
+                return Vec::new();
+            }
+        };
+        let (live, expired): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| {
+            m.properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval)
+                .is_none_or(|secs| m.age < Duration::from_secs(u64::from(secs)))
+        });
+        for m in expired {
+            self.delivered(disk, router_id, m.seq, m.size);
+        }
+        live
+    }
+
+    /// The client acknowledged message `seq` of its queue.
+    pub fn delivered(&self, disk: &BrokerDisk, router_id: &str, seq: u64, size: u64) {
+        if let Some(queue) = self.queue(router_id) {
+            let mut s = queue.lock();
+            s.messages = s.messages.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(size);
+        }
+        drop(disk.delete_queued(router_id, seq));
+    }
+
+    fn matching(&self, topic: &Bytes) -> Arc<[Hit]> {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
+            return hit.clone();
+        }
+        let Ok(topic_str) = std::str::from_utf8(topic) else {
+            return Arc::from(Vec::new());
+        };
+        let mut hits: Vec<Hit> = Vec::new();
+        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        for (filter, entries) in index.iter() {
+            if !rumqttd::protocol::matches(topic_str, filter) {
+                continue;
+            }
+            for e in entries {
+                match hits.iter_mut().find(|h| Arc::ptr_eq(&h.queue, &e.queue)) {
+                    Some(h) => {
+                        h.qos = h.qos.max(e.qos);
+                        h.rap |= e.rap;
+                        h.copies += 1;
+                    }
+                    None => hits.push(Hit {
+                        queue: e.queue.clone(),
+                        qos: e.qos,
+                        rap: e.rap,
+                        copies: 1,
+                    }),
+                }
+            }
+        }
+        drop(index);
+        let hits: Arc<[Hit]> = hits.into();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TOPIC_CACHE {
+            cache.clear();
+        }
+        cache.insert(topic.clone(), hits.clone());
+        hits
+    }
+
+    /// Writes a QoS 1/2 publish (router-form topic, the client's
+    /// properties) to the queue of every away session it matches; the
+    /// publisher's acknowledgement waits for the commits returned.
+    pub fn capture(
+        &self,
+        disk: &BrokerDisk,
+        topic: &Bytes,
+        payload: &Bytes,
+        qos: u8,
+        retain: bool,
+        props: Option<&PublishProperties>,
+    ) -> Vec<Commit> {
+        if self.capturing.load(Ordering::SeqCst) == 0 {
+            return Vec::new();
+        }
+        let hits = self.matching(topic);
+        if hits.is_empty() {
+            return Vec::new();
+        }
+        let hash = self.hash(topic, payload);
+        let mut commits = Vec::new();
+        for hit in hits.iter() {
+            let mut s = hit.queue.lock();
+            if !s.open {
+                continue;
+            }
+            // Whatever happens to it here, the router's copies are not
+            // this queue's to write.
+            s.overlap.add(hash, hit.copies);
+            let qos = qos.min(hit.qos);
+            if qos == 0 {
+                continue;
+            }
+            // A full queue costs a publisher no copy of its message.
+            if !self.room(&s, (topic.len() + payload.len()) as u64) {
+                self.drop_one(&hit.queue.router_id, &mut s);
+                continue;
+            }
+            let flags = QueuedFlags {
+                qos,
+                retain: retain && hit.rap,
+                dup: false,
+            };
+            let value = crate::disk::encode_queued(topic, payload, flags, props);
+            if self.admit(&hit.queue.router_id, &mut s, value.len() as u64) {
+                let seq = s.next_capture;
+                s.next_capture += 1;
+                s.last_seq = s.last_seq.max(seq);
+                // Under the queue's lock: a returning session's sync
+                // comes after this write.
+                commits.push(disk.put_queued(&hit.queue.router_id, seq, value));
+            }
+        }
+        commits
+    }
+
+    /// True if a message of `size` fits in the queue.
+    fn room(&self, s: &QueueState, size: u64) -> bool {
+        s.messages < self.max_messages && s.bytes + size <= self.max_bytes
+    }
+
+    /// Counts a message dropped at the bound; the first of an episode is
+    /// logged.
+    fn drop_one(&self, router_id: &str, s: &mut QueueState) {
+        s.dropped += 1;
+        let total = self.dropped_total.fetch_add(1, Ordering::Relaxed) + 1;
+        if !s.dropping {
+            s.dropping = true;
+            warn!(
+                client = router_id,
+                messages = s.messages,
+                bytes = s.bytes,
+                max_messages = self.max_messages,
+                max_bytes = self.max_bytes,
+                dropped = s.dropped,
+                dropped_total = total,
+                "an away session's queue is full: new messages for it are dropped until it comes back"
+            );
+        }
+    }
+
+    /// Counts a message of `size` into the queue, or drops it at the
+    /// bound (false).
+    fn admit(&self, router_id: &str, s: &mut QueueState, size: u64) -> bool {
+        if !self.room(s, size) {
+            self.drop_one(router_id, s);
+            return false;
+        }
+        s.messages += 1;
+        s.bytes += size;
+        true
+    }
+
+    /// The drainer read a router delivery for `queue`, at the QoS the
+    /// router sent it; `rap` tells whether one of the session's filters
+    /// matching it has retain-as-published, `dup` whether the last
+    /// connection was sent it.
+    fn drained(
+        &self,
+        disk: &BrokerDisk,
+        queue: &Queue,
+        publish: &rumqttd::protocol::Publish,
+        mut props: Option<PublishProperties>,
+        QueuedFlags {
+            qos: router_qos,
+            retain: rap,
+            dup,
+        }: QueuedFlags,
+    ) {
+        let mark = Mark::take(&mut props);
+        if mark.marker.is_some() {
+            return;
+        }
+        let hash = self.hash(&publish.topic, &publish.payload);
+        let mut s = queue.lock();
+        if s.overlap.take(hash) {
+            return;
+        }
+        let qos = router_qos.min(mark.qos.unwrap_or(2));
+        if qos == 0 {
+            return;
+        }
+        let flags = QueuedFlags {
+            qos,
+            retain: mark.retain && rap,
+            dup,
+        };
+        let value =
+            crate::disk::encode_queued(&publish.topic, &publish.payload, flags, props.as_ref());
+        if self.admit(&queue.router_id, &mut s, value.len() as u64) {
+            let seq = s.next_drain;
+            s.next_drain += 1;
+            s.last_seq = s.last_seq.max(seq);
+            drop(disk.put_queued(&queue.router_id, seq, value));
+        }
+    }
+}
+
+/// A running drainer; [`Drainer::stop`] ends it once what it read is
+/// handed to the disk writer and its link is closed.
+pub struct Drainer {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    queue: Arc<Queue>,
+}
+
+impl Drainer {
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+        *self.queue.probe.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Starts the drainer of the away session `router_id` (its queue is
+/// parked); `unacknowledged` is what its last connection left
+/// unacknowledged, which the router sends again first.
+pub fn spawn_drainer(
+    shared: Arc<Shared>,
+    queue: Arc<Queue>,
+    subs: SharedSubscriptions,
+    unacknowledged: usize,
+) -> Drainer {
+    let (stop, stopped) = oneshot::channel();
+    let resend = Arc::new(AtomicUsize::new(unacknowledged));
+    *queue.probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(Probe {
+        resend: resend.clone(),
+        subs: subs.clone(),
+    });
+    let task = tokio::spawn(drain(shared, queue.clone(), subs, resend, stopped));
+    Drainer {
+        stop: Some(stop),
+        task,
+        queue,
+    }
+}
+
+/// Why a drainer's link ended.
+enum LinkEnd {
+    Stop,
+    /// The router was renewed: link to the new one.
+    Moved,
+    Lost,
+}
+
+async fn drain(
+    shared: Arc<Shared>,
+    queue: Arc<Queue>,
+    subs: SharedSubscriptions,
+    resend: Arc<AtomicUsize>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let Some(disk) = shared.disk.clone() else {
+        return;
+    };
+    let mut phases = shared.renewal.phases();
+    loop {
+        let (epoch, router) = shared.router_epoch();
+        let (mut tx, mut rx, _) = match router.link(queue.router_id.clone(), false).await {
+            Ok(link) => link,
+            Err(err) => {
+                warn!(client = queue.router_id, %err, "an away session's drainer could not link to the router; its messages wait in the router");
+                return;
+            }
+        };
+        debug!(client = queue.router_id, epoch, "drainer linked");
+        let end = loop {
+            tokio::select! {
+                _ = &mut stopped => break LinkEnd::Stop,
+                Ok(()) = phases.changed() => {
+                    let phase = *phases.borrow_and_update();
+                    if phase == Phase::Switch && shared.router_epoch().0 != epoch {
+                        break LinkEnd::Moved;
+                    }
+                }
+                next = rx.next() => match next {
+                    Ok(Some(first)) => {
+                        let mut acks = Vec::new();
+                        let mut wake = false;
+                        let mut next = Some(first);
+                        while let Some(n) = next.take() {
+                            wake |= matches!(n, Notification::Unschedule);
+                            handle(&shared, &disk, &queue, &subs, &resend, n, &mut acks);
+                            next = match crate::session::now_or_never(rx.next()).await {
+                                Some(Ok(Some(n))) => Some(n),
+                                _ => None,
+                            };
+                        }
+                        // Publishers waiting for this session's lag go on.
+                        shared.flow.progressed();
+                        if send_all(&mut tx, acks).await.is_err() {
+                            break LinkEnd::Lost;
+                        }
+                        // The router stops sending to a link whose buffer
+                        // filled until it says it is ready again.
+                        if wake && rx.wake().await.is_err() {
+                            break LinkEnd::Lost;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => break LinkEnd::Lost,
+                },
+            }
+        };
+        match end {
+            LinkEnd::Stop => {
+                let _ = tx.send(router::disconnect()).await;
+                return;
+            }
+            LinkEnd::Moved => {
+                // The old router is retired; the renewal created the
+                // session on the new one.
+                let _ = tx.send(router::disconnect()).await;
+                continue;
+            }
+            LinkEnd::Lost if shared.router_epoch().0 != epoch => continue,
+            LinkEnd::Lost => {
+                info!(
+                    client = queue.router_id,
+                    "an away session's drainer lost its link"
+                );
+                return;
+            }
+        }
+    }
+}
+
+async fn send_all(tx: &mut LinkTx, mut packets: Vec<Packet>) -> Result<(), ()> {
+    let Some(last) = packets.pop() else {
+        return Ok(());
+    };
+    tx.buffer().extend(packets);
+    tx.send(last).await.map(|_| ()).map_err(|_| ())
+}
+
+fn handle(
+    shared: &Shared,
+    disk: &BrokerDisk,
+    queue: &Queue,
+    subs: &SharedSubscriptions,
+    resend: &AtomicUsize,
+    notification: Notification,
+    acks: &mut Vec<Packet>,
+) {
+    match notification {
+        Notification::Forward(forward) => {
+            let publish = forward.publish;
+            let Some((qos, pkid)) = router_qos_pkid(&publish) else {
+                return;
+            };
+            let size = (publish.topic.len() + publish.payload.len()) as u64;
+            let rap = {
+                let subs = subs.lock().unwrap_or_else(|p| p.into_inner());
+                let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+                for (path, consumer) in &subs.parked {
+                    if rumqttd::protocol::matches(topic, names::split_share(path).1) {
+                        consumer.delivered(size);
+                    }
+                }
+                subs.rap
+                    .iter()
+                    .any(|f| rumqttd::protocol::matches(topic, names::split_share(f).1))
+            };
+            // The router sends what the last connection left
+            // unacknowledged first.
+            let dup = qos > 0
+                && resend
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok();
+            let how = QueuedFlags {
+                qos,
+                retain: rap,
+                dup,
+            };
+            shared
+                .offline
+                .drained(disk, queue, &publish, forward.properties, how);
+            match qos {
+                1 => acks.push(router::puback(pkid)),
+                2 => acks.push(router::pubrec(pkid)),
+                _ => {}
+            }
+        }
+        Notification::DeviceAck(ack) => {
+            if let Packet::PubRel(rel, _) = Packet::from(ack) {
+                acks.push(router::pubcomp(rel.pkid));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// QoS and packet id of a publish as the router sent it.
+fn router_qos_pkid(publish: &rumqttd::protocol::Publish) -> Option<(u8, u16)> {
+    // `Publish`'s qos and pkid are crate-private in rumqttd; its own
+    // serialization (header byte, then the packet id) is the public way to
+    // read them.
+    let raw = publish.serialize();
+    let qos = (raw.first()? >> 1) & 0x03;
+    Some((qos, u16::from_be_bytes([*raw.get(1)?, *raw.get(2)?])))
+}
