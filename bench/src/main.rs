@@ -7,8 +7,8 @@
 //! CPU time, read from /proc. See BENCHMARKS.md for figures.
 //!
 //! `--persistence` instead measures state across restarts (retained
-//! messages, persistent sessions) beside Mosquitto with persistence on:
-//! see [`persistence`].
+//! messages, persistent sessions, QoS 1 messages queued for a session)
+//! beside Mosquitto with persistence on: see [`persistence`].
 
 mod persistence;
 
@@ -54,7 +54,8 @@ struct Args {
     filters: Option<u64>,
     /// Instead of throughput, measure state across restarts beside
     /// Mosquitto with `persistence true`: retained publish rate, clean
-    /// restart time, store size, what survives `kill -9`.
+    /// restart time, store size, QoS 1 throughput to a persistent session
+    /// online and offline, what survives `kill -9`.
     #[arg(long, env = "BENCH_PERSISTENCE")]
     persistence: bool,
     /// Retained messages (distinct topics, 64 B, QoS 1) for --persistence
@@ -65,6 +66,10 @@ struct Args {
     /// (clean_session=0, one filter each) across a clean restart.
     #[arg(long, env = "BENCH_SESSIONS")]
     sessions: Option<u64>,
+    /// QoS 1 messages (1 KiB) for --persistence to a clean_session=0
+    /// subscriber, online, offline and across restarts (0: none).
+    #[arg(long, env = "BENCH_QUEUED", default_value_t = 20_000)]
+    queued: u64,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -98,14 +103,20 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Mosquitto on `port` with the listener settings every bench uses plus
-/// `extra` config lines, its config written to `conf`.
-fn spawn_mosquitto(conf: &std::path::Path, port: u16, extra: &str) -> anyhow::Result<Child> {
+/// Mosquitto on `port` with the listener settings every bench uses, up to
+/// `max_queued` QoS 1 messages queued per client beyond the 100 in flight
+/// (0: no limit), plus `extra` config lines, its config written to `conf`.
+fn spawn_mosquitto(
+    conf: &std::path::Path,
+    port: u16,
+    max_queued: u64,
+    extra: &str,
+) -> anyhow::Result<Child> {
     std::fs::write(
         conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\n\
-             max_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra}"
+             max_queued_messages {max_queued}\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra}"
         ),
     )?;
     Command::new("mosquitto")
@@ -155,7 +166,7 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
             .spawn()
             .context("spawn the plain rumqttd broker")?,
         Kind::Mosquitto => {
-            spawn_mosquitto(&dir.path().join("m.conf"), port, "persistence false\n")?
+            spawn_mosquitto(&dir.path().join("m.conf"), port, 0, "persistence false\n")?
         }
         Kind::Axion | Kind::Baseline => {
             let bin = match (kind, &args.baseline) {

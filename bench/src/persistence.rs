@@ -19,6 +19,23 @@
 //! clean stop and a start; the time until all S have reconnected, how many
 //! were told session_present=1, and to how many a message published to
 //! their filter after the reconnect is still delivered (no new SUBSCRIBE).
+//!
+//! With `--queued N` (unless 0), per broker and round, each step on a fresh
+//! directory, N QoS 1 messages of 1 KiB from one publisher with up to 100
+//! in flight to `pbench-q/<i % 16>`, for one MQTT 3.1.1 subscriber with
+//! clean_session=0 to `pbench-q/#` at QoS 1 that acknowledges each message
+//! (Mosquitto queues up to N + 1000 per client):
+//! 5. online, the subscriber connected: rate until the last PUBACK, time
+//!    until the subscriber has all N and how many it got, broker CPU and
+//!    messages per broker CPU-second;
+//! 6. offline, the subscriber subscribed and disconnected: rate until the
+//!    last PUBACK and broker CPU; then it reconnects: session_present, how
+//!    many of the N come, and the time from the reconnect to the last one;
+//! 7. as 6 up to the last PUBACK, then a clean stop and a start on the same
+//!    directory before it reconnects: session_present and how many come;
+//! 8. the same with `kill -9` instead of the clean stop. Mosquitto writes
+//!    its store at a clean exit and every `autosave_interval` (its default,
+//!    1800 s, is kept), so what it queued since the start is gone.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,7 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -40,6 +57,10 @@ const PAYLOAD: usize = 64;
 const QUIET: Duration = Duration::from_secs(3);
 /// Topic prefix of the retained messages and session filters.
 const PREFIX: &str = "pbench";
+/// Payload of every queued message.
+const QUEUED_PAYLOAD: usize = 1024;
+/// Client id of the persistent subscriber to the queued messages.
+const QUEUED_ID: &str = "pbench-queued";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Who {
@@ -112,8 +133,15 @@ impl Running {
     }
 }
 
-/// Starts `who` on `data` (created beforehand) without waiting for it.
-fn spawn(who: Who, args: &Args, data: &Path, conf_dir: &Path) -> anyhow::Result<Running> {
+/// Starts `who` on `data` (created beforehand) without waiting for it;
+/// Mosquitto queues up to `queue` QoS 1 messages per client (0: no limit).
+fn spawn(
+    who: Who,
+    args: &Args,
+    data: &Path,
+    conf_dir: &Path,
+    queue: u64,
+) -> anyhow::Result<Running> {
     let port = free_port()?;
     let spawned = Instant::now();
     let child = match who {
@@ -129,7 +157,7 @@ fn spawn(who: Who, args: &Args, data: &Path, conf_dir: &Path) -> anyhow::Result<
                 "persistence true\npersistence_location {}/\nautosave_interval 1800\n",
                 data.display()
             );
-            spawn_mosquitto(&conf_dir.join("m.conf"), port, &extra)?
+            spawn_mosquitto(&conf_dir.join("m.conf"), port, queue, &extra)?
         }
         // Its default keeps 100 000 retained topics (its own records among
         // them); the bench's N must all fit.
@@ -181,18 +209,40 @@ fn dir_len(dir: &Path) -> u64 {
         .sum()
 }
 
-fn client(port: u16, name: &str) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
-    let mut opts = MqttOptions::new(format!("{name}-{}", free_port()?), "127.0.0.1", port);
+fn client(port: u16, name: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    Ok(client_as(MqttOptions::new(
+        format!("{name}-{}", free_port()?),
+        "127.0.0.1",
+        port,
+    )))
+}
+
+/// A client with up to 100 QoS 1 messages in flight and room for 1000
+/// requests in its channel.
+fn client_as(mut opts: MqttOptions) -> (AsyncClient, EventLoop) {
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_inflight(100);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     eventloop.network_options = nodelay();
-    Ok((client, eventloop))
+    (client, eventloop)
 }
 
 /// `n` retained QoS 1 messages to `PREFIX/<tag>/<i>`, up to 100 in flight;
 /// the seconds until the last PUBACK.
 async fn publish_retained(port: u16, tag: &str, n: u64) -> anyhow::Result<f64> {
+    publish_qos1(port, n, true, PAYLOAD, |i| format!("{PREFIX}/{tag}/{i}")).await
+}
+
+/// `n` QoS 1 messages of `payload` bytes (at least 8: the message's index
+/// first), the `i`-th to `topic(i)`, up to 100 in flight; the seconds
+/// until the last PUBACK.
+async fn publish_qos1(
+    port: u16,
+    n: u64,
+    retain: bool,
+    payload: usize,
+    topic: impl Fn(u64) -> String,
+) -> anyhow::Result<f64> {
     let (publisher, mut eventloop) = client(port, "pbench-pub")?;
     let acks = Arc::new(AtomicU64::new(0));
     let seen = acks.clone();
@@ -214,16 +264,11 @@ async fn publish_retained(port: u16, tag: &str, n: u64) -> anyhow::Result<f64> {
         }
     });
     let start = Instant::now();
-    let mut body = vec![0u8; PAYLOAD];
+    let mut body = vec![0u8; payload.max(8)];
     for i in 0..n {
         body[..8].copy_from_slice(&i.to_be_bytes());
         publisher
-            .publish(
-                format!("{PREFIX}/{tag}/{i}"),
-                QoS::AtLeastOnce,
-                true,
-                body.clone(),
-            )
+            .publish(topic(i), QoS::AtLeastOnce, retain, body.clone())
             .await?;
     }
     let acked = tokio::time::timeout(Duration::from_secs(900), all_rx).await;
@@ -320,7 +365,7 @@ async fn retained_round(who: Who, args: &Args) -> anyhow::Result<RetainedRound> 
     let mut r = RetainedRound::default();
 
     // 1. Throughput, each message acknowledged.
-    let broker = spawn(who, args, &data, tmp.path())?;
+    let broker = spawn(who, args, &data, tmp.path(), 0)?;
     listening(&broker).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu0 = cpu_secs(broker.pid());
@@ -333,7 +378,7 @@ async fn retained_round(who: Who, args: &Args) -> anyhow::Result<RetainedRound> 
     // QoS 0 subscriber (what the broker restored, whatever the QoS).
     r.stop_secs = broker.stop().await?;
     r.store_stopped = file_len(&who.store(&data));
-    let broker = spawn(who, args, &data, tmp.path())?;
+    let broker = spawn(who, args, &data, tmp.path(), 0)?;
     r.listening_secs = listening(&broker).await?;
     let back = collect_retained(broker.port, "r", n, QoS::AtMostOnce).await?;
     if back.stalled {
@@ -354,12 +399,12 @@ async fn retained_round(who: Who, args: &Args) -> anyhow::Result<RetainedRound> 
     // 4. kill -9 once every PUBACK is in, on a new directory.
     let data = tmp.path().join("data-kill9");
     std::fs::create_dir_all(&data)?;
-    let broker = spawn(who, args, &data, tmp.path())?;
+    let broker = spawn(who, args, &data, tmp.path(), 0)?;
     listening(&broker).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     publish_retained(broker.port, "k", n).await?;
     broker.kill9()?;
-    let broker = spawn(who, args, &data, tmp.path())?;
+    let broker = spawn(who, args, &data, tmp.path(), 0)?;
     listening(&broker).await?;
     let back = collect_retained(broker.port, "k", n, QoS::AtMostOnce).await?;
     if back.stalled {
@@ -438,15 +483,15 @@ fn session_filter(i: u64) -> String {
 }
 
 /// One persistent session: CONNECT, SUBSCRIBE QoS 1, DISCONNECT.
-async fn set_up_session(port: u16, i: u64) -> anyhow::Result<()> {
-    let (mut stream, _) = connect_persistent(port, &session_id(i)).await?;
+async fn set_up_session(port: u16, id: String, filter: String) -> anyhow::Result<()> {
+    let (mut stream, _) = connect_persistent(port, &id).await?;
     let mut body = 1u16.to_be_bytes().to_vec();
-    put_str(&mut body, &session_filter(i));
+    put_str(&mut body, &filter);
     body.push(1);
     stream.write_all(&packet(0x82, &body)).await?;
     let (header, ack) = read_packet(&mut stream).await?;
     if header != 0x90 || ack.get(2) != Some(&1) {
-        bail!("session {i}: SUBACK {header:#x} {ack:?}");
+        bail!("{id}: SUBACK {header:#x} {ack:?}");
     }
     stream.write_all(&packet(0xe0, &[])).await?;
     // Wait for the broker to close the socket: the DISCONNECT was handled.
@@ -489,7 +534,7 @@ async fn sessions_round(who: Who, args: &Args, s: u64) -> anyhow::Result<Session
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data)?;
     let mut r = SessionsRound::default();
-    let broker = spawn(who, args, &data, tmp.path())?;
+    let broker = spawn(who, args, &data, tmp.path(), 0)?;
     listening(&broker).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let start = Instant::now();
@@ -498,7 +543,7 @@ async fn sessions_round(who: Who, args: &Args, s: u64) -> anyhow::Result<Session
     for chunk in (0..s).collect::<Vec<_>>().chunks(50) {
         let tasks: Vec<_> = chunk
             .iter()
-            .map(|&i| tokio::spawn(set_up_session(port, i)))
+            .map(|&i| tokio::spawn(set_up_session(port, session_id(i), session_filter(i))))
             .collect();
         for t in tasks {
             t.await??;
@@ -507,7 +552,7 @@ async fn sessions_round(who: Who, args: &Args, s: u64) -> anyhow::Result<Session
     r.setup_secs = start.elapsed().as_secs_f64();
     r.stop_secs = broker.stop().await?;
 
-    let broker = spawn(who, args, &data, tmp.path())?;
+    let broker = spawn(who, args, &data, tmp.path(), 0)?;
     r.listening_secs = listening(&broker).await?;
     let port = broker.port;
     // Up to 100 handshakes at a time: what the brokers' accept backlogs
@@ -578,6 +623,227 @@ async fn sessions_round(who: Who, args: &Args, s: u64) -> anyhow::Result<Session
         reader.abort();
     }
     broker.stop().await?;
+    Ok(r)
+}
+
+fn queued_topic(i: u64) -> String {
+    format!("{PREFIX}-q/{}", i % 16)
+}
+
+/// The persistent subscriber ([`QUEUED_ID`], clean_session=0) on rumqttc,
+/// its event loop on a task that acknowledges each message (manual acks
+/// off) and counts the distinct ones.
+struct Subscriber {
+    client: AsyncClient,
+    /// CONNACKs and SUBACKs, in order.
+    acks: tokio::sync::mpsc::UnboundedReceiver<Packet>,
+    /// Distinct messages received (by the index their payload starts with).
+    got: Arc<AtomicU64>,
+    /// When the latest new one came, in µs since `base`.
+    last_us: Arc<AtomicU64>,
+    base: Instant,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscriber {
+    /// Connects as [`QUEUED_ID`] to take `n` messages.
+    fn connect(port: u16, n: u64) -> Subscriber {
+        let mut opts = MqttOptions::new(QUEUED_ID, "127.0.0.1", port);
+        opts.set_clean_session(false);
+        let (client, mut eventloop) = client_as(opts);
+        let (acks_tx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let got = Arc::new(AtomicU64::new(0));
+        let last_us = Arc::new(AtomicU64::new(0));
+        let base = Instant::now();
+        let (count, last) = (got.clone(), last_us.clone());
+        let task = tokio::spawn(async move {
+            let mut seen = vec![false; n as usize];
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(ack @ (Packet::ConnAck(_) | Packet::SubAck(_)))) => {
+                        let _ = acks_tx.send(ack);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let index = p
+                            .payload
+                            .get(..8)
+                            .and_then(|b| b.try_into().ok())
+                            .map(u64::from_be_bytes);
+                        if let Some(seen) = index.and_then(|i| seen.get_mut(i as usize)) {
+                            if !*seen {
+                                *seen = true;
+                                count.fetch_add(1, Ordering::Relaxed);
+                                last.store(base.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Subscriber {
+            client,
+            acks,
+            got,
+            last_us,
+            base,
+            task,
+        }
+    }
+
+    /// The next CONNACK or SUBACK.
+    async fn ack(&mut self) -> anyhow::Result<Packet> {
+        tokio::time::timeout(Duration::from_secs(30), self.acks.recv())
+            .await
+            .context("no CONNACK or SUBACK within 30 s")?
+            .context("the subscriber's event loop ended")
+    }
+
+    /// The CONNACK's session_present.
+    async fn connected(&mut self) -> anyhow::Result<bool> {
+        match self.ack().await? {
+            Packet::ConnAck(ack) => Ok(ack.session_present),
+            other => bail!("expected a CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Waits until all `n` are in or none came for [`QUIET`] (from `from`
+    /// until the first); how many came, and when the last one did.
+    async fn settle(&self, n: u64, from: Instant) -> (u64, Option<Instant>) {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let got = self.got.load(Ordering::Relaxed);
+            let last = (got > 0)
+                .then(|| self.base + Duration::from_micros(self.last_us.load(Ordering::Relaxed)));
+            let quiet_since = last.map_or(from, |last| last.max(from));
+            if got >= n || quiet_since.elapsed() >= QUIET || Instant::now() > deadline {
+                return (got, last);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// One of steps 6–8: the offline publish, and what the reconnected
+/// subscriber got.
+#[derive(Clone, Copy, Debug, Default)]
+struct Offline {
+    rate: f64,
+    cpu: f64,
+    present: bool,
+    got: u64,
+    /// Reconnect → the last one (0 with none).
+    secs: f64,
+}
+
+/// What happens between the offline publish and the reconnect.
+#[derive(Clone, Copy, Debug)]
+enum Then {
+    Nothing,
+    Stop,
+    Kill9,
+}
+
+/// Steps 6–8: on `data`, the subscriber subscribes and disconnects, N are
+/// published, `then`, and it reconnects; Mosquitto queues up to `queue`.
+async fn offline(
+    who: Who,
+    args: &Args,
+    data: &Path,
+    queue: u64,
+    then: Then,
+) -> anyhow::Result<Offline> {
+    let n = args.queued;
+    let conf_dir = data.parent().context("data directory")?;
+    std::fs::create_dir_all(data)?;
+    let mut r = Offline::default();
+    let broker = spawn(who, args, data, conf_dir, queue)?;
+    listening(&broker).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    set_up_session(broker.port, QUEUED_ID.into(), format!("{PREFIX}-q/#")).await?;
+    let cpu0 = cpu_secs(broker.pid());
+    let secs = publish_qos1(broker.port, n, false, QUEUED_PAYLOAD, queued_topic).await?;
+    r.cpu = cpu_secs(broker.pid()) - cpu0;
+    r.rate = n as f64 / secs;
+    let broker = match then {
+        Then::Nothing => broker,
+        Then::Stop => {
+            broker.stop().await?;
+            spawn(who, args, data, conf_dir, queue)?
+        }
+        Then::Kill9 => {
+            broker.kill9()?;
+            spawn(who, args, data, conf_dir, queue)?
+        }
+    };
+    listening(&broker).await?;
+    let reconnect = Instant::now();
+    let mut subscriber = Subscriber::connect(broker.port, n);
+    r.present = subscriber.connected().await?;
+    let (got, last) = subscriber.settle(n, reconnect).await;
+    r.got = got;
+    r.secs = last.map_or(0.0, |last| last.duration_since(reconnect).as_secs_f64());
+    drop(subscriber);
+    broker.stop().await?;
+    Ok(r)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct QueuedRound {
+    online_rate: f64,
+    /// Publish start → the subscriber's last one.
+    online_secs: f64,
+    online_got: u64,
+    online_cpu: f64,
+    offline: Offline,
+    stopped: Offline,
+    killed: Offline,
+}
+
+async fn queued_round(who: Who, args: &Args) -> anyhow::Result<QueuedRound> {
+    let n = args.queued;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let mut r = QueuedRound::default();
+    // Mosquitto's default, 1000 per client, would drop most of an offline
+    // subscriber's N.
+    let queue = n + 1000;
+
+    // 5. Online.
+    let broker = spawn(who, args, &data, tmp.path(), queue)?;
+    listening(&broker).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut subscriber = Subscriber::connect(broker.port, n);
+    subscriber
+        .client
+        .subscribe(format!("{PREFIX}-q/#"), QoS::AtLeastOnce)
+        .await?;
+    subscriber.connected().await?;
+    subscriber.ack().await?;
+    let cpu0 = cpu_secs(broker.pid());
+    let start = Instant::now();
+    let secs = publish_qos1(broker.port, n, false, QUEUED_PAYLOAD, queued_topic).await?;
+    r.online_rate = n as f64 / secs;
+    let (got, last) = subscriber.settle(n, start).await;
+    r.online_cpu = cpu_secs(broker.pid()) - cpu0;
+    r.online_got = got;
+    r.online_secs = last.map_or(0.0, |last| last.duration_since(start).as_secs_f64());
+    drop(subscriber);
+    broker.stop().await?;
+
+    // 6–8. Offline, each on a new directory.
+    let dir = |name: &str| tmp.path().join(name);
+    r.offline = offline(who, args, &dir("offline"), queue, Then::Nothing).await?;
+    r.stopped = offline(who, args, &dir("stopped"), queue, Then::Stop).await?;
+    r.killed = offline(who, args, &dir("killed"), queue, Then::Kill9).await?;
     Ok(r)
 }
 
@@ -720,6 +986,69 @@ fn sessions_rows(s: u64, results: &[(Who, SessionsRound)]) -> Vec<Row> {
     ]
 }
 
+fn queued_rows(n: u64, results: &[(Who, QueuedRound)]) -> Vec<Row> {
+    let brokers = by_broker(results);
+    let row = |what: String, cell: &dyn Fn(&[QueuedRound]) -> String| -> Row {
+        (what, [cell(&brokers[0]), cell(&brokers[1])])
+    };
+    let m =
+        |rs: &[QueuedRound], f: &dyn Fn(&QueuedRound) -> f64| median(rs.iter().map(f).collect());
+    // session_present over the rounds: 1, 0, or in how many it was 1.
+    let present = |rs: &[QueuedRound], f: fn(&QueuedRound) -> Offline| {
+        let yes = rs.iter().filter(|r| f(r).present).count();
+        match yes {
+            0 => "0".to_string(),
+            y if y == rs.len() => "1".to_string(),
+            y => format!("1 in {y} of {} rounds", rs.len()),
+        }
+    };
+    let got = |rs: &[QueuedRound], f: fn(&QueuedRound) -> Offline| {
+        count(rs.iter().map(|r| f(r).got).collect(), n)
+    };
+    vec![
+        row(
+            format!("{n} QoS 1 (1 KiB, 16 topics, 100 in flight) to a connected clean_session=0 subscriber: msg/s until the last PUBACK"),
+            &|rs| format!("{:.0}", m(rs, &|r| r.online_rate)),
+        ),
+        row("… publish start → the subscriber's last one, s".into(), &|rs| {
+            format!("{:.2}", m(rs, &|r| r.online_secs))
+        }),
+        row("… the subscriber got".into(), &|rs| {
+            count(rs.iter().map(|r| r.online_got).collect(), n)
+        }),
+        row("… broker CPU s".into(), &|rs| format!("{:.2}", m(rs, &|r| r.online_cpu))),
+        row("… messages received per broker CPU-second".into(), &|rs| {
+            format!("{:.0}", m(rs, &|r| r.online_got as f64 / r.online_cpu))
+        }),
+        row(
+            format!("{n} QoS 1 to the subscriber offline (subscribed, disconnected): msg/s until the last PUBACK"),
+            &|rs| format!("{:.0}", m(rs, &|r| r.offline.rate)),
+        ),
+        row("… broker CPU s".into(), &|rs| format!("{:.2}", m(rs, &|r| r.offline.cpu))),
+        row("then it reconnects: session_present".into(), &|rs| {
+            present(rs, |r| r.offline)
+        }),
+        row("… it got".into(), &|rs| got(rs, |r| r.offline)),
+        row("… reconnect → the last one, s".into(), &|rs| {
+            if rs.iter().all(|r| r.offline.got == 0) {
+                "—".into()
+            } else {
+                format!("{:.2}", m(rs, &|r| r.offline.secs))
+            }
+        }),
+        row(
+            "offline, then a clean stop and a start before it reconnects: session_present".into(),
+            &|rs| present(rs, |r| r.stopped),
+        ),
+        row("… it got".into(), &|rs| got(rs, |r| r.stopped)),
+        row(
+            "offline, every PUBACK in, then kill -9 and a start before it reconnects: session_present".into(),
+            &|rs| present(rs, |r| r.killed),
+        ),
+        row("… it got".into(), &|rs| got(rs, |r| r.killed)),
+    ]
+}
+
 pub fn run(args: &Args) -> anyhow::Result<()> {
     // One thread: the load generator uses about one core.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -781,6 +1110,39 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         rows.extend(sessions_rows(s, &results));
+    }
+    if args.queued > 0 {
+        let q = args.queued;
+        let mut results: Vec<(Who, QueuedRound)> = Vec::new();
+        for round in 0..rounds {
+            for who in order(round) {
+                let r = rt.block_on(queued_round(who, args))?;
+                let offline = |o: &Offline| {
+                    format!(
+                        "{:.0} msg/s, cpu {:.2}s, session_present={}, {}/{q} in {:.2}s",
+                        o.rate,
+                        o.cpu,
+                        u8::from(o.present),
+                        o.got,
+                        o.secs
+                    )
+                };
+                eprintln!(
+                    "  queued round {} {}: online {:.0} msg/s, {}/{q} in {:.2}s, cpu {:.2}s; offline {}; clean stop {}; kill -9 {}",
+                    round + 1,
+                    who.name(),
+                    r.online_rate,
+                    r.online_got,
+                    r.online_secs,
+                    r.online_cpu,
+                    offline(&r.offline),
+                    offline(&r.stopped),
+                    offline(&r.killed)
+                );
+                results.push((who, r));
+            }
+        }
+        rows.extend(queued_rows(q, &results));
     }
     let of_rounds = if rounds > 1 {
         format!(" (median of {rounds} rounds)")
