@@ -905,7 +905,8 @@ async fn packets_right_behind_connect_are_served_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_is_disconnected_and_a_healthy_one_gets_everything() {
     const COUNT: usize = 4_000;
-    let serve = Serve::start_with(&["--slow-consumer-timeout-ms", "1000"], &[]);
+    // 4 000 KiB is past its 1 MiB buffer.
+    let serve = Serve::start_with(&["--max-subscriber-buffer-bytes", "1048576"], &[]);
     // A raw client that subscribes and then never reads its socket.
     let mut stuck = TcpStream::connect(("127.0.0.1", serve.mqtt_port))
         .await

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::mqtt::V4;
+use common::mqtt::{burst, number, numbered, V4};
 use common::Serve;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::time::timeout;
@@ -36,54 +36,6 @@ async fn resume_and_drain(port: u16, id: &str, quiet: Duration) -> (bool, Vec<Ve
         got.push(m.payload);
     }
     (c.session_present, got)
-}
-
-fn numbered(i: u64, size: usize) -> Vec<u8> {
-    let mut payload = vec![b'n'; size.max(8)];
-    payload[..8].copy_from_slice(&i.to_be_bytes());
-    payload
-}
-
-fn number(payload: &[u8]) -> u64 {
-    u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"))
-}
-
-/// `n` QoS 1 messages of 1 KiB to `topic` with up to 100 in flight; the
-/// time from the first publish to the last PUBACK.
-async fn burst(port: u16, id: &str, topic: &str, n: u64) -> Duration {
-    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-    opts.set_inflight(100);
-    let (client, mut events) = AsyncClient::new(opts, 1000);
-    loop {
-        match timeout(Duration::from_secs(10), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            other => panic!("{id}: no CONNACK: {other:?}"),
-        }
-    }
-    let started = Instant::now();
-    let topic = topic.to_string();
-    let publisher = tokio::spawn(async move {
-        for i in 0..n {
-            client
-                .publish(&topic, QoS::AtLeastOnce, false, numbered(i, 1024))
-                .await
-                .expect("publish");
-        }
-        client
-    });
-    let mut acked = 0;
-    while acked < n {
-        match timeout(Duration::from_secs(30), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            other => panic!("{id}: {acked} of {n} acknowledged, then {other:?}"),
-        }
-    }
-    let took = started.elapsed();
-    let client = publisher.await.expect("publisher");
-    let _ = client.disconnect().await;
-    took
 }
 
 /// The broker's counters, off its retained heartbeat record, once `done`

@@ -201,9 +201,31 @@ impl Codec {
         out: &mut BytesMut,
     ) -> Result<usize, rumqttd::protocol::Error> {
         match self {
-            Codec::V5(c) => c.write(packet, out),
+            Codec::V5(c) => c.write(with_disconnect_properties(packet), out),
             Codec::V4(c) => c.write(strip_properties(packet), out),
         }
+    }
+}
+
+/// rumqttd writes an MQTT 5 DISCONNECT with a reason code and no
+/// properties as remaining length 1 followed by two bytes (the reason and
+/// an empty property length), and one with an empty property list as a
+/// bare normal disconnection: both wrong. With a reason string (which also
+/// tells the client's log why) it writes a well-formed packet.
+fn with_disconnect_properties(packet: Packet) -> Packet {
+    match packet {
+        Packet::Disconnect(d, None)
+            if d.reason_code != rumqttd::protocol::DisconnectReasonCode::NormalDisconnection =>
+        {
+            let props = rumqttd::protocol::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(format!("{:?}", d.reason_code)),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            Packet::Disconnect(d, Some(props))
+        }
+        other => other,
     }
 }
 
@@ -435,6 +457,23 @@ fn strip_properties(packet: Packet) -> Packet {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_mqtt5_disconnect_with_a_reason_is_well_formed() {
+        let codec = Codec::V5(V5);
+        let mut out = BytesMut::new();
+        let d = rumqttd::protocol::Disconnect {
+            reason_code: rumqttd::protocol::DisconnectReasonCode::QuotaExceeded,
+        };
+        codec
+            .write(Packet::Disconnect(d, None), &mut out)
+            .expect("encode");
+        let reason = b"QuotaExceeded";
+        let mut expected = vec![0xE0, 2 + 3 + reason.len() as u8, 0x97];
+        expected.extend_from_slice(&[3 + reason.len() as u8, 0x1F, 0, reason.len() as u8]);
+        expected.extend_from_slice(reason);
+        assert_eq!(&out[..], &expected[..]);
+    }
     use super::*;
 
     use rumqttd::protocol::{

@@ -72,6 +72,10 @@ pub struct BrokerConfig {
     /// past either, new messages for it are dropped and counted.
     pub max_queued_messages: u64,
     pub max_queued_bytes: u64,
+    /// Bytes a connected client may leave untaken (unread by its socket or
+    /// waiting for its receive window) before it is disconnected (MQTT 5
+    /// reason 0x97): its own buffer, so it never holds publishers back.
+    pub max_subscriber_buffer: usize,
 }
 
 impl BrokerConfig {
@@ -105,6 +109,7 @@ impl Default for BrokerConfig {
             state_file: None,
             max_queued_messages: 50_000,
             max_queued_bytes: 64 * 1024 * 1024,
+            max_subscriber_buffer: 32 * 1024 * 1024,
         }
     }
 }

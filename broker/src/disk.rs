@@ -511,6 +511,7 @@ fn writer(db: &Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, 
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = (|| -> Result<(), DiskError> {
             let mut write = db.begin_write()?;
             write.set_durability(Durability::Immediate)?;
@@ -547,6 +548,11 @@ fn writer(db: &Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, 
             write.commit()?;
             Ok(())
         })();
+        tracing::trace!(
+            changes = batch.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "broker store commit"
+        );
         if let Err(error) = result {
             // Retained messages are still in memory and delivered; queued
             // ones are lost with this batch. Said loudly, once per batch.

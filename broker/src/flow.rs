@@ -30,11 +30,33 @@ pub struct Consumer {
     /// The owning session's wake-up for a kick.
     kick: Arc<Notify>,
     behind_since: Mutex<Option<Instant>>,
+    /// How long it may hold publishers back before it is cut off, in ms
+    /// (0: the broker's slow-consumer timeout).
+    patience_ms: AtomicU64,
 }
 
 impl Consumer {
     pub fn delivered(&self, bytes: u64) {
         self.delivered.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Cuts it off sooner than the broker's slow-consumer timeout: a kept
+    /// session whose backlog has somewhere to go (its queue on disk) need
+    /// not hold anyone back for long.
+    pub fn set_patience(&self, patience: Duration) {
+        self.patience_ms.store(
+            u64::try_from(patience.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn patience(&self, default: Duration) -> Duration {
+        match self.patience_ms.load(Ordering::Relaxed) {
+            0 => default,
+            ms => Duration::from_millis(ms),
+        }
     }
 }
 
@@ -185,6 +207,7 @@ impl Flow {
                 kicked: AtomicBool::new(false),
                 kick: kick.clone(),
                 behind_since: Mutex::new(None),
+                patience_ms: AtomicU64::new(0),
             })
         };
         let consumer = match group {
@@ -301,7 +324,8 @@ impl Flow {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get_or_insert_with(Instant::now);
-            if since.elapsed() >= self.slow_timeout && !slowest.kicked.swap(true, Ordering::Relaxed)
+            if since.elapsed() >= slowest.patience(self.slow_timeout)
+                && !slowest.kicked.swap(true, Ordering::Relaxed)
             {
                 self.slow_consumers_disconnected
                     .fetch_add(1, Ordering::Relaxed);

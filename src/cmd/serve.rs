@@ -70,6 +70,9 @@ pub struct Args {
     /// Bytes one disconnected kept session's queue may take on disk.
     #[arg(long, env = "AXION_MAX_QUEUED_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_queued_bytes: u64,
+    /// Bytes a connected subscriber may leave unread before it is disconnected (MQTT 5 reason 0x97; a kept session's backlog goes to its queue).
+    #[arg(long, env = "AXION_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_subscriber_buffer_bytes: usize,
     /// TOML file of users (argon2 hashes), roles and ACLs; without it every client has every right and listeners must be loopback.
     #[arg(long, env = "AXION_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
@@ -211,6 +214,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_session_expiry: args.max_session_expiry_secs,
         max_queued_messages: args.max_queued_messages,
         max_queued_bytes: args.max_queued_bytes,
+        max_subscriber_buffer: args.max_subscriber_buffer_bytes,
         auth: auth.clone(),
         tls,
         unix: unix.as_ref().map(|u| u.path.clone()),

@@ -318,3 +318,53 @@ pub fn will_delay(secs: u32) -> rumqttc::v5::mqttbytes::v5::LastWillProperties {
         user_properties: Vec::new(),
     }
 }
+
+/// A payload of `size` bytes (at least 8) starting with `i` (big-endian).
+pub fn numbered(i: u64, size: usize) -> Vec<u8> {
+    let mut payload = vec![b'n'; size.max(8)];
+    payload[..8].copy_from_slice(&i.to_be_bytes());
+    payload
+}
+
+/// The number a [`numbered`] payload starts with.
+pub fn number(payload: &[u8]) -> u64 {
+    u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"))
+}
+
+/// `n` QoS 1 messages of 1 KiB to `topic` with up to 100 in flight; the
+/// time from the first publish to the last PUBACK.
+pub async fn burst(port: u16, id: &str, topic: &str, n: u64) -> Duration {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_inflight(100);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+    loop {
+        match timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+    }
+    let started = std::time::Instant::now();
+    let topic = topic.to_string();
+    let publisher = tokio::spawn(async move {
+        for i in 0..n {
+            client
+                .publish(&topic, rumqttc::QoS::AtLeastOnce, false, numbered(i, 1024))
+                .await
+                .expect("publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < n {
+        match timeout(Duration::from_secs(30), events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("{id}: {acked} of {n} acknowledged, then {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    let client = publisher.await.expect("publisher");
+    let _ = client.disconnect().await;
+    took
+}

@@ -13,7 +13,7 @@ use rumqttd::Notification;
 use tracing::{debug, warn};
 
 use super::aliases::Outgoing;
-use super::{make_publish, now_or_never, Ending, Session, RESUBSCRIBE_PKID};
+use super::{make_publish, now_or_never, Ending, Session, Waiting, EAGER_PKIDS, RESUBSCRIBE_PKID};
 use crate::marks::Mark;
 use crate::names;
 use crate::queues::tap::Tap;
@@ -118,21 +118,62 @@ impl Session {
     /// Sends the QoS 1 or 2 publish encoded at `out[start..]` now, or keeps
     /// it until the client's receive window has room (MQTT-4.9.0-2).
     pub(super) fn send_windowed(&mut self, out: &mut BytesMut, start: usize) {
+        self.send_or_wait(out, start, false);
+    }
+
+    /// [`Session::send_windowed`]; an `eager` publish (acknowledged to the
+    /// router already) takes its packet id from [`EAGER_PKIDS`] as it goes.
+    fn send_or_wait(&mut self, out: &mut BytesMut, start: usize, eager: bool) {
         if self.at_client < self.receive_max && self.window.is_empty() {
-            self.at_client += 1;
-        } else {
-            self.window.push_back(out.split_off(start));
+            if !eager {
+                self.at_client += 1;
+                return;
+            }
+            if let Some(pkid) = self.alloc_eager_pkid() {
+                set_pkid(&mut out[start..], pkid);
+                self.at_client += 1;
+                return;
+            }
         }
+        let bytes = out.split_off(start);
+        self.window_bytes += bytes.len();
+        self.window.push_back(Waiting { bytes, eager });
+    }
+
+    /// A free id of [`EAGER_PKIDS`], held by a local ledger slot until the
+    /// client acknowledges it.
+    fn alloc_eager_pkid(&mut self) -> Option<u16> {
+        let pkid = EAGER_PKIDS
+            .clone()
+            .find(|p| !self.eager_pkids.contains(p))?;
+        self.eager_pkids.insert(pkid);
+        self.ledger.push_back(Slot {
+            pkid,
+            local: true,
+            acked: false,
+            rec: false,
+            task: None,
+            queued: None,
+        });
+        Some(pkid)
     }
 
     /// One QoS 1 or 2 flow with the client ended: send what waits for room.
     pub(super) fn window_freed(&mut self, reply: &mut BytesMut) {
         self.at_client = self.at_client.saturating_sub(1);
         while self.at_client < self.receive_max {
-            let Some(waiting) = self.window.pop_front() else {
+            let Some(mut waiting) = self.window.pop_front() else {
                 break;
             };
-            reply.extend_from_slice(&waiting);
+            if waiting.eager {
+                let Some(pkid) = self.alloc_eager_pkid() else {
+                    self.window.push_front(waiting);
+                    break;
+                };
+                set_pkid(&mut waiting.bytes, pkid);
+            }
+            self.window_bytes -= waiting.bytes.len();
+            reply.extend_from_slice(&waiting.bytes);
             self.at_client += 1;
         }
     }
@@ -162,6 +203,12 @@ impl Session {
     pub(super) fn release_acks(&mut self, to_router: &mut Vec<Packet>) {
         while self.ledger.front().is_some_and(|s| s.acked) {
             if let Some(slot) = self.ledger.pop_front() {
+                if !slot.local {
+                    self.router_slots -= 1;
+                }
+                if EAGER_PKIDS.contains(&slot.pkid) {
+                    self.eager_pkids.remove(&slot.pkid);
+                }
                 if let (Some((seq, size)), Some(disk)) = (slot.queued, &self.shared.disk) {
                     self.shared
                         .offline
@@ -377,6 +424,21 @@ impl Session {
                     // Only a renewal's barrier asks the router for one.
                     Packet::PingResp(_) => self.barrier_passed(),
                     Packet::PubAck(ack, _) if ack.pkid == super::OUTLET_PKID => {}
+                    // What the broker acknowledges is on disk: a publish
+                    // captured for away sessions waits for its commits
+                    // (the ones behind it wait too, in order).
+                    packet @ (Packet::PubAck(..) | Packet::PubRec(..))
+                        if self.durable_acks.contains_key(&client_ack_pkid(&packet)) =>
+                    {
+                        let pkid = client_ack_pkid(&packet);
+                        for commit in self.durable_acks.remove(&pkid).unwrap_or_default() {
+                            let _ = commit.await;
+                        }
+                        if let Packet::PubRec(rec, _) = &packet {
+                            self.qos2_in.insert(rec.pkid);
+                        }
+                        self.encode(packet, &mut out);
+                    }
                     Packet::PubRec(rec, props) => {
                         // The router holds this QoS 2 publish until PUBREL.
                         self.qos2_in.insert(rec.pkid);
@@ -420,6 +482,7 @@ impl Session {
         if delivered {
             self.shared.flow.progressed();
         }
+        router_acks.append(&mut self.eager_acks);
         if release {
             self.release_acks(&mut router_acks);
         }
@@ -431,6 +494,22 @@ impl Session {
         }
         if wake && self.link_rx.wake().await.is_err() {
             return Some(Ending::Kicked);
+        }
+        let limit = self.shared.config.max_subscriber_buffer;
+        if ending.is_none() && self.backlog() > limit {
+            self.shared
+                .flow
+                .slow_consumers_disconnected
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                client_id = self.client_id,
+                backlog_bytes = self.backlog(),
+                limit,
+                "disconnected: it stopped taking what it subscribed to and its buffer is full"
+            );
+            self.disconnect_client(rumqttd::protocol::DisconnectReasonCode::QuotaExceeded)
+                .await;
+            return Some(Ending::Lost);
         }
         ending
     }
@@ -537,10 +616,36 @@ impl Session {
                 | (qos << 1)
                 | u8::from(as_published)
                 | if dup { 0x08 } else { 0 };
+            // A clean session keeps what its client has not taken itself
+            // (bounded, see `Session::backlog`): the router is acknowledged
+            // at once and goes on sending, so a client that stops reading
+            // never holds publishers back. Only while nothing older waits
+            // for its acknowledgement (the router insists on order); not
+            // for queue tasks, which go back to the queue if unacknowledged.
+            if self.clean_session && router_qos == 1 && self.router_slots == 0 && task.is_none() {
+                self.eager_acks.push(puback(pkid));
+                self.send_or_wait(out, start, true);
+                return false;
+            }
             self.send_windowed(out, start);
         }
         // Not sent with an acknowledgement to come: ack the router's copy now.
         let acked = discard || qos == 0;
+        if router_qos == 2 && (acked || qos < 2) {
+            self.downgraded.insert(pkid);
+        }
+        if acked && self.router_slots == 0 {
+            // Nothing older waits for its acknowledgement: it goes now,
+            // without a ledger slot that would keep the next deliveries
+            // from being taken over.
+            self.eager_acks.push(if router_qos == 2 {
+                pubrec(pkid)
+            } else {
+                puback(pkid)
+            });
+            return false;
+        }
+        self.router_slots += 1;
         self.ledger.push_back(Slot {
             pkid,
             local: false,
@@ -549,9 +654,6 @@ impl Session {
             task: task.filter(|_| !acked),
             queued: None,
         });
-        if router_qos == 2 && (acked || qos < 2) {
-            self.downgraded.insert(pkid);
-        }
         acked
     }
 
@@ -735,6 +837,31 @@ impl Session {
 
 /// Longest an ended session waits for the router to drop its link.
 const LINK_RELEASE: Duration = Duration::from_secs(2);
+
+/// The packet id of a PUBACK or PUBREC for a client's publish.
+fn client_ack_pkid(packet: &Packet) -> u16 {
+    match packet {
+        Packet::PubAck(a, _) => a.pkid,
+        Packet::PubRec(r, _) => r.pkid,
+        _ => 0,
+    }
+}
+
+/// Rewrites the packet id of an encoded PUBLISH with QoS > 0.
+fn set_pkid(packet: &mut [u8], pkid: u16) {
+    let mut i = 1;
+    while packet.get(i).is_some_and(|b| b & 0x80 != 0) {
+        i += 1;
+    }
+    i += 1;
+    let Some(len) = packet.get(i..i + 2) else {
+        return;
+    };
+    let at = i + 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+    if let Some(id) = packet.get_mut(at..at + 2) {
+        id.copy_from_slice(&pkid.to_be_bytes());
+    }
+}
 
 /// QoS and packet id of an encoded PUBLISH with QoS > 0.
 fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {

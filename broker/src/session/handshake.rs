@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::aliases::{Aliases, MAX_ALIASES};
 use super::delivery::LOCAL_PKIDS;
-use super::{write_loop, Reader, Session, Writer, WRITE_QUEUE};
+use super::{write_loop, Reader, Session, Writer};
 use crate::auth::{LoginError, INTERNAL_USER};
 use crate::codec::{self, Codec, DecodeError, Frame, Framed};
 use crate::login_limit::Throttled;
@@ -455,8 +455,9 @@ pub(super) async fn handshake(
         .renewal
         .register(resumed.generation, link_epoch, &client_id);
     let read_half = reader;
-    let (writer, rx) = mpsc::channel(WRITE_QUEUE);
-    let writer_task = tokio::spawn(write_loop(stream, rx, peer));
+    let (writer, rx) = mpsc::unbounded_channel();
+    let unwritten = Arc::new(AtomicUsize::new(0));
+    let writer_task = tokio::spawn(write_loop(stream, rx, unwritten.clone(), peer));
     let mut session = Session {
         peer,
         client_id,
@@ -470,6 +471,12 @@ pub(super) async fn handshake(
         receive_max,
         at_client: 0,
         window: VecDeque::new(),
+        window_bytes: 0,
+        router_slots: 0,
+        eager_pkids: HashSet::new(),
+        unwritten,
+        eager_acks: Vec::new(),
+        durable_acks: HashMap::new(),
         nolocal_filters: HashSet::new(),
         rap_filters: HashSet::new(),
         aliases: Aliases::new(topic_alias_max),

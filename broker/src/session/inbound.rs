@@ -169,14 +169,19 @@ impl Session {
                 // Away sessions it matches get it on disk first (the
                 // publisher's acknowledgement waits for that too).
                 if let (true, Some(disk)) = (qos > 0, &self.shared.disk) {
-                    self.disk_commits.extend(self.shared.offline.capture(
+                    let commits = self.shared.offline.capture(
                         disk,
                         &publish.topic,
                         &publish.payload,
                         qos,
                         publish.retain,
                         props.as_ref(),
-                    ));
+                    );
+                    if !commits.is_empty() {
+                        // The publish goes on to the router at once; its
+                        // acknowledgement waits (see `Session::outgoing`).
+                        self.durable_acks.insert(publish_pkid(&publish), commits);
+                    }
                 }
                 let (packet, commit) =
                     self.shared
@@ -252,6 +257,9 @@ impl Session {
                             &self.client_id,
                             self.kick.clone(),
                         );
+                        if group.is_none() {
+                            self.set_patience(&consumer);
+                        }
                         self.consumers.push(Subscription {
                             path: path.clone(),
                             consumer,
@@ -638,9 +646,7 @@ impl Session {
         reply: &mut BytesMut,
         reason: Option<&str>,
     ) {
-        // `Publish::pkid` is crate-private; its serialization is public.
-        let raw = publish.serialize();
-        let pkid = u16::from_be_bytes([raw[1], raw[2]]);
+        let pkid = publish_pkid(publish);
         let v5 = self.codec.is_v5();
         match qos {
             1 => self.encode(
@@ -725,4 +731,12 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::PingResp(..) => "PINGRESP",
         _ => "other",
     }
+}
+
+/// The packet id of a client's publish.
+fn publish_pkid(publish: &rumqttd::protocol::Publish) -> u16 {
+    // `Publish::pkid` is crate-private; its serialization (header byte,
+    // then the id) is public.
+    let raw = publish.serialize();
+    u16::from_be_bytes([raw[1], raw[2]])
 }

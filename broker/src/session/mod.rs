@@ -71,8 +71,17 @@ const RESUBSCRIBE_PKID: u16 = 0;
 /// not the client's (clients never use 0).
 const OUTLET_PKID: u16 = 0;
 
-/// Outgoing bytes waiting for the writer task, in batches.
-const WRITE_QUEUE: usize = 64;
+/// Packet ids for QoS 1 deliveries the router was acknowledged for at
+/// once: between the router's ids (1..=100, reused as soon as it is
+/// acknowledged) and the front end's own ([`delivery::LOCAL_PKIDS`]).
+const EAGER_PKIDS: std::ops::RangeInclusive<u16> = 101..=999;
+
+/// A QoS 1 or 2 publish waiting for room in the client's receive window.
+struct Waiting {
+    bytes: BytesMut,
+    /// Its packet id is taken from [`EAGER_PKIDS`] when it is sent.
+    eager: bool,
+}
 
 type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
@@ -175,7 +184,7 @@ struct Session {
     link_tx: LinkTx,
     link_rx: LinkRx,
     read_half: Reader,
-    writer: mpsc::Sender<BytesMut>,
+    writer: mpsc::UnboundedSender<BytesMut>,
     writer_task: tokio::task::JoinHandle<()>,
     inbuf: BytesMut,
     /// The will, until this session's end or a takeover decides it.
@@ -223,8 +232,25 @@ struct Session {
     receive_max: usize,
     /// QoS 1 publishes sent to the client and not yet acknowledged.
     at_client: usize,
-    /// Encoded QoS 1 publishes waiting for room in the client's window.
-    window: VecDeque<BytesMut>,
+    /// Encoded QoS 1 publishes waiting for room in the client's window
+    /// (see [`Waiting`]), and their bytes.
+    window: VecDeque<Waiting>,
+    window_bytes: usize,
+    /// Router deliveries in the ledger whose acknowledgement the router
+    /// still waits for: while there are none, a QoS 1 delivery to a clean
+    /// session is acknowledged to the router at once (see
+    /// `Session::deliver`).
+    router_slots: usize,
+    /// Packet ids of such deliveries at the client (see [`EAGER_PKIDS`]).
+    eager_pkids: HashSet<u16>,
+    /// Bytes handed to the writer task and not yet written to the socket.
+    unwritten: Arc<std::sync::atomic::AtomicUsize>,
+    /// Router acknowledgements of deliveries taken over by this session,
+    /// sent with the batch being written.
+    eager_acks: Vec<Packet>,
+    /// Disk commits (of away sessions' queues) the acknowledgement of the
+    /// client's publish with this packet id waits for.
+    durable_acks: HashMap<u16, Vec<crate::disk::Commit>>,
     /// Router-form filters subscribed with MQTT 5 No Local.
     nolocal_filters: HashSet<String>,
     /// MQTT 5 topic aliases, both ways.
@@ -275,6 +301,11 @@ struct Session {
     overlap: crate::offline::Overlap,
 }
 
+/// How long a kept session's subscription (with a data directory) may
+/// hold publishers back before its connection is closed and what it is
+/// owed goes to its queue.
+const KEPT_PATIENCE: Duration = Duration::from_millis(100);
+
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 /// Bytes of held publishes before the socket stops being read (then TCP
@@ -305,7 +336,16 @@ struct Subscription {
     consumer: Arc<Consumer>,
 }
 
-async fn write_loop(mut half: Writer, mut rx: mpsc::Receiver<BytesMut>, peer: SocketAddr) {
+/// Writes what the session hands over, in order. The session never waits
+/// for it: what a client does not read piles up here, counted in
+/// `unwritten`, and the session disconnects a client whose pile passes
+/// the broker's per-subscriber buffer.
+async fn write_loop(
+    mut half: Writer,
+    mut rx: mpsc::UnboundedReceiver<BytesMut>,
+    unwritten: Arc<std::sync::atomic::AtomicUsize>,
+    peer: SocketAddr,
+) {
     while let Some(mut buf) = rx.recv().await {
         // Coalesce whatever else is already queued into one write.
         while let Ok(more) = rx.try_recv() {
@@ -315,6 +355,7 @@ async fn write_loop(mut half: Writer, mut rx: mpsc::Receiver<BytesMut>, peer: So
             debug!(%peer, %err, "write to client failed");
             return;
         }
+        unwritten.fetch_sub(buf.len(), Ordering::Relaxed);
     }
     let _ = half.shutdown().await;
 }
@@ -482,8 +523,9 @@ impl Session {
     /// Tells a renewal whether anything between client and router is
     /// still in flight.
     fn report_idle(&self) {
-        let idle = self.ledger.is_empty()
-            && self.window.is_empty()
+        // Deliveries the front end took over (retained, queued, or acked
+        // to the router at once) are nothing the router waits for.
+        let idle = self.router_slots == 0
             && self.downgraded.is_empty()
             && self.qos2_in.is_empty()
             && !self.resubscribing;
@@ -512,7 +554,26 @@ impl Session {
 
     /// Sends `bytes` to the writer task; false if the client is gone.
     async fn send_bytes(&self, bytes: BytesMut) -> bool {
-        bytes.is_empty() || self.writer.send(bytes).await.is_ok()
+        if bytes.is_empty() {
+            return true;
+        }
+        self.unwritten.fetch_add(bytes.len(), Ordering::Relaxed);
+        self.writer.send(bytes).is_ok()
+    }
+
+    /// Bytes this client has been sent or is due and has not taken: what
+    /// the socket did not accept, and what waits for its receive window.
+    fn backlog(&self) -> usize {
+        self.unwritten.load(Ordering::Relaxed) + self.window_bytes
+    }
+
+    /// A kept session's subscription whose backlog can go to its queue on
+    /// disk holds publishers back only briefly before the session is moved
+    /// there (see [`crate::offline`]).
+    fn set_patience(&self, consumer: &Consumer) {
+        if !self.clean_session && self.shared.disk.is_some() {
+            consumer.set_patience(KEPT_PATIENCE);
+        }
     }
 
     async fn disconnect_client(&self, reason: DisconnectReasonCode) {
@@ -767,6 +828,7 @@ impl Session {
                         .shared
                         .flow
                         .resume(rest, &self.client_id, self.kick.clone(), &old);
+                    self.set_patience(&c);
                     self.shared.flow.unsubscribe(rest, &old, true);
                     c
                 }
