@@ -180,3 +180,137 @@ async fn no_acknowledged_message_is_lost_over_twenty_kill_9_cycles() {
         acked.len()
     );
 }
+
+/// The same with the subscriber connected while the broker is killed:
+/// what it had not acknowledged yet was journaled before the publisher's
+/// PUBACK, and reaches it when it comes back (once at least).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
+    let mut serve = Serve::start();
+    let received: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut next = 0u64;
+    for cycle in 0..5 {
+        let port = serve.mqtt_port;
+        // The subscriber (re)connects, keeping its session, and takes a
+        // millisecond per message, acknowledging each once it is done
+        // with it: at the kill some are unread and some unacknowledged.
+        let mut opts = MqttOptions::new("online-kept", "127.0.0.1", port);
+        opts.set_clean_session(false);
+        opts.set_manual_acks(true);
+        let (client, mut events) = AsyncClient::new(opts, 1000);
+        if cycle == 0 {
+            client
+                .subscribe("online/#", QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        let first = cycle == 0;
+        let events_task = tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                match event {
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let _ = tx.send(p);
+                    }
+                    Event::Incoming(Packet::SubAck(_)) if first => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Event::Incoming(Packet::ConnAck(_)) if !first => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        timeout(Duration::from_secs(10), subscribed)
+            .await
+            .expect("subscriber ready")
+            .expect("subscriber running");
+        let got = received.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                got.lock().unwrap().insert(number(&p.payload));
+                let _ = client.ack(&p).await;
+            }
+        });
+        let (acked_now, start) = (acked.clone(), next);
+        let publisher = tokio::spawn(async move {
+            let mut opts = MqttOptions::new(format!("online-pub-{cycle}"), "127.0.0.1", port);
+            opts.set_inflight(10);
+            let (client, mut events) = AsyncClient::new(opts, 100);
+            let mut order = std::collections::VecDeque::new();
+            let mut pending: HashMap<u16, u64> = HashMap::new();
+            let mut i = start;
+            for _ in 0..10 {
+                client
+                    .publish("online/t", QoS::AtLeastOnce, false, numbered(i, 256))
+                    .await
+                    .expect("queue a publish");
+                order.push_back(i);
+                i += 1;
+            }
+            while let Ok(Ok(event)) = timeout(Duration::from_secs(10), events.poll()).await {
+                match event {
+                    Event::Outgoing(Outgoing::Publish(pkid)) => {
+                        if let Some(n) = order.pop_front() {
+                            pending.insert(pkid, n);
+                        }
+                    }
+                    Event::Incoming(Packet::PubAck(ack)) => {
+                        if let Some(n) = pending.remove(&ack.pkid) {
+                            acked_now.lock().unwrap().push(n);
+                        }
+                        if client
+                            .try_publish("online/t", QoS::AtLeastOnce, false, numbered(i, 256))
+                            .is_ok()
+                        {
+                            order.push_back(i);
+                            i += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            i
+        });
+        let target = acked.lock().unwrap().len() + 200 + cycle * 37;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acked.lock().unwrap().len() < target {
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: publishing stalled"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        serve.proc.signal(9);
+        serve.proc.wait_exit(Duration::from_secs(10));
+        next = publisher.await.expect("publisher") + 1;
+        // The subscriber dies with the broker: what it had not finished is
+        // gone from it.
+        reader.abort();
+        events_task.abort();
+        serve.restart(&[], &[]);
+    }
+    let (present, got) =
+        resume_and_drain(serve.mqtt_port, "online-kept", Duration::from_millis(1500)).await;
+    assert!(present);
+    let mut all = received.lock().unwrap().clone();
+    all.extend(got.iter().map(|p| number(p)));
+    let acked: HashSet<u64> = acked.lock().unwrap().iter().copied().collect();
+    let mut lost: Vec<u64> = acked.difference(&all).copied().collect();
+    lost.sort_unstable();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+}

@@ -65,6 +65,20 @@ impl Subscriptions {
     }
 }
 
+impl Subscriptions {
+    /// Each filter with its QoS (as a number) and retain-as-published, as
+    /// [`crate::offline`] captures for them.
+    pub fn for_capture(&self) -> Vec<(String, u8, bool)> {
+        self.with_qos()
+            .into_iter()
+            .map(|(path, qos)| {
+                let rap = self.rap.contains(&path);
+                (path, qos as u8, rap)
+            })
+            .collect()
+    }
+}
+
 pub type SharedSubscriptions = Arc<std::sync::Mutex<Subscriptions>>;
 
 /// Stops flow control for flow positions (of non-shared filters) that
@@ -561,19 +575,11 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
         }
         let expiry = Duration::from_secs(u64::from(entry.expiry.load(Ordering::Relaxed)));
         if !expiry.is_zero() && shared.disk.is_some() && entry.drainer.is_none() {
-            let filters: Vec<(String, u8, bool)> = {
-                let subs = entry
-                    .subscriptions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                subs.with_qos()
-                    .into_iter()
-                    .map(|(path, qos)| {
-                        let rap = subs.rap.contains(&path);
-                        (path, qos as u8, rap)
-                    })
-                    .collect()
-            };
+            let filters = entry
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .for_capture();
             let queue = shared.offline.park(&router_id, &filters);
             entry.drainer = Some(crate::offline::spawn_drainer(
                 shared.clone(),

@@ -31,7 +31,7 @@
 //! `max_bytes`, new messages for that session are dropped: counted per
 //! session and in total, logged once per episode, and never waited for.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,16 +98,39 @@ impl Overlap {
     }
 }
 
+/// What capture does for a kept session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Nothing: no connection of it since the start, or forgotten.
+    #[default]
+    Off,
+    /// Connected: each message is journaled (on disk until the client
+    /// acknowledges its live delivery), so `kill -9` loses none of them.
+    Online,
+    /// Away: each message is queued, and the drainer reads the router.
+    Away,
+}
+
 #[derive(Debug, Default)]
 struct QueueState {
-    /// Capture and drainer write to it (the session is away).
-    open: bool,
+    mode: Mode,
+    /// Its filters are in the capture index.
+    indexed: bool,
     messages: u64,
     bytes: u64,
     last_seq: u64,
     next_drain: u64,
     next_capture: u64,
     overlap: Overlap,
+    /// Messages journaled while connected whose live delivery has not come
+    /// yet: content hash → (sequence, bytes), oldest first.
+    journal: HashMap<u64, VecDeque<(u64, u64)>>,
+    /// Journaled messages still on disk: sequence → content hash. Their
+    /// router copies are not the drainer's to write.
+    pending: HashMap<u64, u64>,
+    /// Queued messages the client was sent and did not acknowledge: DUP
+    /// when they are sent again.
+    sent: HashSet<u64>,
     /// Messages dropped at the bound, ever, and whether the current
     /// episode was logged.
     dropped: u64,
@@ -264,40 +287,38 @@ impl Offline {
         self.hasher.hash_one((topic, payload))
     }
 
-    /// The session `router_id` is away from now on: capture and the
-    /// drainer write to its queue. `filters` are router-form paths with
-    /// their QoS and retain-as-published.
-    pub fn park(&self, router_id: &str, filters: &[(String, u8, bool)]) -> Arc<Queue> {
-        let queue = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            queues
-                .entry(router_id.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Queue {
-                        router_id: router_id.to_string(),
-                        state: Mutex::new(QueueState::default()),
-                        probe: Mutex::new(None),
-                    })
+    fn queue_for(&self, router_id: &str) -> Arc<Queue> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .entry(router_id.to_string())
+            .or_insert_with(|| {
+                Arc::new(Queue {
+                    router_id: router_id.to_string(),
+                    state: Mutex::new(QueueState::default()),
+                    probe: Mutex::new(None),
                 })
-                .clone()
-        };
-        {
-            let mut s = queue.lock();
-            if s.open {
-                return queue.clone();
-            }
-            s.open = true;
-            s.next_drain = s.last_seq + 1;
-            s.next_capture = s.last_seq + 1 + DRAIN_RANGE;
-            s.overlap = Overlap::default();
-        }
+            })
+            .clone()
+    }
+
+    /// Makes `filters` (router form, with QoS and retain-as-published) the
+    /// ones capture watches for `queue` (none: it leaves the index).
+    fn set_index(&self, queue: &Arc<Queue>, s: &mut QueueState, filters: &[(String, u8, bool)]) {
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if s.indexed {
+            index.retain(|_, entries| {
+                entries.retain(|e| !Arc::ptr_eq(&e.queue, queue));
+                !entries.is_empty()
+            });
+        }
+        let mut any = false;
         for (path, qos, rap) in filters {
             if names::share_group(path).is_some() {
                 // The router picks one member per message; the drainer
-                // takes this session's turns.
+                // takes an away session's turns.
                 continue;
             }
+            any = true;
             index.entry(path.clone()).or_default().push(Entry {
                 queue: queue.clone(),
                 qos: *qos,
@@ -305,49 +326,111 @@ impl Offline {
             });
         }
         drop(index);
-        self.capturing.fetch_add(1, Ordering::SeqCst);
+        match (s.indexed, any) {
+            (false, true) => {
+                self.capturing.fetch_add(1, Ordering::SeqCst);
+            }
+            (true, false) => {
+                self.capturing.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        s.indexed = any;
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The kept session `router_id` is connected with these subscriptions
+    /// (called again whenever they change): what is published to it is
+    /// journaled until its client acknowledges it.
+    pub fn online(&self, router_id: &str, filters: &[(String, u8, bool)]) {
+        let queue = self.queue_for(router_id);
+        let mut s = queue.lock();
+        if s.mode == Mode::Off {
+            s.mode = Mode::Online;
+            s.next_capture = s.last_seq + 1;
+        }
+        if s.mode == Mode::Online {
+            self.set_index(&queue, &mut s, filters);
+        }
+    }
+
+    /// The session `router_id` is away from now on: capture and the
+    /// drainer write to its queue. `filters` are router-form paths with
+    /// their QoS and retain-as-published.
+    pub fn park(&self, router_id: &str, filters: &[(String, u8, bool)]) -> Arc<Queue> {
+        let queue = self.queue_for(router_id);
+        let mut s = queue.lock();
+        if s.mode == Mode::Away {
+            return queue.clone();
+        }
+        s.mode = Mode::Away;
+        s.next_drain = s.last_seq + 1;
+        s.next_capture = s.last_seq + 1 + DRAIN_RANGE;
+        // What was journaled is on disk already: the router's copies of it
+        // (sent again, or never read) are skipped by the drainer.
+        let mut overlap = Overlap::default();
+        for hash in s.pending.values() {
+            overlap.add(*hash, 1);
+        }
+        s.overlap = overlap;
+        s.journal.clear();
+        s.pending.clear();
+        self.set_index(&queue, &mut s, filters);
+        drop(s);
         queue
     }
 
-    /// The session is back (or gone): capture and the drainer stop
-    /// writing. Returns the router copies still expected of captured
-    /// messages, which the new connection skips.
+    /// The session is back: capture journals again, the drainer has
+    /// stopped. Returns the router copies still expected of messages
+    /// captured while it was away, which the new connection skips.
     pub fn unpark(&self, router_id: &str) -> Overlap {
         let Some(queue) = self.queue(router_id) else {
             return Overlap::default();
         };
-        let overlap = {
-            let mut s = queue.lock();
-            if !s.open {
-                return Overlap::default();
-            }
-            s.open = false;
-            s.dropping = false;
-            std::mem::take(&mut s.overlap)
-        };
-        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        index.retain(|_, entries| {
-            entries.retain(|e| !Arc::ptr_eq(&e.queue, &queue));
-            !entries.is_empty()
-        });
-        drop(index);
-        self.capturing.fetch_sub(1, Ordering::SeqCst);
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        overlap
+        let mut s = queue.lock();
+        if s.mode != Mode::Away {
+            return Overlap::default();
+        }
+        s.mode = Mode::Online;
+        s.dropping = false;
+        std::mem::take(&mut s.overlap)
     }
 
     /// The session ended for good: its queue goes, on disk too.
     pub fn forget(&self, disk: &BrokerDisk, router_id: &str) {
-        self.unpark(router_id);
         let gone = self
             .queues
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(router_id);
-        if gone.is_some() {
+        if let Some(queue) = gone {
+            let mut s = queue.lock();
+            s.mode = Mode::Off;
+            self.set_index(&queue, &mut s, &[]);
+            drop(s);
             drop(disk.delete_queue(router_id));
         }
+    }
+
+    /// The client of `router_id` left without acknowledging these queued
+    /// messages: they carry DUP when sent again.
+    pub fn mark_sent(&self, router_id: &str, seqs: impl IntoIterator<Item = u64>) {
+        if let Some(queue) = self.queue(router_id) {
+            queue.lock().sent.extend(seqs);
+        }
+    }
+
+    /// The journal entry of a live delivery of this content to
+    /// `router_id`, if it has one: deleted once the client acknowledges it.
+    pub fn journaled(&self, router_id: &str, hash: u64) -> Option<(u64, u64)> {
+        let queue = self.queue(router_id)?;
+        let mut s = queue.lock();
+        let entries = s.journal.get_mut(&hash)?;
+        let entry = entries.pop_front();
+        if entries.is_empty() {
+            s.journal.remove(&hash);
+        }
+        entry
     }
 
     /// Reads the queue of a returning session, once everything written to
@@ -380,6 +463,13 @@ impl Offline {
         for m in expired {
             self.delivered(disk, router_id, m.seq, m.size);
         }
+        let mut live = live;
+        if let Some(queue) = self.queue(router_id) {
+            let s = queue.lock();
+            for m in &mut live {
+                m.dup |= s.sent.contains(&m.seq);
+            }
+        }
         live
     }
 
@@ -389,6 +479,8 @@ impl Offline {
             let mut s = queue.lock();
             s.messages = s.messages.saturating_sub(1);
             s.bytes = s.bytes.saturating_sub(size);
+            s.pending.remove(&seq);
+            s.sent.remove(&seq);
         }
         drop(disk.delete_queued(router_id, seq));
     }
@@ -460,19 +552,26 @@ impl Offline {
         let mut commits = Vec::new();
         for hit in hits.iter() {
             let mut s = hit.queue.lock();
-            if !s.open {
-                continue;
+            let away = match s.mode {
+                Mode::Off => continue,
+                Mode::Online => false,
+                Mode::Away => true,
+            };
+            if away {
+                // Whatever happens to it here, the router's copies are not
+                // this queue's to write.
+                s.overlap.add(hash, hit.copies);
             }
-            // Whatever happens to it here, the router's copies are not
-            // this queue's to write.
-            s.overlap.add(hash, hit.copies);
             let qos = qos.min(hit.qos);
             if qos == 0 {
                 continue;
             }
-            // A full queue costs a publisher no copy of its message.
+            // A full queue costs a publisher no copy of its message. A
+            // connected session still gets it live, only not journaled.
             if !self.room(&s, (topic.len() + payload.len()) as u64) {
-                self.drop_one(&hit.queue.router_id, &mut s);
+                if away {
+                    self.drop_one(&hit.queue.router_id, &mut s);
+                }
                 continue;
             }
             let flags = QueuedFlags {
@@ -481,10 +580,24 @@ impl Offline {
                 dup: false,
             };
             let value = crate::disk::encode_queued(topic, payload, flags, props);
-            if self.admit(&hit.queue.router_id, &mut s, value.len() as u64) {
+            let size = value.len() as u64;
+            let fits = if away {
+                self.admit(&hit.queue.router_id, &mut s, size)
+            } else if self.room(&s, size) {
+                s.messages += 1;
+                s.bytes += size;
+                true
+            } else {
+                false
+            };
+            if fits {
                 let seq = s.next_capture;
                 s.next_capture += 1;
                 s.last_seq = s.last_seq.max(seq);
+                if !away {
+                    s.journal.entry(hash).or_default().push_back((seq, size));
+                    s.pending.insert(seq, hash);
+                }
                 // Under the queue's lock: a returning session's sync
                 // comes after this write.
                 commits.push(disk.put_queued(&hit.queue.router_id, seq, value));
@@ -552,7 +665,7 @@ impl Offline {
         }
         let hash = self.hash(&publish.topic, &publish.payload);
         let mut s = queue.lock();
-        if s.overlap.take(hash) {
+        if s.overlap.take(hash) || s.mode != Mode::Away {
             return;
         }
         let qos = router_qos.min(mark.qos.unwrap_or(2));

@@ -55,7 +55,7 @@ pub struct Args {
     /// Retained messages (distinct topics) the broker keeps; more are delivered but not retained.
     #[arg(long, env = "AXION_MAX_RETAINED", default_value_t = 100_000)]
     pub max_retained: usize,
-    /// Milliseconds a subscriber may hold publishers back (by not reading) before it is disconnected.
+    /// Milliseconds a subscriber still on the router's window (a QoS 2 one, say) may hold publishers back before it is disconnected; a kept session with a data directory gets 100 ms, then its backlog goes to its queue.
     #[arg(long, env = "AXION_SLOW_CONSUMER_TIMEOUT_MS", default_value_t = 10_000)]
     pub slow_consumer_timeout_ms: u64,
     /// Longest keep-alive (seconds) an MQTT 5 client gets; one asking for more is told this value in CONNACK.

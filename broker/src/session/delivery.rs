@@ -534,6 +534,14 @@ impl Session {
             && self
                 .overlap
                 .take(self.shared.offline.hash(&publish.topic, &publish.payload));
+        // A kept session's message is journaled on disk until its client
+        // acknowledges it (see `crate::offline`).
+        let journaled = (!self.clean_session && self.shared.disk.is_some() && !queued_copy)
+            .then(|| {
+                let hash = self.shared.offline.hash(&publish.topic, &publish.payload);
+                self.shared.offline.journaled(&self.router_id, hash)
+            })
+            .flatten();
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = (own && self.only_nolocal_match(&publish.topic))
             || self.only_revoked_match(&publish.topic);
@@ -590,6 +598,7 @@ impl Session {
             self.aliases.learned(topic, a);
         }
         let Some((router_qos, pkid)) = outgoing_qos_pkid(&out[start..]) else {
+            self.forget_journaled(journaled);
             if discard {
                 out.truncate(start);
             } else if as_published {
@@ -634,6 +643,10 @@ impl Session {
         if router_qos == 2 && (acked || qos < 2) {
             self.downgraded.insert(pkid);
         }
+        if acked {
+            // Sent at QoS 0 or not at all: nothing of it to keep.
+            self.forget_journaled(journaled);
+        }
         if acked && self.router_slots == 0 {
             // Nothing older waits for its acknowledgement: it goes now,
             // without a ledger slot that would keep the next deliveries
@@ -652,9 +665,19 @@ impl Session {
             acked,
             rec: router_qos == 2,
             task: task.filter(|_| !acked),
-            queued: None,
+            queued: journaled.filter(|_| !acked),
         });
         acked
+    }
+
+    /// Deletes the journal entry of a delivery the client will not
+    /// acknowledge.
+    fn forget_journaled(&self, journaled: Option<(u64, u64)>) {
+        if let (Some((seq, size)), Some(disk)) = (journaled, &self.shared.disk) {
+            self.shared
+                .offline
+                .delivered(disk, &self.router_id, seq, size);
+        }
     }
 
     /// True if the deny list withholds a message on (client-form) `topic`

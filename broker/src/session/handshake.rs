@@ -540,6 +540,7 @@ pub(super) async fn handshake(
             return None;
         }
     }
+    session.journal_subscriptions();
     // Not awaited: until it subscribes, a kept session lost with the broker
     // costs its client only `session_present` (its SUBACKs wait for disk).
     drop(session.save_kept(false));

@@ -567,6 +567,22 @@ impl Session {
         self.unwritten.load(Ordering::Relaxed) + self.window_bytes
     }
 
+    /// A kept session (with a data directory) has what is published to it
+    /// journaled until its client acknowledges it, so `kill -9` loses none
+    /// of it (see [`crate::offline`]); called whenever its subscriptions
+    /// change.
+    fn journal_subscriptions(&self) {
+        if self.clean_session || self.shared.disk.is_none() {
+            return;
+        }
+        let filters = self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_capture();
+        self.shared.offline.online(&self.router_id, &filters);
+    }
+
     /// A kept session's subscription whose backlog can go to its queue on
     /// disk holds publishers back only briefly before the session is moved
     /// there (see [`crate::offline`]).
@@ -608,18 +624,25 @@ impl Session {
     /// Publishes to the embedded queue owner's inbound topics go to it too,
     /// first (see [`crate::queues::tap`]).
     async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
+        let mut subscriptions_changed = false;
         for packet in &packets {
             match packet {
-                Packet::Subscribe(sub, _) => self
-                    .router_filters
-                    .extend(sub.filters.iter().map(|f| f.path.clone())),
+                Packet::Subscribe(sub, _) => {
+                    subscriptions_changed = true;
+                    self.router_filters
+                        .extend(sub.filters.iter().map(|f| f.path.clone()));
+                }
                 Packet::Unsubscribe(unsub, _) => {
+                    subscriptions_changed = true;
                     for path in &unsub.filters {
                         self.router_filters.remove(path);
                     }
                 }
                 _ => {}
             }
+        }
+        if subscriptions_changed {
+            self.journal_subscriptions();
         }
         if let Some(tap) = self.shared.queue_tap.get() {
             for packet in &packets {
@@ -760,6 +783,16 @@ impl Session {
             drop(gate);
             if ending != Ending::Shutdown {
                 self.give_back_tasks().await;
+            }
+            if !self.clean_session {
+                // Queued or journaled messages it was sent and did not
+                // acknowledge carry DUP when they go out again.
+                let sent = self
+                    .ledger
+                    .iter()
+                    .filter(|s| !s.acked)
+                    .filter_map(|s| s.queued.map(|(seq, _)| seq));
+                self.shared.offline.mark_sent(&self.router_id, sent);
             }
             tokio::spawn(expiry::session_ended(
                 self.shared.clone(),
