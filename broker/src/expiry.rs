@@ -270,6 +270,10 @@ pub async fn restore_kept(shared: &Arc<Shared>, records: Vec<Vec<u8>>) {
 #[derive(Default)]
 pub struct Lifetimes {
     newest: Mutex<HashMap<String, Newest>>,
+    /// One connection of a client id at a time between registering and
+    /// linking to the router: two links made at once under one id make
+    /// the router drop one of them mid-handshake.
+    linking: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     next_generation: AtomicU64,
     /// Sessions erased after expiring, for logs and tests.
     pub expired: AtomicU64,
@@ -438,6 +442,25 @@ impl Lifetimes {
         })
     }
 
+    /// Waits for any other connection of `router_id` to finish linking;
+    /// the guard lets the next one in.
+    pub async fn linking(&self, router_id: &str) -> Linking<'_> {
+        let lock = self
+            .linking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(router_id.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        Linking {
+            lifetimes: self,
+            router_id: router_id.to_string(),
+            guard: Some(guard),
+            lock,
+        }
+    }
+
     /// The lock new connections take, if `generation` is still the newest
     /// connection of `router_id` (no takeover can start while it is held).
     pub async fn hold_if_newest(
@@ -543,6 +566,30 @@ impl Lifetimes {
                 Ok(())
             }
             _ => Err(positions),
+        }
+    }
+}
+
+/// Held by a connection while it registers and links (see
+/// [`Lifetimes::linking`]).
+pub struct Linking<'a> {
+    lifetimes: &'a Lifetimes,
+    router_id: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Drop for Linking<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // The map keeps no lock nobody waits for.
+        let mut map = self
+            .lifetimes
+            .linking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.router_id);
         }
     }
 }

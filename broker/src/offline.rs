@@ -1,35 +1,40 @@
-//! What a kept session is owed while no connection reads it: a queue on
-//! disk per session, bounded, replayed when the client comes back.
+//! What a kept session is owed, on disk: a queue per session, bounded,
+//! so that a QoS 1/2 publish the broker acknowledged reaches every kept
+//! session it matched across a clean stop and `kill -9`.
 //!
-//! rumqttd keeps a disconnected persistent session's messages in its
-//! in-memory filter logs. That loses them on a restart, makes every
-//! publisher to the session's topics wait for it (flow control keeps the
-//! router from overwriting what it has not read), and keeps a router
-//! renewal waiting for as long as the session is owed anything. So when the
-//! connection of a kept session ends (and the broker has a data directory),
-//! the front end takes over what the session is owed.
+//! rumqttd keeps a persistent session's messages only in its in-memory
+//! filter logs. That loses them on a restart, makes every publisher to an
+//! away session's topics wait for it (flow control keeps the router from
+//! overwriting what it has not read), and keeps a router renewal waiting
+//! for as long as the session is owed anything. So with a data directory
+//! the front end keeps what each kept session is owed itself.
 //!
-//! Two writers fill a queue, each in its own range of sequence numbers so
-//! that the queue stays in publish order:
-//! - **Capture**, by the publisher's session: a QoS 1/2 publish matching a
-//!   queue's filters is written before the router sees it, and the
-//!   publisher's PUBACK waits for the commit (see `Session::forward`). What
-//!   the broker acknowledged is on disk.
-//! - **The drainer**, a link the front end holds to the router under the
-//!   session's id. It reads what the router had for the session before
-//!   capture began (what the last connection left unacknowledged or never
-//!   read) and its shared-subscription deliveries, writes them, and skips
-//!   the router's copies of what capture already wrote (an [`Overlap`]
-//!   count). It acknowledges everything at once: the router holds nothing
-//!   for an away session, so nobody waits for it.
+//! **Capture**, by the publisher's session: a QoS 1/2 publish matching a
+//! kept session's filters is written to its queue before the router sees
+//! it, and the publisher's PUBACK waits for the commit (see
+//! `Session::outgoing`). What happens next depends on the session:
+//! - **Connected**: the entry is a journal entry. The router delivers the
+//!   message as usual; the session finds the entry by content and deletes
+//!   it when its client acknowledges the delivery. A `kill -9` in between
+//!   leaves it in the queue.
+//! - **Away**: the entry is the message, waiting. A **drainer**, a link the
+//!   front end holds to the router under the session's id, reads what the
+//!   router still had for the session when it left (what the connection
+//!   left unacknowledged or never read, unless journaled) and its
+//!   shared-subscription turns, writes those, and skips the router's copies
+//!   of what is on disk already (an [`Overlap`] count by content). It
+//!   acknowledges everything at once: nobody waits for an away session.
+//!   Drainer and capture write in two ranges of sequence numbers, so the
+//!   queue stays in publish order.
 //!
-//! When the client comes back the drainer stops, capture stops, the queue
-//! is read back after a sync (so nothing captured is missing) and sent
-//! ahead of anything live; the router's copies of captured messages still
-//! on their way to the new connection are skipped the same way. A message
+//! When the client comes back the drainer stops, the queue is read back
+//! after a sync (so nothing captured is missing) and sent ahead of anything
+//! live; the router's copies of what was captured while it was away, still
+//! on their way to the new connection, are skipped the same way. A message
 //! is deleted when the client acknowledges it. Past `max_messages` or
-//! `max_bytes`, new messages for that session are dropped: counted per
-//! session and in total, logged once per episode, and never waited for.
+//! `max_bytes`, new messages for an away session are dropped: counted per
+//! session and in total, logged once per episode, and never waited for (a
+//! connected session still gets them live, unjournaled).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;

@@ -352,6 +352,9 @@ pub(super) async fn handshake(
     let session_expiry = Arc::new(AtomicU32::new(session_expiry));
     let unacknowledged = Arc::new(AtomicUsize::new(0));
     let will: crate::expiry::WillSlot = Arc::new(std::sync::Mutex::new(will));
+    // Another connection with this id registers and links first; this one
+    // then takes the session over from it.
+    let linking = shared.lifetimes.linking(&router_id).await;
     // No router renewal starts while this connection links and registers.
     let gate = shared.renewal.gate.read().await;
     let resumed = shared
@@ -417,6 +420,7 @@ pub(super) async fn handshake(
             return None;
         }
     };
+    drop(linking);
     let session_present;
     let connack = match Option::<Packet>::from(connack) {
         Some(Packet::ConnAck(ack, props)) => {
