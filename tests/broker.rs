@@ -1360,7 +1360,8 @@ async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        n
+        // Kept: what it has queued but not sent yet still goes out.
+        (n, publisher)
     });
 
     let mut watcher = counter_watcher(port).await;
@@ -1383,7 +1384,7 @@ async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
         }
     }
     stop_tx.send(true).unwrap();
-    let sent = sender.await.unwrap();
+    let (sent, _publisher) = sender.await.unwrap();
     assert!(sent > 100, "the stream ran through the renewals ({sent})");
 
     // Every subscriber got 0..sent, in order, exactly once.

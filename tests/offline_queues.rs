@@ -314,3 +314,46 @@ async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
         acked.len()
     );
 }
+
+/// A long queue (20 000 × 1 KiB, more than the subscriber buffer allows at
+/// once) is read from disk as the client takes it, and what is published
+/// while it reads comes after it: the client gets all 21 000, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_queue_reaches_its_client_whole_and_in_order_with_live_traffic_behind_it() {
+    let serve = Serve::start_with(&["--max-subscriber-buffer-bytes", "8388608"], &[]);
+    let port = serve.mqtt_port;
+    leave_kept(port, "long-away", "long/#").await;
+    burst(port, "long-pub", "long/x", 20_000).await;
+
+    let mut opts = MqttOptions::new("long-away", "127.0.0.1", port);
+    opts.set_clean_session(false);
+    let mut back = V4::connect_with(opts).await.expect("resume");
+    assert!(back.session_present);
+    let live = tokio::spawn(async move {
+        let mut opts = MqttOptions::new("long-live", "127.0.0.1", port);
+        opts.set_inflight(10);
+        let (client, mut events) = AsyncClient::new(opts, 2000);
+        for i in 20_000..21_000u64 {
+            client
+                .publish("long/x", QoS::AtLeastOnce, false, numbered(i, 1024))
+                .await
+                .expect("publish");
+        }
+        let mut acked = 0;
+        while acked < 1000 {
+            if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
+                timeout(Duration::from_secs(30), events.poll()).await
+            {
+                acked += 1;
+            }
+        }
+    });
+    let mut expected = 0u64;
+    while expected < 21_000 {
+        let m = common::mqtt::recv(&mut back.rx, 20).await;
+        let n = number(&m.payload);
+        assert_eq!(n, expected, "in order, none lost");
+        expected += 1;
+    }
+    live.await.expect("live publisher");
+}

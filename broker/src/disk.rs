@@ -447,19 +447,26 @@ impl BrokerDisk {
         self.send(Op::DeleteQueue(router_id.to_string()))
     }
 
-    /// Reads the queue of `router_id`, oldest first. Blocking: call it
+    /// Reads up to `limit` messages of the queue of `router_id` with
+    /// sequence numbers in `from..=to`, oldest first. Blocking: call it
     /// after a [`BrokerDisk::sync`], from a blocking context.
-    pub fn load_queue(&self, router_id: &str) -> Result<Vec<QueuedMessage>, DiskError> {
+    pub fn load_queue(
+        &self,
+        router_id: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<QueuedMessage>, DiskError> {
         let read = self.db.begin_read()?;
         let table = match read.open_table(QUEUED) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
         };
-        let (from, to) = (queue_key(router_id, 0), queue_key(router_id, u64::MAX));
+        let (from, to) = (queue_key(router_id, from), queue_key(router_id, to));
         let now = now_ms();
         let mut out = Vec::new();
-        for entry in table.range(from.as_ref()..=to.as_ref())? {
+        for entry in table.range(from.as_ref()..=to.as_ref())?.take(limit) {
             let (k, v) = entry?;
             let Some((_, seq)) = split_queue_key(k.value()) else {
                 continue;

@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 
 use crate::flow::Consumer;
 use crate::names;
-use crate::offline::{Drainer, Overlap};
+use crate::offline::Drainer;
 use crate::server::Shared;
 
 /// A session's subscriptions as the front end needs them after a resume
@@ -348,8 +348,8 @@ pub struct Resumed {
     /// The will of a connection this one takes over, still to be decided.
     pub superseded_will: Option<Will>,
     /// The session comes back from away: its queue is to be read and
-    /// sent first, and these router copies of queued messages skipped.
-    pub back: Option<Overlap>,
+    /// sent before anything live (see [`crate::offline`]).
+    pub back: bool,
 }
 
 impl Lifetimes {
@@ -407,8 +407,10 @@ impl Lifetimes {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take()
         });
-        let back = (away && resumes && previous.as_ref().is_some_and(|p| p.kept))
-            .then(|| shared.offline.unpark(router_id));
+        let back = away && resumes && previous.as_ref().is_some_and(|p| p.kept);
+        if back {
+            shared.offline.unpark(router_id);
+        }
         let subscriptions = match previous.as_ref() {
             Some(p) if p.kept && resumes => p.subscriptions.clone(),
             Some(p) => {

@@ -27,11 +27,14 @@
 //!   Drainer and capture write in two ranges of sequence numbers, so the
 //!   queue stays in publish order.
 //!
-//! When the client comes back the drainer stops, the queue is read back
-//! after a sync (so nothing captured is missing) and sent ahead of anything
-//! live; the router's copies of what was captured while it was away, still
-//! on their way to the new connection, are skipped the same way. A message
-//! is deleted when the client acknowledges it. Past `max_messages` or
+//! When the client comes back the drainer stops and the session reads its
+//! queue from disk a batch at a time, as its client takes it (after a sync,
+//! so nothing captured is missing); capture keeps queueing behind what it
+//! reads until it has read it all, and only then is it live again (a long
+//! queue costs neither memory nor the subscriber's buffer, and nothing live
+//! overtakes it). The router's copies of what was captured are skipped the
+//! same way as by the drainer. A message is deleted when the client
+//! acknowledges it. Past `max_messages` or
 //! `max_bytes`, new messages for an away session are dropped: counted per
 //! session and in total, logged once per episode, and never waited for (a
 //! connected session still gets them live, unjournaled).
@@ -97,13 +100,20 @@ impl Overlap {
         }
         fresh
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
-    }
 }
 
 /// What capture does for a kept session.
+/// What a kept session does with a router delivery (see
+/// [`Offline::live_copy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveCopy {
+    /// A copy of a message it gets (or got) from its queue.
+    Skip,
+    /// Deliver it; the journal entry (sequence, bytes) to delete once its
+    /// client acknowledges it.
+    Deliver(Option<(u64, u64)>),
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// Nothing: no connection of it since the start, or forgotten.
@@ -114,6 +124,9 @@ enum Mode {
     Online,
     /// Away: each message is queued, and the drainer reads the router.
     Away,
+    /// Back, reading its queue: each message is still queued (behind what
+    /// it is reading) until it has read it all.
+    Replaying,
 }
 
 #[derive(Debug, Default)]
@@ -354,7 +367,7 @@ impl Offline {
             s.mode = Mode::Online;
             s.next_capture = s.last_seq + 1;
         }
-        if s.mode == Mode::Online {
+        if matches!(s.mode, Mode::Online | Mode::Replaying) {
             self.set_index(&queue, &mut s, filters);
         }
     }
@@ -373,11 +386,10 @@ impl Offline {
         s.next_capture = s.last_seq + 1 + DRAIN_RANGE;
         // What was journaled is on disk already: the router's copies of it
         // (sent again, or never read) are skipped by the drainer.
-        let mut overlap = Overlap::default();
-        for hash in s.pending.values() {
-            overlap.add(*hash, 1);
+        let pending: Vec<u64> = s.pending.values().copied().collect();
+        for hash in pending {
+            s.overlap.add(hash, 1);
         }
-        s.overlap = overlap;
         s.journal.clear();
         s.pending.clear();
         self.set_index(&queue, &mut s, filters);
@@ -385,20 +397,132 @@ impl Offline {
         queue
     }
 
-    /// The session is back: capture journals again, the drainer has
-    /// stopped. Returns the router copies still expected of messages
-    /// captured while it was away, which the new connection skips.
-    pub fn unpark(&self, router_id: &str) -> Overlap {
+    /// The session is back and its drainer has stopped: it reads its
+    /// queue ([`Offline::next_replay`]) before it takes anything live.
+    pub fn unpark(&self, router_id: &str) {
+        if let Some(queue) = self.queue(router_id) {
+            let mut s = queue.lock();
+            if s.mode == Mode::Away {
+                s.mode = Mode::Replaying;
+                s.dropping = false;
+            }
+        }
+    }
+
+    /// The next `limit` messages of a returning session's queue from
+    /// sequence `from`, once everything written to it is on disk; empty
+    /// once it has read them all, and from then on what is published to it
+    /// is delivered live (and journaled). Messages past their expiry are
+    /// left out (and deleted).
+    pub async fn next_replay(
+        &self,
+        disk: &Arc<BrokerDisk>,
+        router_id: &str,
+        from: u64,
+        limit: usize,
+    ) -> Vec<QueuedMessage> {
         let Some(queue) = self.queue(router_id) else {
-            return Overlap::default();
+            return Vec::new();
+        };
+        loop {
+            let upto = {
+                let mut s = queue.lock();
+                if s.mode != Mode::Replaying {
+                    return Vec::new();
+                }
+                if s.last_seq < from || s.messages == 0 {
+                    // Nothing left to read: live from here on.
+                    s.mode = Mode::Online;
+                    return Vec::new();
+                }
+                s.last_seq
+            };
+            let _ = disk.sync().await;
+            let (reader, id) = (disk.clone(), router_id.to_string());
+            let loaded =
+                tokio::task::spawn_blocking(move || reader.load_queue(&id, from, upto, limit))
+                    .await;
+            let messages = match loaded {
+                Ok(Ok(m)) => m,
+                Ok(Err(err)) => {
+                    warn!(client = router_id, %err, "the queue of a returning session could not be read; the rest waits for its next connection");
+                    queue.lock().mode = Mode::Online;
+                    return Vec::new();
+                }
+                Err(err) => {
+                    warn!(client = router_id, %err, "reading a queue failed");
+                    queue.lock().mode = Mode::Online;
+                    return Vec::new();
+                }
+            };
+            if messages.is_empty() {
+                let mut s = queue.lock();
+                if s.last_seq == upto {
+                    // Read all that was written before the lock: live
+                    // from here on, with nothing queued behind.
+                    s.mode = Mode::Online;
+                    return Vec::new();
+                }
+                // Queued meanwhile: read that too.
+                drop(s);
+                continue;
+            }
+            let (live, expired): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| {
+                m.properties
+                    .as_ref()
+                    .and_then(|p| p.message_expiry_interval)
+                    .is_none_or(|secs| m.age < Duration::from_secs(u64::from(secs)))
+            });
+            for m in &expired {
+                self.delivered(disk, router_id, m.seq, m.size);
+            }
+            if live.is_empty() {
+                // All expired: read on from after them.
+                return self.skip_to(disk, router_id, expired, limit).await;
+            }
+            let mut live = live;
+            let s = queue.lock();
+            for m in &mut live {
+                m.dup |= s.sent.contains(&m.seq);
+            }
+            return live;
+        }
+    }
+
+    /// [`Offline::next_replay`] after a batch that had expired entirely.
+    fn skip_to<'a>(
+        &'a self,
+        disk: &'a Arc<BrokerDisk>,
+        router_id: &'a str,
+        expired: Vec<QueuedMessage>,
+        limit: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<QueuedMessage>> + Send + 'a>> {
+        let from = expired.iter().map(|m| m.seq).max().unwrap_or(0) + 1;
+        Box::pin(self.next_replay(disk, router_id, from, limit))
+    }
+
+    /// What to do with the router's delivery of this content to the kept
+    /// session `router_id`: skip it (a copy of what it gets from its
+    /// queue), or deliver it, with its journal entry if it has one.
+    pub fn live_copy(&self, router_id: &str, hash: u64) -> LiveCopy {
+        let Some(queue) = self.queue(router_id) else {
+            return LiveCopy::Deliver(None);
         };
         let mut s = queue.lock();
-        if s.mode != Mode::Away {
-            return Overlap::default();
+        if s.overlap.take(hash) {
+            return LiveCopy::Skip;
         }
-        s.mode = Mode::Online;
-        s.dropping = false;
-        std::mem::take(&mut s.overlap)
+        if s.mode != Mode::Online {
+            return LiveCopy::Deliver(None);
+        }
+        let Some(entries) = s.journal.get_mut(&hash) else {
+            return LiveCopy::Deliver(None);
+        };
+        let entry = entries.pop_front();
+        if entries.is_empty() {
+            s.journal.remove(&hash);
+        }
+        LiveCopy::Deliver(entry)
     }
 
     /// The session ended for good: its queue goes, on disk too.
@@ -423,59 +547,6 @@ impl Offline {
         if let Some(queue) = self.queue(router_id) {
             queue.lock().sent.extend(seqs);
         }
-    }
-
-    /// The journal entry of a live delivery of this content to
-    /// `router_id`, if it has one: deleted once the client acknowledges it.
-    pub fn journaled(&self, router_id: &str, hash: u64) -> Option<(u64, u64)> {
-        let queue = self.queue(router_id)?;
-        let mut s = queue.lock();
-        let entries = s.journal.get_mut(&hash)?;
-        let entry = entries.pop_front();
-        if entries.is_empty() {
-            s.journal.remove(&hash);
-        }
-        entry
-    }
-
-    /// Reads the queue of a returning session, once everything written to
-    /// it is on disk. Messages past their expiry are left out (and
-    /// deleted).
-    pub async fn load(&self, disk: &Arc<BrokerDisk>, router_id: &str) -> Vec<QueuedMessage> {
-        if self.queue(router_id).is_none_or(|q| q.lock().messages == 0) {
-            return Vec::new();
-        }
-        let _ = disk.sync().await;
-        let (reader, id) = (disk.clone(), router_id.to_string());
-        let loaded = tokio::task::spawn_blocking(move || reader.load_queue(&id)).await;
-        let messages = match loaded {
-            Ok(Ok(m)) => m,
-            Ok(Err(err)) => {
-                warn!(client = router_id, %err, "the queue of a returning session could not be read");
-                return Vec::new();
-            }
-            Err(err) => {
-                warn!(client = router_id, %err, "reading a queue failed");
-                return Vec::new();
-            }
-        };
-        let (live, expired): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| {
-            m.properties
-                .as_ref()
-                .and_then(|p| p.message_expiry_interval)
-                .is_none_or(|secs| m.age < Duration::from_secs(u64::from(secs)))
-        });
-        for m in expired {
-            self.delivered(disk, router_id, m.seq, m.size);
-        }
-        let mut live = live;
-        if let Some(queue) = self.queue(router_id) {
-            let s = queue.lock();
-            for m in &mut live {
-                m.dup |= s.sent.contains(&m.seq);
-            }
-        }
-        live
     }
 
     /// The client acknowledged message `seq` of its queue.
@@ -560,7 +631,7 @@ impl Offline {
             let away = match s.mode {
                 Mode::Off => continue,
                 Mode::Online => false,
-                Mode::Away => true,
+                Mode::Away | Mode::Replaying => true,
             };
             if away {
                 // Whatever happens to it here, the router's copies are not

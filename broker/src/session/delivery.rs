@@ -16,6 +16,7 @@ use super::aliases::Outgoing;
 use super::{make_publish, now_or_never, Ending, Session, Waiting, EAGER_PKIDS, RESUBSCRIBE_PKID};
 use crate::marks::Mark;
 use crate::names;
+use crate::offline::LiveCopy;
 use crate::queues::tap::Tap;
 use crate::router::{puback, pubcomp, pubrec};
 
@@ -244,22 +245,57 @@ impl Session {
         None
     }
 
-    /// Writes what this session was owed while it was away, oldest first,
-    /// ahead of anything live (see [`crate::offline`]). Each keeps a local
-    /// packet id until the client acknowledges it, and is deleted from the
-    /// queue then; what the client may no longer receive is deleted now.
-    pub(super) fn replay(&mut self, queued: Vec<crate::disk::QueuedMessage>, out: &mut BytesMut) {
+    /// Sends more of this session's queue while it reads it (see
+    /// [`crate::offline`]): enough to fill its receive window, read from
+    /// disk a batch at a time, so a long queue costs neither memory nor
+    /// the subscriber buffer. Each message keeps a local packet id until
+    /// the client acknowledges it and is deleted from the queue then; what
+    /// the client may no longer receive is deleted now. False if the
+    /// client is gone.
+    pub(super) async fn pump_replay(&mut self) -> bool {
+        const BATCH: usize = 256;
+        // Bytes sent ahead of the client's acknowledgements: enough to
+        // keep it busy, far below the subscriber buffer.
+        const AHEAD: usize = 1024 * 1024;
         let Some(disk) = self.shared.disk.clone() else {
-            return;
+            self.replay_from = None;
+            return true;
         };
-        let mut used: HashSet<u16> = self
-            .ledger
-            .iter()
-            .map(|s| s.pkid)
-            .chain(self.local_pubrel.iter().copied())
-            .collect();
-        let (total, mut sent) = (queued.len(), 0usize);
-        for m in queued {
+        let mut out = BytesMut::new();
+        let mut used: Option<HashSet<u16>> = None;
+        while self.window.is_empty()
+            && self.at_client < self.receive_max
+            && self.backlog() + out.len() < AHEAD
+        {
+            let Some(m) = self.replay_buf.pop_front() else {
+                let Some(from) = self.replay_from else {
+                    break;
+                };
+                let batch = self
+                    .shared
+                    .offline
+                    .next_replay(&disk, &self.router_id, from, BATCH)
+                    .await;
+                match batch.last() {
+                    Some(last) => self.replay_from = Some(last.seq + 1),
+                    None => {
+                        debug!(
+                            client_id = self.client_id,
+                            "queue read to the end: live from here on"
+                        );
+                        self.replay_from = None;
+                    }
+                }
+                self.replay_buf.extend(batch);
+                continue;
+            };
+            let used = used.get_or_insert_with(|| {
+                self.ledger
+                    .iter()
+                    .map(|s| s.pkid)
+                    .chain(self.local_pubrel.iter().copied())
+                    .collect()
+            });
             let topic = names::unescape_topic(m.topic.clone());
             if self.withheld(&topic) || self.only_revoked_match(&m.topic) {
                 self.shared
@@ -267,14 +303,9 @@ impl Session {
                     .delivered(&disk, &self.router_id, m.seq, m.size);
                 continue;
             }
-            let Some(pkid) = self.alloc_local_pkid(&mut used) else {
-                // Still queued: the next connection gets the rest.
-                warn!(
-                    client_id = self.client_id,
-                    sent,
-                    left = total - sent,
-                    "more queued messages than packet ids: the rest wait for the next connection"
-                );
+            let Some(pkid) = self.alloc_local_pkid(used) else {
+                // Every id is held: the rest waits for acknowledgements.
+                self.replay_buf.push_front(m);
                 break;
             };
             let mut props = m.properties;
@@ -301,17 +332,14 @@ impl Session {
             });
             let publish = make_publish(topic, m.payload, qos, m.retain, pkid);
             let start = out.len();
-            self.encode(Packet::Publish(publish, props), out);
+            self.encode(Packet::Publish(publish, props), &mut out);
             if m.dup {
                 // MQTT-3.3.1-1: sent before, unacknowledged.
                 out[start] |= 0x08;
             }
-            self.send_windowed(out, start);
-            sent += 1;
+            self.send_windowed(&mut out, start);
         }
-        if total > 0 {
-            debug!(client_id = self.client_id, sent, "queued messages replayed");
-        }
+        self.send_bytes(out).await
     }
 
     /// Writes the retained messages for the filters of SUBSCRIBE `pkid`.
@@ -528,20 +556,19 @@ impl Session {
         out: &mut BytesMut,
     ) -> bool {
         let mark = Mark::take(&mut props);
-        // A copy of a message that waited in this session's offline queue
-        // (and went out from there).
-        let queued_copy = !self.overlap.is_empty()
-            && self
-                .overlap
-                .take(self.shared.offline.hash(&publish.topic, &publish.payload));
-        // A kept session's message is journaled on disk until its client
+        // A kept session skips the router's copies of what it gets from its
+        // queue, and deletes a message's journal entry once its client
         // acknowledges it (see `crate::offline`).
-        let journaled = (!self.clean_session && self.shared.disk.is_some() && !queued_copy)
-            .then(|| {
-                let hash = self.shared.offline.hash(&publish.topic, &publish.payload);
-                self.shared.offline.journaled(&self.router_id, hash)
-            })
-            .flatten();
+        let live = if !self.clean_session && self.shared.disk.is_some() {
+            let hash = self.shared.offline.hash(&publish.topic, &publish.payload);
+            self.shared.offline.live_copy(&self.router_id, hash)
+        } else {
+            LiveCopy::Deliver(None)
+        };
+        let (queued_copy, journaled) = match live {
+            LiveCopy::Skip => (true, None),
+            LiveCopy::Deliver(entry) => (false, entry),
+        };
         let own = mark.origin.as_deref() == Some(self.router_id.as_str());
         let not_for_me = (own && self.only_nolocal_match(&publish.topic))
             || self.only_revoked_match(&publish.topic);

@@ -526,20 +526,18 @@ pub(super) async fn handshake(
         revoked: HashSet::new(),
         received_tasks: Default::default(),
         disk_commits: Vec::new(),
-        overlap: Default::default(),
+        replay_from: None,
+        replay_buf: VecDeque::new(),
     };
     session.outlet = shared
         .queue_tap
         .get()
         .and_then(|tap| tap.outlet.for_client(&session.client_id));
     session.restore_subscriptions(session_present);
-    if let (Some(overlap), Some(disk)) = (resumed.back, shared.disk.clone()) {
+    if resumed.back {
         // What it was owed while away goes out before anything live.
-        let queued = shared.offline.load(&disk, &session.router_id).await;
-        session.overlap = overlap;
-        let mut out = BytesMut::new();
-        session.replay(queued, &mut out);
-        if !session.send_bytes(out).await {
+        session.replay_from = Some(0);
+        if !session.pump_replay().await {
             shared.renewal.deregister(resumed.generation);
             return None;
         }

@@ -296,9 +296,10 @@ struct Session {
     /// Router-form filters of a resumed session its user may no longer
     /// hold (see `restore_subscriptions`).
     revoked: HashSet<String>,
-    /// Router copies of messages this session got from its offline queue,
-    /// still to come and to be skipped (see [`crate::offline`]).
-    overlap: crate::offline::Overlap,
+    /// While it reads its queue (see [`crate::offline`]): the sequence
+    /// number to read from next, and what was read and not yet sent.
+    replay_from: Option<u64>,
+    replay_buf: VecDeque<crate::disk::QueuedMessage>,
 }
 
 /// How long a kept session's subscription (with a data directory) may
@@ -434,6 +435,11 @@ impl Session {
                             last_rx = Instant::now();
                             if let Some(ending) = self.incoming().await {
                                 return ending;
+                            }
+                            // Acknowledgements made room for more of its
+                            // queue.
+                            if self.replay_from.is_some() && !self.pump_replay().await {
+                                return Ending::Lost;
                             }
                         }
                         Err(err) => {
