@@ -33,6 +33,9 @@ pub struct QueueTuning {
         default_value_t = 60_000
     )]
     pub retry_backoff_max_ms: u64,
+    /// Bytes of task bodies the queue owner keeps in memory, for the tasks next in line; the others wait on disk (queues.redb) and are read when due. Bodies not yet committed are held whatever this says.
+    #[arg(long, env = "AXION_QUEUE_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub queue_cache_bytes: u64,
 }
 
 fn parse_override(s: &str) -> Result<(String, u64), String> {
@@ -59,6 +62,7 @@ impl QueueTuning {
         cfg.max_attempts = self.max_attempts;
         cfg.retry_backoff = Duration::from_millis(self.retry_backoff_ms);
         cfg.retry_backoff_max = Duration::from_millis(self.retry_backoff_max_ms);
+        cfg.cache_bytes = self.queue_cache_bytes;
         cfg
     }
 }

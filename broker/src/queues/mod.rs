@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cache;
 pub mod ops;
 pub mod outlet;
 mod owner;
@@ -82,6 +83,10 @@ pub struct QueueConfig {
     /// PUBACKs in one write (by hand, rumqttc 0.25 writes each alone).
     /// Default true.
     pub ack_after_commit: bool,
+    /// Bytes of task bodies kept in memory beside the store, for the tasks
+    /// about to be delivered (bodies not on disk yet are held whatever
+    /// this says). Default 32 MiB.
+    pub cache_bytes: u64,
 }
 
 impl QueueConfig {
@@ -99,6 +104,7 @@ impl QueueConfig {
             max_packet_size: 1024 * 1024,
             session_expiry_secs: 600,
             ack_after_commit: true,
+            cache_bytes: 32 * 1024 * 1024,
         }
     }
 
@@ -177,6 +183,7 @@ impl QueueOwner {
             data_dir = %cfg.data_dir.display(),
             package = %cfg.package,
             ack_wait_ms = cfg.ack_wait.as_millis() as u64,
+            cache_bytes = cfg.cache_bytes,
             "queue owner starting"
         );
         let (tx, rx) = oneshot::channel();
