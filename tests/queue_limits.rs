@@ -1,8 +1,11 @@
-//! What a backlog costs `axion serve`: queued task bodies wait on disk, so
-//! memory holds indexes and a bounded cache however long the queue, before
-//! and after a `kill -9`, and every body the owner needs is read back.
-//! Real processes: `axion serve`, rumqttc producers and workers, and the
-//! `axion queue` CLI.
+//! What a backlog costs `axion serve` and where it stops: queued task
+//! bodies wait on disk, so memory holds indexes and a bounded cache however
+//! long the queue (before and after a `kill -9`); a queue at its depth
+//! limit refuses the next enqueue with a reason the producer sees (MQTT 5
+//! reply topic, the bridge's `{"error"}`), keeps what it accepted, and
+//! counts the refusals in its stats and in `axion queue ls`.
+//! Real processes: `axion serve`, rumqttc producers and workers, Python
+//! `websockets` for the legacy WebSocket client.
 
 mod common;
 
@@ -255,6 +258,203 @@ async fn a_backlog_waits_on_disk_not_in_memory_and_is_delivered_whole_after_kill
         "delivered in {took:?}; RSS after: {:.1} MiB",
         mib(rss(serve.proc.pid()))
     );
+}
+
+/// The retained stats of `queue` once `check` holds for them.
+async fn stats_when(port: u16, queue: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = V5::connect(port, "stats-reader").await;
+        c.subscribe(&format!("axion/{PKG}/queue/{queue}/stats"), 1)
+            .await;
+        let msg = recv(&mut c.rx, 10).await;
+        let stats: Value = serde_json::from_slice(&msg.payload).expect("stats JSON");
+        if check(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stats of {queue} never matched: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The `refused=` counts of the "queue full" lines of `queue` in `serve`'s
+/// log, once they add up to `total` (an episode's line is written when the
+/// queue has room again, or a few seconds after its first refusal).
+async fn logged_refusals(serve: &Serve, queue: &str, total: u64) -> Vec<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = common::serve_log(serve);
+        let counts: Vec<u64> = log
+            .lines()
+            .filter(|l| l.contains("queue full") && l.contains(&format!("queue={queue} ")))
+            .map(|l| {
+                let n = l.split("refused=").nth(1).expect("a refused= field");
+                n.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("a count")
+            })
+            .collect();
+        if counts.iter().sum::<u64>() >= total {
+            return counts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "log lines for {queue} add up to {counts:?}, not {total}; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const WS_ENQUEUE: &str = r#"
+import asyncio, json, sys, websockets
+
+async def main(url):
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"action": "enqueue", "queue": "small", "task": {"from": "ws"}}))
+        print(await asyncio.wait_for(ws.recv(), 20))
+
+asyncio.run(main(sys.argv[1]))
+"#;
+
+/// A queue at its depth limit refuses the next enqueue, with the reason on
+/// the producer's reply topic and as the bridge's `{"error"}`; it keeps the
+/// tasks it had, a worker gets exactly those, and the refusals show in the
+/// stats, in `axion queue ls` and once in the log. A queue with a higher
+/// limit of its own takes more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_with_a_reason_and_keeps_what_it_has() {
+    let serve = Serve::start_with(
+        &[
+            "--package",
+            PKG,
+            "--max-queue-depth",
+            "10",
+            "--queue-limit",
+            "big=25",
+        ],
+        &[],
+    );
+    wait_owner(serve.mqtt_port).await;
+    let mut producer = Producer::connect(serve.mqtt_port, "limit-producer").await;
+
+    let small: Vec<Value> = (0..11)
+        .map(|i| json!({ "id": format!("s{i}"), "payload": { "n": i } }))
+        .collect();
+    let answers = producer.enqueue_all("small", &small, 1).await;
+    for answer in &answers[..10] {
+        assert!(answer.get("error").is_none(), "{answer}");
+    }
+    let refused = &answers[10];
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("small") && error.contains("depth limit is 10"),
+        "{refused}"
+    );
+    assert_eq!(
+        (
+            &refused["id"],
+            &refused["limit"],
+            &refused["depth"],
+            &refused["max_depth"]
+        ),
+        (&json!("s10"), &json!("depth"), &json!(10), &json!(10)),
+        "{refused}"
+    );
+
+    // The legacy WebSocket client hears the refusal as an error.
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            WS_ENQUEUE,
+            &format!("ws://127.0.0.1:{}", serve.ws_port),
+        ])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ws: Value = serde_json::from_slice(&out.stdout).expect("a JSON frame");
+    let ws_error = ws["error"].as_str().unwrap_or_default();
+    assert!(ws_error.contains("depth limit is 10"), "{ws}");
+
+    // Its own limit lets `big` take 25; a burst past it is refused.
+    let big: Vec<Value> = (0..35)
+        .map(|i| json!({ "id": format!("b{i}"), "payload": i }))
+        .collect();
+    let answers = producer.enqueue_all("big", &big, 8).await;
+    assert!(answers[..25].iter().all(|a| a.get("error").is_none()));
+    for answer in &answers[25..] {
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains("depth limit is 25"), "{answer}");
+    }
+
+    let stats = stats_when(serve.mqtt_port, "small", |s| s["refused_total"] == 2).await;
+    assert_eq!(stats["depth"], 10, "{stats}");
+    stats_when(serve.mqtt_port, "big", |s| s["refused_total"] == 10).await;
+
+    let out = Command::new(axion_bin())
+        .args([
+            "queue",
+            "--mqtt",
+            &format!("mqtt://127.0.0.1:{}", serve.mqtt_port),
+        ])
+        .args(["--package", PKG, "ls"])
+        .output()
+        .expect("run axion queue ls");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "REFUSED")
+        .unwrap_or_else(|| panic!("no REFUSED column:\n{table}"));
+    let refused_of = |queue: &str| -> String {
+        table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cols| cols.first() == Some(&queue))
+            .and_then(|cols| cols.get(column).map(|c| c.to_string()))
+            .unwrap_or_else(|| panic!("no row for {queue}:\n{table}"))
+    };
+    assert_eq!(
+        (refused_of("small"), refused_of("big")),
+        ("2".into(), "10".into()),
+        "{table}"
+    );
+
+    // What `small` accepted is all there: a worker gets exactly those 10.
+    let mut worker = Worker::start(serve.mqtt_port, "limit-worker", "small", 20).await;
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..10 {
+        let task = worker.take().await;
+        got.push(task["id"].as_str().unwrap_or_default().to_string());
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    assert_eq!(got, want);
+    recv_none(&mut worker.client.rx, 500).await;
+
+    // One log line per episode with its count, not one per refusal.
+    if std::env::var_os("AXION_TEST_LOG").is_none() {
+        assert_eq!(logged_refusals(&serve, "big", 10).await, [10]);
+        let small = logged_refusals(&serve, "small", 2).await;
+        assert!(small == [2] || small == [1, 1], "{small:?}");
+    }
+    // Room again: the next enqueue is taken.
+    let again = producer
+        .enqueue_all("small", &[json!({ "id": "s11", "payload": 11 })], 1)
+        .await;
+    assert!(again[0].get("error").is_none(), "{}", again[0]);
 }
 
 /// `axion queue <args> --json` against `serve`, parsed.

@@ -276,6 +276,10 @@ pub(crate) async fn run(
         core.publish_all_stats();
         core.flush_outbox();
     }
+    let now = now_ms();
+    for q in core.queues.values_mut() {
+        q.report_refusals(now, true);
+    }
     core.writer_tx = None;
     drop(in_rx);
     let _ = client.try_disconnect();
@@ -451,11 +455,14 @@ impl Core {
     }
 
     fn limits(&self, queue: &str) -> Limits {
+        let (max_depth, max_bytes) = self.cfg.limits_for(queue);
         Limits {
             ack_wait: self.cfg.ack_wait_for(queue),
             default_max_attempts: self.cfg.max_attempts,
             retry_base: self.cfg.retry_backoff,
             retry_max: self.cfg.retry_backoff_max,
+            max_depth,
+            max_bytes,
         }
     }
 
@@ -672,6 +679,21 @@ impl Core {
                 correlation_id: request.correlation_id,
             };
             let size = body.size();
+            if let Err(refused) = q.admit(size, now) {
+                // Nothing is taken: the producer hears why, at once.
+                let body = serde_json::json!({
+                    "error": refused.message(queue),
+                    "id": id,
+                    "queue": queue,
+                    "limit": refused.limit.name(),
+                    "depth": refused.depth,
+                    "max_depth": refused.max_depth,
+                    "bytes": refused.bytes,
+                    "max_bytes": refused.max_bytes,
+                });
+                self.reply(publish, None, body.to_string().into_bytes());
+                return;
+            }
             let seq = self.next_seq;
             self.next_seq += 1;
             let mut task = q.new_task(seq, size, now);
@@ -997,6 +1019,7 @@ impl Core {
         let now = now_ms();
         for q in self.queues.values_mut() {
             q.on_time(now, &mut self.cache, &mut self.fx);
+            q.report_refusals(now, false);
             if q.has_work() {
                 self.wake.insert(q.name.clone());
             }

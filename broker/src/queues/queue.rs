@@ -29,6 +29,12 @@ use super::store::{Body, Counters, Op, StoredTask};
 /// of `ready` messages must not overflow anything.
 const MAX_CREDITS: u32 = 100_000;
 
+/// How long a refusal episode gathers refusals before its one log line is
+/// written (sooner if the queue has room again): a producer that floods a
+/// full queue must not flood the log, and an operator should hear of it
+/// soon.
+const REPORT_REFUSALS_AFTER_MS: u64 = 5_000;
+
 /// An MQTT message the owner must publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -122,6 +128,65 @@ pub struct Limits {
     pub default_max_attempts: u32,
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// Live tasks (waiting or in flight) past which enqueues are refused;
+    /// 0: no limit.
+    pub max_depth: u64,
+    /// Bytes of live tasks' bodies past which enqueues are refused; 0: no
+    /// limit.
+    pub max_bytes: u64,
+}
+
+/// Which limit refused an enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Depth,
+    Bytes,
+}
+
+impl Full {
+    pub fn name(self) -> &'static str {
+        match self {
+            Full::Depth => "depth",
+            Full::Bytes => "bytes",
+        }
+    }
+}
+
+/// An enqueue refused at a limit, with the figures that explain it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    pub limit: Full,
+    /// Live tasks (waiting or in flight).
+    pub depth: u64,
+    pub max_depth: u64,
+    /// Bytes of their bodies.
+    pub bytes: u64,
+    pub max_bytes: u64,
+    /// The refused task's body.
+    pub size: u64,
+}
+
+impl Refusal {
+    pub fn message(&self, queue: &str) -> String {
+        match self.limit {
+            Full::Depth => format!(
+                "queue {queue:?} is full: {} tasks queued or in flight, its depth limit is {}; enqueue refused",
+                self.depth, self.max_depth
+            ),
+            Full::Bytes => format!(
+                "queue {queue:?} is full: its tasks hold {} bytes and this one {} more, its byte limit is {}; enqueue refused",
+                self.bytes, self.size, self.max_bytes
+            ),
+        }
+    }
+}
+
+/// Enqueues refused in the episode under way.
+#[derive(Debug)]
+struct Refusing {
+    since: u64,
+    refused: u64,
+    first: Refusal,
 }
 
 pub struct Queue {
@@ -129,6 +194,8 @@ pub struct Queue {
     topic_prefix: String,
     limits: Limits,
     tasks: HashMap<String, Task>,
+    /// Bytes of the live tasks' bodies.
+    bytes: u64,
     /// seq → id, delivery order.
     ready: BTreeMap<u64, String>,
     /// (not before, seq) → id.
@@ -151,6 +218,7 @@ pub struct Queue {
     dirty: BTreeSet<String>,
     /// Deletes of the records and bodies of tasks that ended.
     gone: Vec<Op>,
+    refusing: Option<Refusing>,
     /// Bodies at the head of the queue are being read for it.
     pub reading: bool,
     /// Something visible in stats changed since they were last published.
@@ -199,6 +267,7 @@ impl Queue {
             topic_prefix: format!("axion/{package}/queue/{name}/"),
             limits,
             tasks: HashMap::new(),
+            bytes: 0,
             ready: BTreeMap::new(),
             delayed: BTreeMap::new(),
             inflight: BTreeMap::new(),
@@ -209,6 +278,7 @@ impl Queue {
             counters_dirty: false,
             dirty: BTreeSet::new(),
             gone: Vec::new(),
+            refusing: None,
             reading: false,
             changed: true,
             last_stats: None,
@@ -234,6 +304,7 @@ impl Queue {
     /// and so does its body unless it stays for a dead letter.
     fn forget(&mut self, id: &str, task: &Task, cache: &mut Cache, keep_body: bool) {
         self.dirty.remove(id);
+        self.bytes = self.bytes.saturating_sub(task.stored.size);
         if task.on_disk {
             self.gone.push(Op::Delete {
                 queue: self.name.clone(),
@@ -292,6 +363,7 @@ impl Queue {
             None => waiting(&stored, now),
         };
         self.index(&id, stored.seq, stored.not_before, &state);
+        self.bytes += stored.size;
         self.tasks.insert(
             id,
             Task {
@@ -358,6 +430,74 @@ impl Queue {
             .map(|t| t.stored.seq)
     }
 
+    /// Whether a new task of `size` bytes fits under the queue's limits.
+    /// A refusal is counted, and logged with its episode (see
+    /// [`Queue::report_refusals`]).
+    pub fn admit(&mut self, size: u64, now: u64) -> Result<(), Refusal> {
+        let (max_depth, max_bytes) = (self.limits.max_depth, self.limits.max_bytes);
+        let depth = self.tasks.len() as u64;
+        let limit = if max_depth > 0 && depth >= max_depth {
+            Full::Depth
+        } else if max_bytes > 0 && self.bytes.saturating_add(size) > max_bytes {
+            Full::Bytes
+        } else {
+            return Ok(());
+        };
+        let refusal = Refusal {
+            limit,
+            depth,
+            max_depth,
+            bytes: self.bytes,
+            max_bytes,
+            size,
+        };
+        self.counters.refused += 1;
+        self.counters_dirty = true;
+        self.changed = true;
+        match &mut self.refusing {
+            Some(episode) => episode.refused += 1,
+            None => {
+                self.refusing = Some(Refusing {
+                    since: now,
+                    refused: 1,
+                    first: refusal,
+                })
+            }
+        }
+        Err(refusal)
+    }
+
+    /// Ends the refusal episode under way with one log line that counts
+    /// it, once the queue has room again, [`REPORT_REFUSALS_AFTER_MS`]
+    /// after its first refusal, or at once with `now_anyway` (the owner
+    /// stops). A queue that stays full gets at most one line per period.
+    pub fn report_refusals(&mut self, now: u64, now_anyway: bool) {
+        let Some(episode) = &self.refusing else {
+            return;
+        };
+        let (max_depth, max_bytes) = (self.limits.max_depth, self.limits.max_bytes);
+        let depth = self.tasks.len() as u64;
+        let room =
+            (max_depth == 0 || depth < max_depth) && (max_bytes == 0 || self.bytes < max_bytes);
+        let due = now >= episode.since + REPORT_REFUSALS_AFTER_MS;
+        if !(room || due || now_anyway) {
+            return;
+        }
+        let first = episode.first;
+        tracing::warn!(
+            queue = %self.name,
+            refused = episode.refused,
+            limit = first.limit.name(),
+            depth,
+            max_depth,
+            bytes = self.bytes,
+            max_bytes,
+            room,
+            "queue full: enqueues refused"
+        );
+        self.refusing = None;
+    }
+
     /// Accepts a new task, deliverable at once (or at its `not_before`).
     /// Its body stays in the cache until it is on disk. Its producer's
     /// confirmation waits for the commit; delivery does not, so a slow
@@ -375,6 +515,7 @@ impl Queue {
         self.counters.enqueued += 1;
         self.counters_dirty = true;
         cache.insert_new(stored.seq, body);
+        self.bytes += stored.size;
         let state = waiting(&stored, now);
         self.index(&id, stored.seq, stored.not_before, &state);
         self.tasks.insert(
@@ -798,6 +939,8 @@ impl Queue {
             enqueued_total: self.counters.enqueued,
             acked_total: self.counters.acked,
             failed_total: self.counters.failed,
+            refused_total: self.counters.refused,
+            bytes: self.bytes,
             oldest_age_ms: oldest.map_or(0, |c| now.saturating_sub(c)),
             timestamp: now,
             enqueue_rate: (enqueue_rate * 10.0).round() / 10.0,
@@ -890,8 +1033,9 @@ impl Queue {
     }
 
     /// Dead letters back to the queue with a fresh attempt count (their
-    /// bodies never left the store). A dead letter whose id is live again
-    /// (re-enqueued since) is left alone.
+    /// bodies never left the store; no limit refuses them, as they were
+    /// accepted once). A dead letter whose id is live again (re-enqueued
+    /// since) is left alone.
     pub fn retry_dead(&mut self, id: Option<&str>, fx: &mut Effects) -> u64 {
         let ids: Vec<String> = match id {
             Some(id) => self
@@ -920,6 +1064,7 @@ impl Queue {
             });
             self.touch(&id);
             self.index(&id, stored.seq, 0, &State::Ready);
+            self.bytes += stored.size;
             self.tasks.insert(
                 id,
                 Task {
@@ -999,6 +1144,8 @@ mod tests {
             default_max_attempts: 2,
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            max_depth: 0,
+            max_bytes: 0,
         }
     }
 
@@ -1234,5 +1381,47 @@ mod tests {
         );
         // Its record moves to the dead letters, its body stays on disk.
         assert_eq!(s.taken(), ["delete t"]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_counts_and_keeps_what_it_has() {
+        let mut s = Setup::new(
+            Limits {
+                max_depth: 2,
+                max_bytes: 5,
+                ..limits()
+            },
+            100,
+        );
+        s.q.admit(1, 0).unwrap();
+        s.enqueue("a", 1);
+        s.q.admit(1, 0).unwrap();
+        s.enqueue("b", 2);
+        let refused = s.q.admit(1, 0).unwrap_err();
+        assert_eq!(
+            (refused.limit, refused.depth, refused.max_depth),
+            (Full::Depth, 2, 2)
+        );
+        assert!(
+            refused.message("q").contains("depth limit is 2"),
+            "{}",
+            refused.message("q")
+        );
+        s.q.ready("w", 1, false);
+        s.dispatch(0);
+        s.q.report_refusals(1, false);
+        assert!(s.q.refusing.is_some(), "no room yet");
+        s.q.ack("a", &mut s.cache);
+        s.q.report_refusals(1, false);
+        assert!(s.q.refusing.is_none(), "room again");
+        // Bytes: "2" holds 1 of 5; a 5-byte body would pass the limit.
+        let refused = s.q.admit(5, 2).unwrap_err();
+        assert_eq!(
+            (refused.limit, refused.bytes, refused.size),
+            (Full::Bytes, 1, 5)
+        );
+        s.q.admit(4, 2).unwrap();
+        let stats = s.q.stats(3);
+        assert_eq!((stats.depth, stats.refused_total, stats.bytes), (1, 2, 1));
     }
 }

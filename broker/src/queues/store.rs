@@ -157,6 +157,9 @@ pub struct Counters {
     pub enqueued: u64,
     pub acked: u64,
     pub failed: u64,
+    /// Enqueues refused at the queue's depth or byte limit.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// One change to the store.
@@ -432,7 +435,7 @@ impl Store {
                         bodies.remove(*seq)?;
                     }
                     Op::Counters { queue, counters: c } => {
-                        // Counters serialize infallibly (three integers).
+                        // Counters serialize infallibly (four integers).
                         let bytes = serde_json::to_vec(c).unwrap_or_default();
                         counters.insert(queue.as_str(), bytes.as_slice())?;
                     }
@@ -518,6 +521,7 @@ mod tests {
                             enqueued: 3,
                             acked: 1,
                             failed: 0,
+                            refused: 2,
                         },
                     },
                 ])
@@ -529,6 +533,7 @@ mod tests {
         assert_eq!(loaded.tasks[0].1, "b");
         assert_eq!(loaded.dead[0].1, "c");
         assert_eq!(loaded.counters["q"].enqueued, 3);
+        assert_eq!(loaded.counters["q"].refused, 2);
         let bodies = store.read_bodies(&[1, 2]).unwrap();
         assert!(bodies[0].is_none(), "deleted with its task");
         assert_eq!(bodies[1].as_ref().unwrap().payload.get(), "{\"n\":2}");
