@@ -497,26 +497,42 @@ impl Tasks {
         let Ok(body) = std::str::from_utf8(&publish.payload) else {
             return;
         };
-        if serde_json::from_str::<serde::de::IgnoredAny>(body).is_err() {
-            tracing::warn!("enqueue confirmation is not JSON");
-            return;
+        #[derive(Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            error: Option<String>,
         }
+        let Ok(answer) = serde_json::from_str::<Answer>(body) else {
+            tracing::warn!("enqueue confirmation is not a JSON object");
+            return;
+        };
         let mut st = self.lock();
         let Some(pending) = st.pending.remove(corr) else {
-            // The answer to a copy published again: already confirmed.
+            // The answer to a copy published again: already answered.
             return;
         };
         self.window.add_permits(1);
+        // A refusal (the queue is at its limit) is final: the client hears
+        // it as the legacy protocol says errors go, and nothing is retried.
+        let frame = match answer.error {
+            Some(error) => {
+                tracing::warn!(
+                    task = corr,
+                    topic = pending.topic,
+                    error,
+                    "the queue owner refused an enqueue"
+                );
+                json!({ "error": error }).to_string()
+            }
+            None => format!("{{\"enqueued\":{body}}}"),
+        };
         if let Some(handle) = st
             .clients
             .get(&pending.client)
             .and_then(|c| c.handle.clone())
         {
             drop(st);
-            handle.send(
-                Utf8Bytes::from(format!("{{\"enqueued\":{body}}}")),
-                &self.metrics,
-            );
+            handle.send(Utf8Bytes::from(frame), &self.metrics);
         }
     }
 

@@ -38,7 +38,7 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Sub {
-    /// Every queue: depth, in flight, dead, rates, oldest waiting task (from the retained stats).
+    /// Every queue: depth, bytes, in flight, dead, rates, oldest waiting task, enqueues refused at its limits (from the retained stats).
     Ls,
     /// One queue: stats, workers and their credit, the first tasks in flight and waiting.
     Show {
@@ -274,15 +274,31 @@ fn age(ms: u64) -> String {
     }
 }
 
+/// Bytes in binary units, one decimal past KiB.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
+}
+
 fn stats_table(stats: &[Stats]) -> Table {
     let mut t = table(&[
-        "QUEUE", "DEPTH", "INFLIGHT", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "WORKERS", "ENQUEUED",
-        "ACKED", "FAILED",
+        "QUEUE", "DEPTH", "BYTES", "INFLIGHT", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "WORKERS",
+        "ENQUEUED", "ACKED", "FAILED", "REFUSED",
     ]);
     for s in stats {
         t.add_row(vec![
             s.queue.clone(),
             s.depth.to_string(),
+            size(s.bytes),
             s.inflight.to_string(),
             s.dead.to_string(),
             format!("{:.1}", s.enqueue_rate),
@@ -292,6 +308,7 @@ fn stats_table(stats: &[Stats]) -> Table {
             s.enqueued_total.to_string(),
             s.acked_total.to_string(),
             s.failed_total.to_string(),
+            s.refused_total.to_string(),
         ]);
     }
     t

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_broker::queues::{QueueConfig, QueueOwner};
+use axion_broker::queues::{QueueConfig, QueueLimit, QueueOwner};
 use axion_heartbeat::MqttUrl;
 use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
 use tracing::{error, info, warn};
@@ -33,6 +33,18 @@ pub struct QueueTuning {
         default_value_t = 60_000
     )]
     pub retry_backoff_max_ms: u64,
+    /// Bytes of task bodies the queue owner keeps in memory, for the tasks next in line; the others wait on disk (queues.redb) and are read when due. Bodies not yet committed are held whatever this says.
+    #[arg(long, env = "AXION_QUEUE_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub queue_cache_bytes: u64,
+    /// Tasks one work queue may hold, waiting or in flight; past it an enqueue is refused with an error reply naming the limit. 0: no limit. (--max-queued-messages is for away MQTT sessions.)
+    #[arg(long, env = "AXION_MAX_QUEUE_DEPTH", default_value_t = 100_000)]
+    pub max_queue_depth: u64,
+    /// Bytes of task bodies one work queue may hold; past it an enqueue is refused with an error reply naming the limit. 0: no limit. (--max-queued-bytes is for away MQTT sessions.)
+    #[arg(long, env = "AXION_MAX_QUEUE_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_queue_bytes: u64,
+    /// Per-queue limits replacing --max-queue-depth and --max-queue-bytes, as QUEUE=DEPTH, QUEUE=DEPTH:BYTES or QUEUE=:BYTES (repeat, or comma-separate in the env var); 0: no limit.
+    #[arg(long = "queue-limit", env = "AXION_QUEUE_LIMITS", value_delimiter = ',', value_parser = parse_limit)]
+    pub queue_limit: Vec<(String, QueueLimit)>,
 }
 
 fn parse_override(s: &str) -> Result<(String, u64), String> {
@@ -44,6 +56,33 @@ fn parse_override(s: &str) -> Result<(String, u64), String> {
         .parse::<u64>()
         .map_err(|e| format!("{s:?}: bad milliseconds: {e}"))?;
     Ok((queue.trim().to_string(), ms))
+}
+
+/// `QUEUE=DEPTH`, `QUEUE=DEPTH:BYTES` or `QUEUE=:BYTES`.
+fn parse_limit(s: &str) -> Result<(String, QueueLimit), String> {
+    let (queue, limits) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not QUEUE=DEPTH[:BYTES]"))?;
+    let (depth, bytes) = limits.split_once(':').unwrap_or((limits, ""));
+    let number = |what: &str, text: &str| -> Result<Option<u64>, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse::<u64>()
+            .map(Some)
+            .map_err(|e| format!("{s:?}: bad {what}: {e}"))
+    };
+    let limit = QueueLimit {
+        depth: number("depth", depth)?,
+        bytes: number("bytes", bytes)?,
+    };
+    if limit == QueueLimit::default() {
+        return Err(format!(
+            "{s:?} sets no limit: QUEUE=DEPTH[:BYTES] or QUEUE=:BYTES"
+        ));
+    }
+    Ok((queue.trim().to_string(), limit))
 }
 
 impl QueueTuning {
@@ -59,6 +98,10 @@ impl QueueTuning {
         cfg.max_attempts = self.max_attempts;
         cfg.retry_backoff = Duration::from_millis(self.retry_backoff_ms);
         cfg.retry_backoff_max = Duration::from_millis(self.retry_backoff_max_ms);
+        cfg.cache_bytes = self.queue_cache_bytes;
+        cfg.max_depth = self.max_queue_depth;
+        cfg.max_bytes = self.max_queue_bytes;
+        cfg.limit_overrides = self.queue_limit.iter().cloned().collect();
         cfg
     }
 }
@@ -116,4 +159,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_limits_parse() {
+        let limit = |depth, bytes| QueueLimit { depth, bytes };
+        assert_eq!(
+            parse_limit("jobs=50"),
+            Ok(("jobs".into(), limit(Some(50), None)))
+        );
+        assert_eq!(
+            parse_limit("jobs=50:4096"),
+            Ok(("jobs".into(), limit(Some(50), Some(4096))))
+        );
+        assert_eq!(
+            parse_limit("big=:0"),
+            Ok(("big".into(), limit(None, Some(0))))
+        );
+        for bad in ["jobs", "jobs=", "jobs=:", "jobs=x", "jobs=1:y"] {
+            assert!(parse_limit(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -323,3 +323,19 @@ pub fn monitor_json(url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     );
     serde_json::from_slice(&out.stdout).expect("monitor prints a JSON array")
 }
+
+/// The log of `serve` (its warnings and errors), without ANSI colour
+/// sequences (`ESC [ … m`); empty while the tests' log goes to the
+/// terminal (`AXION_TEST_LOG`).
+pub fn serve_log(serve: &Serve) -> String {
+    let log = std::fs::read_to_string(serve.data_dir.path().join("serve.log")).unwrap_or_default();
+    let mut out = String::with_capacity(log.len());
+    let mut rest = log.as_str();
+    while let Some(start) = rest.find('\x1b') {
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
+    }
+    out.push_str(rest);
+    out
+}

@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cache;
 pub mod ops;
 pub mod outlet;
 mod owner;
@@ -82,6 +83,25 @@ pub struct QueueConfig {
     /// PUBACKs in one write (by hand, rumqttc 0.25 writes each alone).
     /// Default true.
     pub ack_after_commit: bool,
+    /// Bytes of task bodies kept in memory beside the store, for the tasks
+    /// about to be delivered (bodies not on disk yet are held whatever
+    /// this says). Default 32 MiB.
+    pub cache_bytes: u64,
+    /// Tasks one queue may hold, waiting or in flight; past it enqueues are
+    /// refused. 0: no limit. Default 100 000.
+    pub max_depth: u64,
+    /// Bytes of task bodies one queue may hold; past it enqueues are
+    /// refused. 0: no limit. Default 1 GiB.
+    pub max_bytes: u64,
+    /// Per-queue limits that replace `max_depth` and `max_bytes`.
+    pub limit_overrides: HashMap<String, QueueLimit>,
+}
+
+/// One queue's own limits; `None` keeps the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueLimit {
+    pub depth: Option<u64>,
+    pub bytes: Option<u64>,
 }
 
 impl QueueConfig {
@@ -99,6 +119,10 @@ impl QueueConfig {
             max_packet_size: 1024 * 1024,
             session_expiry_secs: 600,
             ack_after_commit: true,
+            cache_bytes: 32 * 1024 * 1024,
+            max_depth: 100_000,
+            max_bytes: 1024 * 1024 * 1024,
+            limit_overrides: HashMap::new(),
         }
     }
 
@@ -107,6 +131,15 @@ impl QueueConfig {
             .get(queue)
             .copied()
             .unwrap_or(self.ack_wait)
+    }
+
+    /// The (depth, bytes) limits of `queue`; 0 is no limit.
+    pub fn limits_for(&self, queue: &str) -> (u64, u64) {
+        let own = self.limit_overrides.get(queue).copied().unwrap_or_default();
+        (
+            own.depth.unwrap_or(self.max_depth),
+            own.bytes.unwrap_or(self.max_bytes),
+        )
     }
 }
 
@@ -156,7 +189,11 @@ impl QueueOwner {
         tap: Option<tap::TapRx>,
     ) -> Result<QueueHandle, QueueError> {
         topics::validate_level("package", &cfg.package)?;
-        for queue in cfg.ack_wait_overrides.keys() {
+        for queue in cfg
+            .ack_wait_overrides
+            .keys()
+            .chain(cfg.limit_overrides.keys())
+        {
             topics::validate_level("queue", queue)?;
         }
         if cfg.max_attempts == 0 {
@@ -177,6 +214,9 @@ impl QueueOwner {
             data_dir = %cfg.data_dir.display(),
             package = %cfg.package,
             ack_wait_ms = cfg.ack_wait.as_millis() as u64,
+            cache_bytes = cfg.cache_bytes,
+            max_depth = cfg.max_depth,
+            max_bytes = cfg.max_bytes,
             "queue owner starting"
         );
         let (tx, rx) = oneshot::channel();

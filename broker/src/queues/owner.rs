@@ -13,12 +13,19 @@
 //!   The batch is taken from the queues' changed records when the commit
 //!   starts (see [`Core::start_commit`]).
 //!
+//! Task bodies are not kept in memory beyond a bounded cache (see
+//! [`super::cache`]): bodies the core needs and does not have (the head of
+//! a queue a worker waits on, a dead letter to announce, the tasks an ops
+//! command lists) are read in batches on the blocking pool, and the core
+//! carries on when they arrive.
+//!
 //! Beside a broker that outlives it, the owner acknowledges an incoming
 //! `enqueue` (PUBACK) by hand only once the task is on disk, in receive
 //! order. Beside the embedded broker, which dies with it, the MQTT client
 //! acknowledges every publish on receipt.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axion_heartbeat::topics;
@@ -28,10 +35,13 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cache::Cache;
 use super::outlet::{Injected, OutletTx, Refused};
-use super::proto::{Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest};
-use super::queue::{After, Effects, Limits, Outgoing, Queue};
-use super::store::{Loaded, Op, Store, StoreError};
+use super::proto::{
+    Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest, TaskView,
+};
+use super::queue::{After, DeadNotice, Effects, Limits, Outgoing, Queue};
+use super::store::{Body, Loaded, Op, Store, StoreError};
 use super::tap::{TapRx, LEAVES};
 use super::{QueueConfig, QueueError};
 
@@ -54,6 +64,13 @@ const COUNTERS_EVERY_MS: u64 = 1000;
 /// A group commit slower than this is logged.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
+/// Most bodies read for the head of a queue at once; they also weigh at
+/// most a quarter of the cache (one at least).
+const READ_BATCH: usize = 256;
+
+/// Reads finished and not yet taken by the core.
+const READS_CAPACITY: usize = 64;
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -74,6 +91,38 @@ struct Sender {
     received: bool,
 }
 
+/// Where a reply goes: the requester's Response Topic (or the body's
+/// `replyTo`), with its Correlation Data.
+struct ReplyTo {
+    topic: String,
+    correlation: Option<Bytes>,
+}
+
+/// Bodies to read from the store (`seqs`, ascending where order matters)
+/// and what they are for.
+struct Read {
+    queue: String,
+    seqs: Vec<u64>,
+    purpose: Purpose,
+}
+
+enum Purpose {
+    /// The next tasks of the queue, for dispatch: their ids, in `seqs`'
+    /// order.
+    Dispatch(Vec<String>),
+    /// Dead letters to announce.
+    Dead(Vec<DeadNotice>),
+    /// A command reply whose tasks need their payloads: per task in
+    /// `reply.tasks`, its seq and the body the cache had.
+    Reply {
+        to: ReplyTo,
+        reply: Box<CommandReply>,
+        bodies: Vec<(u64, Option<Arc<Body>>)>,
+    },
+}
+
+type ReadDone = (Read, Result<Vec<Option<Body>>, StoreError>);
+
 enum Out {
     Publish(Outgoing),
     /// A publish the outlet had no room for, ready to go again.
@@ -89,6 +138,10 @@ pub(crate) struct Core {
     /// [`super::outlet`]); publishes go through `client` without it.
     outlet: Option<OutletTx>,
     queues: HashMap<String, Queue>,
+    /// Task bodies in memory; the rest are read from `store`.
+    cache: Cache,
+    store: Arc<Store>,
+    reads_tx: mpsc::Sender<ReadDone>,
     next_seq: u64,
     fx: Effects,
     committing: Vec<After>,
@@ -142,14 +195,17 @@ pub(crate) async fn run(
     let announce = topics::announce(&cfg.package);
     let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
 
+    let store = Arc::new(store);
     let (writer_tx, writer_rx) = std::sync::mpsc::sync_channel::<Vec<Op>>(1);
     let (done_tx, mut done_rx) = mpsc::channel::<Result<(), StoreError>>(2);
+    let (reads_tx, mut reads_rx) = mpsc::channel::<ReadDone>(READS_CAPACITY);
+    let writer_store = store.clone();
     let writer = std::thread::Builder::new()
         .name("axion-queue-store".into())
         .spawn(move || {
             while let Ok(batch) = writer_rx.recv() {
                 let started = std::time::Instant::now();
-                let result = store.commit(&batch);
+                let result = writer_store.commit(&batch);
                 let took = started.elapsed();
                 // Every task in the batch waits this long to be confirmed
                 // or delivered: a slow disk shows here first.
@@ -170,7 +226,15 @@ pub(crate) async fn run(
         })
         .map_err(QueueError::Thread)?;
 
-    let mut core = Core::new(cfg, client.clone(), outlet, loaded, writer_tx);
+    let mut core = Core::new(
+        cfg,
+        client.clone(),
+        outlet,
+        loaded,
+        store,
+        writer_tx,
+        reads_tx,
+    );
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shutdown;
@@ -181,6 +245,12 @@ pub(crate) async fn run(
             done = done_rx.recv() => match done {
                 Some(Ok(())) => core.committed(),
                 Some(Err(err)) => break Err(QueueError::Store(err)),
+                None => break Err(QueueError::StoreThread),
+            },
+            read = reads_rx.recv() => match read {
+                Some((read, Ok(bodies))) => core.read_done(read, bodies),
+                Some((_, Err(err))) => break Err(QueueError::Store(err)),
+                // The core holds a sender: never.
                 None => break Err(QueueError::StoreThread),
             },
             inbound = in_rx.recv() => {
@@ -205,6 +275,10 @@ pub(crate) async fn run(
         core.drain_store(&mut done_rx).await;
         core.publish_all_stats();
         core.flush_outbox();
+    }
+    let now = now_ms();
+    for q in core.queues.values_mut() {
+        q.report_refusals(now, true);
     }
     core.writer_tx = None;
     drop(in_rx);
@@ -326,14 +400,19 @@ impl Core {
         client: AsyncClient,
         outlet: Option<OutletTx>,
         loaded: Loaded,
+        store: Arc<Store>,
         writer_tx: std::sync::mpsc::SyncSender<Vec<Op>>,
+        reads_tx: mpsc::Sender<ReadDone>,
     ) -> Self {
         let mut core = Self {
             prefix: format!("axion/{}/", cfg.package),
+            cache: Cache::new(cfg.cache_bytes),
             cfg,
             client,
             outlet,
             queues: HashMap::new(),
+            store,
+            reads_tx,
             next_seq: 1,
             fx: Effects::default(),
             committing: Vec::new(),
@@ -376,11 +455,14 @@ impl Core {
     }
 
     fn limits(&self, queue: &str) -> Limits {
+        let (max_depth, max_bytes) = self.cfg.limits_for(queue);
         Limits {
             ack_wait: self.cfg.ack_wait_for(queue),
             default_max_attempts: self.cfg.max_attempts,
             retry_base: self.cfg.retry_backoff,
             retry_max: self.cfg.retry_backoff_max,
+            max_depth,
+            max_bytes,
         }
     }
 
@@ -522,9 +604,15 @@ impl Core {
     }
 
     fn reply(&mut self, publish: &Publish, fallback: Option<String>, body: Vec<u8>) {
+        if let Some(to) = self.reply_to(publish, fallback) {
+            self.send_reply(to, body);
+        }
+    }
+
+    /// Where the answer to `publish` goes, if anywhere it may.
+    fn reply_to(&self, publish: &Publish, fallback: Option<String>) -> Option<ReplyTo> {
         let props = publish.properties.as_ref();
-        let topic = props.and_then(|p| p.response_topic.clone()).or(fallback);
-        let Some(topic) = topic else { return };
+        let topic = props.and_then(|p| p.response_topic.clone()).or(fallback)?;
         if self.reserved_reply(&topic) {
             // The owner writes with its own rights: never onto the topics
             // that steer Axion itself, whoever asks.
@@ -532,7 +620,7 @@ impl Core {
                 topic,
                 "reply refused: a reply topic may not be one of Axion's own (queue, heartbeat, alarm, cmd)"
             );
-            return;
+            return None;
         }
         if !publishable(&topic) {
             // Queued, it would hold up every message behind it: the MQTT
@@ -541,14 +629,21 @@ impl Core {
                 topic,
                 "reply dropped: a message cannot be published to this topic"
             );
-            return;
+            return None;
         }
-        let corr = props.and_then(|p| p.correlation_data.clone());
-        self.fx.after.push(After::Publish(Outgoing {
+        Some(ReplyTo {
             topic,
+            correlation: props.and_then(|p| p.correlation_data.clone()),
+        })
+    }
+
+    /// Sent once what was accepted so far is on disk.
+    fn send_reply(&mut self, to: ReplyTo, body: Vec<u8>) {
+        self.fx.after.push(After::Publish(Outgoing {
+            topic: to.topic,
             payload: Bytes::from(body),
             retain: false,
-            correlation: corr,
+            correlation: to.correlation,
         }));
     }
 
@@ -575,21 +670,40 @@ impl Core {
         self.ensure_queue(queue);
         let duplicate = self.queues.get(queue).is_some_and(|q| q.contains(&id));
         if !duplicate {
-            let seq = self.next_seq;
-            self.next_seq += 1;
             let Some(q) = self.queues.get_mut(queue) else {
                 return;
             };
-            let mut task = q.new_task(request.payload, seq, now);
-            task.reply_to = request.reply_to;
-            task.correlation_id = request.correlation_id;
+            let body = Body {
+                payload: request.payload,
+                reply_to: request.reply_to,
+                correlation_id: request.correlation_id,
+            };
+            let size = body.size();
+            if let Err(refused) = q.admit(size, now) {
+                // Nothing is taken: the producer hears why, at once.
+                let body = serde_json::json!({
+                    "error": refused.message(queue),
+                    "id": id,
+                    "queue": queue,
+                    "limit": refused.limit.name(),
+                    "depth": refused.depth,
+                    "max_depth": refused.max_depth,
+                    "bytes": refused.bytes,
+                    "max_bytes": refused.max_bytes,
+                });
+                self.reply(publish, None, body.to_string().into_bytes());
+                return;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let mut task = q.new_task(seq, size, now);
             if let Some(max) = request.max_attempts {
                 task.max_attempts = max;
             }
             if let Some(delay) = request.delay_ms.filter(|d| *d > 0) {
                 task.not_before = now + delay;
             }
-            q.enqueue(id.clone(), task, now);
+            q.enqueue(id.clone(), task, Arc::new(body), &mut self.cache, now);
             self.wake(queue);
         }
         let confirm = Enqueued {
@@ -642,14 +756,21 @@ impl Core {
             r.worker = Some(sender_id.to_string());
         }
         match (leaf, r.id.as_deref()) {
-            ("ack", Some(id)) => q.ack(id),
+            ("ack", Some(id)) => q.ack(id, &mut self.cache),
             ("fail", Some(id)) if r.release => q.release(id, r.worker.as_deref()),
-            ("fail", Some(id)) => q.fail(id, r.reason, r.retry_after_ms, now, &mut self.fx),
+            ("fail", Some(id)) => q.fail(
+                id,
+                r.reason,
+                r.retry_after_ms,
+                now,
+                &mut self.cache,
+                &mut self.fx,
+            ),
             ("progress", Some(id)) => q.progress(id, r.worker.as_deref(), now),
             ("release", Some(id)) => q.release(id, r.worker.as_deref()),
             ("release", None) => {
                 if let Some(worker) = r.worker.as_deref() {
-                    let n = q.worker_gone(worker, now, &mut self.fx);
+                    let n = q.worker_gone(worker, now, &mut self.cache, &mut self.fx);
                     tracing::info!(queue, worker, redelivered = n, "worker released its tasks");
                 }
             }
@@ -679,7 +800,7 @@ impl Core {
         let now = now_ms();
         for q in self.queues.values_mut() {
             for id in &ids {
-                let n = q.worker_gone(id, now, &mut self.fx);
+                let n = q.worker_gone(id, now, &mut self.cache, &mut self.fx);
                 if n > 0 {
                     tracing::info!(queue = %q.name, worker = %id, redelivered = n, "worker offline; its tasks go to others");
                 }
@@ -699,25 +820,30 @@ impl Core {
             }
         };
         let now = now_ms();
+        // Tasks listed in the reply, with their seqs: their payloads are
+        // filled in from their bodies.
+        let mut views = Vec::new();
         let reply = match self.queues.get_mut(queue) {
             None => CommandReply::error(format!("no queue named {queue:?}")),
             Some(q) => match request.command {
                 Command::Show { limit } => {
                     let (workers, tasks) = q.show(limit);
+                    views = tasks;
                     CommandReply {
                         ok: true,
                         stats: Some(q.stats(now)),
                         ack_wait_ms: Some(q.ack_wait().as_millis() as u64),
                         workers,
-                        tasks,
                         ..CommandReply::default()
                     }
                 }
-                Command::Dead { limit } => CommandReply {
-                    ok: true,
-                    tasks: q.dead_list(limit),
-                    ..CommandReply::default()
-                },
+                Command::Dead { limit } => {
+                    views = q.dead_list(limit);
+                    CommandReply {
+                        ok: true,
+                        ..CommandReply::default()
+                    }
+                }
                 Command::Retry { id, all } => {
                     if id.is_none() && !all {
                         CommandReply::error("retry needs an id or all")
@@ -732,7 +858,7 @@ impl Core {
                     }
                 }
                 Command::Purge => {
-                    let n = q.purge(&mut self.fx);
+                    let n = q.purge(&mut self.cache, &mut self.fx);
                     tracing::warn!(queue, removed = n, "queue purged");
                     CommandReply {
                         ok: true,
@@ -742,14 +868,158 @@ impl Core {
                 }
             },
         };
+        let Some(to) = self.reply_to(publish, request.reply_to) else {
+            return;
+        };
+        self.reply_with_payloads(queue, to, reply, views);
+    }
+
+    /// Sends `reply` with `views` as its tasks, once their payloads are
+    /// filled in: from the cache, or from the store.
+    fn reply_with_payloads(
+        &mut self,
+        queue: &str,
+        to: ReplyTo,
+        mut reply: CommandReply,
+        views: Vec<(u64, TaskView)>,
+    ) {
+        let mut bodies = Vec::with_capacity(views.len());
+        let mut missing = Vec::new();
+        for (seq, view) in views {
+            let body = self.cache.get(seq);
+            if body.is_none() {
+                missing.push(seq);
+            }
+            bodies.push((seq, body));
+            reply.tasks.push(view);
+        }
+        if missing.is_empty() {
+            self.finish_reply(to, reply, bodies, HashMap::new());
+            return;
+        }
+        missing.sort_unstable();
+        self.start_read(Read {
+            queue: queue.to_string(),
+            seqs: missing,
+            purpose: Purpose::Reply {
+                to,
+                reply: Box::new(reply),
+                bodies,
+            },
+        });
+    }
+
+    fn finish_reply(
+        &mut self,
+        to: ReplyTo,
+        mut reply: CommandReply,
+        bodies: Vec<(u64, Option<Arc<Body>>)>,
+        read: HashMap<u64, Body>,
+    ) {
+        for (view, (seq, cached)) in reply.tasks.iter_mut().zip(bodies) {
+            let payload = match (&cached, read.get(&seq)) {
+                (Some(body), _) => &body.payload,
+                (None, Some(body)) => &body.payload,
+                // Gone from the store since it was listed.
+                (None, None) => continue,
+            };
+            view.payload = payload.clone();
+        }
         let body = serde_json::to_vec(&reply).unwrap_or_default();
-        self.reply(publish, request.reply_to, body);
+        self.send_reply(to, body);
+    }
+
+    /// Reads `read.seqs` on the blocking pool; [`Core::read_done`] gets
+    /// the bodies.
+    fn start_read(&mut self, read: Read) {
+        let store = self.store.clone();
+        let done = self.reads_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = store.read_bodies(&read.seqs);
+            // The core only goes away when the owner stops.
+            let _ = done.blocking_send((read, result));
+        });
+    }
+
+    fn read_done(&mut self, read: Read, bodies: Vec<Option<Body>>) {
+        let Read {
+            queue,
+            seqs,
+            purpose,
+        } = read;
+        match purpose {
+            Purpose::Dispatch(ids) => {
+                let Some(q) = self.queues.get_mut(&queue) else {
+                    return;
+                };
+                q.reading = false;
+                for ((seq, id), body) in seqs.into_iter().zip(ids).zip(bodies) {
+                    // Only for tasks still waiting, as they were.
+                    if q.waiting_seq(&id) != Some(seq) {
+                        continue;
+                    }
+                    match body {
+                        Some(body) => self.cache.insert_read(seq, body),
+                        None if !self.cache.contains(seq) => {
+                            // Every body is committed with its task's first
+                            // record and deleted with its last: the store
+                            // lost this one. Nobody could ever run the task.
+                            tracing::error!(queue, id, seq, "a waiting task's body is missing from the queue store; dead-lettering it");
+                            let reason = "its body is missing from the queue store".to_string();
+                            q.dead_letter(&id, reason, &mut self.cache, &mut self.fx);
+                        }
+                        None => {}
+                    }
+                }
+                self.wake(&queue);
+            }
+            Purpose::Dead(notices) => {
+                for (notice, body) in notices.iter().zip(bodies) {
+                    if let Some(bytes) = notice.encode(body.as_ref()) {
+                        let out = Outgoing::plain(notice.topic.clone(), bytes);
+                        self.outbox.push_back(Out::Publish(out));
+                    }
+                }
+            }
+            Purpose::Reply {
+                to,
+                reply,
+                bodies: cached,
+            } => {
+                let read = seqs
+                    .into_iter()
+                    .zip(bodies)
+                    .filter_map(|(seq, body)| Some((seq, body?)))
+                    .collect();
+                self.finish_reply(to, *reply, cached, read);
+            }
+        }
+    }
+
+    /// Asks the store for the bodies the core waits on: the head of each
+    /// queue in `reads` (see [`head_read`]), and dead letters to announce.
+    fn read_missing(&mut self, mut reads: Vec<Read>) {
+        let mut dead: HashMap<String, Vec<DeadNotice>> = HashMap::new();
+        for notice in self.fx.unread_dead.drain(..) {
+            dead.entry(notice.queue.clone()).or_default().push(notice);
+        }
+        for (queue, notices) in dead {
+            reads.push(Read {
+                queue,
+                seqs: notices.iter().map(|n| n.stored.seq).collect(),
+                purpose: Purpose::Dead(notices),
+            });
+        }
+        for read in reads {
+            self.start_read(read);
+        }
     }
 
     fn on_tick(&mut self) {
         let now = now_ms();
         for q in self.queues.values_mut() {
-            q.on_time(now, &mut self.fx);
+            q.on_time(now, &mut self.cache, &mut self.fx);
+            q.report_refusals(now, false);
             if q.has_work() {
                 self.wake.insert(q.name.clone());
             }
@@ -805,23 +1075,30 @@ impl Core {
     /// Called after every event: deliver, commit, publish.
     fn settle(&mut self) {
         let now = now_ms();
+        let mut reads = Vec::new();
         if self.outbox.len() < OUTBOX_HIGH {
+            let window = (self.cfg.cache_bytes / 4).max(1);
             let wake: Vec<String> = self.wake.drain().collect();
             for name in wake {
                 if let Some(q) = self.queues.get_mut(&name) {
-                    q.dispatch(now, DISPATCH_BUDGET, &mut self.fx);
+                    q.dispatch(now, DISPATCH_BUDGET, &mut self.cache, &mut self.fx);
+                    reads.extend(head_read(q, &self.cache, window));
                     if q.has_work() {
                         self.wake.insert(name);
                     }
                 }
             }
         }
+        self.read_missing(reads);
         for out in self.fx.now.drain(..) {
             self.outbox.push_back(Out::Publish(out));
         }
         if !self.writer_busy {
             self.start_commit(now, false);
         }
+        // Bodies read for this round's deliveries were used; the cache
+        // goes back within its bound.
+        self.cache.trim();
         self.flush_outbox();
     }
 
@@ -853,6 +1130,7 @@ impl Core {
             for q in self.queues.values_mut() {
                 q.take_ops(&mut ops);
             }
+            self.cache.take_writes(&mut ops);
             self.deletes_since = None;
         }
         if !ops.is_empty() || all || now >= self.counters_written_at + COUNTERS_EVERY_MS {
@@ -884,6 +1162,7 @@ impl Core {
 
     fn committed(&mut self) {
         self.writer_busy = false;
+        self.cache.committed();
         let after = std::mem::take(&mut self.committing);
         self.run_after(after);
     }
@@ -983,6 +1262,25 @@ impl Core {
             }
         }
     }
+}
+
+/// The read of the bodies next in line in `q`, when a worker waits on them
+/// and none is under way: about `window` bytes.
+fn head_read(q: &mut Queue, cache: &Cache, window: u64) -> Option<Read> {
+    if q.reading || !q.waits_for_bodies(cache) {
+        return None;
+    }
+    let (seqs, ids): (Vec<u64>, Vec<String>) =
+        q.unread_head(cache, window, READ_BATCH).into_iter().unzip();
+    if seqs.is_empty() {
+        return None;
+    }
+    q.reading = true;
+    Some(Read {
+        queue: q.name.clone(),
+        seqs,
+        purpose: Purpose::Dispatch(ids),
+    })
 }
 
 /// What the outlet carries for an owner publish (always QoS 1).

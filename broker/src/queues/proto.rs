@@ -108,6 +108,13 @@ pub struct Stats {
     pub enqueued_total: u64,
     pub acked_total: u64,
     pub failed_total: u64,
+    /// Enqueues refused because the queue was at its depth or byte limit.
+    #[serde(default)]
+    pub refused_total: u64,
+    /// Bytes of the bodies of its waiting and in-flight tasks (what its
+    /// byte limit counts).
+    #[serde(default)]
+    pub bytes: u64,
     pub oldest_age_ms: u64,
     /// Unix milliseconds.
     pub timestamp: u64,

@@ -2,6 +2,12 @@
 //! which tasks wait, which are in flight and with whom, the credit each
 //! worker announced, and what each worker message does to them.
 //!
+//! It holds each task's record, not its body: bodies live in the store and
+//! pass through the owner's bounded [`Cache`]. A task is delivered only
+//! once its body is in the cache; when the head of the queue is not, the
+//! owner reads it (see [`Queue::unread_head`]) and dispatch waits for it,
+//! so delivery order holds.
+//!
 //! It performs no I/O. Every change it makes is described as [`Effects`]
 //! (MQTT messages the owner publishes) or noted as a task whose record
 //! changed, which [`Queue::take_ops`] turns into store operations when the
@@ -9,17 +15,25 @@
 //! them easy to follow and to test.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+use super::cache::Cache;
 use super::proto::{Stats, TaskRecord, TaskView, WorkerView};
-use super::store::{Counters, Op, StoredTask};
+use super::store::{Body, Counters, Op, StoredTask};
 
 /// No worker may hold more announced credit than this; a runaway producer
 /// of `ready` messages must not overflow anything.
 const MAX_CREDITS: u32 = 100_000;
+
+/// How long a refusal episode gathers refusals before its one log line is
+/// written (sooner if the queue has room again): a producer that floods a
+/// full queue must not flood the log, and an operator should hear of it
+/// soon.
+const REPORT_REFUSALS_AFTER_MS: u64 = 5_000;
 
 /// An MQTT message the owner must publish.
 #[derive(Debug, Clone)]
@@ -50,6 +64,30 @@ pub enum After {
     Ack(rumqttc::v5::mqttbytes::v5::Publish),
 }
 
+/// A dead letter whose notice on `…/dead` waits for its body to be read.
+#[derive(Debug)]
+pub struct DeadNotice {
+    pub queue: String,
+    pub topic: String,
+    pub id: String,
+    pub stored: StoredTask,
+}
+
+impl DeadNotice {
+    /// The notice, with the body read (`None`: gone from the store since,
+    /// the payload is then `null`).
+    pub fn encode(&self, body: Option<&Body>) -> Option<Vec<u8>> {
+        record(
+            &self.id,
+            &self.queue,
+            &self.stored,
+            body,
+            None,
+            self.stored.reason.as_deref(),
+        )
+    }
+}
+
 /// Side effects collected while handling messages.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -63,6 +101,8 @@ pub struct Effects {
     /// (a task delivered before its first commit was not yet confirmed to
     /// its producer).
     pub now: Vec<Outgoing>,
+    /// Dead letters to announce once their bodies are read.
+    pub unread_dead: Vec<DeadNotice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +128,65 @@ pub struct Limits {
     pub default_max_attempts: u32,
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// Live tasks (waiting or in flight) past which enqueues are refused;
+    /// 0: no limit.
+    pub max_depth: u64,
+    /// Bytes of live tasks' bodies past which enqueues are refused; 0: no
+    /// limit.
+    pub max_bytes: u64,
+}
+
+/// Which limit refused an enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Depth,
+    Bytes,
+}
+
+impl Full {
+    pub fn name(self) -> &'static str {
+        match self {
+            Full::Depth => "depth",
+            Full::Bytes => "bytes",
+        }
+    }
+}
+
+/// An enqueue refused at a limit, with the figures that explain it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    pub limit: Full,
+    /// Live tasks (waiting or in flight).
+    pub depth: u64,
+    pub max_depth: u64,
+    /// Bytes of their bodies.
+    pub bytes: u64,
+    pub max_bytes: u64,
+    /// The refused task's body.
+    pub size: u64,
+}
+
+impl Refusal {
+    pub fn message(&self, queue: &str) -> String {
+        match self.limit {
+            Full::Depth => format!(
+                "queue {queue:?} is full: {} tasks queued or in flight, its depth limit is {}; enqueue refused",
+                self.depth, self.max_depth
+            ),
+            Full::Bytes => format!(
+                "queue {queue:?} is full: its tasks hold {} bytes and this one {} more, its byte limit is {}; enqueue refused",
+                self.bytes, self.size, self.max_bytes
+            ),
+        }
+    }
+}
+
+/// Enqueues refused in the episode under way.
+#[derive(Debug)]
+struct Refusing {
+    since: u64,
+    refused: u64,
+    first: Refusal,
 }
 
 pub struct Queue {
@@ -95,6 +194,8 @@ pub struct Queue {
     topic_prefix: String,
     limits: Limits,
     tasks: HashMap<String, Task>,
+    /// Bytes of the live tasks' bodies.
+    bytes: u64,
     /// seq → id, delivery order.
     ready: BTreeMap<u64, String>,
     /// (not before, seq) → id.
@@ -115,8 +216,11 @@ pub struct Queue {
     /// In id order: time-ordered ids (UUID v7) then fill B-tree pages one
     /// after another.
     dirty: BTreeSet<String>,
-    /// Tasks that ended (acked, dead-lettered, purged) while on disk.
-    gone: Vec<String>,
+    /// Deletes of the records and bodies of tasks that ended.
+    gone: Vec<Op>,
+    refusing: Option<Refusing>,
+    /// Bodies at the head of the queue are being read for it.
+    pub reading: bool,
     /// Something visible in stats changed since they were last published.
     pub changed: bool,
     last_stats: Option<(u64, Counters)>,
@@ -132,6 +236,30 @@ fn encode(task: &StoredTask) -> Option<Vec<u8>> {
     }
 }
 
+/// A task record (`…/tasks`, `…/dead`); a body gone from the store has a
+/// `null` payload.
+fn record(
+    id: &str,
+    queue: &str,
+    stored: &StoredTask,
+    body: Option<&Body>,
+    worker: Option<&str>,
+    reason: Option<&str>,
+) -> Option<Vec<u8>> {
+    let record = TaskRecord {
+        id,
+        queue,
+        payload: body.map_or(RawValue::NULL, |b| &b.payload),
+        created_at: stored.created_at,
+        attempts: stored.attempts,
+        reply_to: body.and_then(|b| b.reply_to.as_deref()),
+        correlation_id: body.and_then(|b| b.correlation_id.as_deref()),
+        worker,
+        reason,
+    };
+    serde_json::to_vec(&record).ok()
+}
+
 impl Queue {
     pub fn new(package: &str, name: &str, limits: Limits, counters: Counters) -> Self {
         Self {
@@ -139,6 +267,7 @@ impl Queue {
             topic_prefix: format!("axion/{package}/queue/{name}/"),
             limits,
             tasks: HashMap::new(),
+            bytes: 0,
             ready: BTreeMap::new(),
             delayed: BTreeMap::new(),
             inflight: BTreeMap::new(),
@@ -149,6 +278,8 @@ impl Queue {
             counters_dirty: false,
             dirty: BTreeSet::new(),
             gone: Vec::new(),
+            refusing: None,
+            reading: false,
             changed: true,
             last_stats: None,
         }
@@ -169,11 +300,23 @@ impl Queue {
         }
     }
 
-    /// Notes that a task left the queue: its record goes, if it has one.
-    fn forget(&mut self, id: &str, task: &Task) {
+    /// Notes that a task left the queue: its record goes, if it has one,
+    /// and so does its body unless it stays for a dead letter.
+    fn forget(&mut self, id: &str, task: &Task, cache: &mut Cache, keep_body: bool) {
         self.dirty.remove(id);
+        self.bytes = self.bytes.saturating_sub(task.stored.size);
         if task.on_disk {
-            self.gone.push(id.to_string());
+            self.gone.push(Op::Delete {
+                queue: self.name.clone(),
+                id: id.to_string(),
+            });
+        }
+        if keep_body {
+            cache.retire(task.stored.seq);
+        } else if cache.forget(task.stored.seq) {
+            self.gone.push(Op::DeleteBody {
+                seq: task.stored.seq,
+            });
         }
     }
 
@@ -188,16 +331,12 @@ impl Queue {
     }
 
     /// The store operations that bring the disk up to date with this queue,
-    /// for the group commit about to start.
+    /// for the group commit about to start. (Bodies not on disk yet are
+    /// the cache's to write, see [`Cache::take_writes`].)
     pub fn take_ops(&mut self, ops: &mut Vec<Op>) {
         // Deletes first: an id that ended and was enqueued again since is
         // put back by its Put (the store keeps the last op on a key).
-        for id in self.gone.drain(..) {
-            ops.push(Op::Delete {
-                queue: self.name.clone(),
-                id,
-            });
-        }
+        ops.append(&mut self.gone);
         for id in std::mem::take(&mut self.dirty) {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
@@ -224,6 +363,7 @@ impl Queue {
             None => waiting(&stored, now),
         };
         self.index(&id, stored.seq, stored.not_before, &state);
+        self.bytes += stored.size;
         self.tasks.insert(
             id,
             Task {
@@ -282,14 +422,100 @@ impl Queue {
         self.tasks.contains_key(id)
     }
 
+    /// The seq of live task `id`, if it is not in flight.
+    pub fn waiting_seq(&self, id: &str) -> Option<u64> {
+        self.tasks
+            .get(id)
+            .filter(|t| !matches!(t.state, State::Inflight { .. }))
+            .map(|t| t.stored.seq)
+    }
+
+    /// Whether a new task of `size` bytes fits under the queue's limits.
+    /// A refusal is counted, and logged with its episode (see
+    /// [`Queue::report_refusals`]).
+    pub fn admit(&mut self, size: u64, now: u64) -> Result<(), Refusal> {
+        let (max_depth, max_bytes) = (self.limits.max_depth, self.limits.max_bytes);
+        let depth = self.tasks.len() as u64;
+        let limit = if max_depth > 0 && depth >= max_depth {
+            Full::Depth
+        } else if max_bytes > 0 && self.bytes.saturating_add(size) > max_bytes {
+            Full::Bytes
+        } else {
+            return Ok(());
+        };
+        let refusal = Refusal {
+            limit,
+            depth,
+            max_depth,
+            bytes: self.bytes,
+            max_bytes,
+            size,
+        };
+        self.counters.refused += 1;
+        self.counters_dirty = true;
+        self.changed = true;
+        match &mut self.refusing {
+            Some(episode) => episode.refused += 1,
+            None => {
+                self.refusing = Some(Refusing {
+                    since: now,
+                    refused: 1,
+                    first: refusal,
+                })
+            }
+        }
+        Err(refusal)
+    }
+
+    /// Ends the refusal episode under way with one log line that counts
+    /// it, once the queue has room again, [`REPORT_REFUSALS_AFTER_MS`]
+    /// after its first refusal, or at once with `now_anyway` (the owner
+    /// stops). A queue that stays full gets at most one line per period.
+    pub fn report_refusals(&mut self, now: u64, now_anyway: bool) {
+        let Some(episode) = &self.refusing else {
+            return;
+        };
+        let (max_depth, max_bytes) = (self.limits.max_depth, self.limits.max_bytes);
+        let depth = self.tasks.len() as u64;
+        let room =
+            (max_depth == 0 || depth < max_depth) && (max_bytes == 0 || self.bytes < max_bytes);
+        let due = now >= episode.since + REPORT_REFUSALS_AFTER_MS;
+        if !(room || due || now_anyway) {
+            return;
+        }
+        let first = episode.first;
+        tracing::warn!(
+            queue = %self.name,
+            refused = episode.refused,
+            limit = first.limit.name(),
+            depth,
+            max_depth,
+            bytes = self.bytes,
+            max_bytes,
+            room,
+            "queue full: enqueues refused"
+        );
+        self.refusing = None;
+    }
+
     /// Accepts a new task, deliverable at once (or at its `not_before`).
-    /// Its producer's confirmation waits for the commit; delivery does not,
-    /// so a slow commit holds up no worker, and a task delivered and acked
-    /// before the next commit starts never reaches the disk at all.
-    pub fn enqueue(&mut self, id: String, stored: StoredTask, now: u64) {
+    /// Its body stays in the cache until it is on disk. Its producer's
+    /// confirmation waits for the commit; delivery does not, so a slow
+    /// commit holds up no worker, and a task delivered and acked before
+    /// the next commit starts never reaches the disk at all.
+    pub fn enqueue(
+        &mut self,
+        id: String,
+        stored: StoredTask,
+        body: Arc<Body>,
+        cache: &mut Cache,
+        now: u64,
+    ) {
         self.touch(&id);
         self.counters.enqueued += 1;
         self.counters_dirty = true;
+        cache.insert_new(stored.seq, body);
+        self.bytes += stored.size;
         let state = waiting(&stored, now);
         self.index(&id, stored.seq, stored.not_before, &state);
         self.tasks.insert(
@@ -319,13 +545,23 @@ impl Queue {
         !self.ready.is_empty() && self.credits.values().any(|c| *c > 0)
     }
 
-    /// Delivers waiting tasks while workers have credit, at most `budget`.
-    /// The worker with the most free credit gets the next task, so load goes
-    /// where there is room.
-    pub fn dispatch(&mut self, now: u64, mut budget: usize, fx: &mut Effects) -> usize {
+    /// Delivers waiting tasks while workers have credit, at most `budget`,
+    /// and stops at the first whose body is not in the cache (see
+    /// [`Queue::unread_head`]). The worker with the most free credit gets
+    /// the next task, so load goes where there is room.
+    pub fn dispatch(
+        &mut self,
+        now: u64,
+        mut budget: usize,
+        cache: &mut Cache,
+        fx: &mut Effects,
+    ) -> usize {
         let mut sent = 0;
         while budget > 0 {
             let Some((&seq, _)) = self.ready.first_key_value() else {
+                break;
+            };
+            let Some(body) = cache.get(seq) else {
                 break;
             };
             let Some((worker, credit)) = self
@@ -353,26 +589,62 @@ impl Queue {
                 deadline,
             };
             self.inflight.insert((deadline, seq), id.clone());
-            let record = TaskRecord {
-                id: &id,
-                queue: &self.name,
-                payload: &task.stored.payload,
-                created_at: task.stored.created_at,
-                attempts: task.stored.attempts,
-                reply_to: task.stored.reply_to.as_deref(),
-                correlation_id: task.stored.correlation_id.as_deref(),
-                worker: Some(&worker),
-                reason: None,
-            };
-            if let Ok(body) = serde_json::to_vec(&record) {
+            if let Some(body) = record(
+                &id,
+                &self.name,
+                &task.stored,
+                Some(&body),
+                Some(&worker),
+                None,
+            ) {
                 fx.now.push(Outgoing::plain(tasks_topic, body));
             }
+            cache.delivered(seq);
             self.touch(&id);
             self.changed = true;
             sent += 1;
             budget -= 1;
         }
         sent
+    }
+
+    /// Dispatch waits for bodies: a worker has credit and the head of the
+    /// queue is not in the cache.
+    pub fn waits_for_bodies(&self, cache: &Cache) -> bool {
+        self.has_work()
+            && self
+                .ready
+                .first_key_value()
+                .is_some_and(|(seq, _)| !cache.contains(*seq))
+    }
+
+    /// The waiting tasks next in line whose bodies are not in the cache,
+    /// in order: at most `max_count` of them and about `max_bytes` (one at
+    /// least, however large).
+    pub fn unread_head(
+        &self,
+        cache: &Cache,
+        max_bytes: u64,
+        max_count: usize,
+    ) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        // Cached ones are skipped, a bounded number of them.
+        for (seq, id) in self.ready.iter().take(max_count.saturating_mul(4)) {
+            if cache.contains(*seq) {
+                continue;
+            }
+            let size = self.tasks.get(id).map_or(0, |t| t.stored.size);
+            if !out.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            out.push((*seq, id.clone()));
+            if out.len() >= max_count {
+                break;
+            }
+        }
+        out
     }
 
     /// The worker a task is in flight with.
@@ -390,13 +662,13 @@ impl Queue {
         }
     }
 
-    pub fn ack(&mut self, id: &str) {
+    pub fn ack(&mut self, id: &str, cache: &mut Cache) {
         let Some(task) = self.tasks.remove(id) else {
             tracing::debug!(queue = %self.name, id, "ack for an unknown task");
             return;
         };
         self.unindex(task.stored.seq, task.stored.not_before, &task.state);
-        self.forget(id, &task);
+        self.forget(id, &task, cache, false);
         self.counters.acked += 1;
         self.counters_dirty = true;
         self.changed = true;
@@ -420,6 +692,7 @@ impl Queue {
         reason: Option<String>,
         retry_after: Option<u64>,
         now: u64,
+        cache: &mut Cache,
         fx: &mut Effects,
     ) {
         if self.inflight_worker(id).is_none() {
@@ -429,11 +702,12 @@ impl Queue {
         self.counters.failed += 1;
         self.counters_dirty = true;
         let reason = reason.unwrap_or_else(|| "failed".to_string());
-        self.retry_or_dead(id, reason, retry_after, true, now, fx);
+        self.retry_or_dead(id, reason, retry_after, true, now, cache, fx);
     }
 
     /// After a failed delivery: dead letter once attempts are used up,
     /// otherwise wait (backoff) or go straight back to the queue.
+    #[allow(clippy::too_many_arguments)]
     fn retry_or_dead(
         &mut self,
         id: &str,
@@ -441,13 +715,14 @@ impl Queue {
         retry_after: Option<u64>,
         backoff: bool,
         now: u64,
+        cache: &mut Cache,
         fx: &mut Effects,
     ) {
         let Some(task) = self.tasks.get(id) else {
             return;
         };
         if task.stored.attempts >= task.stored.max_attempts {
-            self.dead_letter(id, reason, fx);
+            self.dead_letter(id, reason, cache, fx);
             return;
         }
         let delay = match retry_after {
@@ -474,7 +749,9 @@ impl Queue {
         self.changed = true;
     }
 
-    fn dead_letter(&mut self, id: &str, reason: String, fx: &mut Effects) {
+    /// Moves a task to the dead letters and announces it on `…/dead`, now
+    /// if its body is cached, otherwise once it is read.
+    pub fn dead_letter(&mut self, id: &str, reason: String, cache: &mut Cache, fx: &mut Effects) {
         let Some(mut task) = self.tasks.remove(id) else {
             return;
         };
@@ -482,21 +759,23 @@ impl Queue {
         task.stored.reason = Some(reason);
         task.stored.worker = None;
         tracing::warn!(queue = %self.name, id, attempts = task.stored.attempts, reason = ?task.stored.reason, "task dead-lettered");
-        let record = TaskRecord {
-            id,
-            queue: &self.name,
-            payload: &task.stored.payload,
-            created_at: task.stored.created_at,
-            attempts: task.stored.attempts,
-            reply_to: task.stored.reply_to.as_deref(),
-            correlation_id: task.stored.correlation_id.as_deref(),
-            worker: None,
-            reason: task.stored.reason.as_deref(),
-        };
-        if let Ok(body) = serde_json::to_vec(&record) {
-            fx.now.push(Outgoing::plain(self.topic("dead"), body));
+        match cache.get(task.stored.seq) {
+            Some(body) => {
+                let reason = task.stored.reason.as_deref();
+                if let Some(bytes) = record(id, &self.name, &task.stored, Some(&body), None, reason)
+                {
+                    fx.now.push(Outgoing::plain(self.topic("dead"), bytes));
+                }
+            }
+            None => fx.unread_dead.push(DeadNotice {
+                queue: self.name.clone(),
+                topic: self.topic("dead"),
+                id: id.to_string(),
+                stored: task.stored.clone(),
+            }),
         }
-        self.forget(id, &task);
+        // Its record moves from `tasks` to `dead`; its body stays.
+        self.forget(id, &task, cache, true);
         if let Some(bytes) = encode(&task.stored) {
             fx.ops.push(Op::PutDead {
                 queue: self.name.clone(),
@@ -565,7 +844,13 @@ impl Queue {
     /// The worker is gone: forget its credit and deliver what it held to
     /// someone else now. Those deliveries count as attempts, since the task
     /// may be what killed the worker.
-    pub fn worker_gone(&mut self, worker: &str, now: u64, fx: &mut Effects) -> usize {
+    pub fn worker_gone(
+        &mut self,
+        worker: &str,
+        now: u64,
+        cache: &mut Cache,
+        fx: &mut Effects,
+    ) -> usize {
         self.credits.remove(worker);
         let held: Vec<String> = self
             .inflight
@@ -576,14 +861,15 @@ impl Queue {
         for id in &held {
             self.counters.failed += 1;
             self.counters_dirty = true;
-            self.retry_or_dead(id, format!("worker {worker} lost"), None, false, now, fx);
+            let reason = format!("worker {worker} lost");
+            self.retry_or_dead(id, reason, None, false, now, cache, fx);
         }
         self.changed = true;
         held.len()
     }
 
     /// Delayed tasks whose time came, and in-flight tasks whose ack wait ran out.
-    pub fn on_time(&mut self, now: u64, fx: &mut Effects) {
+    pub fn on_time(&mut self, now: u64, cache: &mut Cache, fx: &mut Effects) {
         let due: Vec<String> = self
             .delayed
             .range(..(now + 1, 0))
@@ -601,7 +887,8 @@ impl Queue {
             tracing::info!(queue = %self.name, id, "ack wait expired; delivering again");
             self.counters.failed += 1;
             self.counters_dirty = true;
-            self.retry_or_dead(&id, "ack wait expired".into(), None, false, now, fx);
+            let reason = "ack wait expired".to_string();
+            self.retry_or_dead(&id, reason, None, false, now, cache, fx);
         }
     }
 
@@ -652,6 +939,8 @@ impl Queue {
             enqueued_total: self.counters.enqueued,
             acked_total: self.counters.acked,
             failed_total: self.counters.failed,
+            refused_total: self.counters.refused,
+            bytes: self.bytes,
             oldest_age_ms: oldest.map_or(0, |c| now.saturating_sub(c)),
             timestamp: now,
             enqueue_rate: (enqueue_rate * 10.0).round() / 10.0,
@@ -670,8 +959,10 @@ impl Queue {
         !self.tasks.is_empty()
     }
 
-    fn view(id: &str, stored: &StoredTask, state: &str) -> TaskView {
-        TaskView {
+    /// A task as ops tools see it, with its seq: the owner fills in the
+    /// payload from the body.
+    fn view(id: &str, stored: &StoredTask, state: &str) -> (u64, TaskView) {
+        let view = TaskView {
             id: id.to_string(),
             state: state.to_string(),
             attempts: stored.attempts,
@@ -680,11 +971,12 @@ impl Queue {
             worker: stored.worker.clone(),
             reason: stored.reason.clone(),
             not_before: (stored.not_before > 0).then_some(stored.not_before),
-            payload: stored.payload.clone(),
-        }
+            payload: RawValue::NULL.to_owned(),
+        };
+        (stored.seq, view)
     }
 
-    pub fn show(&self, limit: usize) -> (Vec<WorkerView>, Vec<TaskView>) {
+    pub fn show(&self, limit: usize) -> (Vec<WorkerView>, Vec<(u64, TaskView)>) {
         let mut workers: Vec<WorkerView> = self
             .credits
             .iter()
@@ -732,7 +1024,7 @@ impl Queue {
         (workers, tasks)
     }
 
-    pub fn dead_list(&self, limit: usize) -> Vec<TaskView> {
+    pub fn dead_list(&self, limit: usize) -> Vec<(u64, TaskView)> {
         self.dead_order
             .values()
             .filter_map(|id| self.dead.get(id).map(|s| Self::view(id, s, "dead")))
@@ -740,8 +1032,10 @@ impl Queue {
             .collect()
     }
 
-    /// Dead letters back to the queue with a fresh attempt count. A dead
-    /// letter whose id is live again (re-enqueued since) is left alone.
+    /// Dead letters back to the queue with a fresh attempt count (their
+    /// bodies never left the store; no limit refuses them, as they were
+    /// accepted once). A dead letter whose id is live again (re-enqueued
+    /// since) is left alone.
     pub fn retry_dead(&mut self, id: Option<&str>, fx: &mut Effects) -> u64 {
         let ids: Vec<String> = match id {
             Some(id) => self
@@ -770,6 +1064,7 @@ impl Queue {
             });
             self.touch(&id);
             self.index(&id, stored.seq, 0, &State::Ready);
+            self.bytes += stored.size;
             self.tasks.insert(
                 id,
                 Task {
@@ -785,7 +1080,7 @@ impl Queue {
     }
 
     /// Drops every waiting task and dead letter; in-flight ones finish.
-    pub fn purge(&mut self, fx: &mut Effects) -> u64 {
+    pub fn purge(&mut self, cache: &mut Cache, fx: &mut Effects) -> u64 {
         let waiting: Vec<String> = self
             .ready
             .values()
@@ -796,15 +1091,18 @@ impl Queue {
         for id in waiting {
             if let Some(task) = self.tasks.remove(&id) {
                 self.unindex(task.stored.seq, task.stored.not_before, &task.state);
-                self.forget(&id, &task);
+                self.forget(&id, &task, cache, false);
                 removed += 1;
             }
         }
-        for id in std::mem::take(&mut self.dead).into_keys() {
+        for (id, stored) in std::mem::take(&mut self.dead) {
             fx.ops.push(Op::DeleteDead {
                 queue: self.name.clone(),
                 id,
             });
+            if cache.forget(stored.seq) {
+                fx.ops.push(Op::DeleteBody { seq: stored.seq });
+            }
             removed += 1;
         }
         self.dead_order.clear();
@@ -812,15 +1110,14 @@ impl Queue {
         removed
     }
 
-    pub fn new_task(&self, payload: Box<RawValue>, seq: u64, now: u64) -> StoredTask {
+    /// The record of a new task whose body weighs `size` bytes.
+    pub fn new_task(&self, seq: u64, size: u64, now: u64) -> StoredTask {
         StoredTask {
             seq,
-            payload,
+            size,
             created_at: now,
             attempts: 0,
             max_attempts: self.limits.default_max_attempts,
-            reply_to: None,
-            correlation_id: None,
             not_before: 0,
             reason: None,
             worker: None,
@@ -847,98 +1144,284 @@ mod tests {
             default_max_attempts: 2,
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            max_depth: 0,
+            max_bytes: 0,
         }
     }
 
-    fn queue_with(n: u64) -> (Queue, Effects) {
-        let mut q = Queue::new("p", "q", limits(), Counters::default());
-        let fx = Effects::default();
-        for i in 0..n {
-            let payload = RawValue::from_string(i.to_string()).unwrap();
-            let task = q.new_task(payload, i, 0);
-            q.enqueue(format!("t{i}"), task, 0);
+    /// A queue, its effects, and a body cache of `cache_bytes`.
+    struct Setup {
+        q: Queue,
+        fx: Effects,
+        cache: Cache,
+    }
+
+    fn body(text: String) -> Arc<Body> {
+        Arc::new(Body {
+            payload: RawValue::from_string(text).unwrap(),
+            reply_to: None,
+            correlation_id: None,
+        })
+    }
+
+    impl Setup {
+        fn new(limits: Limits, cache_bytes: u64) -> Self {
+            Setup {
+                q: Queue::new("p", "q", limits, Counters::default()),
+                fx: Effects::default(),
+                cache: Cache::new(cache_bytes),
+            }
         }
-        (q, fx)
+
+        fn enqueue(&mut self, id: &str, seq: u64) {
+            let body = body(seq.to_string());
+            let task = self.q.new_task(seq, body.size(), 0);
+            self.q.enqueue(id.into(), task, body, &mut self.cache, 0);
+        }
+
+        fn dispatch(&mut self, now: u64) -> usize {
+            self.q.dispatch(now, 100, &mut self.cache, &mut self.fx)
+        }
+
+        /// Keys the store would write, in order, as a commit takes them.
+        fn taken(&mut self) -> Vec<String> {
+            let mut ops = Vec::new();
+            self.q.take_ops(&mut ops);
+            self.cache.take_writes(&mut ops);
+            ops.iter()
+                .map(|op| match op {
+                    Op::Put { id, .. } => format!("put {id}"),
+                    Op::Delete { id, .. } => format!("delete {id}"),
+                    Op::PutBody { seq, .. } => format!("body {seq}"),
+                    Op::DeleteBody { seq } => format!("delete body {seq}"),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        }
+
+        /// Payloads delivered so far, in order.
+        fn delivered(&mut self) -> Vec<String> {
+            self.fx
+                .now
+                .drain(..)
+                .filter(|o| o.topic.ends_with("/tasks"))
+                .map(|o| {
+                    let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
+                    v["payload"].to_string()
+                })
+                .collect()
+        }
+    }
+
+    fn queue_with(n: u64) -> Setup {
+        let mut s = Setup::new(limits(), 1 << 20);
+        for i in 0..n {
+            s.enqueue(&format!("t{i}"), i);
+        }
+        s
     }
 
     #[test]
     fn nothing_goes_out_without_credit() {
-        let (mut q, mut fx) = queue_with(3);
-        assert_eq!(q.dispatch(0, 100, &mut fx), 0);
-        q.ready("w", 2, false);
-        assert_eq!(q.dispatch(0, 100, &mut fx), 2);
-        assert_eq!(q.stats(0).depth, 1);
-        assert_eq!(q.stats(0).inflight, 2);
+        let mut s = queue_with(3);
+        assert_eq!(s.dispatch(0), 0);
+        s.q.ready("w", 2, false);
+        assert_eq!(s.dispatch(0), 2);
+        assert_eq!(s.q.stats(0).depth, 1);
+        assert_eq!(s.q.stats(0).inflight, 2);
     }
 
     #[test]
     fn fail_retries_then_dead_letters() {
-        let (mut q, mut fx) = queue_with(1);
-        q.ready("w", 5, false);
-        q.dispatch(0, 10, &mut fx);
-        q.fail("t0", Some("boom".into()), None, 0, &mut fx);
+        let mut s = queue_with(1);
+        s.q.ready("w", 5, false);
+        s.dispatch(0);
+        let (q, cache, fx) = (&mut s.q, &mut s.cache, &mut s.fx);
+        q.fail("t0", Some("boom".into()), None, 0, cache, fx);
         assert_eq!(q.stats(0).depth, 1, "backing off");
-        q.on_time(100_000, &mut fx);
-        q.dispatch(100_000, 10, &mut fx);
-        q.fail("t0", Some("boom".into()), None, 100_000, &mut fx);
-        let s = q.stats(100_000);
-        assert_eq!((s.depth, s.inflight, s.dead), (0, 0, 1));
-        assert_eq!(q.dead_list(10)[0].reason.as_deref(), Some("boom"));
-        assert_eq!(q.retry_dead(None, &mut fx), 1);
+        q.on_time(100_000, cache, fx);
+        q.dispatch(100_000, 10, cache, fx);
+        q.fail("t0", Some("boom".into()), None, 100_000, cache, fx);
+        let stats = q.stats(100_000);
+        assert_eq!((stats.depth, stats.inflight, stats.dead), (0, 0, 1));
+        assert_eq!(q.dead_list(10)[0].1.reason.as_deref(), Some("boom"));
+        let dead = fx.now.iter().find(|o| o.topic.ends_with("/dead")).unwrap();
+        let dead: serde_json::Value = serde_json::from_slice(&dead.payload).unwrap();
+        assert_eq!(
+            (dead["id"].as_str(), dead["payload"].as_i64()),
+            (Some("t0"), Some(0))
+        );
+        assert_eq!(q.retry_dead(None, fx), 1);
         assert_eq!(q.stats(100_000).depth, 1);
     }
 
     #[test]
     fn release_by_other_member_restores_credit_and_attempts() {
-        let (mut q, mut fx) = queue_with(1);
-        q.ready("w", 1, false);
-        q.dispatch(0, 10, &mut fx);
-        q.release("t0", Some("x"));
-        assert_eq!(q.stats(0).credits, 1);
-        q.dispatch(0, 10, &mut fx);
-        let (_, tasks) = q.show(10);
-        assert_eq!(tasks[0].attempts, 1);
-    }
-
-    /// Keys the store would write, in order.
-    fn taken(q: &mut Queue) -> Vec<String> {
-        let mut ops = Vec::new();
-        q.take_ops(&mut ops);
-        ops.iter()
-            .map(|op| match op {
-                Op::Put { id, .. } => format!("put {id}"),
-                Op::Delete { id, .. } => format!("delete {id}"),
-                other => format!("{other:?}"),
-            })
-            .collect()
+        let mut s = queue_with(1);
+        s.q.ready("w", 1, false);
+        s.dispatch(0);
+        s.q.release("t0", Some("x"));
+        assert_eq!(s.q.stats(0).credits, 1);
+        s.dispatch(0);
+        let (_, tasks) = s.q.show(10);
+        assert_eq!(tasks[0].1.attempts, 1);
     }
 
     #[test]
     fn a_task_finished_before_the_commit_never_reaches_the_store() {
-        let (mut q, mut fx) = queue_with(2);
-        q.ready("w", 2, false);
-        q.dispatch(0, 10, &mut fx);
-        q.ack("t0");
-        assert_eq!(taken(&mut q), ["put t1"], "t0 was done before any commit");
-        assert!(taken(&mut q).is_empty(), "nothing changed since");
-        q.ack("t1");
-        assert_eq!(taken(&mut q), ["delete t1"]);
+        let mut s = queue_with(2);
+        s.q.ready("w", 2, false);
+        s.dispatch(0);
+        s.q.ack("t0", &mut s.cache);
+        assert_eq!(
+            s.taken(),
+            ["put t1", "body 1"],
+            "t0 was done before any commit"
+        );
+        assert!(s.taken().is_empty(), "nothing changed since");
+        s.q.ack("t1", &mut s.cache);
+        assert_eq!(s.taken(), ["delete t1", "delete body 1"]);
         // The same id again, after its first life reached the disk.
-        let (mut q, _) = queue_with(1);
-        assert_eq!(taken(&mut q), ["put t0"]);
-        q.ack("t0");
-        let again = q.new_task(RawValue::from_string("1".into()).unwrap(), 9, 0);
-        q.enqueue("t0".into(), again, 0);
-        assert_eq!(taken(&mut q), ["delete t0", "put t0"], "the put wins");
+        let mut s = queue_with(1);
+        assert_eq!(s.taken(), ["put t0", "body 0"]);
+        s.q.ack("t0", &mut s.cache);
+        s.enqueue("t0", 9);
+        assert_eq!(
+            s.taken(),
+            ["delete t0", "delete body 0", "put t0", "body 9"],
+            "the put wins"
+        );
     }
 
     #[test]
     fn lost_worker_tasks_go_back_at_once() {
-        let (mut q, mut fx) = queue_with(2);
-        q.ready("w", 2, false);
-        q.dispatch(0, 10, &mut fx);
-        assert_eq!(q.worker_gone("w", 1, &mut fx), 2);
-        let s = q.stats(1);
-        assert_eq!((s.depth, s.inflight, s.credits), (2, 0, 0));
+        let mut s = queue_with(2);
+        s.q.ready("w", 2, false);
+        s.dispatch(0);
+        assert_eq!(s.q.worker_gone("w", 1, &mut s.cache, &mut s.fx), 2);
+        let stats = s.q.stats(1);
+        assert_eq!((stats.depth, stats.inflight, stats.credits), (2, 0, 0));
+    }
+
+    /// Only bodies on disk leave the cache; dispatch stops at the first one
+    /// not in it, and goes on in order once it is read back.
+    #[test]
+    fn dispatch_waits_for_bodies_not_in_the_cache_and_keeps_order() {
+        // Bodies are "10" … "14": two bytes each; room for two.
+        let mut s = Setup::new(limits(), 4);
+        for seq in 10..15 {
+            s.enqueue(&format!("t{seq}"), seq);
+        }
+        s.cache.trim();
+        assert_eq!(s.cache.bytes(), 10, "none is on disk yet");
+        s.taken();
+        s.cache.committed();
+        s.cache.trim();
+        assert_eq!(s.cache.bytes(), 4);
+        s.q.ready("w", 10, false);
+        assert!(s.q.waits_for_bodies(&s.cache));
+        assert_eq!(s.dispatch(0), 0, "the head is not in the cache");
+        let unread = s.q.unread_head(&s.cache, 4, 10);
+        let seqs: Vec<u64> = unread.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [10, 11], "about 4 bytes, in order");
+        for (seq, id) in unread {
+            assert_eq!(s.q.waiting_seq(&id), Some(seq));
+            s.cache.insert_read(
+                seq,
+                Body {
+                    payload: RawValue::from_string(seq.to_string()).unwrap(),
+                    reply_to: None,
+                    correlation_id: None,
+                },
+            );
+        }
+        assert_eq!(s.dispatch(0), 2);
+        s.cache.trim();
+        assert_eq!(s.dispatch(0), 0, "12 was never read back");
+        let unread = s.q.unread_head(&s.cache, 100, 10);
+        assert_eq!(unread.first().map(|(seq, _)| *seq), Some(12));
+        for (seq, _) in unread {
+            s.cache.insert_read(
+                seq,
+                Body {
+                    payload: RawValue::from_string(seq.to_string()).unwrap(),
+                    reply_to: None,
+                    correlation_id: None,
+                },
+            );
+        }
+        assert_eq!(s.dispatch(0), 3);
+        assert_eq!(s.delivered(), ["10", "11", "12", "13", "14"]);
+        assert!(!s.q.waits_for_bodies(&s.cache));
+    }
+
+    #[test]
+    fn a_dead_letter_whose_body_is_not_cached_is_announced_once_read() {
+        let mut s = Setup::new(limits(), 0);
+        s.enqueue("t", 1);
+        s.taken();
+        s.cache.committed();
+        s.q.ready("w", 1, false);
+        s.dispatch(0);
+        s.cache.trim();
+        s.q.dead_letter("t", "poison".into(), &mut s.cache, &mut s.fx);
+        assert!(s.fx.now.iter().all(|o| !o.topic.ends_with("/dead")));
+        let notice = s.fx.unread_dead.pop().expect("waits for its body");
+        assert_eq!((notice.id.as_str(), notice.stored.seq), ("t", 1));
+        let body = Body {
+            payload: RawValue::from_string("1".into()).unwrap(),
+            reply_to: None,
+            correlation_id: None,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&notice.encode(Some(&body)).unwrap()).unwrap();
+        assert_eq!(
+            (v["payload"].as_i64(), v["reason"].as_str()),
+            (Some(1), Some("poison"))
+        );
+        // Its record moves to the dead letters, its body stays on disk.
+        assert_eq!(s.taken(), ["delete t"]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_counts_and_keeps_what_it_has() {
+        let mut s = Setup::new(
+            Limits {
+                max_depth: 2,
+                max_bytes: 5,
+                ..limits()
+            },
+            100,
+        );
+        s.q.admit(1, 0).unwrap();
+        s.enqueue("a", 1);
+        s.q.admit(1, 0).unwrap();
+        s.enqueue("b", 2);
+        let refused = s.q.admit(1, 0).unwrap_err();
+        assert_eq!(
+            (refused.limit, refused.depth, refused.max_depth),
+            (Full::Depth, 2, 2)
+        );
+        assert!(
+            refused.message("q").contains("depth limit is 2"),
+            "{}",
+            refused.message("q")
+        );
+        s.q.ready("w", 1, false);
+        s.dispatch(0);
+        s.q.report_refusals(1, false);
+        assert!(s.q.refusing.is_some(), "no room yet");
+        s.q.ack("a", &mut s.cache);
+        s.q.report_refusals(1, false);
+        assert!(s.q.refusing.is_none(), "room again");
+        // Bytes: "2" holds 1 of 5; a 5-byte body would pass the limit.
+        let refused = s.q.admit(5, 2).unwrap_err();
+        assert_eq!(
+            (refused.limit, refused.bytes, refused.size),
+            (Full::Bytes, 1, 5)
+        );
+        s.q.admit(4, 2).unwrap();
+        let stats = s.q.stats(3);
+        assert_eq!((stats.depth, stats.refused_total, stats.bytes), (1, 2, 1));
     }
 }
