@@ -131,6 +131,9 @@ enum Out {
 }
 
 pub(crate) struct Core {
+    /// Queues at a limit, shared with the sessions of the broker beside
+    /// it (see [`super::tap::FullQueues`]).
+    full: Option<super::tap::FullQueues>,
     cfg: QueueConfig,
     prefix: String,
     client: AsyncClient,
@@ -183,14 +186,14 @@ pub(crate) async fn run(
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let subs = subscriptions(&cfg.package, tap.is_some());
-    let (mut tap_rx, outlet) = match tap {
+    let (mut tap_rx, outlet, full) = match tap {
         // The outlet feeds the session of one client id: this one's, unless
         // configured otherwise.
         Some(t) => {
             let ours = t.outlet.client_id() == client_id;
-            (Some(t.rx), ours.then_some(t.outlet))
+            (Some(t.rx), ours.then_some(t.outlet), Some(t.full))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let announce = topics::announce(&cfg.package);
     let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
@@ -235,6 +238,7 @@ pub(crate) async fn run(
         writer_tx,
         reads_tx,
     );
+    core.full = full;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shutdown;
@@ -405,6 +409,7 @@ impl Core {
         reads_tx: mpsc::Sender<ReadDone>,
     ) -> Self {
         let mut core = Self {
+            full: None,
             prefix: format!("axion/{}/", cfg.package),
             cache: Cache::new(cfg.cache_bytes),
             cfg,
@@ -680,6 +685,11 @@ impl Core {
             };
             let size = body.size();
             if let Err(refused) = q.admit(size, now) {
+                if let Some(full) = &self.full {
+                    full.write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(queue.to_string());
+                }
                 // Nothing is taken: the producer hears why, at once.
                 let body = serde_json::json!({
                     "error": refused.message(queue),
@@ -1020,6 +1030,12 @@ impl Core {
         for q in self.queues.values_mut() {
             q.on_time(now, &mut self.cache, &mut self.fx);
             q.report_refusals(now, false);
+            if let Some(full) = self.full.as_ref().filter(|_| q.has_room()) {
+                let mut full = full.write().unwrap_or_else(|p| p.into_inner());
+                if !full.is_empty() {
+                    full.remove(&q.name);
+                }
+            }
             if q.has_work() {
                 self.wake.insert(q.name.clone());
             }

@@ -430,6 +430,13 @@ impl Queue {
             .map(|t| t.stored.seq)
     }
 
+    /// Whether the queue is below both its limits.
+    pub fn has_room(&self) -> bool {
+        let (max_depth, max_bytes) = (self.limits.max_depth, self.limits.max_bytes);
+        (max_depth == 0 || (self.tasks.len() as u64) < max_depth)
+            && (max_bytes == 0 || self.bytes < max_bytes)
+    }
+
     /// Whether a new task of `size` bytes fits under the queue's limits.
     /// A refusal is counted, and logged with its episode (see
     /// [`Queue::report_refusals`]).
@@ -477,8 +484,7 @@ impl Queue {
         };
         let (max_depth, max_bytes) = (self.limits.max_depth, self.limits.max_bytes);
         let depth = self.tasks.len() as u64;
-        let room =
-            (max_depth == 0 || depth < max_depth) && (max_bytes == 0 || self.bytes < max_bytes);
+        let room = self.has_room();
         let due = now >= episode.since + REPORT_REFUSALS_AFTER_MS;
         if !(room || due || now_anyway) {
             return;

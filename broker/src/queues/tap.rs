@@ -75,12 +75,18 @@ pub struct Tap {
     prefix: String,
     tx: mpsc::Sender<Box<Publish>>,
     pub(crate) outlet: Arc<Outlet>,
+    full: FullQueues,
 }
+
+/// Queues the owner found at a limit (it refused an enqueue and has not
+/// had room since): an MQTT 5 producer's PUBACK says so (0x97).
+pub(crate) type FullQueues = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
 /// The owner's end, handed to [`super::QueueOwner::start_tapped`].
 pub struct TapRx {
     pub(crate) rx: mpsc::Receiver<Box<Publish>>,
     pub(crate) outlet: OutletTx,
+    pub(crate) full: FullQueues,
 }
 
 /// A tap for the queues of `package`, with an outlet for the owner's
@@ -88,16 +94,19 @@ pub struct TapRx {
 pub fn tap(package: &str) -> (Tap, TapRx) {
     let (tx, rx) = mpsc::channel(CAPACITY);
     let (outlet, outlet_tx) = outlet::outlet(&super::owner_client_id(package));
+    let full = FullQueues::default();
     let tap = Tap {
         prefix: format!("axion/{package}/queue/"),
         tx,
         outlet,
+        full: full.clone(),
     };
     (
         tap,
         TapRx {
             rx,
             outlet: outlet_tx,
+            full,
         },
     )
 }
@@ -117,6 +126,16 @@ impl Tap {
     pub fn wants(&self, topic: &[u8]) -> bool {
         self.leaf(topic)
             .is_some_and(|leaf| LEAVES.iter().any(|l| l.as_bytes() == leaf))
+    }
+
+    /// Why an enqueue on `topic` will be refused, if its queue is full.
+    pub fn refuses(&self, topic: &[u8]) -> Option<String> {
+        let rest = topic.strip_prefix(self.prefix.as_bytes())?;
+        let queue = rest.strip_suffix(b"/enqueue")?;
+        let queue = std::str::from_utf8(queue).ok()?;
+        let full = self.full.read().unwrap_or_else(|p| p.into_inner());
+        full.contains(queue)
+            .then(|| format!("queue \"{queue}\" is full; enqueue refused"))
     }
 
     /// True for `axion/<package>/queue/<q>/tasks`: a delivery of the owner.

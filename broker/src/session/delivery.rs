@@ -452,6 +452,18 @@ impl Session {
                     // Only a renewal's barrier asks the router for one.
                     Packet::PingResp(_) => self.barrier_passed(),
                     Packet::PubAck(ack, _) if ack.pkid == super::OUTLET_PKID => {}
+                    Packet::PubAck(ack, _) if self.quota_acks.contains_key(&ack.pkid) => {
+                        let reason = self.quota_acks.remove(&ack.pkid);
+                        let ack = rumqttd::protocol::PubAck {
+                            pkid: ack.pkid,
+                            reason: rumqttd::protocol::PubAckReason::QuotaExceeded,
+                        };
+                        let props = reason.map(|r| rumqttd::protocol::PubAckProperties {
+                            reason_string: Some(r),
+                            user_properties: Vec::new(),
+                        });
+                        self.encode(Packet::PubAck(ack, props), &mut out);
+                    }
                     // What the broker acknowledges is on disk: a publish
                     // captured for away sessions waits for its commits
                     // (the ones behind it wait too, in order).

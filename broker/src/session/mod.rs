@@ -251,6 +251,9 @@ struct Session {
     /// Disk commits (of away sessions' queues) the acknowledgement of the
     /// client's publish with this packet id waits for.
     durable_acks: HashMap<u16, Vec<crate::disk::Commit>>,
+    /// Enqueues (by packet id) into a queue at its limit: their PUBACK
+    /// carries 0x97 and this reason.
+    quota_acks: HashMap<u16, String>,
     /// Router-form filters subscribed with MQTT 5 No Local.
     nolocal_filters: HashSet<String>,
     /// MQTT 5 topic aliases, both ways.
