@@ -372,3 +372,34 @@ async fn a_subscription_matching_more_retained_messages_than_packet_ids_gets_the
         }
     }
 }
+
+/// The client comes back the moment the broker is back (before the broker
+/// has settled its restored sessions): its queue is read all the same.
+#[tokio::test]
+async fn a_session_resumed_as_the_broker_comes_back_gets_its_queue() {
+    let mut s = Serve::start();
+    let id = "instant-resume";
+    let opts = |port: u16| {
+        let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_session(false);
+        o
+    };
+    let mut c = common::mqtt::V4::connect_with(opts(s.mqtt_port))
+        .await
+        .expect("connect");
+    c.subscribe("instant/#", 1).await;
+    c.leave().await;
+    for round in 0..3 {
+        publish_retained_free(s.mqtt_port, "instant/x", &format!("r{round}"));
+        s.proc.signal(if round % 2 == 0 { 15 } else { 9 });
+        s.proc.wait_exit(Duration::from_secs(10));
+        s.restart(&[], &[]);
+        let mut c = common::mqtt::V4::connect_with(opts(s.mqtt_port))
+            .await
+            .expect("resume");
+        assert!(c.session_present, "round {round}");
+        let m = common::mqtt::recv(&mut c.rx, 5).await;
+        assert_eq!(m.payload, format!("r{round}").into_bytes(), "round {round}");
+        c.leave().await;
+    }
+}

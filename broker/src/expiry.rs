@@ -382,9 +382,7 @@ impl Lifetimes {
         }
         // The drainer lets go of the router's session before anything
         // else touches it.
-        let drainer = newest.get_mut(router_id).and_then(|p| p.drainer.take());
-        let away = drainer.is_some();
-        if let Some(drainer) = drainer {
+        if let Some(drainer) = newest.get_mut(router_id).and_then(|p| p.drainer.take()) {
             drainer.stop().await;
         }
         let ends_with_connection = newest
@@ -407,10 +405,9 @@ impl Lifetimes {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take()
         });
-        let back = away && resumes && previous.as_ref().is_some_and(|p| p.kept);
-        if back {
-            shared.offline.unpark(router_id);
-        }
+        let back = resumes
+            && previous.as_ref().is_some_and(|p| p.kept)
+            && shared.offline.unpark(router_id);
         let subscriptions = match previous.as_ref() {
             Some(p) if p.kept && resumes => p.subscriptions.clone(),
             Some(p) => {

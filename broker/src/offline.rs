@@ -397,16 +397,26 @@ impl Offline {
         queue
     }
 
-    /// The session is back and its drainer has stopped: it reads its
-    /// queue ([`Offline::next_replay`]) before it takes anything live.
-    pub fn unpark(&self, router_id: &str) {
-        if let Some(queue) = self.queue(router_id) {
-            let mut s = queue.lock();
-            if s.mode == Mode::Away {
-                s.mode = Mode::Replaying;
-                s.dropping = false;
-            }
+    /// The session is back (its drainer, if it had one, has stopped): true
+    /// if it is to read its queue ([`Offline::next_replay`]) before it
+    /// takes anything live: it was away, or restored from disk with
+    /// messages waiting. A session taken over while connected reads none:
+    /// what its journal holds comes back from the router.
+    pub fn unpark(&self, router_id: &str) -> bool {
+        let Some(queue) = self.queue(router_id) else {
+            return false;
+        };
+        let mut s = queue.lock();
+        let back = match s.mode {
+            Mode::Away | Mode::Replaying => true,
+            Mode::Off => s.messages > 0,
+            Mode::Online => false,
+        };
+        if back {
+            s.mode = Mode::Replaying;
+            s.dropping = false;
         }
+        back
     }
 
     /// The next `limit` messages of a returning session's queue from
