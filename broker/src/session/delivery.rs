@@ -210,6 +210,11 @@ impl Session {
                 if EAGER_PKIDS.contains(&slot.pkid) {
                     self.eager_pkids.remove(&slot.pkid);
                 }
+                if let (true, Some((_, size))) = (slot.local, slot.queued) {
+                    self.replay_unacked = self
+                        .replay_unacked
+                        .saturating_sub(usize::try_from(size).unwrap_or(usize::MAX));
+                }
                 if let (Some((seq, size)), Some(disk)) = (slot.queued, &self.shared.disk) {
                     self.shared
                         .offline
@@ -254,8 +259,9 @@ impl Session {
     /// client is gone.
     pub(super) async fn pump_replay(&mut self) -> bool {
         const BATCH: usize = 256;
-        // Bytes sent ahead of the client's acknowledgements: enough to
-        // keep it busy, far below the subscriber buffer.
+        // Bytes sent ahead of the client's acknowledgements (counted by
+        // them, so each acknowledgement that frees room also sends more):
+        // enough to keep it busy, far below the subscriber buffer.
         const AHEAD: usize = 1024 * 1024;
         let Some(disk) = self.shared.disk.clone() else {
             self.replay_from = None;
@@ -265,7 +271,7 @@ impl Session {
         let mut used: Option<HashSet<u16>> = None;
         while self.window.is_empty()
             && self.at_client < self.receive_max
-            && self.backlog() + out.len() < AHEAD
+            && self.replay_unacked < AHEAD
         {
             let Some(m) = self.replay_buf.pop_front() else {
                 let Some(from) = self.replay_from else {
@@ -330,6 +336,7 @@ impl Session {
                 task: None,
                 queued: Some((m.seq, m.size)),
             });
+            self.replay_unacked += usize::try_from(m.size).unwrap_or(usize::MAX);
             let publish = make_publish(topic, m.payload, qos, m.retain, pkid);
             let start = out.len();
             self.encode(Packet::Publish(publish, props), &mut out);

@@ -529,6 +529,7 @@ pub(super) async fn handshake(
         disk_commits: Vec::new(),
         replay_from: None,
         replay_buf: VecDeque::new(),
+        replay_unacked: 0,
     };
     session.outlet = shared
         .queue_tap

@@ -303,6 +303,8 @@ struct Session {
     /// number to read from next, and what was read and not yet sent.
     replay_from: Option<u64>,
     replay_buf: VecDeque<crate::disk::QueuedMessage>,
+    /// Bytes of it sent and not yet acknowledged by the client.
+    replay_unacked: usize,
 }
 
 /// How long a kept session's subscription (with a data directory) may
