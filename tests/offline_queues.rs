@@ -168,11 +168,13 @@ async fn no_acknowledged_message_is_lost_over_twenty_kill_9_cycles() {
         resume_and_drain(serve.mqtt_port, "cycled-away", Duration::from_millis(1500)).await;
     assert!(present);
     let got: HashSet<u64> = got.iter().map(|p| number(p)).collect();
-    let lost: Vec<u64> = {
-        let mut lost: Vec<u64> = acked.difference(&got).copied().collect();
-        lost.sort_unstable();
-        lost
-    };
+    assert_none_lost(&acked, &got);
+}
+
+/// Every number in `acked` is in `got`.
+fn assert_none_lost(acked: &HashSet<u64>, got: &HashSet<u64>) {
+    let mut lost: Vec<u64> = acked.difference(got).copied().collect();
+    lost.sort_unstable();
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged messages lost: {lost:?}",
@@ -305,14 +307,7 @@ async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
     let mut all = received.lock().unwrap().clone();
     all.extend(got.iter().map(|p| number(p)));
     let acked: HashSet<u64> = acked.lock().unwrap().iter().copied().collect();
-    let mut lost: Vec<u64> = acked.difference(&all).copied().collect();
-    lost.sort_unstable();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged messages lost: {lost:?}",
-        lost.len(),
-        acked.len()
-    );
+    assert_none_lost(&acked, &all);
 }
 
 /// A long queue (20 000 × 1 KiB, more than the subscriber buffer allows at

@@ -88,14 +88,11 @@ impl FilterFlow {
     }
 }
 
-/// Largest number of topics whose matching filters are cached.
-const TOPIC_CACHE: usize = 100_000;
-
 pub struct Flow {
     high_water: u64,
     slow_timeout: Duration,
     filters: Mutex<HashMap<String, Arc<FilterFlow>>>,
-    cache: Mutex<HashMap<Bytes, Arc<[Arc<FilterFlow>]>>>,
+    cache: crate::topic_cache::TopicCache<Arc<FilterFlow>>,
     groups: Mutex<HashMap<String, Arc<Consumer>>>,
     waiting: AtomicUsize,
     progress: Notify,
@@ -114,7 +111,7 @@ impl Flow {
             high_water,
             slow_timeout,
             filters: Mutex::new(HashMap::new()),
-            cache: Mutex::new(HashMap::new()),
+            cache: Default::default(),
             groups: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
             progress: Notify::new(),
@@ -196,7 +193,7 @@ impl Flow {
             let flow = filters.entry(filter.to_string()).or_default().clone();
             if is_new {
                 // A new filter may match cached topics.
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.cache.clear();
             }
             flow
         };
@@ -263,26 +260,17 @@ impl Flow {
     }
 
     fn matching(&self, topic: &Bytes) -> Arc<[Arc<FilterFlow>]> {
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-        {
-            return hit.clone();
-        }
-        let Ok(topic_str) = std::str::from_utf8(topic) else {
-            return Arc::from(Vec::new());
-        };
-        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
-        let found: Arc<[Arc<FilterFlow>]> = filters
-            .iter()
-            .filter(|(f, _)| rumqttd::protocol::matches(topic_str, f))
-            .map(|(_, flow)| flow.clone())
-            .collect::<Vec<_>>()
-            .into();
-        drop(filters);
-        if !found.is_empty() {
+        let mut fresh = false;
+        let found = self.cache.get_or_find(topic, |text| {
+            fresh = true;
+            let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+            filters
+                .iter()
+                .filter(|(f, _)| rumqttd::protocol::matches(text, f))
+                .map(|(_, flow)| flow.clone())
+                .collect()
+        });
+        if fresh && !found.is_empty() {
             use std::hash::BuildHasher;
             let hash = self.topic_hasher.hash_one(topic);
             self.matched
@@ -290,11 +278,6 @@ impl Flow {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(hash);
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= TOPIC_CACHE {
-            cache.clear();
-        }
-        cache.insert(topic.clone(), found.clone());
         found
     }
 

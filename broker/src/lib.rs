@@ -13,8 +13,9 @@
 //! (rumqttd has no per-topic authorization), [`login_limit`] slows down
 //! password guessing; [`tls`] loads the MQTTS certificate; [`refusals`]
 //! logs refused subscriptions once per episode. [`disk`] keeps retained
-//! messages, kept sessions and, through [`offline`], what away sessions
-//! are owed.
+//! messages, kept sessions and, through [`offline`], what kept sessions
+//! are owed; [`topic_cache`] remembers which subscriptions a topic
+//! matched, for flow control and for that capture.
 
 pub mod acl;
 pub mod auth;
@@ -36,6 +37,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod topic_cache;
 
 pub use config::BrokerConfig;
 pub use server::{Broker, BrokerError};

@@ -69,9 +69,6 @@ const DRAIN_RANGE: u64 = 1 << 40;
 /// never comes must not hide a later message with the same content).
 const OVERLAP_TTL: Duration = Duration::from_secs(30);
 
-/// Most topics whose matching queues are cached.
-const TOPIC_CACHE: usize = 100_000;
-
 /// Router copies still to come of messages capture wrote, by content.
 #[derive(Debug, Default)]
 pub struct Overlap {
@@ -221,7 +218,7 @@ pub struct Offline {
     queues: Mutex<HashMap<String, Arc<Queue>>>,
     /// Router-form filter (not shared) → queues of away sessions.
     index: Mutex<HashMap<String, Vec<Entry>>>,
-    cache: Mutex<HashMap<Bytes, Arc<[Hit]>>>,
+    cache: crate::topic_cache::TopicCache<Hit>,
     /// Queues in the index: capture costs nothing while it is zero.
     capturing: AtomicUsize,
     hasher: std::hash::RandomState,
@@ -252,7 +249,7 @@ impl Offline {
             max_bytes,
             queues: Mutex::new(queues),
             index: Mutex::new(HashMap::new()),
-            cache: Mutex::new(HashMap::new()),
+            cache: Default::default(),
             capturing: AtomicUsize::new(0),
             hasher: std::hash::RandomState::new(),
             dropped_total: AtomicU64::new(0),
@@ -354,7 +351,7 @@ impl Offline {
             _ => {}
         }
         s.indexed = any;
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cache.clear();
     }
 
     /// The kept session `router_id` is connected with these subscriptions
@@ -572,47 +569,31 @@ impl Offline {
     }
 
     fn matching(&self, topic: &Bytes) -> Arc<[Hit]> {
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-        {
-            return hit.clone();
-        }
-        let Ok(topic_str) = std::str::from_utf8(topic) else {
-            return Arc::from(Vec::new());
-        };
-        let mut hits: Vec<Hit> = Vec::new();
-        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        for (filter, entries) in index.iter() {
-            if !rumqttd::protocol::matches(topic_str, filter) {
-                continue;
-            }
-            for e in entries {
-                match hits.iter_mut().find(|h| Arc::ptr_eq(&h.queue, &e.queue)) {
-                    Some(h) => {
-                        h.qos = h.qos.max(e.qos);
-                        h.rap |= e.rap;
-                        h.copies += 1;
+        self.cache.get_or_find(topic, |text| {
+            let mut hits: Vec<Hit> = Vec::new();
+            let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            for (filter, entries) in index.iter() {
+                if !rumqttd::protocol::matches(text, filter) {
+                    continue;
+                }
+                for e in entries {
+                    match hits.iter_mut().find(|h| Arc::ptr_eq(&h.queue, &e.queue)) {
+                        Some(h) => {
+                            h.qos = h.qos.max(e.qos);
+                            h.rap |= e.rap;
+                            h.copies += 1;
+                        }
+                        None => hits.push(Hit {
+                            queue: e.queue.clone(),
+                            qos: e.qos,
+                            rap: e.rap,
+                            copies: 1,
+                        }),
                     }
-                    None => hits.push(Hit {
-                        queue: e.queue.clone(),
-                        qos: e.qos,
-                        rap: e.rap,
-                        copies: 1,
-                    }),
                 }
             }
-        }
-        drop(index);
-        let hits: Arc<[Hit]> = hits.into();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= TOPIC_CACHE {
-            cache.clear();
-        }
-        cache.insert(topic.clone(), hits.clone());
-        hits
+            hits
+        })
     }
 
     /// Writes a QoS 1/2 publish (router-form topic, the client's

@@ -120,10 +120,7 @@ impl V4 {
     /// connection (its session has ended).
     pub async fn leave(mut self) {
         self.client.disconnect().await.expect("disconnect");
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("the broker closes the connection after DISCONNECT")
-            .expect("event loop task");
+        closed_by_broker(&mut self.task).await;
     }
 }
 
@@ -160,10 +157,7 @@ impl V5 {
     /// connection (its session has ended).
     pub async fn leave(mut self) {
         self.client.disconnect().await.expect("disconnect");
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("the broker closes the connection after DISCONNECT")
-            .expect("event loop task");
+        closed_by_broker(&mut self.task).await;
     }
 
     pub async fn connect(port: u16, id: &str) -> V5 {
@@ -367,4 +361,12 @@ pub async fn burst(port: u16, id: &str, topic: &str, n: u64) -> Duration {
     let client = publisher.await.expect("publisher");
     let _ = client.disconnect().await;
     took
+}
+
+/// Waits for a client's event loop to end after its DISCONNECT.
+async fn closed_by_broker(task: &mut tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the broker closes the connection after DISCONNECT")
+        .expect("event loop task");
 }

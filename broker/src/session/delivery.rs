@@ -47,6 +47,21 @@ pub(super) struct Slot {
     pub(super) queued: Option<(u64, u64)>,
 }
 
+impl Slot {
+    /// A delivery of the front end's own (retained, queued, or taken over
+    /// from the router): never released to the router.
+    fn local(pkid: u16, queued: Option<(u64, u64)>) -> Self {
+        Slot {
+            pkid,
+            local: true,
+            acked: false,
+            rec: false,
+            task: None,
+            queued,
+        }
+    }
+}
+
 /// The last few task ids delivered to a client, bounded.
 #[derive(Debug, Default)]
 pub(crate) struct Recent {
@@ -148,14 +163,7 @@ impl Session {
             .clone()
             .find(|p| !self.eager_pkids.contains(p))?;
         self.eager_pkids.insert(pkid);
-        self.ledger.push_back(Slot {
-            pkid,
-            local: true,
-            acked: false,
-            rec: false,
-            task: None,
-            queued: None,
-        });
+        self.ledger.push_back(Slot::local(pkid, None));
         Some(pkid)
     }
 
@@ -328,14 +336,8 @@ impl Session {
             } else {
                 QoS::AtLeastOnce
             };
-            self.ledger.push_back(Slot {
-                pkid,
-                local: true,
-                acked: false,
-                rec: false,
-                task: None,
-                queued: Some((m.seq, m.size)),
-            });
+            self.ledger
+                .push_back(Slot::local(pkid, Some((m.seq, m.size))));
             self.replay_unacked += usize::try_from(m.size).unwrap_or(usize::MAX);
             let publish = make_publish(topic, m.payload, qos, m.retain, pkid);
             let start = out.len();
@@ -389,14 +391,7 @@ impl Session {
                     _ => (QoS::AtMostOnce, 0),
                 };
                 if pkid != 0 {
-                    self.ledger.push_back(Slot {
-                        pkid,
-                        local: true,
-                        acked: false,
-                        rec: false,
-                        task: None,
-                        queued: None,
-                    });
+                    self.ledger.push_back(Slot::local(pkid, None));
                 }
                 let publish = make_publish(topic, retained.payload, qos, true, pkid);
                 let start = out.len();
