@@ -318,6 +318,11 @@ async fn a_kept_3_1_1_session_survives_a_clean_stop() {
 }
 
 #[tokio::test]
+async fn a_kept_mqtt5_session_survives_a_clean_stop() {
+    kept_session_survives(15, true).await;
+}
+
+#[tokio::test]
 async fn a_kept_mqtt5_session_survives_kill_9() {
     kept_session_survives(9, true).await;
 }
