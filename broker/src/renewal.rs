@@ -73,6 +73,10 @@ pub struct LiveState {
     /// The connection ended; `Some(kept)` tells whether the router keeps
     /// its session.
     pub finishing: Option<bool>,
+    /// Marker copies its own (not shared) filters yield in the round being
+    /// drained, and how many of them it received.
+    pub own_expected: u64,
+    pub own_copies: u64,
 }
 
 pub type Live = Arc<Mutex<LiveState>>;
@@ -85,7 +89,8 @@ pub struct Renewal {
     live: Mutex<HashMap<u64, Live>>,
     /// Woken whenever a session's [`LiveState`] changes or a marker arrives.
     changed: Notify,
-    /// Marker copies sessions received in the current round.
+    /// Marker copies of shared groups' filters received in the current
+    /// round (a group's copy goes to one member of it).
     copies: AtomicU64,
     round: AtomicU64,
     /// Renewals completed, and renewals abandoned or put off.
@@ -146,13 +151,22 @@ impl Renewal {
         self.changed.notify_waiters();
     }
 
-    /// A session received a marker of `round` (an abandoned round's
-    /// markers may still arrive later: they do not count).
-    pub fn marker_copy(&self, round: u64) {
-        if round == self.round.load(Ordering::Relaxed) {
-            self.copies.fetch_add(1, Ordering::Relaxed);
-            self.changed.notify_waiters();
+    /// Session `live` received a marker of `round` (an abandoned round's
+    /// markers may still arrive later: they do not count). Its own
+    /// filters' copies are counted first, the rest as its shared groups'.
+    pub fn marker_copy(&self, live: &Live, round: u64) {
+        if round != self.round.load(Ordering::Relaxed) {
+            return;
         }
+        {
+            let mut s = live.lock().unwrap_or_else(|p| p.into_inner());
+            if s.own_copies < s.own_expected {
+                s.own_copies += 1;
+            } else {
+                self.copies.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.changed.notify_waiters();
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
@@ -423,46 +437,63 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
     if renewal.kept_finishing() {
         return Err("a kept session is ending");
     }
-    // What each reading position must yield.
-    let mut own: Vec<String> = Vec::new();
+    // What each reading position must yield: each session's own filters,
+    // counted by that session (so one that leaves meanwhile is simply no
+    // longer waited for), and the shared groups', counted together.
+    let serving = renewal.serving();
+    let mut own: Vec<Vec<String>> = Vec::new();
     let mut groups: HashSet<String> = HashSet::new();
-    for live in renewal.serving() {
+    for live in &serving {
         let state = live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mine = Vec::new();
         for path in state.barrier.iter().flat_map(|(_, f)| f) {
             if names::share_group(path).is_some() {
                 groups.insert(path.clone());
             } else {
-                own.push(path.clone());
+                mine.push(path.clone());
             }
         }
+        own.push(mine);
     }
-    let (markers, expected) = tokio::task::spawn_blocking(move || {
-        let positions: Vec<&str> = own
+    let (markers, own_expected, group_expected) = tokio::task::spawn_blocking(move || {
+        let markers: HashSet<String> = own
             .iter()
+            .flatten()
             .chain(groups.iter())
-            .map(|p| names::split_share(p).1)
+            .map(|p| marker_topic(names::split_share(p).1))
             .collect();
-        let markers: HashSet<String> = positions.iter().map(|f| marker_topic(f)).collect();
-        let mut cache: HashMap<&str, u64> = HashMap::new();
-        let expected: u64 = positions
+        let mut cache: HashMap<String, u64> = HashMap::new();
+        let mut count = |f: &str| {
+            *cache
+                .entry(f.to_string())
+                .or_insert_with(|| copies_for(f, &markers))
+        };
+        let own_expected: Vec<u64> = own
             .iter()
-            .map(|f| *cache.entry(f).or_insert_with(|| copies_for(f, &markers)))
-            .sum();
-        (markers, expected)
+            .map(|mine| mine.iter().map(|p| count(names::split_share(p).1)).sum())
+            .collect();
+        let group_expected: u64 = groups.iter().map(|p| count(names::split_share(p).1)).sum();
+        (markers, own_expected, group_expected)
     })
     .await
     .map_err(|_| "counting markers failed")?;
+    for (live, expected) in serving.iter().zip(own_expected) {
+        renewal.update(live, |s| {
+            s.own_expected = expected;
+            s.own_copies = 0;
+        });
+    }
     publish_markers(shared, round, markers).await?;
     // Drainers of away sessions count no markers: they are done once
     // they have read everything admitted before the pause.
     let drained = || {
-        renewal.copies.load(Ordering::Relaxed) >= expected
-            && renewal.all_serving(&|s| s.idle)
+        renewal.copies.load(Ordering::Relaxed) >= group_expected
+            && renewal.all_serving(&|s| s.idle && s.own_copies >= s.own_expected)
             && shared.offline.caught_up(shared)
     };
     if !renewal.wait_until(drained).await {
         let copies = renewal.copies.load(Ordering::Relaxed);
-        debug!(copies, expected, "old router not drained in time");
+        debug!(copies, group_expected, "old router not drained in time");
         return Err("the old router was not drained in time");
     }
     Ok(())

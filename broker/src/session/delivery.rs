@@ -433,7 +433,7 @@ impl Session {
                         debug!(client_id = self.client_id, cursor = ?forward.cursor, "router forwarded a $share message twice; second copy dropped");
                     } else {
                         match Mark::marker_round(&forward.properties) {
-                            Some(round) => self.shared.renewal.marker_copy(round),
+                            Some(round) => self.shared.renewal.marker_copy(&self.live, round),
                             None => {
                                 self.delivered(&forward.publish.topic, &forward.publish.payload);
                                 delivered = true;
