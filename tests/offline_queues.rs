@@ -96,6 +96,22 @@ async fn an_away_session_over_its_bound_loses_only_what_is_counted_and_slows_nob
         "{counters}"
     );
 
+    // `axion monitor` shows them on the broker's line, with the client.
+    let out = std::process::Command::new(common::axion_bin())
+        .args(["monitor", "--once", "--settle-ms", "300"])
+        .args(["--mqtt", &serve.mqtt_url()])
+        .output()
+        .expect("run axion monitor");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(&format!(
+            "queue drops {} (bounded-away {})",
+            n - 100,
+            n - 100
+        )),
+        "{shown}"
+    );
+
     let (present, got) = resume_and_drain(port, "bounded-away", Duration::from_millis(1000)).await;
     assert!(present);
     let numbers: Vec<u64> = got.iter().map(|p| number(p)).collect();

@@ -230,7 +230,7 @@ fn broker_counters(rows: &[InstanceView]) -> Vec<(String, String)> {
         .filter(|r| r.state != State::Offline)
         .filter_map(|r| {
             let counters = r.record.extras.get("broker")?.as_object()?;
-            let line = fields
+            let mut line = fields
                 .iter()
                 .filter_map(|(key, label)| {
                     let n = counters.get(*key)?.as_u64()?;
@@ -238,6 +238,18 @@ fn broker_counters(rows: &[InstanceView]) -> Vec<(String, String)> {
                 })
                 .collect::<Vec<_>>()
                 .join(" · ");
+            // Which away sessions lost messages at their queue's bound.
+            if let Some(by_client) = counters
+                .get("queue_drops_by_client")
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty())
+            {
+                let clients: Vec<String> = by_client
+                    .iter()
+                    .map(|(client, n)| format!("{client} {n}"))
+                    .collect();
+                line.push_str(&format!(" ({})", clients.join(", ")));
+            }
             Some((r.record.instance_id.clone(), line))
         })
         .collect()
