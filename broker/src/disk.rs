@@ -41,6 +41,12 @@ enum Table {
     Queued,
 }
 
+/// redb's page cache for `broker.redb`. Its default (1 GiB) would let
+/// the broker's memory follow what kept sessions' queues hold on disk;
+/// retained messages live in memory anyway, and queues are read once, in
+/// order, when their session returns.
+const PAGE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Changes taken into one transaction at most.
 const BATCH: usize = 4096;
 /// Format of a stored value; bumped if it ever changes.
@@ -310,10 +316,13 @@ impl BrokerDisk {
                 source,
             })?;
         }
-        let db = Database::create(path).map_err(|source| DiskError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let now = now_ms();
         let mut loaded = Vec::new();
         let mut sessions = Vec::new();
