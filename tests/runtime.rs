@@ -1,4 +1,4 @@
-//! End-to-end tests of the service runtime (the post-mortem's chaos tests): the
+//! End-to-end tests of the service runtime (the chaos tests the legacy fleet lacked): the
 //! example embedding service and `axion work` as real processes against a
 //! real `axion serve`, checked the way an operator would — exit codes and
 //! their timing, replies on `replyTo`, the retained heartbeat, queue state.

@@ -1,6 +1,6 @@
 //! The bridge's one MQTT 5 connection, shared by every WebSocket client.
 //!
-//! Two rumqttc rules shape this module (notes/rumqttd-0.20-findings.md §10):
+//! Two rumqttc rules shape this module:
 //! the event loop must keep being polled, so it lives in its own task and
 //! never awaits a client call (fan-out there is non-blocking), and rumqttc
 //! neither backs off nor restores subscriptions, so the loop sleeps between

@@ -1,4 +1,5 @@
-// shared/js/brokerClient.js
+// The legacy JavaScript client of the WebSocket bridge, unchanged: the tests
+// run it against Axion's bridge to show old clients keep working.
 
 import WebSocket from "ws";
 import { randomUUID } from "crypto";

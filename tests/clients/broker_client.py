@@ -1,4 +1,5 @@
-# shared/py/broker_client.py
+# The legacy Python client of the WebSocket bridge, unchanged: the tests run
+# it against Axion's bridge to show old clients keep working.
 
 import asyncio
 import websockets

@@ -1,6 +1,6 @@
 // The legacy Node broker,
 // verbatim except for the import of its queue manager: the legacy code calls a
-// `shared/js/queueManager.js` whose code they do not contain, so
+// queue manager module whose code it does not include, so
 // `legacy_queue_manager.js` stands in for it (see there). Used only as the
 // comparison in the queue benchmark.
 import { WebSocketServer } from "ws";

@@ -1,5 +1,5 @@
-// Stand-in for the legacy `shared/js/queueManager.js`, whose code is not in
-// the legacy code (the broker only calls it). It follows the in-memory "v0" the
+// Stand-in for the legacy queue manager module, whose code the legacy broker
+// does not include (it only calls it). It follows the in-memory "v0" the
 // legacy design planned ("Unified Broker + Task Queue System"):
 // `queues` maps a queue name to its waiting tasks, `workers` maps it to the
 // sockets that said `ready`, and a task record is

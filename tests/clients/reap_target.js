@@ -1,4 +1,4 @@
-// A service for the reaper tests: POSTs enriched heartbeats (the post-mortem's
+// A service for the reaper tests: POSTs enriched heartbeats (the legacy fleet's
 // payload: pid, name, connected, queue, inflight, last_progress_ts,
 // avg_job_ms) to a legacy heartbeat URL every N ms, in one of four modes:
 //

@@ -1,7 +1,5 @@
-# shared/py/service_template.py
-#
-# The legacy Python service template , as it stands after its two
-# patches there: `run_service` (wraps `start_service` and waits forever) and
+# The legacy Python service template, as it stands after its two
+# patches: `run_service` (wraps `start_service` and waits forever) and
 # the fail-fast heartbeat loop that publishes `heartbeat` events
 # ({"pid", "name", "ts"}) over the same BrokerClient connection. The parts the
 # legacy patches show only as diff context are reconstructed around them.

@@ -1,4 +1,4 @@
-//! Optional `/health/live` and `/health/ready` (the liveness and readiness of the embedding service's post-mortem) for
+//! Optional `/health/live` and `/health/ready` (the liveness and readiness a supervisor of the legacy fleet lacked) for
 //! supervisors and load balancers that probe over HTTP.
 //!
 //! Live answers 200 while neither watchdog rule is close to firing; ready

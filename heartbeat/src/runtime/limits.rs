@@ -1,5 +1,5 @@
 //! The thresholds of the fail-fast contract (docs/DESIGN.md "Exit codes of the
-//! service runtime", the post-mortem's "Config"), read from the environment so an
+//! service runtime", the legacy fleet's "Config"), read from the environment so an
 //! operator tunes a deployed service without rebuilding it.
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The service runtime: the legacy template's `run_service`, made to fail fast.
 //!
-//! The embedding service's post-mortem is what this answers: a service lost its broker,
+//! What this answers: in the legacy fleet a service lost its broker,
 //! hung while looking alive, and blocked everything that needed it. A
 //! service built on this module connects (MQTT 5), serves its queues through
 //! the credit protocol of `bridge/QUEUE-CONTRACT.md` and its event topics,

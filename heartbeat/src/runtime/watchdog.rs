@@ -1,6 +1,6 @@
-//! The fail-fast watchdog (the post-mortem's "watchdog" step), on a plain OS thread.
+//! The fail-fast watchdog (the step the legacy fleet's failure called for), on a plain OS thread.
 //!
-//! The post-mortem's service lost its broker and hung while looking alive.
+//! A legacy service lost its broker and hung while looking alive.
 //! This thread reads [`Vitals`] on a short interval and ends the process with
 //! a distinct code when either rule fires, so the supervisor (PM2) restarts
 //! it: 70 when the broker has been unreachable longer than
