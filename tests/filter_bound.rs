@@ -166,9 +166,7 @@ async fn logged_refusals(
 ) -> Vec<u64> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let log = without_colours(
-            &std::fs::read_to_string(serve.data_dir.path().join("serve.log")).unwrap_or_default(),
-        );
+        let log = common::serve_log(serve);
         let counts: Vec<u64> = log
             .lines()
             .filter(|l| l.contains(message))
@@ -191,19 +189,6 @@ async fn logged_refusals(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// `log` without its ANSI colour sequences (`ESC [ … m`).
-fn without_colours(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut rest = log;
-    while let Some(start) = rest.find('\x1b') {
-        out.push_str(&rest[..start]);
-        rest = &rest[start..];
-        rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The log is only read when the tests' log goes to the file (not to the

@@ -97,20 +97,17 @@ async fn an_away_session_over_its_bound_loses_only_what_is_counted_and_slows_nob
     );
 
     // `axion monitor` shows them on the broker's line, with the client.
-    let out = std::process::Command::new(common::axion_bin())
-        .args(["monitor", "--once", "--settle-ms", "300"])
-        .args(["--mqtt", &serve.mqtt_url()])
-        .output()
-        .expect("run axion monitor");
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        shown.contains(&format!(
-            "queue drops {} (bounded-away {})",
-            n - 100,
-            n - 100
-        )),
-        "{shown}"
-    );
+    let wanted = format!("queue drops {} (bounded-away {})", n - 100, n - 100);
+    common::wait_until(Duration::from_secs(10), &wanted, || {
+        let out = std::process::Command::new(common::axion_bin())
+            .args(["monitor", "--once", "--settle-ms", "300"])
+            .args(["--mqtt", &serve.mqtt_url()])
+            .output()
+            .expect("run axion monitor");
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&wanted)
+            .then_some(())
+    });
 
     let (present, got) = resume_and_drain(port, "bounded-away", Duration::from_millis(1000)).await;
     assert!(present);
@@ -130,7 +127,7 @@ async fn an_away_session_over_its_bound_loses_only_what_is_counted_and_slows_nob
 async fn no_acknowledged_message_is_lost_over_twenty_kill_9_cycles() {
     let mut serve = Serve::start();
     leave_kept(serve.mqtt_port, "cycled-away", "cycle/#").await;
-    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let acked = Acked::default();
     let mut next = 0u64;
     for cycle in 0..20 {
         let port = serve.mqtt_port;
@@ -153,7 +150,7 @@ async fn no_acknowledged_message_is_lost_over_twenty_kill_9_cycles() {
                     }
                     Event::Incoming(Packet::PubAck(ack)) => {
                         if let Some(n) = pending.remove(&ack.pkid) {
-                            acked_now.lock().unwrap().push(n);
+                            acked_now.push(n);
                         }
                         i += 1;
                         let _ =
@@ -165,26 +162,58 @@ async fn no_acknowledged_message_is_lost_over_twenty_kill_9_cycles() {
             i + 1
         });
         // Killed at a different point of each cycle, mid-publish.
-        let target = acked.lock().unwrap().len() + 5 + (cycle * 7) % 23;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while acked.lock().unwrap().len() < target {
-            assert!(
-                Instant::now() < deadline,
-                "cycle {cycle}: publishing stalled"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        serve.proc.signal(9);
-        serve.proc.wait_exit(Duration::from_secs(10));
+        let target = acked.len() + 5 + (cycle * 7) % 23;
+        acked.kill_at(target, &mut serve, cycle).await;
         next = publisher.await.expect("publisher");
         serve.restart(&[], &[]);
     }
-    let acked: HashSet<u64> = acked.lock().unwrap().iter().copied().collect();
+    let acked = acked.set();
     let (present, got) =
         resume_and_drain(serve.mqtt_port, "cycled-away", Duration::from_millis(1500)).await;
     assert!(present);
     let got: HashSet<u64> = got.iter().map(|p| number(p)).collect();
     assert_none_lost(&acked, &got);
+}
+
+/// The numbers of the messages the broker acknowledged, as a publisher
+/// task hears of them.
+#[derive(Clone, Default)]
+struct Acked(Arc<(Mutex<Vec<u64>>, tokio::sync::Notify)>);
+
+impl Acked {
+    fn push(&self, n: u64) {
+        self.0 .0.lock().unwrap().push(n);
+        self.0 .1.notify_waiters();
+    }
+
+    fn len(&self) -> usize {
+        self.0 .0.lock().unwrap().len()
+    }
+
+    fn set(&self) -> HashSet<u64> {
+        self.0 .0.lock().unwrap().iter().copied().collect()
+    }
+
+    /// Waits until `target` messages are acknowledged, then kills the
+    /// broker (`kill -9`): mid-publish, as the publisher goes on.
+    async fn kill_at(&self, target: usize, serve: &mut Serve, cycle: usize) {
+        let reached = async {
+            loop {
+                let more = self.0 .1.notified();
+                tokio::pin!(more);
+                more.as_mut().enable();
+                if self.len() >= target {
+                    return;
+                }
+                more.await;
+            }
+        };
+        timeout(Duration::from_secs(20), reached)
+            .await
+            .unwrap_or_else(|_| panic!("cycle {cycle}: publishing stalled"));
+        serve.proc.signal(9);
+        serve.proc.wait_exit(Duration::from_secs(10));
+    }
 }
 
 /// Every number in `acked` is in `got`.
@@ -206,7 +235,7 @@ fn assert_none_lost(acked: &HashSet<u64>, got: &HashSet<u64>) {
 async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
     let mut serve = Serve::start();
     let received: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let acked = Acked::default();
     let mut next = 0u64;
     for cycle in 0..5 {
         let port = serve.mqtt_port;
@@ -284,7 +313,7 @@ async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
                     }
                     Event::Incoming(Packet::PubAck(ack)) => {
                         if let Some(n) = pending.remove(&ack.pkid) {
-                            acked_now.lock().unwrap().push(n);
+                            acked_now.push(n);
                         }
                         if client
                             .try_publish("online/t", QoS::AtLeastOnce, false, numbered(i, 256))
@@ -299,17 +328,8 @@ async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
             }
             i
         });
-        let target = acked.lock().unwrap().len() + 200 + cycle * 37;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while acked.lock().unwrap().len() < target {
-            assert!(
-                Instant::now() < deadline,
-                "cycle {cycle}: publishing stalled"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        serve.proc.signal(9);
-        serve.proc.wait_exit(Duration::from_secs(10));
+        let target = acked.len() + 200 + cycle * 37;
+        acked.kill_at(target, &mut serve, cycle).await;
         next = publisher.await.expect("publisher") + 1;
         // The subscriber dies with the broker: what it had not finished is
         // gone from it.
@@ -322,8 +342,7 @@ async fn a_connected_kept_subscriber_loses_nothing_to_kill_9() {
     assert!(present);
     let mut all = received.lock().unwrap().clone();
     all.extend(got.iter().map(|p| number(p)));
-    let acked: HashSet<u64> = acked.lock().unwrap().iter().copied().collect();
-    assert_none_lost(&acked, &all);
+    assert_none_lost(&acked.set(), &all);
 }
 
 /// A long queue (20 000 × 1 KiB, more than the subscriber buffer allows at

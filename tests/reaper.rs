@@ -255,10 +255,6 @@ fn serve(args: &[&str], envs: &[(&str, &str)]) -> Serve {
     s
 }
 
-fn serve_log(s: &Serve) -> String {
-    std::fs::read_to_string(s.data_dir.path().join("serve.log")).unwrap_or_default()
-}
-
 /// The bridge (and with it the legacy heartbeat routes) answers.
 fn wait_ready(s: &Serve) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -266,7 +262,7 @@ fn wait_ready(s: &Serve) {
         assert!(
             Instant::now() < deadline,
             "bridge not ready within 20 s; serve log:\n{}",
-            serve_log(s)
+            common::serve_log(s)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1016,7 +1012,7 @@ fn the_reaper_kills_blocked_disconnected_and_stalled_services_and_spares_the_hea
                 c.running(),
                 "the healthy service was killed; record: {:?}; serve log:\n{}",
                 mesh.last(&t),
-                serve_log(&s)
+                common::serve_log(&s)
             );
             continue;
         }
@@ -1027,7 +1023,7 @@ fn the_reaper_kills_blocked_disconnected_and_stalled_services_and_spares_the_hea
                  record: {:?}; serve log:\n{}",
                 now_ms() - from,
                 mesh.last(&t),
-                serve_log(&s)
+                common::serve_log(&s)
             );
         };
         let took = exit_ms.saturating_sub(from);
@@ -1157,7 +1153,7 @@ fn forged_records_kill_only_the_process_they_exactly_name() {
             assert!(
                 !reason.starts_with("killed:"),
                 "{t} was acted on: {r}; serve log:\n{}",
-                serve_log(&s)
+                common::serve_log(&s)
             );
         }
     }

@@ -425,7 +425,7 @@ impl Offline {
         &self,
         disk: &Arc<BrokerDisk>,
         router_id: &str,
-        from: u64,
+        mut from: u64,
         limit: usize,
     ) -> Vec<QueuedMessage> {
         let Some(queue) = self.queue(router_id) else {
@@ -485,7 +485,8 @@ impl Offline {
             }
             if live.is_empty() {
                 // All expired: read on from after them.
-                return self.skip_to(disk, router_id, expired, limit).await;
+                from = expired.iter().map(|m| m.seq).max().unwrap_or(from) + 1;
+                continue;
             }
             let mut live = live;
             let s = queue.lock();
@@ -494,18 +495,6 @@ impl Offline {
             }
             return live;
         }
-    }
-
-    /// [`Offline::next_replay`] after a batch that had expired entirely.
-    fn skip_to<'a>(
-        &'a self,
-        disk: &'a Arc<BrokerDisk>,
-        router_id: &'a str,
-        expired: Vec<QueuedMessage>,
-        limit: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<QueuedMessage>> + Send + 'a>> {
-        let from = expired.iter().map(|m| m.seq).max().unwrap_or(0) + 1;
-        Box::pin(self.next_replay(disk, router_id, from, limit))
     }
 
     /// What to do with the router's delivery of this content to the kept

@@ -1330,16 +1330,15 @@ mod tests {
         let unread = s.q.unread_head(&s.cache, 4, 10);
         let seqs: Vec<u64> = unread.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, [10, 11], "about 4 bytes, in order");
+        // A body as read back from disk: its payload is its seq.
+        let read_back = |seq: u64| Body {
+            payload: RawValue::from_string(seq.to_string()).unwrap(),
+            reply_to: None,
+            correlation_id: None,
+        };
         for (seq, id) in unread {
             assert_eq!(s.q.waiting_seq(&id), Some(seq));
-            s.cache.insert_read(
-                seq,
-                Body {
-                    payload: RawValue::from_string(seq.to_string()).unwrap(),
-                    reply_to: None,
-                    correlation_id: None,
-                },
-            );
+            s.cache.insert_read(seq, read_back(seq));
         }
         assert_eq!(s.dispatch(0), 2);
         s.cache.trim();
@@ -1347,14 +1346,7 @@ mod tests {
         let unread = s.q.unread_head(&s.cache, 100, 10);
         assert_eq!(unread.first().map(|(seq, _)| *seq), Some(12));
         for (seq, _) in unread {
-            s.cache.insert_read(
-                seq,
-                Body {
-                    payload: RawValue::from_string(seq.to_string()).unwrap(),
-                    reply_to: None,
-                    correlation_id: None,
-                },
-            );
+            s.cache.insert_read(seq, read_back(seq));
         }
         assert_eq!(s.dispatch(0), 3);
         assert_eq!(s.delivered(), ["10", "11", "12", "13", "14"]);
