@@ -446,6 +446,20 @@ impl BrokerDisk {
         self.send(Op::Put(Table::Queued, queue_key(router_id, seq), value))
     }
 
+    /// [`BrokerDisk::put_queued`], telling `done` once it is on disk.
+    pub fn put_queued_then(
+        &self,
+        router_id: &str,
+        seq: u64,
+        value: Vec<u8>,
+        done: oneshot::Sender<()>,
+    ) {
+        self.send_then(
+            Op::Put(Table::Queued, queue_key(router_id, seq), value),
+            done,
+        );
+    }
+
     /// Removes message `seq` from the queue of `router_id` (delivered).
     pub fn delete_queued(&self, router_id: &str, seq: u64) -> Commit {
         self.send(Op::Delete(Table::Queued, queue_key(router_id, seq)))
@@ -498,6 +512,11 @@ impl BrokerDisk {
 
     fn send(&self, op: Op) -> Commit {
         let (done, commit) = oneshot::channel();
+        self.send_then(op, done);
+        commit
+    }
+
+    fn send_then(&self, op: Op, done: oneshot::Sender<()>) {
         let sent = self
             .tx
             .as_ref()
@@ -505,7 +524,6 @@ impl BrokerDisk {
         if !sent {
             tracing::error!("broker store writer is gone; a change is not on disk");
         }
-        commit
     }
 }
 

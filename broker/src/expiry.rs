@@ -626,7 +626,9 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .for_capture();
-            let queue = shared.offline.park(&router_id, &filters);
+            let queue = shared
+                .offline
+                .park(shared.disk.as_deref(), &router_id, &filters);
             entry.drainer = Some(crate::offline::spawn_drainer(
                 shared.clone(),
                 queue,

@@ -16,7 +16,11 @@
 //! - **Connected**: the entry is a journal entry. The router delivers the
 //!   message as usual; the session finds the entry by content and deletes
 //!   it when its client acknowledges the delivery. A `kill -9` in between
-//!   leaves it in the queue.
+//!   leaves it in the queue. The entry is held in memory for a moment
+//!   first ([`JOURNAL_GRACE`]): a client that acknowledges within it has
+//!   the message, so the entry is never written, and the publisher's
+//!   PUBACK waits for that acknowledgement instead of a commit. Only what
+//!   a client is slow to take costs a write.
 //! - **Away**: the entry is the message, waiting. A **drainer**, a link the
 //!   front end holds to the router under the session's id, reads what the
 //!   router still had for the session when it left (what the connection
@@ -68,6 +72,22 @@ const DRAIN_RANGE: u64 = 1 << 40;
 /// overlap entry is forgotten (the copy comes within milliseconds; one that
 /// never comes must not hide a later message with the same content).
 const OVERLAP_TTL: Duration = Duration::from_secs(30);
+
+/// How long a connected session's journal entry waits in memory for its
+/// client's acknowledgement before it is written. A write and its fsync
+/// take about a millisecond here; a client reading at full speed
+/// acknowledges well within this, so its messages never touch the disk,
+/// while a slow one delays its publishers by at most this plus a commit.
+const JOURNAL_GRACE: Duration = Duration::from_millis(10);
+
+/// Held entries due within this of each other are written together (one
+/// wake-up of the writer task per tick under steady traffic, not one per
+/// message).
+const JOURNAL_TICK: Duration = Duration::from_millis(2);
+
+/// Bytes of journal entries held in memory at most; past it new ones are
+/// written at once.
+const JOURNAL_HELD_MAX: u64 = 8 << 20;
 
 /// Router copies still to come of messages capture wrote, by content.
 #[derive(Debug, Default)]
@@ -146,10 +166,22 @@ struct QueueState {
     /// Queued messages the client was sent and did not acknowledge: DUP
     /// when they are sent again.
     sent: HashSet<u64>,
+    /// Journal entries not written yet (see [`JOURNAL_GRACE`]), by
+    /// sequence.
+    held: HashMap<u64, Held>,
     /// Messages dropped at the bound, ever, and whether the current
     /// episode was logged.
     dropped: u64,
     dropping: bool,
+}
+
+/// A journal entry held in memory: its value, and what the publisher's
+/// acknowledgement waits for (sent on the client's acknowledgement, or by
+/// the disk writer once it is written).
+#[derive(Debug)]
+struct Held {
+    value: Vec<u8>,
+    done: oneshot::Sender<()>,
 }
 
 /// One kept session's queue.
@@ -222,6 +254,11 @@ pub struct Offline {
     /// Queues in the index: capture costs nothing while it is zero.
     capturing: AtomicUsize,
     hasher: std::hash::RandomState,
+    /// Held journal entries, oldest first: when held, whose, which.
+    held: Mutex<VecDeque<(Instant, Arc<Queue>, u64)>>,
+    held_bytes: AtomicU64,
+    /// Wakes [`write_held`] when the first entry is held.
+    held_wake: Arc<tokio::sync::Notify>,
     /// Messages dropped at a queue's bound, in total.
     pub dropped_total: AtomicU64,
 }
@@ -252,8 +289,52 @@ impl Offline {
             cache: Default::default(),
             capturing: AtomicUsize::new(0),
             hasher: std::hash::RandomState::new(),
+            held: Mutex::new(VecDeque::new()),
+            held_bytes: AtomicU64::new(0),
+            held_wake: Arc::new(tokio::sync::Notify::new()),
             dropped_total: AtomicU64::new(0),
         }
+    }
+
+    /// Hands every held journal entry of `s` to the disk writer (its
+    /// session is away now, or the broker stops).
+    fn write_held_of(&self, disk: &BrokerDisk, router_id: &str, s: &mut QueueState) {
+        for (seq, held) in s.held.drain() {
+            self.held_bytes
+                .fetch_sub(held.value.len() as u64, Ordering::Relaxed);
+            disk.put_queued_then(router_id, seq, held.value, held.done);
+        }
+    }
+
+    /// Hands every held journal entry to the disk writer (a clean stop).
+    pub fn write_all_held(&self, disk: &BrokerDisk) {
+        let queues: Vec<Arc<Queue>> = {
+            let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues.values().cloned().collect()
+        };
+        for queue in queues {
+            let mut s = queue.lock();
+            self.write_held_of(disk, &queue.router_id, &mut s);
+        }
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Holds a connected session's journal entry in memory; the receiver
+    /// resolves when its client acknowledges it or once it is written.
+    fn hold(&self, queue: &Arc<Queue>, s: &mut QueueState, seq: u64, value: Vec<u8>) -> Commit {
+        let (done, commit) = oneshot::channel();
+        self.held_bytes
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
+        s.held.insert(seq, Held { value, done });
+        let first = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.push_back((Instant::now(), queue.clone(), seq));
+            held.len() == 1
+        };
+        if first {
+            self.held_wake.notify_one();
+        }
+        commit
     }
 
     /// Messages waiting in every queue.
@@ -372,7 +453,12 @@ impl Offline {
     /// The session `router_id` is away from now on: capture and the
     /// drainer write to its queue. `filters` are router-form paths with
     /// their QoS and retain-as-published.
-    pub fn park(&self, router_id: &str, filters: &[(String, u8, bool)]) -> Arc<Queue> {
+    pub fn park(
+        &self,
+        disk: Option<&BrokerDisk>,
+        router_id: &str,
+        filters: &[(String, u8, bool)],
+    ) -> Arc<Queue> {
         let queue = self.queue_for(router_id);
         let mut s = queue.lock();
         if s.mode == Mode::Away {
@@ -386,6 +472,9 @@ impl Offline {
         let pending: Vec<u64> = s.pending.values().copied().collect();
         for hash in pending {
             s.overlap.add(hash, 1);
+        }
+        if let Some(disk) = disk {
+            self.write_held_of(disk, router_id, &mut s);
         }
         s.journal.clear();
         s.pending.clear();
@@ -531,6 +620,11 @@ impl Offline {
         if let Some(queue) = gone {
             let mut s = queue.lock();
             s.mode = Mode::Off;
+            // Nobody is owed these any more: their publishers go on.
+            for (_, held) in s.held.drain() {
+                self.held_bytes
+                    .fetch_sub(held.value.len() as u64, Ordering::Relaxed);
+            }
             self.set_index(&queue, &mut s, &[]);
             drop(s);
             drop(disk.delete_queue(router_id));
@@ -553,6 +647,13 @@ impl Offline {
             s.bytes = s.bytes.saturating_sub(size);
             s.pending.remove(&seq);
             s.sent.remove(&seq);
+            if let Some(held) = s.held.remove(&seq) {
+                // Acknowledged before it was written: it never will be.
+                self.held_bytes
+                    .fetch_sub(held.value.len() as u64, Ordering::Relaxed);
+                let _ = held.done.send(());
+                return;
+            }
         }
         drop(disk.delete_queued(router_id, seq));
     }
@@ -654,9 +755,13 @@ impl Offline {
                     s.journal.entry(hash).or_default().push_back((seq, size));
                     s.pending.insert(seq, hash);
                 }
-                // Under the queue's lock: a returning session's sync
-                // comes after this write.
-                commits.push(disk.put_queued(&hit.queue.router_id, seq, value));
+                if !away && self.held_bytes.load(Ordering::Relaxed) + size <= JOURNAL_HELD_MAX {
+                    commits.push(self.hold(&hit.queue, &mut s, seq, value));
+                } else {
+                    // Under the queue's lock: a returning session's sync
+                    // comes after this write.
+                    commits.push(disk.put_queued(&hit.queue.router_id, seq, value));
+                }
             }
         }
         commits
@@ -740,6 +845,60 @@ impl Offline {
             s.next_drain += 1;
             s.last_seq = s.last_seq.max(seq);
             drop(disk.put_queued(&queue.router_id, seq, value));
+        }
+    }
+}
+
+/// Writes held journal entries whose grace has passed (see
+/// [`JOURNAL_GRACE`]), until the broker is gone.
+pub async fn write_held(shared: std::sync::Weak<Shared>) {
+    let wake = match shared.upgrade() {
+        Some(s) => s.offline.held_wake.clone(),
+        None => return,
+    };
+    loop {
+        let oldest = match shared.upgrade() {
+            Some(s) => s
+                .offline
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .front()
+                .map(|(at, ..)| *at),
+            None => return,
+        };
+        let Some(oldest) = oldest else {
+            wake.notified().await;
+            continue;
+        };
+        tokio::time::sleep_until((oldest + JOURNAL_GRACE).into()).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Some(disk) = shared.disk.as_ref() else {
+            return;
+        };
+        let offline = &shared.offline;
+        let due_before = Instant::now() + JOURNAL_TICK - JOURNAL_GRACE;
+        let due: Vec<(Arc<Queue>, u64)> = {
+            let mut held = offline.held.lock().unwrap_or_else(|p| p.into_inner());
+            let mut due = Vec::new();
+            while held.front().is_some_and(|(at, ..)| *at <= due_before) {
+                if let Some((_, queue, seq)) = held.pop_front() {
+                    due.push((queue, seq));
+                }
+            }
+            due
+        };
+        for (queue, seq) in due {
+            let mut s = queue.lock();
+            // Gone already if its client acknowledged it.
+            if let Some(held) = s.held.remove(&seq) {
+                offline
+                    .held_bytes
+                    .fetch_sub(held.value.len() as u64, Ordering::Relaxed);
+                disk.put_queued_then(&queue.router_id, seq, held.value, held.done);
+            }
         }
     }
 }

@@ -431,6 +431,9 @@ impl Broker {
             (addr, task)
         });
         tokio::spawn(crate::renewal::run(shared.clone(), shutdown_rx.clone()));
+        if shared.disk.is_some() {
+            tokio::spawn(crate::offline::write_held(Arc::downgrade(&shared)));
+        }
         let unix = unix_listener
             .zip(shared.config.unix.clone())
             .map(|(listener, path)| {
@@ -540,6 +543,7 @@ impl Broker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some(disk) = &self.shared.disk {
+            self.shared.offline.write_all_held(disk);
             let _ = disk.sync().await;
         }
     }
