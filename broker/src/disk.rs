@@ -23,14 +23,19 @@ use rumqttd::protocol::PublishProperties;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::queue_log::{Change, LogError, QueueLog};
+
+/// The queue log's directory, beside `broker.redb`.
+const QUEUE_LOG_DIR: &str = "kept-queues";
+
 /// Router-form topic → [`encode`]d message.
 const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
 /// Router client id → a kept session (see [`crate::expiry::KeptRecord`]).
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 
+/// Where an earlier version kept what kept sessions are owed:
 /// `<router client id>` 0xFF `<sequence, u64 BE>` → [`encode_queued`]
-/// message: what a kept session is owed, in order. 0xFF never occurs in
-/// UTF-8, so one id's keys are one contiguous range.
+/// message. Moved to the queue log at start.
 const QUEUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queued");
 
 /// Which table a change goes to.
@@ -38,7 +43,6 @@ const QUEUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queued");
 enum Table {
     Retained,
     Sessions,
-    Queued,
 }
 
 /// redb's page cache for `broker.redb`. Its default (1 GiB) would let
@@ -74,6 +78,8 @@ pub enum DiskError {
     Commit(#[from] redb::CommitError),
     #[error("broker store: {0}")]
     Durability(#[from] redb::SetDurabilityError),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 /// The properties a retained message keeps (what MQTT 5 forwards).
@@ -131,14 +137,6 @@ pub struct QueueSummary {
     pub last_seq: u64,
 }
 
-fn queue_key(router_id: &str, seq: u64) -> Bytes {
-    let mut key = Vec::with_capacity(router_id.len() + 9);
-    key.extend_from_slice(router_id.as_bytes());
-    key.push(0xFF);
-    key.extend_from_slice(&seq.to_be_bytes());
-    Bytes::from(key)
-}
-
 /// The id and sequence of a [`QUEUED`] key.
 fn split_queue_key(key: &[u8]) -> Option<(&str, u64)> {
     let (id, seq) = key.split_at_checked(key.len().checked_sub(9)?)?;
@@ -167,11 +165,10 @@ pub fn encode_queued(
     props: Option<&PublishProperties>,
 ) -> Vec<u8> {
     let byte = flags.qos | (u8::from(flags.retain) << 7) | (u8::from(flags.dup) << 6);
-    let body = encode(payload, byte, props);
-    let mut out = Vec::with_capacity(2 + topic.len() + body.len());
+    let mut out = Vec::with_capacity(2 + topic.len() + 14 + payload.len());
     out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
     out.extend_from_slice(topic);
-    out.extend_from_slice(&body);
+    encode_into(&mut out, payload, byte, props);
     out
 }
 
@@ -201,6 +198,13 @@ fn now_ms() -> u64 {
 
 /// `[version][qos][stored ms, u64 LE][meta length, u32 LE][meta JSON][payload]`.
 fn encode(payload: &[u8], qos: u8, props: Option<&PublishProperties>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14 + payload.len());
+    encode_into(&mut out, payload, qos, props);
+    out
+}
+
+/// [`encode`], appended to `out`.
+fn encode_into(out: &mut Vec<u8>, payload: &[u8], qos: u8, props: Option<&PublishProperties>) {
     let meta = props.map(|p| Meta {
         format: p.payload_format_indicator,
         expiry: p.message_expiry_interval,
@@ -213,14 +217,13 @@ fn encode(payload: &[u8], qos: u8, props: Option<&PublishProperties>) -> Vec<u8>
     let meta = meta
         .map(|m| serde_json::to_vec(&m).unwrap_or_default())
         .unwrap_or_default();
-    let mut out = Vec::with_capacity(14 + meta.len() + payload.len());
+    out.reserve(14 + meta.len() + payload.len());
     out.push(VERSION);
     out.push(qos);
     out.extend_from_slice(&now_ms().to_le_bytes());
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&meta);
     out.extend_from_slice(payload);
-    out
 }
 
 fn decode(topic: &[u8], raw: &[u8], now: u64) -> Option<Loaded> {
@@ -260,10 +263,17 @@ fn decode(topic: &[u8], raw: &[u8], now: u64) -> Option<Loaded> {
 enum Op {
     Put(Table, Bytes, Vec<u8>),
     Delete(Table, Bytes),
-    /// Every queued message of one router client id.
-    DeleteQueue(String),
+    Queued(Queued),
     /// Nothing to write: done once everything queued before it is.
     Sync,
+}
+
+/// A change to the queue log.
+enum Queued {
+    Put(String, u64, Vec<u8>),
+    Delete(String, u64),
+    /// Every queued message of one router client id.
+    DeleteQueue(String),
 }
 
 /// Resolves once the change it was handed out for is on disk (or the
@@ -282,8 +292,9 @@ pub struct Opened {
 
 /// The writing end; cheap to call from any thread.
 pub struct BrokerDisk {
-    /// Shared with the writer; reads (a queue at resume) need no writer.
-    db: Arc<Database>,
+    /// Kept sessions' queues; shared with the writer, read (at resume)
+    /// without it.
+    log: Arc<QueueLog>,
     tx: Option<mpsc::Sender<(Op, Option<oneshot::Sender<()>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -326,7 +337,7 @@ impl BrokerDisk {
         let now = now_ms();
         let mut loaded = Vec::new();
         let mut sessions = Vec::new();
-        let mut queues: std::collections::HashMap<String, QueueSummary> = Default::default();
+        let mut earlier = Vec::new();
         let mut stale = Vec::new();
         {
             let read = db.begin_read()?;
@@ -358,10 +369,7 @@ impl BrokerDisk {
                     for entry in table.iter()? {
                         let (k, v) = entry?;
                         if let Some((id, seq)) = split_queue_key(k.value()) {
-                            let q = queues.entry(id.to_string()).or_default();
-                            q.messages += 1;
-                            q.bytes += v.value().len() as u64;
-                            q.last_seq = q.last_seq.max(seq);
+                            earlier.push((id.to_string(), seq, v.value().to_vec()));
                         }
                     }
                 }
@@ -384,20 +392,46 @@ impl BrokerDisk {
                 "expired retained messages dropped at start"
             );
         }
+        let log_dir = path.with_file_name(QUEUE_LOG_DIR);
+        let (log, _) = QueueLog::open(&log_dir)?;
+        let log = if earlier.is_empty() {
+            log
+        } else {
+            // Into the log first, then out of the table: a crash in
+            // between writes them to the log again, which only replaces
+            // them there.
+            for chunk in earlier.chunks(BATCH) {
+                let changes: Vec<Change<'_>> = chunk
+                    .iter()
+                    .map(|(id, seq, v)| Change::Put(id, *seq, v))
+                    .collect();
+                log.append(&changes)?;
+            }
+            let write = db.begin_write()?;
+            write.delete_table(QUEUED)?;
+            write.commit()?;
+            tracing::info!(
+                messages = earlier.len(),
+                "kept sessions' queues moved from broker.redb to the queue log"
+            );
+            drop(log);
+            QueueLog::open(&log_dir)?.0
+        };
+        let queues = log.summaries();
+        let log = Arc::new(log);
         let (tx, rx) = mpsc::channel();
         let file = path.to_path_buf();
-        let db = Arc::new(db);
-        let writer_db = db.clone();
+        let writer_log = log.clone();
         let thread = std::thread::Builder::new()
             .name("axion-broker-disk".into())
-            .spawn(move || writer(&writer_db, rx, file))
+            .spawn(move || writer(&db, &writer_log, rx, file))
             .map_err(|source| DiskError::Dir {
                 path: path.to_path_buf(),
                 source,
             })?;
         Ok(Opened {
             disk: Self {
-                db,
+                log,
                 tx: Some(tx),
                 thread: Some(thread),
             },
@@ -443,7 +477,7 @@ impl BrokerDisk {
     /// Appends message `seq` (an [`encode_queued`] value) to the queue of
     /// the kept session `router_id`.
     pub fn put_queued(&self, router_id: &str, seq: u64, value: Vec<u8>) -> Commit {
-        self.send(Op::Put(Table::Queued, queue_key(router_id, seq), value))
+        self.send(Op::Queued(Queued::Put(router_id.to_string(), seq, value)))
     }
 
     /// [`BrokerDisk::put_queued`], telling `done` once it is on disk.
@@ -455,19 +489,19 @@ impl BrokerDisk {
         done: oneshot::Sender<()>,
     ) {
         self.send_then(
-            Op::Put(Table::Queued, queue_key(router_id, seq), value),
+            Op::Queued(Queued::Put(router_id.to_string(), seq, value)),
             done,
         );
     }
 
     /// Removes message `seq` from the queue of `router_id` (delivered).
     pub fn delete_queued(&self, router_id: &str, seq: u64) -> Commit {
-        self.send(Op::Delete(Table::Queued, queue_key(router_id, seq)))
+        self.send(Op::Queued(Queued::Delete(router_id.to_string(), seq)))
     }
 
     /// Removes the whole queue of `router_id` (its session ended).
     pub fn delete_queue(&self, router_id: &str) -> Commit {
-        self.send(Op::DeleteQueue(router_id.to_string()))
+        self.send(Op::Queued(Queued::DeleteQueue(router_id.to_string())))
     }
 
     /// Reads up to `limit` messages of the queue of `router_id` with
@@ -480,21 +514,10 @@ impl BrokerDisk {
         to: u64,
         limit: usize,
     ) -> Result<Vec<QueuedMessage>, DiskError> {
-        let read = self.db.begin_read()?;
-        let table = match read.open_table(QUEUED) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let (from, to) = (queue_key(router_id, from), queue_key(router_id, to));
         let now = now_ms();
         let mut out = Vec::new();
-        for entry in table.range(from.as_ref()..=to.as_ref())?.take(limit) {
-            let (k, v) = entry?;
-            let Some((_, seq)) = split_queue_key(k.value()) else {
-                continue;
-            };
-            match decode_queued(seq, v.value(), now) {
+        for (seq, value) in self.log.read(router_id, from, to, limit)? {
+            match decode_queued(seq, &value, now) {
                 Some(m) => out.push(m),
                 None => {
                     tracing::warn!(client = router_id, seq, "unreadable queued message skipped")
@@ -534,9 +557,14 @@ fn expired(m: &Loaded) -> bool {
         .is_some_and(|secs| m.age >= Duration::from_secs(u64::from(secs)))
 }
 
-/// Commits what queued up, one transaction per batch, until every sender
-/// is gone.
-fn writer(db: &Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, file: PathBuf) {
+/// Commits what queued up, one transaction per batch (and one append to
+/// the queue log), until every sender is gone.
+fn writer(
+    db: &Database,
+    log: &QueueLog,
+    rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>,
+    file: PathBuf,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -546,28 +574,41 @@ fn writer(db: &Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, 
             }
         }
         let started = std::time::Instant::now();
+        let queued: Vec<Change<'_>> = batch
+            .iter()
+            .filter_map(|(op, _)| match op {
+                Op::Queued(Queued::Put(id, seq, v)) => Some(Change::Put(id, *seq, v)),
+                Op::Queued(Queued::Delete(id, seq)) => Some(Change::Delete(id, *seq)),
+                Op::Queued(Queued::DeleteQueue(id)) => Some(Change::DeleteQueue(id)),
+                _ => None,
+            })
+            .collect();
+        if let Err(error) = log.append(&queued) {
+            // Said loudly, once per batch: what was queued in it is lost.
+            tracing::error!(%error, changes = queued.len(), "kept sessions' queued messages not written to disk");
+        }
+        let tables = batch
+            .iter()
+            .filter(|(op, _)| matches!(op, Op::Put(..) | Op::Delete(..)))
+            .count();
         let result = (|| -> Result<(), DiskError> {
+            if tables == 0 {
+                return Ok(());
+            }
             let mut write = db.begin_write()?;
             write.set_durability(Durability::Immediate)?;
             {
                 let mut retained = write.open_table(RETAINED)?;
                 let mut sessions = write.open_table(SESSIONS)?;
-                let mut queued = write.open_table(QUEUED)?;
                 for (op, _) in &batch {
                     let (table, key, value) = match op {
                         Op::Put(t, k, v) => (*t, k, Some(v)),
                         Op::Delete(t, k) => (*t, k, None),
-                        Op::DeleteQueue(id) => {
-                            let (from, to) = (queue_key(id, 0), queue_key(id, u64::MAX));
-                            queued.retain_in(from.as_ref()..=to.as_ref(), |_, _| false)?;
-                            continue;
-                        }
-                        Op::Sync => continue,
+                        Op::Queued(_) | Op::Sync => continue,
                     };
                     let table = match table {
                         Table::Retained => &mut retained,
                         Table::Sessions => &mut sessions,
-                        Table::Queued => &mut queued,
                     };
                     match value {
                         Some(v) => {
@@ -584,13 +625,15 @@ fn writer(db: &Database, rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>, 
         })();
         tracing::trace!(
             changes = batch.len(),
+            queued = queued.len(),
             took_us = started.elapsed().as_micros() as u64,
             "broker store commit"
         );
+        drop(queued);
         if let Err(error) = result {
-            // Retained messages are still in memory and delivered; queued
-            // ones are lost with this batch. Said loudly, once per batch.
-            tracing::error!(file = %file.display(), %error, changes = batch.len(), "broker state not written to disk");
+            // Retained messages are still in memory and delivered. Said
+            // loudly, once per batch.
+            tracing::error!(file = %file.display(), %error, changes = tables, "broker state not written to disk");
         }
         for (_, done) in batch {
             if let Some(done) = done {
@@ -642,5 +685,38 @@ mod tests {
         let p = m.properties.as_ref().unwrap();
         assert_eq!(p.content_type.as_deref(), Some("application/json"));
         assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
+    }
+
+    #[test]
+    fn queues_an_earlier_version_kept_in_broker_redb_move_to_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.redb");
+        let flags = QueuedFlags {
+            qos: 1,
+            retain: false,
+            dup: false,
+        };
+        {
+            let db = Database::create(&path).unwrap();
+            let write = db.begin_write().unwrap();
+            {
+                let mut table = write.open_table(QUEUED).unwrap();
+                for seq in 1..=3u64 {
+                    let mut key = b"kept".to_vec();
+                    key.push(0xFF);
+                    key.extend_from_slice(&seq.to_be_bytes());
+                    let value = encode_queued(b"t/1", format!("m{seq}").as_bytes(), flags, None);
+                    table.insert(key.as_slice(), value.as_slice()).unwrap();
+                }
+            }
+            write.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let opened = BrokerDisk::open(&path).unwrap();
+            assert_eq!(opened.queues["kept"].messages, 3);
+            let back = opened.disk.load_queue("kept", 0, u64::MAX, 10).unwrap();
+            let payloads: Vec<_> = back.iter().map(|m| m.payload.clone()).collect();
+            assert_eq!(payloads, ["m1", "m2", "m3"]);
+        }
     }
 }

@@ -29,6 +29,7 @@ pub mod login_limit;
 pub mod marks;
 pub mod names;
 pub mod offline;
+pub mod queue_log;
 pub mod queues;
 pub mod refusals;
 pub mod renewal;

@@ -85,6 +85,11 @@ const JOURNAL_GRACE: Duration = Duration::from_millis(10);
 /// message).
 const JOURNAL_TICK: Duration = Duration::from_millis(2);
 
+/// A session whose client let a held entry's grace pass is written to at
+/// once for this long: holding only helps a client that keeps up, and a
+/// publisher beside one that does not would wait out every grace.
+const JOURNAL_HOLD_OFF: Duration = Duration::from_secs(1);
+
 /// Bytes of journal entries held in memory at most; past it new ones are
 /// written at once.
 const JOURNAL_HELD_MAX: u64 = 8 << 20;
@@ -169,6 +174,8 @@ struct QueueState {
     /// Journal entries not written yet (see [`JOURNAL_GRACE`]), by
     /// sequence.
     held: HashMap<u64, Held>,
+    /// No entry is held before this (see [`JOURNAL_HOLD_OFF`]).
+    hold_off_until: Option<Instant>,
     /// Messages dropped at the bound, ever, and whether the current
     /// episode was logged.
     dropped: u64,
@@ -253,7 +260,8 @@ pub struct Offline {
     cache: crate::topic_cache::TopicCache<Hit>,
     /// Queues in the index: capture costs nothing while it is zero.
     capturing: AtomicUsize,
-    hasher: std::hash::RandomState,
+    /// Seeded per process: content identity must not be guessable.
+    hasher: foldhash::fast::RandomState,
     /// Held journal entries, oldest first: when held, whose, which.
     held: Mutex<VecDeque<(Instant, Arc<Queue>, u64)>>,
     held_bytes: AtomicU64,
@@ -288,7 +296,7 @@ impl Offline {
             index: Mutex::new(HashMap::new()),
             cache: Default::default(),
             capturing: AtomicUsize::new(0),
-            hasher: std::hash::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             held: Mutex::new(VecDeque::new()),
             held_bytes: AtomicU64::new(0),
             held_wake: Arc::new(tokio::sync::Notify::new()),
@@ -755,7 +763,10 @@ impl Offline {
                     s.journal.entry(hash).or_default().push_back((seq, size));
                     s.pending.insert(seq, hash);
                 }
-                if !away && self.held_bytes.load(Ordering::Relaxed) + size <= JOURNAL_HELD_MAX {
+                let hold = !away
+                    && self.held_bytes.load(Ordering::Relaxed) + size <= JOURNAL_HELD_MAX
+                    && s.hold_off_until.is_none_or(|t| Instant::now() >= t);
+                if hold {
                     commits.push(self.hold(&hit.queue, &mut s, seq, value));
                 } else {
                     // Under the queue's lock: a returning session's sync
@@ -894,6 +905,7 @@ pub async fn write_held(shared: std::sync::Weak<Shared>) {
             let mut s = queue.lock();
             // Gone already if its client acknowledged it.
             if let Some(held) = s.held.remove(&seq) {
+                s.hold_off_until = Some(Instant::now() + JOURNAL_HOLD_OFF);
                 offline
                     .held_bytes
                     .fetch_sub(held.value.len() as u64, Ordering::Relaxed);
@@ -1054,9 +1066,7 @@ fn handle(
     match notification {
         Notification::Forward(forward) => {
             let publish = forward.publish;
-            let Some((qos, pkid)) = router_qos_pkid(&publish) else {
-                return;
-            };
+            let (qos, pkid) = router::qos_pkid(&publish);
             let size = (publish.topic.len() + publish.payload.len()) as u64;
             let rap = {
                 let subs = subs.lock().unwrap_or_else(|p| p.into_inner());
@@ -1097,14 +1107,4 @@ fn handle(
         }
         _ => {}
     }
-}
-
-/// QoS and packet id of a publish as the router sent it.
-fn router_qos_pkid(publish: &rumqttd::protocol::Publish) -> Option<(u8, u16)> {
-    // `Publish`'s qos and pkid are crate-private in rumqttd; its own
-    // serialization (header byte, then the packet id) is the public way to
-    // read them.
-    let raw = publish.serialize();
-    let qos = (raw.first()? >> 1) & 0x03;
-    Some((qos, u16::from_be_bytes([*raw.get(1)?, *raw.get(2)?])))
 }

@@ -272,3 +272,15 @@ pub fn quiet_retired_routers() {
         }));
     });
 }
+
+/// QoS and packet id of a publish. `Publish`'s qos and pkid are
+/// crate-private in rumqttd; its own serialization (header byte, then the
+/// packet id) is the public way to read them, done on a copy without topic
+/// and payload so it costs five bytes, not the message.
+pub fn qos_pkid(publish: &rumqttd::protocol::Publish) -> (u8, u16) {
+    let mut header = publish.clone();
+    header.topic = bytes::Bytes::new();
+    header.payload = bytes::Bytes::new();
+    let raw = header.serialize();
+    ((raw[0] >> 1) & 0x03, u16::from_be_bytes([raw[1], raw[2]]))
+}

@@ -746,8 +746,5 @@ fn packet_name(p: &Packet) -> &'static str {
 
 /// The packet id of a client's publish.
 fn publish_pkid(publish: &rumqttd::protocol::Publish) -> u16 {
-    // `Publish::pkid` is crate-private; its serialization (header byte,
-    // then the id) is public.
-    let raw = publish.serialize();
-    u16::from_be_bytes([raw[1], raw[2]])
+    crate::router::qos_pkid(publish).1
 }
