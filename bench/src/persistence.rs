@@ -1,6 +1,8 @@
 //! `axion-bench --persistence`: broker state across restarts, Axion
-//! (`axion serve`, retained messages in `<data-dir>/broker.redb`) beside
-//! Mosquitto with `persistence true`, in one run.
+//! (`axion serve`, retained messages in `<data-dir>/broker.redb`, kept
+//! sessions' queues in `<data-dir>/kept-queues/`) beside Mosquitto with
+//! `persistence true`, in one run. With `--baseline`, an earlier build of
+//! axion runs beside them in the same rounds.
 //!
 //! Per broker and round, on fresh data directories:
 //! 1. N retained QoS 1 messages (distinct topics, 64 B) from one publisher
@@ -9,7 +11,8 @@
 //!    directory: time from the spawn until a fresh QoS 0 subscriber to the
 //!    bench's prefix has every retained message back, and how many came;
 //!    then a fresh QoS 1 subscriber (every message acknowledged) the same;
-//! 3. the size of the store file after the messages were acknowledged,
+//! 3. the size of the store (for Axion `broker.redb` and `kept-queues/`)
+//!    after the messages were acknowledged,
 //!    after the clean stop, and after the restart;
 //! 4. on a new directory, N more retained QoS 1 messages, every PUBACK in,
 //!    then `kill -9`, a start again, and how many come back.
@@ -38,7 +41,7 @@
 //!    1800 s, is kept), so what it queued since the start is gone.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,6 +68,8 @@ const QUEUED_ID: &str = "pbench-queued";
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Who {
     Axion,
+    /// The `--baseline` build of axion, run beside it in the same rounds.
+    Baseline,
     Mosquitto,
 }
 
@@ -72,15 +77,19 @@ impl Who {
     fn name(self) -> &'static str {
         match self {
             Who::Axion => "axion",
+            Who::Baseline => "axion baseline",
             Who::Mosquitto => "mosquitto",
         }
     }
 
-    /// The file that holds the broker's persistent state.
-    fn store(self, data: &Path) -> PathBuf {
+    /// Bytes of the broker's persistent state (for Axion its store and
+    /// its kept sessions' queue log, not the queue owner's tasks).
+    fn store_bytes(self, data: &Path) -> u64 {
         match self {
-            Who::Axion => data.join("broker.redb"),
-            Who::Mosquitto => data.join("mosquitto.db"),
+            Who::Axion | Who::Baseline => {
+                file_len(&data.join("broker.redb")) + dir_len(&data.join("kept-queues"))
+            }
+            Who::Mosquitto => file_len(&data.join("mosquitto.db")),
         }
     }
 }
@@ -161,11 +170,17 @@ fn spawn(
         }
         // Its default keeps 100 000 retained topics (its own records among
         // them); the bench's N must all fit.
-        Who::Axion => axion_serve(&args.axion, port, data)?
-            .arg("--max-retained")
-            .arg((args.retained + 10_000).max(100_000).to_string())
-            .spawn()
-            .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?,
+        Who::Axion | Who::Baseline => {
+            let bin = match (who, &args.baseline) {
+                (Who::Baseline, Some(baseline)) => baseline,
+                _ => &args.axion,
+            };
+            axion_serve(bin, port, data)?
+                .arg("--max-retained")
+                .arg((args.retained + 10_000).max(100_000).to_string())
+                .spawn()
+                .with_context(|| format!("spawn {} (cargo build --release)", bin.display()))?
+        }
     };
     Ok(Running {
         child,
@@ -372,12 +387,12 @@ async fn retained_round(who: Who, args: &Args) -> anyhow::Result<RetainedRound> 
     let secs = publish_retained(broker.port, "r", n).await?;
     r.cpu = cpu_secs(broker.pid()) - cpu0;
     r.rate = n as f64 / secs;
-    r.store_acked = file_len(&who.store(&data));
+    r.store_acked = who.store_bytes(&data);
 
     // 2. Clean stop, start on the same directory, everything back to a
     // QoS 0 subscriber (what the broker restored, whatever the QoS).
     r.stop_secs = broker.stop().await?;
-    r.store_stopped = file_len(&who.store(&data));
+    r.store_stopped = who.store_bytes(&data);
     let broker = spawn(who, args, &data, tmp.path(), 0)?;
     r.listening_secs = listening(&broker).await?;
     let back = collect_retained(broker.port, "r", n, QoS::AtMostOnce).await?;
@@ -386,7 +401,7 @@ async fn retained_round(who: Who, args: &Args) -> anyhow::Result<RetainedRound> 
     }
     r.back = back.count;
     r.back_secs = back.last.duration_since(broker.spawned).as_secs_f64();
-    r.store_restarted = file_len(&who.store(&data));
+    r.store_restarted = who.store_bytes(&data);
     r.dir_restarted = dir_len(&data);
     // Then the same to a QoS 1 subscriber (each message acknowledged).
     let back = collect_retained(broker.port, "r", n, QoS::AtLeastOnce).await?;
@@ -874,34 +889,47 @@ fn mib(bytes: f64) -> String {
     }
 }
 
-/// The brokers in round `round`'s order (alternating which goes first).
-fn order(round: usize) -> [Who; 2] {
-    if round.is_multiple_of(2) {
-        [Who::Axion, Who::Mosquitto]
-    } else {
-        [Who::Mosquitto, Who::Axion]
+/// The brokers measured: Axion, its `--baseline` build if given, and
+/// Mosquitto.
+fn brokers(args: &Args) -> Vec<Who> {
+    let mut who = vec![Who::Axion];
+    if args.baseline.is_some() {
+        who.push(Who::Baseline);
     }
+    who.push(Who::Mosquitto);
+    who
 }
 
-/// One row of the table: what is measured, then Axion's and Mosquitto's
-/// medians.
-type Row = (String, [String; 2]);
-
-/// Each broker's rounds, Axion's first.
-fn by_broker<R: Copy>(results: &[(Who, R)]) -> [Vec<R>; 2] {
-    [Who::Axion, Who::Mosquitto].map(|who| {
-        results
-            .iter()
-            .filter(|(w, _)| *w == who)
-            .map(|(_, r)| *r)
-            .collect()
-    })
+/// The brokers in round `round`'s order (alternating which goes first).
+fn order(args: &Args, round: usize) -> Vec<Who> {
+    let mut who = brokers(args);
+    if !round.is_multiple_of(2) {
+        who.reverse();
+    }
+    who
 }
 
-fn retained_rows(n: u64, results: &[(Who, RetainedRound)]) -> Vec<Row> {
-    let brokers = by_broker(results);
+/// One row of the table: what is measured, then each broker's median.
+type Row = (String, Vec<String>);
+
+/// Each broker's rounds, in [`brokers`] order.
+fn by_broker<R: Copy>(args: &Args, results: &[(Who, R)]) -> Vec<Vec<R>> {
+    brokers(args)
+        .into_iter()
+        .map(|who| {
+            results
+                .iter()
+                .filter(|(w, _)| *w == who)
+                .map(|(_, r)| *r)
+                .collect()
+        })
+        .collect()
+}
+
+fn retained_rows(args: &Args, n: u64, results: &[(Who, RetainedRound)]) -> Vec<Row> {
+    let brokers = by_broker(args, results);
     let row = |what: String, cell: &dyn Fn(&[RetainedRound]) -> String| -> Row {
-        (what, [cell(&brokers[0]), cell(&brokers[1])])
+        (what, brokers.iter().map(|rs| cell(rs)).collect())
     };
     let m = |rs: &[RetainedRound], f: fn(&RetainedRound) -> f64| median(rs.iter().map(f).collect());
     vec![
@@ -955,10 +983,10 @@ fn retained_rows(n: u64, results: &[(Who, RetainedRound)]) -> Vec<Row> {
     ]
 }
 
-fn sessions_rows(s: u64, results: &[(Who, SessionsRound)]) -> Vec<Row> {
-    let brokers = by_broker(results);
+fn sessions_rows(args: &Args, s: u64, results: &[(Who, SessionsRound)]) -> Vec<Row> {
+    let brokers = by_broker(args, results);
     let row = |what: String, cell: &dyn Fn(&[SessionsRound]) -> String| -> Row {
-        (what, [cell(&brokers[0]), cell(&brokers[1])])
+        (what, brokers.iter().map(|rs| cell(rs)).collect())
     };
     let m = |rs: &[SessionsRound], f: fn(&SessionsRound) -> f64| median(rs.iter().map(f).collect());
     vec![
@@ -986,10 +1014,10 @@ fn sessions_rows(s: u64, results: &[(Who, SessionsRound)]) -> Vec<Row> {
     ]
 }
 
-fn queued_rows(n: u64, results: &[(Who, QueuedRound)]) -> Vec<Row> {
-    let brokers = by_broker(results);
+fn queued_rows(args: &Args, n: u64, results: &[(Who, QueuedRound)]) -> Vec<Row> {
+    let brokers = by_broker(args, results);
     let row = |what: String, cell: &dyn Fn(&[QueuedRound]) -> String| -> Row {
-        (what, [cell(&brokers[0]), cell(&brokers[1])])
+        (what, brokers.iter().map(|rs| cell(rs)).collect())
     };
     let m =
         |rs: &[QueuedRound], f: &dyn Fn(&QueuedRound) -> f64| median(rs.iter().map(f).collect());
@@ -1060,7 +1088,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if n > 0 {
         let mut results: Vec<(Who, RetainedRound)> = Vec::new();
         for round in 0..rounds {
-            for who in order(round) {
+            for who in order(args, round) {
                 let r = rt.block_on(retained_round(who, args))?;
                 eprintln!(
                     "  retained round {} {}: {:.0} msg/s, cpu {:.2}s, store {} B acked / {} B stopped ({:.2}s) / {} B restarted (data dir {} B), listening {:.3}s, {}/{n} back in {:.2}s, QoS 1 subscriber {}/{n} in {:.2}s{}, kill -9: {}/{n} back",
@@ -1088,12 +1116,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 results.push((who, r));
             }
         }
-        rows.extend(retained_rows(n, &results));
+        rows.extend(retained_rows(args, n, &results));
     }
     if let Some(s) = args.sessions.filter(|&s| s > 0) {
         let mut results: Vec<(Who, SessionsRound)> = Vec::new();
         for round in 0..rounds {
-            for who in order(round) {
+            for who in order(args, round) {
                 let r = rt.block_on(sessions_round(who, args, s))?;
                 eprintln!(
                     "  sessions round {} {}: set up in {:.2}s, stop {:.2}s, listening {:.3}s, all {s} reconnected after {:.2}s, session_present=1 for {}, delivered to {}",
@@ -1109,13 +1137,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 results.push((who, r));
             }
         }
-        rows.extend(sessions_rows(s, &results));
+        rows.extend(sessions_rows(args, s, &results));
     }
     if args.queued > 0 {
         let q = args.queued;
         let mut results: Vec<(Who, QueuedRound)> = Vec::new();
         for round in 0..rounds {
-            for who in order(round) {
+            for who in order(args, round) {
                 let r = rt.block_on(queued_round(who, args))?;
                 let offline = |o: &Offline| {
                     format!(
@@ -1142,17 +1170,24 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 results.push((who, r));
             }
         }
-        rows.extend(queued_rows(q, &results));
+        rows.extend(queued_rows(args, q, &results));
     }
     let of_rounds = if rounds > 1 {
         format!(" (median of {rounds} rounds)")
     } else {
         String::new()
     };
-    println!("| measured{of_rounds} | axion | mosquitto (persistence true) |");
-    println!("|---|---|---|");
-    for (what, [a, m]) in rows {
-        println!("| {what} | {a} | {m} |");
+    let names: Vec<&str> = brokers(args)
+        .into_iter()
+        .map(|who| match who {
+            Who::Mosquitto => "mosquitto (persistence true)",
+            who => who.name(),
+        })
+        .collect();
+    println!("| measured{of_rounds} | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(names.len()));
+    for (what, cells) in rows {
+        println!("| {what} | {} |", cells.join(" | "));
     }
     Ok(())
 }
