@@ -329,15 +329,11 @@ impl QueueLog {
             .write_all(&out)
             .and_then(|()| state.file.sync_data())
         {
-            // What was written is garbage to the index; a restart reads
-            // it as records nobody was told are on disk (harmless), or
-            // as a torn tail.
-            let head = state.head;
-            let path = segment_path(&self.dir, head);
-            if let Ok(meta) = std::fs::metadata(&path) {
-                if let Some(s) = state.index.segments.get_mut(&head) {
-                    s.len = meta.len();
-                }
+            // Part of the batch may be in the file: what follows goes to
+            // a new segment, so a restart cuts this one there and still
+            // reads everything after it.
+            if let Err(roll) = self.start_segment(&mut state) {
+                tracing::error!(error = %roll, "queue log: no new segment after a failed write");
             }
             return Err(self.err(e));
         }
@@ -367,16 +363,7 @@ impl QueueLog {
     /// oldest one forward when the disk holds much more than is live.
     fn tidy(&self, state: &mut State) -> Result<(), LogError> {
         if state.index.segments.get(&state.head).map_or(0, |s| s.len) >= SEGMENT_BYTES {
-            let next = state.head + 1;
-            let path = segment_path(&self.dir, next);
-            state.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|source| LogError::Io { path, source })?;
-            sync_dir(&self.dir).map_err(|e| self.err(e))?;
-            state.head = next;
-            state.index.segments.insert(next, Segment::default());
+            self.start_segment(state)?;
         }
         loop {
             let Some((&oldest, segment)) = state.index.segments.first_key_value() else {
@@ -401,6 +388,21 @@ impl QueueLog {
             }
             state.index.segments.remove(&oldest);
         }
+    }
+
+    /// Closes the head segment and begins the next.
+    fn start_segment(&self, state: &mut State) -> Result<(), LogError> {
+        let next = state.head + 1;
+        let path = segment_path(&self.dir, next);
+        state.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| LogError::Io { path, source })?;
+        sync_dir(&self.dir).map_err(|e| self.err(e))?;
+        state.head = next;
+        state.index.segments.insert(next, Segment::default());
+        Ok(())
     }
 
     /// Copies the live messages of segment `n` to the head, so it can go.
