@@ -890,7 +890,9 @@ pub async fn write_held(shared: std::sync::Weak<Shared>) {
             return;
         };
         let offline = &shared.offline;
-        let due_before = Instant::now() + JOURNAL_TICK - JOURNAL_GRACE;
+        let due_before = (Instant::now() + JOURNAL_TICK)
+            .checked_sub(JOURNAL_GRACE)
+            .unwrap_or(oldest);
         let due: Vec<(Arc<Queue>, u64)> = {
             let mut held = offline.held.lock().unwrap_or_else(|p| p.into_inner());
             let mut due = Vec::new();
