@@ -260,8 +260,10 @@ pub struct Offline {
     cache: crate::topic_cache::TopicCache<Hit>,
     /// Queues in the index: capture costs nothing while it is zero.
     capturing: AtomicUsize,
-    /// Seeded per process: content identity must not be guessable.
-    hasher: foldhash::fast::RandomState,
+    /// Seeded from the OS's randomness at start: which contents collide
+    /// must not be guessable from outside, or a publisher could hide
+    /// another's message from an away session.
+    hasher: foldhash::fast::FixedState,
     /// Held journal entries, oldest first: when held, whose, which.
     held: Mutex<VecDeque<(Instant, Arc<Queue>, u64)>>,
     held_bytes: AtomicU64,
@@ -296,7 +298,7 @@ impl Offline {
             index: Mutex::new(HashMap::new()),
             cache: Default::default(),
             capturing: AtomicUsize::new(0),
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: foldhash::fast::FixedState::with_seed(uuid::Uuid::new_v4().as_u64_pair().0),
             held: Mutex::new(VecDeque::new()),
             held_bytes: AtomicU64::new(0),
             held_wake: Arc::new(tokio::sync::Notify::new()),
