@@ -85,9 +85,11 @@ const JOURNAL_GRACE: Duration = Duration::from_millis(10);
 /// message).
 const JOURNAL_TICK: Duration = Duration::from_millis(2);
 
-/// A session whose client let a held entry's grace pass is written to at
-/// once for this long: holding only helps a client that keeps up, and a
-/// publisher beside one that does not would wait out every grace.
+/// A session whose client let a held entry's grace pass without
+/// acknowledging anything in that time is written to at once for this
+/// long: holding only helps a client that keeps up, and a publisher beside
+/// one that has stopped would wait out every grace. (A client that is
+/// reading, only behind, keeps its entries held.)
 const JOURNAL_HOLD_OFF: Duration = Duration::from_secs(1);
 
 /// Bytes of journal entries held in memory at most; past it new ones are
@@ -176,6 +178,8 @@ struct QueueState {
     held: HashMap<u64, Held>,
     /// No entry is held before this (see [`JOURNAL_HOLD_OFF`]).
     hold_off_until: Option<Instant>,
+    /// When its client last acknowledged a journaled message.
+    last_ack: Option<Instant>,
     /// Messages dropped at the bound, ever, and whether the current
     /// episode was logged.
     dropped: u64,
@@ -657,6 +661,7 @@ impl Offline {
             s.bytes = s.bytes.saturating_sub(size);
             s.pending.remove(&seq);
             s.sent.remove(&seq);
+            s.last_ack = Some(Instant::now());
             if let Some(held) = s.held.remove(&seq) {
                 // Acknowledged before it was written: it never will be.
                 self.held_bytes
@@ -909,7 +914,9 @@ pub async fn write_held(shared: std::sync::Weak<Shared>) {
             let mut s = queue.lock();
             // Gone already if its client acknowledged it.
             if let Some(held) = s.held.remove(&seq) {
-                s.hold_off_until = Some(Instant::now() + JOURNAL_HOLD_OFF);
+                if s.last_ack.is_none_or(|at| at.elapsed() > JOURNAL_GRACE) {
+                    s.hold_off_until = Some(Instant::now() + JOURNAL_HOLD_OFF);
+                }
                 offline
                     .held_bytes
                     .fetch_sub(held.value.len() as u64, Ordering::Relaxed);
