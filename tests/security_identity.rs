@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axion_broker::queues::ops::{OpsClient, OpsError};
 use axion_broker::queues::proto::{Command as OpsCommand, Stats, TaskRequest};
-use axion_heartbeat::MqttUrl;
+use axion_wire::MqttUrl;
 use bytes::Bytes;
 use common::mqtt::{qos_v5, recv, recv_none, Msg, V4, V5};
 use common::raw::{mqtt_str, read_packet, varint};

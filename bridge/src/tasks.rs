@@ -26,7 +26,7 @@
 use crate::client::{ClientHandle, Metrics};
 use crate::hub::{Hub, SubscribeError};
 use crate::mqtt::Mqtt;
-use axion_heartbeat::topics;
+use axion_wire::topics;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};

@@ -9,13 +9,14 @@
 //! Two rules hold whatever the roles say:
 //! - a heartbeat topic `axion/<pkg>/heartbeat/<service>/<host>:<port>` is
 //!   written only by the instance's own client id
-//!   (`axion-hb-<service>-<host>-<port>`, the publisher's convention), so no
+//!   (`axion-hb-<service>-<host>-<port>`, `axion_wire::ids::heartbeat_client`,
+//!   the same function the publisher names itself with), so no
 //!   client can forge or delete (empty retained payload) another's record;
 //! - a rule's leading wildcard never matches a `$` level (as in MQTT
 //!   matching), so `$share/…` subscriptions need an explicit `$share/…`
 //!   rule: shared queue groups are for roles that list them (workers).
 
-use axion_heartbeat::publisher::sanitize_client_id;
+use axion_wire::ids;
 
 /// Why a publish or subscription was refused, for logs and audit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +211,7 @@ fn heartbeat_owner(topic: &str) -> Option<String> {
     // An instance id without `host:port` shape has no owner: nobody but a
     // superuser writes it.
     let owner = match instance.rsplit_once(':') {
-        Some((host, port)) => sanitize_client_id(&format!("axion-hb-{service}-{host}-{port}")),
+        Some((host, port)) => ids::heartbeat_client(service, host, port),
         None => String::new(),
     };
     Some(owner)

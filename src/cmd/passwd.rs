@@ -18,7 +18,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(user) = args.token_for {
-        axion_heartbeat::topics::validate_level("user", &user)?;
+        axion_wire::topics::validate_level("user", &user)?;
         let secret = axion_broker::auth::random_secret();
         let hash = axion_broker::auth::hash_password(&secret)?;
         println!("token = \"{user}.{secret}\"");

@@ -11,9 +11,8 @@ use axion_bridge::{Bridge, BridgeConfig};
 use axion_broker::login_limit::LoginLimits;
 use axion_broker::queues::QueueOwner;
 use axion_broker::{Broker, BrokerConfig};
-use axion_heartbeat::{
-    spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher, MqttUrl,
-};
+use axion_client::{spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
+use axion_wire::MqttUrl;
 use tracing::{error, info, warn};
 
 use super::bridge::{BridgeLimits, WsTls};
@@ -136,7 +135,7 @@ impl LoginLimitArgs {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    axion_heartbeat::topics::validate_level("package", &args.package)?;
+    axion_wire::topics::validate_level("package", &args.package)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("axion")

@@ -6,7 +6,8 @@
 //! when the connection (re)opens, because a restarted broker may have lost
 //! what was retained and the caller republishes then.
 
-use axion_heartbeat::MqttUrl;
+use axion_client::connection::options_v5;
+use axion_wire::MqttUrl;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
@@ -33,7 +34,7 @@ impl Link {
             "{client_id_prefix}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut opts = url.options_v5(&client_id);
+        let mut opts = options_v5(url, &client_id);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);

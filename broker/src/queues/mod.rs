@@ -12,7 +12,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), axion_broker::queues::QueueError> {
 //! use axion_broker::queues::{QueueConfig, QueueOwner};
-//! let url = axion_heartbeat::MqttUrl::parse("mqtt://127.0.0.1:1883").expect("url");
+//! let url = axion_wire::MqttUrl::parse("mqtt://127.0.0.1:1883").expect("url");
 //! let handle = QueueOwner::start(QueueConfig::new(url, "./axion-data".into(), "default".into())).await?;
 //! // ... later:
 //! handle.shutdown().await?;
@@ -32,17 +32,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use axion_heartbeat::{topics, MqttUrl, TopicError};
+use axion_wire::{topics, MqttUrl, TopicError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use store::StoreError;
-
-/// The owner's MQTT client id unless [`QueueConfig::client_id`] says
-/// otherwise: stable, so a restart takes over its session.
-pub fn owner_client_id(package: &str) -> String {
-    format!("axion-queues-{package}")
-}
 
 /// Everything the owner needs. [`QueueConfig::new`] fills the defaults.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use axion_heartbeat::{topics, MqttUrl, TopicError};
+use axion_wire::{topics, MqttUrl, TopicError};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -62,7 +62,7 @@ impl OpsClient {
         // Not an `axion-` id: those are reserved to Axion's components, and
         // an operator with read rights must be able to inspect queues.
         let client_id = format!("queue-cli-{}", uuid::Uuid::new_v4().simple());
-        let mut opts = url.options_v5(&client_id);
+        let mut opts = axion_client::connection::options_v5(url, &client_id);
         opts.set_max_packet_size(Some(16 * 1024 * 1024));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, mut rx) = mpsc::channel(1024);

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axion_heartbeat::topics;
+use axion_wire::topics;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -172,8 +172,8 @@ pub(crate) async fn run(
     let client_id = cfg
         .client_id
         .clone()
-        .unwrap_or_else(|| super::owner_client_id(&cfg.package));
-    let mut opts = cfg.mqtt.options_v5(&client_id);
+        .unwrap_or_else(|| axion_wire::ids::queue_owner_client(&cfg.package));
+    let mut opts = axion_client::connection::options_v5(&cfg.mqtt, &client_id);
     // By hand only when an enqueue's PUBACK waits for its commit.
     opts.set_manual_acks(cfg.ack_after_commit);
     opts.set_max_packet_size(Some(cfg.max_packet_size));

@@ -90,10 +90,10 @@ pub struct TapRx {
 }
 
 /// A tap for the queues of `package`, with an outlet for the owner's
-/// session (client id [`super::owner_client_id`]).
+/// session (client id [`axion_wire::ids::queue_owner_client`]).
 pub fn tap(package: &str) -> (Tap, TapRx) {
     let (tx, rx) = mpsc::channel(CAPACITY);
-    let (outlet, outlet_tx) = outlet::outlet(&super::owner_client_id(package));
+    let (outlet, outlet_tx) = outlet::outlet(&axion_wire::ids::queue_owner_client(package));
     let full = FullQueues::default();
     let tap = Tap {
         prefix: format!("axion/{package}/queue/"),

@@ -13,9 +13,10 @@
 //! carries the time of its connection, not of the loss, and a janitor that
 //! just started must not clear an instance it knows nothing about yet.
 
+use crate::connection::options_v5;
 use crate::fleet::parse_heartbeat_topic;
-use crate::schema::{now_unix, Heartbeat};
-use crate::{topics, MqttUrl};
+use axion_wire::schema::{now_unix, Heartbeat};
+use axion_wire::{topics, MqttUrl};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
@@ -29,7 +30,7 @@ struct Seen {
     timestamp: f64,
     boot_id: String,
     seq: u64,
-    status: crate::schema::Status,
+    status: axion_wire::schema::Status,
     /// When this janitor first saw this exact record.
     first_seen: f64,
 }
@@ -80,7 +81,7 @@ impl GhostTable {
                     timestamp: 0.0,
                     boot_id: String::new(),
                     seq: 0,
-                    status: crate::schema::Status::Offline,
+                    status: axion_wire::schema::Status::Offline,
                     first_seen: now,
                 });
             }
@@ -120,7 +121,7 @@ pub fn spawn_janitor(url: &MqttUrl, ghost_after: Duration) -> JoinHandle<()> {
         "axion-janitor-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let mut opts = url.options_v5(&client_id);
+    let mut opts = options_v5(url, &client_id);
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 256);

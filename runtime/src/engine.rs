@@ -33,8 +33,8 @@ use super::limits::Limits;
 use super::message::{parse_event, Event, ReplyTarget, Task, WireTask};
 use super::vitals::Vitals;
 use super::{EventHandler, HandlerResult, RuntimeError, TaskHandler};
-use crate::topics;
-use crate::MqttUrl;
+use axion_client::connection::options_v5;
+use axion_wire::{topics, MqttUrl};
 
 /// rumqttc request channel; the dispatcher's outbox absorbs the rest.
 const REQUEST_CAPACITY: usize = 1024;
@@ -125,7 +125,7 @@ pub(crate) async fn run(
     let mut sigterm = signal(SignalKind::terminate()).map_err(RuntimeError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RuntimeError::Signal)?;
 
-    let mut opts = plan.mqtt.options_v5(&plan.client_id);
+    let mut opts = options_v5(&plan.mqtt, &plan.client_id);
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(MAX_PACKET));
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);

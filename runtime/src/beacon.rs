@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::vitals::Vitals;
 use super::RuntimeError;
-use crate::publisher::{HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
+use axion_client::publisher::{HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
 
 /// How often live numbers are copied into the record.
 const SYNC_EVERY: Duration = Duration::from_millis(200);

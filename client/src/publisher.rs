@@ -16,8 +16,10 @@
 //! not stay retained forever on brokers that honour expiry for retained
 //! messages; `janitor` covers brokers that do not.
 
-use crate::schema::{now_unix, Heartbeat, Status, DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
-use crate::{topics, HeartbeatError, MqttUrl};
+use crate::connection::options_v5;
+use crate::HeartbeatError;
+use axion_wire::schema::{now_unix, Heartbeat, Status, DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
+use axion_wire::{ids, topics, MqttUrl};
 use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
@@ -118,20 +120,6 @@ pub fn local_hostname() -> Result<String, HeartbeatError> {
         .map_err(HeartbeatError::Hostname)
 }
 
-/// A client id the broker accepts: rumqttd's listener dies on `/ + # $` in a
-/// client id, so anything outside a safe set becomes `_`.
-pub fn sanitize_client_id(raw: &str) -> String {
-    raw.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// Entry point: `HeartbeatPublisher::start(config)`.
 pub struct HeartbeatPublisher;
 
@@ -154,10 +142,7 @@ impl HeartbeatPublisher {
         let identity = Identity {
             topic: topics::heartbeat(&config.package, &config.service, &instance_id),
             announce_topic: topics::announce(&config.package),
-            client_id: sanitize_client_id(&format!(
-                "axion-hb-{}-{hostname}-{port_slot}",
-                config.service
-            )),
+            client_id: ids::heartbeat_client(&config.service, &hostname, port_slot),
             package: config.package,
             service: config.service,
             hostname,
@@ -189,7 +174,7 @@ impl HeartbeatPublisher {
             stop_ack: Mutex::new(None),
         });
 
-        let mut opts = config.mqtt.options_v5(&shared.id.client_id);
+        let mut opts = options_v5(&config.mqtt, &shared.id.client_id);
         opts.set_keep_alive(HEARTBEAT_KEEP_ALIVE);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
@@ -649,18 +634,5 @@ async fn stop_sequence(
             tracing::warn!(topic = %topic, reason, "offline record not acknowledged before disconnect");
             Err(HeartbeatError::StopTimeout(STOP_TIMEOUT))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_ids_lose_wildcards_and_dollar() {
-        assert_eq!(
-            sanitize_client_id("axion-hb-a/b+c#d$e-h:1"),
-            "axion-hb-a_b_c_d_e-h:1"
-        );
     }
 }

@@ -8,8 +8,10 @@
 //! `offline`. `FleetWatcher` is that table fed by its own MQTT connection,
 //! for the dashboard and for the queue owner (to notice a worker went away).
 
-use crate::schema::{now_unix, Heartbeat, Status, DEFAULT_STALE_SECS};
-use crate::{topics, HeartbeatError, MqttUrl};
+use crate::connection::options_v5;
+use crate::HeartbeatError;
+use axion_wire::schema::{now_unix, Heartbeat, Status, DEFAULT_STALE_SECS};
+use axion_wire::{topics, MqttUrl};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
@@ -326,7 +328,7 @@ impl FleetWatcher {
             options.client_prefix,
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut opts = url.options_v5(&client_id);
+        let mut opts = options_v5(url, &client_id);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
         // Every retained record arrives in one burst right after SUBACK.

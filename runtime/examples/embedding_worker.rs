@@ -15,11 +15,11 @@
 //! - `"hang": true` → never returns (an await that never completes)
 //! - `"spin": true` → never returns and never yields (a CPU busy loop)
 //!
-//! Run: `AXION_MQTT_URL=mqtt://127.0.0.1:1883 cargo run -p axion-heartbeat --example embedding_worker`
+//! Run: `AXION_MQTT_URL=mqtt://127.0.0.1:1883 cargo run -p axion-runtime --example embedding_worker`
 
 use std::time::Duration;
 
-use axion_heartbeat::runtime::{Event, HandlerResult, Service};
+use axion_runtime::{Event, HandlerResult, Service};
 use serde_json::{json, Value};
 
 const DIMENSIONS: usize = 8;

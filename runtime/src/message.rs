@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::vitals::Vitals;
-use crate::topics;
+use axion_wire::topics;
 
 /// A task as the queue owner delivered it (docs/DESIGN.md "Task record").
 #[derive(Debug, Clone)]

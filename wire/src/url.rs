@@ -6,10 +6,6 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
-
-/// QoS 1/2 publishes a client keeps in flight at most.
-pub const MAX_INFLIGHT: u16 = 1024;
 
 /// Default broker URL when none is given.
 pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
@@ -147,38 +143,6 @@ impl MqttUrl {
             self.password = std::env::var("AXION_MQTT_PASSWORD").ok();
         }
         self
-    }
-
-    /// MQTT 5 client options for this broker, with a keep-alive short enough
-    /// that a lost broker is noticed within seconds, and TCP_NODELAY.
-    pub fn options_v5(&self, client_id: &str) -> rumqttc::v5::MqttOptions {
-        let mut opts = match &self.unix {
-            Some(path) => {
-                let mut opts = rumqttc::v5::MqttOptions::new(
-                    client_id,
-                    path.to_string_lossy().into_owned(),
-                    0,
-                );
-                opts.set_transport(rumqttc::Transport::Unix);
-                opts
-            }
-            None => rumqttc::v5::MqttOptions::new(client_id, &self.host, self.port),
-        };
-        opts.set_keep_alive(Duration::from_secs(5));
-        // Without an upper limit rumqttc 0.25 preallocates a slot for all
-        // 65 535 packet ids: 14 MB per client, measured with massif.
-        opts.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
-        // rumqttc leaves Nagle on: a small publish written while the last
-        // one is unacknowledged waits for the peer's delayed ACK (~40 ms),
-        // which put 40–90 ms on every queue hand-off (credit, release,
-        // delivery) before this was set.
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        opts.set_network_options(network);
-        if let Some(user) = &self.user {
-            opts.set_credentials(user, self.password.as_deref().unwrap_or(""));
-        }
-        opts
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
     #[error(transparent)]
-    Topic(#[from] crate::TopicError),
+    Topic(#[from] axion_wire::TopicError),
     #[error("environment variable {name}={value:?} is not a whole number of seconds")]
     Env { name: &'static str, value: String },
     #[error("cannot read this machine's hostname: {0}")]

@@ -2,7 +2,7 @@
 //!
 //! What this answers: in the legacy fleet a service lost its broker,
 //! hung while looking alive, and blocked everything that needed it. A
-//! service built on this module connects (MQTT 5), serves its queues through
+//! service built on this crate connects (MQTT 5), serves its queues through
 //! the credit protocol of `bridge/QUEUE-CONTRACT.md` and its event topics,
 //! publishes the retained heartbeat with live load, refuses work beyond its
 //! limits at once, drains on SIGTERM, and exits with a distinct code when the
@@ -10,7 +10,7 @@
 //! restarts it:
 //!
 //! ```no_run
-//! use axion_heartbeat::runtime::{Service, Task};
+//! use axion_runtime::{Service, Task};
 //! use serde_json::json;
 //!
 //! #[tokio::main]
@@ -45,8 +45,9 @@ pub use limits::Limits;
 pub use message::{Event, Task};
 pub use watchdog::{EXIT_BROKER_LOST, EXIT_STALLED};
 
-use crate::publisher::{local_hostname, sanitize_client_id, HeartbeatConfig};
-use crate::{topics, HeartbeatError, MqttUrl, TopicError, UrlError, DEFAULT_MQTT_URL};
+use axion_client::publisher::{local_hostname, HeartbeatConfig};
+use axion_client::HeartbeatError;
+use axion_wire::{ids, topics, MqttUrl, TopicError, UrlError, DEFAULT_MQTT_URL};
 
 /// Exit code of a clean stop (after draining).
 pub const EXIT_OK: i32 = 0;
@@ -259,7 +260,7 @@ impl Service {
         };
         let host = local_hostname()?;
         let slot = health_port.map(u32::from).unwrap_or_else(std::process::id);
-        let client_id = sanitize_client_id(&format!("axion-svc-{}-{host}-{slot}", self.name));
+        let client_id = ids::service_client(&self.name, &host, slot);
         let mut hb = HeartbeatConfig::new(mqtt.clone(), package.clone(), self.name.clone())?;
         hb.port = health_port;
         hb.host = Some(host);
