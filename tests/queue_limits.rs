@@ -51,8 +51,8 @@ async fn wait_owner(port: u16) {
     let url = axion_wire::MqttUrl::parse(&format!("mqtt://127.0.0.1:{port}")).expect("url");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        use axion_broker::queues::ops::{OpsClient, OpsError};
-        use axion_broker::queues::proto::Command as Op;
+        use axion_queues::ops::{OpsClient, OpsError};
+        use axion_queues::proto::Command as Op;
         let mut ops = OpsClient::connect(&url, PKG, Duration::from_millis(500))
             .await
             .expect("connect");

@@ -29,7 +29,6 @@ pub mod login_limit;
 pub mod marks;
 pub mod names;
 pub mod offline;
-pub mod queues;
 pub mod refusals;
 pub mod renewal;
 pub mod retained;

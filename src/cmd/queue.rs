@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use axion_broker::queues::ops::OpsClient;
-use axion_broker::queues::proto::{Command, Stats, TaskRequest, TaskView};
+use axion_queues::ops::OpsClient;
+use axion_queues::proto::{Command, Stats, TaskRequest, TaskView};
 use axion_wire::MqttUrl;
 use comfy_table::{presets::NOTHING, Table};
 

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_broker::queues::{QueueConfig, QueueLimit, QueueOwner};
 use axion_client::{HeartbeatConfig, HeartbeatPublisher};
+use axion_queues::{QueueConfig, QueueLimit, QueueOwner};
 use axion_wire::MqttUrl;
 use tracing::{error, info, warn};
 

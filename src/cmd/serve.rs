@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use axion_bridge::{Bridge, BridgeConfig};
 use axion_broker::login_limit::LoginLimits;
-use axion_broker::queues::QueueOwner;
 use axion_broker::{Broker, BrokerConfig};
 use axion_client::{spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
+use axion_queues::QueueOwner;
 use axion_wire::MqttUrl;
 use tracing::{error, info, warn};
 

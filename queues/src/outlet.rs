@@ -89,7 +89,7 @@ pub fn outlet(client_id: &str) -> (Arc<Outlet>, OutletTx) {
 
 impl Outlet {
     /// The session's hold on this outlet, if `client_id` is the owner's.
-    pub(crate) fn for_client(self: &Arc<Self>, client_id: &str) -> Option<OutletLink> {
+    pub fn for_client(self: &Arc<Self>, client_id: &str) -> Option<OutletLink> {
         (client_id == self.client_id).then(|| OutletLink {
             outlet: self.clone(),
             rx: None,
@@ -104,7 +104,7 @@ impl Outlet {
 /// A session's hold on the outlet. It takes the receiver on first use
 /// (waiting while an older session of the same id still has it) and gives
 /// it back when dropped.
-pub(crate) struct OutletLink {
+pub struct OutletLink {
     outlet: Arc<Outlet>,
     rx: Option<mpsc::Receiver<Injected>>,
 }
@@ -113,7 +113,7 @@ impl OutletLink {
     /// Moves up to [`BATCH`] publishes into `buf`; 0 once the owner has
     /// dropped its end. Cancel-safe: the receiver, once taken, is kept in
     /// `self` before anything is awaited.
-    pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Injected>) -> usize {
+    pub async fn recv_many(&mut self, buf: &mut Vec<Injected>) -> usize {
         loop {
             if let Some(rx) = self.rx.as_mut() {
                 return rx.recv_many(buf, BATCH).await;
@@ -128,7 +128,7 @@ impl OutletLink {
     }
 
     /// What is already waiting, without waiting (for a session's end).
-    pub(crate) fn take_waiting(&mut self) -> Vec<Injected> {
+    pub fn take_waiting(&mut self) -> Vec<Injected> {
         let mut buf = Vec::new();
         if self.rx.is_none() {
             self.rx = self.outlet.take();

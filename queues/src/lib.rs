@@ -1,4 +1,4 @@
-//! Durable work queues over MQTT (see `README.md` beside this file).
+//! Durable work queues over MQTT (see the crate's `README.md`).
 //!
 //! A shared subscription alone drops tasks when no worker is subscribed and
 //! loses QoS 1 messages in flight to a member that disconnects. So one
@@ -10,8 +10,8 @@
 //! any MQTT 5 broker.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), axion_broker::queues::QueueError> {
-//! use axion_broker::queues::{QueueConfig, QueueOwner};
+//! # async fn demo() -> Result<(), axion_queues::QueueError> {
+//! use axion_queues::{QueueConfig, QueueOwner};
 //! let url = axion_wire::MqttUrl::parse("mqtt://127.0.0.1:1883").expect("url");
 //! let handle = QueueOwner::start(QueueConfig::new(url, "./axion-data".into(), "default".into())).await?;
 //! // ... later:

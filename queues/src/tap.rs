@@ -32,19 +32,19 @@ pub(crate) const LEAVES: [&str; 7] = [
 /// that sent it, as the broker knows it. The owner believes it over any
 /// `worker` field in the body, and only from the tap: over MQTT anyone
 /// could set it, so the owner ignores it there.
-pub(crate) const SENDER: &str = "axion-sender";
+pub const SENDER: &str = "axion-sender";
 
 /// User property the tap puts on an `ack`, `fail` or `progress` copy when
 /// the sending session was itself delivered that task: a shared group may
 /// deliver a task to a member other than the one whose credit it used, and
 /// that member may claim it (see `bridge/QUEUE-CONTRACT.md`). The broker
 /// vouches for the delivery, so nobody claims a task it never got.
-pub(crate) const RECEIVED: &str = "axion-received";
+pub const RECEIVED: &str = "axion-received";
 
 /// The `id` of a task record or task message: its first field, as the
 /// owner and Axion's workers write them, read without a parse; anything
 /// else is parsed.
-pub(crate) fn task_id(payload: &[u8]) -> Option<String> {
+pub fn task_id(payload: &[u8]) -> Option<String> {
     if let Some(rest) = payload.strip_prefix(br#"{"id":""#) {
         if let Some(end) = rest.iter().position(|b| *b == b'"' || *b == b'\\') {
             if rest[end] == b'"' {
@@ -60,7 +60,7 @@ pub(crate) fn task_id(payload: &[u8]) -> Option<String> {
 }
 
 /// True for `axion/<pkg>/queue/<q>/ack|fail|progress`.
-pub(crate) fn is_task_answer(topic: &[u8]) -> bool {
+pub fn is_task_answer(topic: &[u8]) -> bool {
     [&b"/ack"[..], b"/fail", b"/progress"]
         .iter()
         .any(|leaf| topic.ends_with(leaf))
@@ -74,7 +74,7 @@ const CAPACITY: usize = 4096;
 pub struct Tap {
     prefix: String,
     tx: mpsc::Sender<Box<Publish>>,
-    pub(crate) outlet: Arc<Outlet>,
+    pub outlet: Arc<Outlet>,
     full: FullQueues,
 }
 
