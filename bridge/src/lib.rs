@@ -90,7 +90,7 @@ pub struct BridgeConfig {
     pub heartbeat: bool,
     /// Users and ACLs (the broker's auth file): when set, every WebSocket
     /// client must present a bearer token and is held to its user's ACL.
-    pub auth: Option<Arc<axion_broker::auth::Auth>>,
+    pub auth: Option<Arc<axion_access::auth::Auth>>,
     /// Serve `wss://` (and `/health` over `https://`) instead of plain `ws://`.
     pub tls: Option<TlsFiles>,
     /// The legacy heartbeat service, answered on this port too
@@ -135,7 +135,7 @@ pub enum BridgeError {
     /// Not a `source`: the message already carries it, and error chains
     /// would print it twice.
     #[error("WebSocket TLS: {0}")]
-    Tls(axion_broker::tls::TlsError),
+    Tls(axion_access::tls::TlsError),
     #[error("heartbeat: {0}")]
     Heartbeat(#[from] axion_client::HeartbeatError),
 }
@@ -157,7 +157,7 @@ impl Bridge {
         axion_wire::topics::validate_level("package", &config.package)?;
         let tls = match &config.tls {
             Some(files) => Some(
-                axion_broker::tls::acceptor(&files.cert, &files.key).map_err(BridgeError::Tls)?,
+                axion_access::tls::acceptor(&files.cert, &files.key).map_err(BridgeError::Tls)?,
             ),
             None => None,
         };

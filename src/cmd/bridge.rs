@@ -114,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.tls = args.tls.files();
         if let Some(path) = &args.auth_file {
             let auth =
-                axion_broker::auth::Auth::load(path)?.with_login_limits(args.login_limits.limits());
+                axion_access::auth::Auth::load(path)?.with_login_limits(args.login_limits.limits());
             config.auth = Some(std::sync::Arc::new(auth));
             tracing::info!(auth_file = %path.display(), "WebSocket authentication and ACLs on");
         }

@@ -37,7 +37,6 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::auth::Principal;
 use crate::codec::Codec;
 use crate::expiry;
 use crate::flow::Consumer;
@@ -47,6 +46,7 @@ use crate::names;
 use crate::renewal::{self, Phase};
 use crate::router;
 use crate::server::Shared;
+use axion_access::auth::Principal;
 use axion_queues::outlet::{Injected, OutletLink};
 
 /// How a session ended, which decides what happens to the will.

@@ -480,7 +480,7 @@ impl Auth {
     /// wills hang on them): only the internal user, superusers and roles
     /// with `axion_components` may use them.
     pub fn may_use_client_id(&self, p: &Principal, client_id: &str) -> Result<(), Denied> {
-        let reserved = client_id.starts_with(crate::names::OWN_CLIENT_PREFIX);
+        let reserved = client_id.starts_with(axion_wire::ids::OWN_PREFIX);
         if reserved && !(p.perms.superuser || p.perms.components) {
             self.audit
                 .refused_client_ids
