@@ -52,7 +52,7 @@ async fn wait_owner(port: u16) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         use axion_queues::ops::{OpsClient, OpsError};
-        use axion_queues::proto::Command as Op;
+        use axion_wire::queue::Command as Op;
         let mut ops = OpsClient::connect(&url, PKG, Duration::from_millis(500))
             .await
             .expect("connect");

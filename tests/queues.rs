@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axion_client::connection::options_v5;
 use axion_queues::ops::{OpsClient, OpsError};
-use axion_queues::proto::{Command as OpsCommand, TaskRequest};
+use axion_wire::queue::{Command as OpsCommand, TaskRequest};
 use axion_wire::MqttUrl;
 use bytes::Bytes;
 use common::batched::Batched;
@@ -171,7 +171,7 @@ async fn wait_owner(url: &str) {
     }
 }
 
-async fn enqueue(c: &mut OpsClient, queue: &str, body: Value) -> axion_queues::proto::Enqueued {
+async fn enqueue(c: &mut OpsClient, queue: &str, body: Value) -> axion_wire::queue::Enqueued {
     let req: TaskRequest = serde_json::from_value(body).expect("task request");
     c.enqueue(queue, &req).await.expect("enqueue confirmed")
 }
@@ -325,7 +325,7 @@ impl Drop for Worker {
     }
 }
 
-async fn show(c: &mut OpsClient, queue: &str) -> axion_queues::proto::Stats {
+async fn show(c: &mut OpsClient, queue: &str) -> axion_wire::queue::Stats {
     c.command(queue, OpsCommand::Show { limit: 100 })
         .await
         .expect("show")

@@ -23,7 +23,6 @@ mod cache;
 pub mod ops;
 pub mod outlet;
 mod owner;
-pub mod proto;
 mod queue;
 mod store;
 pub mod tap;

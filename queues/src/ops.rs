@@ -13,7 +13,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::proto::{Command, CommandReply, CommandRequest, Enqueued, Stats, TaskRequest};
+use axion_wire::queue::{Command, CommandReply, CommandRequest, Enqueued, Stats, TaskRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {

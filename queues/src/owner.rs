@@ -37,13 +37,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::Cache;
 use super::outlet::{Injected, OutletTx, Refused};
-use super::proto::{
-    Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest, TaskView,
-};
 use super::queue::{After, DeadNotice, Effects, Limits, Outgoing, Queue};
 use super::store::{Body, Loaded, Op, Store, StoreError};
 use super::tap::{TapRx, LEAVES};
 use super::{QueueConfig, QueueError};
+use axion_wire::queue::{
+    Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest, TaskView,
+};
 
 /// Deliveries per queue per pass, so one busy queue does not starve others.
 const DISPATCH_BUDGET: usize = 512;

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::cache::Cache;
-use super::proto::{Stats, TaskRecord, TaskView, WorkerView};
 use super::store::{Body, Counters, Op, StoredTask};
+use axion_wire::queue::{Stats, TaskRecord, TaskView, WorkerView};
 
 /// No worker may hold more announced credit than this; a runaway producer
 /// of `ready` messages must not overflow anything.
@@ -247,15 +247,17 @@ fn record(
     reason: Option<&str>,
 ) -> Option<Vec<u8>> {
     let record = TaskRecord {
-        id,
-        queue,
+        id: id.into(),
+        queue: Some(queue.into()),
         payload: body.map_or(RawValue::NULL, |b| &b.payload),
         created_at: stored.created_at,
         attempts: stored.attempts,
-        reply_to: body.and_then(|b| b.reply_to.as_deref()),
-        correlation_id: body.and_then(|b| b.correlation_id.as_deref()),
-        worker,
-        reason,
+        reply_to: body.and_then(|b| b.reply_to.as_deref()).map(Into::into),
+        correlation_id: body
+            .and_then(|b| b.correlation_id.as_deref())
+            .map(Into::into),
+        worker: worker.map(Into::into),
+        reason: reason.map(Into::into),
     };
     serde_json::to_vec(&record).ok()
 }

@@ -30,10 +30,11 @@ use tokio::task::AbortHandle;
 
 use super::beacon::Beacon;
 use super::limits::Limits;
-use super::message::{parse_event, Event, ReplyTarget, Task, WireTask};
+use super::message::{into_task, parse_event, Event, ReplyTarget, Task};
 use super::vitals::Vitals;
 use super::{EventHandler, HandlerResult, RuntimeError, TaskHandler};
 use axion_client::connection::options_v5;
+use axion_wire::queue::{Ready, TaskRecord, TaskRef};
 use axion_wire::{topics, MqttUrl};
 
 /// rumqttc request channel; the dispatcher's outbox absorbs the rest.
@@ -387,7 +388,7 @@ impl Core {
             return;
         }
         if let Some(queue) = self.task_topics.get(topic).cloned() {
-            match serde_json::from_slice::<WireTask>(&publish.payload) {
+            match serde_json::from_slice::<TaskRecord>(&publish.payload) {
                 Ok(task) => self.on_task(&queue, task),
                 Err(err) => {
                     tracing::warn!(queue = %queue, error = %err, "task record unreadable; ignored (the ack wait brings it back)")
@@ -470,7 +471,7 @@ impl Core {
         ms.clamp(RETRY_AFTER_MIN_MS, RETRY_AFTER_MAX_MS) as u64
     }
 
-    fn on_task(&mut self, queue: &str, wire: WireTask) {
+    fn on_task(&mut self, queue: &str, wire: TaskRecord) {
         let me = self.plan.client_id.as_str();
         let addressed_to_me = wire.worker.as_deref().is_none_or(|w| w == me);
         if addressed_to_me {
@@ -478,7 +479,7 @@ impl Core {
                 *o = o.saturating_sub(1);
             }
         }
-        if self.held.contains_key(&wire.id) {
+        if self.held.contains_key(wire.id.as_ref()) {
             // Delivered again (ack wait ran out while it waited here): keep
             // the one copy, and make sure the owner files it under us.
             if !addressed_to_me {
@@ -493,7 +494,11 @@ impl Core {
             (Some(_), false) => addressed_to_me || self.free_slots() > 0,
         };
         let (Some(handler), true) = (handler, take) else {
-            self.task_message(queue, "release", json!({"id": wire.id, "worker": me}));
+            self.task_message(
+                queue,
+                "release",
+                TaskRef::task(wire.id.as_ref()).with_worker(me),
+            );
             self.after_change();
             return;
         };
@@ -504,20 +509,20 @@ impl Core {
             }
         }
         self.held.insert(
-            wire.id.clone(),
+            wire.id.to_string(),
             Held {
                 queue: queue.to_string(),
                 progress_sent: Instant::now(),
             },
         );
-        let task = wire.into_task(queue, self.vitals.clone());
+        let task = into_task(wire, queue, self.vitals.clone());
         self.waiting.push_back(Job::Task(task, handler));
         self.after_change();
     }
 
     fn claim(&mut self, queue: &str, id: &str) {
         let me = self.plan.client_id.clone();
-        self.task_message(queue, "progress", json!({"id": id, "worker": me}));
+        self.task_message(queue, "progress", TaskRef::task(id).with_worker(me));
     }
 
     /// Starts waiting jobs into free slots, tops up credit, updates vitals.
@@ -588,22 +593,30 @@ impl Core {
                 }
                 match outcome {
                     Outcome::Finished(Ok(result)) => {
-                        self.task_message(&queue, "ack", json!({"id": id}));
+                        self.task_message(&queue, "ack", TaskRef::task(id.as_str()));
                         if let Some(reply) = &run.reply {
                             self.reply(reply, result);
                         }
                     }
                     Outcome::Finished(Err(reason)) => {
                         tracing::info!(queue = %queue, id = %id, reason = %reason, "task failed; the queue retries it");
-                        self.task_message(&queue, "fail", json!({"id": id, "reason": reason}));
+                        self.task_message(
+                            &queue,
+                            "fail",
+                            TaskRef::task(id.as_str()).with_reason(reason),
+                        );
                     }
                     Outcome::Panicked(msg) => {
                         tracing::error!(queue = %queue, id = %id, panic = %msg, "task handler panicked");
                         let reason = format!("handler panicked: {msg}");
-                        self.task_message(&queue, "fail", json!({"id": id, "reason": reason}));
+                        self.task_message(
+                            &queue,
+                            "fail",
+                            TaskRef::task(id.as_str()).with_reason(reason),
+                        );
                     }
                     Outcome::Cancelled => {
-                        self.task_message(&queue, "release", json!({"id": id}));
+                        self.task_message(&queue, "release", TaskRef::task(id.as_str()));
                     }
                 }
             }
@@ -644,7 +657,7 @@ impl Core {
             })
             .collect();
         for (id, queue) in due {
-            self.task_message(&queue, "progress", json!({"id": id}));
+            self.task_message(&queue, "progress", TaskRef::task(id));
         }
     }
 
@@ -659,7 +672,7 @@ impl Core {
         for q in queues {
             let have = self.outstanding.get(&q).copied().unwrap_or(0);
             if have < free {
-                self.credit(&q, json!({"worker": me, "credits": free - have}));
+                self.credit(&q, Ready::more(me.as_str(), free - have));
                 self.outstanding.insert(q, free);
             }
         }
@@ -676,24 +689,24 @@ impl Core {
         let me = self.plan.client_id.clone();
         let queues: Vec<String> = self.plan.queues.iter().map(|(q, _)| q.clone()).collect();
         for q in queues {
-            self.credit(&q, json!({"worker": me, "credits": free, "reset": true}));
+            self.credit(&q, Ready::exactly(me.as_str(), free));
             self.outstanding.insert(q, free);
         }
     }
 
-    fn credit(&mut self, queue: &str, body: Value) {
+    fn credit(&mut self, queue: &str, body: Ready) {
         self.outbox.push_back(Out::Publish {
             topic: topics::queue(&self.plan.package, queue, "ready"),
-            body: Bytes::from(body.to_string()),
+            body: encode(&body),
             props: None,
             credit: true,
         });
     }
 
-    fn task_message(&mut self, queue: &str, leaf: &str, body: Value) {
+    fn task_message(&mut self, queue: &str, leaf: &str, body: TaskRef) {
         self.outbox.push_back(Out::Publish {
             topic: topics::queue(&self.plan.package, queue, leaf),
-            body: Bytes::from(body.to_string()),
+            body: encode(&body),
             props: None,
             credit: false,
         });
@@ -777,7 +790,11 @@ impl Core {
             match job {
                 Job::Task(task, _) => {
                     self.held.remove(&task.id);
-                    self.task_message(&task.queue, "release", json!({"id": task.id, "worker": me}));
+                    self.task_message(
+                        &task.queue,
+                        "release",
+                        TaskRef::task(task.id.as_str()).with_worker(me.as_str()),
+                    );
                 }
                 Job::Event(event, _, reply) => self.refuse(reply.as_ref(), &event.event_type),
             }
@@ -797,11 +814,21 @@ impl Core {
             run.abort.abort();
             if let Some((id, queue)) = run.task {
                 self.held.remove(&id);
-                self.task_message(&queue, "release", json!({"id": id, "worker": me}));
+                self.task_message(
+                    &queue,
+                    "release",
+                    TaskRef::task(id).with_worker(me.as_str()),
+                );
             } else if let Some(reply) = &run.reply {
                 self.refuse(Some(reply), &reply.event_type.clone());
             }
         }
         self.vitals.set_load(0, 0);
     }
+}
+
+/// A queue message's body. These messages hold only strings, numbers and
+/// flags, which always encode.
+fn encode(message: &impl serde::Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(message).unwrap_or_default())
 }

@@ -8,13 +8,14 @@
 //! (docs/DESIGN.md "Bodies"), so WebSocket clients of the bridge receive them
 //! like any other event.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::vitals::Vitals;
+use axion_wire::queue::TaskRecord;
 use axion_wire::topics;
 
 /// A task as the queue owner delivered it (docs/DESIGN.md "Task record").
@@ -64,39 +65,26 @@ impl Event {
     }
 }
 
-/// The wire form of a task record; `worker` says whose credit it used.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct WireTask {
-    pub id: String,
-    #[serde(default)]
-    pub queue: Option<String>,
-    #[serde(default)]
-    pub payload: Value,
-    #[serde(default)]
-    pub created_at: u64,
-    #[serde(default)]
-    pub attempts: u32,
-    #[serde(default)]
-    pub reply_to: Option<String>,
-    #[serde(default)]
-    pub correlation_id: Option<String>,
-    #[serde(default)]
-    pub worker: Option<String>,
-}
-
-impl WireTask {
-    pub fn into_task(self, queue: &str, vitals: Arc<Vitals>) -> Task {
-        Task {
-            id: self.id,
-            queue: self.queue.unwrap_or_else(|| queue.to_string()),
-            payload: self.payload,
-            created_at: self.created_at,
-            attempts: self.attempts,
-            reply_to: self.reply_to.filter(|r| !r.is_empty()),
-            correlation_id: self.correlation_id.filter(|c| !c.is_empty()),
-            vitals,
-        }
+/// The handler's view of a task record that arrived on `queue`'s topic.
+pub(crate) fn into_task(record: TaskRecord<'_>, queue: &str, vitals: Arc<Vitals>) -> Task {
+    Task {
+        id: record.id.into_owned(),
+        queue: record
+            .queue
+            .map_or_else(|| queue.to_string(), Cow::into_owned),
+        // The record parsed, so its payload is valid JSON.
+        payload: serde_json::from_str(record.payload.get()).unwrap_or(Value::Null),
+        created_at: record.created_at,
+        attempts: record.attempts,
+        reply_to: record
+            .reply_to
+            .map(Cow::into_owned)
+            .filter(|r| !r.is_empty()),
+        correlation_id: record
+            .correlation_id
+            .map(Cow::into_owned)
+            .filter(|c| !c.is_empty()),
+        vitals,
     }
 }
 

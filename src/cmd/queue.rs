@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use axion_queues::ops::OpsClient;
-use axion_queues::proto::{Command, Stats, TaskRequest, TaskView};
+use axion_wire::queue::{Command, Stats, TaskRequest, TaskView};
 use axion_wire::MqttUrl;
 use comfy_table::{presets::NOTHING, Table};
 

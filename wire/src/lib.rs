@@ -8,6 +8,7 @@
 //! This crate does no I/O and knows no MQTT client.
 
 pub mod ids;
+pub mod queue;
 pub mod schema;
 pub mod topics;
 pub mod url;
