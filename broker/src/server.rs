@@ -348,7 +348,6 @@ impl Broker {
                 })?),
                 None => None,
             };
-        crate::router::quiet_retired_routers();
         let router = std::sync::RwLock::new((0, Arc::new(RouterHandle::spawn(&config))));
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let mut store = RetainedStore::new(config.max_retained, config.max_retained_bytes);
