@@ -8,7 +8,7 @@
 //! `offline`. `FleetWatcher` is that table fed by its own MQTT connection,
 //! for the dashboard and for the queue owner (to notice a worker went away).
 
-use crate::connection::options_v5;
+use crate::connection::{options_v5, Reconnect};
 use crate::HeartbeatError;
 use axion_wire::schema::{now_unix, Heartbeat, Status, DEFAULT_STALE_SECS};
 use axion_wire::{topics, MqttUrl};
@@ -346,11 +346,11 @@ impl FleetWatcher {
         let broker = url.to_string();
         let task = tokio::spawn(async move {
             let mut pending_subacks = 0usize;
-            let mut backoff = Duration::from_millis(200);
+            let mut reconnect = Reconnect::default();
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(200);
+                        reconnect.connected();
                         pending_subacks = 0;
                         for filter in &filters {
                             // QoS 0: brokers cap queued QoS 1 messages per
@@ -404,9 +404,9 @@ impl FleetWatcher {
                         if changes_tx.is_closed() {
                             return;
                         }
-                        tracing::warn!(broker = %broker, error = %err, retry_in = ?backoff, "fleet watcher connection lost");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        let wait = reconnect.after_failure();
+                        tracing::warn!(broker = %broker, error = %err, retry_in = ?wait, "fleet watcher connection lost");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }

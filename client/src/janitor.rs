@@ -13,7 +13,7 @@
 //! carries the time of its connection, not of the loss, and a janitor that
 //! just started must not clear an instance it knows nothing about yet.
 
-use crate::connection::options_v5;
+use crate::connection::{options_v5, Reconnect};
 use crate::fleet::parse_heartbeat_topic;
 use axion_wire::schema::{now_unix, Heartbeat};
 use axion_wire::{topics, MqttUrl};
@@ -130,11 +130,11 @@ pub fn spawn_janitor(url: &MqttUrl, ghost_after: Duration) -> JoinHandle<()> {
     let broker = url.to_string();
     let sub_client = client.clone();
     let poller = tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
+        let mut reconnect = Reconnect::default();
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(200);
+                    reconnect.connected();
                     if let Err(err) =
                         sub_client.try_subscribe(topics::ALL_HEARTBEATS, QoS::AtLeastOnce)
                     {
@@ -154,9 +154,9 @@ pub fn spawn_janitor(url: &MqttUrl, ghost_after: Duration) -> JoinHandle<()> {
                     if msg_tx.is_closed() {
                         return;
                     }
-                    tracing::warn!(broker = %broker, error = %err, retry_in = ?backoff, "janitor connection lost");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let wait = reconnect.after_failure();
+                    tracing::warn!(broker = %broker, error = %err, retry_in = ?wait, "janitor connection lost");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

@@ -16,7 +16,7 @@
 //! not stay retained forever on brokers that honour expiry for retained
 //! messages; `janitor` covers brokers that do not.
 
-use crate::connection::options_v5;
+use crate::connection::{options_v5, Reconnect};
 use crate::HeartbeatError;
 use axion_wire::schema::{now_unix, Heartbeat, Status, DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
 use axion_wire::{ids, topics, MqttUrl};
@@ -46,9 +46,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `stop` waits for the DISCONNECT to reach the socket after the
 /// offline record was acknowledged (the connection is known to be up).
 const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
-/// Reconnect backoff bounds (rumqttc has none of its own).
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Weight of the newest job in `avg_job_ms`, an exponential moving average,
 /// so a service that slows down shows it within a few jobs.
 const AVG_JOB_WEIGHT: f64 = 0.2;
@@ -460,13 +457,13 @@ async fn poll_loop(
 ) {
     let topic = shared.id.topic.clone();
     let announce = shared.id.announce_topic.clone();
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::default();
     // Set once the marker request that follows the offline record went out.
     let mut stop_flushed = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = BACKOFF_MIN;
+                reconnect.connected();
                 shared.mqtt_connected.store(true, Ordering::Relaxed);
                 tracing::debug!(topic = %topic, code = ?ack.code, "heartbeat connected");
                 send_internal(&internal, Internal::Connected, &topic);
@@ -499,9 +496,9 @@ async fn poll_loop(
                 if internal.is_closed() {
                     return;
                 }
-                tracing::warn!(topic = %topic, error = %err, retry_in = ?backoff, "heartbeat connection lost");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let wait = reconnect.after_failure();
+                tracing::warn!(topic = %topic, error = %err, retry_in = ?wait, "heartbeat connection lost");
+                tokio::time::sleep(wait).await;
                 eventloop.options.set_last_will(shared.will());
             }
         }

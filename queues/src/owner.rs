@@ -28,6 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axion_client::connection::{options_v5, Reconnect};
 use axion_wire::topics;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
@@ -173,7 +174,7 @@ pub(crate) async fn run(
         .client_id
         .clone()
         .unwrap_or_else(|| axion_wire::ids::queue_owner_client(&cfg.package));
-    let mut opts = axion_client::connection::options_v5(&cfg.mqtt, &client_id);
+    let mut opts = options_v5(&cfg.mqtt, &client_id);
     // By hand only when an enqueue's PUBACK waits for its commit.
     opts.set_manual_acks(cfg.ack_after_commit);
     opts.set_max_packet_size(Some(cfg.max_packet_size));
@@ -344,7 +345,7 @@ async fn mqtt_loop(
     subs: Vec<String>,
     announce: String,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut reconnect = Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -352,7 +353,7 @@ async fn mqtt_loop(
                     session_present = ack.session_present,
                     "queue owner connected to the broker"
                 );
-                backoff = Duration::from_millis(100);
+                reconnect.connected();
                 let client = client.clone();
                 let subs = subs.clone();
                 let announce = announce.clone();
@@ -390,9 +391,9 @@ async fn mqtt_loop(
                 if tx.is_closed() {
                     return;
                 }
-                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "queue owner lost the broker; reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = reconnect.after_failure();
+                tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "queue owner lost the broker; reconnecting");
+                tokio::time::sleep(wait).await;
             }
         }
     }

@@ -33,7 +33,7 @@ use super::limits::Limits;
 use super::message::{into_task, parse_event, Event, ReplyTarget, Task};
 use super::vitals::Vitals;
 use super::{EventHandler, HandlerResult, RuntimeError, TaskHandler};
-use axion_client::connection::options_v5;
+use axion_client::connection::{options_v5, Reconnect};
 use axion_wire::queue::{Ready, TaskRecord, TaskRef};
 use axion_wire::{topics, MqttUrl};
 
@@ -209,11 +209,11 @@ pub(crate) async fn run(
 }
 
 async fn poll_loop(mut eventloop: EventLoop, vitals: Arc<Vitals>, tx: mpsc::Sender<Inbound>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                backoff = BACKOFF_MIN;
+                reconnect.connected();
                 vitals.set_connected(true);
                 tracing::info!("connected to the broker");
                 if tx.send(Inbound::Connected).await.is_err() {
@@ -243,6 +243,7 @@ async fn poll_loop(mut eventloop: EventLoop, vitals: Arc<Vitals>, tx: mpsc::Send
                 if tx.is_closed() {
                     return;
                 }
+                let wait = reconnect.after_failure();
                 if vitals.connected() {
                     vitals.set_connected(false);
                     tracing::warn!(error = %err, "lost the broker; reconnecting");
@@ -250,10 +251,9 @@ async fn poll_loop(mut eventloop: EventLoop, vitals: Arc<Vitals>, tx: mpsc::Send
                         return;
                     }
                 } else {
-                    tracing::debug!(error = %err, retry_in = ?backoff, "broker still unreachable");
+                    tracing::debug!(error = %err, retry_in = ?wait, "broker still unreachable");
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(wait).await;
             }
         }
     }
