@@ -37,31 +37,61 @@ pub fn spawn(
         .name("axion-watchdog".into())
         .spawn(move || loop {
             std::thread::sleep(every);
-            if let Some(ms) = vitals.disconnected_for_ms().filter(|ms| *ms > disconnect_kill) {
-                tracing::error!(
-                    disconnected_ms = ms,
-                    limit_ms = disconnect_kill,
-                    reason = "broker-lost",
-                    code = EXIT_BROKER_LOST,
-                    "broker unreachable for too long; exiting so the supervisor restarts this service"
-                );
-                die(&beacon, "broker-lost", EXIT_BROKER_LOST);
-            }
-            if let Some(ms) = vitals.stalled_for_ms().filter(|ms| *ms > max_stall) {
-                tracing::error!(
-                    stalled_ms = ms,
-                    limit_ms = max_stall,
-                    running = vitals.running(),
-                    waiting = vitals.waiting(),
-                    reason = "stalled",
-                    code = EXIT_STALLED,
-                    "work pending with no progress; exiting so the supervisor restarts this service"
-                );
-                die(&beacon, "stalled", EXIT_STALLED);
+            let disconnected = vitals.disconnected_for_ms();
+            let stalled = vitals.stalled_for_ms();
+            match verdict(disconnected, stalled, disconnect_kill, max_stall) {
+                Some(Verdict::BrokerLost(ms)) => {
+                    tracing::error!(
+                        disconnected_ms = ms,
+                        limit_ms = disconnect_kill,
+                        reason = "broker-lost",
+                        code = EXIT_BROKER_LOST,
+                        "broker unreachable for too long; exiting so the supervisor restarts this service"
+                    );
+                    die(&beacon, "broker-lost", EXIT_BROKER_LOST);
+                }
+                Some(Verdict::Stalled(ms)) => {
+                    tracing::error!(
+                        stalled_ms = ms,
+                        limit_ms = max_stall,
+                        running = vitals.running(),
+                        waiting = vitals.waiting(),
+                        reason = "stalled",
+                        code = EXIT_STALLED,
+                        "work pending with no progress; exiting so the supervisor restarts this service"
+                    );
+                    die(&beacon, "stalled", EXIT_STALLED);
+                }
+                None => {}
             }
         })
         .map_err(super::RuntimeError::Thread)?;
     Ok(())
+}
+
+/// Which rule fired, with how long its condition has held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    BrokerLost(u64),
+    Stalled(u64),
+}
+
+/// The watchdog's two rules as a pure function of what [`Vitals`] reports
+/// (`None`: connected, or idle), so their deadlines are tested without
+/// waiting for them. A limit is a grace period: only time past it counts.
+/// A lost broker is named first, since it is also why work stops moving.
+fn verdict(
+    disconnected_ms: Option<u64>,
+    stalled_ms: Option<u64>,
+    disconnect_kill_ms: u64,
+    max_stall_ms: u64,
+) -> Option<Verdict> {
+    if let Some(ms) = disconnected_ms.filter(|ms| *ms > disconnect_kill_ms) {
+        return Some(Verdict::BrokerLost(ms));
+    }
+    stalled_ms
+        .filter(|ms| *ms > max_stall_ms)
+        .map(Verdict::Stalled)
 }
 
 /// Publishes the reason where the heartbeat connection still works, then
@@ -77,4 +107,47 @@ fn die(beacon: &Beacon, reason: &str, code: i32) -> ! {
         "exiting"
     );
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KILL: u64 = 10_000;
+    const STALL: u64 = 30_000;
+
+    #[test]
+    fn a_connected_idle_service_lives_forever() {
+        assert_eq!(verdict(None, None, KILL, STALL), None);
+    }
+
+    #[test]
+    fn the_broker_is_lost_only_past_its_limit() {
+        assert_eq!(verdict(Some(KILL), None, KILL, STALL), None);
+        assert_eq!(
+            verdict(Some(KILL + 1), None, KILL, STALL),
+            Some(Verdict::BrokerLost(KILL + 1))
+        );
+    }
+
+    #[test]
+    fn pending_work_stalls_only_past_its_limit() {
+        assert_eq!(verdict(None, Some(STALL), KILL, STALL), None);
+        assert_eq!(
+            verdict(None, Some(STALL + 1), KILL, STALL),
+            Some(Verdict::Stalled(STALL + 1))
+        );
+    }
+
+    #[test]
+    fn a_lost_broker_is_named_before_the_stall_it_causes() {
+        assert_eq!(
+            verdict(Some(KILL + 5), Some(STALL + 5), KILL, STALL),
+            Some(Verdict::BrokerLost(KILL + 5))
+        );
+        assert_eq!(
+            verdict(Some(KILL), Some(STALL + 5), KILL, STALL),
+            Some(Verdict::Stalled(STALL + 5))
+        );
+    }
 }
