@@ -4,6 +4,7 @@
 
 mod cmd;
 mod logging;
+mod panics;
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +50,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();
+    panics::install();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(*args),
         Command::Monitor(args) => cmd::monitor::run(args),

@@ -1435,6 +1435,13 @@ async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
     churner.subscribe("renew/after", 1).await;
     p.publish("renew/after", b"fresh", 1, false).await;
     assert_eq!(recv(&mut churner.rx, 5).await.payload, b"fresh");
+    // Each retired router ended in its expected panic, which the binary's
+    // panic hook keeps out of the log (src/panics.rs).
+    let log = common::serve_log(&serve);
+    assert!(
+        !log.contains("panicked"),
+        "a retired router's panic reached the log:\n{log}"
+    );
 }
 
 /// A kept session away while it is owed messages does not hold a renewal

@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axion_heartbeat::fleet::{FleetWatcher, State, WatchOptions};
-use axion_heartbeat::schema::now_unix;
-use axion_heartbeat::MqttUrl;
+use axion_client::fleet::{FleetWatcher, State, WatchOptions};
+use axion_wire::schema::now_unix;
+use axion_wire::MqttUrl;
 use common::{axion_bin, free_port, Mosquitto, Proc, Serve};
 use serde_json::{json, Value};
 
@@ -593,7 +593,7 @@ fn the_janitor_clears_records_older_than_the_ghost_time() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let janitor = {
         let _g = rt.enter();
-        axion_heartbeat::spawn_janitor(&MqttUrl::parse(&b.url).unwrap(), Duration::from_secs(2))
+        axion_client::spawn_janitor(&MqttUrl::parse(&b.url).unwrap(), Duration::from_secs(2))
     };
     let start = Instant::now();
     wait_until(
@@ -756,7 +756,7 @@ fn the_dashboard_renders_in_a_terminal_sorts_and_quits_on_q() {
 
 #[test]
 fn the_rust_publisher_reports_live_fields_draining_and_a_clean_stop() {
-    use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
+    use axion_client::{HeartbeatConfig, HeartbeatPublisher};
     let b = broker();
     let port = free_port();
     let t = topic("embedder", port);
@@ -806,7 +806,7 @@ fn the_rust_publisher_reports_live_fields_draining_and_a_clean_stop() {
 /// that exits right after it never has its will (`lost`) replace `stopped`.
 #[test]
 fn a_process_exiting_right_after_stop_leaves_stopped_not_lost() {
-    use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
+    use axion_client::{HeartbeatConfig, HeartbeatPublisher};
     let b = broker();
     let url = MqttUrl::parse(&b.url).unwrap();
     let port = free_port();

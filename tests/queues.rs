@@ -13,9 +13,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use axion_broker::queues::ops::{OpsClient, OpsError};
-use axion_broker::queues::proto::{Command as OpsCommand, TaskRequest};
-use axion_heartbeat::MqttUrl;
+use axion_client::connection::options_v5;
+use axion_queues::ops::{OpsClient, OpsError};
+use axion_wire::queue::{Command as OpsCommand, TaskRequest};
+use axion_wire::MqttUrl;
 use bytes::Bytes;
 use common::batched::Batched;
 use common::{axion_bin, Mosquitto, Proc, Serve};
@@ -170,11 +171,7 @@ async fn wait_owner(url: &str) {
     }
 }
 
-async fn enqueue(
-    c: &mut OpsClient,
-    queue: &str,
-    body: Value,
-) -> axion_broker::queues::proto::Enqueued {
+async fn enqueue(c: &mut OpsClient, queue: &str, body: Value) -> axion_wire::queue::Enqueued {
     let req: TaskRequest = serde_json::from_value(body).expect("task request");
     c.enqueue(queue, &req).await.expect("enqueue confirmed")
 }
@@ -196,7 +193,7 @@ struct Worker {
 impl Worker {
     async fn start(url: &str, id: &str, queue: &str, credits: u32, will: bool) -> Worker {
         let url = MqttUrl::parse(url).expect("url");
-        let mut opts: MqttOptions = url.options_v5(id);
+        let mut opts: MqttOptions = options_v5(&url, id);
         if will {
             opts.set_last_will(LastWill {
                 topic: format!("axion/{PKG}/queue/{queue}/release").into(),
@@ -328,7 +325,7 @@ impl Drop for Worker {
     }
 }
 
-async fn show(c: &mut OpsClient, queue: &str) -> axion_broker::queues::proto::Stats {
+async fn show(c: &mut OpsClient, queue: &str) -> axion_wire::queue::Stats {
     c.command(queue, OpsCommand::Show { limit: 100 })
         .await
         .expect("show")
@@ -793,9 +790,7 @@ async fn duplicate_id_is_enqueued_once_and_delay_is_honoured() {
 async fn a_reply_topic_with_a_wildcard_holds_up_nothing() {
     let setup = Setup::start(&[]).await;
     let url = setup.url();
-    let opts = MqttUrl::parse(&url)
-        .expect("url")
-        .options_v5("wild-replies");
+    let opts = options_v5(&MqttUrl::parse(&url).expect("url"), "wild-replies");
     let (client, mut events) = AsyncClient::new(opts, 16);
     let conn = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     for (i, reply) in ["replies/+/x", "replies/#"].into_iter().enumerate() {
@@ -885,7 +880,7 @@ async fn a_task_a_dropped_connection_never_acknowledged_goes_to_another_worker_a
     // A worker whose client has not acknowledged the delivery (QoS 1
     // PUBACK) when its connection drops: it never got the task. No will,
     // no heartbeat.
-    let mut opts = MqttUrl::parse(&url).expect("url").options_v5("w-unacked");
+    let mut opts = options_v5(&MqttUrl::parse(&url).expect("url"), "w-unacked");
     opts.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     client
@@ -941,9 +936,7 @@ async fn a_worker_whose_heartbeat_goes_offline_loses_its_tasks_to_another() {
     let mut w2 = Worker::start(&url, "w-hb-2", "hb", 1, false).await;
     // The worker's process publishes heartbeats; its connection's will
     // turns the retained record offline when the process dies.
-    let mut opts = MqttUrl::parse(&url)
-        .expect("url")
-        .options_v5("w-hb-1-heartbeat");
+    let mut opts = options_v5(&MqttUrl::parse(&url).expect("url"), "w-hb-1-heartbeat");
     let hb_topic = format!("axion/{PKG}/heartbeat/worker-svc/127.0.0.1:9");
     opts.set_last_will(LastWill {
         topic: hb_topic.clone().into(),
@@ -998,7 +991,7 @@ struct Enqueuer {
 
 impl Producer {
     async fn start(url: &str, id: &str, window: usize) -> Producer {
-        let opts = MqttUrl::parse(url).expect("url").options_v5(id);
+        let opts = options_v5(&MqttUrl::parse(url).expect("url"), id);
         let (client, mut events) = AsyncClient::new(opts, 4096);
         let (tx, confirmed) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();

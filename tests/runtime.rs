@@ -32,7 +32,7 @@ fn example_bin() -> &'static PathBuf {
             .expect("profile dir")
             .to_path_buf();
         // `--workspace` resolves features as `cargo test --workspace` (CI)
-        // did, so only the example is linked; with `-p axion-heartbeat`
+        // did, so only the example is linked; with `-p axion-runtime`
         // tokio, rumqttc and the rest would compile a second time.
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args([

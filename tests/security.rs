@@ -584,13 +584,13 @@ asyncio.run(main())
 #[tokio::test]
 #[ignore]
 async fn acl_cost() {
-    use axion_broker::auth::Auth;
+    use axion_access::auth::Auth;
     let mut publish: Vec<String> = (0..49).map(|i| format!("axion/p{i}/event/#")).collect();
     publish.push("axion/p/event/%c/#".into());
     let file = format!("[roles.r]\npublish = {publish:?}\n[anonymous]\nroles = [\"r\"]\n");
     let auth = Auth::parse(&file).expect("auth file");
     // `%c` stands only for an id the user claims: the user `bench` as `bench`.
-    let principal = axion_broker::auth::Principal {
+    let principal = axion_access::auth::Principal {
         user: Some("bench".into()),
         ..auth.login(None, None).expect("anonymous")
     };

@@ -13,9 +13,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use axion_broker::queues::ops::{OpsClient, OpsError};
-use axion_broker::queues::proto::{Command as OpsCommand, Stats, TaskRequest};
-use axion_heartbeat::MqttUrl;
+use axion_queues::ops::{OpsClient, OpsError};
+use axion_wire::queue::{Command as OpsCommand, Stats, TaskRequest};
+use axion_wire::MqttUrl;
 use bytes::Bytes;
 use common::mqtt::{qos_v5, recv, recv_none, Msg, V4, V5};
 use common::raw::{mqtt_str, read_packet, varint};
@@ -600,10 +600,7 @@ async fn ops(serve: &Serve) -> OpsClient {
         .expect("ops client")
 }
 
-async fn show(
-    c: &mut OpsClient,
-    queue: &str,
-) -> (Stats, Vec<axion_broker::queues::proto::TaskView>) {
+async fn show(c: &mut OpsClient, queue: &str) -> (Stats, Vec<axion_wire::queue::TaskView>) {
     let reply = c
         .command(queue, OpsCommand::Show { limit: 100 })
         .await

@@ -27,8 +27,9 @@ mod tls;
 
 pub use client::Metrics;
 
-use axion_heartbeat::publisher::{HeartbeatConfig, HeartbeatPublisher};
-use axion_heartbeat::MqttUrl;
+use axion_client::connection::options_v5;
+use axion_client::publisher::{HeartbeatConfig, HeartbeatPublisher};
+use axion_wire::MqttUrl;
 use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -89,7 +90,7 @@ pub struct BridgeConfig {
     pub heartbeat: bool,
     /// Users and ACLs (the broker's auth file): when set, every WebSocket
     /// client must present a bearer token and is held to its user's ACL.
-    pub auth: Option<Arc<axion_broker::auth::Auth>>,
+    pub auth: Option<Arc<axion_access::auth::Auth>>,
     /// Serve `wss://` (and `/health` over `https://`) instead of plain `ws://`.
     pub tls: Option<TlsFiles>,
     /// The legacy heartbeat service, answered on this port too
@@ -123,7 +124,7 @@ impl BridgeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error("invalid package name: {0}")]
-    Package(#[from] axion_heartbeat::TopicError),
+    Package(#[from] axion_wire::TopicError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -134,9 +135,9 @@ pub enum BridgeError {
     /// Not a `source`: the message already carries it, and error chains
     /// would print it twice.
     #[error("WebSocket TLS: {0}")]
-    Tls(axion_broker::tls::TlsError),
+    Tls(axion_access::tls::TlsError),
     #[error("heartbeat: {0}")]
-    Heartbeat(#[from] axion_heartbeat::HeartbeatError),
+    Heartbeat(#[from] axion_client::HeartbeatError),
 }
 
 /// A bridge whose port is bound; [`Bridge::serve`] runs it.
@@ -153,10 +154,10 @@ impl Bridge {
     /// picks a free one) before anything runs. The TLS certificate, if
     /// any, is loaded here so a bad one stops start-up with a clear error.
     pub async fn bind(config: BridgeConfig) -> Result<Self, BridgeError> {
-        axion_heartbeat::topics::validate_level("package", &config.package)?;
+        axion_wire::topics::validate_level("package", &config.package)?;
         let tls = match &config.tls {
             Some(files) => Some(
-                axion_broker::tls::acceptor(&files.cert, &files.key).map_err(BridgeError::Tls)?,
+                axion_access::tls::acceptor(&files.cert, &files.key).map_err(BridgeError::Tls)?,
             ),
             None => None,
         };
@@ -221,7 +222,7 @@ impl Bridge {
             "axion-bridge-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut options = config.mqtt.options_v5(&client_id);
+        let mut options = options_v5(&config.mqtt, &client_id);
         let max_packet = u32::try_from(config.limits.max_frame_bytes.saturating_add(64 * 1024))
             .unwrap_or(u32::MAX);
         options.set_max_packet_size(Some(max_packet));

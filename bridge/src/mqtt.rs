@@ -11,6 +11,7 @@
 use crate::client::Metrics;
 use crate::hub::{Hub, Wanted};
 use crate::tasks::Tasks;
+use axion_client::connection::Reconnect;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop};
 use std::collections::HashMap;
@@ -108,7 +109,7 @@ pub async fn run_event_loop(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -127,7 +128,7 @@ pub async fn run_event_loop(
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = BACKOFF_MIN;
+                reconnect.connected();
                 let max = ack.properties.as_ref().and_then(|p| p.max_packet_size);
                 metrics
                     .broker_max_packet
@@ -154,12 +155,12 @@ pub async fn run_event_loop(
             Ok(_) => {}
             Err(error) => {
                 metrics.mqtt_connected.store(false, Ordering::Relaxed);
-                tracing::warn!(%error, retry_in = ?backoff, "MQTT connection lost");
+                let wait = reconnect.after_failure();
+                tracing::warn!(%error, retry_in = ?wait, "MQTT connection lost");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }

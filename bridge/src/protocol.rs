@@ -508,11 +508,11 @@ fn string_field(obj: &Object, field: &'static str) -> Result<String, FrameError>
 
 fn queue_field(obj: &Object) -> Result<String, FrameError> {
     let queue = string_field(obj, "queue")?;
-    axion_heartbeat::topics::validate_level("queue", &queue).map_err(|e| FrameError::BadValue {
+    axion_wire::topics::validate_level("queue", &queue).map_err(|e| FrameError::BadValue {
         field: "queue",
         problem: match e {
-            axion_heartbeat::TopicError::Empty { .. } => "must not be empty".into(),
-            axion_heartbeat::TopicError::Forbidden { .. } => {
+            axion_wire::TopicError::Empty { .. } => "must not be empty".into(),
+            axion_wire::TopicError::Forbidden { .. } => {
                 "must not contain '/', '+', '#' or NUL".into()
             }
         },

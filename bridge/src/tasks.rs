@@ -1,6 +1,6 @@
 //! The legacy task actions (`enqueue`, `pull`/`ready`, `ack`, `fail`)
 //! translated onto the queue topics of docs/DESIGN.md, so the durable queue
-//! owner (`broker/src/queues/`) does the queueing and the bridge only
+//! owner (`axion-queues`) does the queueing and the bridge only
 //! carries messages. The topic contract is in `bridge/QUEUE-CONTRACT.md`.
 //!
 //! The bridge is one MQTT worker (its client id) acting for all its
@@ -26,12 +26,13 @@
 use crate::client::{ClientHandle, Metrics};
 use crate::hub::{Hub, SubscribeError};
 use crate::mqtt::Mqtt;
-use axion_heartbeat::topics;
+use axion_wire::queue::{Ready, TaskRecord, TaskRef, TaskRequest};
+use axion_wire::topics;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -64,6 +65,8 @@ pub enum TaskError {
     Unavailable,
     #[error("task {0}")]
     TooLarge(String),
+    #[error("task cannot be encoded as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 struct Held {
@@ -111,14 +114,6 @@ pub struct Tasks {
     window: Semaphore,
     /// Makes this process's task ids unique across bridge restarts.
     nonce: String,
-}
-
-/// What the bridge reads of a task record: the rest passes through as is.
-#[derive(Deserialize)]
-struct RecordProbe {
-    id: String,
-    #[serde(default)]
-    worker: Option<String>,
 }
 
 impl Tasks {
@@ -180,15 +175,10 @@ impl Tasks {
         );
     }
 
-    async fn publish(&self, topic: String, body: Value) -> Result<(), TaskError> {
+    async fn publish(&self, topic: String, body: Bytes) -> Result<(), TaskError> {
         self.mqtt
             .client
-            .publish(
-                topic,
-                QoS::AtLeastOnce,
-                false,
-                Bytes::from(body.to_string()),
-            )
+            .publish(topic, QoS::AtLeastOnce, false, body)
             .await
             .map_err(|error| {
                 tracing::error!(%error, "queue publish failed");
@@ -197,7 +187,7 @@ impl Tasks {
     }
 
     /// For the event-loop task, which must never await a client call.
-    fn publish_detached(self: &Arc<Self>, topic: String, body: Value) {
+    fn publish_detached(self: &Arc<Self>, topic: String, body: Bytes) {
         let this = self.clone();
         tokio::spawn(async move {
             if let Err(error) = this.publish(topic.clone(), body).await {
@@ -221,9 +211,10 @@ impl Tasks {
             .map_err(|_| TaskError::Unavailable)?
             .forget();
         let topic = topics::queue(&self.package, queue, "enqueue");
+        let payload = serde_json::value::to_raw_value(&task)?;
         // The body is `{"id":…,"payload":…}`: checked before anything is
         // taken or sent.
-        let body_len = task.to_string().len() + 64;
+        let body_len = payload.get().len() + 64;
         let props_len = 3 + self.reply_topic.len() + 3 + 64;
         if let Err(why) = self.metrics.fits(topic.len(), body_len, props_len) {
             self.window.add_permits(1);
@@ -235,7 +226,11 @@ impl Tasks {
             // Zero-padded, so ids sort in the order they were made (the
             // owner's store then writes to a few pages, not random ones).
             let id = format!("{}-{:012}", self.nonce, st.next_enqueue);
-            let body = Bytes::from(json!({ "id": id, "payload": task }).to_string());
+            let request = TaskRequest {
+                id: Some(id.clone()),
+                ..TaskRequest::new(payload)
+            };
+            let body = encode(&request);
             st.pending.insert(
                 id.clone(),
                 Pending {
@@ -334,7 +329,7 @@ impl Tasks {
         }
         self.publish(
             topics::queue(&self.package, queue, "ready"),
-            json!({ "worker": self.worker(), "credits": 1 }),
+            encode(&Ready::more(self.worker(), 1)),
         )
         .await
     }
@@ -365,7 +360,7 @@ impl Tasks {
             None => {
                 self.publish(
                     topics::queue(&self.package, &queue, "ack"),
-                    json!({ "id": task_id }),
+                    encode(&TaskRef::task(task_id)),
                 )
                 .await
             }
@@ -373,7 +368,7 @@ impl Tasks {
                 let reason = reason.unwrap_or_else(|| "unspecified".into());
                 self.publish(
                     topics::queue(&self.package, &queue, "fail"),
-                    json!({ "id": task_id, "reason": reason }),
+                    encode(&TaskRef::task(task_id).with_reason(reason)),
                 )
                 .await
             }
@@ -409,7 +404,7 @@ impl Tasks {
             if let Err(error) = self
                 .publish(
                     topics::queue(&self.package, &queue, "release"),
-                    json!({ "id": id, "worker": self.worker() }),
+                    encode(&TaskRef::task(id.as_str()).with_worker(self.worker())),
                 )
                 .await
             {
@@ -426,7 +421,10 @@ impl Tasks {
     async fn announce(&self, queue: &str, credits: usize) -> Result<(), TaskError> {
         self.publish(
             topics::queue(&self.package, queue, "ready"),
-            json!({ "worker": self.worker(), "credits": credits, "reset": true }),
+            encode(&Ready::exactly(
+                self.worker(),
+                u32::try_from(credits).unwrap_or(u32::MAX),
+            )),
         )
         .await
     }
@@ -541,7 +539,9 @@ impl Tasks {
             tracing::warn!(queue, "task record is not UTF-8; ignored");
             return;
         };
-        let probe = match serde_json::from_str::<RecordProbe>(text) {
+        // Only the id and the worker are read: the record reaches the
+        // client as it came.
+        let probe = match serde_json::from_str::<TaskRecord>(text) {
             Ok(p) => p,
             Err(error) => {
                 tracing::warn!(%error, queue, "task record without an id; ignored");
@@ -551,7 +551,7 @@ impl Tasks {
         let release = || {
             self.publish_detached(
                 topics::queue(&self.package, queue, "release"),
-                json!({ "id": probe.id, "worker": self.worker() }),
+                encode(&TaskRef::task(probe.id.as_ref()).with_worker(self.worker())),
             )
         };
         // Another member's credit reached us through the shared group:
@@ -565,7 +565,7 @@ impl Tasks {
             if let Some(client) = st.clients.get_mut(&key) {
                 client.pulls = client.pulls.saturating_sub(1);
                 if let Some(handle) = client.handle.clone() {
-                    client.held.insert(probe.id.clone());
+                    client.held.insert(probe.id.to_string());
                     break Some(handle);
                 }
             }
@@ -573,7 +573,7 @@ impl Tasks {
         match target {
             Some(handle) => {
                 st.held.insert(
-                    probe.id.clone(),
+                    probe.id.to_string(),
                     Held {
                         queue: queue.to_string(),
                         client: handle.key,
@@ -583,7 +583,7 @@ impl Tasks {
                 if foreign {
                     self.publish_detached(
                         topics::queue(&self.package, queue, "progress"),
-                        json!({ "id": probe.id, "worker": self.worker() }),
+                        encode(&TaskRef::task(probe.id.as_ref()).with_worker(self.worker())),
                     );
                 }
                 // If this fails the client was just disconnected; its
@@ -600,4 +600,10 @@ impl Tasks {
             }
         }
     }
+}
+
+/// A queue message's body. These messages hold only strings, numbers and
+/// flags, which always encode.
+fn encode(message: &impl Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(message).unwrap_or_default())
 }

@@ -50,7 +50,7 @@ pub struct BrokerConfig {
     /// Users, roles and ACLs, and the limit on failed logins per address
     /// (one table, shared with the bridge); `None` lets every client in
     /// with every right.
-    pub auth: Option<Arc<crate::auth::Auth>>,
+    pub auth: Option<Arc<axion_access::auth::Auth>>,
     /// A second listener speaking MQTT over TLS, with its certificate.
     pub tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
     /// A listener on this Unix domain socket: local clients (the embedded

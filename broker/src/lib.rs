@@ -9,35 +9,29 @@
 //! rumqttd's public `LinkBuilder` links, [`names`] makes every client id and
 //! topic safe for the router, [`retained`] keeps retained messages (the
 //! router drops most of them), and [`router`] owns the router thread.
-//! [`auth`] and [`acl`] decide who may connect, publish and subscribe
-//! (rumqttd has no per-topic authorization), [`login_limit`] slows down
-//! password guessing; [`tls`] loads the MQTTS certificate; [`refusals`]
-//! logs refused subscriptions once per episode. [`disk`] keeps retained
+//! Who may connect, publish and subscribe is decided by `axion-access`,
+//! which the bridge shares; [`refusals`] logs refused subscriptions once
+//! per episode. [`disk`] keeps retained
 //! messages, kept sessions and, through [`offline`], what kept sessions
 //! are owed; [`topic_cache`] remembers which subscriptions a topic
 //! matched, for flow control and for that capture.
 
-pub mod acl;
-pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod disk;
 pub mod expiry;
 pub mod flow;
 pub mod listener;
-pub mod login_limit;
 pub mod marks;
 pub mod names;
 pub mod offline;
 pub mod queue_log;
-pub mod queues;
 pub mod refusals;
 pub mod renewal;
 pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;
-pub mod tls;
 pub mod topic_cache;
 
 pub use config::BrokerConfig;

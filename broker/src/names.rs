@@ -83,7 +83,7 @@ pub fn unescape_topic(topic: Bytes) -> Bytes {
 
 /// Client ids of Axion's own components start with this (see the
 /// connection limit in `session::handshake`).
-pub const OWN_CLIENT_PREFIX: &str = "axion-";
+pub const OWN_CLIENT_PREFIX: &str = axion_wire::ids::OWN_PREFIX;
 
 /// Filter as stored in the router; the `$share/<group>/` prefix is kept and
 /// the filter behind it escaped like a topic, so matching is unchanged.

@@ -111,8 +111,9 @@ impl RouterHandle {
     /// public links is a known defect: when the last member of a shared
     /// group leaves a persistent session with a QoS 1 delivery in flight,
     /// the router thread panics ("group must exists") and unwinds, dropping
-    /// all its state. [`quiet_retired_routers`] keeps that expected panic
-    /// out of stderr.
+    /// all its state. So this needs `panic = "unwind"`, and the process's
+    /// panic hook (the binary's) keeps that expected panic out of stderr by
+    /// asking [`is_retired_router_end`].
     pub async fn retire(self: Arc<Self>) -> Result<(), LinkFailed> {
         RETIRING.fetch_add(1, Ordering::SeqCst);
         let result = self.provoke_end().await;
@@ -253,24 +254,16 @@ pub fn release_freed_memory() {
 /// Routers being retired right now (see [`RouterHandle::retire`]).
 static RETIRING: AtomicUsize = AtomicUsize::new(0);
 
-/// Installs, once, a panic hook that passes every panic to the previous
-/// hook except the expected one of a router thread being retired.
-pub fn quiet_retired_routers() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let router_thread = std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("router-"));
-            let expected = info.payload_as_str() == Some("group must exists");
-            if router_thread && expected && RETIRING.load(Ordering::SeqCst) > 0 {
-                tracing::debug!("retired router thread ended");
-                return;
-            }
-            previous(info);
-        }));
-    });
+/// True for the one expected panic: that of a router thread being retired
+/// (see [`RouterHandle::retire`]). A panic hook is process-wide, so this
+/// crate installs none; the program that embeds the broker asks this from
+/// its own hook and stays silent only when it is true.
+pub fn is_retired_router_end(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    let router_thread = std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("router-"));
+    let expected = info.payload_as_str() == Some("group must exists");
+    router_thread && expected && RETIRING.load(Ordering::SeqCst) > 0
 }
 
 /// QoS and packet id of a publish. `Publish`'s qos and pkid are

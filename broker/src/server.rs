@@ -78,8 +78,8 @@ pub struct Shared {
     /// Moving sessions to a fresh router (see [`crate::renewal`]).
     pub renewal: Renewal,
     /// Copies of queue publishes for the queue owner beside this broker
-    /// (see [`crate::queues::tap`]).
-    pub queue_tap: std::sync::OnceLock<crate::queues::tap::Tap>,
+    /// (see [`axion_queues::tap`]).
+    pub queue_tap: std::sync::OnceLock<axion_queues::tap::Tap>,
 }
 
 impl Shared {
@@ -348,7 +348,6 @@ impl Broker {
                 })?),
                 None => None,
             };
-        crate::router::quiet_retired_routers();
         let router = std::sync::RwLock::new((0, Arc::new(RouterHandle::spawn(&config))));
         let flow = Flow::new(config.high_water(), config.slow_consumer_timeout);
         let mut store = RetainedStore::new(config.max_retained, config.max_retained_bytes);
@@ -476,8 +475,8 @@ impl Broker {
     /// (`enqueue`, `ack`, …) to the returned end as well as to the router:
     /// for the queue owner running beside this broker. `None` if a tap is
     /// already installed.
-    pub fn tap_queues(&self, package: &str) -> Option<crate::queues::tap::TapRx> {
-        let (tap, rx) = crate::queues::tap::tap(package);
+    pub fn tap_queues(&self, package: &str) -> Option<axion_queues::tap::TapRx> {
+        let (tap, rx) = axion_queues::tap::tap(package);
         self.shared.queue_tap.set(tap).ok().map(|()| rx)
     }
 

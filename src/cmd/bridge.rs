@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axion_bridge::{Bridge, BridgeConfig, Limits, TlsFiles};
-use axion_heartbeat::MqttUrl;
+use axion_wire::MqttUrl;
 
 /// Bridge limits, shared with `axion serve` (flatten them there).
 #[derive(clap::Args, Debug, Clone)]
@@ -77,7 +77,7 @@ impl WsTls {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// MQTT broker to bridge to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
-    #[arg(long, env = "AXION_MQTT_URL", default_value = axion_heartbeat::DEFAULT_MQTT_URL)]
+    #[arg(long, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
     pub mqtt: MqttUrl,
     /// Address of the legacy WebSocket listener (also serves /health/live and /health/ready).
     #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
@@ -114,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.tls = args.tls.files();
         if let Some(path) = &args.auth_file {
             let auth =
-                axion_broker::auth::Auth::load(path)?.with_login_limits(args.login_limits.limits());
+                axion_access::auth::Auth::load(path)?.with_login_limits(args.login_limits.limits());
             config.auth = Some(std::sync::Arc::new(auth));
             tracing::info!(auth_file = %path.display(), "WebSocket authentication and ACLs on");
         }

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_heartbeat::publisher::HeartbeatConfig;
-use axion_heartbeat::schema::{DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
-use axion_heartbeat::{HeartbeatPublisher, MqttUrl, DEFAULT_MQTT_URL};
+use axion_client::publisher::HeartbeatConfig;
+use axion_client::HeartbeatPublisher;
+use axion_wire::schema::{DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
+use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
 use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};

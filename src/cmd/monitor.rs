@@ -3,7 +3,7 @@
 //! A live terminal dashboard (ratatui) over the retained heartbeat mesh and
 //! the retained queue stats, or with `--once` a single snapshot for scripts
 //! (`--json`: an array of heartbeat records plus `state`, `topic`,
-//! `age_secs`, and `alarm` on the rows of a service with an active alarm). All the state logic lives in `axion_heartbeat::fleet`; this
+//! `age_secs`, and `alarm` on the rows of a service with an active alarm). All the state logic lives in `axion_client::fleet`; this
 //! file only renders it.
 
 use std::cmp::Ordering;
@@ -13,9 +13,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_heartbeat::fleet::{Counts, FleetWatcher, InstanceView, State, WatchOptions};
-use axion_heartbeat::schema::{now_unix, DEFAULT_STALE_SECS};
-use axion_heartbeat::{MqttUrl, DEFAULT_MQTT_URL};
+use axion_client::fleet::{Counts, FleetWatcher, InstanceView, State, WatchOptions};
+use axion_wire::schema::{now_unix, DEFAULT_STALE_SECS};
+use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
@@ -187,7 +187,7 @@ fn render_once(
 /// One alarm in words: which service, what happened, what to do.
 fn alarm_line(topic: &str, alarm: &Value) -> String {
     let field = |k: &str| alarm.get(k).and_then(Value::as_str).unwrap_or("");
-    let service = axion_heartbeat::topics::parse_alarm(topic)
+    let service = axion_wire::topics::parse_alarm(topic)
         .map(|(pkg, svc)| format!("{pkg}/{svc}"))
         .unwrap_or_else(|| topic.to_string());
     match alarm.get("restarts").and_then(Value::as_u64) {
@@ -273,7 +273,7 @@ fn sort_rows(rows: &mut [InstanceView], key: SortKey, reverse: bool) {
 
 /// The package and service as named by the topic (the record may omit them).
 fn group_of(v: &InstanceView) -> (&str, &str) {
-    match axion_heartbeat::fleet::parse_heartbeat_topic(&v.topic) {
+    match axion_client::fleet::parse_heartbeat_topic(&v.topic) {
         Some((pkg, svc, _)) => (pkg, svc),
         None => (v.record.package.as_str(), v.record.service.as_str()),
     }

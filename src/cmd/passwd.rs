@@ -18,9 +18,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(user) = args.token_for {
-        axion_heartbeat::topics::validate_level("user", &user)?;
-        let secret = axion_broker::auth::random_secret();
-        let hash = axion_broker::auth::hash_password(&secret)?;
+        axion_wire::topics::validate_level("user", &user)?;
+        let secret = axion_access::auth::random_secret();
+        let hash = axion_access::auth::hash_password(&secret)?;
         println!("token = \"{user}.{secret}\"");
         println!("tokens = [\"{hash}\"]");
         return Ok(ExitCode::SUCCESS);
@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!password.is_empty(), "empty password");
     println!(
         "password = \"{}\"",
-        axion_broker::auth::hash_password(&password)?
+        axion_access::auth::hash_password(&password)?
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -8,15 +8,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use axion_broker::queues::ops::OpsClient;
-use axion_broker::queues::proto::{Command, Stats, TaskRequest, TaskView};
-use axion_heartbeat::MqttUrl;
+use axion_queues::ops::OpsClient;
+use axion_wire::queue::{Command, Stats, TaskRequest, TaskView};
+use axion_wire::MqttUrl;
 use comfy_table::{presets::NOTHING, Table};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Broker to connect to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
-    #[arg(long, global = true, env = "AXION_MQTT_URL", default_value = axion_heartbeat::DEFAULT_MQTT_URL)]
+    #[arg(long, global = true, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
     pub mqtt: MqttUrl,
     /// Package whose queues to inspect.
     #[arg(long, global = true, env = "AXION_PACKAGE", default_value = "default")]

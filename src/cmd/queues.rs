@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_broker::queues::{QueueConfig, QueueLimit, QueueOwner};
-use axion_heartbeat::MqttUrl;
-use axion_heartbeat::{HeartbeatConfig, HeartbeatPublisher};
+use axion_client::{HeartbeatConfig, HeartbeatPublisher};
+use axion_queues::{QueueConfig, QueueLimit, QueueOwner};
+use axion_wire::MqttUrl;
 use tracing::{error, info, warn};
 
 /// Queue tuning flags, shared with `axion serve` (flatten them there).
@@ -109,7 +109,7 @@ impl QueueTuning {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Broker to connect to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
-    #[arg(long, env = "AXION_MQTT_URL", default_value = axion_heartbeat::DEFAULT_MQTT_URL)]
+    #[arg(long, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
     pub mqtt: MqttUrl,
     /// Directory holding the queue store (queues.redb).
     #[arg(long, env = "AXION_DATA_DIR", default_value = "./axion-data")]

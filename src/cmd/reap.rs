@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_heartbeat::{MqttUrl, DEFAULT_MQTT_URL};
 use axion_supervise::policy::Thresholds;
 use axion_supervise::restarts::AlarmRules;
 use axion_supervise::{InstanceLimits, LegacyConfig, ReaperConfig};
+use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
 
 /// When the reaper stops a process, and when it raises an alarm.
 #[derive(clap::Args, Debug, Clone)]
@@ -120,9 +120,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    axion_heartbeat::topics::validate_level("package", &args.package)?;
+    axion_wire::topics::validate_level("package", &args.package)?;
     if let Some(p) = &args.watch_package {
-        axion_heartbeat::topics::validate_level("package", p)?;
+        axion_wire::topics::validate_level("package", p)?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

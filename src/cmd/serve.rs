@@ -7,13 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use axion_access::login_limit::LoginLimits;
 use axion_bridge::{Bridge, BridgeConfig};
-use axion_broker::login_limit::LoginLimits;
-use axion_broker::queues::QueueOwner;
 use axion_broker::{Broker, BrokerConfig};
-use axion_heartbeat::{
-    spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher, MqttUrl,
-};
+use axion_client::{spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
+use axion_queues::QueueOwner;
+use axion_wire::MqttUrl;
 use tracing::{error, info, warn};
 
 use super::bridge::{BridgeLimits, WsTls};
@@ -136,7 +135,7 @@ impl LoginLimitArgs {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    axion_heartbeat::topics::validate_level("package", &args.package)?;
+    axion_wire::topics::validate_level("package", &args.package)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("axion")
@@ -155,10 +154,10 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         .context("install the SIGHUP handler")?;
     // The embedded components log in as an internal superuser with a
     // password that lives only in this process.
-    let internal_secret = axion_broker::auth::random_secret();
+    let internal_secret = axion_access::auth::random_secret();
     let auth = match &args.auth_file {
         Some(path) => {
-            let auth = axion_broker::auth::Auth::load(path)?
+            let auth = axion_access::auth::Auth::load(path)?
                 .with_internal_secret(internal_secret.clone())
                 .with_login_limits(args.login_limits.limits());
             info!(auth_file = %path.display(), "authentication and ACLs on");
@@ -196,7 +195,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     }
     let tls = match (&args.mqtts_listen, &args.tls_cert, &args.tls_key) {
         (Some(addr), Some(cert), Some(key)) => {
-            Some((*addr, axion_broker::tls::acceptor(cert, key)?))
+            Some((*addr, axion_access::tls::acceptor(cert, key)?))
         }
         _ => None,
     };
@@ -242,7 +241,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         None => MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?,
     };
     if auth.is_some() {
-        local.user = Some(axion_broker::auth::INTERNAL_USER.to_string());
+        local.user = Some(axion_access::auth::INTERNAL_USER.to_string());
         local.password = Some(internal_secret);
     }
 
@@ -402,7 +401,7 @@ fn unix_socket(args: &Args) -> anyhow::Result<Option<UnixSocket>> {
 
 /// SIGHUP: reads the auth file again. A file that does not load is
 /// refused with a log line and the one in force stays.
-pub fn reload_auth(auth: Option<&axion_broker::auth::Auth>, path: Option<&std::path::Path>) {
+pub fn reload_auth(auth: Option<&axion_access::auth::Auth>, path: Option<&std::path::Path>) {
     let (Some(auth), Some(path)) = (auth, path) else {
         info!("SIGHUP: no --auth-file, nothing to reload");
         return;

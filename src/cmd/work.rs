@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axion_heartbeat::runtime::{HandlerResult, Limits, Service, Task};
-use axion_heartbeat::{MqttUrl, DEFAULT_MQTT_URL};
+use axion_runtime::{HandlerResult, Limits, Service, Task};
+use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 

@@ -24,9 +24,9 @@
 
 use crate::limits::InstanceLimits;
 use crate::link::Link;
-use axion_heartbeat::process::{self, CpuSampler, ProcessIdentity};
-use axion_heartbeat::schema::now_unix;
-use axion_heartbeat::{topics, Heartbeat, MqttUrl, Status};
+use axion_client::process::{self, CpuSampler, ProcessIdentity};
+use axion_wire::schema::now_unix;
+use axion_wire::{topics, Heartbeat, MqttUrl, Status};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, StatusCode};
@@ -78,7 +78,7 @@ impl LegacyConfig {
             limits: InstanceLimits::default(),
             heartbeat_timeout: Duration::from_millis(10_000),
             check_interval: Duration::from_secs(1),
-            ghost_after: Duration::from_secs(axion_heartbeat::schema::DEFAULT_GHOST_SECS),
+            ghost_after: Duration::from_secs(axion_wire::schema::DEFAULT_GHOST_SECS),
             local_only: false,
         }
     }
@@ -87,9 +87,9 @@ impl LegacyConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum LegacyError {
     #[error(transparent)]
-    Topic(#[from] axion_heartbeat::TopicError),
+    Topic(#[from] axion_wire::TopicError),
     #[error(transparent)]
-    Heartbeat(#[from] axion_heartbeat::HeartbeatError),
+    Heartbeat(#[from] axion_client::HeartbeatError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -400,7 +400,7 @@ impl LegacyHeartbeats {
         topics::validate_level("package", &config.package)?;
         let host = match &config.hostname {
             Some(h) => h.clone(),
-            None => axion_heartbeat::publisher::local_hostname()?,
+            None => axion_client::publisher::local_hostname()?,
         };
         topics::validate_level("host", &host)?;
         let link = Link::start(&config.mqtt, "axion-legacy-hb");

@@ -6,16 +6,14 @@
 //! when the connection (re)opens, because a restarted broker may have lost
 //! what was retained and the caller republishes then.
 
-use axion_heartbeat::MqttUrl;
+use axion_client::connection::{options_v5, Reconnect};
+use axion_wire::MqttUrl;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A publishing connection with its own reconnect loop.
 pub struct Link {
@@ -33,18 +31,18 @@ impl Link {
             "{client_id_prefix}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut opts = url.options_v5(&client_id);
+        let mut opts = options_v5(url, &client_id);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let (connects_tx, connects) = watch::channel(0u64);
         let broker = url.to_string();
         let task = tokio::spawn(async move {
-            let mut backoff = BACKOFF_MIN;
+            let mut reconnect = Reconnect::default();
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = BACKOFF_MIN;
+                        reconnect.connected();
                         connects_tx.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -53,9 +51,9 @@ impl Link {
                         if connects_tx.is_closed() {
                             return;
                         }
-                        tracing::warn!(broker, client_id, %error, retry_in = ?backoff, "publishing connection lost");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        let wait = reconnect.after_failure();
+                        tracing::warn!(broker, client_id, %error, retry_in = ?wait, "publishing connection lost");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }

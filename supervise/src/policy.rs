@@ -14,7 +14,7 @@
 //!   its `last_progress_ts` and the first record that showed work pending
 //!   (an idle service that just got work is not stalled).
 
-use axion_heartbeat::Heartbeat;
+use axion_wire::Heartbeat;
 use std::time::Duration;
 
 /// Why a process is stopped; written on its record as `killed:<reason>`.
@@ -123,7 +123,7 @@ pub fn verdict(record: &Heartbeat, memory: &Memory, now: f64, t: &Thresholds) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axion_heartbeat::Status;
+    use axion_wire::Status;
 
     fn record(ts: f64) -> Heartbeat {
         serde_json::from_value(serde_json::json!({

@@ -12,15 +12,16 @@
 //! `hostname` and `host_boot_id` are this machine's and it carries the
 //! process's start ticks; the pid is signalled through a pidfd and only
 //! while `/proc` still shows that start time (see
-//! [`axion_heartbeat::process`]); pid 1 and the reaper's own pid never.
+//! [`axion_client::process`]); pid 1 and the reaper's own pid never.
 
 use crate::link::Link;
 use crate::policy::{self, Memory, Reason, Thresholds};
 use crate::restarts::{AlarmChange, AlarmRules, RestartTable, ServiceKey};
-use axion_heartbeat::fleet::{FleetWatcher, WatchOptions};
-use axion_heartbeat::process::{self, ProcessIdentity, Sig, SignalError};
-use axion_heartbeat::schema::now_unix;
-use axion_heartbeat::{topics, Heartbeat, HeartbeatConfig, HeartbeatPublisher, MqttUrl, Status};
+use axion_client::fleet::{FleetWatcher, WatchOptions};
+use axion_client::process::{self, ProcessIdentity, Sig, SignalError};
+use axion_client::{HeartbeatConfig, HeartbeatPublisher};
+use axion_wire::schema::now_unix;
+use axion_wire::{topics, Heartbeat, MqttUrl, Status};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
@@ -62,7 +63,7 @@ impl ReaperConfig {
             grace: Duration::from_secs(5),
             alarms: AlarmRules::default(),
             hostname: None,
-            ghost_after: Duration::from_secs(axion_heartbeat::schema::DEFAULT_GHOST_SECS),
+            ghost_after: Duration::from_secs(axion_wire::schema::DEFAULT_GHOST_SECS),
         }
     }
 }
@@ -70,7 +71,7 @@ impl ReaperConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ReaperError {
     #[error(transparent)]
-    Heartbeat(#[from] axion_heartbeat::HeartbeatError),
+    Heartbeat(#[from] axion_client::HeartbeatError),
     #[error("this machine has no kernel boot id (/proc/sys/kernel/random/boot_id): the reaper cannot tell its own processes from others")]
     NoBootId,
 }
@@ -95,7 +96,7 @@ struct Tombstone {
 pub async fn run(config: ReaperConfig, stop: CancellationToken) -> Result<(), ReaperError> {
     let host = match &config.hostname {
         Some(h) => h.clone(),
-        None => axion_heartbeat::publisher::local_hostname()?,
+        None => axion_client::publisher::local_hostname()?,
     };
     let boot_id = process::host_boot_id().ok_or(ReaperError::NoBootId)?;
     let watcher = FleetWatcher::start(

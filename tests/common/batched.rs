@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axion_heartbeat::MqttUrl;
+use axion_wire::MqttUrl;
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Connect, ConnectReturnCode, Filter, Login, Packet, PingReq, PubAck, Publish,

@@ -17,8 +17,8 @@ use super::{make_publish, now_or_never, Ending, Session, Waiting, EAGER_PKIDS, R
 use crate::marks::Mark;
 use crate::names;
 use crate::offline::LiveCopy;
-use crate::queues::tap::Tap;
 use crate::router::{puback, pubcomp, pubrec};
+use axion_queues::tap::Tap;
 
 /// Packet ids the front end uses for its own QoS 1 and 2 publishes,
 /// above the router's range.
@@ -593,10 +593,7 @@ impl Session {
             .get()
             .filter(|tap| self.is_worker_task(tap, &publish.topic))
             .map(|_| Box::new((publish.topic.clone(), publish.payload.clone())));
-        if let Some(id) = task
-            .as_ref()
-            .and_then(|t| crate::queues::tap::task_id(&t.1))
-        {
+        if let Some(id) = task.as_ref().and_then(|t| axion_queues::tap::task_id(&t.1)) {
             self.received_tasks.insert(id);
         }
         publish.topic = names::unescape_topic(publish.topic);

@@ -16,11 +16,11 @@ use tracing::{debug, info, warn};
 use super::aliases::{Aliases, MAX_ALIASES};
 use super::delivery::LOCAL_PKIDS;
 use super::{write_loop, Reader, Session, Writer};
-use crate::auth::{LoginError, INTERNAL_USER};
 use crate::codec::{self, Codec, DecodeError, Frame, Framed};
-use crate::login_limit::Throttled;
 use crate::names;
 use crate::server::Shared;
+use axion_access::auth::{LoginError, INTERNAL_USER};
+use axion_access::login_limit::Throttled;
 
 async fn write_once(stream: &mut Writer, codec: &Codec, packet: Packet) {
     let mut out = BytesMut::new();

@@ -14,7 +14,7 @@ use super::{held_size, Ending, Session, Subscription};
 use crate::codec::{self, Frame};
 use crate::marks::Needed;
 use crate::names;
-use crate::queues::outlet::Injected;
+use axion_queues::outlet::Injected;
 
 impl Session {
     /// Decodes every complete packet in the input buffer and acts on it.

@@ -37,17 +37,17 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::auth::Principal;
 use crate::codec::Codec;
 use crate::expiry;
 use crate::flow::Consumer;
 use crate::listener::Stream;
 use crate::marks::Mark;
 use crate::names;
-use crate::queues::outlet::{Injected, OutletLink};
 use crate::renewal::{self, Phase};
 use crate::router;
 use crate::server::Shared;
+use axion_access::auth::Principal;
+use axion_queues::outlet::{Injected, OutletLink};
 
 /// How a session ended, which decides what happens to the will.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,10 +288,10 @@ struct Session {
     /// `$share` forwards already sent on this link (see [`repeats`]).
     repeats: repeats::Repeats,
     /// Publishes the queue owner hands its own session without MQTT (see
-    /// [`crate::queues::outlet`]); only on the owner's session.
+    /// [`axion_queues::outlet`]); only on the owner's session.
     outlet: Option<OutletLink>,
     /// Ids of the last tasks the queue owner delivered to this client (see
-    /// [`crate::queues::tap::RECEIVED`]).
+    /// [`axion_queues::tap::RECEIVED`]).
     received_tasks: delivery::Recent,
     /// Disk commits the batch being forwarded waits for: retained messages
     /// and kept-session records (see [`crate::disk`]).
@@ -633,7 +633,7 @@ impl Session {
     /// Hands packets to the router: all but the last go straight into the
     /// link's buffer, the last one wakes the router once for the batch.
     /// Publishes to the embedded queue owner's inbound topics go to it too,
-    /// first (see [`crate::queues::tap`]).
+    /// first (see [`axion_queues::tap`]).
     async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
         let mut subscriptions_changed = false;
         for packet in &packets {
@@ -666,8 +666,8 @@ impl Session {
                         let mut props = props.clone();
                         Mark::take(&mut props);
                         let topic = publish.topic.clone();
-                        let received = crate::queues::tap::is_task_answer(&topic)
-                            && crate::queues::tap::task_id(&publish.payload)
+                        let received = axion_queues::tap::is_task_answer(&topic)
+                            && axion_queues::tap::task_id(&publish.payload)
                                 .is_some_and(|id| self.received_tasks.contains(&id));
                         tap.send(
                             topic,
