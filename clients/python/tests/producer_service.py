@@ -1,0 +1,23 @@
+"""A service that enqueues work for others: on a `jobs.submit` request it
+enqueues the request's payload on the queue it names and answers with the
+id the queue owner confirmed (or the owner's refusal as `{"error"}`)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from axion_client import Event, Service
+
+service = Service("producer")
+
+
+def submit(event: Event) -> dict[str, Any]:
+    queue = event.payload["queue"]
+    task_id = service.enqueue(queue, event.payload["task"], reply_to=event.payload.get("reply_to"))
+    service.publish("jobs.submitted", {"id": task_id, "queue": queue})
+    return {"id": task_id}
+
+
+if __name__ == "__main__":
+    sys.exit(service.event("jobs.submit", submit).run())
