@@ -308,7 +308,7 @@ class _Engine:
         self.last_progress_check = time.monotonic()
         self.unacked: list[mqtt.MQTTMessageInfo] = []
         self.disconnected = threading.Event()
-        #: Set before our own DISCONNECT, which is no loss to report.
+        #: Set before our own DISCONNECT.
         self.closing = False
         self.confirmations: dict[bytes, _Confirmation] = {}
         self.confirm_lock = threading.Lock()
@@ -350,7 +350,11 @@ class _Engine:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.disconnected.set()
-        if self.vitals.set_connected(False) and not self.closing:
+        if self.closing:
+            # Our own DISCONNECT: no loss to report, and the broker rule
+            # must not fire while the final heartbeat goes out.
+            return
+        if self.vitals.set_connected(False):
             log.warning("lost the broker (%s); reconnecting", reason)
         self.inbox.put(("disconnected",))
 

@@ -6,6 +6,7 @@ replies on `replyTo`, the queue owner's view, exit codes and their timing.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUEUE, axion_bin, wait_exit
+from conftest import QUEUE, REPO_ROOT, axion_bin, wait_exit
 
 RESULT = "axion/default/event/embedding/result"
 HEARTBEATS = "axion/default/heartbeat/embedding/+"
@@ -311,3 +312,29 @@ def test_task_and_event_bodies_round_trip_as_json(serve, watcher_factory, worker
     assert len(r["payload"]["embeddings"]) == 2
     watch.request("embedding.request", {**body, "payload": {"fail": "nope", "items": []}, "correlationId": "e2"})
     assert watch.on("axion/default/event/req/reply")["payload"] == {"error": "nope"}
+
+
+def test_a_task_from_the_legacy_python_client_through_the_bridge_is_done(serve, watcher_factory, worker_factory):
+    worker_factory(serve)
+    watch = watcher_factory(serve, f"axion/default/queue/{QUEUE}/ack")
+    legacy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import asyncio, sys\n"
+            "from broker_client import BrokerClient\n"
+            "async def main():\n"
+            "    c = BrokerClient(sys.argv[1])\n"
+            "    await c.connect()\n"
+            f"    await c.enqueue({QUEUE!r}, {{'items': ['legacy']}})\n"
+            "    await asyncio.sleep(60)\n"
+            "asyncio.run(main())\n",
+            f"ws://127.0.0.1:{serve.ws_port}",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "tests" / "clients")},
+    )
+    try:
+        assert watch.on(f"axion/default/queue/{QUEUE}/ack", timeout=15)["id"]
+    finally:
+        legacy.kill()
+        legacy.wait()
