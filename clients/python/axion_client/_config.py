@@ -119,12 +119,12 @@ class MqttUrl:
         creds, _, hostport = rest.rpartition("@")
         user, password = _credentials(creds or None)
         host, port = hostport, 1883
-        m = re.fullmatch(r"(.*):(\d*)", hostport)
-        if m and not hostport.endswith("]"):
-            host = m.group(1)
-            if not m.group(2) or int(m.group(2)) > 65535:
-                raise ConfigError(f"broker URL {url!r} has an invalid port {m.group(2)!r}")
-            port = int(m.group(2))
+        head, sep, tail = hostport.rpartition(":")
+        # An IPv6 literal without a port ("[::1]") ends in "]".
+        if sep and not tail.endswith("]"):
+            if not tail.isdigit() or int(tail) > 65535:
+                raise ConfigError(f"broker URL {url!r} has an invalid port {tail!r}")
+            host, port = head, int(tail)
         host = host.strip("[]")
         if not host:
             raise ConfigError(f"broker URL {url!r} has no host")
