@@ -33,11 +33,16 @@ class Beacon:
             env=env,
         )
         self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._detach)
         self._send(config)
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def _detach(self) -> None:
+        """In a process forked from the service (multiprocessing): let go of
+        the companion's stdin, whose end of file is how the companion learns
+        that the service ended."""
+        self._lock = threading.Lock()
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
 
     def alive(self) -> bool:
         return self._proc.poll() is None

@@ -338,3 +338,17 @@ def test_a_task_from_the_legacy_python_client_through_the_bridge_is_done(serve, 
     finally:
         legacy.kill()
         legacy.wait()
+
+
+def test_a_forked_child_does_not_keep_a_killed_service_looking_alive(serve, watcher_factory, worker_factory):
+    w = worker_factory(serve, Path(__file__).with_name("forking_service.py"))
+    watch = watcher_factory(serve, "axion/default/heartbeat/forking/+", "axion/default/event/fork/done")
+    w.wait_ready(watch)
+    watch.enqueue("fork.jobs", {"payload": {}, "replyTo": "fork.done"})
+    child = watch.on("axion/default/event/fork/done")["payload"]["child"]
+    try:
+        w.proc.send_signal(signal.SIGKILL)
+        gone = watch.heartbeat(lambda hb: hb["status"] == "offline", timeout=5)
+        assert gone["reason"] == "lost"
+    finally:
+        os.kill(child, signal.SIGKILL)
