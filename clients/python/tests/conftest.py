@@ -190,7 +190,9 @@ class Watcher:
 class Worker:
     """A service (the example by default) as a real process."""
 
-    def __init__(self, serve: Serve, env: dict[str, str], log_dir: Path, script: Path = EXAMPLE) -> None:
+    def __init__(
+        self, serve: Serve, env: dict[str, str], log_dir: Path, script: Path = EXAMPLE, new_session: bool = False
+    ) -> None:
         self.log = log_dir / f"worker-{uuid.uuid4().hex[:8]}.log"
         full_env = {
             **os.environ,
@@ -200,7 +202,9 @@ class Worker:
             **env,
         }
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, str(script)], env=full_env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script)], env=full_env, stdout=log, stderr=log, start_new_session=new_session
+            )
         self.instance = f"{socket.gethostname()}:{self.proc.pid}"
 
     def wait_ready(self, watcher: Watcher, timeout: float = 15) -> Any:
@@ -253,8 +257,8 @@ def watcher_factory() -> Iterator[Callable[..., Watcher]]:
 def worker_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start(serve: Serve, script: Path = EXAMPLE, **env: str) -> Worker:
-        w = Worker(serve, env, tmp_path, script)
+    def start(serve: Serve, script: Path = EXAMPLE, new_session: bool = False, **env: str) -> Worker:
+        w = Worker(serve, env, tmp_path, script, new_session)
         started.append(w)
         return w
 

@@ -352,3 +352,15 @@ def test_a_forked_child_does_not_keep_a_killed_service_looking_alive(serve, watc
         assert gone["reason"] == "lost"
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_sigint_to_the_whole_process_group_still_ends_with_stopped(serve, watcher_factory, worker_factory):
+    # Ctrl-C in a terminal, or a supervisor's tree kill, reaches the
+    # heartbeat companion too: the record must still end `stopped`, not `lost`.
+    w = worker_factory(serve, new_session=True)
+    watch = watcher_factory(serve, HEARTBEATS)
+    w.wait_ready(watch)
+    os.killpg(w.proc.pid, signal.SIGINT)
+    assert wait_exit(w.proc, 10) == 0
+    final = watch.heartbeat(lambda hb: hb["status"] == "offline", timeout=5)
+    assert final["reason"] == "stopped"
