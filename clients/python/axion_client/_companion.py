@@ -29,6 +29,11 @@ import time
 import uuid
 from typing import Any, Optional
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from ._beacon import nodelay
 
 log = logging.getLogger("axion_client")
@@ -111,12 +116,10 @@ class _ProcessFacts:
 
 
 class _Companion:
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
+    """The heartbeat of one service process: its record, its connection,
+    and what it is told on stdin."""
 
+    def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.service: str = cfg["service"]
         self.package: str = cfg["package"]
@@ -219,11 +222,15 @@ class _Companion:
         self.client.will_set(self.topic, payload, qos=1, retain=True, properties=self.will_props)
 
     def _publish(self, status: str, reason: Optional[str] = None) -> Any:
+        # Under the lock, so records leave in `seq` order and no beat of the
+        # ticker lands after the final `offline`.
         with self.lock:
+            if self.stopping and status != "offline":
+                return None
             self.seq += 1
             payload = json.dumps(self.record(status, reason, self.seq))
             self.last_publish = time.monotonic()
-        return self.client.publish(self.topic, payload, qos=1, retain=True, properties=self.publish_props)
+            return self.client.publish(self.topic, payload, qos=1, retain=True, properties=self.publish_props)
 
     # Scheduling.
 
