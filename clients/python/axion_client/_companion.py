@@ -177,7 +177,10 @@ class _Companion:
         self.client.on_message = self._on_message
         self.client.on_socket_open = nodelay
         self._set_will()
-        self.client.connect_async(url["unix"] or url["host"], url["port"], keepalive=KEEP_ALIVE_SECS, clean_start=True)
+        # paho wants a port even for a Unix socket, and ignores it there.
+        self.client.connect_async(
+            url["unix"] or url["host"], url["port"] or 1883, keepalive=KEEP_ALIVE_SECS, clean_start=True
+        )
 
     # The record.
 

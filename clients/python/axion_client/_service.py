@@ -391,8 +391,9 @@ class _Engine:
             self.limits.max_queue,
         )
         try:
+            # paho wants a port even for a Unix socket, and ignores it there.
             self.client.connect_async(
-                self.url.unix or self.url.host, self.url.port, keepalive=KEEP_ALIVE_SECS, clean_start=True
+                self.url.unix or self.url.host, self.url.port or 1883, keepalive=KEEP_ALIVE_SECS, clean_start=True
             )
             self.client.loop_start()
             self._dispatch()

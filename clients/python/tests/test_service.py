@@ -364,3 +364,11 @@ def test_sigint_to_the_whole_process_group_still_ends_with_stopped(serve, watche
     assert wait_exit(w.proc, 10) == 0
     final = watch.heartbeat(lambda hb: hb["status"] == "offline", timeout=5)
     assert final["reason"] == "stopped"
+
+
+def test_the_broker_unix_socket_serves_as_well(serve, watcher_factory, worker_factory):
+    w = worker_factory(serve, AXION_MQTT_URL=f"unix://{serve.data_dir / 'mqtt.sock'}")
+    watch = watcher_factory(serve, RESULT, HEARTBEATS)
+    w.wait_ready(watch)
+    watch.enqueue(QUEUE, {"payload": {"items": ["u"]}, "replyTo": "embedding.result", "correlationId": "unix"})
+    assert watch.on(RESULT)["correlationId"] == "unix"
