@@ -104,6 +104,12 @@ class Serve:
             time.sleep(0.02)
         return False
 
+    def restart(self) -> None:
+        """Kills and starts again on the same ports and data directory."""
+        self.kill()
+        if not self._spawn():
+            pytest.fail(f"axion serve did not come back; its log:\n{self.log.read_text()}")
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()

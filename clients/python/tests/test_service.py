@@ -372,3 +372,16 @@ def test_the_broker_unix_socket_serves_as_well(serve, watcher_factory, worker_fa
     w.wait_ready(watch)
     watch.enqueue(QUEUE, {"payload": {"items": ["u"]}, "replyTo": "embedding.result", "correlationId": "unix"})
     assert watch.on(RESULT)["correlationId"] == "unix"
+
+
+def test_a_broker_back_within_the_limit_gets_the_service_back(serve, watcher_factory, worker_factory):
+    w = worker_factory(serve, DISCONNECT_KILL_MS="10000")
+    before = w.wait_ready(watcher_factory(serve, HEARTBEATS))
+    serve.restart()
+    watch = watcher_factory(serve, RESULT, HEARTBEATS)
+    # Reconnected: a new record of this run, and fresh credit brings work.
+    back = watch.heartbeat(lambda hb: hb["seq"] > before["seq"] and hb["connected"])
+    assert (back["status"], back["boot_id"]) == ("online", before["boot_id"])
+    watch.enqueue(QUEUE, {"payload": {"items": ["again"]}, "replyTo": "embedding.result", "correlationId": "back"})
+    assert watch.on(RESULT)["correlationId"] == "back"
+    assert w.proc.poll() is None
