@@ -13,4 +13,4 @@ cargo test --workspace --all-targets
 cargo build -q --workspace --bin axion
 python3 -m ruff check clients/python
 python3 -m ruff format --check clients/python
-python3 -m pytest -q clients/python
+AXION_BIN="${AXION_BIN:-${CARGO_TARGET_DIR:-target}/debug/axion}" python3 -m pytest -q clients/python
