@@ -450,8 +450,9 @@ class _Engine:
                 len(left),
             )
         self.closing = True
+        connected = self.client.is_connected()
         self.client.disconnect()
-        if not self.disconnected.wait(FINAL_FLUSH):
+        if connected and not self.disconnected.wait(FINAL_FLUSH):
             log.warning("MQTT connection did not close in time")
         self.client.loop_stop()
         stopped = self.beacon.stop("stopped", FINAL_HEARTBEAT_WAIT)
