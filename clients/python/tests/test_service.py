@@ -181,7 +181,7 @@ def test_sigterm_finishes_the_running_task_then_exits_0(serve, watcher_factory, 
     watch = watcher_factory(serve, RESULT, HEARTBEATS)
     watch.enqueue(
         QUEUE,
-        {"payload": {"items": ["x"], "delay_ms": 2000}, "replyTo": "embedding.result", "correlationId": "t"},
+        {"payload": {"items": ["x"], "delay_ms": 3000}, "replyTo": "embedding.result", "correlationId": "t"},
     )
     watch.heartbeat(lambda hb: hb["inflight"] == 1)
     w.proc.send_signal(signal.SIGTERM)
@@ -205,7 +205,7 @@ def test_sigterm_hands_back_a_task_that_outlives_drain_ms_to_another_worker(serv
     a = worker_factory(serve, DRAIN_MS="300", HEARTBEAT_INTERVAL_SECS="1")
     watch = watcher_factory(serve, RESULT, HEARTBEATS)
     watch.enqueue(
-        QUEUE, {"payload": {"items": ["x"], "delay_ms": 1500}, "id": "handed-back", "replyTo": "embedding.result"}
+        QUEUE, {"payload": {"items": ["x"], "delay_ms": 3000}, "id": "handed-back", "replyTo": "embedding.result"}
     )
     watch.heartbeat(lambda hb: hb["pid"] == a.proc.pid and hb["inflight"] == 1)
     t0 = time.monotonic()
@@ -219,17 +219,18 @@ def test_sigterm_hands_back_a_task_that_outlives_drain_ms_to_another_worker(serv
 
 
 def test_kill_9_mid_task_hands_it_to_another_worker_at_once(serve, watcher_factory, worker_factory):
-    a = worker_factory(serve, HEARTBEAT_INTERVAL_SECS="1")
+    workers = [worker_factory(serve, HEARTBEAT_INTERVAL_SECS="1") for _ in range(2)]
     watch = watcher_factory(serve, RESULT, HEARTBEATS)
+    for w in workers:
+        w.wait_ready(watch)
     watch.enqueue(QUEUE, {"payload": {"items": ["x"], "delay_ms": 3000}, "replyTo": "embedding.result"})
-    watch.heartbeat(lambda hb: hb["pid"] == a.proc.pid and hb["inflight"] == 1)
-    b = worker_factory(serve)
-    b.wait_ready(watch)
-    a.proc.send_signal(signal.SIGKILL)
+    holder = watch.heartbeat(lambda hb: hb["inflight"] == 1)["pid"]
+    [held] = [w for w in workers if w.proc.pid == holder]
+    [other] = [w for w in workers if w.proc.pid != holder]
+    held.proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     r = watch.on(RESULT, timeout=15)
-    assert r["payload"]["pid"] == b.proc.pid
-    assert r["payload"]["attempts"] == 2
+    assert (r["payload"]["pid"], r["payload"]["attempts"]) == (other.proc.pid, 2)
     # 3 s of work: redelivered through the will, not after the 30 s ack wait.
     assert time.monotonic() - killed < 10
 
