@@ -255,18 +255,30 @@ def test_broker_killed_exits_70_within_the_limit(serve, watcher_factory, worker_
 )
 def test_stuck_handler_exits_71_and_says_stalled(stuck, serve, watcher_factory, worker_factory):
     w = worker_factory(serve, LIVENESS_MAX_STALL_MS="1500", HEARTBEAT_INTERVAL_SECS="1")
-    watch = watcher_factory(serve, HEARTBEATS)
+    probe = "axion/default/event/probe/reply"
+    watch = watcher_factory(serve, HEARTBEATS, probe)
     w.wait_ready(watch)
     watch.enqueue(QUEUE, {"payload": {"items": ["x"], **stuck}})
     busy = time.monotonic()
     # The heartbeat keeps going while the handler is stuck.
     stuck_hb = watch.heartbeat(lambda hb: hb["inflight"] == 1)
+    holds_gil = stuck.get("spin_in_c") is True
+    if holds_gil:
+        # With a free slot, a request would be answered at once, unless the
+        # stuck handler holds the GIL and every Python thread of the service
+        # waits for it.
+        watch.request(
+            "embedding.request", {"type": "embedding.request", "payload": {"items": ["y"]}, "replyTo": "probe.reply"}
+        )
     code = wait_exit(w.proc, 10)
     took = time.monotonic() - busy
     assert code == 71, w.output()
     assert 1.4 <= took <= 2.5, f"exit {took:.2f} s after the handler got stuck (limit 1.5 s + 1 s)"
     final = watch.heartbeat(lambda hb: hb["status"] == "offline", timeout=5)
     assert (final["reason"], final["inflight"], final["boot_id"]) == ("stalled", 1, stuck_hb["boot_id"]), final
+    if holds_gil:
+        answered = [b for t, b in watch.backlog if t == probe]
+        assert not answered, f"the service ran Python code while stuck, so the GIL was free: {answered}"
 
 
 def test_idle_service_outlives_the_stall_limit_and_still_works(serve, watcher_factory, worker_factory):
