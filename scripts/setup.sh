@@ -50,6 +50,9 @@ if [ -f tests/requirements.txt ]; then
   # does not know it, and installs per user when site-packages is read-only).
   PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
+# The Python service runtime, editable so its tests run the tree's code,
+# with its test runner and linter (PEP 668 as above).
+PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check pytest ruff -e clients/python
 if [ -f tests/package.json ]; then
   if [ -f tests/package-lock.json ]; then
     npm ci --prefix tests --silent --no-audit --no-fund

@@ -7,3 +7,10 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
+# The Python package: lint, then its end-to-end tests against
+# target/debug/axion (already built by the tests above: `--workspace`
+# resolves features as they did, so nothing compiles twice).
+cargo build -q --workspace --bin axion
+python3 -m ruff check clients/python
+python3 -m ruff format --check clients/python
+AXION_BIN="${AXION_BIN:-${CARGO_TARGET_DIR:-target}/debug/axion}" python3 -m pytest -q clients/python
