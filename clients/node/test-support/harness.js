@@ -18,6 +18,7 @@ import mqtt from 'mqtt';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(here, '../../..');
 export const EXAMPLE = path.resolve(here, '../examples/embedding-worker.js');
+export const PRODUCER = path.resolve(here, 'producer.js');
 export const QUEUE = 'embedding.generate';
 
 export function axionBin() {
@@ -234,16 +235,16 @@ export class Watcher {
 }
 
 /**
- * Starts the example service and waits until its retained heartbeat says
- * its own connection is up (it subscribes and announces credit right then;
- * a task enqueued earlier waits in the queue anyway).
+ * Starts a service script and waits until its retained heartbeat says its
+ * own connection is up (it subscribes and announces credit right then; a
+ * task enqueued earlier waits in the queue anyway).
  */
-export async function startExample(serve, env = {}) {
-  const w = await Watcher.connect(serve, ['axion/default/heartbeat/embedding/+']);
-  const svc = new ServiceProc(EXAMPLE, serve, { HEARTBEAT_INTERVAL_SECS: '1', ...env });
+export async function startService(serve, script, service, env = {}) {
+  const w = await Watcher.connect(serve, [`axion/default/heartbeat/${service}/+`]);
+  const svc = new ServiceProc(script, serve, { HEARTBEAT_INTERVAL_SECS: '1', ...env });
   try {
-    await w.heartbeat((hb) => hb.pid === svc.pid && hb.connected === true && hb.status === 'online', 15_000,
-      `online heartbeat of pid ${svc.pid}`);
+    await w.next((t, hb) => hb.pid === svc.pid && hb.connected === true && hb.status === 'online', 15_000,
+      `online heartbeat of ${service} (pid ${svc.pid})`);
   } catch (err) {
     svc.kill();
     throw new Error(`${err.message}; its log:\n${svc.stderr}`);
@@ -251,4 +252,9 @@ export async function startExample(serve, env = {}) {
     await w.close();
   }
   return svc;
+}
+
+/** The example embedding worker, started as by {@link startService}. */
+export function startExample(serve, env = {}) {
+  return startService(serve, EXAMPLE, 'embedding', env);
 }

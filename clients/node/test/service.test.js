@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { QUEUE, Serve, Watcher, axionBin, startExample } from '../test-support/harness.js';
+import { PRODUCER, QUEUE, Serve, Watcher, axionBin, startExample, startService } from '../test-support/harness.js';
 
 const RESULT = 'axion/default/event/embedding/result';
 const isResult = (topic) => topic === RESULT;
@@ -213,4 +213,34 @@ test('SIGTERM hands back a task that outlives DRAIN_MS, and another worker gets 
   assert.equal(r.correlationId, 'slow');
   assert.equal(r.payload.pid, other.pid);
   assert.equal(r.payload.attempts, 1);
+});
+
+test('Service#enqueue resolves on the owner\'s confirmation or rejects with its refusal; Service#publish sends an envelope', async (t) => {
+  const serve = await Serve.start(['--queue-limit', 'tiny=1']);
+  t.after(() => serve.cleanup());
+  const producer = await startService(serve, PRODUCER, 'producer');
+  t.after(() => producer.kill());
+  const worker = await startExample(serve);
+  t.after(() => worker.kill());
+  const w = await Watcher.connect(serve, [RESULT, 'axion/default/event/prod/reply', 'axion/default/event/announced']);
+  t.after(() => w.close());
+  const reply = (topic) => topic === 'axion/default/event/prod/reply';
+
+  await w.request('produce.request', { payload: { queue: QUEUE, payload: { items: ['p'] }, id: 'from-node' }, replyTo: 'prod.reply' });
+  const confirmed = await w.next(reply);
+  assert.deepEqual(confirmed.payload, { confirmed: { id: 'from-node', queue: QUEUE } });
+  const r = await w.next(isResult);
+  assert.equal(r.correlationId, 'from-node', 'the enqueued task reached the worker');
+
+  await w.request('produce.request', { payload: { queue: 'tiny', payload: 1, id: 'one' }, replyTo: 'prod.reply' });
+  assert.ok((await w.next(reply)).payload.confirmed);
+  await w.request('produce.request', { payload: { queue: 'tiny', payload: 2, id: 'two' }, replyTo: 'prod.reply' });
+  const refused = await w.next(reply);
+  assert.match(refused.payload.refused ?? '', /full/, JSON.stringify(refused));
+
+  await w.request('announce.request', { payload: { n: 7 }, replyTo: 'prod.reply' });
+  const announced = await w.next((topic) => topic === 'axion/default/event/announced');
+  assert.equal(announced.type, 'announced');
+  assert.equal(announced.source, 'producer');
+  assert.deepEqual(announced.payload, { n: 7 });
 });
