@@ -7,3 +7,6 @@ scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
+# The Node service package against the axion just built (target/debug/axion).
+cargo build -p axion
+node --test clients/node/test/
