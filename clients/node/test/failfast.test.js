@@ -7,7 +7,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { QUEUE, Serve, Watcher, startExample } from '../test-support/harness.js';
+import { spawnSync } from 'node:child_process';
+import { EXAMPLE, QUEUE, Serve, Watcher, startExample } from '../test-support/harness.js';
 
 async function stuckHandlerExits71(t, payload) {
   const serve = await Serve.start();
@@ -79,4 +80,14 @@ test('an idle service outlives the stall limit and still works', async (t) => {
   const r = await w.next((topic) => topic === 'axion/default/event/embedding/result');
   assert.equal(r.correlationId, 'after-idle');
   assert.equal(svc.proc.exitCode, null);
+});
+
+test('a bad configuration exits 78 and says which value', () => {
+  const run = (env) => spawnSync(process.execPath, [EXAMPLE], { env: { ...process.env, ...env }, encoding: 'utf8' });
+  const bad = run({ MAX_INFLIGHT: 'eight' });
+  assert.equal(bad.status, 78);
+  assert.match(bad.stderr, /MAX_INFLIGHT="eight" is not a whole number/);
+  const topic = run({ AXION_PACKAGE: 'a/b' });
+  assert.equal(topic.status, 78);
+  assert.match(topic.stderr, /package "a\/b" must not contain/);
 });
