@@ -59,6 +59,12 @@ export interface ServiceOptions {
    * default `AXION_MQTT_URL`, else `mqtt://127.0.0.1:1883`.
    */
   mqtt?: string;
+  /**
+   * Serve `/health/live` and `/health/ready` on this address
+   * (`127.0.0.1:9400`); its port then names the instance in the heartbeat
+   * topic instead of the pid. Default `HEALTH_LISTEN`, else none.
+   */
+  healthListen?: string;
 }
 
 export interface EnqueueOptions {

@@ -98,20 +98,22 @@ export class Heartbeat {
    * @param {string} o.pkg
    * @param {string} o.service
    * @param {string} o.host
+   * @param {number} o.port the listening port, or the pid for an instance without one
    * @param {number} o.intervalSecs
    * @param {number} o.ghostSecs
    * @param {Record<string, unknown>} o.extras fields merged into every record
    * @param {import('./vitals.js').Vitals} o.vitals
    */
-  constructor({ url, pkg, service, host, intervalSecs, ghostSecs, extras, vitals }) {
+  constructor({ url, pkg, service, host, port, intervalSecs, ghostSecs, extras, vitals }) {
     this.pkg = pkg;
     this.service = service;
     this.host = host;
     this.pid = process.pid;
-    this.instanceId = `${host}:${this.pid}`;
+    this.port = port;
+    this.instanceId = `${host}:${port}`;
     this.topic = topics.heartbeat(pkg, service, this.instanceId);
     this.announceTopic = topics.announce(pkg);
-    this.clientId = sanitizeClientId(`axion-hb-${service}-${host}-${this.pid}`);
+    this.clientId = sanitizeClientId(`axion-hb-${service}-${host}-${port}`);
     this.bootId = randomUUID();
     this.started = Date.now();
     this.intervalSecs = intervalSecs;
@@ -159,7 +161,7 @@ export class Heartbeat {
       service: this.service,
       instance_id: this.instanceId,
       hostname: this.host,
-      port: this.pid,
+      port: this.port,
       package: this.pkg,
       pid: this.pid,
       uptime_seconds: Math.floor((Date.now() - this.started) / 1000),

@@ -116,4 +116,4 @@ parentPort.on('message', async (msg) => {
   }
 });
 
-parentPort.postMessage({ started: true, topic: heartbeat.topic, bootId: heartbeat.bootId });
+parentPort.postMessage({ started: true });

@@ -39,6 +39,7 @@ import {
   validateLevel,
 } from './config.js';
 import { connect } from './connect.js';
+import { parseListen, serveHealth } from './health.js';
 import { log } from './log.js';
 import { Event, Task, envelope, parseEvent, resolveReply } from './message.js';
 import { Vitals } from './vitals.js';
@@ -67,8 +68,10 @@ function reasonOf(err) {
 export class Service {
   /**
    * @param {string} name the service name: a topic level of the heartbeat
-   * @param {{package?: string, mqtt?: string}} [options] unset values come
-   *   from `AXION_PACKAGE` and `AXION_MQTT_URL`
+   * @param {{package?: string, mqtt?: string, healthListen?: string}} [options]
+   *   unset values come from `AXION_PACKAGE`, `AXION_MQTT_URL` and
+   *   `HEALTH_LISTEN` (`/health/live` and `/health/ready` on that address;
+   *   its port then names the instance instead of the pid)
    */
   constructor(name, options = {}) {
     this.name = name;
@@ -154,7 +157,7 @@ export class Service {
     this.engine = new Engine(plan);
     this.engineStarted = this.engine.start().catch((err) => {
       log.error('service cannot start', { service: this.name, error: err.message });
-      process.exit(EXIT_FAILURE);
+      process.exit(err instanceof ConfigError ? EXIT_CONFIG : EXIT_FAILURE);
     });
     await this.engineStarted;
     return new Promise(() => {});
@@ -183,13 +186,14 @@ export class Service {
     for (const { type } of this.events) validateEventType(type);
     const host = localHostname();
     validateLevel('host', host);
+    const listen = this.options.healthListen ?? envOr('HEALTH_LISTEN', '');
     return {
+      health: listen === '' ? null : parseListen(listen),
       service: this.name,
       pkg,
       url,
       limits,
       host,
-      clientId: sanitizeClientId(`axion-svc-${this.name}-${host}-${process.pid}`),
       queues: this.queues,
       events: this.events.map(({ type, handler }) => ({ type, filter: topics.event(pkg, type), handler })),
     };
@@ -203,9 +207,10 @@ class Engine {
     this.vitals = new Vitals();
     this.connected = false;
     this.drainDeadline = null;
+    /** Set once the drain is over and the stop sequence runs. */
+    this.stopping = false;
     this.taskTopics = new Map([...plan.queues.keys()].map((q) => [topics.queue(plan.pkg, q, 'tasks'), q]));
     this.announceTopic = topics.announce(plan.pkg);
-    this.replyTopic = topics.reply(plan.pkg, plan.clientId);
     /** Jobs admitted and waiting for a handler slot. */
     this.waiting = [];
     /** seq → {controller, task: {id, queue}|null, reply} */
@@ -227,6 +232,10 @@ class Engine {
   }
 
   async start() {
+    // The health port, when there is one, names the instance; else the pid.
+    this.slot = this.health ? await serveHealth(this.health, this.vitals, this.limits) : process.pid;
+    this.clientId = sanitizeClientId(`axion-svc-${this.service}-${this.host}-${this.slot}`);
+    this.replyTopic = topics.reply(this.pkg, this.clientId);
     await this.#startSentinel();
     log.info('service starting', {
       service: this.service,
@@ -259,6 +268,7 @@ class Engine {
           pkg: this.pkg,
           service: this.service,
           host: this.host,
+          port: this.slot,
           intervalSecs: this.limits.heartbeatIntervalSecs,
           ghostSecs: this.limits.heartbeatGhostSecs,
           // The queue owner hands this worker's tasks to others when the
@@ -269,10 +279,7 @@ class Engine {
     });
     this.sentinel.unref();
     return new Promise((resolve, reject) => {
-      this.sentinel.once('message', (msg) => {
-        this.heartbeatTopic = msg.topic;
-        resolve();
-      });
+      this.sentinel.once('message', () => resolve());
       this.sentinel.once('error', reject);
       // Without the sentinel nothing watches this process: fail fast.
       this.sentinel.on('error', (err) => {

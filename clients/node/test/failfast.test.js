@@ -90,4 +90,7 @@ test('a bad configuration exits 78 and says which value', () => {
   const topic = run({ AXION_PACKAGE: 'a/b' });
   assert.equal(topic.status, 78);
   assert.match(topic.stderr, /package "a\/b" must not contain/);
+  const health = run({ HEALTH_LISTEN: 'nowhere' });
+  assert.equal(health.status, 78);
+  assert.match(health.stderr, /HEALTH_LISTEN="nowhere" is not an address/);
 });

@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { PRODUCER, QUEUE, Serve, Watcher, axionBin, startExample, startService } from '../test-support/harness.js';
+import { PRODUCER, QUEUE, Serve, Watcher, axionBin, freePort, startExample, startService } from '../test-support/harness.js';
 
 const RESULT = 'axion/default/event/embedding/result';
 const isResult = (topic) => topic === RESULT;
@@ -243,4 +243,28 @@ test('Service#enqueue resolves on the owner\'s confirmation or rejects with its 
   assert.equal(announced.type, 'announced');
   assert.equal(announced.source, 'producer');
   assert.deepEqual(announced.payload, { n: 7 });
+});
+
+test('HEALTH_LISTEN: probes answer, and the port names the instance', async (t) => {
+  const serve = await Serve.start();
+  t.after(() => serve.cleanup());
+  const health = await freePort();
+  const svc = await startExample(serve, { HEALTH_LISTEN: `127.0.0.1:${health}` });
+  t.after(() => svc.kill());
+  const w = await Watcher.connect(serve, ['axion/default/heartbeat/embedding/+']);
+  t.after(() => w.close());
+  const hb = await w.heartbeat((h) => h.pid === svc.pid, 2_000, 'retained record');
+  assert.equal(hb.port, health);
+  assert.equal(hb.instance_id, `${hb.hostname}:${health}`);
+  assert.match(hb.worker, new RegExp(`-${health}$`));
+  const get = async (p) => {
+    const res = await fetch(`http://127.0.0.1:${health}${p}`);
+    return [res.status, await res.json()];
+  };
+  const [liveCode, live] = await get('/health/live');
+  assert.equal(liveCode, 200);
+  assert.equal(live.connected, true);
+  assert.equal(live.inflight, 0);
+  const [readyCode] = await get('/health/ready');
+  assert.equal(readyCode, 200);
 });
