@@ -4,8 +4,9 @@
  * axion-client fed by an MQTT producer, and the same work through the
  * WebSocket bridge with the legacy JavaScript client as producer and worker.
  * Each round starts a fresh `axion serve` per case and alternates the order;
- * the medians are printed as a Markdown table, with the worker's CPU time
- * per 1 000 tasks from `/proc`.
+ * the medians are printed as a Markdown table, with the CPU time per 1 000
+ * tasks of the worker and of `axion serve` (which runs the bridge) from
+ * `/proc`.
  *
  * Usage: AXION_BIN=target/release/axion node clients/node/bench/queue-throughput.js [tasks] [rounds] [credits]
  */
@@ -46,6 +47,7 @@ async function nodeCase() {
   const worker = new ServiceProc(path.join(here, 'echo-worker.js'), serve, { MAX_INFLIGHT: String(credits), AXION_LOG: 'warn' });
   await w.next((t, hb) => hb.pid === worker.pid && hb.connected, 15_000, 'worker online');
   const cpu0 = cpuSecs(worker.pid);
+  const serve0 = cpuSecs(serve.proc.pid);
   const t0 = performance.now();
   const sends = [];
   for (let i = 0; i < tasks; i++) sends.push(w.enqueue(QUEUE, { payload: { i } }));
@@ -53,10 +55,11 @@ async function nodeCase() {
   await ackedAll(w, tasks);
   const secs = (performance.now() - t0) / 1000;
   const cpu = cpuSecs(worker.pid) - cpu0;
+  const serveCpu = cpuSecs(serve.proc.pid) - serve0;
   worker.kill();
   await w.close();
   serve.cleanup();
-  return { secs, cpu };
+  return { secs, cpu, serveCpu };
 }
 
 async function legacyCase() {
@@ -68,16 +71,18 @@ async function legacyCase() {
   await producer.connect();
   const w = await Watcher.connect(serve);
   const cpu0 = cpuSecs(worker.pid);
+  const serve0 = cpuSecs(serve.proc.pid);
   const t0 = performance.now();
   for (let i = 0; i < tasks; i++) producer.enqueue(QUEUE, { i });
   await ackedAll(w, tasks);
   const secs = (performance.now() - t0) / 1000;
   const cpu = cpuSecs(worker.pid) - cpu0;
+  const serveCpu = cpuSecs(serve.proc.pid) - serve0;
   worker.kill('SIGKILL');
   producer.socket.close();
   await w.close();
   serve.cleanup();
-  return { secs, cpu };
+  return { secs, cpu, serveCpu };
 }
 
 const cases = { 'Node worker (axion-client, MQTT)': nodeCase, 'legacy JS client through the bridge': legacyCase };
@@ -87,15 +92,15 @@ for (let r = 0; r < rounds; r++) {
   for (const name of order) {
     const res = await cases[name]();
     results[name].push(res);
-    console.error(`round ${r + 1}: ${name}: ${(tasks / res.secs).toFixed(0)} tasks/s, worker CPU ${res.cpu.toFixed(2)} s`);
+    console.error(`round ${r + 1}: ${name}: ${(tasks / res.secs).toFixed(0)} tasks/s, worker CPU ${res.cpu.toFixed(2)} s, serve CPU ${res.serveCpu.toFixed(2)} s`);
   }
 }
 const median = (xs) => xs.slice().sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-console.log(`| worker | tasks | tasks/s (median of ${rounds}; min – max) | worker CPU ms per 1 000 tasks |`);
-console.log('|---|---|---|---|');
+console.log(`| worker | tasks | tasks/s (median of ${rounds}; min – max) | worker CPU ms per 1 000 tasks | axion serve CPU ms per 1 000 tasks |`);
+console.log('|---|---|---|---|---|');
 for (const [name, rs] of Object.entries(results)) {
   const rates = rs.map((x) => tasks / x.secs);
-  const cpu = median(rs.map((x) => (x.cpu / tasks) * 1_000_000));
-  console.log(`| ${name} | ${tasks} | ${median(rates).toFixed(0)} (${Math.min(...rates).toFixed(0)} – ${Math.max(...rates).toFixed(0)}) | ${cpu.toFixed(0)} |`);
+  const perK = (key) => median(rs.map((x) => (x[key] / tasks) * 1_000_000)).toFixed(0);
+  console.log(`| ${name} | ${tasks} | ${median(rates).toFixed(0)} (${Math.min(...rates).toFixed(0)} – ${Math.max(...rates).toFixed(0)}) | ${perK('cpu')} | ${perK('serveCpu')} |`);
 }
 process.exit(0);
