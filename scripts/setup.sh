@@ -60,3 +60,5 @@ if [ -f tests/package.json ]; then
     npm install --prefix tests --silent --no-audit --no-fund
   fi
 fi
+# The Node service package (clients/node): MQTT.js, and TypeScript for its type check.
+npm ci --prefix clients/node --silent --no-audit --no-fund

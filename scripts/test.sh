@@ -14,3 +14,5 @@ cargo build -q --workspace --bin axion
 python3 -m ruff check clients/python
 python3 -m ruff format --check clients/python
 AXION_BIN="${AXION_BIN:-${CARGO_TARGET_DIR:-target}/debug/axion}" python3 -m pytest -q clients/python
+# The Node package's end-to-end tests against the same axion.
+AXION_BIN="${AXION_BIN:-${CARGO_TARGET_DIR:-target}/debug/axion}" node --test clients/node/test/
