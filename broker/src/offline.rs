@@ -216,11 +216,21 @@ impl Probe {
     /// nothing the last connection left unacknowledged still to come.
     fn caught_up(&self, shared: &Shared) -> bool {
         let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
-        self.resend.load(Ordering::Relaxed) == 0
-            && subs
-                .parked
-                .iter()
-                .all(|(path, c)| shared.flow.lag(names::split_share(path).1, c) == 0)
+        let resend = self.resend.load(Ordering::Relaxed);
+        let behind: Vec<&str> = subs
+            .parked
+            .iter()
+            .filter(|(path, c)| shared.flow.lag(names::split_share(path).1, c) > 0)
+            .map(|(path, _)| path.as_str())
+            .collect();
+        if resend > 0 || !behind.is_empty() {
+            debug!(
+                resend,
+                ?behind,
+                "a drainer has not read all the router holds"
+            );
+        }
+        resend == 0 && behind.is_empty()
     }
 }
 
