@@ -6,11 +6,15 @@
 //! each case is reported with the ratio Axion ÷ Mosquitto and each broker's
 //! CPU time, read from /proc. See BENCHMARKS.md for figures.
 //!
+//! `--soak` instead records RSS and open fds of both brokers through a
+//! long run of mixed churn: see [`soak`].
+//!
 //! `--persistence` instead measures state across restarts (retained
 //! messages, persistent sessions, QoS 1 messages queued for a session)
 //! beside Mosquitto with persistence on: see [`persistence`].
 
 mod persistence;
+mod soak;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -70,6 +74,18 @@ struct Args {
     /// subscriber, online, offline and across restarts (0: none).
     #[arg(long, env = "BENCH_QUEUED", default_value_t = 20_000)]
     queued: u64,
+    /// Instead of throughput, run a soak: mixed churn (clean and kept
+    /// sessions coming and going, filters subscribed and dropped, QoS 0/1
+    /// and retained publishes) against axion and Mosquitto at once, with
+    /// each broker's RSS and open fds sampled side by side.
+    #[arg(long, env = "BENCH_SOAK")]
+    soak: bool,
+    /// How long the --soak runs, in minutes.
+    #[arg(long, env = "BENCH_SOAK_MINUTES", default_value_t = 30)]
+    soak_minutes: u64,
+    /// Seconds between two samples of RSS and fds in --soak.
+    #[arg(long, env = "BENCH_SOAK_SAMPLE_SECS", default_value_t = 60)]
+    soak_sample_secs: u64,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -562,6 +578,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.persistence {
         return persistence::run(&args);
+    }
+    if args.soak {
+        return soak::run(&args);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
