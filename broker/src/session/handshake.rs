@@ -481,7 +481,7 @@ pub(super) async fn handshake(
         unwritten,
         eager_acks: Vec::new(),
         durable_acks: HashMap::new(),
-        quota_acks: HashMap::new(),
+        verdicts: HashMap::new(),
         nolocal_filters: HashSet::new(),
         rap_filters: HashSet::new(),
         aliases: Aliases::new(topic_alias_max),

@@ -165,17 +165,6 @@ impl Session {
                     self.refuse_publish(&publish, qos, reply, Some(why));
                     return Ok(None);
                 }
-                if let (true, Some(reason)) = (
-                    qos > 0 && self.codec.is_v5(),
-                    self.shared
-                        .queue_tap
-                        .get()
-                        .and_then(|tap| tap.refuses(&publish.topic)),
-                ) {
-                    // The queue owner still gets it (and answers on the
-                    // reply topic); the PUBACK says so too.
-                    self.quota_acks.insert(publish_pkid(&publish), reason);
-                }
                 publish.topic = names::escape_topic(publish.topic);
                 // Away sessions it matches get it on disk first (the
                 // publisher's acknowledgement waits for that too).
@@ -746,8 +735,16 @@ fn packet_name(p: &Packet) -> &'static str {
 
 /// The packet id of a client's publish.
 fn publish_pkid(publish: &rumqttd::protocol::Publish) -> u16 {
-    // `Publish::pkid` is crate-private; its serialization (header byte,
-    // then the id) is public.
-    let raw = publish.serialize();
-    u16::from_be_bytes([raw[1], raw[2]])
+    publish_header(publish).1
+}
+
+/// The QoS and packet id of `publish`. `Publish::qos` and `Publish::pkid`
+/// are crate-private; its serialization (header byte, then the id) is
+/// public, and without topic and payload it copies five bytes.
+pub(super) fn publish_header(publish: &rumqttd::protocol::Publish) -> (u8, u16) {
+    let mut header = publish.clone();
+    header.topic = Bytes::new();
+    header.payload = Bytes::new();
+    let raw = header.serialize();
+    ((raw[0] >> 1) & 0x03, u16::from_be_bytes([raw[1], raw[2]]))
 }

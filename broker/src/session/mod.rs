@@ -251,9 +251,10 @@ struct Session {
     /// Disk commits (of away sessions' queues) the acknowledgement of the
     /// client's publish with this packet id waits for.
     durable_acks: HashMap<u16, Vec<crate::disk::Commit>>,
-    /// Enqueues (by packet id) into a queue at its limit: their PUBACK
-    /// carries 0x97 and this reason.
-    quota_acks: HashMap<u16, String>,
+    /// MQTT 5 QoS 1 enqueues (by packet id) handed to the queue owner:
+    /// their PUBACK waits for its verdict, and carries 0x97 and the reason
+    /// if the queue refused the task.
+    verdicts: HashMap<u16, tokio::sync::oneshot::Receiver<String>>,
     /// Router-form filters subscribed with MQTT 5 No Local.
     nolocal_filters: HashSet<String>,
     /// MQTT 5 topic aliases, both ways.
@@ -669,6 +670,15 @@ impl Session {
                         let received = crate::queues::tap::is_task_answer(&topic)
                             && crate::queues::tap::task_id(&publish.payload)
                                 .is_some_and(|id| self.received_tasks.contains(&id));
+                        // Only an MQTT 5 PUBACK can carry a refusal.
+                        let verdict = match inbound::publish_header(publish) {
+                            (1, pkid) if self.codec.is_v5() && tap.is_enqueue(&topic) => {
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                self.verdicts.insert(pkid, rx);
+                                Some(tx)
+                            }
+                            _ => None,
+                        };
                         tap.send(
                             topic,
                             publish.payload.clone(),
@@ -676,6 +686,7 @@ impl Session {
                             props,
                             &self.client_id,
                             received,
+                            verdict,
                         )
                         .await;
                     }
