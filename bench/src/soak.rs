@@ -162,14 +162,17 @@ impl Conn {
 
 /// A clean session's visit: subscribe, publish, unsubscribe half, leave.
 async fn churn_once(port: u16, worker: u64, visit: u64, counts: &Counts) -> anyhow::Result<()> {
-    let (mut conn, _) = Conn::open(port, &format!("soak-churn-{worker}"), true).await?;
+    let (mut conn, _) = Conn::open(port, &format!("soak-churn-{worker}"), true)
+        .await
+        .context("CONNACK")?;
     counts.connects.fetch_add(1, Ordering::Relaxed);
     let filter = |i: u64| format!("soak/churn/{worker}/{visit}/{i}/+");
     for i in 0..CHURN_FILTERS {
         conn.client.subscribe(filter(i), QoS::AtLeastOnce).await?;
     }
     conn.acks(CHURN_FILTERS, |p| matches!(p, Packet::SubAck(_)))
-        .await?;
+        .await
+        .context("SUBACK")?;
     counts.filters.fetch_add(CHURN_FILTERS, Ordering::Relaxed);
     for i in 0..CHURN_FILTERS {
         let topic = format!("soak/churn/{worker}/{visit}/{i}/x");
@@ -183,13 +186,15 @@ async fn churn_once(port: u16, worker: u64, visit: u64, counts: &Counts) -> anyh
             .await?;
     }
     conn.acks(CHURN_FILTERS / 2, |p| matches!(p, Packet::PubAck(_)))
-        .await?;
+        .await
+        .context("PUBACK")?;
     counts.publishes.fetch_add(CHURN_FILTERS, Ordering::Relaxed);
     for i in 0..CHURN_FILTERS / 2 {
         conn.client.unsubscribe(filter(i)).await?;
     }
     conn.acks(CHURN_FILTERS / 2, |p| matches!(p, Packet::UnsubAck(_)))
-        .await?;
+        .await
+        .context("UNSUBACK")?;
     conn.close().await;
     Ok(())
 }
@@ -199,13 +204,17 @@ async fn churn_once(port: u16, worker: u64, visit: u64, counts: &Counts) -> anyh
 async fn kept_once(port: u16, visit: u64, counts: &Counts) -> anyhow::Result<()> {
     let k = visit % KEPT_IDS;
     let end = visit % KEPT_END_EVERY == KEPT_END_EVERY - 1;
-    let (mut conn, _) = Conn::open(port, &format!("soak-kept-{k}"), end).await?;
+    let (mut conn, _) = Conn::open(port, &format!("soak-kept-{k}"), end)
+        .await
+        .context("kept CONNACK")?;
     counts.connects.fetch_add(1, Ordering::Relaxed);
     if !end {
         conn.client
             .subscribe(format!("soak/kept/{k}/#"), QoS::AtLeastOnce)
             .await?;
-        conn.next(|p| matches!(p, Packet::SubAck(_))).await?;
+        conn.next(|p| matches!(p, Packet::SubAck(_)))
+            .await
+            .context("kept SUBACK")?;
         // Whatever arrives meanwhile is acknowledged by the client.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -215,6 +224,7 @@ async fn kept_once(port: u16, visit: u64, counts: &Counts) -> anyhow::Result<()>
 
 /// Runs `visit` in a loop with a pause between visits until `stop`.
 async fn repeat<F, Fut>(
+    name: &'static str,
     every: Duration,
     stop: Instant,
     counts: Arc<Counts>,
@@ -229,7 +239,7 @@ where
         if let Err(err) = visit(n).await {
             // A broker that cannot be reached is worth a line; the soak goes on.
             if counts.errors.fetch_add(1, Ordering::Relaxed) < 10 {
-                eprintln!("  soak: {err:#}");
+                eprintln!("  soak, {name}: {err:#}");
             }
         }
         n += 1;
@@ -298,11 +308,17 @@ async fn steady(port: u16, stop: Instant, counts: Arc<Counts>) -> anyhow::Result
 }
 
 /// The whole load against one broker until `stop`.
-async fn load(port: u16, stop: Instant, counts: Arc<Counts>) -> anyhow::Result<()> {
+async fn load(
+    name: &'static str,
+    port: u16,
+    stop: Instant,
+    counts: Arc<Counts>,
+) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..CHURNERS {
         let c = counts.clone();
         tasks.spawn(repeat(
+            name,
             Duration::from_millis(100),
             stop,
             counts.clone(),
@@ -315,6 +331,7 @@ async fn load(port: u16, stop: Instant, counts: Arc<Counts>) -> anyhow::Result<(
     for lane in 0..2u64 {
         let c = counts.clone();
         tasks.spawn(repeat(
+            name,
             Duration::from_millis(50),
             stop,
             counts.clone(),
@@ -331,7 +348,7 @@ async fn load(port: u16, stop: Instant, counts: Arc<Counts>) -> anyhow::Result<(
         // A part that stopped early is reported; the rest goes on.
         if let Err(err) = done? {
             counts.errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!("  soak: a load part stopped: {err:#}");
+            eprintln!("  soak, {name}: a load part stopped: {err:#}");
         }
     }
     Ok(())
@@ -367,7 +384,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut loads = tokio::task::JoinSet::new();
         for b in &brokers {
-            loads.spawn(load(b.port, stop, b.counts.clone()));
+            loads.spawn(load(b.name, b.port, stop, b.counts.clone()));
         }
         let mut next = begun + sample;
         while next <= stop {
