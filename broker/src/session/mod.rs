@@ -282,6 +282,9 @@ struct Session {
     renewal_rx: watch::Receiver<Phase>,
     /// Generation of the router `link_tx`/`link_rx` belong to.
     link_epoch: u64,
+    /// The last topic this session noted for renewals, and its router
+    /// generation: a stream to one topic takes the lock once.
+    last_published: Option<(u64, Bytes)>,
     /// The renewal round whose barrier PINGREQ awaits its PINGRESP.
     barrier_round: Option<u64>,
     /// A router renewal is under way: report what is in flight.
@@ -655,6 +658,19 @@ impl Session {
         }
         if subscriptions_changed {
             self.journal_subscriptions();
+        }
+        // A renewal drains only the filters that what the router got may
+        // have reached (see `renewal::Published`).
+        for packet in &packets {
+            if let Packet::Publish(publish, _) = packet {
+                let noted = (self.link_epoch, publish.topic.clone());
+                if self.last_published.as_ref() != Some(&noted) {
+                    self.shared
+                        .renewal
+                        .published(noted.0, &noted.1, self.shared.config.max_topics);
+                    self.last_published = Some(noted);
+                }
+            }
         }
         if let Some(tap) = self.shared.queue_tap.get() {
             for packet in &packets {
