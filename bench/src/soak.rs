@@ -27,7 +27,7 @@ use anyhow::Context;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-use super::{axion_serve, free_port, rss_mib, spawn_mosquitto, Args};
+use super::{axion_serve, free_port, nodelay, rss_mib, spawn_mosquitto, Args};
 
 /// Churners per broker.
 const CHURNERS: u64 = 4;
@@ -103,18 +103,19 @@ fn start(name: &'static str, args: &Args) -> anyhow::Result<Running> {
 }
 
 /// One connection: the client, and the packets it receives.
-struct Conn {
-    client: AsyncClient,
+pub(crate) struct Conn {
+    pub(crate) client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Packet>,
 }
 
 impl Conn {
-    async fn open(port: u16, id: &str, clean: bool) -> anyhow::Result<(Conn, bool)> {
+    pub(crate) async fn open(port: u16, id: &str, clean: bool) -> anyhow::Result<(Conn, bool)> {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(clean);
         opts.set_inflight(100);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        eventloop.network_options = nodelay();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             // The task ends with the connection: a disconnect, or an error.
@@ -135,7 +136,7 @@ impl Conn {
     }
 
     /// The next packet `want` accepts (others are dropped).
-    async fn next(&mut self, want: impl Fn(&Packet) -> bool) -> anyhow::Result<Packet> {
+    pub(crate) async fn next(&mut self, want: impl Fn(&Packet) -> bool) -> anyhow::Result<Packet> {
         tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(p) = self.rx.recv().await {
                 if want(&p) {
@@ -155,7 +156,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.client.disconnect().await;
     }
 }
