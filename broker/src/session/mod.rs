@@ -28,7 +28,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingReq, Publish,
-    PublishProperties, QoS, SubscribeReasonCode,
+    PublishProperties, QoS, SubscribeReasonCode, UnsubAck,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -640,8 +640,10 @@ impl Session {
     /// first (see [`crate::queues::tap`]).
     async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
         let mut subscriptions_changed = false;
-        for packet in &packets {
-            match packet {
+        let mut answered = BytesMut::new();
+        let mut i = 0;
+        while i < packets.len() {
+            match &packets[i] {
                 Packet::Subscribe(sub, _) => {
                     subscriptions_changed = true;
                     self.router_filters
@@ -649,15 +651,38 @@ impl Session {
                 }
                 Packet::Unsubscribe(unsub, _) => {
                     subscriptions_changed = true;
+                    let mut linked = false;
                     for path in &unsub.filters {
-                        self.router_filters.remove(path);
+                        linked |= self.router_filters.remove(path);
+                    }
+                    if !linked {
+                        // Held through a router renewal, it reaches a router
+                        // that never had these filters (the session
+                        // subscribed again only to what it still holds):
+                        // the router would not answer, so the front end does.
+                        let pkid = unsub.pkid;
+                        packets.remove(i);
+                        let ack = Packet::UnsubAck(
+                            UnsubAck {
+                                pkid,
+                                reasons: Vec::new(),
+                            },
+                            None,
+                        );
+                        let ack = self.patch_ack(ack);
+                        self.encode(ack, &mut answered);
+                        continue;
                     }
                 }
                 _ => {}
             }
+            i += 1;
         }
         if subscriptions_changed {
             self.journal_subscriptions();
+        }
+        if !self.send_bytes(answered).await {
+            return Err(());
         }
         // A renewal drains only the filters that what the router got may
         // have reached (see `renewal::Published`).
