@@ -1,7 +1,8 @@
 //! Subscription churn never stalls a healthy client: while clients
 //! subscribe to throwaway filters and drop, over and over, so that the
 //! broker renews its router again and again, a healthy client's QoS 1
-//! round trips all stay short.
+//! round trips all stay short, and every churning client's UNSUBSCRIBE is
+//! answered.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::mqtt::{qos_v4, recv, V4};
+use common::mqtt::{qos_v5, recv, V4, V5};
 use common::Serve;
 
 /// How long the churn lasts.
@@ -28,32 +29,46 @@ fn counter(record: &common::mqtt::Msg, name: &str) -> u64 {
 }
 
 /// Connects, subscribes to `FILTERS` filters nobody else uses in one
-/// SUBSCRIBE, and drops the connection, until `stop`.
+/// SUBSCRIBE, unsubscribes one of them, and drops the connection, until
+/// `stop`.
 async fn churn(port: u16, worker: u64, stop: Arc<AtomicBool>, filters: Arc<AtomicU64>) {
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
     let mut visit = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let mut client = V4::connect(port, &format!("churn-{worker}")).await;
-        let subscribe: Vec<rumqttc::SubscribeFilter> = (0..FILTERS)
-            .map(|i| {
-                rumqttc::SubscribeFilter::new(format!("churn/{worker}/{visit}/{i}/+"), qos_v4(1))
-            })
+        let mut client = V5::connect(port, &format!("churn-{worker}")).await;
+        let subscribe: Vec<Filter> = (0..FILTERS)
+            .map(|i| Filter::new(format!("churn/{worker}/{visit}/{i}/+"), qos_v5(1)))
             .collect();
         client
             .client
             .subscribe_many(subscribe)
             .await
             .expect("subscribe");
-        // A SUBACK proves the broker took the filters; a message on the
-        // last of them proves the router holds them.
+        // A message on the last filter proves the router holds them.
         let last = format!("churn/{worker}/{visit}/{}/x", FILTERS - 1);
         client.publish(&last, b"c", 1, false).await;
         while recv(&mut client.rx, 30).await.topic != last {}
         filters.fetch_add(FILTERS, Ordering::Relaxed);
+        // Every UNSUBSCRIBE is answered, renewal or not.
+        client
+            .client
+            .unsubscribe(format!("churn/{worker}/{visit}/0/+"))
+            .await
+            .expect("unsubscribe");
+        loop {
+            let packet = tokio::time::timeout(Duration::from_secs(30), client.packets.recv())
+                .await
+                .expect("an UNSUBACK within 30 s")
+                .expect("connected");
+            if matches!(packet, Packet::UnsubAck(_)) {
+                break;
+            }
+        }
         if visit.is_multiple_of(2) {
             client.leave().await;
         } else {
             // Half of them vanish without a DISCONNECT.
-            client.kill();
+            client.kill().await;
         }
         visit += 1;
     }
