@@ -488,6 +488,12 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 put_off = true;
                 backoff = CHECK_EVERY;
             }
+            Err(PutOff::Interrupted(why)) => {
+                // Over in a moment: try again soon, without backing off.
+                shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
+                debug!(why, "router renewal interrupted");
+                backoff = CHECK_EVERY;
+            }
             Err(PutOff::Abandoned(why)) => {
                 // Publishers waited for nothing: wait longer before again.
                 shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
@@ -509,6 +515,10 @@ pub enum PutOff {
     NotReady(&'static str),
     /// Publishing was paused and resumed with the old router kept.
     Abandoned(&'static str),
+    /// As `Abandoned`, for a state that passes in a moment (a kept session
+    /// ending): under kept-session churn a backoff would starve renewals
+    /// while dead filters fill the router.
+    Interrupted(&'static str),
 }
 
 async fn due(shared: &Shared) -> bool {
@@ -537,6 +547,10 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
             "a kept session without a connection is still owed messages",
         ));
     }
+    if renewal.kept_finishing() {
+        // It waits for the gate this renewal holds: let it finish first.
+        return Err(PutOff::NotReady("a kept session is ending"));
+    }
     if !responsive(shared).await {
         return Err(PutOff::NotReady("the router is busy"));
     }
@@ -556,7 +570,7 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
             shared.flow.pause(false);
             renewal.phase.send_replace(Phase::Idle);
             tokio::spawn(retire(new));
-            return Err(PutOff::Abandoned(why));
+            return Err(why);
         }
     };
     let drained = paused.elapsed();
@@ -642,16 +656,18 @@ struct Drained {
 }
 
 /// Steps 1 and 2: barrier, markers, wait until every copy is counted.
-async fn drain(shared: &Arc<Shared>, round: u64) -> Result<Drained, &'static str> {
+async fn drain(shared: &Arc<Shared>, round: u64) -> Result<Drained, PutOff> {
     let renewal = &shared.renewal;
     let started = Instant::now();
     let passed = |s: &LiveState| s.barrier.as_ref().is_some_and(|(r, _)| *r == round);
     if !wait_all(renewal, passed).await {
-        return Err("a session did not reach the barrier in time");
+        return Err(PutOff::Abandoned(
+            "a session did not reach the barrier in time",
+        ));
     }
     let barrier = started.elapsed();
     if renewal.kept_finishing() {
-        return Err("a kept session is ending");
+        return Err(PutOff::Interrupted("a kept session is ending"));
     }
     // What each reading position must yield: each session's own filters,
     // counted by that session (so one that leaves meanwhile is simply no
@@ -697,7 +713,7 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<Drained, &'static str
         (markers.topics, own_expected, group_expected)
     })
     .await
-    .map_err(|_| "counting markers failed")?;
+    .map_err(|_| PutOff::Abandoned("counting markers failed"))?;
     for (live, expected) in serving.iter().zip(own_expected) {
         renewal.update(live, |s| {
             s.own_expected = expected;
@@ -705,7 +721,9 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<Drained, &'static str
         });
     }
     let sent = markers.len();
-    publish_markers(shared, round, markers).await?;
+    publish_markers(shared, round, markers)
+        .await
+        .map_err(PutOff::Abandoned)?;
     // Drainers of away sessions count no markers: they are done once
     // they have read everything admitted before the pause.
     let drained = || {
@@ -716,7 +734,7 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<Drained, &'static str
     if !renewal.wait_until(drained).await {
         let copies = renewal.copies.load(Ordering::Relaxed);
         debug!(copies, group_expected, "old router not drained in time");
-        return Err("the old router was not drained in time");
+        return Err(PutOff::Abandoned("the old router was not drained in time"));
     }
     Ok(Drained {
         barrier,
