@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::mqtt::{recv, recv_none, V5};
 use common::{axion_bin, Serve};
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 
@@ -101,6 +101,19 @@ impl Producer {
             )
             .await
             .expect("publish");
+    }
+
+    /// The next PUBACK the producer gets.
+    async fn puback(&mut self) -> rumqttc::v5::mqttbytes::v5::PubAck {
+        loop {
+            let packet = tokio::time::timeout(Duration::from_secs(10), self.client.packets.recv())
+                .await
+                .expect("a PUBACK within 10 s")
+                .expect("producer connected");
+            if let rumqttc::v5::mqttbytes::v5::Packet::PubAck(ack) = packet {
+                return ack;
+            }
+        }
     }
 
     async fn reply(&mut self) -> Value {
@@ -341,14 +354,31 @@ async fn a_full_queue_refuses_with_a_reason_and_keeps_what_it_has() {
     wait_owner(serve.mqtt_port).await;
     let mut producer = Producer::connect(serve.mqtt_port, "limit-producer").await;
 
-    let small: Vec<Value> = (0..11)
+    let small: Vec<Value> = (0..10)
         .map(|i| json!({ "id": format!("s{i}"), "payload": { "n": i } }))
         .collect();
     let answers = producer.enqueue_all("small", &small, 1).await;
-    for answer in &answers[..10] {
+    for answer in &answers {
         assert!(answer.get("error").is_none(), "{answer}");
     }
-    let refused = &answers[10];
+    for _ in 0..10 {
+        let ack = producer.puback().await;
+        assert_eq!(ack.reason, PubAckReason::Success, "{ack:?}");
+    }
+
+    // The very first enqueue past the limit: an MQTT 5 producer hears it
+    // in its PUBACK (0x97, with the reason) and on its reply topic.
+    producer
+        .send("small", &json!({ "id": "s10", "payload": { "n": 10 } }))
+        .await;
+    let ack = producer.puback().await;
+    assert_eq!(ack.reason, PubAckReason::QuotaExceeded, "{ack:?}");
+    let reason = ack
+        .properties
+        .and_then(|p| p.reason_string)
+        .unwrap_or_default();
+    assert!(reason.contains("depth limit is 10"), "{reason}");
+    let refused = producer.reply().await;
     let error = refused["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("small") && error.contains("depth limit is 10"),
@@ -364,27 +394,11 @@ async fn a_full_queue_refuses_with_a_reason_and_keeps_what_it_has() {
         (&json!("s10"), &json!("depth"), &json!(10), &json!(10)),
         "{refused}"
     );
-
-    // From then on an MQTT 5 producer hears it in its PUBACK too (0x97),
-    // and still gets the reply.
-    while producer.client.packets.try_recv().is_ok() {}
+    // And so does the next one.
     producer
         .send("small", &json!({ "id": "s10b", "payload": { "n": 10 } }))
         .await;
-    let ack = loop {
-        let packet = tokio::time::timeout(Duration::from_secs(10), producer.client.packets.recv())
-            .await
-            .expect("a PUBACK within 10 s")
-            .expect("producer connected");
-        if let rumqttc::v5::mqttbytes::v5::Packet::PubAck(ack) = packet {
-            break ack;
-        }
-    };
-    assert_eq!(
-        ack.reason,
-        rumqttc::v5::mqttbytes::v5::PubAckReason::QuotaExceeded,
-        "{ack:?}"
-    );
+    assert_eq!(producer.puback().await.reason, PubAckReason::QuotaExceeded);
     let again = producer.reply().await;
     assert!(
         again["error"].as_str().is_some_and(|e| e.contains("small")),

@@ -6,11 +6,19 @@
 //! each case is reported with the ratio Axion ÷ Mosquitto and each broker's
 //! CPU time, read from /proc. See BENCHMARKS.md for figures.
 //!
+//! `--churn-secs` instead measures a healthy client's round trip while
+//! others churn subscriptions: see [`churn`].
+//!
+//! `--soak` instead records RSS and open fds of both brokers through a
+//! long run of mixed churn: see [`soak`].
+//!
 //! `--persistence` instead measures state across restarts (retained
 //! messages, persistent sessions, QoS 1 messages queued for a session)
 //! beside Mosquitto with persistence on: see [`persistence`].
 
+mod churn;
 mod persistence;
+mod soak;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -70,6 +78,24 @@ struct Args {
     /// subscriber, online, offline and across restarts (0: none).
     #[arg(long, env = "BENCH_QUEUED", default_value_t = 20_000)]
     queued: u64,
+    /// Instead of throughput, measure a healthy client's QoS 1 round trip
+    /// for this many seconds while clients subscribe to 100 throwaway
+    /// filters each and drop, over and over (axion, the --baseline build,
+    /// then Mosquitto).
+    #[arg(long, env = "BENCH_CHURN_SECS")]
+    churn_secs: Option<u64>,
+    /// Instead of throughput, run a soak: mixed churn (clean and kept
+    /// sessions coming and going, filters subscribed and dropped, QoS 0/1
+    /// and retained publishes) against axion and Mosquitto at once, with
+    /// each broker's RSS and open fds sampled side by side.
+    #[arg(long, env = "BENCH_SOAK")]
+    soak: bool,
+    /// How long the --soak runs, in minutes.
+    #[arg(long, env = "BENCH_SOAK_MINUTES", default_value_t = 30)]
+    soak_minutes: u64,
+    /// Seconds between two samples of RSS and fds in --soak.
+    #[arg(long, env = "BENCH_SOAK_SAMPLE_SECS", default_value_t = 60)]
+    soak_sample_secs: u64,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -562,6 +588,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.persistence {
         return persistence::run(&args);
+    }
+    if args.soak {
+        return soak::run(&args);
+    }
+    if let Some(secs) = args.churn_secs {
+        return churn::run(&args, secs);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

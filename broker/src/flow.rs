@@ -187,16 +187,15 @@ impl Flow {
         client_id: &str,
         kick: Arc<Notify>,
     ) -> Arc<Consumer> {
-        let flow = {
-            let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
-            let is_new = !filters.contains_key(filter);
-            let flow = filters.entry(filter.to_string()).or_default().clone();
-            if is_new {
-                // A new filter may match cached topics.
-                self.cache.clear();
-            }
-            flow
-        };
+        // The filter's entry stays locked until the consumer is in it, so
+        // that the last consumer leaving meanwhile cannot drop it.
+        let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        let is_new = !filters.contains_key(filter);
+        let flow = filters.entry(filter.to_string()).or_default().clone();
+        if is_new {
+            // A new filter may match cached topics.
+            self.cache.clear();
+        }
         let new_consumer = || {
             Arc::new(Consumer {
                 client_id: client_id.to_string(),
@@ -219,6 +218,8 @@ impl Flow {
         if !consumers.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
             consumers.push(consumer.clone());
         }
+        drop(consumers);
+        drop(filters);
         consumer
     }
 
@@ -242,11 +243,22 @@ impl Flow {
     /// Forgets a consumer of `filter`. Shared-group consumers stay while
     /// the group has members (the caller passes `last_member`).
     pub fn unsubscribe(&self, filter: &str, consumer: &Arc<Consumer>, last_member: bool) {
-        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(flow) = filters.get(filter) {
             if last_member {
                 let mut consumers = flow.consumers.lock().unwrap_or_else(|p| p.into_inner());
                 consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+                let unread = consumers.is_empty();
+                drop(consumers);
+                // A filter nobody reads any more is forgotten: under
+                // subscription churn the map would otherwise keep every
+                // filter ever subscribed, and every publish after a new
+                // filter would be matched against all of them. (A topic
+                // cached with it counts into it harmlessly until a new
+                // filter clears the cache.)
+                if unread {
+                    filters.remove(filter);
+                }
             }
         }
         drop(filters);
@@ -388,6 +400,22 @@ mod tests {
         flow.unsubscribe("a/+", &consumer, true);
         stuck.await;
         assert_eq!(flow.slow_consumers_disconnected.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_filter_nobody_reads_is_forgotten() {
+        let flow = Flow::new(100, Duration::from_millis(100));
+        let kick = Arc::new(Notify::new());
+        let a = flow.subscribe("a/+", None, "a", kick.clone());
+        let b = flow.subscribe("a/+", None, "b", kick.clone());
+        flow.unsubscribe("a/+", &a, true);
+        assert_eq!(flow.filters.lock().unwrap().len(), 1, "b still reads it");
+        flow.unsubscribe("a/+", &b, true);
+        assert!(flow.filters.lock().unwrap().is_empty());
+        // Subscribed again, it counts from scratch.
+        let c = flow.subscribe("a/+", None, "c", kick);
+        assert!(flow.try_admit(&Bytes::from("a/b"), 60));
+        assert_eq!(flow.lag("a/+", &c), 60);
     }
 
     #[tokio::test]

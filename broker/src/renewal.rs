@@ -12,13 +12,17 @@
 //!    (un)subscribe; acknowledgements still flow. Each session sends the old
 //!    router a PINGREQ behind everything it forwarded: its PINGRESP proves
 //!    the router has appended all of it.
-//! 2. **Drain.** One marker publish per live filter goes into the old
-//!    router behind all of that. Every reading position (a session's filter,
-//!    or a shared group's) yields exactly one copy of each marker matching
-//!    its filter, after everything before it, so once the sessions have
-//!    counted every copy expected (and their clients acknowledged what is in
-//!    flight), nothing is left in the old router. Markers are never
-//!    delivered to clients.
+//! 2. **Drain.** One marker publish per live filter that may hold
+//!    something goes into the old router behind all of that. Every reading
+//!    position (a session's filter, or a shared group's) yields exactly one
+//!    copy of each marker matching its filter, after everything before it,
+//!    so once the sessions have counted every copy expected (and their
+//!    clients acknowledged what is in flight), nothing is left in the old
+//!    router. A filter that no topic published into this router matches
+//!    holds nothing and needs no marker ([`Published`]): under subscription
+//!    churn most filters are such, and each marker costs the router a match
+//!    against every filter it ever had. Markers are never delivered to
+//!    clients.
 //! 3. **Switch.** The new router becomes current; each session links to it
 //!    under its id and subscribes its filters again at their QoS; each kept
 //!    session without a connection is created there with its filters.
@@ -100,6 +104,8 @@ pub struct Renewal {
     pub last_pause_ms: AtomicU64,
     /// A probe of the router's responsiveness is under way.
     probing: Arc<AtomicBool>,
+    /// Topics published into the current router.
+    published: Mutex<Published>,
 }
 
 impl Default for Renewal {
@@ -115,6 +121,7 @@ impl Default for Renewal {
             deferred: AtomicU64::new(0),
             last_pause_ms: AtomicU64::new(0),
             probing: Arc::new(AtomicBool::new(false)),
+            published: Mutex::new(Published::default()),
         }
     }
 }
@@ -167,6 +174,20 @@ impl Renewal {
             }
         }
         self.changed.notify_waiters();
+    }
+
+    /// Notes that `topic` (router form) goes into the router of `epoch`:
+    /// call it before the publish is handed to the router. Past
+    /// `max_topics` distinct topics it stops keeping them, and every filter
+    /// is drained with a marker.
+    pub fn published(&self, epoch: u64, topic: &[u8], max_topics: usize) {
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        if epoch > published.epoch {
+            published.reset(epoch);
+        }
+        if epoch == published.epoch {
+            published.insert(topic, max_topics);
+        }
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
@@ -241,6 +262,95 @@ async fn wait_all(renewal: &Renewal, done: impl Fn(&LiveState) -> bool) -> bool 
     false
 }
 
+/// The distinct topics published into one router, by level, so that a
+/// renewal can tell the filters whose logs may hold something from those
+/// that hold nothing. What a session forwards is noted before it reaches
+/// the router, and the barrier of a renewal comes after it, so by the time
+/// the drain asks, every topic in the router's logs is here.
+#[derive(Default)]
+pub struct Published {
+    /// Router generation these topics went into.
+    epoch: u64,
+    /// Node 0 is the root; each node's children by level, and whether a
+    /// topic ends there.
+    children: Vec<HashMap<Box<str>, usize>>,
+    ends: Vec<bool>,
+    topics: usize,
+    /// More distinct topics than it keeps: every filter may hold something.
+    overflow: bool,
+}
+
+impl Published {
+    fn reset(&mut self, epoch: u64) {
+        *self = Published {
+            epoch,
+            ..Default::default()
+        };
+    }
+
+    fn insert(&mut self, topic: &[u8], max_topics: usize) {
+        if self.overflow {
+            return;
+        }
+        if self.children.is_empty() {
+            self.children.push(HashMap::new());
+            self.ends.push(false);
+        }
+        let topic = String::from_utf8_lossy(topic);
+        let mut node = 0;
+        for level in topic.split('/') {
+            node = match self.children[node].get(level) {
+                Some(&child) => child,
+                None => {
+                    let child = self.children.len();
+                    self.children.push(HashMap::new());
+                    self.ends.push(false);
+                    self.children[node].insert(level.into(), child);
+                    child
+                }
+            };
+        }
+        if !self.ends[node] {
+            self.ends[node] = true;
+            self.topics += 1;
+            if self.topics > max_topics {
+                let epoch = self.epoch;
+                self.reset(epoch);
+                self.overflow = true;
+            }
+        }
+    }
+
+    /// False only if no topic published into this router matches
+    /// router-form `filter`, so its log is empty. (It may say true for a
+    /// filter the router would not match, which only costs a marker.)
+    fn may_hold(&self, filter: &str) -> bool {
+        if self.overflow {
+            return true;
+        }
+        if self.children.is_empty() {
+            return false;
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.reaches(0, &levels)
+    }
+
+    fn reaches(&self, node: usize, levels: &[&str]) -> bool {
+        match levels.split_first() {
+            None => self.ends[node],
+            // "a/#" matches "a" and everything under it; a node exists
+            // only on the way to some topic.
+            Some((&"#", _)) => self.ends[node] || !self.children[node].is_empty(),
+            Some((&"+", rest)) => self.children[node]
+                .values()
+                .any(|&child| self.reaches(child, rest)),
+            Some((level, rest)) => self.children[node]
+                .get(*level)
+                .is_some_and(|&child| self.reaches(child, rest)),
+        }
+    }
+}
+
 /// A topic the router-form `filter` matches.
 fn marker_topic(filter: &str) -> String {
     filter
@@ -256,15 +366,98 @@ fn marker_topic(filter: &str) -> String {
         .join("/")
 }
 
-/// Marker copies one reading position of `filter` yields.
-fn copies_for(filter: &str, markers: &HashSet<String>) -> u64 {
-    if !filter.contains(['+', '#']) {
-        return u64::from(markers.contains(filter));
+/// The marker topics of a round, by level, so that counting the copies a
+/// wildcard filter yields visits only the markers it may match instead of
+/// all of them (with thousands of live filters, all against all took most
+/// of a renewal's pause).
+#[derive(Default)]
+struct Markers {
+    /// Node 0 is the root; each node's children by level.
+    children: Vec<HashMap<String, usize>>,
+    /// Markers that end at each node.
+    ends: Vec<Vec<usize>>,
+    topics: Vec<String>,
+}
+
+impl Markers {
+    fn new(topics: HashSet<String>) -> Self {
+        let mut index = Markers {
+            children: vec![HashMap::new()],
+            ends: vec![Vec::new()],
+            topics: Vec::new(),
+        };
+        for topic in topics {
+            let mut node = 0;
+            for level in topic.split('/') {
+                node = match index.children[node].get(level) {
+                    Some(&child) => child,
+                    None => {
+                        let child = index.children.len();
+                        index.children.push(HashMap::new());
+                        index.ends.push(Vec::new());
+                        index.children[node].insert(level.to_string(), child);
+                        child
+                    }
+                };
+            }
+            index.ends[node].push(index.topics.len());
+            index.topics.push(topic);
+        }
+        index
     }
-    markers
-        .iter()
-        .filter(|t| rumqttd::protocol::matches(t, filter))
-        .count() as u64
+
+    fn contains(&self, topic: &str) -> bool {
+        let mut node = 0;
+        for level in topic.split('/') {
+            match self.children[node].get(level) {
+                Some(&child) => node = child,
+                None => return false,
+            }
+        }
+        !self.ends[node].is_empty()
+    }
+
+    /// Marker copies one reading position of router-form `filter` yields:
+    /// the markers the router matches to it.
+    fn copies_for(&self, filter: &str) -> u64 {
+        if !filter.contains(['+', '#']) {
+            return u64::from(self.contains(filter));
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        let mut candidates = Vec::new();
+        self.walk(0, &levels, &mut candidates);
+        // The walk follows the levels; the router's own rule decides the
+        // rest (topics starting with `$`, say).
+        candidates
+            .into_iter()
+            .filter(|&t| rumqttd::protocol::matches(&self.topics[t], filter))
+            .count() as u64
+    }
+
+    fn walk(&self, node: usize, levels: &[&str], out: &mut Vec<usize>) {
+        match levels.split_first() {
+            None => out.extend_from_slice(&self.ends[node]),
+            // "a/#" matches "a" and everything under it.
+            Some((&"#", _)) => self.subtree(node, out),
+            Some((&"+", rest)) => {
+                for &child in self.children[node].values() {
+                    self.walk(child, rest, out);
+                }
+            }
+            Some((level, rest)) => {
+                if let Some(&child) = self.children[node].get(*level) {
+                    self.walk(child, rest, out);
+                }
+            }
+        }
+    }
+
+    fn subtree(&self, node: usize, out: &mut Vec<usize>) {
+        out.extend_from_slice(&self.ends[node]);
+        for &child in self.children[node].values() {
+            self.subtree(child, out);
+        }
+    }
 }
 
 /// Checks now and then whether the router holds enough that is dead to be
@@ -295,6 +488,12 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 put_off = true;
                 backoff = CHECK_EVERY;
             }
+            Err(PutOff::Interrupted(why)) => {
+                // Over in a moment: try again soon, without backing off.
+                shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
+                debug!(why, "router renewal interrupted");
+                backoff = CHECK_EVERY;
+            }
             Err(PutOff::Abandoned(why)) => {
                 // Publishers waited for nothing: wait longer before again.
                 shared.renewal.deferred.fetch_add(1, Ordering::Relaxed);
@@ -316,6 +515,10 @@ pub enum PutOff {
     NotReady(&'static str),
     /// Publishing was paused and resumed with the old router kept.
     Abandoned(&'static str),
+    /// As `Abandoned`, for a state that passes in a moment (a kept session
+    /// ending): under kept-session churn a backoff would starve renewals
+    /// while dead filters fill the router.
+    Interrupted(&'static str),
 }
 
 async fn due(shared: &Shared) -> bool {
@@ -344,6 +547,10 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
             "a kept session without a connection is still owed messages",
         ));
     }
+    if renewal.kept_finishing() {
+        // It waits for the gate this renewal holds: let it finish first.
+        return Err(PutOff::NotReady("a kept session is ending"));
+    }
     if !responsive(shared).await {
         return Err(PutOff::NotReady("the router is busy"));
     }
@@ -357,16 +564,25 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
     let paused = Instant::now();
     shared.flow.pause(true);
     renewal.phase.send_replace(Phase::Pause(round));
-    if let Err(why) = drain(shared, round).await {
-        shared.flow.pause(false);
-        renewal.phase.send_replace(Phase::Idle);
-        tokio::spawn(retire(new));
-        return Err(PutOff::Abandoned(why));
-    }
+    let steps = match drain(shared, round).await {
+        Ok(steps) => steps,
+        Err(why) => {
+            shared.flow.pause(false);
+            renewal.phase.send_replace(Phase::Idle);
+            tokio::spawn(retire(new));
+            return Err(why);
+        }
+    };
+    let drained = paused.elapsed();
 
     // Commit: from here on the old router is left for good.
     let old = shared.replace_router(new);
     let epoch = shared.router_epoch().0;
+    renewal
+        .published
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reset(epoch);
     let offline = shared.lifetimes.migrate_offline(shared, connected).await;
     renewal.phase.send_replace(Phase::Switch);
     if !wait_all(renewal, |s| s.epoch == epoch).await {
@@ -388,7 +604,11 @@ pub async fn renew(shared: &Arc<Shared>) -> Result<(), PutOff> {
         sessions = renewal.lock_live().len(),
         offline_sessions = offline,
         filters,
+        markers = steps.markers,
         paused_ms = paused.as_millis() as u64,
+        barrier_ms = steps.barrier.as_millis() as u64,
+        drain_ms = (drained - steps.barrier).as_millis() as u64,
+        switch_ms = (paused - drained).as_millis() as u64,
         "router renewed: sessions moved to a fresh router"
     );
     retire(old).await;
@@ -427,15 +647,27 @@ async fn responsive(shared: &Arc<Shared>) -> bool {
         .is_ok()
 }
 
+/// What the drain took, for the renewal's log line.
+struct Drained {
+    /// From the pause until every session passed the barrier.
+    barrier: Duration,
+    /// Marker publishes sent into the old router.
+    markers: usize,
+}
+
 /// Steps 1 and 2: barrier, markers, wait until every copy is counted.
-async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
+async fn drain(shared: &Arc<Shared>, round: u64) -> Result<Drained, PutOff> {
     let renewal = &shared.renewal;
+    let started = Instant::now();
     let passed = |s: &LiveState| s.barrier.as_ref().is_some_and(|(r, _)| *r == round);
     if !wait_all(renewal, passed).await {
-        return Err("a session did not reach the barrier in time");
+        return Err(PutOff::Abandoned(
+            "a session did not reach the barrier in time",
+        ));
     }
+    let barrier = started.elapsed();
     if renewal.kept_finishing() {
-        return Err("a kept session is ending");
+        return Err(PutOff::Interrupted("a kept session is ending"));
     }
     // What each reading position must yield: each session's own filters,
     // counted by that session (so one that leaves meanwhile is simply no
@@ -455,35 +687,43 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
         }
         own.push(mine);
     }
-    let (markers, own_expected, group_expected) = tokio::task::spawn_blocking(move || {
-        let markers: HashSet<String> = own
-            .iter()
+    let dirty: HashSet<String> = {
+        let published = renewal.published.lock().unwrap_or_else(|p| p.into_inner());
+        own.iter()
             .flatten()
             .chain(groups.iter())
-            .map(|p| marker_topic(names::split_share(p).1))
-            .collect();
+            .map(|p| names::split_share(p).1)
+            .filter(|f| published.may_hold(f))
+            .map(str::to_string)
+            .collect()
+    };
+    let (markers, own_expected, group_expected) = tokio::task::spawn_blocking(move || {
+        let markers = Markers::new(dirty.iter().map(|f| marker_topic(f)).collect());
         let mut cache: HashMap<String, u64> = HashMap::new();
         let mut count = |f: &str| {
             *cache
                 .entry(f.to_string())
-                .or_insert_with(|| copies_for(f, &markers))
+                .or_insert_with(|| markers.copies_for(f))
         };
         let own_expected: Vec<u64> = own
             .iter()
             .map(|mine| mine.iter().map(|p| count(names::split_share(p).1)).sum())
             .collect();
         let group_expected: u64 = groups.iter().map(|p| count(names::split_share(p).1)).sum();
-        (markers, own_expected, group_expected)
+        (markers.topics, own_expected, group_expected)
     })
     .await
-    .map_err(|_| "counting markers failed")?;
+    .map_err(|_| PutOff::Abandoned("counting markers failed"))?;
     for (live, expected) in serving.iter().zip(own_expected) {
         renewal.update(live, |s| {
             s.own_expected = expected;
             s.own_copies = 0;
         });
     }
-    publish_markers(shared, round, markers).await?;
+    let sent = markers.len();
+    publish_markers(shared, round, markers)
+        .await
+        .map_err(PutOff::Abandoned)?;
     // Drainers of away sessions count no markers: they are done once
     // they have read everything admitted before the pause.
     let drained = || {
@@ -494,15 +734,18 @@ async fn drain(shared: &Arc<Shared>, round: u64) -> Result<(), &'static str> {
     if !renewal.wait_until(drained).await {
         let copies = renewal.copies.load(Ordering::Relaxed);
         debug!(copies, group_expected, "old router not drained in time");
-        return Err("the old router was not drained in time");
+        return Err(PutOff::Abandoned("the old router was not drained in time"));
     }
-    Ok(())
+    Ok(Drained {
+        barrier,
+        markers: sent,
+    })
 }
 
 async fn publish_markers(
     shared: &Arc<Shared>,
     round: u64,
-    markers: HashSet<String>,
+    markers: Vec<String>,
 ) -> Result<(), &'static str> {
     if markers.is_empty() {
         return Ok(());
@@ -559,10 +802,32 @@ mod tests {
         for f in ["a/b", "a/+", "a/#", "#", "+/x/#", "+"] {
             assert!(rumqttd::protocol::matches(&marker_topic(f), f), "{f}");
         }
-        let markers: HashSet<String> = ["a/b", "a/m", "m"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(copies_for("a/b", &markers), 1);
-        assert_eq!(copies_for("a/+", &markers), 2);
-        assert_eq!(copies_for("#", &markers), 3);
-        assert_eq!(copies_for("x", &markers), 0);
+        let markers = Markers::new(["a/b", "a/m", "m"].iter().map(|s| s.to_string()).collect());
+        assert_eq!(markers.copies_for("a/b"), 1);
+        assert_eq!(markers.copies_for("a/+"), 2);
+        assert_eq!(markers.copies_for("#"), 3);
+        assert_eq!(markers.copies_for("a/#"), 2);
+        assert_eq!(markers.copies_for("+/+"), 2);
+        assert_eq!(markers.copies_for("+"), 1);
+        assert_eq!(markers.copies_for("x"), 0);
+        assert_eq!(markers.copies_for("a/b/c"), 0);
+    }
+
+    #[test]
+    fn the_marker_index_counts_what_the_router_matches() {
+        let topics = [
+            "a", "a/b", "a/b/c", "a/m", "m/b", "b//c", "$sys/m", "m", "a/b/c/d", "x/y",
+        ];
+        let markers = Markers::new(topics.iter().map(|s| s.to_string()).collect());
+        for filter in [
+            "#", "+", "+/+", "a/#", "a/+/c", "+/b/#", "b/+/c", "+/m", "$sys/+", "a/b/c/#", "x/+",
+            "a/b", "m",
+        ] {
+            let expected = topics
+                .iter()
+                .filter(|t| rumqttd::protocol::matches(t, filter))
+                .count() as u64;
+            assert_eq!(markers.copies_for(filter), expected, "{filter}");
+        }
     }
 }

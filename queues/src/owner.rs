@@ -81,7 +81,7 @@ pub(crate) fn now_ms() -> u64 {
 enum Inbound {
     Publish(Box<Publish>),
     /// A copy from the embedded broker's sessions, which names its sender.
-    Tapped(Box<Publish>),
+    Tapped(super::tap::Copied),
     Connected,
 }
 
@@ -132,9 +132,6 @@ enum Out {
 }
 
 pub(crate) struct Core {
-    /// Queues at a limit, shared with the sessions of the broker beside
-    /// it (see [`super::tap::FullQueues`]).
-    full: Option<super::tap::FullQueues>,
     cfg: QueueConfig,
     prefix: String,
     client: AsyncClient,
@@ -187,14 +184,14 @@ pub(crate) async fn run(
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let subs = subscriptions(&cfg.package, tap.is_some());
-    let (mut tap_rx, outlet, full) = match tap {
+    let (mut tap_rx, outlet) = match tap {
         // The outlet feeds the session of one client id: this one's, unless
         // configured otherwise.
         Some(t) => {
             let ours = t.outlet.client_id() == client_id;
-            (Some(t.rx), ours.then_some(t.outlet), Some(t.full))
+            (Some(t.rx), ours.then_some(t.outlet))
         }
-        None => (None, None, None),
+        None => (None, None),
     };
     let announce = topics::announce(&cfg.package);
     let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
@@ -239,7 +236,6 @@ pub(crate) async fn run(
         writer_tx,
         reads_tx,
     );
-    core.full = full;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shutdown;
@@ -316,7 +312,9 @@ fn take_waiting<T>(rx: &mut mpsc::Receiver<T>, mut each: impl FnMut(T)) {
 }
 
 /// The next copy from the tap; never, without one.
-async fn recv_tap(tap: &mut Option<mpsc::Receiver<Box<Publish>>>) -> Option<Box<Publish>> {
+async fn recv_tap(
+    tap: &mut Option<mpsc::Receiver<super::tap::Copied>>,
+) -> Option<super::tap::Copied> {
     match tap {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -410,7 +408,6 @@ impl Core {
         reads_tx: mpsc::Sender<ReadDone>,
     ) -> Self {
         let mut core = Self {
-            full: None,
             prefix: format!("axion/{}/", cfg.package),
             cache: Cache::new(cfg.cache_bytes),
             cfg,
@@ -509,8 +506,8 @@ impl Core {
                     q.changed = true;
                 }
             }
-            Inbound::Publish(publish) => self.publish_in(publish, None),
-            Inbound::Tapped(publish) => {
+            Inbound::Publish(publish) => self.publish_in(publish, None, None),
+            Inbound::Tapped(super::tap::Copied { publish, verdict }) => {
                 let property = |key: &str| {
                     publish.properties.as_ref().and_then(|p| {
                         p.user_properties
@@ -524,13 +521,18 @@ impl Core {
                     client_id,
                     received: property(super::tap::RECEIVED).is_some(),
                 });
-                self.publish_in(publish, sender);
+                self.publish_in(publish, sender, verdict);
             }
         }
     }
 
-    fn publish_in(&mut self, publish: Box<Publish>, sender: Option<Sender>) {
-        self.on_publish(&publish, sender.as_ref());
+    fn publish_in(
+        &mut self,
+        publish: Box<Publish>,
+        sender: Option<Sender>,
+        verdict: Option<super::tap::Verdict>,
+    ) {
+        self.on_publish(&publish, sender.as_ref(), verdict);
         if !self.cfg.ack_after_commit {
             return;
         }
@@ -548,8 +550,14 @@ impl Core {
     }
 
     /// `sender`: the client id of the session that sent it, when the
-    /// embedded broker says so (see [`super::tap::SENDER`]).
-    fn on_publish(&mut self, publish: &Publish, sender: Option<&Sender>) {
+    /// embedded broker says so (see [`super::tap::SENDER`]); `verdict`:
+    /// where a refused enqueue's reason goes for its PUBACK.
+    fn on_publish(
+        &mut self,
+        publish: &Publish,
+        sender: Option<&Sender>,
+        verdict: Option<super::tap::Verdict>,
+    ) {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return;
         };
@@ -562,7 +570,7 @@ impl Core {
                 let body = &publish.payload;
                 let now = now_ms();
                 match leaf {
-                    "enqueue" => self.on_enqueue(queue, publish, now),
+                    "enqueue" => self.on_enqueue(queue, publish, now, verdict),
                     "ready" => match serde_json::from_slice::<Ready>(body) {
                         Ok(mut ready) => {
                             // Credit is the sender's, whatever the body claims.
@@ -653,7 +661,13 @@ impl Core {
         }));
     }
 
-    fn on_enqueue(&mut self, queue: &str, publish: &Publish, now: u64) {
+    fn on_enqueue(
+        &mut self,
+        queue: &str,
+        publish: &Publish,
+        now: u64,
+        verdict: Option<super::tap::Verdict>,
+    ) {
         let request = match serde_json::from_slice::<TaskRequest>(&publish.payload) {
             Ok(r) => r,
             Err(err) => {
@@ -686,10 +700,9 @@ impl Core {
             };
             let size = body.size();
             if let Err(refused) = q.admit(size, now) {
-                if let Some(full) = &self.full {
-                    full.write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(queue.to_string());
+                if let Some(verdict) = verdict {
+                    // The producer's session may have given up waiting.
+                    let _ = verdict.send(refused.message(queue));
                 }
                 // Nothing is taken: the producer hears why, at once.
                 let body = serde_json::json!({
@@ -1031,12 +1044,6 @@ impl Core {
         for q in self.queues.values_mut() {
             q.on_time(now, &mut self.cache, &mut self.fx);
             q.report_refusals(now, false);
-            if let Some(full) = self.full.as_ref().filter(|_| q.has_room()) {
-                let mut full = full.write().unwrap_or_else(|p| p.into_inner());
-                if !full.is_empty() {
-                    full.remove(&q.name);
-                }
-            }
             if q.has_work() {
                 self.wake.insert(q.name.clone());
             }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::outlet::{self, Outlet, OutletTx};
 
@@ -73,20 +73,26 @@ const CAPACITY: usize = 4096;
 /// owner's way out (see [`super::outlet`]).
 pub struct Tap {
     prefix: String,
-    tx: mpsc::Sender<Box<Publish>>,
+    tx: mpsc::Sender<Copied>,
     pub outlet: Arc<Outlet>,
-    full: FullQueues,
 }
 
-/// Queues the owner found at a limit (it refused an enqueue and has not
-/// had room since): an MQTT 5 producer's PUBACK says so (0x97).
-pub(crate) type FullQueues = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
+/// Where the owner says why it refused an enqueue. It answers only a
+/// refusal: dropped unanswered, the queue took the task (or the owner never
+/// decided, having stopped).
+pub type Verdict = oneshot::Sender<String>;
+
+/// A publish handed to the owner, and for an enqueue whose producer hears
+/// the outcome in its PUBACK (MQTT 5, QoS 1), where the verdict goes.
+pub(crate) struct Copied {
+    pub(crate) publish: Box<Publish>,
+    pub(crate) verdict: Option<Verdict>,
+}
 
 /// The owner's end, handed to [`super::QueueOwner::start_tapped`].
 pub struct TapRx {
-    pub(crate) rx: mpsc::Receiver<Box<Publish>>,
+    pub(crate) rx: mpsc::Receiver<Copied>,
     pub(crate) outlet: OutletTx,
-    pub(crate) full: FullQueues,
 }
 
 /// A tap for the queues of `package`, with an outlet for the owner's
@@ -94,19 +100,16 @@ pub struct TapRx {
 pub fn tap(package: &str) -> (Tap, TapRx) {
     let (tx, rx) = mpsc::channel(CAPACITY);
     let (outlet, outlet_tx) = outlet::outlet(&axion_wire::ids::queue_owner_client(package));
-    let full = FullQueues::default();
     let tap = Tap {
         prefix: format!("axion/{package}/queue/"),
         tx,
         outlet,
-        full: full.clone(),
     };
     (
         tap,
         TapRx {
             rx,
             outlet: outlet_tx,
-            full,
         },
     )
 }
@@ -128,14 +131,9 @@ impl Tap {
             .is_some_and(|leaf| LEAVES.iter().any(|l| l.as_bytes() == leaf))
     }
 
-    /// Why an enqueue on `topic` will be refused, if its queue is full.
-    pub fn refuses(&self, topic: &[u8]) -> Option<String> {
-        let rest = topic.strip_prefix(self.prefix.as_bytes())?;
-        let queue = rest.strip_suffix(b"/enqueue")?;
-        let queue = std::str::from_utf8(queue).ok()?;
-        let full = self.full.read().unwrap_or_else(|p| p.into_inner());
-        full.contains(queue)
-            .then(|| format!("queue \"{queue}\" is full; enqueue refused"))
+    /// True for `axion/<package>/queue/<q>/enqueue`.
+    pub fn is_enqueue(&self, topic: &[u8]) -> bool {
+        self.leaf(topic) == Some(b"enqueue".as_slice())
     }
 
     /// True for `axion/<package>/queue/<q>/tasks`: a delivery of the owner.
@@ -174,14 +172,17 @@ impl Tap {
             None,
             &client_id_owned,
             true,
+            None,
         )
         .await;
     }
 
     /// Hands the owner a copy of a publish the router is about to get,
-    /// sent by `sender` (a client id). Waits while the owner is behind;
-    /// once the owner has stopped the copy is dropped (the router still
-    /// has the publish, and `axion serve` stops with its owner).
+    /// sent by `sender` (a client id), with where its verdict goes if it is
+    /// an enqueue. Waits while the owner is behind; once the owner has
+    /// stopped the copy is dropped (the router still has the publish, and
+    /// `axion serve` stops with its owner).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         topic: Bytes,
@@ -190,6 +191,7 @@ impl Tap {
         props: Option<rumqttd::protocol::PublishProperties>,
         sender: &str,
         received: bool,
+        verdict: Option<Verdict>,
     ) {
         let mut properties = props.map(|p| PublishProperties {
             payload_format_indicator: p.payload_format_indicator,
@@ -222,7 +224,11 @@ impl Tap {
             payload,
             properties,
         };
-        if self.tx.send(Box::new(publish)).await.is_err() {
+        let copy = Copied {
+            publish: Box::new(publish),
+            verdict,
+        };
+        if self.tx.send(copy).await.is_err() {
             tracing::debug!("queue owner gone; its copy of a queue publish dropped");
         }
     }

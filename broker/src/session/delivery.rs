@@ -454,28 +454,24 @@ impl Session {
                     // Only a renewal's barrier asks the router for one.
                     Packet::PingResp(_) => self.barrier_passed(),
                     Packet::PubAck(ack, _) if ack.pkid == super::OUTLET_PKID => {}
-                    Packet::PubAck(ack, _) if self.quota_acks.contains_key(&ack.pkid) => {
-                        let reason = self.quota_acks.remove(&ack.pkid);
-                        let ack = rumqttd::protocol::PubAck {
-                            pkid: ack.pkid,
-                            reason: rumqttd::protocol::PubAckReason::QuotaExceeded,
-                        };
-                        let props = reason.map(|r| rumqttd::protocol::PubAckProperties {
-                            reason_string: Some(r),
-                            user_properties: Vec::new(),
-                        });
-                        self.encode(Packet::PubAck(ack, props), &mut out);
-                    }
                     // What the broker acknowledges is on disk: a publish
                     // captured for away sessions waits for its commits
-                    // (the ones behind it wait too, in order).
+                    // (the ones behind it wait too, in order). An enqueue
+                    // waits for the queue owner's verdict.
                     packet @ (Packet::PubAck(..) | Packet::PubRec(..))
-                        if self.durable_acks.contains_key(&client_ack_pkid(&packet)) =>
+                        if self.durable_acks.contains_key(&client_ack_pkid(&packet))
+                            || self.verdicts.contains_key(&client_ack_pkid(&packet)) =>
                     {
                         let pkid = client_ack_pkid(&packet);
                         for commit in self.durable_acks.remove(&pkid).unwrap_or_default() {
                             let _ = commit.await;
                         }
+                        let packet = match (packet, self.verdicts.remove(&pkid)) {
+                            (Packet::PubAck(ack, props), Some(verdict)) => {
+                                enqueue_ack(ack, props, verdict).await
+                            }
+                            (packet, _) => packet,
+                        };
                         if let Packet::PubRec(rec, _) = &packet {
                             self.qos2_in.insert(rec.pkid);
                         }
@@ -942,4 +938,33 @@ fn outgoing_qos_pkid(packet: &[u8]) -> Option<(u8, u16)> {
         qos,
         u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]),
     ))
+}
+
+/// Longest a PUBACK waits for the queue owner's verdict on an enqueue: the
+/// owner decides as it takes the task in, long before the task is on disk,
+/// so this bounds only an owner that is behind or still loading its store
+/// (the reply topic tells the producer either way).
+const VERDICT_WAIT: Duration = Duration::from_secs(1);
+
+/// The PUBACK of an enqueue: the router's, or 0x97 with the owner's reason
+/// if the queue refused the task.
+async fn enqueue_ack(
+    ack: rumqttd::protocol::PubAck,
+    props: Option<rumqttd::protocol::PubAckProperties>,
+    verdict: tokio::sync::oneshot::Receiver<String>,
+) -> Packet {
+    match tokio::time::timeout(VERDICT_WAIT, verdict).await {
+        Ok(Ok(reason)) => Packet::PubAck(
+            rumqttd::protocol::PubAck {
+                pkid: ack.pkid,
+                reason: rumqttd::protocol::PubAckReason::QuotaExceeded,
+            },
+            Some(rumqttd::protocol::PubAckProperties {
+                reason_string: Some(reason),
+                user_properties: Vec::new(),
+            }),
+        ),
+        // Taken, or no verdict in time.
+        _ => Packet::PubAck(ack, props),
+    }
 }

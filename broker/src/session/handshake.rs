@@ -401,6 +401,11 @@ pub(super) async fn handshake(
     let superseded = resumed.superseded_will;
     if let Some((will, props)) = superseded.filter(|w| crate::expiry::will_delay(w) == 0) {
         let packet = super::will_packet(shared, will, props);
+        if let Packet::Publish(publish, _) = &packet {
+            shared
+                .renewal
+                .published(link_epoch, &publish.topic, shared.config.max_topics);
+        }
         let visitor = format!("{}will-{}", names::OWN_CLIENT_PREFIX, resumed.generation);
         if let Err(err) = router.clone().visit(visitor, true, vec![packet]).await {
             warn!(%peer, client_id, %err, "the will of the connection taken over was not published");
@@ -481,7 +486,7 @@ pub(super) async fn handshake(
         unwritten,
         eager_acks: Vec::new(),
         durable_acks: HashMap::new(),
-        quota_acks: HashMap::new(),
+        verdicts: HashMap::new(),
         nolocal_filters: HashSet::new(),
         rap_filters: HashSet::new(),
         aliases: Aliases::new(topic_alias_max),
@@ -520,6 +525,7 @@ pub(super) async fn handshake(
         live,
         renewal_rx,
         link_epoch,
+        last_published: None,
         barrier_round: None,
         renewing: false,
         repeats: Default::default(),

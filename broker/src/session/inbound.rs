@@ -165,17 +165,6 @@ impl Session {
                     self.refuse_publish(&publish, qos, reply, Some(why));
                     return Ok(None);
                 }
-                if let (true, Some(reason)) = (
-                    qos > 0 && self.codec.is_v5(),
-                    self.shared
-                        .queue_tap
-                        .get()
-                        .and_then(|tap| tap.refuses(&publish.topic)),
-                ) {
-                    // The queue owner still gets it (and answers on the
-                    // reply topic); the PUBACK says so too.
-                    self.quota_acks.insert(publish_pkid(&publish), reason);
-                }
                 publish.topic = names::escape_topic(publish.topic);
                 // Away sessions it matches get it on disk first (the
                 // publisher's acknowledgement waits for that too).

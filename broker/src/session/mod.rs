@@ -28,7 +28,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingReq, Publish,
-    PublishProperties, QoS, SubscribeReasonCode,
+    PublishProperties, QoS, SubscribeReasonCode, UnsubAck,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -251,9 +251,10 @@ struct Session {
     /// Disk commits (of away sessions' queues) the acknowledgement of the
     /// client's publish with this packet id waits for.
     durable_acks: HashMap<u16, Vec<crate::disk::Commit>>,
-    /// Enqueues (by packet id) into a queue at its limit: their PUBACK
-    /// carries 0x97 and this reason.
-    quota_acks: HashMap<u16, String>,
+    /// MQTT 5 QoS 1 enqueues (by packet id) handed to the queue owner:
+    /// their PUBACK waits for its verdict, and carries 0x97 and the reason
+    /// if the queue refused the task.
+    verdicts: HashMap<u16, tokio::sync::oneshot::Receiver<String>>,
     /// Router-form filters subscribed with MQTT 5 No Local.
     nolocal_filters: HashSet<String>,
     /// MQTT 5 topic aliases, both ways.
@@ -281,6 +282,9 @@ struct Session {
     renewal_rx: watch::Receiver<Phase>,
     /// Generation of the router `link_tx`/`link_rx` belong to.
     link_epoch: u64,
+    /// The last topic this session noted for renewals, and its router
+    /// generation: a stream to one topic takes the lock once.
+    last_published: Option<(u64, Bytes)>,
     /// The renewal round whose barrier PINGREQ awaits its PINGRESP.
     barrier_round: Option<u64>,
     /// A router renewal is under way: report what is in flight.
@@ -636,8 +640,10 @@ impl Session {
     /// first (see [`axion_queues::tap`]).
     async fn forward(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
         let mut subscriptions_changed = false;
-        for packet in &packets {
-            match packet {
+        let mut answered = BytesMut::new();
+        let mut i = 0;
+        while i < packets.len() {
+            match &packets[i] {
                 Packet::Subscribe(sub, _) => {
                     subscriptions_changed = true;
                     self.router_filters
@@ -645,15 +651,51 @@ impl Session {
                 }
                 Packet::Unsubscribe(unsub, _) => {
                     subscriptions_changed = true;
+                    let mut linked = false;
                     for path in &unsub.filters {
-                        self.router_filters.remove(path);
+                        linked |= self.router_filters.remove(path);
+                    }
+                    if !linked {
+                        // Held through a router renewal, it reaches a router
+                        // that never had these filters (the session
+                        // subscribed again only to what it still holds):
+                        // the router would not answer, so the front end does.
+                        let pkid = unsub.pkid;
+                        packets.remove(i);
+                        let ack = Packet::UnsubAck(
+                            UnsubAck {
+                                pkid,
+                                reasons: Vec::new(),
+                            },
+                            None,
+                        );
+                        let ack = self.patch_ack(ack);
+                        self.encode(ack, &mut answered);
+                        continue;
                     }
                 }
                 _ => {}
             }
+            i += 1;
         }
         if subscriptions_changed {
             self.journal_subscriptions();
+        }
+        if !self.send_bytes(answered).await {
+            return Err(());
+        }
+        // A renewal drains only the filters that what the router got may
+        // have reached (see `renewal::Published`).
+        for packet in &packets {
+            if let Packet::Publish(publish, _) = packet {
+                let noted = (self.link_epoch, publish.topic.clone());
+                if self.last_published.as_ref() != Some(&noted) {
+                    self.shared
+                        .renewal
+                        .published(noted.0, &noted.1, self.shared.config.max_topics);
+                    self.last_published = Some(noted);
+                }
+            }
         }
         if let Some(tap) = self.shared.queue_tap.get() {
             for packet in &packets {
@@ -669,6 +711,15 @@ impl Session {
                         let received = axion_queues::tap::is_task_answer(&topic)
                             && axion_queues::tap::task_id(&publish.payload)
                                 .is_some_and(|id| self.received_tasks.contains(&id));
+                        // Only an MQTT 5 PUBACK can carry a refusal.
+                        let verdict = match crate::router::qos_pkid(publish) {
+                            (1, pkid) if self.codec.is_v5() && tap.is_enqueue(&topic) => {
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                self.verdicts.insert(pkid, rx);
+                                Some(tx)
+                            }
+                            _ => None,
+                        };
                         tap.send(
                             topic,
                             publish.payload.clone(),
@@ -676,6 +727,7 @@ impl Session {
                             props,
                             &self.client_id,
                             received,
+                            verdict,
                         )
                         .await;
                     }
