@@ -361,10 +361,21 @@ impl Offline {
         commit
     }
 
-    /// Messages waiting in every queue.
+    /// Messages waiting for sessions that are not connected (a connected
+    /// session's journal entries are in flight to its client, not waiting).
     pub fn waiting(&self) -> u64 {
         let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-        queues.values().map(|q| q.lock().messages).sum()
+        queues
+            .values()
+            .map(|q| {
+                let s = q.lock();
+                if s.mode == Mode::Online {
+                    0
+                } else {
+                    s.messages
+                }
+            })
+            .sum()
     }
 
     /// True once every drainer has read all the router holds for its
