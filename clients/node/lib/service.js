@@ -592,10 +592,23 @@ class Engine {
       }, timeoutMs);
       this.requests.set(correlation, { resolve, reject, timer });
     });
-    await this.client.publishAsync(topic, JSON.stringify(body), {
-      qos: 1,
-      properties: { responseTopic: this.replyTopic, correlationData: Buffer.from(correlation) },
-    });
+    try {
+      await this.client.publishAsync(topic, JSON.stringify(body), {
+        qos: 1,
+        properties: { responseTopic: this.replyTopic, correlationData: Buffer.from(correlation) },
+      });
+    } catch (err) {
+      // A full queue answers twice: PUBACK 0x97 (Quota exceeded) and the
+      // owner's reply, which says why; the reply settles the request.
+      if (err?.code !== 0x97) {
+        const pending = this.requests.get(correlation);
+        if (pending) {
+          this.requests.delete(correlation);
+          clearTimeout(pending.timer);
+        }
+        throw err;
+      }
+    }
     return answer;
   }
 
