@@ -111,9 +111,11 @@ async fn a_kept_subscriber_that_never_reads_is_moved_to_its_queue_and_loses_noth
     // its queue on disk before the publisher's PUBACK.
     let away = non_reader(port, "kept-away", "kaway/#", true).await;
     drop(away);
-    let away_cost = burst(port, "kept-away-pub", "kaway/x", 3000).await;
-
+    let away_before = burst(port, "kept-away-pub", "kaway/x", 3000).await;
     let beside = burst(port, "kept-stuck-pub", "kstuck/x", 3000).await;
+    // Measured on both sides of it: the rest of the suite shares the cores.
+    let away_after = burst(port, "kept-away-pub-2", "kaway/y", 3000).await;
+    let away_cost = away_before.max(away_after);
     println!(
         "3000 × 1 KiB QoS 1 beside a kept subscriber that never reads: {:.0} ms; to an away kept session: {:.0} ms",
         beside.as_secs_f64() * 1e3,
