@@ -1,6 +1,6 @@
 //! `axion-bench --persistence`: broker state across restarts, Axion
-//! (`axion serve`, retained messages in `<data-dir>/broker.redb`, kept
-//! sessions' queues in `<data-dir>/kept-queues/`) beside Mosquitto with
+//! (`axion serve`, retained messages and kept sessions' queues in
+//! `<data-dir>/state-log/`, kept sessions' records in `broker.redb`) beside Mosquitto with
 //! `persistence true`, in one run. With `--baseline`, an earlier build of
 //! axion runs beside them in the same rounds.
 //!
@@ -11,7 +11,7 @@
 //!    directory: time from the spawn until a fresh QoS 0 subscriber to the
 //!    bench's prefix has every retained message back, and how many came;
 //!    then a fresh QoS 1 subscriber (every message acknowledged) the same;
-//! 3. the size of the store (for Axion `broker.redb` and `kept-queues/`)
+//! 3. the size of the store (for Axion `broker.redb` and `state-log/`)
 //!    after the messages were acknowledged,
 //!    after the clean stop, and after the restart;
 //! 4. on a new directory, N more retained QoS 1 messages, every PUBACK in,
@@ -87,7 +87,10 @@ impl Who {
     fn store_bytes(self, data: &Path) -> u64 {
         match self {
             Who::Axion | Who::Baseline => {
-                file_len(&data.join("broker.redb")) + dir_len(&data.join("kept-queues"))
+                file_len(&data.join("broker.redb"))
+                    + dir_len(&data.join("state-log"))
+                    // An earlier build's name for the log (a --baseline).
+                    + dir_len(&data.join("kept-queues"))
             }
             Who::Mosquitto => file_len(&data.join("mosquitto.db")),
         }

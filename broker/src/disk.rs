@@ -4,12 +4,15 @@
 //! [`crate::offline`]).
 //!
 //! Memory stays the read path ([`crate::retained::RetainedStore`],
-//! [`crate::expiry::Lifetimes`]); every change is also written here, in the
-//! data directory's `broker.redb`, by one thread that commits whatever has
-//! queued up as one fsynced transaction (group commit: a burst of retained
-//! publishes from many clients costs one fsync). A session forwards a QoS 1
-//! or 2 retained publish to the router (which acknowledges it) only once
-//! its commit is done, so a retained message the broker has acknowledged is
+//! [`crate::expiry::Lifetimes`]); every change is also written here by one
+//! thread that commits whatever has queued up at once (group commit: a
+//! burst of retained publishes from many clients costs one fsync).
+//! Retained messages and kept sessions' queues, which change with traffic,
+//! go to the data directory's append-only [`StateLog`] (`state-log/`);
+//! kept sessions' records, which change when a client connects or
+//! subscribes, to `broker.redb`. A session sends its client
+//! the PUBACK (or PUBREC) of a QoS 1 or 2 retained publish only once its
+//! commit is done, so a retained message the broker has acknowledged is
 //! on disk. At start the file is read back into memory, message expiry
 //! counted down by the time that passed.
 
@@ -23,12 +26,16 @@ use rumqttd::protocol::PublishProperties;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::queue_log::{Change, LogError, QueueLog};
+use crate::state_log::{Change, LogError, StateLog};
 
-/// The queue log's directory, beside `broker.redb`.
-const QUEUE_LOG_DIR: &str = "kept-queues";
+/// The state log's directory, beside `broker.redb`.
+const STATE_LOG_DIR: &str = "state-log";
+/// Where an earlier version kept the log (then of queues only); renamed
+/// at start.
+const EARLIER_LOG_DIR: &str = "kept-queues";
 
-/// Router-form topic → [`encode`]d message.
+/// Where an earlier version kept retained messages: router-form topic →
+/// [`encode`]d message. Moved to the state log at start.
 const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
 /// Router client id → a kept session (see [`crate::expiry::KeptRecord`]).
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
@@ -38,20 +45,13 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// message. Moved to the queue log at start.
 const QUEUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queued");
 
-/// Which table a change goes to.
-#[derive(Debug, Clone, Copy)]
-enum Table {
-    Retained,
-    Sessions,
-}
-
 /// redb's page cache for `broker.redb`. Its default (1 GiB) would let
 /// the broker's memory follow what kept sessions' queues hold on disk;
 /// retained messages live in memory anyway, and queues are read once, in
 /// order, when their session returns.
 const PAGE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
-/// Changes taken into one transaction at most.
+/// Changes taken into one commit at most.
 const BATCH: usize = 4096;
 /// Format of a stored value; bumped if it ever changes.
 const VERSION: u8 = 1;
@@ -63,6 +63,14 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot move {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the broker store's writer: {source}")]
+    Thread { source: std::io::Error },
     #[error("broker store {path}: {source}")]
     Open {
         path: PathBuf,
@@ -261,8 +269,12 @@ fn decode(topic: &[u8], raw: &[u8], now: u64) -> Option<Loaded> {
 }
 
 enum Op {
-    Put(Table, Bytes, Vec<u8>),
-    Delete(Table, Bytes),
+    /// A retained message (router-form topic, [`encode`]d value).
+    Retain(Bytes, Vec<u8>),
+    Unretain(Bytes),
+    /// A kept session's record, by router client id.
+    PutSession(String, Vec<u8>),
+    DeleteSession(String),
     Queued(Queued),
     /// Nothing to write: done once everything queued before it is.
     Sync,
@@ -292,9 +304,9 @@ pub struct Opened {
 
 /// The writing end; cheap to call from any thread.
 pub struct BrokerDisk {
-    /// Kept sessions' queues; shared with the writer, read (at resume)
-    /// without it.
-    log: Arc<QueueLog>,
+    /// Kept sessions' queues and retained messages; shared with the
+    /// writer, read (at resume) without it.
+    log: Arc<StateLog>,
     tx: Option<mpsc::Sender<(Op, Option<oneshot::Sender<()>>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -334,20 +346,22 @@ impl BrokerDisk {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let now = now_ms();
-        let mut loaded = Vec::new();
         let mut sessions = Vec::new();
+        let mut earlier_retained = Vec::new();
         let mut earlier = Vec::new();
-        let mut stale = Vec::new();
         {
             let read = db.begin_read()?;
             match read.open_table(RETAINED) {
                 Ok(table) => {
                     for entry in table.iter()? {
                         let (k, v) = entry?;
-                        match decode(k.value(), v.value(), now) {
-                            Some(m) if !expired(&m) => loaded.push(m),
-                            _ => stale.push(k.value().to_vec()),
+                        match std::str::from_utf8(k.value()) {
+                            Ok(topic) => {
+                                earlier_retained.push((topic.to_string(), v.value().to_vec()))
+                            }
+                            Err(_) => tracing::warn!(
+                                "a retained message with a topic that is not UTF-8 dropped"
+                            ),
                         }
                     }
                 }
@@ -377,27 +391,18 @@ impl BrokerDisk {
                 Err(e) => return Err(e.into()),
             }
         }
-        if !stale.is_empty() {
-            let mut write = db.begin_write()?;
-            write.set_durability(Durability::Immediate)?;
-            {
-                let mut table = write.open_table(RETAINED)?;
-                for k in &stale {
-                    table.remove(k.as_slice())?;
-                }
-            }
-            write.commit()?;
-            tracing::info!(
-                dropped = stale.len(),
-                "expired retained messages dropped at start"
-            );
+        let log_dir = path.with_file_name(STATE_LOG_DIR);
+        let earlier_dir = path.with_file_name(EARLIER_LOG_DIR);
+        if earlier_dir.is_dir() && !log_dir.exists() {
+            std::fs::rename(&earlier_dir, &log_dir).map_err(|source| DiskError::Rename {
+                from: earlier_dir.clone(),
+                to: log_dir.clone(),
+                source,
+            })?;
         }
-        let log_dir = path.with_file_name(QUEUE_LOG_DIR);
-        let (log, _) = QueueLog::open(&log_dir)?;
-        let log = if earlier.is_empty() {
-            log
-        } else {
-            // Into the log first, then out of the table: a crash in
+        let (log, _) = StateLog::open(&log_dir)?;
+        if !earlier.is_empty() || !earlier_retained.is_empty() {
+            // Into the log first, then out of the tables: a crash in
             // between writes them to the log again, which only replaces
             // them there.
             for chunk in earlier.chunks(BATCH) {
@@ -407,16 +412,38 @@ impl BrokerDisk {
                     .collect();
                 log.append(&changes)?;
             }
+            for chunk in earlier_retained.chunks(BATCH) {
+                let changes: Vec<Change<'_>> =
+                    chunk.iter().map(|(t, v)| Change::Retain(t, v)).collect();
+                log.append(&changes)?;
+            }
             let write = db.begin_write()?;
             write.delete_table(QUEUED)?;
+            write.delete_table(RETAINED)?;
             write.commit()?;
             tracing::info!(
-                messages = earlier.len(),
-                "kept sessions' queues moved from broker.redb to the queue log"
+                queued = earlier.len(),
+                retained = earlier_retained.len(),
+                "queued and retained messages moved from broker.redb to the state log"
             );
-            drop(log);
-            QueueLog::open(&log_dir)?.0
-        };
+        }
+        let now = now_ms();
+        let mut loaded = Vec::new();
+        let mut stale = Vec::new();
+        for (topic, value) in log.retained()? {
+            match decode(topic.as_bytes(), &value, now) {
+                Some(m) if !expired(&m) => loaded.push(m),
+                _ => stale.push(topic),
+            }
+        }
+        if !stale.is_empty() {
+            let changes: Vec<Change<'_>> = stale.iter().map(|t| Change::Unretain(t)).collect();
+            log.append(&changes)?;
+            tracing::info!(
+                dropped = stale.len(),
+                "expired retained messages dropped at start"
+            );
+        }
         let queues = log.summaries();
         let log = Arc::new(log);
         let (tx, rx) = mpsc::channel();
@@ -425,10 +452,7 @@ impl BrokerDisk {
         let thread = std::thread::Builder::new()
             .name("axion-broker-disk".into())
             .spawn(move || writer(&db, &writer_log, rx, file))
-            .map_err(|source| DiskError::Dir {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| DiskError::Thread { source })?;
         Ok(Opened {
             disk: Self {
                 log,
@@ -449,29 +473,22 @@ impl BrokerDisk {
         qos: u8,
         props: Option<&PublishProperties>,
     ) -> Commit {
-        self.send(Op::Put(Table::Retained, topic, encode(payload, qos, props)))
+        self.send(Op::Retain(topic, encode(payload, qos, props)))
     }
 
     /// Removes the retained message of router-form `topic`.
     pub fn delete(&self, topic: Bytes) -> Commit {
-        self.send(Op::Delete(Table::Retained, topic))
+        self.send(Op::Unretain(topic))
     }
 
     /// Writes (replaces) the record of the kept session `router_id`.
     pub fn put_session(&self, router_id: &str, record: Vec<u8>) -> Commit {
-        self.send(Op::Put(
-            Table::Sessions,
-            Bytes::copy_from_slice(router_id.as_bytes()),
-            record,
-        ))
+        self.send(Op::PutSession(router_id.to_string(), record))
     }
 
     /// Forgets the kept session `router_id`.
     pub fn delete_session(&self, router_id: &str) -> Commit {
-        self.send(Op::Delete(
-            Table::Sessions,
-            Bytes::copy_from_slice(router_id.as_bytes()),
-        ))
+        self.send(Op::DeleteSession(router_id.to_string()))
     }
 
     /// Appends message `seq` (an [`encode_queued`] value) to the queue of
@@ -557,11 +574,22 @@ fn expired(m: &Loaded) -> bool {
         .is_some_and(|secs| m.age >= Duration::from_secs(u64::from(secs)))
 }
 
-/// Commits what queued up, one transaction per batch (and one append to
-/// the queue log), until every sender is gone.
+/// A router-form topic as the log's id. Topics are UTF-8 (the codec
+/// refuses any other), so this only fails on a broken invariant.
+fn topic_id(topic: &Bytes) -> Option<&str> {
+    let id = std::str::from_utf8(topic).ok();
+    if id.is_none() {
+        tracing::error!("a retained topic that is not UTF-8 is not written to disk");
+    }
+    id
+}
+
+/// Commits what queued up, one append to the state log and one
+/// transaction (if any session changed) per batch, until every sender is
+/// gone.
 fn writer(
     db: &Database,
-    log: &QueueLog,
+    log: &StateLog,
     rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>,
     file: PathBuf,
 ) {
@@ -574,49 +602,43 @@ fn writer(
             }
         }
         let started = std::time::Instant::now();
-        let queued: Vec<Change<'_>> = batch
+        let changes: Vec<Change<'_>> = batch
             .iter()
             .filter_map(|(op, _)| match op {
+                Op::Retain(topic, v) => Some(Change::Retain(topic_id(topic)?, v)),
+                Op::Unretain(topic) => Some(Change::Unretain(topic_id(topic)?)),
                 Op::Queued(Queued::Put(id, seq, v)) => Some(Change::Put(id, *seq, v)),
                 Op::Queued(Queued::Delete(id, seq)) => Some(Change::Delete(id, *seq)),
                 Op::Queued(Queued::DeleteQueue(id)) => Some(Change::DeleteQueue(id)),
-                _ => None,
+                Op::PutSession(..) | Op::DeleteSession(_) | Op::Sync => None,
             })
             .collect();
-        if let Err(error) = log.append(&queued) {
-            // Said loudly, once per batch: what was queued in it is lost.
-            tracing::error!(%error, changes = queued.len(), "kept sessions' queued messages not written to disk");
+        if let Err(error) = log.append(&changes) {
+            // Said loudly, once per batch: retained messages are still in
+            // memory and delivered; queued messages in it are lost.
+            tracing::error!(%error, changes = changes.len(), "retained and queued messages not written to disk");
         }
-        let tables = batch
+        let sessions = batch
             .iter()
-            .filter(|(op, _)| matches!(op, Op::Put(..) | Op::Delete(..)))
+            .filter(|(op, _)| matches!(op, Op::PutSession(..) | Op::DeleteSession(_)))
             .count();
         let result = (|| -> Result<(), DiskError> {
-            if tables == 0 {
+            if sessions == 0 {
                 return Ok(());
             }
             let mut write = db.begin_write()?;
             write.set_durability(Durability::Immediate)?;
             {
-                let mut retained = write.open_table(RETAINED)?;
-                let mut sessions = write.open_table(SESSIONS)?;
+                let mut table = write.open_table(SESSIONS)?;
                 for (op, _) in &batch {
-                    let (table, key, value) = match op {
-                        Op::Put(t, k, v) => (*t, k, Some(v)),
-                        Op::Delete(t, k) => (*t, k, None),
-                        Op::Queued(_) | Op::Sync => continue,
-                    };
-                    let table = match table {
-                        Table::Retained => &mut retained,
-                        Table::Sessions => &mut sessions,
-                    };
-                    match value {
-                        Some(v) => {
-                            table.insert(key.as_ref(), v.as_slice())?;
+                    match op {
+                        Op::PutSession(id, record) => {
+                            table.insert(id.as_bytes(), record.as_slice())?;
                         }
-                        None => {
-                            table.remove(key.as_ref())?;
+                        Op::DeleteSession(id) => {
+                            table.remove(id.as_bytes())?;
                         }
+                        _ => {}
                     }
                 }
             }
@@ -625,15 +647,14 @@ fn writer(
         })();
         tracing::trace!(
             changes = batch.len(),
-            queued = queued.len(),
+            logged = changes.len(),
             took_us = started.elapsed().as_micros() as u64,
             "broker store commit"
         );
-        drop(queued);
+        drop(changes);
         if let Err(error) = result {
-            // Retained messages are still in memory and delivered. Said
-            // loudly, once per batch.
-            tracing::error!(file = %file.display(), %error, changes = tables, "broker state not written to disk");
+            // The sessions live on in memory. Said loudly, once per batch.
+            tracing::error!(file = %file.display(), %error, changes = sessions, "kept sessions' records not written to disk");
         }
         for (_, done) in batch {
             if let Some(done) = done {
@@ -688,7 +709,7 @@ mod tests {
     }
 
     #[test]
-    fn queues_an_earlier_version_kept_in_broker_redb_move_to_the_log() {
+    fn what_an_earlier_version_kept_in_broker_redb_and_kept_queues_moves_to_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.redb");
         let flags = QueuedFlags {
@@ -708,15 +729,33 @@ mod tests {
                     let value = encode_queued(b"t/1", format!("m{seq}").as_bytes(), flags, None);
                     table.insert(key.as_slice(), value.as_slice()).unwrap();
                 }
+                let mut retained = write.open_table(RETAINED).unwrap();
+                retained
+                    .insert(b"r/1".as_slice(), encode(b"state", 1, None).as_slice())
+                    .unwrap();
             }
             write.commit().unwrap();
+            // The log under the directory name an earlier version used.
+            let (earlier, _) = StateLog::open(&dir.path().join(EARLIER_LOG_DIR)).unwrap();
+            earlier
+                .append(&[Change::Put(
+                    "other",
+                    1,
+                    &encode_queued(b"t/2", b"o", flags, None),
+                )])
+                .unwrap();
         }
         for _ in 0..2 {
             let opened = BrokerDisk::open(&path).unwrap();
             assert_eq!(opened.queues["kept"].messages, 3);
+            assert_eq!(opened.queues["other"].messages, 1);
             let back = opened.disk.load_queue("kept", 0, u64::MAX, 10).unwrap();
             let payloads: Vec<_> = back.iter().map(|m| m.payload.clone()).collect();
             assert_eq!(payloads, ["m1", "m2", "m3"]);
+            assert_eq!(opened.retained.len(), 1);
+            assert_eq!(opened.retained[0].topic, Bytes::from("r/1"));
+            assert_eq!(opened.retained[0].payload, Bytes::from("state"));
         }
+        assert!(!dir.path().join(EARLIER_LOG_DIR).exists());
     }
 }

@@ -25,13 +25,13 @@ pub mod listener;
 pub mod marks;
 pub mod names;
 pub mod offline;
-pub mod queue_log;
 pub mod refusals;
 pub mod renewal;
 pub mod retained;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod state_log;
 pub mod topic_cache;
 
 pub use config::BrokerConfig;

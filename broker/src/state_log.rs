@@ -1,15 +1,20 @@
-//! What kept sessions are owed, on disk as an append-only log.
+//! The broker state that changes with traffic, on disk as an append-only
+//! log: what kept sessions are owed, and retained messages.
 //!
 //! A kept session's queue is written once and read once, in order: a
 //! message is appended when it is captured and deleted when the client
-//! acknowledges it. In a B-tree every group commit rewrote a dozen
-//! scattered pages (a `pwrite` and a disk request each); here a commit is
+//! acknowledges it. A retained message is written on every retained
+//! publish and read only at start (memory is the read path). In a B-tree
+//! every group commit rewrote a page per message (a retained topic lands
+//! at a random key; a `pwrite` and a disk request each); here a commit is
 //! one sequential `write` and one `fdatasync`, whatever it holds.
 //!
 //! The log is a directory of segments (`<n>.log`, [`SEGMENT_BYTES`] each
 //! at most), each a run of records `[crc32 of body][body length][body]`,
-//! body `[kind][id length][router client id][sequence][value]`. Memory
-//! holds an index: for each queue, sequence → where its value is. A
+//! body `[kind][id length][id][sequence][value]`; the id is a router
+//! client id for a queue's records and a router-form topic for a retained
+//! message's (sequence 0). Memory holds an index: for each queue, sequence
+//! → where its value is; for each retained topic, where its message is. A
 //! deletion is a small record of its own.
 //!
 //! Segments go oldest first, once nothing in them is live: a deletion
@@ -43,10 +48,12 @@ const MAX_BODY: u32 = 300 * 1024 * 1024;
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
 const DELETE_QUEUE: u8 = 3;
+const RETAIN: u8 = 4;
+const UNRETAIN: u8 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("kept sessions' queue log {path}: {source}")]
+    #[error("broker state log {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -62,6 +69,10 @@ pub enum Change<'a> {
     Delete(&'a str, u64),
     /// A whole queue goes (its session ended).
     DeleteQueue(&'a str),
+    /// The retained message of a topic (replacing the one before).
+    Retain(&'a str, &'a [u8]),
+    /// The retained message of a topic is cleared.
+    Unretain(&'a str),
 }
 
 /// Where a message's value is.
@@ -85,6 +96,7 @@ struct Segment {
 #[derive(Default)]
 struct Index {
     queues: HashMap<String, BTreeMap<u64, Loc>>,
+    retained: HashMap<String, Loc>,
     segments: BTreeMap<u64, Segment>,
 }
 
@@ -95,15 +107,15 @@ struct State {
     file: File,
 }
 
-/// The log of every kept session's queue.
-pub struct QueueLog {
+/// The log of every kept session's queue and every retained message.
+pub struct StateLog {
     dir: PathBuf,
     state: Mutex<State>,
 }
 
-impl std::fmt::Debug for QueueLog {
+impl std::fmt::Debug for StateLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QueueLog({})", self.dir.display())
+        write!(f, "StateLog({})", self.dir.display())
     }
 }
 
@@ -118,6 +130,8 @@ fn encode(out: &mut Vec<u8>, change: &Change<'_>) -> Option<usize> {
         Change::Put(id, seq, value) => (PUT, id, seq, value),
         Change::Delete(id, seq) => (DELETE, id, seq, &[][..]),
         Change::DeleteQueue(id) => (DELETE_QUEUE, id, 0, &[][..]),
+        Change::Retain(topic, value) => (RETAIN, topic, 0, value),
+        Change::Unretain(topic) => (UNRETAIN, topic, 0, &[][..]),
     };
     let id = &id.as_bytes()[..id.len().min(usize::from(u16::MAX))];
     let start = out.len();
@@ -133,7 +147,7 @@ fn encode(out: &mut Vec<u8>, change: &Change<'_>) -> Option<usize> {
     let len = body.len() as u32;
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
-    (kind == PUT).then_some(value_at)
+    matches!(kind, PUT | RETAIN).then_some(value_at)
 }
 
 /// A record read back: kind, id, sequence, and where its value is in the
@@ -163,7 +177,7 @@ fn decode(buf: &[u8], at: usize) -> Option<Record<'_>> {
     let id_len = usize::from(u16::from_le_bytes(body.get(1..3)?.try_into().ok()?));
     let id = std::str::from_utf8(body.get(3..3 + id_len)?).ok()?;
     let seq = u64::from_le_bytes(body.get(3 + id_len..11 + id_len)?.try_into().ok()?);
-    if !matches!(kind, PUT | DELETE | DELETE_QUEUE) {
+    if !matches!(kind, PUT | DELETE | DELETE_QUEUE | RETAIN | UNRETAIN) {
         return None;
     }
     Some(Record {
@@ -208,11 +222,32 @@ impl Index {
         }
     }
 
+    fn retain(&mut self, topic: &str, loc: Loc) {
+        let old = match self.retained.get_mut(topic) {
+            Some(slot) => Some(std::mem::replace(slot, loc)),
+            None => self.retained.insert(topic.to_string(), loc),
+        };
+        if let Some(old) = old {
+            forget(&mut self.segments, old);
+        }
+        let segment = self.segments.entry(loc.segment).or_default();
+        segment.live += 1;
+        segment.live_bytes += u64::from(loc.len);
+    }
+
+    fn unretain(&mut self, topic: &str) {
+        if let Some(old) = self.retained.remove(topic) {
+            forget(&mut self.segments, old);
+        }
+    }
+
     fn apply(&mut self, kind: u8, id: &str, seq: u64, loc: Loc) {
         match kind {
             PUT => self.put(id, seq, loc),
             DELETE => self.delete(id, seq),
-            _ => self.delete_queue(id),
+            DELETE_QUEUE => self.delete_queue(id),
+            RETAIN => self.retain(id, loc),
+            _ => self.unretain(id),
         }
     }
 }
@@ -224,7 +259,7 @@ fn forget(segments: &mut BTreeMap<u64, Segment>, loc: Loc) {
     }
 }
 
-impl QueueLog {
+impl StateLog {
     /// Opens (or creates) the log in `dir` and rebuilds its index: what
     /// each queue holds.
     pub fn open(dir: &Path) -> Result<(Self, HashMap<String, QueueSummary>), LogError> {
@@ -267,7 +302,7 @@ impl QueueLog {
                     valid = at,
                     len = buf.len(),
                     last = i + 1 == numbers.len(),
-                    "queue log ends in a torn or damaged record; what follows it is dropped"
+                    "state log ends in a torn or damaged record; what follows it is dropped"
                 );
                 let file = OpenOptions::new()
                     .write(true)
@@ -333,7 +368,7 @@ impl QueueLog {
             // a new segment, so a restart cuts this one there and still
             // reads everything after it.
             if let Err(roll) = self.start_segment(&mut state) {
-                tracing::error!(error = %roll, "queue log: no new segment after a failed write");
+                tracing::error!(error = %roll, "state log: no new segment after a failed write");
             }
             return Err(self.err(e));
         }
@@ -342,17 +377,17 @@ impl QueueLog {
             s.len += out.len() as u64;
         }
         for (change, value_at) in changes.iter().zip(puts) {
+            let loc = |value: &[u8]| Loc {
+                segment: head,
+                at: base + value_at.unwrap_or(0) as u64,
+                len: value.len() as u32,
+            };
             match *change {
-                Change::Put(id, seq, value) => {
-                    let loc = Loc {
-                        segment: head,
-                        at: base + value_at.unwrap_or(0) as u64,
-                        len: value.len() as u32,
-                    };
-                    state.index.put(id, seq, loc);
-                }
+                Change::Put(id, seq, value) => state.index.put(id, seq, loc(value)),
                 Change::Delete(id, seq) => state.index.delete(id, seq),
                 Change::DeleteQueue(id) => state.index.delete_queue(id),
+                Change::Retain(topic, value) => state.index.retain(topic, loc(value)),
+                Change::Unretain(topic) => state.index.unretain(topic),
             }
         }
         self.tidy(&mut state)
@@ -412,28 +447,40 @@ impl QueueLog {
             path: path.clone(),
             source,
         })?;
+        let read = |loc: &Loc| {
+            let mut value = vec![0; loc.len as usize];
+            file.read_exact_at(&mut value, loc.at)
+                .map(|()| value)
+                .map_err(|source| LogError::Io {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        // (id, sequence or None for a retained message, value)
         let mut pinned = Vec::new();
         for (id, queue) in &state.index.queues {
             for (&seq, loc) in queue {
                 if loc.segment == n {
-                    let mut value = vec![0; loc.len as usize];
-                    file.read_exact_at(&mut value, loc.at)
-                        .map_err(|source| LogError::Io {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    pinned.push((id.clone(), seq, value));
+                    pinned.push((id.clone(), Some(seq), read(loc)?));
                 }
+            }
+        }
+        for (topic, loc) in &state.index.retained {
+            if loc.segment == n {
+                pinned.push((topic.clone(), None, read(loc)?));
             }
         }
         tracing::debug!(
             segment = n,
             messages = pinned.len(),
-            "queue log: live messages copied forward"
+            "state log: live messages copied forward"
         );
         let changes: Vec<Change<'_>> = pinned
             .iter()
-            .map(|(id, seq, value)| Change::Put(id, *seq, value))
+            .map(|(id, seq, value)| match seq {
+                Some(seq) => Change::Put(id, *seq, value),
+                None => Change::Retain(id, value),
+            })
             .collect();
         let base = state.index.segments.get(&state.head).map_or(0, |s| s.len);
         let mut out = Vec::new();
@@ -456,7 +503,10 @@ impl QueueLog {
                 at: base + value_at as u64,
                 len: value.len() as u32,
             };
-            state.index.put(id, *seq, loc);
+            match seq {
+                Some(seq) => state.index.put(id, *seq, loc),
+                None => state.index.retain(id, loc),
+            }
         }
         Ok(())
     }
@@ -493,6 +543,31 @@ impl QueueLog {
         Ok(out)
     }
 
+    /// Every retained message: (router-form topic, value). Read once, at
+    /// start; each segment holding one is read whole, once.
+    pub fn retained(&self) -> Result<Vec<(String, Vec<u8>)>, LogError> {
+        let state = self.lock();
+        let mut by_segment: BTreeMap<u64, Vec<(&String, &Loc)>> = BTreeMap::new();
+        for (topic, loc) in &state.index.retained {
+            by_segment
+                .entry(loc.segment)
+                .or_default()
+                .push((topic, loc));
+        }
+        let mut out = Vec::with_capacity(state.index.retained.len());
+        for (n, entries) in by_segment {
+            let path = segment_path(&self.dir, n);
+            let buf = std::fs::read(&path).map_err(|source| LogError::Io { path, source })?;
+            for (topic, loc) in entries {
+                let at = loc.at as usize;
+                if let Some(value) = buf.get(at..at + loc.len as usize) {
+                    out.push((topic.clone(), value.to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// What each queue holds.
     pub fn summaries(&self) -> HashMap<String, QueueSummary> {
         self.lock()
@@ -525,8 +600,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn open(dir: &Path) -> (QueueLog, HashMap<String, QueueSummary>) {
-        QueueLog::open(dir).unwrap()
+    fn open(dir: &Path) -> (StateLog, HashMap<String, QueueSummary>) {
+        StateLog::open(dir).unwrap()
     }
 
     #[test]
@@ -591,6 +666,37 @@ mod tests {
         drop(log);
         let (_, found) = open(dir.path());
         assert_eq!(found["a"].messages, 2);
+    }
+
+    #[test]
+    fn a_retained_message_is_replaced_cleared_and_kept_through_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![7u8; 1024 * 1024];
+        {
+            let (log, _) = open(dir.path());
+            log.append(&[Change::Retain("a", b"1"), Change::Retain("b", b"2")])
+                .unwrap();
+            log.append(&[
+                Change::Retain("a", b"one"),
+                Change::Unretain("b"),
+                Change::Retain("c", b"3"),
+            ])
+            .unwrap();
+            log.append(&[Change::Unretain("c")]).unwrap();
+            // Queue traffic over many segments: "a" pins the first one
+            // and must be copied forward, "b" and "c" must stay cleared.
+            for seq in 1..=200u64 {
+                log.append(&[Change::Put("busy", seq, &big)]).unwrap();
+                log.append(&[Change::Delete("busy", seq)]).unwrap();
+            }
+            assert!(log.disk_bytes() <= 3 * SEGMENT_BYTES);
+        }
+        let (log, found) = open(dir.path());
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(
+            log.retained().unwrap(),
+            vec![("a".to_string(), b"one".to_vec())]
+        );
     }
 
     #[test]
