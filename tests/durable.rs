@@ -154,6 +154,68 @@ async fn every_acknowledged_retained_message_survives_kill_9_amid_publishing() {
     assert!(back.len() <= total);
 }
 
+/// A retained message is acknowledged only once its commit is on disk,
+/// even while the disk is busy: small retained publishes queue behind
+/// 24 MB of large ones, and `kill -9` the moment the first small one is
+/// acknowledged still finds every acknowledged message back.
+#[tokio::test]
+async fn a_retained_acknowledgement_waits_for_its_commit_behind_large_ones() {
+    let (size, large, small) = (1_000_000, 24, 20);
+    let mut s = Serve::start();
+    let mut publisher = V5::connect(s.mqtt_port, "bulky-writer").await;
+    let publish = |topic: String, payload: Vec<u8>| {
+        let client = publisher.client.clone();
+        async move {
+            client
+                .publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .await
+                .expect("publish")
+        }
+    };
+    for i in 0..large {
+        publish(format!("bulk/{i}"), vec![b'b'; size]).await;
+    }
+    for i in 0..small {
+        publish(format!("small/{i}"), format!("v{i}").into_bytes()).await;
+    }
+    // PUBACKs come in order: the large ones', then the first small one's.
+    let mut acked = 0;
+    while acked <= large {
+        match tokio::time::timeout(Duration::from_secs(30), publisher.packets.recv()).await {
+            Ok(Some(Packet::PubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBACK: {other:?}"),
+        }
+    }
+    s.proc.signal(9);
+    while let Ok(p) = publisher.packets.try_recv() {
+        if matches!(p, Packet::PubAck(_)) {
+            acked += 1;
+        }
+    }
+    publisher.kill().await;
+    s.restart(&[], &[]);
+    let back = retained_under(s.mqtt_port, "small/+").await;
+    for i in 0..acked - large {
+        assert_eq!(
+            back.get(&format!("small/{i}")).map(String::as_str),
+            Some(format!("v{i}").as_str()),
+            "acknowledged retained message small/{i} lost ({acked} acknowledged in all)"
+        );
+    }
+    let bulk = retained_under(s.mqtt_port, "bulk/+").await;
+    assert_eq!(
+        bulk.len(),
+        large,
+        "acknowledged large retained messages lost"
+    );
+}
+
 #[tokio::test]
 async fn message_expiry_keeps_counting_across_a_restart() {
     let mut s = Serve::start();

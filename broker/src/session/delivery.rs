@@ -455,27 +455,30 @@ impl Session {
                     Packet::PingResp(_) => self.barrier_passed(),
                     Packet::PubAck(ack, _) if ack.pkid == super::OUTLET_PKID => {}
                     // What the broker acknowledges is on disk: a publish
-                    // captured for away sessions waits for its commits
-                    // (the ones behind it wait too, in order). An enqueue
-                    // waits for the queue owner's verdict.
+                    // captured for kept sessions, or retained, waits for
+                    // its commits; an enqueue waits for the queue owner's
+                    // verdict. The session goes on meanwhile, and the
+                    // acknowledgements behind it wait in order
+                    // (MQTT-4.6.0-2).
                     packet @ (Packet::PubAck(..) | Packet::PubRec(..))
-                        if self.durable_acks.contains_key(&client_ack_pkid(&packet))
+                        if !self.pending_acks.is_empty()
+                            || self.durable_acks.contains_key(&client_ack_pkid(&packet))
                             || self.verdicts.contains_key(&client_ack_pkid(&packet)) =>
                     {
                         let pkid = client_ack_pkid(&packet);
-                        for commit in self.durable_acks.remove(&pkid).unwrap_or_default() {
-                            let _ = commit.await;
-                        }
-                        let packet = match (packet, self.verdicts.remove(&pkid)) {
-                            (Packet::PubAck(ack, props), Some(verdict)) => {
-                                enqueue_ack(ack, props, verdict).await
+                        let commits = self.durable_acks.remove(&pkid).unwrap_or_default();
+                        let verdict = self.verdicts.remove(&pkid);
+                        self.pending_acks.push_back(Box::pin(async move {
+                            for commit in commits {
+                                let _ = commit.await;
                             }
-                            (packet, _) => packet,
-                        };
-                        if let Packet::PubRec(rec, _) = &packet {
-                            self.qos2_in.insert(rec.pkid);
-                        }
-                        self.encode(packet, &mut out);
+                            match (packet, verdict) {
+                                (Packet::PubAck(ack, props), Some(verdict)) => {
+                                    enqueue_ack(ack, props, verdict).await
+                                }
+                                (packet, _) => packet,
+                            }
+                        }));
                     }
                     Packet::PubRec(rec, props) => {
                         // The router holds this QoS 2 publish until PUBREL.
@@ -514,6 +517,7 @@ impl Session {
                 _ => None,
             };
         }
+        self.ready_acks(&mut out).await;
         if !self.send_bytes(out).await {
             return Some(ending.unwrap_or(Ending::Lost));
         }
@@ -550,6 +554,27 @@ impl Session {
             return Some(Ending::Lost);
         }
         ending
+    }
+
+    /// Encodes acknowledgements at the front of `pending_acks` that are
+    /// ready, in order, into `out`.
+    pub(super) async fn ready_acks(&mut self, out: &mut BytesMut) {
+        while let Some(front) = self.pending_acks.front_mut() {
+            let Some(packet) = now_or_never(front.as_mut()).await else {
+                return;
+            };
+            self.pending_acks.pop_front();
+            self.encode_ack(packet, out);
+        }
+    }
+
+    /// Encodes an acknowledgement taken from `pending_acks`.
+    pub(super) fn encode_ack(&mut self, packet: Packet, out: &mut BytesMut) {
+        if let Packet::PubRec(rec, _) = &packet {
+            // The router holds this QoS 2 publish until PUBREL.
+            self.qos2_in.insert(rec.pkid);
+        }
+        self.encode(packet, out);
     }
 
     /// Encodes one publish from the router into `out` as this client must

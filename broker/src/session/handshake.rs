@@ -486,6 +486,7 @@ pub(super) async fn handshake(
         unwritten,
         eager_acks: Vec::new(),
         durable_acks: HashMap::new(),
+        pending_acks: VecDeque::new(),
         verdicts: HashMap::new(),
         nolocal_filters: HashSet::new(),
         rap_filters: HashSet::new(),

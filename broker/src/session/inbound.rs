@@ -186,11 +186,18 @@ impl Session {
                 let (packet, commit) =
                     self.shared
                         .prepare_publish_durable(publish, qos, props, Some(&self.router_id));
-                to_router.push(packet);
-                // Acknowledged by the router: held until it is on disk.
-                if let Some(commit) = commit.filter(|_| qos > 0) {
-                    self.disk_commits.push(commit);
+                // A retained message goes on to the router (and its
+                // subscribers) at once; its acknowledgement waits until it
+                // is on disk (see `Session::outgoing`).
+                if let (Some(commit), Packet::Publish(publish, _)) =
+                    (commit.filter(|_| qos > 0), &packet)
+                {
+                    self.durable_acks
+                        .entry(publish_pkid(publish))
+                        .or_default()
+                        .push(commit);
                 }
+                to_router.push(packet);
             }
             Packet::Subscribe(mut subscribe, props) => {
                 let mut local: Vec<(usize, SubscribeReasonCode)> = Vec::new();

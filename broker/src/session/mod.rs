@@ -251,6 +251,9 @@ struct Session {
     /// Disk commits (of away sessions' queues) the acknowledgement of the
     /// client's publish with this packet id waits for.
     durable_acks: HashMap<u16, Vec<crate::disk::Commit>>,
+    /// Acknowledgements of the client's publishes waiting for their
+    /// commits or verdicts, and every one behind them, in order.
+    pending_acks: VecDeque<PendingAck>,
     /// MQTT 5 QoS 1 enqueues (by packet id) handed to the queue owner:
     /// their PUBACK waits for its verdict, and carries 0x97 and the reason
     /// if the queue refused the task.
@@ -297,8 +300,8 @@ struct Session {
     /// Ids of the last tasks the queue owner delivered to this client (see
     /// [`axion_queues::tap::RECEIVED`]).
     received_tasks: delivery::Recent,
-    /// Disk commits the batch being forwarded waits for: retained messages
-    /// and kept-session records (see [`crate::disk`]).
+    /// Disk commits the batch being forwarded waits for: kept-session
+    /// records (see [`crate::disk`]).
     disk_commits: Vec<crate::disk::Commit>,
     /// Router-form filters of a resumed session its user may no longer
     /// hold (see `restore_subscriptions`).
@@ -317,6 +320,20 @@ struct Session {
 const KEPT_PATIENCE: Duration = Duration::from_millis(100);
 
 type Admission = std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// A PUBACK or PUBREC for the client, once what it waits for is done.
+type PendingAck = std::pin::Pin<Box<dyn Future<Output = Packet> + Send + Sync>>;
+
+/// The acknowledgement at the front of `pending`, once it is ready (then
+/// taken off); never if there is none.
+async fn front_ack(pending: &mut VecDeque<PendingAck>) -> Packet {
+    let Some(front) = pending.front_mut() else {
+        return std::future::pending().await;
+    };
+    let packet = front.as_mut().await;
+    pending.pop_front();
+    packet
+}
 
 /// Bytes of held publishes before the socket stops being read (then TCP
 /// pushes back). Generous, because the client's acknowledgements for what
@@ -470,6 +487,14 @@ impl Session {
                         if self.forward(batch).await.is_err() {
                             return Ending::Kicked;
                         }
+                    }
+                }
+                packet = front_ack(&mut self.pending_acks) => {
+                    let mut out = BytesMut::new();
+                    self.encode_ack(packet, &mut out);
+                    self.ready_acks(&mut out).await;
+                    if !self.send_bytes(out).await {
+                        return Ending::Lost;
                     }
                 }
                 notification = self.link_rx.next() => {
@@ -734,8 +759,8 @@ impl Session {
                 }
             }
         }
-        // The router acknowledges a retained QoS 1/2 message and a
-        // subscription: only once they are on disk.
+        // The router acknowledges a subscription: only once the kept
+        // session's record holding it is on disk.
         for commit in self.disk_commits.drain(..) {
             let _ = commit.await;
         }
