@@ -331,6 +331,9 @@ class Engine {
   #onClose() {
     if (!this.connected) return;
     this.connected = false;
+    // Our own DISCONNECT at the end of a clean stop: no loss to report, and
+    // the broker rule must not start counting while the final record goes out.
+    if (this.stopping) return;
     this.vitals.setConnected(false);
     log.warn('lost the broker; reconnecting');
   }

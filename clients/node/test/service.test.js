@@ -186,6 +186,7 @@ test('SIGTERM mid-task: draining, the result, offline/stopped, exit 0', async (t
   }
   assert.deepEqual(order, ['draining', 'result', 'offline']);
   assert.equal(await svc.exitWithin(5_000), 0);
+  assert.doesNotMatch(svc.stderr, /lost the broker/, 'its own DISCONNECT is not a lost broker');
   const shown = await w.show(QUEUE);
   assert.equal(shown.stats.acked_total, 1, JSON.stringify(shown));
   assert.equal(shown.stats.depth, 0);
