@@ -9,7 +9,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
 # The Python package: lint, then its end-to-end tests against
 # target/debug/axion (already built by the tests above: `--workspace`
-# resolves features as they did, so nothing compiles twice).
+# resolves features as they did, so nothing compiles twice). They include
+# the cross-language test, which runs Node workers and both legacy clients
+# beside the Python ones (node and the npm packages from setup.sh).
 cargo build -q --workspace --bin axion
 python3 -m ruff check clients/python
 python3 -m ruff format --check clients/python

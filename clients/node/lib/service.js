@@ -209,6 +209,8 @@ class Engine {
     this.drainDeadline = null;
     /** Set once the drain is over and the stop sequence runs. */
     this.stopping = false;
+    /** Whether the broker confirmed (UNSUBACK) that the drain left the queues' shared groups. */
+    this.leftQueues = false;
     this.taskTopics = new Map([...plan.queues.keys()].map((q) => [topics.queue(plan.pkg, q, 'tasks'), q]));
     this.announceTopic = topics.announce(plan.pkg);
     /** Jobs admitted and waiting for a handler slot. */
@@ -304,8 +306,9 @@ class Engine {
     log.info('connected to the broker');
     // A clean session: subscriptions first, then fresh credit.
     this.outbox = this.outbox.filter((o) => !o.credit);
+    // A draining service joins no queue's shared group (see #leaveQueues).
     const filters = [
-      ...[...this.queues.keys()].map((q) => topics.queueTasksShared(this.pkg, q)),
+      ...(this.draining ? [] : [...this.queues.keys()].map((q) => topics.queueTasksShared(this.pkg, q))),
       ...this.events.map((e) => e.filter),
       this.announceTopic,
     ];
@@ -328,6 +331,9 @@ class Engine {
   #onClose() {
     if (!this.connected) return;
     this.connected = false;
+    // Our own DISCONNECT at the end of a clean stop: no loss to report, and
+    // the broker rule must not start counting while the final record goes out.
+    if (this.stopping) return;
     this.vitals.setConnected(false);
     log.warn('lost the broker; reconnecting');
   }
@@ -651,6 +657,7 @@ class Engine {
     this.vitals.setDraining();
     this.sentinel.postMessage({ cmd: 'draining' });
     this.#reannounce();
+    this.#leaveQueues();
     for (const job of this.waiting.splice(0)) {
       if (job.task) {
         this.held.delete(job.task.id);
@@ -664,9 +671,35 @@ class Engine {
     this.#checkDrain();
   }
 
+  /**
+   * Leaves the queues' shared groups. The owner delivers what others hand
+   * back (this service's releases too) through the group, to any member: a
+   * member no longer reading would take a task meant for another worker and
+   * drop it, and the task would wait out the ack wait. What arrives before
+   * the UNSUBACK is released as usual.
+   */
+  #leaveQueues() {
+    if (this.queues.size === 0 || !this.connected) return;
+    const filters = [...this.queues.keys()].map((q) => topics.queueTasksShared(this.pkg, q));
+    this.client.unsubscribe(filters, (err) => {
+      if (err) return;
+      this.leftQueues = true;
+      this.#checkDrain();
+    });
+  }
+
+  /**
+   * Whether no more task can reach this service: its UNSUBACK came, it
+   * serves no queue, or the connection is down (and a reconnect while
+   * draining subscribes no queue).
+   */
+  #outOfGroups() {
+    return this.leftQueues || this.queues.size === 0 || !this.connected;
+  }
+
   #checkDrain() {
     if (!this.draining || this.stopping) return;
-    if (this.running.size === 0) {
+    if (this.running.size === 0 && this.#outOfGroups()) {
       log.info('drain complete: every running handler finished');
     } else if (Date.now() >= this.drainDeadline) {
       this.#abandonRunning();

@@ -19,6 +19,8 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(here, '../../..');
 export const EXAMPLE = path.resolve(here, '../examples/embedding-worker.js');
 export const PRODUCER = path.resolve(here, 'producer.js');
+/** The worker (or producer) of the cross-language test; see the file. */
+export const XL_SERVICE = path.resolve(here, 'xl-service.js');
 export const QUEUE = 'embedding.generate';
 
 export function axionBin() {

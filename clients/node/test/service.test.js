@@ -8,7 +8,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { PRODUCER, QUEUE, Serve, Watcher, axionBin, freePort, startExample, startService } from '../test-support/harness.js';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { PRODUCER, QUEUE, Serve, Watcher, XL_SERVICE, axionBin, freePort, startExample, startService } from '../test-support/harness.js';
 
 const RESULT = 'axion/default/event/embedding/result';
 const isResult = (topic) => topic === RESULT;
@@ -183,6 +186,7 @@ test('SIGTERM mid-task: draining, the result, offline/stopped, exit 0', async (t
   }
   assert.deepEqual(order, ['draining', 'result', 'offline']);
   assert.equal(await svc.exitWithin(5_000), 0);
+  assert.doesNotMatch(svc.stderr, /lost the broker/, 'its own DISCONNECT is not a lost broker');
   const shown = await w.show(QUEUE);
   assert.equal(shown.stats.acked_total, 1, JSON.stringify(shown));
   assert.equal(shown.stats.depth, 0);
@@ -213,6 +217,40 @@ test('SIGTERM hands back a task that outlives DRAIN_MS, and another worker gets 
   assert.equal(r.correlationId, 'slow');
   assert.equal(r.payload.pid, other.pid);
   assert.equal(r.payload.attempts, 1);
+});
+
+test('tasks handed back at the end of a drain reach another worker at once', async (t) => {
+  // The owner delivers what the drain hands back through the queue's shared
+  // subscription. A stopping worker still in that group would get about
+  // half of it and drop it unseen: those tasks would wait out the ack wait
+  // (30 s) instead of moving at once.
+  const serve = await Serve.start();
+  t.after(() => serve.cleanup());
+  const doneDir = fs.mkdtempSync(path.join(os.tmpdir(), 'axion-node-done-'));
+  t.after(() => fs.rmSync(doneDir, { recursive: true, force: true }));
+  const env = { XL_ROLE: 'worker', XL_DONE_DIR: doneDir };
+  const a = await startService(serve, XL_SERVICE, 'xl-node', { ...env, DRAIN_MS: '300' });
+  t.after(() => a.kill());
+  const w = await Watcher.connect(serve, ['axion/default/heartbeat/xl-node/+', 'axion/default/event/xl/done']);
+  t.after(() => w.close());
+  for (let i = 0; i < 8; i++) await w.enqueue('xl.node', { payload: { key: `k${i}`, block_pid: a.pid }, id: `k${i}` });
+  await w.next((topic, hb) => topic.includes('/heartbeat/') && hb.pid === a.pid && hb.inflight === 8, 10_000, 'all 8 tasks running');
+  const b = await startService(serve, XL_SERVICE, 'xl-node', env);
+  t.after(() => b.kill());
+  a.signal('SIGTERM');
+  assert.equal(await a.exitWithin(5_000), 0);
+  const done = new Map();
+  while (done.size < 8) {
+    let d;
+    try {
+      d = (await w.next((topic) => topic === 'axion/default/event/xl/done', 5_000, 'a task done')).payload;
+    } catch {
+      break;
+    }
+    done.set(d.key, d);
+  }
+  assert.deepEqual([...done.keys()].sort(), [...Array(8).keys()].map((i) => `k${i}`), 'every task done within 5 s of the drain');
+  for (const d of done.values()) assert.deepEqual([d.pid, d.attempts], [b.pid, 1]);
 });
 
 test('Service#enqueue resolves on the owner\'s confirmation or rejects with its refusal; Service#publish sends an envelope', async (t) => {

@@ -299,6 +299,12 @@ class _Engine:
         self.task_topics = {queue_topic(package, q, "tasks"): q for q in queues}
         self.connected = False
         self.drain_deadline: Optional[float] = None
+        #: Set by the dispatcher when the drain begins; read by paho's
+        #: thread, which then subscribes no queue on a reconnect.
+        self.leaving = False
+        #: The UNSUBSCRIBE from the queues' shared groups, and its UNSUBACK.
+        self.leave_mid: Optional[int] = None
+        self.left_queues = False
         self.waiting: deque[_Job] = deque()
         self.running: dict[int, _Running] = {}
         self.next_seq = 0
@@ -330,6 +336,7 @@ class _Engine:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_socket_open = nodelay
 
     # --- paho's thread: report, decide nothing -----------------------------
@@ -342,7 +349,8 @@ class _Engine:
         self.vitals.set_connected(True)
         log.info("connected to the broker %s", self.url)
         # A clean session: subscriptions first, then (dispatcher) fresh credit.
-        filters = [(queue_tasks_shared(self.package, q), 1) for q in self.handlers]
+        # A draining service joins no queue's shared group (see `_leave_queues`).
+        filters = [] if self.leaving else [(queue_tasks_shared(self.package, q), 1) for q in self.handlers]
         filters += [(f, 1) for _, f, _ in self.events]
         filters += [(self.announce, 1), (self.reply_topic, 1)]
         client.subscribe(filters)
@@ -364,6 +372,9 @@ class _Engine:
             log.error(
                 "the broker refused a subscription (%s); this service will not receive that work", ", ".join(refused)
             )
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        self.inbox.put(("unsubscribed", mid))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.reply_topic:
@@ -424,7 +435,7 @@ class _Engine:
                 log.error("the heartbeat process ended; exiting")
                 os._exit(EXIT_FAILURE)
             if self.drain_deadline is not None:
-                if not self.running:
+                if not self.running and self._out_of_groups():
                     log.info("drain complete: every running handler finished")
                     return
                 if time.monotonic() >= self.drain_deadline:
@@ -467,6 +478,12 @@ class _Engine:
         elif kind == "connected":
             self.connected = True
             self._reannounce()
+            if self.drain_deadline is not None:
+                # paho's thread may have subscribed before it saw `leaving`.
+                self._leave_queues()
+        elif kind == "unsubscribed":
+            if item[1] == self.leave_mid:
+                self.left_queues = True
         elif kind == "disconnected":
             self.connected = False
         elif kind == "signal":
@@ -705,6 +722,8 @@ class _Engine:
         self.drain_deadline = time.monotonic() + self.limits.drain_ms / 1000
         self.beacon.draining()
         self._reannounce()
+        self.leaving = True
+        self._leave_queues()
         waiting, self.waiting = self.waiting, deque()
         for job in waiting:
             if isinstance(job.arg, Task):
@@ -713,6 +732,23 @@ class _Engine:
             else:
                 self._refuse(job.reply)
         self.vitals.set_load(len(self.running), 0)
+
+    def _leave_queues(self) -> None:
+        """Leaves the queues' shared groups. The owner delivers what others
+        hand back (this service's releases too) through the group, to any
+        member: a member no longer reading would take a task meant for
+        another worker and drop it, and the task would wait out the ack wait.
+        What arrives before the UNSUBACK is released as usual."""
+        self.left_queues = False
+        self.leave_mid = None
+        if self.handlers and self.connected:
+            _, self.leave_mid = self.client.unsubscribe([queue_tasks_shared(self.package, q) for q in self.handlers])
+
+    def _out_of_groups(self) -> bool:
+        """Whether no more task can reach this service: its UNSUBACK came,
+        it serves no queue, or the connection is down (and a reconnect while
+        draining subscribes no queue)."""
+        return self.left_queues or not self.handlers or not self.connected
 
     def _abandon_running(self) -> None:
         """`DRAIN_MS` is up: hand the unfinished tasks back (not counted as

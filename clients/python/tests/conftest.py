@@ -194,7 +194,8 @@ class Watcher:
 
 
 class Worker:
-    """A service (the example by default) as a real process."""
+    """A service (the example by default) as a real process: a Python
+    script, or a Node one (`.js`, run by `node`)."""
 
     def __init__(
         self, serve: Serve, env: dict[str, str], log_dir: Path, script: Path = EXAMPLE, new_session: bool = False
@@ -207,9 +208,10 @@ class Worker:
             "LOG_LEVEL": "INFO",
             **env,
         }
+        interpreter = "node" if script.suffix == ".js" else sys.executable
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(script)], env=full_env, stdout=log, stderr=log, start_new_session=new_session
+                [interpreter, str(script)], env=full_env, stdout=log, stderr=log, start_new_session=new_session
             )
         self.instance = f"{socket.gethostname()}:{self.proc.pid}"
 

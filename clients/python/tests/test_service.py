@@ -398,3 +398,33 @@ def test_a_broker_back_within_the_limit_gets_the_service_back(serve, watcher_fac
     watch.enqueue(QUEUE, {"payload": {"items": ["again"]}, "replyTo": "embedding.result", "correlationId": "back"})
     assert watch.on(RESULT)["correlationId"] == "back"
     assert w.proc.poll() is None
+
+
+def test_tasks_handed_back_at_the_end_of_a_drain_reach_another_worker_at_once(
+    serve, watcher_factory, worker_factory, tmp_path
+):
+    # The owner delivers what the drain hands back through the queue's
+    # shared subscription. A stopping worker still in that group would get
+    # about half of it and drop it unseen: those tasks would wait out the
+    # ack wait (30 s) instead of moving at once.
+    script = Path(__file__).with_name("xl_service.py")
+    env = {"XL_ROLE": "worker", "XL_DONE_DIR": str(tmp_path), "HEARTBEAT_INTERVAL_SECS": "1"}
+    a = worker_factory(serve, script, DRAIN_MS="300", **env)
+    watch = watcher_factory(serve, "axion/default/heartbeat/xl-py/+", "axion/default/event/xl/done")
+    a.wait_ready(watch)
+    for i in range(8):
+        watch.enqueue("xl.py", {"payload": {"key": f"k{i}", "block_pid": a.proc.pid}, "id": f"k{i}"})
+    watch.heartbeat(lambda hb: hb["pid"] == a.proc.pid and hb["inflight"] == 8)
+    b = worker_factory(serve, script, **env)
+    b.wait_ready(watch)
+    a.proc.send_signal(signal.SIGTERM)
+    assert wait_exit(a.proc, 5) == 0
+    done = {}
+    for _ in range(8):
+        try:
+            d = watch.next(lambda t, body: t == "axion/default/event/xl/done", 5, "done task")["payload"]
+        except pytest.fail.Exception:
+            break
+        done[d["key"]] = d
+    assert set(done) == {f"k{i}" for i in range(8)}, f"done within 5 s of the drain: {sorted(done)}"
+    assert {(d["pid"], d["attempts"]) for d in done.values()} == {(b.proc.pid, 1)}
