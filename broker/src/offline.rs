@@ -285,6 +285,9 @@ pub struct Offline {
     held_wake: Arc<tokio::sync::Notify>,
     /// Messages dropped at a queue's bound, in total.
     pub dropped_total: AtomicU64,
+    /// Router deliveries drainers have read, in total (a clean stop
+    /// watches it move).
+    pub drained_total: AtomicU64,
 }
 
 impl Offline {
@@ -317,6 +320,7 @@ impl Offline {
             held_bytes: AtomicU64::new(0),
             held_wake: Arc::new(tokio::sync::Notify::new()),
             dropped_total: AtomicU64::new(0),
+            drained_total: AtomicU64::new(0),
         }
     }
 
@@ -1097,6 +1101,7 @@ fn handle(
 ) {
     match notification {
         Notification::Forward(forward) => {
+            shared.offline.drained_total.fetch_add(1, Ordering::Relaxed);
             let publish = forward.publish;
             let (qos, pkid) = router::qos_pkid(&publish);
             let size = (publish.topic.len() + publish.payload.len()) as u64;

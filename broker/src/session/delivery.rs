@@ -864,38 +864,53 @@ impl Session {
         tap.is_task(topic) && self.only_a_share_matches(topic)
     }
 
-    /// Hands the embedded queue owner back every task this client was sent
-    /// and never acknowledged receiving, and every one the router sent that
-    /// this session never read, as this client's `release`: the owner
-    /// delivers it again at once, to a live worker, without counting an
-    /// attempt. Called once the router has this session's DISCONNECT; a
-    /// shared-group member reads the link until the router lets go of it,
-    /// so that nothing more can come to it and the owner's next delivery
-    /// goes to a live member.
-    pub(super) async fn give_back_tasks(&mut self) {
-        let Some(tap) = self.shared.queue_tap.get() else {
-            return;
+    /// Reads what the router sent this ended session's link after it
+    /// stopped reading, until the router lets go of the link (called once
+    /// the router has the session's DISCONNECT). rumqttd does not send it
+    /// again to a later link of the same id, so:
+    /// - a kept session counts it read for flow control: otherwise its
+    ///   parked positions would show it unread for as long as the session
+    ///   is away, and a router renewal and a clean stop, which wait for
+    ///   away sessions to catch up, would wait for it in vain (what a kept
+    ///   session is owed is in its queue already, journaled or captured);
+    /// - a shared-group member hands the embedded queue owner back every
+    ///   task it was sent and never acknowledged receiving, and every one
+    ///   it never read, as this client's `release`: the owner delivers it
+    ///   again at once, to a live worker, without counting an attempt
+    ///   (`give_back`: not at a shutdown, when the owner is stopping too).
+    pub(super) async fn read_what_is_left(&mut self, give_back: bool) {
+        let shared = self.shared.clone();
+        let tap = shared.queue_tap.get();
+        let mut tasks: Vec<(Bytes, Bytes)> = match tap {
+            Some(_) if give_back => self
+                .ledger
+                .iter_mut()
+                .filter(|slot| !slot.acked)
+                .filter_map(|slot| slot.task.take().map(|task| *task))
+                .collect(),
+            _ => Vec::new(),
         };
-        let mut tasks: Vec<(Bytes, Bytes)> = self
-            .ledger
-            .iter_mut()
-            .filter(|slot| !slot.acked)
-            .filter_map(|slot| slot.task.take().map(|task| *task))
-            .collect();
         let member = self
             .consumers
             .iter()
             .any(|sub| sub.path.starts_with("$share/"));
-        let deadline = tokio::time::Instant::now() + LINK_RELEASE;
-        // Only a shared-group member can be sent a task.
-        if member {
+        let parks = !self.clean_session && !self.consumers.is_empty();
+        if member || parks {
+            let deadline = tokio::time::Instant::now() + LINK_RELEASE;
             loop {
                 match tokio::time::timeout_at(deadline, self.link_rx.next()).await {
                     Ok(Ok(Some(Notification::Forward(forward)))) => {
                         let publish = forward.publish;
-                        if Mark::marker_round(&forward.properties).is_none()
-                            && self.is_worker_task(tap, &publish.topic)
-                        {
+                        if Mark::marker_round(&forward.properties).is_some() {
+                            continue;
+                        }
+                        if parks {
+                            self.delivered(&publish.topic, &publish.payload);
+                        }
+                        let task = tap.is_some_and(|tap| {
+                            give_back && self.is_worker_task(tap, &publish.topic)
+                        });
+                        if task {
                             tasks.push((publish.topic, publish.payload));
                         }
                     }
@@ -911,8 +926,10 @@ impl Session {
                 }
             }
         }
-        for (topic, payload) in tasks {
-            tap.give_back(&topic, &payload, &self.client_id).await;
+        if let Some(tap) = tap {
+            for (topic, payload) in tasks {
+                tap.give_back(&topic, &payload, &self.client_id).await;
+            }
         }
     }
 }

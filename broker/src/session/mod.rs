@@ -869,9 +869,7 @@ impl Session {
             // Not under the gate: it waits for the router to let go of
             // the link.
             drop(gate);
-            if ending != Ending::Shutdown {
-                self.give_back_tasks().await;
-            }
+            self.read_what_is_left(ending != Ending::Shutdown).await;
             if !self.clean_session {
                 // Queued or journaled messages it was sent and did not
                 // acknowledge carry DUP when they go out again.
@@ -882,6 +880,9 @@ impl Session {
                     .filter_map(|s| s.queued.map(|(seq, _)| seq));
                 self.shared.offline.mark_sent(&self.router_id, sent);
             }
+            // Before the session's drainer starts: it counts what it reads
+            // against the parked positions.
+            self.park_consumers().await;
             tokio::spawn(expiry::session_ended(
                 self.shared.clone(),
                 self.router_id.clone(),
