@@ -196,3 +196,85 @@ async fn a_reading_mosquitto_sub_gets_a_whole_20000_message_burst() {
     assert!(status.success(), "mosquitto_sub: {status}");
     assert_eq!(got as u64, n, "one line per message of the burst");
 }
+
+/// A message past flow control's high-water mark (half a filter's log)
+/// but within the maximum packet size reaches subscribers that keep up at
+/// once, and its publisher is acknowledged at once; before, it waited
+/// until every subscriber had been cut off as slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_near_the_maximum_packet_size_reaches_subscribers_that_keep_up() {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let payload = "a".repeat(1_000_000);
+    let mut subs = Vec::new();
+    for qos in ["0", "1"] {
+        // Killed when the test ends, passed or not.
+        let mut sub = tokio::process::Command::new("mosquitto_sub")
+            .args(["-p", &port.to_string(), "-t", "large/#", "-q", qos])
+            .args(["-C", "4", "-F", "%t %l"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (scripts/setup.sh installs it)");
+        let stdout = sub.stdout.take().expect("stdout");
+        let lines = tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut got = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                got.push(line);
+            }
+            got
+        });
+        subs.push((sub, lines));
+    }
+    // Both have subscribed once a retained marker reaches them.
+    let publish = |topic: &str, message: &str, retain: bool| {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-p", &port.to_string(), "-t", topic, "-q", "1", "-s"]);
+        if retain {
+            cmd.arg("-r");
+        }
+        let mut child = cmd.stdin(Stdio::piped()).spawn().expect("mosquitto_pub");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(message.as_bytes())
+            .expect("write");
+        child
+    };
+    let status = publish("large/ready", "ready", true).wait().expect("wait");
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        let status = publish(&format!("large/{i}"), &payload, false)
+            .wait()
+            .expect("wait");
+        assert!(status.success(), "mosquitto_pub large/{i}");
+    }
+    let took = started.elapsed();
+    for (mut sub, lines) in subs {
+        let lines = tokio::time::timeout(Duration::from_secs(20), lines)
+            .await
+            .expect("each subscriber got all three within 20 s")
+            .expect("join");
+        let _ = sub.wait().await;
+        assert_eq!(
+            lines,
+            [
+                "large/ready 5",
+                "large/0 1000000",
+                "large/1 1000000",
+                "large/2 1000000"
+            ]
+        );
+    }
+    // Acknowledged without waiting out the slow-consumer timeout (10 s).
+    assert!(
+        took < Duration::from_secs(5),
+        "three large publishes took {took:?}"
+    );
+}

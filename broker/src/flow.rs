@@ -306,7 +306,10 @@ impl Flow {
             let Some((lag, slowest)) = flow.slowest() else {
                 continue;
             };
-            if lag + size <= self.high_water {
+            // A subscriber that has read everything takes a message of any
+            // size the broker accepts, even one past the high-water mark:
+            // there is nothing unread for it to push out of the log.
+            if lag == 0 || lag + size <= self.high_water {
                 *slowest
                     .behind_since
                     .lock()
