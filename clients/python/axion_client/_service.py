@@ -61,6 +61,7 @@ from ._config import (
     validate_level,
 )
 from ._message import Event, ReplyTarget, Task, event_envelope, parse_event, task_from_wire
+from ._shared import SharedVitals
 from ._vitals import Vitals
 
 log = logging.getLogger("axion_client")
@@ -240,6 +241,7 @@ class Service:
         validate_level("host", host)
         pid = os.getpid()
         client_id = sanitize_client_id(f"axion-svc-{self.name}-{host}-{pid}")
+        shared = SharedVitals()
         beacon = Beacon(
             {
                 "service": self.name,
@@ -262,9 +264,11 @@ class Service:
                 "disconnect_kill_ms": limits.disconnect_kill_ms,
                 "liveness_max_stall_ms": limits.liveness_max_stall_ms,
                 "log_level": log.getEffectiveLevel(),
-            }
+            },
+            shared.fd,
         )
-        vitals = Vitals(limits, beacon)
+        shared.close_fd()
+        vitals = Vitals(limits, beacon, shared)
         events = [(t, event_topic(package, t), h) for t, h in self._events]
         return _Engine(self.name, package, client_id, url, dict(self._queues), events, limits, vitals, beacon)
 
