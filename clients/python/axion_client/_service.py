@@ -48,6 +48,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ._beacon import Beacon, nodelay
+from ._client import GatheringClient
 from ._config import (
     DEFAULT_GHOST_SECS,
     DEFAULT_INTERVAL_SECS,
@@ -349,7 +350,7 @@ class _Engine:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.loop_lock = threading.Lock()
 
-        self.client = mqtt.Client(
+        self.client = GatheringClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -484,12 +485,14 @@ class _Engine:
         sock = None if self.connecting else self.client.socket()
         rlist: list[Any] = [self.wake_r]
         wlist: list[Any] = []
+        pending = False
         if sock is not None:
             rlist.append(sock)
-            if self.client.want_write():
+            if self.client.want_write() or self.client.unsent():
                 wlist.append(sock)
+            pending = self.client.pending()
         self.sleeping = True
-        if self.inbox:
+        if self.inbox or pending:
             timeout = 0.0
         try:
             readable, _, _ = select.select(rlist, wlist, [], timeout)
@@ -502,13 +505,16 @@ class _Engine:
                     pass
             except BlockingIOError:
                 pass
-        if sock is not None and sock in readable:
+        if sock is not None and (pending or sock in readable):
             self.client.loop_read()
 
     def _write(self) -> None:
-        """Hands what was published to the socket."""
-        if not self.connecting and self.client.socket() is not None and self.client.want_write():
+        """Hands what was published to the socket, in one `send`."""
+        if self.connecting or self.client.socket() is None:
+            return
+        if self.client.want_write():
             self.client.loop_write()
+        self.client.flush()
 
     def _dispatch(self) -> None:
         next_tick = time.monotonic()
