@@ -563,11 +563,10 @@ class _Engine:
         def attempt() -> None:
             try:
                 self.client.reconnect()
-                ok = True
+                failure = None
             except Exception as err:  # noqa: BLE001 (any failure means: try again later)
-                log.debug("cannot connect to the broker %s: %s", self.url, err)
-                ok = False
-            self._post(("connect-attempt", ok))
+                failure = str(err) or type(err).__name__
+            self._post(("connect-attempt", failure))
 
         self.connecting = threading.Thread(target=attempt, name="axion-connect", daemon=True)
         self.connecting.start()
@@ -621,8 +620,11 @@ class _Engine:
             self._on_done(item[1], item[2], item[3], item[4])
         elif kind == "connect-attempt":
             self.connecting = None
-            if not item[1]:
-                self.connected = False
+            failure = item[1]
+            if failure is not None:
+                # Once per outage: then every BACKOFF_MAX at most, quietly.
+                if self.backoff == BACKOFF_MIN:
+                    log.warning("cannot reach the broker %s (%s); retrying", self.url, failure)
                 self.next_connect_at = time.monotonic() + self.backoff
                 self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         elif kind == "signal":

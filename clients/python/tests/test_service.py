@@ -453,3 +453,19 @@ def test_handler_threads_are_reused_and_a_blocked_one_holds_only_its_slot(serve,
     assert hb["queue_depth"] == 0 and time.time() - hb["last_progress_ts"] < 5, hb
     stats = watch.show("pool.jobs")["stats"]
     assert (stats["acked_total"], stats["inflight"]) == (n, 1), stats
+
+
+def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(serve, watcher_factory, worker_factory):
+    serve.kill()
+    w = worker_factory(serve, DISCONNECT_KILL_MS="10000")
+    deadline = time.monotonic() + 10
+    while "cannot reach the broker" not in w.output():
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.output()
+        time.sleep(0.05)  # polling the log for the refused attempt
+    # It keeps trying; once the broker is back: a record, credit and work.
+    serve.restart()
+    watch = watcher_factory(serve, RESULT, HEARTBEATS)
+    w.wait_ready(watch)
+    watch.enqueue(QUEUE, {"payload": {"items": ["late"]}, "replyTo": "embedding.result", "correlationId": "late"})
+    assert watch.on(RESULT)["correlationId"] == "late"
+    assert w.proc.poll() is None
