@@ -312,6 +312,10 @@ class _Engine:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
+        #: Taken to wake the dispatcher and to close the pipe: a handler
+        #: outliving `run()` must not write into a reused descriptor.
+        self.wake_lock = threading.RLock()
+        self.wake_open = True
         self.dispatcher: Optional[int] = None
         #: Jobs for the handler threads, and how many threads there are.
         self.jobs: queue_mod.SimpleQueue[tuple[int, _Job]] = queue_mod.SimpleQueue()
@@ -438,10 +442,13 @@ class _Engine:
             self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"\0")
-        except BlockingIOError:
-            pass  # full: it is awake enough
+        with self.wake_lock:
+            if not self.wake_open:
+                return
+            try:
+                os.write(self.wake_w, b"\0")
+            except BlockingIOError:
+                pass  # full: it is awake enough
 
     # --- the dispatcher ----------------------------------------------------
 
@@ -474,8 +481,10 @@ class _Engine:
             self.vitals.close()
             for s, h in previous.items():
                 signal.signal(s, h)
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            with self.wake_lock:
+                self.wake_open = False
+                os.close(self.wake_r)
+                os.close(self.wake_w)
         return EXIT_OK
 
     def _network(self, timeout: float) -> None:

@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import struct
+import tempfile
 from typing import Any, Optional
 
 #: The write sequence, then: connected (0/1), disconnected_mono, running,
@@ -44,7 +45,12 @@ class SharedVitals:
     """The service's (writing) end: `fd` is what the companion inherits."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("axion-vitals", os.MFD_CLOEXEC)
+        try:
+            self.fd = os.memfd_create("axion-vitals", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            # No memfd (an old kernel or C library): an unlinked file.
+            with tempfile.TemporaryFile() as f:
+                self.fd = os.dup(f.fileno())
         os.ftruncate(self.fd, SIZE)
         self._map = mmap.mmap(self.fd, SIZE)
         self._seq = 0
