@@ -20,6 +20,11 @@
  * client of its language, taken within each round.
  *
  * Usage: AXION_BIN=target/release/axion node clients/node/bench/queue-throughput.js [tasks] [rounds] [credits]
+ *
+ * `BENCH_PY_BASELINE=<dir>` adds a case: the Python worker on the copy of
+ * `clients/python` in `<dir>` (another version of the package, measured in
+ * the same rounds). `BENCH_CASES=<regex>` runs only the cases whose name
+ * matches.
  */
 
 import { spawn } from 'node:child_process';
@@ -106,7 +111,7 @@ async function measure(serve, worker, w, enqueueAll) {
 }
 
 /** A worker on an axion package, fed over MQTT; ready once its heartbeat says connected. */
-async function packageCase(service, argv, env) {
+async function packageCase(service, argv, env = {}) {
   const serve = await Serve.start();
   const w = await Watcher.connect(serve, [`axion/default/heartbeat/${service}/+`]);
   const worker = startProcess(argv, {
@@ -166,6 +171,15 @@ const cases = {
   },
 };
 
+if (process.env.BENCH_PY_BASELINE) {
+  const dir = path.resolve(process.env.BENCH_PY_BASELINE);
+  cases[`Python worker (axion_client in ${dir})`] = {
+    run: () => packageCase('bench-py', [python, path.join(dir, 'bench/echo_worker.py')], { PYTHONPATH: dir }),
+    legacy: 'legacy Python client through the bridge',
+  };
+}
+const only = process.env.BENCH_CASES ? new RegExp(process.env.BENCH_CASES) : null;
+for (const name of Object.keys(cases)) if (only && !only.test(name)) delete cases[name];
 const names = Object.keys(cases);
 /** name → one result per round. */
 const results = Object.fromEntries(names.map((k) => [k, []]));
@@ -195,7 +209,7 @@ for (const name of names) {
   const perK = (key) => median(rs.map((x) => (x[key] / tasks) * 1_000_000)).toFixed(0);
   let ratios = '| – | – |';
   const legacy = cases[name].legacy;
-  if (legacy) {
+  if (legacy && results[legacy]) {
     // Within each round: the two ran close together, under the same load.
     const byRound = (f) => rs.map((x, i) => f(x) / f(results[legacy][i]));
     ratios = `| ${spread(byRound(rate), 2)} | ${spread(byRound(perCpuSec), 2)} |`;

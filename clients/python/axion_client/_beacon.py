@@ -4,8 +4,10 @@ The Rust runtime publishes its heartbeat from a thread of its own, so the
 record keeps going out (and tells the truth) while a handler is stuck. A
 Python thread cannot promise that: a handler holding the GIL in C code
 stops them all. So the heartbeat lives in a child process with its own
-interpreter and its own MQTT connection (`_companion`), fed the service's
-live numbers as JSON lines on its stdin.
+interpreter and its own MQTT connection (`_companion`). It reads the
+service's live numbers from shared memory (`_shared`); its stdin carries
+the configuration, the few moments that need a record at once (the
+service's connection changed, the drain began) and the final `stop`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 class Beacon:
     """The service's handle on its heartbeat companion; usable from any thread."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], vitals_fd: int) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -31,10 +33,11 @@ class Beacon:
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             env=env,
+            pass_fds=(vitals_fd,),
         )
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._detach)
-        self._send(config)
+        self._send({**config, "vitals_fd": vitals_fd})
 
     def _detach(self) -> None:
         """In a process forked from the service (multiprocessing): let go of
@@ -47,9 +50,10 @@ class Beacon:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def vitals(self, snapshot: dict[str, Any]) -> None:
-        """The live numbers; the companion keeps the last ones."""
-        self._send({"kind": "vitals", **snapshot})
+    def connection_changed(self) -> None:
+        """Publishes a record at once: the service's connection changed (the
+        numbers are in the shared block already)."""
+        self._send({"kind": "connection"})
 
     def draining(self) -> None:
         """Publishes `draining` at once."""

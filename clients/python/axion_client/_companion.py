@@ -5,11 +5,13 @@ Rust publisher does: over its own MQTT connection whose will is the record
 as `offline`/`lost`, retained, with MQTT 5 message expiry, every
 `HEARTBEAT_INTERVAL_SECS`, at once on every CONNACK, on a change of the
 service's connection, on `axion/<pkg>/cmd/announce`, and when someone
-else's record (a late will of an earlier run) lands on its topic. Its input
-is the service's live numbers, one JSON line each on stdin (`_beacon`).
+else's record (a late will of an earlier run) lands on its topic. It reads
+the service's live numbers from shared memory (`_shared`) each time it
+builds a record; its stdin (`_beacon`) says when to publish at once and
+when to stop.
 
 When the service process ends without saying `stop` (stdin closes), the
-companion works out why from the last numbers it was sent, by the
+companion works out why from the last numbers the service wrote, by the
 watchdog's own rules: broker gone too long (70) or work stalled (71) — it
 publishes `offline` with that reason, as the Rust watchdog does — or
 neither (killed, crashed): then it drops its connection without
@@ -35,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ._beacon import nodelay
+from ._shared import VitalsReader
 
 log = logging.getLogger("axion_client")
 
@@ -136,15 +139,7 @@ class _Companion:
         self.lock = threading.Lock()
         self.seq = 0
         self.status = "online"
-        self.vitals: dict[str, Any] = {
-            "connected": False,
-            "disconnected_mono": time.monotonic(),
-            "running": 0,
-            "waiting": 0,
-            "progress_mono": time.monotonic(),
-            "last_progress_ts": None,
-            "avg_job_ms": None,
-        }
+        self.vitals = VitalsReader(int(cfg["vitals_fd"]))
         self.cond = threading.Condition()
         self.pending_at: Optional[float] = None
         self.last_publish = 0.0
@@ -185,7 +180,7 @@ class _Companion:
     # The record.
 
     def record(self, status: str, reason: Optional[str], seq: int) -> dict[str, Any]:
-        v = self.vitals
+        v = self.vitals.read()
         rec: dict[str, Any] = {
             "service": self.service,
             "instance_id": self.instance_id,
@@ -319,14 +314,9 @@ class _Companion:
                 return
             msg = json.loads(line)
             kind = msg.get("kind")
-            if kind == "vitals":
-                with self.lock:
-                    was = self.vitals["connected"]
-                    self.vitals.update({k: msg[k] for k in self.vitals if k in msg})
-                    changed = was != self.vitals["connected"]
+            if kind == "connection":
                 # A change of the service's own connection is news now.
-                if changed:
-                    self.publish_now()
+                self.publish_now()
             elif kind == "draining":
                 with self.cond:
                     self.status = "draining"
@@ -360,7 +350,7 @@ class _Companion:
     def _service_gone(self) -> None:
         """The service ended without `stop`: say why, if a watchdog rule did it."""
         now = time.monotonic()
-        v = self.vitals
+        v = self.vitals.read()
         reason, detail = None, ""
         lost_for = None if v["connected"] or v["disconnected_mono"] is None else now - v["disconnected_mono"]
         stalled_for = now - v["progress_mono"] if v["running"] + v["waiting"] > 0 else None

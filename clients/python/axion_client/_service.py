@@ -2,10 +2,13 @@
 
 One MQTT 5 connection serves the queues through the credit protocol of
 `bridge/QUEUE-CONTRACT.md` and the event topics. One thread, the
-dispatcher (the thread that calls `run()`), owns every decision; paho's
-network thread, the handler threads and the signal handlers only post to
-its inbox, so no state is shared between them but the inbox and the
-vitals.
+dispatcher (the thread that calls `run()`), owns every decision and runs
+paho's network loop itself: a task is read, decided on and answered on one
+thread, with no hand-off. The handler threads and the signal handlers only
+post to its inbox (and wake it only when it sleeps), so no state is shared
+between them but the inbox and the vitals. What one turn of the loop read
+is answered together: the acks, replies and one credit top-up for all of
+it leave in one go.
 
 Credit follows free capacity: each queue is told it may send as many tasks
 as there are free handler slots (`MAX_INFLIGHT` minus running minus
@@ -13,10 +16,12 @@ waiting), and a task another shared-group member's credit brought is
 claimed only into a free slot, otherwise released at once, so a busy
 instance never sits on work another could do.
 
-Each job runs on a thread of its own, so a handler that blocks holds only
-its slot; coroutine handlers run on one shared asyncio loop. A handler that
-never returns cannot be stopped from inside Python: the watchdog's kernel
-timers end the process instead (`_watchdog`).
+Each running job has a thread to itself, so a handler that blocks holds
+only its slot: the threads are kept and reused, one per slot at most
+(`MAX_INFLIGHT`), started as the load first needs them. Coroutine handlers
+run on one shared asyncio loop. A handler that never returns cannot be
+stopped from inside Python: the watchdog's kernel timers end the process
+instead (`_watchdog`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import logging
 import os
 import queue as queue_mod
+import select
 import signal
 import socket
 import threading
@@ -42,6 +48,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ._beacon import Beacon, nodelay
+from ._client import GatheringClient
 from ._config import (
     DEFAULT_GHOST_SECS,
     DEFAULT_INTERVAL_SECS,
@@ -61,6 +68,7 @@ from ._config import (
     validate_level,
 )
 from ._message import Event, ReplyTarget, Task, event_envelope, parse_event, task_from_wire
+from ._shared import SharedVitals
 from ._vitals import Vitals
 
 log = logging.getLogger("axion_client")
@@ -240,6 +248,7 @@ class Service:
         validate_level("host", host)
         pid = os.getpid()
         client_id = sanitize_client_id(f"axion-svc-{self.name}-{host}-{pid}")
+        shared = SharedVitals()
         beacon = Beacon(
             {
                 "service": self.name,
@@ -262,9 +271,11 @@ class Service:
                 "disconnect_kill_ms": limits.disconnect_kill_ms,
                 "liveness_max_stall_ms": limits.liveness_max_stall_ms,
                 "log_level": log.getEffectiveLevel(),
-            }
+            },
+            shared.fd,
         )
-        vitals = Vitals(limits, beacon)
+        shared.close_fd()
+        vitals = Vitals(limits, beacon, shared)
         events = [(t, event_topic(package, t), h) for t, h in self._events]
         return _Engine(self.name, package, client_id, url, dict(self._queues), events, limits, vitals, beacon)
 
@@ -293,27 +304,49 @@ class _Engine:
         self.limits = limits
         self.vitals = vitals
         self.beacon = beacon
-        self.inbox: queue_mod.SimpleQueue[tuple[Any, ...]] = queue_mod.SimpleQueue()
+        #: What other threads post to the dispatcher (`_post`).
+        self.inbox: deque[tuple[Any, ...]] = deque()
+        #: Whether the dispatcher is (about to be) asleep in `select`, so a
+        #: post must wake it; read without a lock (see `_post`).
+        self.sleeping = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        #: Taken to wake the dispatcher and to close the pipe: a handler
+        #: outliving `run()` must not write into a reused descriptor.
+        self.wake_lock = threading.RLock()
+        self.wake_open = True
+        self.dispatcher: Optional[int] = None
+        #: Jobs for the handler threads, and how many threads there are.
+        self.jobs: queue_mod.SimpleQueue[tuple[int, _Job]] = queue_mod.SimpleQueue()
+        self.pool_size = 0
         self.announce = announce_topic(package)
         self.reply_topic = f"axion/{package}/reply/{client_id}"
         self.task_topics = {queue_topic(package, q, "tasks"): q for q in queues}
         self.connected = False
+        #: A connection attempt is under way on a thread of its own.
+        self.connecting: Optional[threading.Thread] = None
+        self.next_connect_at: Optional[float] = time.monotonic()
+        self.backoff = BACKOFF_MIN
         self.drain_deadline: Optional[float] = None
-        #: Set by the dispatcher when the drain begins; read by paho's
-        #: thread, which then subscribes no queue on a reconnect.
-        self.leaving = False
         #: The UNSUBSCRIBE from the queues' shared groups, and its UNSUBACK.
         self.leave_mid: Optional[int] = None
         self.left_queues = False
         self.waiting: deque[_Job] = deque()
         self.running: dict[int, _Running] = {}
+        #: Admitted into `running`, not yet handed to a handler thread.
+        self.starting: list[tuple[int, _Job]] = []
+        #: Something changed that credit, the vitals or `starting` must follow.
+        self.changed = False
         self.next_seq = 0
         self.held: dict[str, _Held] = {}
         self.outstanding = {q: 0 for q in queues}
         self.refusing = False
         self.last_progress_check = time.monotonic()
-        self.unacked: list[mqtt.MQTTMessageInfo] = []
-        self.disconnected = threading.Event()
+        #: Publishes not yet acknowledged, oldest first.
+        self.unacked: deque[mqtt.MQTTMessageInfo] = deque()
+        #: What waits for the connection (acks, replies, releases, claims).
+        self.outbox: list[tuple[str, bytes, Optional[Properties]]] = []
         #: Set before our own DISCONNECT.
         self.closing = False
         self.confirmations: dict[bytes, _Confirmation] = {}
@@ -321,7 +354,7 @@ class _Engine:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.loop_lock = threading.Lock()
 
-        self.client = mqtt.Client(
+        self.client = GatheringClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -329,8 +362,11 @@ class _Engine:
         )
         if url.user:
             self.client.username_pw_set(url.user, url.password)
-        self.client.reconnect_delay_set(BACKOFF_MIN, BACKOFF_MAX)
-        self.client.max_inflight_messages_set(1024)
+        # No window on our side: paho walks every unacknowledged publish on
+        # each PUBACK while one is set. What this service has in flight is
+        # bounded by its tasks and jobs, far below the broker's Receive
+        # Maximum (65 535).
+        self.client.max_inflight_messages_set(0)
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -338,33 +374,40 @@ class _Engine:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_socket_open = nodelay
+        # The dispatcher runs paho's network loop itself; this tells it of a
+        # publish from another thread (`Service.publish`, `enqueue`).
+        self.client.on_socket_register_write = self._on_want_write
 
-    # --- paho's thread: report, decide nothing -----------------------------
+    # --- paho's callbacks: run on the dispatcher, from `loop_read` ----------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
-        self.disconnected.clear()
+        self.backoff = BACKOFF_MIN
         self.vitals.set_connected(True)
         log.info("connected to the broker %s", self.url)
-        # A clean session: subscriptions first, then (dispatcher) fresh credit.
-        # A draining service joins no queue's shared group (see `_leave_queues`).
-        filters = [] if self.leaving else [(queue_tasks_shared(self.package, q), 1) for q in self.handlers]
+        # A clean session: subscriptions first, then fresh credit. A
+        # draining service joins no queue's shared group (see `_leave_queues`).
+        draining = self.drain_deadline is not None
+        filters = [] if draining else [(queue_tasks_shared(self.package, q), 1) for q in self.handlers]
         filters += [(f, 1) for _, f, _ in self.events]
         filters += [(self.announce, 1), (self.reply_topic, 1)]
         client.subscribe(filters)
-        self.inbox.put(("connected",))
+        self.connected = True
+        if draining:
+            self.left_queues = True
+        self._reannounce()
+        outbox, self.outbox = self.outbox, []
+        for topic, body, props in outbox:
+            self._send(topic, body, props)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        self.disconnected.set()
         if self.closing:
             # Our own DISCONNECT: no loss to report, and the broker rule
             # must not fire while the final heartbeat goes out.
             return
-        if self.vitals.set_connected(False):
-            log.warning("lost the broker (%s); reconnecting", reason)
-        self.inbox.put(("disconnected",))
+        self._lost(reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         refused = [str(c) for c in codes if c.is_failure]
@@ -374,19 +417,44 @@ class _Engine:
             )
 
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        self.inbox.put(("unsubscribed", mid))
+        if mid == self.leave_mid:
+            self.left_queues = True
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.reply_topic:
             self._on_confirmation(msg)
         else:
-            self.inbox.put(("publish", msg))
+            self._on_publish(msg)
+
+    def _on_want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() != self.dispatcher:
+            self._wake()
+
+    # --- posting to the dispatcher, from any thread ------------------------
+
+    def _post(self, item: tuple[Any, ...]) -> None:
+        """Hands `item` to the dispatcher. The dispatcher sets `sleeping`
+        before it looks at the inbox a last time and sleeps, so either it
+        sees the item or this sees `sleeping` and wakes it: a busy
+        dispatcher costs no system call."""
+        self.inbox.append(item)
+        if self.sleeping:
+            self._wake()
+
+    def _wake(self) -> None:
+        with self.wake_lock:
+            if not self.wake_open:
+                return
+            try:
+                os.write(self.wake_w, b"\0")
+            except BlockingIOError:
+                pass  # full: it is awake enough
 
     # --- the dispatcher ----------------------------------------------------
 
     def run(self) -> int:
         def stop(signum: int, frame: Any) -> None:
-            self.inbox.put(("signal", signal.Signals(signum).name))
+            self._post(("signal", signal.Signals(signum).name))
 
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info(
@@ -401,33 +469,87 @@ class _Engine:
             self.limits.max_inflight,
             self.limits.max_queue,
         )
+        self.dispatcher = threading.get_ident()
         try:
             # paho wants a port even for a Unix socket, and ignores it there.
             self.client.connect_async(
                 self.url.unix or self.url.host, self.url.port or 1883, keepalive=KEEP_ALIVE_SECS, clean_start=True
             )
-            self.client.loop_start()
             self._dispatch()
             self._finish()
         finally:
             self.vitals.close()
             for s, h in previous.items():
                 signal.signal(s, h)
+            with self.wake_lock:
+                self.wake_open = False
+                os.close(self.wake_r)
+                os.close(self.wake_w)
         return EXIT_OK
 
-    def _dispatch(self) -> None:
-        while True:
+    def _network(self, timeout: float) -> None:
+        """One turn of the network: sleeps up to `timeout` (or until a post
+        or the socket wakes it), then reads what came; paho's callbacks run
+        here."""
+        sock = None if self.connecting else self.client.socket()
+        rlist: list[Any] = [self.wake_r]
+        wlist: list[Any] = []
+        pending = False
+        if sock is not None:
+            rlist.append(sock)
+            if self.client.want_write() or self.client.unsent():
+                wlist.append(sock)
+            pending = self.client.pending()
+        self.sleeping = True
+        if self.inbox or pending:
+            timeout = 0.0
+        try:
+            readable, _, _ = select.select(rlist, wlist, [], timeout)
+        except (OSError, ValueError):
+            readable = []
+        self.sleeping = False
+        if self.wake_r in readable:
             try:
-                item: Optional[tuple[Any, ...]] = self.inbox.get(timeout=TICK)
-            except queue_mod.Empty:
-                item = None
-            while item is not None:
-                self._on_item(item)
-                try:
-                    item = self.inbox.get_nowait()
-                except queue_mod.Empty:
-                    item = None
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if sock is not None and (pending or sock in readable):
+            self.client.loop_read()
+
+    def _write(self) -> None:
+        """Hands what was published to the socket, in one `send`."""
+        if self.connecting or self.client.socket() is None:
+            return
+        if self.client.want_write():
+            self.client.loop_write()
+        self.client.flush()
+
+    def _dispatch(self) -> None:
+        next_tick = time.monotonic()
+        while True:
+            now = time.monotonic()
+            wait = next_tick - now
+            if self.next_connect_at is not None:
+                wait = min(wait, self.next_connect_at - now)
+            self._network(max(0.0, wait))
+            while self.inbox:
+                self._on_item(self.inbox.popleft())
+            self._settle()
+            self._write()
+            now = time.monotonic()
+            if self.next_connect_at is not None and now >= self.next_connect_at and self.connecting is None:
+                self._connect()
+            if now < next_tick:
+                continue
+            next_tick = now + TICK
+            if self.connecting is None and self.client.socket() is not None:
+                self.client.loop_misc()
+            elif self.connecting is None and self.next_connect_at is None and not self.closing:
+                # The socket went without a word from paho.
+                self._lost("connection closed")
             self._on_tick()
+            self._write()
             if not self.beacon.alive():
                 # Its connection is gone, so its will said `lost` and the
                 # queue owner is handing our tasks to others: stop now,
@@ -442,50 +564,78 @@ class _Engine:
                     self._abandon_running()
                     return
 
+    def _connect(self) -> None:
+        """Connects on a thread of its own (a TCP connect can take seconds);
+        the dispatcher leaves the client alone until it is done."""
+        self.next_connect_at = None
+
+        def attempt() -> None:
+            try:
+                self.client.reconnect()
+                failure = None
+            except Exception as err:  # noqa: BLE001 (any failure means: try again later)
+                failure = str(err) or type(err).__name__
+            self._post(("connect-attempt", failure))
+
+        self.connecting = threading.Thread(target=attempt, name="axion-connect", daemon=True)
+        self.connecting.start()
+
+    def _lost(self, reason: Any) -> None:
+        """The connection is gone: count the time, try again after a pause."""
+        if self.vitals.set_connected(False):
+            log.warning("lost the broker (%s); reconnecting", reason)
+        self.connected = False
+        if self.next_connect_at is None and self.connecting is None:
+            self.next_connect_at = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
     def _finish(self) -> None:
         """Lets acks, results and releases leave, disconnects, says `stopped`."""
         deadline = time.monotonic() + FINAL_FLUSH
-        for info in self.unacked:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.connected:
-                break
-            try:
-                info.wait_for_publish(left)
-            except (RuntimeError, ValueError):
-                break
-        left = [i for i in self.unacked if not i.is_published()]
-        if left:
+        if self.connecting is not None:
+            self.connecting.join(FINAL_FLUSH)
+            self.connecting = None
+        while self.connected and self._prune_unacked() and time.monotonic() < deadline:
+            self._network(min(TICK, max(0.0, deadline - time.monotonic())))
+            self._write()
+        if self._prune_unacked() or self.outbox:
             log.warning(
                 "stopping with %d messages not acknowledged; held tasks come back through the "
                 "heartbeat or the ack wait",
-                len(left),
+                len(self.unacked) + len(self.outbox),
             )
         self.closing = True
-        connected = self.client.is_connected()
-        self.client.disconnect()
-        if connected and not self.disconnected.wait(FINAL_FLUSH):
-            log.warning("MQTT connection did not close in time")
-        self.client.loop_stop()
+        if self.client.socket() is not None:
+            self.client.disconnect()
+            while self.client.socket() is not None and time.monotonic() < deadline + FINAL_FLUSH:
+                self._write()
+                if self.client.socket() is not None:
+                    self._network(TICK)
+            if self.client.socket() is not None:
+                log.warning("MQTT connection did not close in time")
         stopped = self.beacon.stop("stopped", FINAL_HEARTBEAT_WAIT)
         log.info("service stopped (final heartbeat %s)", "sent" if stopped else "not sent")
 
+    def _prune_unacked(self) -> int:
+        """Forgets the acknowledged publishes; returns how many are left."""
+        unacked = self.unacked
+        while unacked and unacked[0].is_published():
+            unacked.popleft()
+        return len(unacked)
+
     def _on_item(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
-        if kind == "publish":
-            self._on_publish(item[1])
-        elif kind == "done":
+        if kind == "done":
             self._on_done(item[1], item[2], item[3], item[4])
-        elif kind == "connected":
-            self.connected = True
-            self._reannounce()
-            if self.drain_deadline is not None:
-                # paho's thread may have subscribed before it saw `leaving`.
-                self._leave_queues()
-        elif kind == "unsubscribed":
-            if item[1] == self.leave_mid:
-                self.left_queues = True
-        elif kind == "disconnected":
-            self.connected = False
+        elif kind == "connect-attempt":
+            self.connecting = None
+            failure = item[1]
+            if failure is not None:
+                # Once per outage: then every BACKOFF_MAX at most, quietly.
+                if self.backoff == BACKOFF_MIN:
+                    log.warning("cannot reach the broker %s (%s); retrying", self.url, failure)
+                self.next_connect_at = time.monotonic() + self.backoff
+                self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         elif kind == "signal":
             self._begin_drain(item[1])
 
@@ -577,21 +727,38 @@ class _Engine:
         self._task_message(queue, "progress", {"id": task_id, "worker": self.client_id})
 
     def _after_change(self) -> None:
-        """Starts waiting jobs into free slots, tops up credit, updates vitals.
-
-        The handler threads start last: one that gets stuck in C code holding
-        the GIL stops this thread too, so the watchdog and the heartbeat must
-        already know about its job by then."""
-        starting = []
+        """Admits waiting jobs into free slots now; credit, the vitals and
+        the handler threads follow in `_settle`, once for all that the
+        dispatcher read in one turn."""
         while len(self.running) < self.limits.max_inflight and self.waiting:
-            starting.append(self._admit(self.waiting.popleft()))
+            self.starting.append(self._admit(self.waiting.popleft()))
+        self.changed = True
+
+    def _settle(self) -> None:
+        """Tops up credit, updates the vitals, then hands the admitted jobs
+        to the handler threads.
+
+        The jobs go last: a handler that gets stuck in C code holding the
+        GIL stops this thread too, so the watchdog and the heartbeat must
+        already know about its job by then."""
+        if not self.changed:
+            return
+        self.changed = False
         self._top_up()
         self.vitals.set_load(len(self.running), len(self.waiting))
-        for thread in starting:
-            thread.start()
+        if not self.starting:
+            return
+        starting, self.starting = self.starting, []
+        # Never fewer threads than running jobs, so each handed-out job
+        # finds an idle one; none beyond MAX_INFLIGHT.
+        while self.pool_size < len(self.running):
+            self.pool_size += 1
+            threading.Thread(target=self._handler_thread, name=f"axion-handler-{self.pool_size}", daemon=True).start()
+        for item in starting:
+            self.jobs.put(item)
 
-    def _admit(self, job: _Job) -> threading.Thread:
-        """Counts `job` as running; returns its thread, not yet started."""
+    def _admit(self, job: _Job) -> tuple[int, _Job]:
+        """Counts `job` as running; returns it for a handler thread."""
         seq = self.next_seq
         self.next_seq += 1
         if isinstance(job.arg, Task):
@@ -600,10 +767,15 @@ class _Engine:
             self.running[seq] = _Running((task.id, task.queue), reply)
         else:
             self.running[seq] = _Running(None, job.reply)
-        return threading.Thread(target=self._run_job, args=(seq, job), name=f"axion-job-{seq}", daemon=True)
+        return seq, job
+
+    def _handler_thread(self) -> None:
+        """A handler thread: runs jobs one after another."""
+        while True:
+            self._run_job(*self.jobs.get())
 
     def _run_job(self, seq: int, job: _Job) -> None:
-        """A handler thread: runs one job and posts its outcome."""
+        """Runs one job and posts its outcome."""
         started = time.monotonic()
         try:
             result = job.handler(job.arg)
@@ -617,7 +789,7 @@ class _Engine:
                 reason = f"the handler's result is not JSON: {reason}"
             log.warning("handler for %s failed: %s", _describe(job.arg), reason, exc_info=True)
             outcome = (False, reason)
-        self.inbox.put(("done", seq, outcome[0], outcome[1], time.monotonic() - started))
+        self._post(("done", seq, outcome[0], outcome[1], time.monotonic() - started))
 
     def _async_loop(self) -> asyncio.AbstractEventLoop:
         """One asyncio loop for every coroutine handler, started on first use."""
@@ -651,7 +823,7 @@ class _Engine:
         self._after_change()
 
     def _on_tick(self) -> None:
-        self.unacked = [i for i in self.unacked if not i.is_published()]
+        self._prune_unacked()
         every = self.limits.ack_wait_ms / 3000
         now = time.monotonic()
         if now - self.last_progress_check < min(every, 0.25):
@@ -701,8 +873,12 @@ class _Engine:
         self._send(target.topic, target.envelope(self.service, payload), props)
 
     def _send(self, topic: str, body: bytes, props: Optional[Properties] = None) -> None:
-        """QoS 1; paho keeps what it cannot send yet and sends it on reconnect."""
-        self.unacked.append(self.client.publish(topic, body, qos=1, properties=props))
+        """QoS 1, leaving at the end of the dispatcher's turn; kept in the
+        outbox while disconnected."""
+        if self.connected:
+            self.unacked.append(self.client.publish(topic, body, qos=1, properties=props))
+        else:
+            self.outbox.append((topic, body, props))
 
     def _begin_drain(self, why: str) -> None:
         """SIGTERM/SIGINT: no more credit, `draining` heartbeat, waiting work
@@ -722,7 +898,6 @@ class _Engine:
         self.drain_deadline = time.monotonic() + self.limits.drain_ms / 1000
         self.beacon.draining()
         self._reannounce()
-        self.leaving = True
         self._leave_queues()
         waiting, self.waiting = self.waiting, deque()
         for job in waiting:
@@ -731,7 +906,7 @@ class _Engine:
                 self._task_message(job.arg.queue, "release", {"id": job.arg.id, "worker": self.client_id})
             else:
                 self._refuse(job.reply)
-        self.vitals.set_load(len(self.running), 0)
+        self.changed = True
 
     def _leave_queues(self) -> None:
         """Leaves the queues' shared groups. The owner delivers what others
@@ -763,6 +938,7 @@ class _Engine:
             else:
                 self._refuse(run.reply)
         self.vitals.set_load(0, 0)
+        self._write()
 
     # --- enqueue, from any thread ------------------------------------------
 

@@ -428,3 +428,44 @@ def test_tasks_handed_back_at_the_end_of_a_drain_reach_another_worker_at_once(
         done[d["key"]] = d
     assert set(done) == {f"k{i}" for i in range(8)}, f"done within 5 s of the drain: {sorted(done)}"
     assert {(d["pid"], d["attempts"]) for d in done.values()} == {(b.proc.pid, 1)}
+
+
+def test_handler_threads_are_reused_and_a_blocked_one_holds_only_its_slot(serve, watcher_factory, worker_factory):
+    script = Path(__file__).with_name("pool_service.py")
+    w = worker_factory(serve, script, MAX_INFLIGHT="3", HEARTBEAT_INTERVAL_SECS="1")
+    done = "axion/default/event/pool/done"
+    watch = watcher_factory(serve, "axion/default/heartbeat/pool/+", done)
+    w.wait_ready(watch)
+    watch.enqueue("pool.jobs", {"payload": {"block": True}, "id": "blocked"})
+    watch.heartbeat(lambda hb: hb["pid"] == w.proc.pid and hb["inflight"] == 1)
+    n = 30
+    for i in range(n):
+        watch.enqueue("pool.jobs", {"payload": {}, "replyTo": "pool.done", "correlationId": str(i)})
+    answers = [watch.on(done) for _ in range(n)]
+    assert {a["correlationId"] for a in answers} == {str(i) for i in range(n)}, "the other slots kept working"
+    threads = {a["payload"]["thread"] for a in answers}
+    assert len(threads) <= 2, f"{n} tasks on {len(threads)} threads: the two free slots' threads are reused"
+    # The live numbers follow within an interval: the blocked job still runs,
+    # the rest is done and timed.
+    hb = watch.heartbeat(
+        lambda hb: hb["pid"] == w.proc.pid and hb["inflight"] == 1 and isinstance(hb.get("avg_job_ms"), (int, float))
+    )
+    assert hb["queue_depth"] == 0 and time.time() - hb["last_progress_ts"] < 5, hb
+    stats = watch.show("pool.jobs")["stats"]
+    assert (stats["acked_total"], stats["inflight"]) == (n, 1), stats
+
+
+def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(serve, watcher_factory, worker_factory):
+    serve.kill()
+    w = worker_factory(serve, DISCONNECT_KILL_MS="10000")
+    deadline = time.monotonic() + 10
+    while "cannot reach the broker" not in w.output():
+        assert time.monotonic() < deadline and w.proc.poll() is None, w.output()
+        time.sleep(0.05)  # polling the log for the refused attempt
+    # It keeps trying; once the broker is back: a record, credit and work.
+    serve.restart()
+    watch = watcher_factory(serve, RESULT, HEARTBEATS)
+    w.wait_ready(watch)
+    watch.enqueue(QUEUE, {"payload": {"items": ["late"]}, "replyTo": "embedding.result", "correlationId": "late"})
+    assert watch.on(RESULT)["correlationId"] == "late"
+    assert w.proc.poll() is None
