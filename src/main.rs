@@ -3,10 +3,11 @@
 //! subcommand to its module in `cmd/`; behaviour lives in the library crates.
 
 mod cmd;
+mod config_file;
 mod logging;
 mod panics;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 // The broker's sessions, router and queue store allocate a few small
 // buffers per message; glibc's malloc spent ~14% of serve's CPU on them
@@ -48,7 +49,15 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let argv = match config_file::apply(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            // A configuration error (EX_CONFIG), as the runtime's.
+            eprintln!("axion: {err:#}");
+            return std::process::ExitCode::from(78);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     logging::init();
     panics::install();
     let result = match cli.command {

@@ -21,6 +21,9 @@ use super::reap::{LegacyArgs, ReapTuning};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Read settings from this TOML file: each key is a long flag of this command (`mqtt-listen = "0.0.0.0:1883"`, `allow-anonymous-remote = true`); a flag on the command line or its environment variable wins over the file; an unknown key is an error (exit 78). Example: packaging/axion.toml.
+    #[arg(long, env = "AXION_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address of the MQTT listener (3.1.1 and 5 on one port).
     #[arg(long, env = "AXION_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
@@ -298,7 +301,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let heartbeat = HeartbeatPublisher::start(heartbeat_config)?;
     heartbeat.set_connected(true);
     let janitor = spawn_janitor(&local, ghost_after);
-    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), unix = ?broker.unix_path(), %ws, auth = auth.is_some(), package = args.package, data_dir = %args.data_dir.display(), "axion serve is up");
+    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), unix = ?broker.unix_path(), %ws, auth = auth.is_some(), package = args.package, config = ?args.config, data_dir = %args.data_dir.display(), "axion serve is up");
 
     let mut bridge_done = false;
     let code = tokio::select! {
