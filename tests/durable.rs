@@ -47,6 +47,26 @@ async fn retained_under(port: u16, filter: &str) -> BTreeMap<String, String> {
     got
 }
 
+/// `kill -9` once `n` PUBACKs have come to `publisher`; how many had come
+/// by the kill (every one read after it was sent before it).
+async fn kill_9_after_pubacks(s: &Serve, publisher: &mut V5, n: usize) -> usize {
+    let mut acked = 0;
+    while acked < n {
+        match tokio::time::timeout(Duration::from_secs(30), publisher.packets.recv()).await {
+            Ok(Some(Packet::PubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("no PUBACK: {other:?}"),
+        }
+    }
+    s.proc.signal(9);
+    while let Ok(p) = publisher.packets.try_recv() {
+        if matches!(p, Packet::PubAck(_)) {
+            acked += 1;
+        }
+    }
+    acked
+}
+
 /// A client id no other reader of this test binary uses.
 fn unique() -> String {
     format!(
@@ -124,22 +144,8 @@ async fn every_acknowledged_retained_message_survives_kill_9_amid_publishing() {
             .await
             .expect("publish");
     }
-    // Kill once half of them are acknowledged; count every PUBACK that
-    // arrived before the kill.
-    let mut acked = 0;
-    while acked < total / 2 {
-        match tokio::time::timeout(Duration::from_secs(10), publisher.packets.recv()).await {
-            Ok(Some(Packet::PubAck(_))) => acked += 1,
-            Ok(Some(_)) => {}
-            other => panic!("no PUBACK: {other:?}"),
-        }
-    }
-    s.proc.signal(9);
-    while let Ok(p) = publisher.packets.try_recv() {
-        if matches!(p, Packet::PubAck(_)) {
-            acked += 1;
-        }
-    }
+    // Kill once half of them are acknowledged.
+    let acked = kill_9_after_pubacks(&s, &mut publisher, total / 2).await;
     publisher.kill().await;
     s.restart(&[], &[]);
     let back = retained_under(s.mqtt_port, "fleet/+/config").await;
@@ -184,20 +190,7 @@ async fn a_retained_acknowledgement_waits_for_its_commit_behind_large_ones() {
         publish(format!("small/{i}"), format!("v{i}").into_bytes()).await;
     }
     // PUBACKs come in order: the large ones', then the first small one's.
-    let mut acked = 0;
-    while acked <= large {
-        match tokio::time::timeout(Duration::from_secs(30), publisher.packets.recv()).await {
-            Ok(Some(Packet::PubAck(_))) => acked += 1,
-            Ok(Some(_)) => {}
-            other => panic!("no PUBACK: {other:?}"),
-        }
-    }
-    s.proc.signal(9);
-    while let Ok(p) = publisher.packets.try_recv() {
-        if matches!(p, Packet::PubAck(_)) {
-            acked += 1;
-        }
-    }
+    let acked = kill_9_after_pubacks(&s, &mut publisher, large + 1).await;
     publisher.kill().await;
     s.restart(&[], &[]);
     let back = retained_under(s.mqtt_port, "small/+").await;
