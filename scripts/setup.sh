@@ -23,6 +23,8 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# The fleet view page's test drives a real headless Chromium.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
@@ -62,3 +64,6 @@ if [ -f tests/package.json ]; then
 fi
 # The Node service package (clients/node): MQTT.js, and TypeScript for its type check.
 npm ci --prefix clients/node --silent --no-audit --no-fund
+# MQTT.js's browser bundle, which the fleet view page embeds (bridge/build.rs
+# copies it into the binary; without it the page says how to get it).
+npm ci --prefix bridge/web --silent --no-audit --no-fund

@@ -24,6 +24,7 @@ pub mod protocol;
 mod server;
 mod tasks;
 mod tls;
+mod web;
 
 pub use client::Metrics;
 

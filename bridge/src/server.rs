@@ -110,7 +110,10 @@ async fn upgrade(
         .map(|info| info.0.ip());
     let ws = match ws {
         Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
+        // A plain GET of the fleet view's page or its assets.
+        Err(rejection) => {
+            return crate::web::asset(uri.path()).unwrap_or_else(|| rejection.into_response())
+        }
     };
     // `?token=` is checked before the upgrade (401); without it the first
     // frame must be `{"action":"auth","token":…}`.
