@@ -745,3 +745,32 @@ fn bench_websocket_bridge_vs_legacy_broker_vs_direct_mqtt() {
 
     run_cases(&cases, rounds);
 }
+
+/// RFC 6455 §5.5.1: a client's Close frame is answered with one, so a
+/// clean disconnect is seen as 1000 by the client, not 1006 (no close
+/// frame received). Python `websockets` reports what came back.
+#[test]
+fn a_clients_close_frame_is_answered() {
+    let serve = Serve::start();
+    let script = format!(
+        r#"
+import asyncio, websockets
+async def main():
+    ws = await websockets.connect("ws://127.0.0.1:{}/")
+    await ws.close()
+    print(ws.close_code)
+asyncio.run(main())
+"#,
+        serve.ws_port
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 with websockets (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
+}

@@ -311,7 +311,13 @@ async fn read_loop(
                 conn.handle
                     .send(Utf8Bytes::from(reply.to_string()), &s.metrics);
             }
-            Message::Close(_) => return,
+            Message::Close(_) => {
+                // RFC 6455 §5.5.1: the close is answered. The WebSocket
+                // queued the answer on reading it, and sends it on its next
+                // read, which then ends.
+                let _ = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+                return;
+            }
             Message::Ping(_) | Message::Pong(_) => {}
         }
     }
