@@ -76,6 +76,9 @@ pub struct BrokerConfig {
     /// waiting for its receive window) before it is disconnected (MQTT 5
     /// reason 0x97): its own buffer, so it never holds publishers back.
     pub max_subscriber_buffer: usize,
+    /// How often the `$SYS/broker/…` topics are refreshed (see `sys`);
+    /// `None`: never (Mosquitto's `sys_interval 0`).
+    pub sys_interval: Option<Duration>,
 }
 
 impl BrokerConfig {
@@ -110,6 +113,8 @@ impl Default for BrokerConfig {
             max_queued_messages: 50_000,
             max_queued_bytes: 64 * 1024 * 1024,
             max_subscriber_buffer: 32 * 1024 * 1024,
+            // Mosquitto's default `sys_interval`.
+            sys_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -126,6 +131,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("auth", &self.auth)
             .field("tls", &self.tls.as_ref().map(|(addr, _)| addr))
             .field("unix", &self.unix)
+            .field("sys_interval", &self.sys_interval)
             .finish_non_exhaustive()
     }
 }

@@ -50,6 +50,17 @@ pub struct Subscriptions {
     /// Flow positions of the non-shared filters while the session is kept
     /// with no connection.
     pub parked: Vec<(String, Arc<Consumer>)>,
+    /// `$SYS` filters: the front end serves them, the router never has
+    /// them (see [`crate::sys`]).
+    pub sys: HashMap<String, SysFilter>,
+}
+
+/// One `$SYS` subscription of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SysFilter {
+    pub qos: u8,
+    /// Retain-as-published.
+    pub rap: bool,
 }
 
 impl Subscriptions {
@@ -112,6 +123,9 @@ pub struct KeptRecord {
     #[serde(default)]
     pub ended_ms: Option<u64>,
     pub filters: Vec<KeptFilter>,
+    /// `$SYS` filters (client form), kept beside the router's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sys: Vec<KeptFilter>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,12 +166,24 @@ impl KeptRecord {
             })
             .collect();
         filters.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut sys: Vec<KeptFilter> = subs
+            .sys
+            .iter()
+            .map(|(path, f)| KeptFilter {
+                path: path.clone(),
+                qos: f.qos,
+                nolocal: false,
+                rap: f.rap,
+            })
+            .collect();
+        sys.sort_by(|a, b| a.path.cmp(&b.path));
         Self {
             router_id: router_id.to_string(),
             owner: owner.map(str::to_string),
             expiry,
             ended_ms: ended.then(unix_ms),
             filters,
+            sys,
         }
     }
 
@@ -231,6 +257,15 @@ pub async fn restore_kept(shared: &Arc<Shared>, records: Vec<Vec<u8>>) {
                 subs.rap.insert(f.path.clone());
             }
         }
+        for f in &record.sys {
+            subs.sys.insert(
+                f.path.clone(),
+                SysFilter {
+                    qos: f.qos,
+                    rap: f.rap,
+                },
+            );
+        }
         let left = u32::try_from(left).unwrap_or(u32::MAX);
         let generation = shared
             .lifetimes
@@ -247,8 +282,10 @@ pub async fn restore_kept(shared: &Arc<Shared>, records: Vec<Vec<u8>>) {
                 will: Arc::new(std::sync::Mutex::new(None)),
                 owner: record.owner.clone(),
                 drainer: None,
+                away: false,
             },
         );
+        shared.lifetimes.kept.fetch_add(1, Ordering::Relaxed);
         // Not awaited: the next start reads the old record just as well.
         drop(
             KeptRecord {
@@ -277,6 +314,11 @@ pub struct Lifetimes {
     next_generation: AtomicU64,
     /// Sessions erased after expiring, for logs and tests.
     pub expired: AtomicU64,
+    /// Entries of `newest` that are kept, and those of them with no
+    /// connection: kept current under its lock, so `/metrics` and `$SYS`
+    /// read them without taking it.
+    kept: AtomicUsize,
+    away: AtomicUsize,
 }
 
 pub struct Newest {
@@ -299,6 +341,9 @@ pub struct Newest {
     /// Writes what the session is owed to its queue while it is away
     /// (see [`crate::offline`]).
     drainer: Option<Drainer>,
+    /// Its connection ended and the session waits for the next one
+    /// (counted in `Lifetimes::away`).
+    away: bool,
 }
 
 /// A connection's will, shared with the next connection of its client id:
@@ -395,6 +440,9 @@ impl Lifetimes {
         // keeps, or an MQTT 5 connection without Clean Start).
         let resumes = !(clean_start || (kept && ends_with_connection));
         let previous = newest.remove(router_id);
+        if let Some(p) = &previous {
+            self.forgotten(p);
+        }
         // A session that will not be kept replaces one that was.
         if !kept && previous.as_ref().is_some_and(|p| p.kept) {
             forget_kept(shared, router_id);
@@ -428,8 +476,12 @@ impl Lifetimes {
                 will,
                 owner,
                 drainer: None,
+                away: false,
             },
         );
+        if kept {
+            self.kept.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Resumed {
             generation,
             unacknowledged: previous
@@ -439,6 +491,25 @@ impl Lifetimes {
             superseded_will,
             back,
         })
+    }
+
+    /// Sessions kept beyond their connection, and those of them that have
+    /// no connection now.
+    pub fn kept_sessions(&self) -> (usize, usize) {
+        (
+            self.kept.load(Ordering::Relaxed),
+            self.away.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Takes an entry leaving `newest` out of the counts.
+    fn forgotten(&self, entry: &Newest) {
+        if entry.kept {
+            self.kept.fetch_sub(1, Ordering::Relaxed);
+        }
+        if entry.away {
+            self.away.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Waits for any other connection of `router_id` to finish linking;
@@ -616,7 +687,9 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
             return;
         }
         if !entry.kept {
-            newest.remove(&router_id);
+            if let Some(gone) = newest.remove(&router_id) {
+                shared.lifetimes.forgotten(&gone);
+            }
             return;
         }
         let expiry = Duration::from_secs(u64::from(entry.expiry.load(Ordering::Relaxed)));
@@ -639,9 +712,14 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
         if expiry.is_zero() {
             erase(&shared, &router_id).await;
             if let Some(gone) = newest.remove(&router_id) {
+                shared.lifetimes.forgotten(&gone);
                 unpark(&shared, &gone.subscriptions);
             }
             return;
+        }
+        if !entry.away {
+            entry.away = true;
+            shared.lifetimes.away.fetch_add(1, Ordering::Relaxed);
         }
         expiry
     };
@@ -656,6 +734,7 @@ pub async fn session_ended(shared: Arc<Shared>, router_id: String, generation: u
         }
         erase(&shared, &router_id).await;
         if let Some(gone) = newest.remove(&router_id) {
+            shared.lifetimes.forgotten(&gone);
             unpark(&shared, &gone.subscriptions);
         }
         shared.lifetimes.expired.fetch_add(1, Ordering::Relaxed);

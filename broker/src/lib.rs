@@ -14,7 +14,9 @@
 //! per episode. [`disk`] keeps retained
 //! messages, kept sessions and, through [`offline`], what kept sessions
 //! are owed; [`topic_cache`] remembers which subscriptions a topic
-//! matched, for flow control and for that capture.
+//! matched, for flow control and for that capture. [`traffic`] counts
+//! what crosses the sockets, [`sys`] publishes the `$SYS/broker/…` topics
+//! and [`metrics`] serves all of it to Prometheus.
 
 pub mod codec;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod expiry;
 pub mod flow;
 pub mod listener;
 pub mod marks;
+pub mod metrics;
 pub mod names;
 pub mod offline;
 pub mod refusals;
@@ -32,7 +35,9 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod state_log;
+pub mod sys;
 pub mod topic_cache;
+pub mod traffic;
 
 pub use config::BrokerConfig;
 pub use server::{Broker, BrokerError};

@@ -25,6 +25,18 @@ pub struct Retained {
     stored: Instant,
 }
 
+impl Retained {
+    /// A message with no properties, stored now.
+    pub fn new(payload: Bytes, qos: u8) -> Self {
+        Self {
+            payload,
+            qos,
+            properties: None,
+            stored: Instant::now(),
+        }
+    }
+}
+
 /// What happened to a retained publish.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Stored {

@@ -64,6 +64,8 @@ pub struct Shared {
     pub filter_limit_refusals: Refusals,
     /// Filters refused because their session held `max_filters_per_client`.
     pub filters_refused_per_client: AtomicU64,
+    /// Filters refused because the current router held `max_filters`.
+    pub filters_refused_at_limit: AtomicU64,
     groups: Mutex<HashMap<String, HashSet<String>>>,
     retained: Mutex<RetainedStore>,
     /// Where retained changes are also written (see [`crate::disk`]).
@@ -80,6 +82,12 @@ pub struct Shared {
     /// Copies of queue publishes for the queue owner beside this broker
     /// (see [`axion_queues::tap`]).
     pub queue_tap: std::sync::OnceLock<axion_queues::tap::Tap>,
+    /// What crossed the sockets (see [`crate::traffic`]).
+    pub traffic: crate::traffic::Traffic,
+    /// The `$SYS/broker/…` values (see [`crate::sys`]).
+    pub sys: crate::sys::SysTopics,
+    /// When the broker started, for its uptime.
+    pub started: std::time::Instant,
 }
 
 impl Shared {
@@ -188,10 +196,35 @@ impl Shared {
         (Packet::Publish(publish, mark.attach(props)), commit)
     }
 
-    /// Retained messages for a router-form filter.
+    /// Retained messages for a router-form filter; for a `$SYS` filter,
+    /// the broker's own `$SYS` values (see [`crate::sys`]).
     pub fn retained_matching(&self, filter: &str) -> Vec<(Bytes, Retained)> {
+        if crate::sys::is_sys_filter(filter) {
+            return self
+                .sys
+                .matching(filter)
+                .into_iter()
+                .map(|(topic, payload)| (topic, Retained::new(payload, 0)))
+                .collect();
+        }
         let mut store = self.retained.lock().unwrap_or_else(|p| p.into_inner());
         store.matching(filter)
+    }
+
+    /// Retained messages kept now (the `$SYS` values not included).
+    pub fn retained_count(&self) -> usize {
+        self.retained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Retained messages refused because the store was full, in total.
+    pub fn retained_refused(&self) -> u64 {
+        self.retained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused_total
     }
 
     /// The router sessions link to now.
@@ -405,6 +438,7 @@ impl Broker {
             filters: Mutex::new(HashSet::new()),
             filter_limit_refusals: Refusals::default(),
             filters_refused_per_client: AtomicU64::new(0),
+            filters_refused_at_limit: AtomicU64::new(0),
             groups: Mutex::new(HashMap::new()),
             retained,
             disk,
@@ -414,6 +448,9 @@ impl Broker {
             lifetimes: Lifetimes::default(),
             renewal: Renewal::default(),
             queue_tap: std::sync::OnceLock::new(),
+            traffic: Default::default(),
+            sys: Default::default(),
+            started: std::time::Instant::now(),
         });
         // Before any client can connect: kept sessions are back on the
         // router, so a client resuming finds its session present.
@@ -430,6 +467,13 @@ impl Broker {
             (addr, task)
         });
         tokio::spawn(crate::renewal::run(shared.clone(), shutdown_rx.clone()));
+        if let Some(every) = shared.config.sys_interval.filter(|d| !d.is_zero()) {
+            tokio::spawn(crate::sys::run(
+                Arc::downgrade(&shared),
+                every,
+                shutdown_rx.clone(),
+            ));
+        }
         if shared.disk.is_some() {
             tokio::spawn(crate::offline::write_held(Arc::downgrade(&shared)));
         }
@@ -489,6 +533,11 @@ impl Broker {
     pub fn counters(&self) -> impl Fn() -> Counters + Send + Sync + 'static {
         let shared = self.shared.clone();
         move || counters(&shared)
+    }
+
+    /// The broker's figures for Prometheus (see [`crate::metrics`]).
+    pub fn metrics(&self) -> crate::metrics::BrokerMetrics {
+        crate::metrics::BrokerMetrics::new(self.shared.clone())
     }
 
     /// The kept sessions whose queue dropped messages (client id, how
@@ -594,6 +643,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     shared.sessions.fetch_add(1, Ordering::Relaxed);
+                    shared.traffic.connections.fetch_add(1, Ordering::Relaxed);
                     let guard = SessionGuard(shared.clone());
                     let shared = shared.clone();
                     let shutdown = shutdown.clone();
@@ -619,7 +669,7 @@ async fn accept_loop(
     }
 }
 
-fn counters(s: &Shared) -> Counters {
+pub(crate) fn counters(s: &Shared) -> Counters {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let audit = s.config.auth.as_ref().map(|a| &a.audit);
     Counters {

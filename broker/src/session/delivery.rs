@@ -741,7 +741,7 @@ impl Session {
 
     /// True if the deny list withholds a message on (client-form) `topic`
     /// from every subscriber.
-    fn withheld(&self, topic: &Bytes) -> bool {
+    pub(super) fn withheld(&self, topic: &Bytes) -> bool {
         self.shared
             .config
             .auth

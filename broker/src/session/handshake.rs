@@ -93,7 +93,7 @@ pub(super) async fn handshake(
         }
         match tokio::time::timeout_at(deadline, reader.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return None,
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => shared.traffic.read(n),
             Err(_) => {
                 debug!(%peer, "no CONNECT within the connect timeout");
                 return None;
@@ -315,6 +315,18 @@ pub(super) async fn handshake(
     }
     let will = match will {
         Some(mut w) => {
+            if crate::sys::is_sys_topic(&w.topic) {
+                // Only the broker writes `$SYS` (see `crate::sys`).
+                info!(%peer, client_id, "connect refused: will on a $SYS topic");
+                let p = refusal(
+                    &codec,
+                    ConnectReturnCode::NotAuthorized,
+                    ConnectReturnCode::NotAuthorized,
+                    "the $SYS topics are written by the broker only",
+                );
+                write_once(&mut stream, &codec, p).await;
+                return None;
+            }
             if names::check_topic(&w.topic).is_err() || w.topic.is_empty() {
                 let p = refusal(
                     &codec,
@@ -448,6 +460,10 @@ pub(super) async fn handshake(
     if codec.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
         return None;
     }
+    // The CONNECT and its CONNACK; what the session writes from here on
+    // is counted by its writer task.
+    shared.traffic.decoded(1, 0);
+    shared.traffic.written(&out);
     debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, ?session_expiry, keep_alive, "client connected");
 
     // Axion's own components are not held to the per-client filter bound:
@@ -466,7 +482,13 @@ pub(super) async fn handshake(
     let read_half = reader;
     let (writer, rx) = mpsc::unbounded_channel();
     let unwritten = Arc::new(AtomicUsize::new(0));
-    let writer_task = tokio::spawn(write_loop(stream, rx, unwritten.clone(), peer));
+    let writer_task = tokio::spawn(write_loop(
+        stream,
+        rx,
+        unwritten.clone(),
+        peer,
+        shared.clone(),
+    ));
     let mut session = Session {
         peer,
         client_id,
@@ -537,6 +559,9 @@ pub(super) async fn handshake(
         replay_from: None,
         replay_buf: VecDeque::new(),
         replay_unacked: 0,
+        sys_filters: HashMap::new(),
+        sys_rx: None,
+        sys_seen: 0,
     };
     session.outlet = shared
         .queue_tap

@@ -8,7 +8,7 @@ use rumqttd::protocol::{
     PubCompReason, PubRec, PubRecProperties, PubRecReason, PubRel, PubRelReason, Publish, QoS,
     RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{held_size, Ending, Session, Subscription};
 use crate::codec::{self, Frame};
@@ -23,6 +23,8 @@ impl Session {
         let mut to_router: Vec<Packet> = Vec::new();
         let mut reply = BytesMut::new();
         let mut ending = None;
+        // Counted once per read, not per packet (see `crate::traffic`).
+        let (mut packets, mut publishes) = (0u64, 0u64);
         loop {
             let framed = match codec::frame(&self.inbuf, max) {
                 Frame::Incomplete => break,
@@ -63,6 +65,8 @@ impl Session {
                     break;
                 }
             };
+            packets += 1;
+            publishes += u64::from(framed.byte1 >> 4 == 3);
             match self.inbound(packet, framed.byte1, &mut to_router, &mut reply) {
                 Ok(None) => {}
                 Ok(Some(end)) => {
@@ -75,6 +79,7 @@ impl Session {
                 }
             }
         }
+        self.shared.traffic.decoded(packets, publishes);
         // Flow control: a publish whose subscribers have no room in the
         // router's log waits in `held`, and what follows it waits behind it;
         // acknowledgements go at once.
@@ -157,6 +162,20 @@ impl Session {
                     return Err((e.to_string(), DisconnectReasonCode::TopicNameInvalid));
                 }
                 let qos = (byte1 >> 1) & 0x03;
+                if crate::sys::is_sys_topic(&publish.topic) {
+                    // Only the broker writes `$SYS` (see `crate::sys`).
+                    debug!(
+                        client_id = self.client_id,
+                        "publish to a $SYS topic refused"
+                    );
+                    self.refuse_publish(
+                        &publish,
+                        qos,
+                        reply,
+                        Some("the $SYS topics are written by the broker only"),
+                    );
+                    return Ok(None);
+                }
                 if !self.may_publish(&publish.topic) {
                     self.refuse_publish(&publish, qos, reply, None);
                     return Ok(None);
@@ -202,6 +221,7 @@ impl Session {
             Packet::Subscribe(mut subscribe, props) => {
                 let mut local: Vec<(usize, SubscribeReasonCode)> = Vec::new();
                 let mut forwarded = Vec::new();
+                let mut sys_changed = false;
                 for (i, mut filter) in subscribe.filters.drain(..).enumerate() {
                     if let Err(e) = names::check_filter(&filter.path) {
                         return Err((e.to_string(), DisconnectReasonCode::TopicFilterInvalid));
@@ -211,8 +231,33 @@ impl Session {
                         continue;
                     }
                     let (share, rest) = names::split_share(&filter.path);
+                    if share.is_empty() && crate::sys::is_sys_filter(&filter.path) {
+                        // The broker's own topics: the front end serves
+                        // them, the router never sees the filter.
+                        let new = self.sys_subscribe(
+                            &filter.path,
+                            filter.qos,
+                            filter.preserve_retain,
+                            reply,
+                        );
+                        sys_changed = true;
+                        local.push((i, SubscribeReasonCode::Success(filter.qos)));
+                        let send_retained = match filter.retain_forward_rule {
+                            RetainForwardRule::OnEverySubscribe => true,
+                            RetainForwardRule::OnNewSubscribe => new,
+                            RetainForwardRule::Never => false,
+                        };
+                        if send_retained {
+                            self.pending_retained
+                                .entry(subscribe.pkid)
+                                .or_default()
+                                .push((filter.path.clone(), filter.qos as u8));
+                        }
+                        continue;
+                    }
                     if rest.starts_with('$') || (share.is_empty() && filter.path.starts_with('$')) {
-                        // rumqttd disconnects on `$SYS/#`; refusing the one filter is what clients expect.
+                        // rumqttd disconnects on any other `$` filter (and matches no `$`
+                        // topic); refusing the one filter is what clients expect.
                         local.push((i, self.sub_failure(SubscribeReasonCode::NotAuthorized)));
                         continue;
                     }
@@ -311,6 +356,11 @@ impl Session {
                         self.disk_commits.push(commit);
                     }
                 }
+                if sys_changed && forwarded.is_empty() {
+                    // Not awaited: a `$SYS` subscription lost with the
+                    // broker costs its client a few rounds of figures.
+                    drop(self.save_kept(false));
+                }
                 if forwarded.is_empty() {
                     let codes = local.into_iter().map(|(_, c)| c).collect();
                     self.encode(
@@ -323,6 +373,8 @@ impl Session {
                         ),
                         reply,
                     );
+                    // `$SYS` values, after the SUBACK as retained messages are.
+                    self.deliver_retained(subscribe.pkid, reply);
                 } else {
                     if !local.is_empty() {
                         self.suback_patches.insert(subscribe.pkid, local);
@@ -340,12 +392,19 @@ impl Session {
                 }
                 let mut known = Vec::with_capacity(unsubscribe.filters.len());
                 let mut forwarded = Vec::new();
+                let mut sys_changed = false;
                 for filter in &unsubscribe.filters {
                     if filter.is_empty() || filter.contains('\0') {
                         return Err((
                             format!("invalid filter {filter:?} in UNSUBSCRIBE"),
                             DisconnectReasonCode::TopicFilterInvalid,
                         ));
+                    }
+                    if crate::sys::is_sys_filter(filter) {
+                        let existed = self.sys_unsubscribe(filter);
+                        sys_changed |= existed;
+                        known.push(existed);
+                        continue;
                     }
                     let path = names::escape_filter(filter);
                     let exists = self.filters.remove(&path);
@@ -376,10 +435,19 @@ impl Session {
                         self.disk_commits.push(commit);
                     }
                 }
+                if sys_changed && forwarded.is_empty() {
+                    drop(self.save_kept(false));
+                }
                 if forwarded.is_empty() {
                     let reasons = known
                         .iter()
-                        .map(|_| UnsubAckReason::NoSubscriptionExisted)
+                        .map(|&existed| {
+                            if existed {
+                                UnsubAckReason::Success
+                            } else {
+                                UnsubAckReason::NoSubscriptionExisted
+                            }
+                        })
                         .collect();
                     self.encode(
                         Packet::UnsubAck(
@@ -557,6 +625,9 @@ impl Session {
             return true;
         }
         let max = self.shared.config.max_filters;
+        self.shared
+            .filters_refused_at_limit
+            .fetch_add(1, Ordering::Relaxed);
         self.shared
             .filter_limit_refusals
             .refuse(&self.client_id, filter, move |e| {

@@ -12,6 +12,7 @@ mod delivery;
 mod handshake;
 mod inbound;
 mod repeats;
+mod sys;
 
 use delivery::Slot;
 use handshake::handshake;
@@ -312,6 +313,14 @@ struct Session {
     replay_buf: VecDeque<crate::disk::QueuedMessage>,
     /// Bytes of it sent and not yet acknowledged by the client.
     replay_unacked: usize,
+    /// `$SYS` filters (client form) it holds, each with
+    /// retain-as-published: served by the front end, never the router
+    /// (see [`crate::sys`]).
+    sys_filters: HashMap<String, bool>,
+    /// While it holds one: wakes at each round of new `$SYS` values.
+    sys_rx: Option<watch::Receiver<u64>>,
+    /// The last round of `$SYS` values it was sent.
+    sys_seen: u64,
 }
 
 /// How long a kept session's subscription (with a data directory) may
@@ -372,6 +381,7 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<BytesMut>,
     unwritten: Arc<std::sync::atomic::AtomicUsize>,
     peer: SocketAddr,
+    shared: Arc<Shared>,
 ) {
     while let Some(mut buf) = rx.recv().await {
         // Coalesce whatever else is already queued into one write.
@@ -383,6 +393,7 @@ async fn write_loop(
             return;
         }
         unwritten.fetch_sub(buf.len(), Ordering::Relaxed);
+        shared.traffic.written(&buf);
     }
     let _ = half.shutdown().await;
 }
@@ -392,6 +403,17 @@ async fn recv_injected(outlet: &mut Option<OutletLink>, buf: &mut Vec<Injected>)
     match outlet {
         Some(link) => link.recv_many(buf).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next round of `$SYS` values; never, without a `$SYS` filter.
+async fn sys_round(rx: &mut Option<watch::Receiver<u64>>) {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        // The broker is going away.
+        std::future::pending::<()>().await;
     }
 }
 
@@ -457,7 +479,8 @@ impl Session {
                 read = self.read_half.read_buf(&mut self.inbuf), if self.held_bytes < MAX_HELD_BYTES => {
                     match read {
                         Ok(0) => return Ending::Lost,
-                        Ok(_) => {
+                        Ok(n) => {
+                            self.shared.traffic.read(n);
                             last_rx = Instant::now();
                             if let Some(ending) = self.incoming().await {
                                 return ending;
@@ -487,6 +510,13 @@ impl Session {
                         if self.forward(batch).await.is_err() {
                             return Ending::Kicked;
                         }
+                    }
+                }
+                () = sys_round(&mut self.sys_rx) => {
+                    let mut out = BytesMut::new();
+                    self.sys_updates(&mut out);
+                    if !self.send_bytes(out).await {
+                        return Ending::Lost;
                     }
                 }
                 packet = front_ack(&mut self.pending_acks) => {
@@ -925,7 +955,23 @@ impl Session {
         self.filters = subs.filters.clone();
         self.nolocal_filters = subs.nolocal.clone();
         self.rap_filters = subs.rap.clone();
+        let sys_revoked: Vec<String> = subs
+            .sys
+            .keys()
+            .filter(|filter| !self.may_subscribe(filter))
+            .cloned()
+            .collect();
+        for filter in &sys_revoked {
+            subs.sys.remove(filter);
+        }
+        self.sys_filters = subs.sys.iter().map(|(f, s)| (f.clone(), s.rap)).collect();
         drop(subs);
+        if !sys_revoked.is_empty() {
+            info!(client_id = self.client_id, filters = ?sys_revoked, "resumed session: $SYS subscriptions no longer allowed are dropped");
+        }
+        if !self.sys_filters.is_empty() {
+            self.watch_sys();
+        }
         if !revoked.is_empty() {
             info!(client_id = self.client_id, filters = ?revoked, "resumed session: subscriptions no longer allowed are dropped");
         }
