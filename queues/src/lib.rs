@@ -20,6 +20,7 @@
 //! ```
 
 mod cache;
+pub mod metrics;
 pub mod ops;
 pub mod outlet;
 mod owner;
@@ -35,6 +36,7 @@ use axion_wire::{topics, MqttUrl, TopicError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use metrics::QueueMetrics;
 pub use store::StoreError;
 
 /// Everything the owner needs. [`QueueConfig::new`] fills the defaults.
@@ -213,11 +215,13 @@ impl QueueOwner {
             "queue owner starting"
         );
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(owner::run(cfg, store, loaded, rx, tap));
+        let metrics = std::sync::Arc::new(QueueMetrics::default());
+        let task = tokio::spawn(owner::run(cfg, store, loaded, rx, tap, metrics.clone()));
         Ok(QueueHandle {
             shutdown: Some(tx),
             task,
             finished: false,
+            metrics,
         })
     }
 }
@@ -227,9 +231,16 @@ pub struct QueueHandle {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), QueueError>>,
     finished: bool,
+    metrics: std::sync::Arc<QueueMetrics>,
 }
 
 impl QueueHandle {
+    /// Every queue's figures and ack latency for Prometheus (register it
+    /// with a `prometheus_client` registry; see [`metrics`]).
+    pub fn metrics(&self) -> std::sync::Arc<QueueMetrics> {
+        self.metrics.clone()
+    }
+
     /// Commits what was accepted, publishes final stats and disconnects.
     pub async fn shutdown(mut self) -> Result<(), QueueError> {
         if self.finished {

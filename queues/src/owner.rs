@@ -37,6 +37,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::Cache;
+use super::metrics::{QueueCells, QueueMetrics, SYNC_EVERY_MS};
 use super::outlet::{Injected, OutletTx, Refused};
 use super::queue::{After, DeadNotice, Effects, Limits, Outgoing, Queue};
 use super::store::{Body, Loaded, Op, Store, StoreError};
@@ -71,6 +72,19 @@ const READ_BATCH: usize = 256;
 
 /// Reads finished and not yet taken by the core.
 const READS_CAPACITY: usize = 64;
+
+/// The metrics cells of `queue`, looked up in the core's own map first
+/// (the shared one takes a lock).
+fn cells<'c>(
+    cells: &'c mut HashMap<String, Arc<QueueCells>>,
+    metrics: &QueueMetrics,
+    queue: &str,
+) -> &'c QueueCells {
+    if !cells.contains_key(queue) {
+        cells.insert(queue.to_string(), metrics.cells(queue));
+    }
+    &cells[queue]
+}
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -158,6 +172,11 @@ pub(crate) struct Core {
     /// Acks, fails, progress and releases ignored because their sender
     /// does not hold the task.
     foreign_task_refs: u64,
+    /// What `/metrics` reads (see [`super::metrics`]), each queue's cells,
+    /// and when they were last brought up to date (ms).
+    metrics: Arc<QueueMetrics>,
+    cells: HashMap<String, Arc<QueueCells>>,
+    metrics_synced_at: u64,
 }
 
 pub(crate) async fn run(
@@ -166,6 +185,7 @@ pub(crate) async fn run(
     loaded: Loaded,
     shutdown: oneshot::Receiver<()>,
     tap: Option<TapRx>,
+    metrics: Arc<QueueMetrics>,
 ) -> Result<(), QueueError> {
     let client_id = cfg
         .client_id
@@ -236,6 +256,7 @@ pub(crate) async fn run(
         writer_tx,
         reads_tx,
     );
+    core.metrics = metrics;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shutdown;
@@ -427,6 +448,10 @@ impl Core {
             wake: HashSet::new(),
             foreign_task_refs: 0,
             last_stats: HashMap::new(),
+            // Replaced by the owner's before any queue is metered.
+            metrics: Arc::default(),
+            cells: HashMap::new(),
+            metrics_synced_at: 0,
         };
         let now = now_ms();
         let Loaded {
@@ -780,7 +805,12 @@ impl Core {
             r.worker = Some(sender_id.to_string());
         }
         match (leaf, r.id.as_deref()) {
-            ("ack", Some(id)) => q.ack(id, &mut self.cache),
+            ("ack", Some(id)) => {
+                if let Some(enqueued_at) = q.ack(id, &mut self.cache) {
+                    cells(&mut self.cells, &self.metrics, queue)
+                        .observe_latency(now.saturating_sub(enqueued_at));
+                }
+            }
             ("fail", Some(id)) if r.release => q.release(id, r.worker.as_deref()),
             ("fail", Some(id)) => q.fail(
                 id,
@@ -1041,6 +1071,12 @@ impl Core {
 
     fn on_tick(&mut self) {
         let now = now_ms();
+        if now >= self.metrics_synced_at + SYNC_EVERY_MS {
+            self.metrics_synced_at = now;
+            for q in self.queues.values() {
+                cells(&mut self.cells, &self.metrics, &q.name).set(q.figures());
+            }
+        }
         for q in self.queues.values_mut() {
             q.on_time(now, &mut self.cache, &mut self.fx);
             q.report_refusals(now, false);

@@ -670,16 +670,19 @@ impl Queue {
         }
     }
 
-    pub fn ack(&mut self, id: &str, cache: &mut Cache) {
+    /// Acks task `id`; hands back when it was first enqueued (Unix ms),
+    /// for its latency, if it was known.
+    pub fn ack(&mut self, id: &str, cache: &mut Cache) -> Option<u64> {
         let Some(task) = self.tasks.remove(id) else {
             tracing::debug!(queue = %self.name, id, "ack for an unknown task");
-            return;
+            return None;
         };
         self.unindex(task.stored.seq, task.stored.not_before, &task.state);
         self.forget(id, &task, cache, false);
         self.counters.acked += 1;
         self.counters_dirty = true;
         self.changed = true;
+        Some(task.stored.created_at)
     }
 
     /// Exponential backoff with "equal jitter": half fixed, half random, so
@@ -954,6 +957,21 @@ impl Queue {
             enqueue_rate: (enqueue_rate * 10.0).round() / 10.0,
             ack_rate: (ack_rate * 10.0).round() / 10.0,
             credits: self.credits.values().map(|c| (*c).max(0) as u64).sum(),
+            workers: self.credits.len() as u64,
+        }
+    }
+
+    /// What `/metrics` shows of this queue: the O(1) part of [`Queue::stats`].
+    pub(crate) fn figures(&self) -> crate::metrics::Figures {
+        crate::metrics::Figures {
+            depth: (self.ready.len() + self.delayed.len()) as u64,
+            inflight: self.inflight.len() as u64,
+            dead: self.dead.len() as u64,
+            bytes: self.bytes,
+            enqueued: self.counters.enqueued,
+            acked: self.counters.acked,
+            failed: self.counters.failed,
+            refused: self.counters.refused,
             workers: self.credits.len() as u64,
         }
     }
