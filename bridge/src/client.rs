@@ -34,6 +34,8 @@ pub struct Metrics {
     /// Clients disconnected because they answered no ping.
     pub dead_peers: AtomicU64,
     pub frames_in: AtomicU64,
+    /// Frames written to clients (events, replies, errors).
+    pub frames_out: AtomicU64,
     pub bad_frames: AtomicU64,
     /// Events published to MQTT on behalf of WebSocket clients.
     pub events_published: AtomicU64,
@@ -90,6 +92,7 @@ impl Metrics {
             "slow_consumers": get(&self.slow_consumers),
             "dead_peers": get(&self.dead_peers),
             "frames_in": get(&self.frames_in),
+            "frames_out": get(&self.frames_out),
             "bad_frames": get(&self.bad_frames),
             "events_published": get(&self.events_published),
             "events_delivered": get(&self.events_delivered),

@@ -19,6 +19,7 @@
 
 mod client;
 mod hub;
+mod metrics;
 mod mqtt;
 pub mod protocol;
 mod server;
@@ -89,6 +90,9 @@ pub struct BridgeConfig {
     pub limits: Limits,
     /// Publish the bridge's own retained heartbeat (service `bridge`).
     pub heartbeat: bool,
+    /// More figures for `GET /metrics`, beside the bridge's own: `axion
+    /// serve` adds its broker's and its queues'.
+    pub metrics: Vec<Arc<dyn prometheus_client::collector::Collector>>,
     /// Users and ACLs (the broker's auth file): when set, every WebSocket
     /// client must present a bearer token and is held to its user's ACL.
     pub auth: Option<Arc<axion_access::auth::Auth>>,
@@ -115,6 +119,7 @@ impl BridgeConfig {
             package: package.into(),
             limits: Limits::default(),
             heartbeat: true,
+            metrics: Vec::new(),
             auth: None,
             tls: None,
             legacy_heartbeats: None,
@@ -317,7 +322,15 @@ impl Bridge {
         };
 
         let clients_root = CancellationToken::new();
+        let registry = metrics::registry(
+            &config.metrics,
+            metrics::BridgeCollector {
+                metrics: metrics.clone(),
+                hub: hub.clone(),
+            },
+        );
         let shared = Arc::new(server::Shared {
+            registry,
             limits: config.limits.clone(),
             auth: config.auth.clone(),
             package: config.package.clone(),

@@ -1,6 +1,7 @@
 //! The WebSocket and HTTP side on one port: the legacy protocol on any path
 //! (legacy clients connect to `ws://host:7000`), and `/health/live`,
-//! `/health/ready` (ready = the MQTT side is connected) and `/stats`.
+//! `/health/ready` (ready = the MQTT side is connected), `/stats` and
+//! `/metrics` (Prometheus).
 //!
 //! Each connection is a reader loop plus a writer task. The writer drains
 //! the client's bounded queue in batches (one flush per batch), sends a
@@ -61,6 +62,8 @@ pub struct Shared {
     pub next_key: AtomicU64,
     pub started: Instant,
     pub legacy_heartbeats: Option<Arc<LegacyHeartbeats>>,
+    /// What `/metrics` serves (see [`crate::metrics`]).
+    pub registry: prometheus_client::registry::Registry,
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -69,6 +72,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/stats", get(stats))
+        .route("/metrics", get(crate::metrics::serve))
         .fallback(upgrade)
         .with_state(shared);
     match legacy {
@@ -557,12 +561,15 @@ async fn write_loop(
                     }
                     sink.flush().await
                 };
+                let frames = n as u64;
                 let outcome = tokio::select! {
                     _ = cancel.cancelled() => break,
                     r = tokio::time::timeout(stall, write) => r,
                 };
                 match outcome {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        s.metrics.frames_out.fetch_add(frames, Ordering::Relaxed);
+                    }
                     Ok(Err(error)) => {
                         tracing::debug!(%error, client = %handle.id, "WebSocket write failed");
                         cancel.cancel();

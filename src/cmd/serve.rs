@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -75,6 +76,9 @@ pub struct Args {
     /// Bytes a connected subscriber may leave unread before it is disconnected (MQTT 5 reason 0x97; a kept session's backlog goes to its queue).
     #[arg(long, env = "AXION_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_subscriber_buffer_bytes: usize,
+    /// Seconds between refreshes of the retained `$SYS/broker/…` topics (Mosquitto's sys_interval); 0: no `$SYS` topics.
+    #[arg(long, env = "AXION_SYS_INTERVAL_SECS", default_value_t = 10)]
+    pub sys_interval_secs: u64,
     /// TOML file of users (argon2 hashes), roles and ACLs; without it every client has every right and listeners must be loopback.
     #[arg(long, env = "AXION_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
@@ -217,6 +221,8 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_queued_messages: args.max_queued_messages,
         max_queued_bytes: args.max_queued_bytes,
         max_subscriber_buffer: args.max_subscriber_buffer_bytes,
+        sys_interval: (args.sys_interval_secs > 0)
+            .then(|| Duration::from_secs(args.sys_interval_secs)),
         auth: auth.clone(),
         tls,
         unix: unix.as_ref().map(|u| u.path.clone()),
@@ -285,6 +291,8 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut bridge_config = BridgeConfig::new(args.ws_listen, local.clone(), args.package.clone());
     bridge_config.legacy_heartbeats = Some(legacy.clone());
+    // `/metrics` on the bridge's port shows the broker and the queues too.
+    bridge_config.metrics = vec![Arc::new(broker.metrics()), queues.metrics()];
     bridge_config.limits = args.bridge.limits();
     bridge_config.auth = auth.clone();
     bridge_config.tls = args.ws_tls.files();
