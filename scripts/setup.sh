@@ -2,8 +2,9 @@
 # Installs everything Axion's build, tests and benchmarks need on a fresh
 # Debian machine: a C compiler (ring), the Rust toolchain with rustfmt and
 # clippy, Mosquitto (reference broker and mosquitto_pub/sub), tmux (the
-# dashboard test), procps (`kill`), Python paho-mqtt + websockets, and Node
-# with the packages locked in tests/package-lock.json.
+# dashboard test), procps (`kill`), Python paho-mqtt + websockets +
+# prometheus-client (the parser the /metrics test reads scrapes with), and
+# Node with the packages locked in tests/package-lock.json.
 # Idempotent: skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
