@@ -35,4 +35,4 @@ pub mod state_log;
 pub mod topic_cache;
 
 pub use config::BrokerConfig;
-pub use server::{Broker, BrokerError};
+pub use server::{Broker, BrokerError, Connections};

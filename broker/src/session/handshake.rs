@@ -445,7 +445,10 @@ pub(super) async fn handshake(
         _ => return None,
     };
     let mut out = BytesMut::new();
-    if codec.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
+    if codec.write(connack, &mut out).is_err()
+        || stream.write_all(&out).await.is_err()
+        || stream.flush().await.is_err()
+    {
         return None;
     }
     debug!(%peer, client_id, v5 = codec.is_v5(), clean_session, ?session_expiry, keep_alive, "client connected");
