@@ -21,13 +21,16 @@ mod client;
 mod hub;
 mod metrics;
 mod mqtt;
+pub mod mqtt_ws;
 pub mod protocol;
 mod server;
 mod tasks;
 mod tls;
 mod web;
+pub mod ws_io;
 
 pub use client::Metrics;
+pub use mqtt_ws::MqttEndpoint;
 
 use axion_client::connection::options_v5;
 use axion_client::publisher::{HeartbeatConfig, HeartbeatPublisher};
@@ -102,6 +105,9 @@ pub struct BridgeConfig {
     /// (`/heartbeat`, `/heartbeats`), and fed the `heartbeat` events that
     /// WebSocket clients publish.
     pub legacy_heartbeats: Option<Arc<axion_supervise::LegacyHeartbeats>>,
+    /// Serves MQTT over WebSocket at `/mqtt` (the embedded broker); without
+    /// one, `/mqtt` answers 404.
+    pub mqtt_endpoint: Option<Arc<dyn MqttEndpoint>>,
 }
 
 /// PEM files of the bridge's TLS certificate chain and private key.
@@ -123,6 +129,7 @@ impl BridgeConfig {
             auth: None,
             tls: None,
             legacy_heartbeats: None,
+            mqtt_endpoint: None,
         }
     }
 }
@@ -351,9 +358,10 @@ impl Bridge {
             shutdown.await;
             stop_clients.cancel();
         };
+        let app = server::router(shared).merge(mqtt_ws::routes(config.mqtt_endpoint.clone()));
         let result = match tls {
             Some(acceptor) => {
-                tls::serve(listener, acceptor, server::router(shared), shutdown).await;
+                tls::serve(listener, acceptor, app, shutdown).await;
                 Ok(())
             }
             None => {
@@ -362,8 +370,7 @@ impl Bridge {
                         tracing::debug!(%error, "TCP_NODELAY on a WebSocket connection");
                     }
                 });
-                let app =
-                    server::router(shared).into_make_service_with_connect_info::<SocketAddr>();
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 axum::serve(listener, app)
                     .with_graceful_shutdown(shutdown)
                     .await

@@ -40,4 +40,4 @@ pub mod topic_cache;
 pub mod traffic;
 
 pub use config::BrokerConfig;
-pub use server::{Broker, BrokerError};
+pub use server::{Broker, BrokerError, Connections};

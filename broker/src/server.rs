@@ -524,6 +524,16 @@ impl Broker {
         self.shared.queue_tap.set(tap).ok().map(|()| rx)
     }
 
+    /// A handle that serves MQTT connections arriving by other means than
+    /// the broker's listeners (the bridge's `/mqtt`, MQTT over WebSocket),
+    /// through the same front end: handshake, auth, ACLs, limits.
+    pub fn connections(&self) -> Connections {
+        Connections {
+            shared: self.shared.clone(),
+            shutdown: self.shutdown.subscribe(),
+        }
+    }
+
     /// Path of the Unix socket listener, if one is configured.
     pub fn unix_path(&self) -> Option<&Path> {
         self.unix.as_ref().map(|(path, _)| path.as_path())
@@ -580,6 +590,20 @@ impl Broker {
         {
             warn!("sessions did not close within 3 s");
         }
+        // Sessions of [`Connections`] run in their callers' tasks: every
+        // listener's are done by now, so what the count still holds is theirs.
+        let external = tokio::time::timeout(Duration::from_secs(3), async {
+            while self.shared.sessions.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if external.is_err() {
+            warn!(
+                sessions = self.shared.sessions.load(Ordering::Relaxed),
+                "MQTT over WebSocket sessions did not close within 3 s"
+            );
+        }
         // What kept sessions were owed when their connections closed goes
         // to their queues before the process ends. Every connection is
         // closed by now, so the in-process router hands drainers what it
@@ -609,6 +633,59 @@ impl Broker {
         if let Some(disk) = &self.shared.disk {
             self.shared.offline.write_all_held(disk);
             let _ = disk.sync().await;
+        }
+    }
+}
+
+/// Serves MQTT connections that reach the broker by other means than its
+/// own listeners: the bridge hands it each MQTT over WebSocket connection
+/// as a byte stream. Each is a session like a TCP client's, counted
+/// against `max_connections`, and ended by [`Broker::shutdown`].
+#[derive(Clone)]
+pub struct Connections {
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("listen", &self.shared.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connections {
+    /// Largest MQTT packet the broker accepts, for a transport to bound
+    /// its own buffers by.
+    pub fn max_packet_size(&self) -> usize {
+        self.shared.config.max_packet_size
+    }
+
+    /// Serves one connection until it ends. `peer` is where it comes from:
+    /// logins are limited per address, and loopback matters to the same
+    /// rules as on TCP. Once the broker is stopping, returns at once and
+    /// drops the streams.
+    pub async fn serve<R, W>(&self, reader: R, writer: W, peer: SocketAddr)
+    where
+        R: tokio::io::AsyncRead + Send + Sync + Unpin + 'static,
+        W: tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
+    {
+        if *self.shutdown.borrow() {
+            return;
+        }
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        let guard = SessionGuard(self.shared.clone());
+        let shared = self.shared.clone();
+        let shutdown = self.shutdown.clone();
+        // A task of its own, as from an accept loop: a panic ends this
+        // session alone and is logged the same way.
+        let session = tokio::spawn(async move {
+            let _guard = guard;
+            session::run_io(Box::new(reader), Box::new(writer), peer, shared, shutdown).await;
+        });
+        if let Err(err) = session.await {
+            error!(%err, %peer, "a client session panicked");
         }
     }
 }

@@ -296,6 +296,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     bridge_config.limits = args.bridge.limits();
     bridge_config.auth = auth.clone();
     bridge_config.tls = args.ws_tls.files();
+    bridge_config.mqtt_endpoint = Some(std::sync::Arc::new(EmbeddedMqtt(broker.connections())));
     let bridge = Bridge::bind(bridge_config).await?;
     let ws = bridge.local_addr();
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -367,6 +368,27 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     broker.shutdown().await;
     info!("stopped");
     Ok(code)
+}
+
+/// MQTT over WebSocket on the bridge's port, served by the embedded
+/// broker's front end like any TCP client.
+#[derive(Debug)]
+struct EmbeddedMqtt(axion_broker::Connections);
+
+impl axion_bridge::MqttEndpoint for EmbeddedMqtt {
+    fn max_packet_size(&self) -> usize {
+        self.0.max_packet_size()
+    }
+
+    fn serve(
+        &self,
+        reader: axion_bridge::ws_io::WsReader,
+        writer: axion_bridge::ws_io::WsWriter,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let connections = self.0.clone();
+        Box::pin(async move { connections.serve(reader, writer, peer).await })
+    }
 }
 
 /// `--max-filters-per-client`, or its default. A bound at or above

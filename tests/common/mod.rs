@@ -6,6 +6,7 @@ pub mod auth;
 pub mod batched;
 pub mod mqtt;
 pub mod raw;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

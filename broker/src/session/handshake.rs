@@ -457,7 +457,10 @@ pub(super) async fn handshake(
         _ => return None,
     };
     let mut out = BytesMut::new();
-    if codec.write(connack, &mut out).is_err() || stream.write_all(&out).await.is_err() {
+    if codec.write(connack, &mut out).is_err()
+        || stream.write_all(&out).await.is_err()
+        || stream.flush().await.is_err()
+    {
         return None;
     }
     // The CONNECT and its CONNACK; what the session writes from here on

@@ -84,8 +84,8 @@ struct Waiting {
     eager: bool,
 }
 
-type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
-type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 /// Serves one accepted connection to completion, over TLS if `tls`.
 pub(crate) async fn run(
@@ -127,6 +127,23 @@ pub(crate) async fn run(
         }
     };
     let Some(mut session) = session else {
+        return;
+    };
+    let ending = session.serve(shutdown).await;
+    session.finish(ending).await;
+}
+
+/// Serves a connection that reached the broker by other means than its
+/// listeners (MQTT over WebSocket, from the bridge's port): the same
+/// handshake and session as a TCP client's.
+pub(crate) async fn run_io(
+    reader: Reader,
+    writer: Writer,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Some(mut session) = handshake(reader, writer, peer, &shared).await else {
         return;
     };
     let ending = session.serve(shutdown).await;
@@ -388,7 +405,14 @@ async fn write_loop(
         while let Ok(more) = rx.try_recv() {
             buf.extend_from_slice(&more);
         }
-        if let Err(err) = half.write_all(&buf).await {
+        // Flushed at once: a transport that buffers (TLS, WebSocket
+        // frames) would otherwise hold the batch until the next one.
+        if let Err(err) = async {
+            half.write_all(&buf).await?;
+            half.flush().await
+        }
+        .await
+        {
             debug!(%peer, %err, "write to client failed");
             return;
         }
