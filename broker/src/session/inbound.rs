@@ -242,12 +242,7 @@ impl Session {
                         );
                         sys_changed = true;
                         local.push((i, SubscribeReasonCode::Success(filter.qos)));
-                        let send_retained = match filter.retain_forward_rule {
-                            RetainForwardRule::OnEverySubscribe => true,
-                            RetainForwardRule::OnNewSubscribe => new,
-                            RetainForwardRule::Never => false,
-                        };
-                        if send_retained {
+                        if wants_retained(&filter.retain_forward_rule, new) {
                             self.pending_retained
                                 .entry(subscribe.pkid)
                                 .or_default()
@@ -317,13 +312,7 @@ impl Session {
                             consumer,
                         });
                     }
-                    let send_retained = share.is_empty()
-                        && match filter.retain_forward_rule {
-                            RetainForwardRule::OnEverySubscribe => true,
-                            RetainForwardRule::OnNewSubscribe => new,
-                            RetainForwardRule::Never => false,
-                        };
-                    if send_retained {
+                    if share.is_empty() && wants_retained(&filter.retain_forward_rule, new) {
                         self.pending_retained
                             .entry(subscribe.pkid)
                             .or_default()
@@ -814,4 +803,14 @@ fn packet_name(p: &Packet) -> &'static str {
 /// The packet id of a client's publish.
 fn publish_pkid(publish: &rumqttd::protocol::Publish) -> u16 {
     crate::router::qos_pkid(publish).1
+}
+
+/// MQTT 5 Retain Handling: whether a subscription gets the retained
+/// messages it matches (`new`: the filter was not subscribed before).
+fn wants_retained(rule: &RetainForwardRule, new: bool) -> bool {
+    match rule {
+        RetainForwardRule::OnEverySubscribe => true,
+        RetainForwardRule::OnNewSubscribe => new,
+        RetainForwardRule::Never => false,
+    }
 }
