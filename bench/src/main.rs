@@ -15,10 +15,14 @@
 //! `--persistence` instead measures state across restarts (retained
 //! messages, persistent sessions, QoS 1 messages queued for a session)
 //! beside Mosquitto with persistence on: see [`persistence`].
+//!
+//! `--ws` instead measures MQTT over WebSocket beside Mosquitto's
+//! WebSocket listener, with TCP in the same rounds: see [`websocket`].
 
 mod churn;
 mod persistence;
 mod soak;
+mod websocket;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -96,6 +100,11 @@ struct Args {
     /// Seconds between two samples of RSS and fds in --soak.
     #[arg(long, env = "BENCH_SOAK_SAMPLE_SECS", default_value_t = 60)]
     soak_sample_secs: u64,
+    /// Instead of the TCP cases, MQTT over WebSocket: Axion's `/mqtt` beside
+    /// Mosquitto's `protocol websockets` listener, plain TCP on each in the
+    /// same rounds (QoS 0 and 1, one publisher and one subscriber).
+    #[arg(long, env = "BENCH_WS")]
+    ws: bool,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -161,10 +170,20 @@ fn axion_serve(
     port: u16,
     data: &std::path::Path,
 ) -> anyhow::Result<Command> {
+    axion_serve_on(bin, port, free_port()?, data)
+}
+
+/// [`axion_serve`] with its WebSocket port given.
+fn axion_serve_on(
+    bin: &std::path::Path,
+    port: u16,
+    ws_port: u16,
+    data: &std::path::Path,
+) -> anyhow::Result<Command> {
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
         .arg("--ws-listen")
-        .arg(format!("127.0.0.1:{}", free_port()?))
+        .arg(format!("127.0.0.1:{ws_port}"))
         .arg("--data-dir")
         .arg(data)
         .env(
@@ -594,6 +613,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(secs) = args.churn_secs {
         return churn::run(&args, secs);
+    }
+    if args.ws {
+        return websocket::run(&args);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

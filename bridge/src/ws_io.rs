@@ -4,9 +4,9 @@
 //! MQTT over WebSocket is the MQTT byte stream in binary frames: a packet
 //! may span frames and a frame may hold several packets, so frames are
 //! only a transport here and the session frames packets itself. The
-//! reader hands out the bytes of each binary frame in turn; the writer
-//! sends each write as one binary frame of at most [`MAX_OUT_FRAME`]
-//! bytes.
+//! reader hands out the bytes of the binary frames in order, as many
+//! frames per read as have arrived; the writer sends each write as one
+//! binary frame of at most [`MAX_OUT_FRAME`] bytes.
 //!
 //! tokio-util's `StreamReader` and `SinkWriter` do most of this for any
 //! stream and sink, but not what a peer must see at the end: a close frame
@@ -63,6 +63,7 @@ pub fn split(socket: WebSocket, peer: SocketAddr) -> (WsReader, WsWriter) {
             stream: Some(stream),
             pending: Bytes::new(),
             state: ReadState::Open,
+            failed: None,
             close: close.clone(),
             peer,
         },
@@ -84,6 +85,8 @@ pub struct WsReader {
     /// What is left of the current frame.
     pending: Bytes,
     state: ReadState,
+    /// Why the stream ended, for the read after the data before it.
+    failed: Option<io::Error>,
     /// The close code the writer sends (shared with it).
     close: Arc<AtomicU16>,
     peer: SocketAddr,
@@ -100,17 +103,35 @@ enum ReadState {
 }
 
 impl AsyncRead for WsReader {
+    /// Fills `buf` with as many frames as have already arrived, not just
+    /// one: clients send one packet per frame, and the session handles
+    /// what one read gave it in one go, as it does a TCP read.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut filled = false;
         loop {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending.split_to(n));
+                filled = true;
+                if buf.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // What came before an error or the end is handed over first.
+            if filled && this.failed.is_some() {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(error) = this.failed.take() {
+                return Poll::Ready(Err(error));
             }
             let Some(stream) = this
                 .stream
@@ -119,7 +140,12 @@ impl AsyncRead for WsReader {
             else {
                 return Poll::Ready(Ok(()));
             };
-            match ready!(Pin::new(stream).poll_next(cx)) {
+            let next = match Pin::new(stream).poll_next(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending if filled => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            };
+            match next {
                 Some(Ok(Message::Binary(bytes))) => this.pending = bytes,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Close(_))) | None => this.state = ReadState::Done,
@@ -127,10 +153,10 @@ impl AsyncRead for WsReader {
                     this.state = ReadState::Refused;
                     this.close.store(CLOSE_UNSUPPORTED_DATA, Ordering::Relaxed);
                     tracing::info!(peer = %this.peer, "text frame on MQTT over WebSocket; closing the connection (1003)");
-                    return Poll::Ready(Err(io::Error::new(
+                    this.failed = Some(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "text frame: MQTT over WebSocket takes binary frames only",
-                    )));
+                    ));
                 }
                 Some(Err(error)) => {
                     this.state = ReadState::Done;
@@ -147,7 +173,7 @@ impl AsyncRead for WsReader {
                         this.close.store(code, Ordering::Relaxed);
                         tracing::info!(peer = %this.peer, code, %error, "MQTT over WebSocket: bad frame; closing the connection");
                     }
-                    return Poll::Ready(Err(io::Error::other(error)));
+                    this.failed = Some(io::Error::other(error));
                 }
             }
         }
