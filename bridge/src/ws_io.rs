@@ -48,8 +48,8 @@ const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
 const CLOSE_TOO_BIG: u16 = 1009;
 
-/// How long a close frame may take to go out after the session dropped
-/// the writer without shutting it down.
+/// Once the session has let go of a half: how long our close frame may
+/// take to go out, and the peer's to come in.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Splits an upgraded WebSocket into the session's reader and writer.
