@@ -263,6 +263,16 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// One round's line in the progress log.
+    fn summary(&self) -> String {
+        format!(
+            "{}/{} in {:.2}s, p99 {:.2} ms, cpu {:.2}s",
+            self.received, self.sent, self.secs, self.p99_ms, self.broker_cpu
+        )
+    }
+}
+
+impl Outcome {
     fn rate(&self) -> f64 {
         self.received as f64 / self.secs
     }
@@ -690,13 +700,9 @@ fn main() -> anyhow::Result<()> {
                     broker.child.id(),
                 ))?;
                 eprintln!(
-                    "  {name} round {} {kind:?}: {}/{} in {:.2}s, p99 {:.2} ms, cpu {:.2}s",
+                    "  {name} round {} {kind:?}: {}",
                     round + 1,
-                    outcome.received,
-                    outcome.sent,
-                    outcome.secs,
-                    outcome.p99_ms,
-                    outcome.broker_cpu
+                    outcome.summary()
                 );
                 results.push((kind, outcome));
             }

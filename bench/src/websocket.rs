@@ -390,13 +390,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 let running = start(target, args)?;
                 let outcome = rt.block_on(run_case(target, &running, qos, count, payload))?;
                 eprintln!(
-                    "  {name} round {} {target:?}: {}/{} in {:.2}s, p99 {:.2} ms, cpu {:.2}s",
+                    "  {name} round {} {target:?}: {}",
                     round + 1,
-                    outcome.received,
-                    outcome.sent,
-                    outcome.secs,
-                    outcome.p99_ms,
-                    outcome.broker_cpu
+                    outcome.summary()
                 );
                 results.push((target, outcome));
             }
