@@ -206,30 +206,6 @@ async fn a_message_near_the_maximum_packet_size_reaches_subscribers_that_keep_up
     let serve = Serve::start();
     let port = serve.mqtt_port;
     let payload = "a".repeat(1_000_000);
-    let mut subs = Vec::new();
-    for qos in ["0", "1"] {
-        // Killed when the test ends, passed or not.
-        let mut sub = tokio::process::Command::new("mosquitto_sub")
-            .args(["-p", &port.to_string(), "-t", "large/#", "-q", qos])
-            .args(["-C", "4", "-F", "%t %l"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mosquitto_sub (scripts/setup.sh installs it)");
-        let stdout = sub.stdout.take().expect("stdout");
-        let lines = tokio::spawn(async move {
-            use tokio::io::AsyncBufReadExt;
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            let mut got = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                got.push(line);
-            }
-            got
-        });
-        subs.push((sub, lines));
-    }
-    // Both have subscribed once a retained marker reaches them.
     let publish = |topic: &str, message: &str, retain: bool| {
         let mut cmd = Command::new("mosquitto_pub");
         cmd.args(["-p", &port.to_string(), "-t", topic, "-q", "1", "-s"]);
@@ -246,8 +222,42 @@ async fn a_message_near_the_maximum_packet_size_reaches_subscribers_that_keep_up
             .expect("write");
         child
     };
+    // The retained marker is in place before anyone subscribes, so each
+    // subscriber gets it exactly once, and has subscribed once it has.
     let status = publish("large/ready", "ready", true).wait().expect("wait");
     assert!(status.success());
+    let mut subs = Vec::new();
+    for qos in ["0", "1"] {
+        // Killed when the test ends, passed or not.
+        let mut sub = tokio::process::Command::new("mosquitto_sub")
+            .args(["-p", &port.to_string(), "-t", "large/#", "-q", qos])
+            .args(["-C", "4", "-F", "%t %l"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (scripts/setup.sh installs it)");
+        let stdout = sub.stdout.take().expect("stdout");
+        let (subscribed, first) = tokio::sync::oneshot::channel();
+        let lines = tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut got = Vec::new();
+            let mut subscribed = Some(subscribed);
+            while let Ok(Some(line)) = lines.next_line().await {
+                got.push(line);
+                if let Some(subscribed) = subscribed.take() {
+                    let _ = subscribed.send(());
+                }
+            }
+            got
+        });
+        tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the retained marker within 10 s")
+            .expect("mosquitto_sub printed the retained marker");
+        subs.push((sub, lines));
+    }
     let started = std::time::Instant::now();
     for i in 0..3 {
         let status = publish(&format!("large/{i}"), &payload, false)
