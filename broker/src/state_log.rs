@@ -31,7 +31,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -40,6 +39,13 @@ use crate::disk::QueueSummary;
 
 /// A segment is closed and a new one begun past this size.
 pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The head segment's file is zero-filled this far ahead of its records.
+/// Writing over bytes the file already has needs no change to its size or
+/// extents, so the `fdatasync` of a commit is a data flush alone, not also
+/// a filesystem journal commit: about half the time of an append here.
+/// Zeros past the last record read as the end of the log.
+const PREALLOCATE: u64 = 4 * 1024 * 1024;
 
 /// No record is larger (a message is at most 256 MiB in MQTT; anything
 /// larger is garbage from a torn write).
@@ -105,6 +111,9 @@ struct State {
     /// The segment appended to, and its file.
     head: u64,
     file: File,
+    /// The head file's length: its records, then zeros (see
+    /// [`PREALLOCATE`]).
+    allocated: u64,
 }
 
 /// The log of every kept session's queue and every retained message.
@@ -296,7 +305,8 @@ impl StateLog {
                 index.apply(r.kind, r.id, r.seq, loc);
                 at = r.end;
             }
-            if at < buf.len() {
+            let zeros = buf[at..].iter().all(|b| *b == 0);
+            if at < buf.len() && !zeros {
                 tracing::warn!(
                     file = %path.display(),
                     valid = at,
@@ -321,13 +331,27 @@ impl StateLog {
         let path = segment_path(dir, head);
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .open(&path)
-            .map_err(|source| LogError::Io { path, source })?;
+            .map_err(|source| LogError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let allocated = file
+            .metadata()
+            .map_err(|source| LogError::Io { path, source })?
+            .len();
         sync_dir(dir).map_err(io)?;
         let log = Self {
             dir: dir.to_path_buf(),
-            state: Mutex::new(State { index, head, file }),
+            state: Mutex::new(State {
+                index,
+                head,
+                file,
+                allocated,
+            }),
         };
         let summaries = log.summaries();
         Ok((log, summaries))
@@ -359,11 +383,7 @@ impl StateLog {
             let value_at = encode(&mut out, change);
             puts.push(value_at);
         }
-        if let Err(e) = state
-            .file
-            .write_all(&out)
-            .and_then(|()| state.file.sync_data())
-        {
+        if let Err(e) = write_head(&mut state, base, &out) {
             // Part of the batch may be in the file: what follows goes to
             // a new segment, so a restart cuts this one there and still
             // reads everything after it.
@@ -431,10 +451,12 @@ impl StateLog {
         let path = segment_path(&self.dir, next);
         state.file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .write(true)
             .open(&path)
             .map_err(|source| LogError::Io { path, source })?;
         sync_dir(&self.dir).map_err(|e| self.err(e))?;
+        state.allocated = 0;
         state.head = next;
         state.index.segments.insert(next, Segment::default());
         Ok(())
@@ -488,11 +510,7 @@ impl StateLog {
         for change in &changes {
             at.push(encode(&mut out, change).unwrap_or(0));
         }
-        state
-            .file
-            .write_all(&out)
-            .and_then(|()| state.file.sync_data())
-            .map_err(|e| self.err(e))?;
+        write_head(state, base, &out).map_err(|e| self.err(e))?;
         let head = state.head;
         if let Some(s) = state.index.segments.get_mut(&head) {
             s.len += out.len() as u64;
@@ -591,6 +609,26 @@ impl StateLog {
     }
 }
 
+/// Writes `out` at `at` in the head segment and makes it durable,
+/// zero-filling the file further ahead first when `out` would pass its end
+/// (that one `fdatasync` also carries the new length).
+fn write_head(state: &mut State, at: u64, out: &[u8]) -> std::io::Result<()> {
+    let end = at + out.len() as u64;
+    if end > state.allocated {
+        let to = end + PREALLOCATE;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut from = state.allocated.max(end);
+        while from < to {
+            let n = (to - from).min(zeros.len() as u64) as usize;
+            state.file.write_all_at(&zeros[..n], from)?;
+            from += n as u64;
+        }
+        state.allocated = to;
+    }
+    state.file.write_all_at(out, at)?;
+    state.file.sync_data()
+}
+
 /// Makes a new segment's directory entry durable.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
@@ -644,19 +682,22 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_and_what_came_before_it_stays() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let len = {
             let (log, _) = open(dir.path());
             log.append(&[Change::Put("a", 1, b"one")]).unwrap();
             log.append(&[Change::Put("a", 2, b"two")]).unwrap();
-        }
+            log.disk_bytes()
+        };
         let path = segment_path(dir.path(), 1);
-        let len = std::fs::metadata(&path).unwrap().len();
-        // The last record loses its final bytes, as a crash mid-write would.
+        // Zeros are written ahead of the records.
+        assert!(std::fs::metadata(&path).unwrap().len() >= PREALLOCATE);
+        // The last record loses its final bytes, as a crash mid-write would:
+        // the zeros written ahead of it are still there.
         OpenOptions::new()
             .write(true)
             .open(&path)
             .unwrap()
-            .set_len(len - 2)
+            .write_all_at(&[0, 0], len - 2)
             .unwrap();
         let (log, found) = open(dir.path());
         assert_eq!(found["a"].messages, 1);
