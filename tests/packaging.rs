@@ -2,16 +2,25 @@
 //! example configuration starts `axion serve`, a configuration file's keys
 //! take effect with flags and environment variables winning over them, a
 //! wrong key is refused naming it, the systemd unit passes
-//! `systemd-analyze verify`, and the container file copies what exists.
-//! Real processes: `axion serve`, `systemd-analyze`.
+//! `systemd-analyze verify`, and the container file's steps are carried
+//! out without an engine (`containerfile.rs` says what stands for what):
+//! its image refuses to start open to the network, and starts, takes a
+//! login and stops on its stop signal with an auth file.
+//! Real processes: `axion serve`, `systemd-analyze`, `cargo metadata`.
 
 mod common;
+#[path = "packaging/containerfile.rs"]
+mod containerfile;
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::auth::hash_line;
+use common::mqtt::V4;
 use common::{axion_bin, free_port, listens_while_running, spawn_axion, Serve};
 
 fn packaging(file: &str) -> PathBuf {
@@ -153,35 +162,228 @@ fn the_systemd_unit_verifies() {
     );
 }
 
-#[test]
-fn the_container_file_copies_what_exists_and_runs_the_example_configuration() {
+/// The Containerfile's steps, carried out with this build's `axion`
+/// standing for the release build.
+fn container() -> containerfile::Image {
     let file = std::fs::read_to_string(packaging("Containerfile")).unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for line in file
-        .lines()
-        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
-    {
-        let source = line.split_whitespace().nth(1).unwrap();
+    let context = Path::new(env!("CARGO_MANIFEST_DIR"));
+    containerfile::carry_out(&file, context, &HashMap::from([("axion", axion_bin())]))
+        .unwrap_or_else(|why| panic!("packaging/Containerfile: {why}"))
+}
+
+/// The settings of the configuration file the image's ENTRYPOINT names.
+fn image_config(image: &containerfile::Stage) -> toml::Table {
+    let entry = image.entrypoint.as_ref().expect("an ENTRYPOINT");
+    let path = entry
+        .windows(2)
+        .find(|w| w[0] == "--config")
+        .map(|w| w[1].clone())
+        .expect("the ENTRYPOINT runs with --config");
+    let text =
+        std::fs::read_to_string(image.resolve(&path)).expect("the configuration is in the image");
+    text.parse().expect("TOML")
+}
+
+/// The configuration's absolute paths restated as environment variables
+/// (each key's `AXION_…`), so they land under the stand-in root: the
+/// program reads them from the file, which is not rewritten.
+fn config_paths(config: &toml::Table) -> Vec<(String, String)> {
+    config
+        .iter()
+        .filter_map(|(key, value)| {
+            let path = value.as_str().filter(|v| v.starts_with('/'))?;
+            let env = format!("AXION_{}", key.to_ascii_uppercase().replace('-', "_"));
+            Some((env, path.to_string()))
+        })
+        .collect()
+}
+
+fn envs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+#[test]
+fn the_container_image_listens_off_loopback_on_its_configurations_ports_with_its_data_in_a_volume()
+{
+    let image = container();
+    let image = image.image();
+    let config = image_config(image);
+    for (key, env) in [
+        ("mqtt-listen", "AXION_MQTT_LISTEN"),
+        ("ws-listen", "AXION_WS_LISTEN"),
+    ] {
+        let in_file = config[key].as_str().expect("a listen address");
+        let in_image = image.env_var(env).unwrap_or_else(|| panic!("ENV {env}"));
+        let (host, port) = in_image.rsplit_once(':').expect("host:port");
+        assert_eq!(host, "0.0.0.0", "{env}: a container listens off loopback");
+        assert_eq!(
+            Some(port),
+            in_file.rsplit_once(':').map(|(_, p)| p),
+            "{env} keeps the port of the configuration's {key}"
+        );
         assert!(
-            root.join(source).exists(),
-            "{line}: {source} is not in the repository"
+            image.exposed.contains(&port.parse().unwrap()),
+            "EXPOSE {port}"
         );
     }
-    assert!(file.contains("COPY packaging/axion.toml /etc/axion/axion.toml"));
-    assert!(file.contains("\"--config\", \"/etc/axion/axion.toml\""));
-    // The build stage builds the binary the run stage copies.
-    assert!(file.contains("cargo build --release --locked --bin axion"));
-    assert!(file.contains("COPY --from=build /src/target/release/axion /usr/local/bin/axion"));
-    // Its ports are the example configuration's.
-    let config = std::fs::read_to_string(packaging("axion.toml")).unwrap();
-    for port in ["1883", "7000"] {
-        assert!(
-            config.contains(&format!(":{port}\"")),
-            "axion.toml listens on {port}"
-        );
-        assert!(
-            file.contains(&format!("0.0.0.0:{port}")),
-            "the container listens on {port}"
-        );
+    let data_dir = config["data-dir"].as_str().expect("data-dir");
+    assert!(
+        image.volumes.iter().any(|v| v == data_dir),
+        "the data directory {data_dir} is a VOLUME: {:?}",
+        image.volumes
+    );
+    let user = image.user.as_deref().expect("a USER");
+    assert_ne!(user, "root");
+    assert_eq!(
+        image.users.get(user).map(String::as_str),
+        Some(data_dir),
+        "the data directory is {user}'s home, created with it: {user} may write there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_image_refuses_to_run_open_and_with_an_auth_file_serves_and_stops_cleanly() {
+    let mut image = container();
+    let config = image_config(image.image());
+    let paths = config_paths(&config);
+
+    // `docker run` with nothing more: the listeners are off loopback and
+    // there is no auth file, so serve refuses before binding anything.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut open = image
+        .image()
+        .command(&envs(&paths))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("run the ENTRYPOINT");
+    // Bounded: an image that did start would serve until stopped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = open.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = open.kill();
+            let _ = open.wait();
+            panic!("the image started without an auth file, open to the network");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:") && stderr.contains("--auth-file"),
+        "{stderr}"
+    );
+
+    // With an auth file mounted and named (`-v …:/etc/axion/auth.toml -e
+    // AXION_AUTH_FILE=…`), on free ports (tests run side by side), still
+    // on 0.0.0.0.
+    let secrets = tempfile::tempdir().unwrap();
+    let auth = secrets.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "[roles.all]\npublish = [\"t/#\"]\nsubscribe = [\"t/#\"]\n[users.operator]\n{}\nroles = [\"all\"]\n",
+            hash_line("container secret")
+        ),
+    )
+    .unwrap();
+    image.image_mut().mount("/etc/axion/auth.toml", &auth);
+    let image = image.image();
+    let signal = image.stop_signal.expect("a STOPSIGNAL");
+    let (mut serve, mqtt, ws) = (0..3)
+        .find_map(|_| {
+            let (mqtt, ws) = (free_port(), free_port());
+            let mut env = paths.clone();
+            env.extend([
+                ("AXION_AUTH_FILE".into(), "/etc/axion/auth.toml".into()),
+                ("AXION_MQTT_LISTEN".into(), format!("0.0.0.0:{mqtt}")),
+                ("AXION_WS_LISTEN".into(), format!("0.0.0.0:{ws}")),
+            ]);
+            let mut proc = spawn_axion("the image's ENTRYPOINT", &mut image.command(&envs(&env)));
+            let up = listens_while_running(&mut proc, mqtt, Duration::from_secs(20))
+                && listens_while_running(&mut proc, ws, Duration::from_secs(20));
+            up.then_some((proc, mqtt, ws))
+        })
+        .expect("the image's serve exited before listening, three times");
+
+    let login = |password: Option<&str>| {
+        let mut opts = rumqttc::MqttOptions::new("container-client", "127.0.0.1", mqtt);
+        opts.set_keep_alive(Duration::from_secs(30));
+        if let Some(password) = password {
+            opts.set_credentials("operator", password);
+        }
+        V4::connect_with(opts)
+    };
+    assert!(login(None).await.is_err(), "auth is on: no login, no entry");
+    let mut client = login(Some("container secret"))
+        .await
+        .expect("the operator logs in");
+    client.subscribe("t/#", 1).await;
+    client.publish("t/x", b"through the image", 1, false).await;
+    let m = common::mqtt::recv(&mut client.rx, 5).await;
+    assert_eq!(m.payload, b"through the image");
+
+    let mut http = TcpStream::connect(("127.0.0.1", ws)).unwrap();
+    http.write_all(b"GET /health/live HTTP/1.1\r\nHost: axion\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let data_dir = image.resolve(config["data-dir"].as_str().unwrap());
+    assert!(
+        data_dir.join("broker.redb").is_file(),
+        "the broker's state is in the image's data directory ({})",
+        data_dir.display()
+    );
+    serve.signal(signal);
+    assert_eq!(
+        serve.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "STOPSIGNAL {signal} stops serve cleanly"
+    );
+}
+
+/// The check knows each step of the file and nothing else: a step added
+/// to the file fails it until the check carries that step out too.
+#[test]
+fn a_step_the_container_check_does_not_know_fails_it() {
+    let file = std::fs::read_to_string(packaging("Containerfile")).unwrap();
+    let context = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binaries = HashMap::from([("axion", axion_bin())]);
+    assert!(containerfile::carry_out(&file, context, &binaries).is_ok());
+    for step in [
+        "LABEL org.opencontainers.image.title=axion",
+        "ADD https://example.com/x /x",
+        "CMD [\"--help\"]",
+        "RUN apt-get install -y curl",
+        "RUN useradd --system other && curl -o /x https://example.com/x",
+        "RUN useradd --uid 7 other",
+        "COPY --chown=axion packaging/axion.toml /etc/axion/other.toml",
+        "COPY --from=build /src/target/release/other /usr/local/bin/other",
+        "COPY packaging/missing.toml /etc/axion/missing.toml",
+        "USER nobody",
+        "ENTRYPOINT /usr/local/bin/axion serve",
+        "ENV AXION_PACKAGE \"default\"",
+    ] {
+        let text = format!("{file}\n{step}\n");
+        match containerfile::carry_out(&text, context, &binaries) {
+            Ok(_) => panic!("{step:?} went unchecked"),
+            Err(why) => assert!(why.contains(step), "{step:?}: {why}"),
+        }
     }
+    // In the build stage too, before its product exists.
+    let text = file.replacen(
+        "RUN cargo build",
+        "RUN cargo build --features x --release --locked --bin axion\nRUN cargo build",
+        1,
+    );
+    assert!(containerfile::carry_out(&text, context, &binaries).is_err());
 }

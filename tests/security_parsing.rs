@@ -3,7 +3,8 @@
 //! past the end of the packet or of its property list, close the
 //! connection and register nothing. Raw sockets against a real `axion
 //! serve`; each malformed case has a well-formed twin that still works, so
-//! every check can fail.
+//! every check can fail. A packet identifier of 0 where MQTT requires one
+//! is refused the same way.
 
 mod common;
 
@@ -533,4 +534,148 @@ async fn packets_only_a_server_sends_are_refused_before_decoding() {
         !log.contains("panicked"),
         "the broker's log shows a panic:\n{log}"
     );
+}
+
+/// After a CONNACK: MQTT 5 clients get DISCONNECT 0x82 (Protocol Error)
+/// first; then the connection is closed.
+async fn expect_protocol_error(stream: &mut TcpStream, level: u8, what: &str) {
+    if level == 5 {
+        let (byte1, body) = expect_packet(stream, what).await;
+        assert_eq!(
+            (byte1, body.first()),
+            (0xe0, Some(&0x82)),
+            "{what}: DISCONNECT 0x82, got {byte1:#04x} {body:?}"
+        );
+    }
+    expect_closed(stream, what).await;
+}
+
+/// A SUBSCRIBE of `filter` at QoS 1 with packet id `pkid`.
+fn subscribe_with_id(level: u8, pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    mqtt_str(filter.as_bytes(), &mut body);
+    body.push(1);
+    packet(0x82, &body)
+}
+
+/// An UNSUBSCRIBE of `filter` with packet id `pkid`.
+fn unsubscribe_with_id(level: u8, pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    mqtt_str(filter.as_bytes(), &mut body);
+    packet(0xa2, &body)
+}
+
+/// A PUBLISH at `qos` (1 or 2) with packet id `pkid`.
+fn publish_with_id(level: u8, qos: u8, pkid: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_str(topic.as_bytes(), &mut body);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+/// The topic of the next packet, which must be a PUBLISH.
+async fn next_publish_topic(s: &mut TcpStream, what: &str) -> String {
+    let (byte1, body) = expect_packet(s, what).await;
+    assert_eq!(
+        byte1 >> 4,
+        3,
+        "{what}: a PUBLISH, got {byte1:#04x} {body:?}"
+    );
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    String::from_utf8(body[2..2 + len].to_vec()).expect("utf-8 topic")
+}
+
+/// MQTT requires a non-zero packet identifier in SUBSCRIBE, UNSUBSCRIBE
+/// and QoS 1/2 PUBLISH (MQTT-2.3.1-1; MQTT 5 2.2.1): one with 0 closes
+/// the connection (MQTT 5: DISCONNECT 0x82 first) and is not acted on,
+/// while other clients carry on. Kept sessions show what a packet did
+/// after its connection is gone: a subscription it made, or one it
+/// removed, decides what the session is owed.
+async fn packet_id_zero_closes_the_connection_and_does_nothing(level: u8) {
+    let serve = Serve::start();
+    let port = serve.mqtt_port;
+    let publisher = V4::connect(port, &format!("zero-publisher-{level}")).await;
+    // A healthy client, connected throughout.
+    let mut watcher = V5::connect(port, &format!("zero-watcher-{level}")).await;
+    watcher.subscribe("zero/pub/#", 1).await;
+    let properties = if level == 5 { EXPIRY_60 } else { &[] };
+
+    // SUBSCRIBE with id 0 beside a subscription made with id 1: the
+    // session is owed only what the good one matches.
+    let what = format!("SUBSCRIBE with packet id 0 (level {level})");
+    let kept = connect(level, &format!("zero-sub-{level}"), properties, None, &[]);
+    let (mut s, _) = session(port, &kept, &what).await;
+    s.write_all(&subscribe_with_id(level, 1, "zero/sub/good"))
+        .await
+        .expect("write");
+    assert_eq!(expect_packet(&mut s, &what).await.0, 0x90, "{what}: SUBACK");
+    s.write_all(&subscribe_with_id(level, 0, "zero/sub/bad"))
+        .await
+        .expect("write");
+    expect_protocol_error(&mut s, level, &what).await;
+    // One publisher, so the session's queue keeps this order: had the
+    // second subscription been made, `bad` would come first.
+    publisher.publish("zero/sub/bad", b"bad", 1, false).await;
+    publisher.publish("zero/sub/good", b"good", 1, false).await;
+    let (mut s, present) = session(port, &kept, &what).await;
+    assert!(present, "{what}: the session was kept");
+    assert_eq!(next_publish_topic(&mut s, &what).await, "zero/sub/good");
+
+    // UNSUBSCRIBE with id 0: the subscription stands.
+    let what = format!("UNSUBSCRIBE with packet id 0 (level {level})");
+    let kept = connect(level, &format!("zero-unsub-{level}"), properties, None, &[]);
+    let (mut s, _) = session(port, &kept, &what).await;
+    s.write_all(&subscribe_with_id(level, 1, "zero/unsub"))
+        .await
+        .expect("write");
+    assert_eq!(expect_packet(&mut s, &what).await.0, 0x90, "{what}: SUBACK");
+    s.write_all(&unsubscribe_with_id(level, 0, "zero/unsub"))
+        .await
+        .expect("write");
+    expect_protocol_error(&mut s, level, &what).await;
+    publisher
+        .publish("zero/unsub", b"still subscribed", 1, false)
+        .await;
+    let (mut s, present) = session(port, &kept, &what).await;
+    assert!(present, "{what}: the session was kept");
+    assert_eq!(next_publish_topic(&mut s, &what).await, "zero/unsub");
+
+    // PUBLISH at QoS 1 and 2 with id 0: not delivered.
+    for qos in [1, 2] {
+        let what = format!("QoS {qos} PUBLISH with packet id 0 (level {level})");
+        let mut s = clean_session(port, level, &format!("zero-pub-{level}-{qos}")).await;
+        s.write_all(&publish_with_id(level, qos, 0, "zero/pub/bad", b"bad"))
+            .await
+            .expect("write");
+        expect_protocol_error(&mut s, level, &what).await;
+    }
+    // The healthy client's next message is this one: nothing came before.
+    publisher
+        .publish("zero/pub/after", b"after", 1, false)
+        .await;
+    let m = next_foreign(&mut watcher.rx).await;
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("zero/pub/after", &b"after"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_1_1_packet_id_of_zero_closes_the_connection_and_does_nothing() {
+    packet_id_zero_closes_the_connection_and_does_nothing(4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_packet_id_of_zero_closes_the_connection_and_does_nothing() {
+    packet_id_zero_closes_the_connection_and_does_nothing(5).await;
 }

@@ -81,34 +81,66 @@ function draw() {
 
 let client;
 
+// MQTT 5 CONNACK codes after which retrying the same login cannot help:
+// bad user name or password, not authorized, banned (too many failures
+// from this address), and their 3.1.1 forms.
+const LOGIN_REFUSED = new Set([134, 135, 138, 4, 5]);
+
 function connect(username, password) {
   if (client) client.end(true);
+  // A new login may see less than the last one did: show only what it reads.
+  instances.clear();
+  queues.clear();
+  draw();
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const options = {
     protocolVersion: 5,
     clean: true,
     reconnectPeriod: 2000,
-    clientId: `axion-web-${Math.random().toString(16).slice(2, 12)}`,
+    // Empty: the broker assigns an id. One the page made up could fall
+    // under the prefix reserved to Axion's own components (refused with
+    // auth on) or take over another client's session.
+    clientId: '',
   };
   if (username) options.username = username;
   if (password) options.password = password;
-  client = mqtt.connect(`${scheme}://${location.host}/mqtt`, options);
-  client.on('connect', () => {
+  const c = mqtt.connect(`${scheme}://${location.host}/mqtt`, options);
+  client = c;
+  // Events of a client this page has since replaced say nothing about now.
+  const current = () => c === client;
+  let refused = false;
+  c.on('connect', () => {
+    if (!current()) return;
     $('status').textContent = `connected to ${location.host}`;
     $('login').style.display = 'none';
-    client.subscribe(['axion/+/heartbeat/+/+', 'axion/+/queue/+/stats'], { qos: 0 });
+    const filters = ['axion/+/heartbeat/+/+', 'axion/+/queue/+/stats'];
+    c.subscribe(filters, { qos: 0 }, (err, _subs, suback) => {
+      // With auth on, the ACL decides what this login may read; an empty
+      // table must not pass for an empty fleet.
+      const codes = suback?.granted ?? [];
+      const denied = filters.filter((_, i) => codes[i] >= 0x80);
+      if (current() && denied.length) {
+        $('status').textContent = `connected to ${location.host}; not allowed to read ${denied.join(', ')}`;
+      } else if (current() && err) {
+        $('status').textContent = `connected to ${location.host}; subscribe failed (${err.message})`;
+      }
+    });
   });
-  client.on('close', () => { $('status').textContent = 'disconnected; reconnecting…'; });
-  client.on('error', (err) => {
+  c.on('close', () => {
+    if (current() && !refused) $('status').textContent = 'disconnected; reconnecting…';
+  });
+  c.on('error', (err) => {
     // A refused login does not get better by retrying: ask for one.
-    if (err && (err.code === 135 || err.code === 134 || err.code === 4 || err.code === 5)) {
-      client.end(true);
+    if (current() && err && LOGIN_REFUSED.has(err.code)) {
+      refused = true;
+      c.end(true);
       $('login-why').textContent = `The broker refused the login (${err.message}).`;
       $('login').style.display = 'block';
       $('status').textContent = 'login needed';
     }
   });
-  client.on('message', (topic, payload) => {
+  c.on('message', (topic, payload) => {
+    if (!current()) return;
     const map = topic.includes('/heartbeat/') ? instances : queues;
     if (payload.length === 0) {
       map.delete(topic);
@@ -122,6 +154,9 @@ function connect(username, password) {
 $('login').addEventListener('submit', (e) => {
   e.preventDefault();
   const form = new FormData(e.target);
+  // The last refusal's reason goes until this login has its own answer.
+  $('login-why').textContent = '';
+  $('status').textContent = `logging in as ${form.get('username')}…`;
   connect(form.get('username'), form.get('password'));
 });
 

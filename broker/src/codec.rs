@@ -133,6 +133,13 @@ pub enum DecodeError {
     /// panics on some of them.
     #[error("packet type {0} is not one a client sends")]
     NotFromClient(u8),
+    /// A SUBSCRIBE, UNSUBSCRIBE or QoS 1/2 PUBLISH whose packet identifier
+    /// is 0, which MQTT forbids (MQTT-2.3.1-1; MQTT 5 2.2.1). rumqttd
+    /// refuses it in a PUBLISH only; an (UN)SUBSCRIBE with it would be
+    /// acted on and acknowledged with an id the client could not have
+    /// been waiting for.
+    #[error("{0} with packet identifier 0")]
+    ZeroPacketId(&'static str),
 }
 
 impl DecodeError {
@@ -140,7 +147,9 @@ impl DecodeError {
     /// come is a Protocol Error, anything else a Malformed Packet.
     pub fn reason(&self) -> rumqttd::protocol::DisconnectReasonCode {
         match self {
-            DecodeError::NotFromClient(_) => rumqttd::protocol::DisconnectReasonCode::ProtocolError,
+            DecodeError::NotFromClient(_) | DecodeError::ZeroPacketId(_) => {
+                rumqttd::protocol::DisconnectReasonCode::ProtocolError
+            }
             _ => rumqttd::protocol::DisconnectReasonCode::MalformedPacket,
         }
     }
@@ -190,7 +199,18 @@ impl Codec {
                 Codec::V5(c) => c.read_mut(buf, max_size),
             }?)
         }));
-        result.unwrap_or(Err(DecodeError::Panicked))
+        match result.unwrap_or(Err(DecodeError::Panicked)) {
+            Err(DecodeError::Protocol(rumqttd::protocol::Error::PacketIdZero)) => {
+                Err(DecodeError::ZeroPacketId("PUBLISH"))
+            }
+            Ok(Packet::Subscribe(s, _)) if s.pkid == 0 => {
+                Err(DecodeError::ZeroPacketId("SUBSCRIBE"))
+            }
+            Ok(Packet::Unsubscribe(u, _)) if u.pkid == 0 => {
+                Err(DecodeError::ZeroPacketId("UNSUBSCRIBE"))
+            }
+            other => other,
+        }
     }
 
     /// Encodes `packet` for this client. MQTT 5 properties are dropped for
@@ -699,6 +719,33 @@ mod tests {
                         ),
                         "{what}: {result:?}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_packet_id_is_a_protocol_error_where_one_is_required() {
+        for (level, v5) in [(4, false), (5, true)] {
+            let mut codec = Codec::for_level(level).expect("codec");
+            for packet in client_packets(v5) {
+                let what = format!("level {level}: {packet:?}");
+                // Where the packet id sits in the body: first in an
+                // (UN)SUBSCRIBE, after the topic in a PUBLISH.
+                let at = match &packet {
+                    Packet::Subscribe(..) | Packet::Unsubscribe(..) => 0,
+                    Packet::Publish(p, _) => 2 + p.topic.len(),
+                    _ => continue,
+                };
+                let mut wire = BytesMut::new();
+                codec.write(packet, &mut wire).expect("encode");
+                assert!(read(&mut codec, &mut wire.clone()).is_ok(), "{what}");
+                let mut zeroed = edited(&wire, |b| b[at..at + 2].fill(0));
+                match read(&mut codec, &mut zeroed) {
+                    Err(e @ DecodeError::ZeroPacketId(_)) => {
+                        assert_eq!(e.reason(), DisconnectReasonCode::ProtocolError, "{what}")
+                    }
+                    other => panic!("{what}: {other:?}"),
                 }
             }
         }
