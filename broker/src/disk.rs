@@ -53,6 +53,15 @@ const PAGE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Changes taken into one commit at most.
 const BATCH: usize = 4096;
+/// How long a commit that finds only a few changes waits for more, when
+/// the one before it carried many: publishers with many messages in flight
+/// send their next ones as their acknowledgements arrive, and without the
+/// wait the first of them takes an `fdatasync` of its own that all the
+/// others then wait behind. Postgres's `commit_delay` is the same idea.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+/// The commit before must have carried at least this many changes for the
+/// next to wait ([`LINGER`]); a lone publisher never waits.
+const LINGER_AFTER: usize = 8;
 /// Format of a stored value; bumped if it ever changes.
 const VERSION: u8 = 1;
 
@@ -593,6 +602,7 @@ fn writer(
     rx: mpsc::Receiver<(Op, Option<oneshot::Sender<()>>)>,
     file: PathBuf,
 ) {
+    let mut last_batch = 0;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -601,6 +611,17 @@ fn writer(
                 Err(_) => break,
             }
         }
+        if last_batch >= LINGER_AFTER && batch.len() < last_batch / 2 {
+            let until = std::time::Instant::now() + LINGER;
+            while batch.len() < last_batch {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+        }
+        last_batch = batch.len();
         let started = std::time::Instant::now();
         let changes: Vec<Change<'_>> = batch
             .iter()
