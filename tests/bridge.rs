@@ -14,9 +14,7 @@ mod common;
 
 use common::spawn_axion as spawn;
 
-use common::{axion_bin, free_port, Mosquitto, Proc, Serve};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use common::{axion_bin, free_port, http_get, Mosquitto, Proc, Serve};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,22 +164,6 @@ fn wait_ready(ws_port: u16) {
         assert!(Instant::now() < deadline, "bridge not ready within 20 s");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A tiny HTTP/1.1 GET: status code and body.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
 }
 
 fn clients_dir() -> PathBuf {
