@@ -1,10 +1,12 @@
-//! `axion-bench`: measures Axion's broker against Mosquitto in one run.
+//! `axion-bench`: every benchmark of Axion, each one running Axion beside
+//! another system in one run and printing the figures side by side.
 //!
-//! One load generator (rumqttc on a single-threaded runtime, so it uses
-//! about one core and leaves the other to the broker) drives both brokers,
-//! one after the other, alternating A/B for several rounds; the median of
-//! each case is reported with the ratio Axion ÷ Mosquitto and each broker's
-//! CPU time, read from /proc. See BENCHMARKS.md for figures.
+//! The default measures Axion's broker against Mosquitto: one load
+//! generator (rumqttc on a single-threaded runtime, so it uses about one
+//! core and leaves the other to the broker) drives both brokers, one after
+//! the other, alternating A/B for several rounds; the median of each case
+//! is reported with the ratio Axion ÷ Mosquitto and each broker's CPU time,
+//! read from /proc. See BENCHMARKS.md for figures.
 //!
 //! `--churn-secs` instead measures a healthy client's round trip while
 //! others churn subscriptions: see [`churn`].
@@ -18,9 +20,13 @@
 //!
 //! `--ws` instead measures MQTT over WebSocket beside Mosquitto's
 //! WebSocket listener, with TCP in the same rounds: see [`websocket`].
+//!
+//! `--queues` instead measures the durable work queues beside NATS
+//! JetStream: see [`queues`].
 
 mod churn;
 mod persistence;
+mod queues;
 mod soak;
 mod websocket;
 
@@ -32,11 +38,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use axion_bench::cpu_secs;
 use clap::Parser;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+/// The load generator shares the cores with the servers it measures; the
+/// `axion` binary allocates with the same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
-#[command(about = "Compare Axion's MQTT broker with Mosquitto (throughput, latency, CPU)")]
+#[command(
+    about = "Benchmarks of Axion beside Mosquitto and NATS JetStream, side by side in one run (default: MQTT throughput, latency and CPU beside Mosquitto)"
+)]
 struct Args {
     /// The axion binary to benchmark (build with --release).
     #[arg(long, env = "AXION_BIN", default_value = "target/release/axion")]
@@ -105,6 +119,21 @@ struct Args {
     /// same rounds (QoS 0 and 1, one publisher and one subscriber).
     #[arg(long, env = "BENCH_WS")]
     ws: bool,
+    /// Instead of throughput, the durable work queues beside NATS
+    /// JetStream: confirmed enqueues, enqueue → deliver → ack with one
+    /// worker, latency at 2 000 tasks/s, server CPU per task.
+    #[arg(long, env = "BENCH_QUEUES")]
+    queues: bool,
+    /// Tasks per flat-out run of --queues (half as many at 2 000/s).
+    #[arg(long, env = "BENCH_TASKS", default_value_t = 20_000)]
+    tasks: usize,
+    /// Also with --queues: `axion queues` beside Mosquitto.
+    #[arg(long, env = "BENCH_QUEUE_MOSQUITTO")]
+    queue_mosquitto: bool,
+    /// The nats-server binary for --queues (scripts/bench-setup.sh installs
+    /// one); without one that runs, JetStream is left out.
+    #[arg(long, env = "NATS_SERVER", default_value = "nats-server")]
+    nats_server: PathBuf,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -223,13 +252,7 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
                 .with_context(|| format!("spawn {} (cargo build --release)", bin.display()))?
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{kind:?} did not listen on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port, &format!("{kind:?}"))?;
     Ok(Broker {
         child,
         port,
@@ -237,19 +260,16 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
     })
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" that closes the command name; utime/stime are 14/15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+/// Waits up to 10 s until something accepts TCP on `port`.
+fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -626,6 +646,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.ws {
         return websocket::run(&args);
+    }
+    if args.queues {
+        return queues::run(&args);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

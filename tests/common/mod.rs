@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod auth;
-pub mod batched;
 pub mod mqtt;
 pub mod raw;
 pub mod tls;
