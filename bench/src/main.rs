@@ -23,7 +23,12 @@
 //!
 //! `--queues` instead measures the durable work queues beside NATS
 //! JetStream: see [`queues`].
+//!
+//! `--bridge` and `--bridge-queue` instead measure the legacy WebSocket
+//! protocol through the bridge beside the legacy Node broker: see
+//! [`bridge`].
 
+mod bridge;
 mod churn;
 mod persistence;
 mod queues;
@@ -49,7 +54,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Benchmarks of Axion beside Mosquitto and NATS JetStream, side by side in one run (default: MQTT throughput, latency and CPU beside Mosquitto)"
+    about = "Benchmarks of Axion beside Mosquitto, NATS JetStream and the legacy Node broker, side by side in one run (default: MQTT throughput, latency and CPU beside Mosquitto)"
 )]
 struct Args {
     /// The axion binary to benchmark (build with --release).
@@ -124,7 +129,8 @@ struct Args {
     /// worker, latency at 2 000 tasks/s, server CPU per task.
     #[arg(long, env = "BENCH_QUEUES")]
     queues: bool,
-    /// Tasks per flat-out run of --queues (half as many at 2 000/s).
+    /// Tasks per flat-out run of --queues and --bridge-queue (half as many
+    /// at 2 000/s).
     #[arg(long, env = "BENCH_TASKS", default_value_t = 20_000)]
     tasks: usize,
     /// Also with --queues: `axion queues` beside Mosquitto.
@@ -134,6 +140,24 @@ struct Args {
     /// one); without one that runs, JetStream is left out.
     #[arg(long, env = "NATS_SERVER", default_value = "nats-server")]
     nats_server: PathBuf,
+    /// Instead of throughput, legacy WebSocket events through the bridge
+    /// (in `axion serve`, and `axion bridge` beside Mosquitto) beside the
+    /// legacy Node broker and direct MQTT, with the Node driver in
+    /// --clients.
+    #[arg(long, env = "BENCH_BRIDGE")]
+    bridge: bool,
+    /// Instead of throughput, the legacy work-queue protocol over
+    /// WebSocket through the bridge (durable) beside the legacy broker's
+    /// in-memory queue.
+    #[arg(long, env = "BENCH_BRIDGE_QUEUE")]
+    bridge_queue: bool,
+    /// Events per flat-out run of --bridge (4 subscribers: half as many).
+    #[arg(long, env = "BENCH_EVENTS", default_value_t = 100_000)]
+    events: u64,
+    /// Where the Node load driver (bench.js) and the legacy brokers of
+    /// --bridge and --bridge-queue are, with their packages installed.
+    #[arg(long, env = "BENCH_CLIENTS", default_value = "tests/clients")]
+    clients: PathBuf,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -649,6 +673,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.queues {
         return queues::run(&args);
+    }
+    if args.bridge {
+        return bridge::run_events(&args);
+    }
+    if args.bridge_queue {
+        return bridge::run_queue(&args);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
