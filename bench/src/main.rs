@@ -27,7 +27,11 @@
 //! `--bridge` and `--bridge-queue` instead measure the legacy WebSocket
 //! protocol through the bridge beside the legacy Node broker: see
 //! [`bridge`].
+//!
+//! `--acl` instead measures what authentication and ACL checks cost: see
+//! [`acl`].
 
+mod acl;
 mod bridge;
 mod churn;
 mod persistence;
@@ -158,6 +162,10 @@ struct Args {
     /// --bridge and --bridge-queue are, with their packages installed.
     #[arg(long, env = "BENCH_CLIENTS", default_value = "tests/clients")]
     clients: PathBuf,
+    /// Instead of throughput, the cost of ACL checks: ns per check, and
+    /// QoS 1 throughput with and without an auth file.
+    #[arg(long, env = "BENCH_ACL")]
+    acl: bool,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -330,8 +338,9 @@ impl Outcome {
 }
 
 /// One publisher → one subscriber on a fresh topic; `rate` None = flat out.
+/// `options` gives a client's connection options for its client id.
 async fn run_case(
-    port: u16,
+    options: impl Fn(&str) -> MqttOptions,
     qos: QoS,
     count: u64,
     rate: Option<u64>,
@@ -342,7 +351,7 @@ async fn run_case(
     let topic = format!("bench/{}", free_port()?);
     let base = Instant::now();
 
-    let mut sub_opts = MqttOptions::new(format!("bench-sub-{}", free_port()?), "127.0.0.1", port);
+    let mut sub_opts = options(&format!("bench-sub-{}", free_port()?));
     sub_opts.set_keep_alive(Duration::from_secs(30));
     sub_opts.set_inflight(100);
     let (sub, mut sub_loop) = AsyncClient::new(sub_opts, 1000);
@@ -391,8 +400,7 @@ async fn run_case(
     let mut clients = Vec::new();
     let mut loops = Vec::new();
     for _ in 0..publishers.max(1) {
-        let mut pub_opts =
-            MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
+        let mut pub_opts = options(&format!("bench-pub-{}", free_port()?));
         pub_opts.set_keep_alive(Duration::from_secs(30));
         pub_opts.set_inflight(100);
         let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
@@ -680,6 +688,9 @@ fn main() -> anyhow::Result<()> {
     if args.bridge_queue {
         return bridge::run_queue(&args);
     }
+    if args.acl {
+        return acl::run(&args);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -744,7 +755,7 @@ fn main() -> anyhow::Result<()> {
             for kind in order {
                 let broker = start(kind, &args)?;
                 let outcome = rt.block_on(run_case(
-                    broker.port,
+                    |id| MqttOptions::new(id, "127.0.0.1", broker.port),
                     *qos,
                     *count,
                     *rate,
