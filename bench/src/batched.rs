@@ -1,4 +1,4 @@
-//! A lean MQTT 5 client for the queue benchmark's load generator.
+//! A lean MQTT 5 client for the durable-queue load ([`crate::queue_load`]).
 //!
 //! The benchmark shares two cores with the server it measures, so what the
 //! generator spends shows in the server's figures. rumqttc writes every
@@ -8,11 +8,11 @@
 //! one syscall, as async-nats (the JetStream side's client) does. It speaks
 //! only what the benchmark needs: CONNECT, SUBSCRIBE, PUBLISH at QoS 1 both
 //! ways, PUBACK and PINGREQ, over TCP.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{bail, Context};
 use axion_wire::MqttUrl;
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
@@ -80,15 +80,14 @@ impl Batched {
     /// Connects with a clean start (and the URL's login, if any) and waits
     /// for the CONNACK; its Receive Maximum bounds the QoS 1 publishes in
     /// flight. TCP only.
-    pub async fn connect(url: &MqttUrl, client_id: &str) -> Batched {
-        assert!(
-            url.unix.is_none(),
-            "the batched client speaks TCP only: {url}"
-        );
+    pub async fn connect(url: &MqttUrl, client_id: &str) -> anyhow::Result<Batched> {
+        if url.unix.is_some() {
+            bail!("the batched client speaks TCP only: {url}");
+        }
         let stream = TcpStream::connect((url.host.as_str(), url.port))
             .await
-            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-        stream.set_nodelay(true).expect("nodelay");
+            .with_context(|| format!("connect to {url}"))?;
+        stream.set_nodelay(true)?;
         let (mut read, mut write) = stream.into_split();
         let connect = Packet::Connect(
             Connect {
@@ -103,14 +102,18 @@ impl Batched {
                 .map(|u| Login::new(u, url.password.as_deref().unwrap_or(""))),
         );
         let mut buf = BytesMut::new();
-        connect.write(&mut buf, None).expect("encode CONNECT");
-        write.write_all(&buf).await.expect("send CONNECT");
+        connect
+            .write(&mut buf, None)
+            .map_err(|e| anyhow::anyhow!("encode CONNECT: {e:?}"))?;
+        write.write_all(&buf).await.context("send CONNECT")?;
         buf.clear();
         let connack = match next_packet(&mut read, &mut buf).await {
             Some(Packet::ConnAck(ack)) => ack,
-            other => panic!("expected CONNACK, got {other:?}"),
+            other => bail!("expected CONNACK, got {other:?}"),
         };
-        assert_eq!(connack.code, ConnectReturnCode::Success, "{connack:?}");
+        if connack.code != ConnectReturnCode::Success {
+            bail!("connection refused: {connack:?}");
+        }
         let inflight = Arc::new(Semaphore::new(receive_maximum(&connack)));
         let (out, out_rx) = mpsc::unbounded_channel();
         let (in_tx, incoming) = mpsc::unbounded_channel();
@@ -136,25 +139,26 @@ impl Batched {
                 }
             }
         });
-        Batched {
+        Ok(Batched {
             publisher: Publisher(out),
             incoming,
             subacks,
             conn: Conn([writer, reader]),
-        }
+        })
     }
 
     /// Subscribes at QoS 1 and waits for the SUBACK.
-    pub async fn subscribe(&mut self, filter: &str) {
+    pub async fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
         let subscribe = Subscribe::new(Filter::new(filter, QoS::AtLeastOnce), None);
+        let closed = || anyhow::anyhow!("connection closed before the SUBACK to {filter}");
         self.publisher
             .0
             .send(Packet::Subscribe(subscribe))
-            .expect("connection open");
+            .map_err(|_| closed())?;
         tokio::time::timeout(Duration::from_secs(5), self.subacks.recv())
             .await
-            .expect("SUBACK within 5 s")
-            .expect("connection open");
+            .with_context(|| format!("no SUBACK to {filter} within 5 s"))?
+            .ok_or_else(closed)
     }
 }
 
