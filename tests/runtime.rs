@@ -598,7 +598,16 @@ async fn sigterm_mid_task_finishes_it_then_stops_cleanly() {
         }
     }
     order.dedup();
-    assert_eq!(order, ["draining", "result", "offline"]);
+    // The record and the result travel on two connections (the heartbeat's
+    // and the service's), so which of them arrives first is up to the
+    // scheduler under load; both come before the final record.
+    let at = |what: &str| order.iter().position(|o| o == what);
+    assert!(
+        at("draining").is_some()
+            && at("result").is_some()
+            && at("offline") == Some(order.len() - 1),
+        "draining and the result, then offline: {order:?}"
+    );
     assert_eq!(w.proc.wait_exit(Duration::from_secs(5)), Some(0));
     let stats = show(&mut c, QUEUE).await;
     assert_eq!(stats["stats"]["acked_total"], 1, "{stats}");

@@ -33,7 +33,9 @@ use super::limits::Limits;
 use super::message::{into_task, parse_event, Event, ReplyTarget, Task};
 use super::vitals::Vitals;
 use super::{EventHandler, HandlerResult, RuntimeError, TaskHandler};
-use axion_client::connection::{options_v5, Reconnect};
+use axion_client::connection::{
+    lasting_refusal, lasting_subscribe_refusal, options_v5, Reconnect, REFUSALS_BEFORE_GIVING_UP,
+};
 use axion_wire::queue::{Ready, TaskRecord, TaskRef};
 use axion_wire::{topics, MqttUrl};
 
@@ -131,7 +133,7 @@ pub(crate) async fn run(
     opts.set_max_packet_size(Some(MAX_PACKET));
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
-    let poller = tokio::spawn(poll_loop(eventloop, vitals.clone(), in_tx));
+    let mut poller = tokio::spawn(poll_loop(eventloop, vitals.clone(), in_tx));
     let (done_tx, mut done_rx) = mpsc::channel(plan.limits.max_inflight + 16);
 
     tracing::info!(
@@ -160,9 +162,15 @@ pub(crate) async fn run(
             }
             inbound = in_rx.recv() => match inbound {
                 Some(inbound) => core.on_inbound(inbound),
-                // The poller only ends on a clean DISCONNECT, which only
-                // this loop sends after it leaves.
-                None => return Err(RuntimeError::PollerGone),
+                // The poller ends on its own only when the broker refuses
+                // this service for good (a clean DISCONNECT is sent by this
+                // loop only after it leaves).
+                None => {
+                    return Err(match (&mut poller).await {
+                        Ok(Some(why)) => RuntimeError::Refused(why),
+                        _ => RuntimeError::PollerGone,
+                    })
+                }
             },
             _ = tick.tick() => core.on_tick(),
         }
@@ -208,8 +216,17 @@ pub(crate) async fn run(
     Ok(0)
 }
 
-async fn poll_loop(mut eventloop: EventLoop, vitals: Arc<Vitals>, tx: mpsc::Sender<Inbound>) {
+/// Polls the connection, passing what arrives to the service loop, until
+/// the service loop is gone or sends DISCONNECT (`None`), or the broker
+/// refuses this service in a way retrying will not change (`Some(why)`).
+async fn poll_loop(
+    mut eventloop: EventLoop,
+    vitals: Arc<Vitals>,
+    tx: mpsc::Sender<Inbound>,
+) -> Option<String> {
     let mut reconnect = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
+    // Lasting refusals in a row (see `lasting_refusal`).
+    let mut refusals = 0u32;
     loop {
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
@@ -217,7 +234,7 @@ async fn poll_loop(mut eventloop: EventLoop, vitals: Arc<Vitals>, tx: mpsc::Send
                 vitals.set_connected(true);
                 tracing::info!("connected to the broker");
                 if tx.send(Inbound::Connected).await.is_err() {
-                    return;
+                    return None;
                 }
             }
             Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
@@ -227,28 +244,45 @@ async fn poll_loop(mut eventloop: EventLoop, vitals: Arc<Vitals>, tx: mpsc::Send
                     .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                     .collect();
                 if refused.is_empty() {
+                    refusals = 0;
                     vitals.set_subscribed();
+                } else if refused.iter().any(|c| lasting_subscribe_refusal(c)) {
+                    // No retry makes the broker allow or support it: a
+                    // service that cannot take its work must not look alive.
+                    return Some(format!(
+                        "the broker refused a subscription this service needs: {refused:?}"
+                    ));
                 } else {
                     tracing::error!(codes = ?refused, "the broker refused a subscription; this service will not receive that work");
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
                 if tx.send(Inbound::Publish(Box::new(publish))).await.is_err() {
-                    return;
+                    return None;
                 }
             }
-            Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => return None,
             Ok(_) => {}
             Err(err) => {
                 if tx.is_closed() {
-                    return;
+                    return None;
+                }
+                match lasting_refusal(&err) {
+                    Some(why) => {
+                        refusals += 1;
+                        tracing::warn!(%why, refusals, of = REFUSALS_BEFORE_GIVING_UP, "the broker refused this service");
+                        if refusals >= REFUSALS_BEFORE_GIVING_UP {
+                            return Some(why);
+                        }
+                    }
+                    None => refusals = 0,
                 }
                 let wait = reconnect.after_failure();
                 if vitals.connected() {
                     vitals.set_connected(false);
                     tracing::warn!(error = %err, "lost the broker; reconnecting");
                     if tx.send(Inbound::Disconnected).await.is_err() {
-                        return;
+                        return None;
                     }
                 } else {
                     tracing::debug!(error = %err, retry_in = ?wait, "broker still unreachable");

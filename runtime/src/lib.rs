@@ -99,6 +99,8 @@ pub enum RuntimeError {
     BeaconGone,
     #[error("the MQTT connection task ended unexpectedly")]
     PollerGone,
+    #[error("{0}; giving up (exit 78: restarting will not help until the broker or this service's configuration changes)")]
+    Refused(String),
 }
 
 impl RuntimeError {
@@ -113,7 +115,8 @@ impl RuntimeError {
             | Self::EventType(_)
             | Self::NothingToDo
             | Self::DuplicateQueue(_)
-            | Self::HealthBind { .. } => EXIT_CONFIG,
+            | Self::HealthBind { .. }
+            | Self::Refused(_) => EXIT_CONFIG,
             Self::Heartbeat(HeartbeatError::Topic(_) | HeartbeatError::Env { .. }) => EXIT_CONFIG,
             _ => EXIT_FAILURE,
         }
