@@ -94,6 +94,14 @@ impl RetainedStore {
             return Stored::Refused;
         }
         self.bytes += size;
+        // Copies, not the views the session decoded: those share the read
+        // buffer their packet came in with everything else in that read,
+        // which a message kept for days would hold in memory beyond what
+        // the bounds above count.
+        let (topic, payload) = (
+            Bytes::copy_from_slice(&topic),
+            Bytes::copy_from_slice(&payload),
+        );
         let retained = Retained {
             payload,
             qos,
@@ -203,5 +211,23 @@ mod tests {
         store.store(Bytes::from("x"), Bytes::from("gone"), 0, Some(props));
         assert!(store.matching("x").is_empty());
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn a_retained_message_does_not_hold_the_buffer_it_arrived_in() {
+        let mut store = RetainedStore::new(10, 1024 * 1024);
+        // Topic and payload decoded from one read with 64 KiB more in it.
+        let mut read = vec![b'x'; 64 * 1024];
+        read[..3].copy_from_slice(b"a/b");
+        let read = Bytes::from(read);
+        let (topic, payload) = (read.slice(..3), read.slice(3..8));
+        drop(read);
+        store.store(topic.clone(), payload.clone(), 1, None);
+        drop(payload);
+        assert!(
+            topic.is_unique(),
+            "the store holds on to the read buffer its message came in"
+        );
+        assert_eq!(store.matching("a/b")[0].1.payload, Bytes::from("xxxxx"));
     }
 }

@@ -40,7 +40,11 @@ impl<T> TopicCache<T> {
         if map.len() >= BOUND {
             map.clear();
         }
-        map.insert(topic.clone(), found.clone());
+        // A copy, not `topic.clone()`: the topic is a view into the read
+        // buffer its packet arrived in (with the payload and whatever else
+        // came in the same read), and a kept view would hold all of that
+        // in memory for as long as the answer is remembered.
+        map.insert(Bytes::copy_from_slice(topic), found.clone());
         found
     }
 
@@ -69,5 +73,21 @@ mod tests {
         assert!(cache
             .get_or_find(&Bytes::from_static(&[0xFF]), |_| vec![3])
             .is_empty());
+    }
+
+    #[test]
+    fn a_remembered_topic_does_not_hold_the_buffer_it_arrived_in() {
+        let cache: TopicCache<u8> = TopicCache::default();
+        // A topic read with its payload, as a session's packet is.
+        let mut read = vec![b'x'; 64 * 1024];
+        read[..3].copy_from_slice(b"a/b");
+        let read = Bytes::from(read);
+        let topic = read.slice(..3);
+        drop(read);
+        cache.get_or_find(&topic, |_| vec![1]);
+        assert!(
+            topic.is_unique(),
+            "the cache holds on to the 64 KiB buffer the topic came in"
+        );
     }
 }

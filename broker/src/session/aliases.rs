@@ -68,7 +68,10 @@ impl Aliases {
                 .cloned()
                 .ok_or(("topic alias never set", DisconnectReasonCode::ProtocolError))?;
         } else {
-            self.incoming.insert(alias, topic.clone());
+            // A copy: `topic` is a view into the read buffer its packet
+            // came in, which the alias would otherwise hold for the whole
+            // session.
+            self.incoming.insert(alias, Bytes::copy_from_slice(topic));
         }
         Ok(())
     }
@@ -83,8 +86,10 @@ impl Aliases {
     }
 
     /// The client has been sent `topic` with `alias`.
-    pub(super) fn learned(&mut self, topic: Bytes, alias: u16) {
-        self.outgoing.insert(topic, alias);
+    pub(super) fn learned(&mut self, topic: &Bytes, alias: u16) {
+        // A copy: the delivery's topic is a view into its publisher's read
+        // buffer, which this session would otherwise hold while it lives.
+        self.outgoing.insert(Bytes::copy_from_slice(topic), alias);
     }
 }
 
@@ -115,7 +120,7 @@ mod tests {
         let mut a = Aliases::new(1);
         let (x, y) = (Bytes::from_static(b"x"), Bytes::from_static(b"y"));
         assert_eq!(a.outgoing(&x), Some(Outgoing::New(1)));
-        a.learned(x.clone(), 1);
+        a.learned(&x, 1);
         assert_eq!(a.outgoing(&x), Some(Outgoing::Known(1)));
         assert_eq!(a.outgoing(&y), None);
         assert_eq!(Aliases::new(0).outgoing(&x), None);

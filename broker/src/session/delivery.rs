@@ -654,7 +654,7 @@ impl Session {
         let discard =
             not_for_me || oversize || repeat || withheld || queued_copy || mark.marker.is_some();
         if let (false, Some(Outgoing::New(a))) = (discard, alias) {
-            self.aliases.learned(topic, a);
+            self.aliases.learned(&topic, a);
         }
         let Some((router_qos, pkid)) = outgoing_qos_pkid(&out[start..]) else {
             self.forget_journaled(journaled);
