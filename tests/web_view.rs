@@ -66,6 +66,16 @@ fn instance(service: &str, mqtt_url: &str) -> (Proc, Child) {
     (spawn_axion("axion heartbeat", &mut cmd), sleeper)
 }
 
+/// The driver's `seen <lag>` line: the page showed the instance less
+/// than a second after its heartbeat's timestamp.
+fn shown_within_a_second(seen: &str) {
+    let lag: f64 = seen
+        .strip_prefix("seen ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected: {seen}"));
+    assert!(lag < 1.0, "shown {lag:.3} s after its heartbeat");
+}
+
 #[test]
 fn the_page_shows_an_instance_within_a_second_and_marks_it_offline_when_killed() {
     let serve = Serve::start();
@@ -77,12 +87,7 @@ fn the_page_shows_an_instance_within_a_second_and_marks_it_offline_when_killed()
     assert_eq!(next("its connection"), "connected");
     // The instance starts only once the page is up: what it shows is live.
     let (sidecar, mut sleeper) = instance("web-demo", &serve.mqtt_url());
-    let seen = next("the instance");
-    let lag: f64 = seen
-        .strip_prefix("seen ")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected: {seen}"));
-    assert!(lag < 1.0, "shown {lag:.3} s after its heartbeat");
+    shown_within_a_second(&next("the instance"));
     sidecar.signal(9);
     let offline = next("the instance offline");
     assert!(offline.starts_with("offline"), "{offline}");
@@ -184,12 +189,7 @@ fn with_auth_on_the_page_asks_for_a_login_and_shows_what_its_acl_allows() {
     // The instance starts only once the page is logged in: what it shows
     // is live.
     let (sidecar, mut sleeper) = instance("web-auth", &url("instance"));
-    let seen = next("the instance");
-    let lag: f64 = seen
-        .strip_prefix("seen ")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected: {seen}"));
-    assert!(lag < 1.0, "shown {lag:.3} s after its heartbeat");
+    shown_within_a_second(&next("the instance"));
     // The broker's own record and the instance's are retained; a login
     // that may not read heartbeats gets neither, and is told why.
     let watcher = next("the watcher's view");

@@ -322,9 +322,22 @@ impl Outcome {
             self.received, self.sent, self.secs, self.p99_ms, self.broker_cpu
         )
     }
-}
 
-impl Outcome {
+    /// Its cells in a results table, after the row's labels: received/sent,
+    /// msg/s, p50 and p99 ms, broker CPU s, messages per broker CPU-second.
+    fn cells(&self) -> String {
+        format!(
+            "{}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0}",
+            self.received,
+            self.sent,
+            self.rate(),
+            self.p50_ms,
+            self.p99_ms,
+            self.broker_cpu,
+            self.per_cpu_sec()
+        )
+    }
+
     fn rate(&self) -> f64 {
         self.received as f64 / self.secs
     }
@@ -793,16 +806,7 @@ fn main() -> anyhow::Result<()> {
             rows.insert(1, ("axion baseline", pick(Kind::Baseline)));
         }
         for (kind, o) in rows {
-            println!(
-                "| {name} | {kind} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
-                o.received,
-                o.sent,
-                o.rate(),
-                o.p50_ms,
-                o.p99_ms,
-                o.broker_cpu,
-                o.per_cpu_sec()
-            );
+            println!("| {name} | {kind} | {} |", o.cells());
         }
         let baseline = args.baseline.is_some().then(|| pick(Kind::Baseline));
         summary.push((name.to_string(), a, m, r, rate.is_some(), baseline));

@@ -413,16 +413,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ] {
             let o = pick(target);
             println!(
-                "| {name} | {} | {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} |",
+                "| {name} | {} | {} | {} |",
                 target.name(),
                 target.transport(),
-                o.received,
-                o.sent,
-                o.rate(),
-                o.p50_ms,
-                o.p99_ms,
-                o.broker_cpu,
-                o.per_cpu_sec()
+                o.cells()
             );
         }
         summary.push((
