@@ -285,10 +285,21 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mqtt_port = broker.local_addr().port();
     // The embedded components reach the broker over its Unix socket, or
-    // over loopback whatever address the public listener is bound to.
+    // over TCP: on loopback when the public listener takes every address
+    // (0.0.0.0, ::), else where it is bound (one bound to 127.0.0.2 or
+    // 10.0.0.5 alone does not answer on 127.0.0.1).
     let mut local = match broker.unix_path() {
         Some(path) => MqttUrl::unix(path),
-        None => MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?,
+        None => {
+            let mut addr = broker.local_addr();
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            MqttUrl::parse(&format!("mqtt://{addr}"))?
+        }
     };
     if auth.is_some() {
         local.user = Some(axion_access::auth::INTERNAL_USER.to_string());
