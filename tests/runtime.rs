@@ -45,8 +45,13 @@ fn example_bin() -> &'static PathBuf {
         if let Some(target) = profile_dir.parent() {
             cmd.env("CARGO_TARGET_DIR", target);
         }
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
+        // The profile the tests were built with, named by its directory
+        // (`debug` is `dev`'s), so the example lands beside them.
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some(profile) => {
+                cmd.args(["--profile", profile]);
+            }
         }
         let status = cmd.status().expect("run cargo build for the example");
         assert!(status.success(), "building the example failed");
