@@ -5,7 +5,8 @@
 //! `systemd-analyze verify`, and the container file's steps are carried
 //! out without an engine (`containerfile.rs` says what stands for what):
 //! its image refuses to start open to the network, and starts, takes a
-//! login and stops on its stop signal with an auth file.
+//! login and stops on its stop signal with an auth file. And the ports
+//! file a supervisor reads never shows a dead run's ports.
 //! Real processes: `axion serve`, `systemd-analyze`, `cargo metadata`.
 
 mod common;
@@ -94,6 +95,46 @@ fn a_configuration_files_keys_take_effect_and_the_environment_wins() {
     assert!(TcpStream::connect(mqtt).is_ok(), "{mqtt} accepts");
     serve.signal(15);
     assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// A ports file left by an earlier run (killed, so it could not remove
+/// it) is gone as soon as the next run starts, even one that stops at once
+/// on a bad setting: a supervisor waiting for the file never reads a dead
+/// run's ports.
+#[test]
+fn a_ports_file_from_an_earlier_run_is_gone_even_when_start_up_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports_file = dir.path().join("ports");
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let runs: [&[&str]; 3] = [
+        &[
+            "serve",
+            "--data-dir",
+            data,
+            "--max-filters",
+            "300",
+            "--max-filters-per-client",
+            "300",
+        ],
+        &["bridge", "--auth-file", "/nonexistent/auth.toml"],
+        &["work", "--queue", "not/one/level", "--", "true"],
+    ];
+    for args in runs {
+        std::fs::write(&ports_file, "mqtt=127.0.0.1:1\n").unwrap();
+        let out = Command::new(axion_bin())
+            .args(args)
+            .env("AXION_PORTS_FILE", &ports_file)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run axion");
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(
+            !ports_file.exists(),
+            "{args:?} left the earlier run's ports file: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

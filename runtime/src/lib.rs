@@ -229,6 +229,20 @@ impl Service {
     }
 
     async fn try_run(self) -> Result<i32, RuntimeError> {
+        let ports_file = self.ports_file.or_else(|| {
+            std::env::var_os("AXION_PORTS_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let ports_error = |path: &PathBuf| {
+            let path = path.clone();
+            move |err| RuntimeError::PortsFile { path, err }
+        };
+        // First, so a reader waiting for the file never finds the last
+        // run's, even when this one stops on a bad setting.
+        if let Some(path) = &ports_file {
+            axion_client::ports_file::clear(path).map_err(ports_error(path))?;
+        }
         let package = match self.package {
             Some(p) => p,
             None => env_or("AXION_PACKAGE", "default"),
@@ -254,11 +268,6 @@ impl Service {
                 _ => None,
             },
         };
-        let ports_file = self.ports_file.or_else(|| {
-            std::env::var_os("AXION_PORTS_FILE")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        });
         topics::validate_level("package", &package)?;
         topics::validate_level("service", &self.name)?;
         if self.queues.is_empty() && self.events.is_empty() {
@@ -276,14 +285,6 @@ impl Service {
             events.push((t.clone(), topics::event(&package, &t), h));
         }
 
-        let ports_error = |path: &PathBuf| {
-            let path = path.clone();
-            move |err| RuntimeError::PortsFile { path, err }
-        };
-        // A reader waiting for the file must not find the last run's.
-        if let Some(path) = &ports_file {
-            axion_client::ports_file::clear(path).map_err(ports_error(path))?;
-        }
         let vitals = Arc::new(vitals::Vitals::new(limits.max_inflight, limits.max_queue));
         let mut ports = axion_wire::ports::Ports::new();
         let health_port = match health {

@@ -102,13 +102,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // First, so a start that fails on a bad setting leaves no file behind.
+    args.ports.clear()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("axion-bridge")
         .build()
         .context("start the async runtime")?;
     runtime.block_on(async {
-        args.ports.clear()?;
         let mut config = BridgeConfig::new(
             args.ws_listen,
             args.mqtt.with_env_credentials(),

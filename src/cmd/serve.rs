@@ -182,6 +182,8 @@ impl LoginLimitArgs {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // First, so a start that fails on a bad setting leaves no file behind.
+    args.ports.clear()?;
     axion_wire::topics::validate_level("package", &args.package)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -197,7 +199,6 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     // and a SIGHUP (a terminal hang-up, `systemctl reload`) must never
     // kill us.
     let signals = Signals::install()?;
-    args.ports.clear()?;
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("install the SIGHUP handler")?;
     // The embedded components log in as an internal superuser with a
