@@ -14,7 +14,7 @@ mod common;
 
 use common::spawn_axion as spawn;
 
-use common::{axion_bin, free_port, http_get, Mosquitto, Proc, Serve};
+use common::{axion_bin, http_get, unique_name, Listening, Mosquitto, Proc, Serve};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ enum Kind {
     Serve(Serve),
     /// `axion bridge` (and maybe `axion queues`) against Mosquitto.
     Standalone {
-        bridge: Proc,
+        bridge: Listening,
         /// Declared after `bridge` so the broker outlives it on drop.
         broker: Option<Mosquitto>,
         _owner: Option<(Proc, tempfile::TempDir)>,
@@ -50,7 +50,7 @@ impl Stack {
     }
 
     fn serve(args: &[&str]) -> Stack {
-        let package = format!("t{}", free_port());
+        let package = unique_name("t");
         let mut all = vec!["--package", package.as_str()];
         all.extend(args);
         let serve = Serve::start_with(&all, &[]);
@@ -69,17 +69,16 @@ impl Stack {
     }
 
     fn standalone_on_mosquitto(broker: Mosquitto, args: &[&str], owner: bool) -> Stack {
-        let package = format!("t{}", free_port());
+        let package = unique_name("t");
         let url = broker.mqtt_url();
-        let ws_port = free_port();
-        let bridge = spawn(
+        let bridge = common::spawn_listening(
             "axion bridge",
             Command::new(axion_bin())
                 .args(["bridge", "--mqtt", &url, "--package", &package])
-                .arg("--ws-listen")
-                .arg(format!("127.0.0.1:{ws_port}"))
+                .args(["--ws-listen", "127.0.0.1:0"])
                 .args(args),
         );
+        let ws_port = bridge.port(axion_wire::ports::WS);
         let owner = owner.then(|| {
             let data = tempfile::tempdir().expect("tempdir");
             let proc = spawn(
@@ -118,7 +117,7 @@ impl Stack {
     fn peak_rss_kib(&self) -> u64 {
         let pid = match &self.kind {
             Kind::Serve(s) => s.proc.pid(),
-            Kind::Standalone { bridge, .. } => bridge.pid(),
+            Kind::Standalone { bridge, .. } => bridge.proc.pid(),
         };
         let status =
             std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");

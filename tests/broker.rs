@@ -761,11 +761,7 @@ fn the_unix_socket_carries_mqtt_both_ways_and_is_never_stolen() {
     let other = tempfile::tempdir().expect("tempdir");
     let second = Command::new(common::axion_bin())
         .arg("serve")
-        .args([
-            "--mqtt-listen",
-            &format!("127.0.0.1:{}", common::free_port()),
-        ])
-        .args(["--ws-listen", &format!("127.0.0.1:{}", common::free_port())])
+        .args(["--mqtt-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(other.path())
         .arg("--mqtt-unix")

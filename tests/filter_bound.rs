@@ -399,10 +399,7 @@ fn a_per_client_bound_not_below_the_routers_stops_start_up() {
         let data = tempfile::tempdir().expect("tempdir");
         let child = std::process::Command::new(common::axion_bin())
             .arg("serve")
-            .arg("--mqtt-listen")
-            .arg(format!("127.0.0.1:{}", common::free_port()))
-            .arg("--ws-listen")
-            .arg(format!("127.0.0.1:{}", common::free_port()))
+            .args(["--mqtt-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data.path())
             .args(args)

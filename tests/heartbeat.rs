@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axion_client::fleet::{FleetWatcher, State, WatchOptions};
 use axion_wire::schema::now_unix;
 use axion_wire::MqttUrl;
-use common::{axion_bin, free_port, Mosquitto, Proc, Serve};
+use common::{axion_bin, instance_port, Mosquitto, Proc, Serve};
 use serde_json::{json, Value};
 
 enum Guard {
@@ -181,7 +181,7 @@ fn mosquitto_pub(b: &Broker, topic: &str, payload: &str, retain: bool) {
 #[test]
 fn a_dashboard_and_paho_joining_two_seconds_late_see_the_record_at_once() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let _sc = sidecar(
         &b,
         "report",
@@ -249,7 +249,7 @@ fn a_dashboard_and_paho_joining_two_seconds_late_see_the_record_at_once() {
 #[test]
 fn a_legacy_python_publisher_appears_in_the_monitor() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let mut child = Command::new(python())
         .arg(paho_script())
         .args([
@@ -286,7 +286,7 @@ fn a_legacy_python_publisher_appears_in_the_monitor() {
 #[test]
 fn kill_9_turns_offline_lost_through_the_will_at_once() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("worker", port);
     let w = Watcher::start(&b);
     let sc = sidecar(&b, "worker", port, &[], &[]);
@@ -307,7 +307,7 @@ fn kill_9_turns_offline_lost_through_the_will_at_once() {
 #[test]
 fn sigstop_turns_offline_lost_within_one_and_a_half_keep_alives() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("hung", port);
     let w = Watcher::start(&b);
     let sc = sidecar(&b, "hung", port, &[], &[("HEARTBEAT_INTERVAL_SECS", "60")]);
@@ -325,7 +325,7 @@ fn sigstop_turns_offline_lost_within_one_and_a_half_keep_alives() {
 #[test]
 fn sigterm_publishes_offline_stopped_and_exits_zero() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("api", port);
     let w = Watcher::start(&b);
     let mut sc = sidecar(&b, "api", port, &[], &[]);
@@ -343,7 +343,7 @@ fn sigterm_publishes_offline_stopped_and_exits_zero() {
 #[test]
 fn a_watched_pid_that_exits_is_marked_offline_exited() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("script", port);
     let mut sleeper = Command::new("sleep")
         .arg("1.5")
@@ -372,7 +372,7 @@ fn a_watched_pid_that_exits_is_marked_offline_exited() {
 #[test]
 fn an_announce_makes_every_instance_republish_at_once() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("idle", port);
     let w = Watcher::start(&b);
     let _sc = sidecar(&b, "idle", port, &[], &[("HEARTBEAT_INTERVAL_SECS", "60")]);
@@ -407,7 +407,7 @@ fn an_old_timestamp_shows_stale_whatever_the_status_says() {
 #[test]
 fn restarts_are_not_overwritten_by_an_earlier_runs_will() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("flappy", port);
     let w = Watcher::start(&b);
     let mut sc = sidecar(
@@ -483,7 +483,7 @@ impl Restartable {
     fn start() -> Restartable {
         if use_mosquitto() {
             let dir = tempfile::tempdir().unwrap();
-            let port = free_port();
+            let port = common::port_known_in_advance();
             Restartable::Mosquitto {
                 proc: common::spawn_mosquitto(port, dir.path()),
                 dir,
@@ -523,7 +523,7 @@ fn after_a_broker_restart_every_record_is_back_within_one_reconnect() {
         url: format!("mqtt://127.0.0.1:{port}"),
         port,
     };
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| instance_port()).collect();
     let _scs: Vec<Proc> = ports
         .iter()
         .map(|p| sidecar(&b, "fleet", *p, &[], &[("HEARTBEAT_INTERVAL_SECS", "60")]))
@@ -558,7 +558,7 @@ fn after_a_broker_restart_every_record_is_back_within_one_reconnect() {
 #[test]
 fn ghosts_expire_on_a_broker_that_honours_message_expiry() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("ghost", port);
     let w = Watcher::start(&b);
     let sc = sidecar(&b, "ghost", port, &[], &[("HEARTBEAT_GHOST_SECS", "2")]);
@@ -582,7 +582,7 @@ fn the_janitor_clears_records_older_than_the_ghost_time() {
         "timestamp": now_unix() - 10.0, "status": "offline", "reason": "lost", "boot_id": "x"});
     // No message expiry: only the janitor can remove it.
     mosquitto_pub(&b, t, &record.to_string(), true);
-    let live = topic("alive", free_port());
+    let live = topic("alive", instance_port());
     let _sc = sidecar(
         &b,
         "alive",
@@ -706,7 +706,7 @@ fn monitor_once_shows_serve_connected_with_its_broker_counters() {
 #[test]
 fn the_dashboard_renders_in_a_terminal_sorts_and_quits_on_q() {
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let _sc = sidecar(&b, "tui-demo", port, &[], &[]);
     let socket = format!("axion-hb-test-{}-{port}", std::process::id());
     let tmux = |args: &[&str]| {
@@ -758,7 +758,7 @@ fn the_dashboard_renders_in_a_terminal_sorts_and_quits_on_q() {
 fn the_rust_publisher_reports_live_fields_draining_and_a_clean_stop() {
     use axion_client::{HeartbeatConfig, HeartbeatPublisher};
     let b = broker();
-    let port = free_port();
+    let port = instance_port();
     let t = topic("embedder", port);
     let w = Watcher::start(&b);
     let mut config =
@@ -809,7 +809,7 @@ fn a_process_exiting_right_after_stop_leaves_stopped_not_lost() {
     use axion_client::{HeartbeatConfig, HeartbeatPublisher};
     let b = broker();
     let url = MqttUrl::parse(&b.url).unwrap();
-    let port = free_port();
+    let port = instance_port();
     // Each round is a whole process life: the runtime goes away the moment
     // `stop` returns, as it does when `main` returns.
     let topics: Vec<String> = (0..10)

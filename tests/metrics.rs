@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{recv, V4, V5};
-use common::{axion_bin, free_port, http_get, spawn_axion, wait_until, Mosquitto, Serve};
+use common::{axion_bin, http_get, spawn_listening, wait_until, Mosquitto, Serve};
 use serde_json::{json, Value};
 
 /// `$SYS` rounds in these tests: one a second, not Mosquitto's ten.
@@ -510,16 +510,16 @@ roles = ["app"]
 #[test]
 fn the_bridge_alone_serves_its_own_metrics() {
     let mosquitto = Mosquitto::start();
-    let ws_port = free_port();
     let mut cmd = Command::new(axion_bin());
     cmd.args([
         "bridge",
         "--mqtt",
         &mosquitto.mqtt_url(),
         "--ws-listen",
-        &format!("127.0.0.1:{ws_port}"),
+        "127.0.0.1:0",
     ]);
-    let _bridge = spawn_axion("axion bridge", &mut cmd);
+    let bridge = spawn_listening("axion bridge", &mut cmd);
+    let ws_port = bridge.port(axion_wire::ports::WS);
     wait_until(Duration::from_secs(20), "the bridge ready", || {
         (http_get(ws_port, "/health/ready").map(|(s, _)| s) == Some(200)).then_some(())
     });

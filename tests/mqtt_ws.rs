@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::auth::hash_line;
-use common::{axion_bin, free_port, spawn_axion, wait_until, Mosquitto, Serve};
+use common::{axion_bin, wait_until, Mosquitto, Serve};
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "ws horse battery";
@@ -655,16 +655,14 @@ fn upgrade(port: u16, path: &str) -> (u16, String) {
 #[test]
 fn axion_bridge_alone_refuses_mqtt_over_websocket_and_keeps_the_legacy_protocol() {
     let broker = Mosquitto::start();
-    let ws_port = free_port();
-    let _bridge = spawn_axion(
+    let bridge = common::spawn_listening(
         "axion bridge",
         Command::new(axion_bin())
             .args(["bridge", "--mqtt", &broker.mqtt_url()])
-            .arg("--ws-listen")
-            .arg(format!("127.0.0.1:{ws_port}"))
-            .args(["--package", &format!("t{ws_port}")]),
+            .args(["--ws-listen", "127.0.0.1:0"])
+            .args(["--package", &common::unique_name("t")]),
     );
-    common::wait_for_port(ws_port, Duration::from_secs(20));
+    let ws_port = bridge.port(axion_wire::ports::WS);
     let (status, body) = upgrade(ws_port, "/mqtt");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("axion serve"), "the refusal says why: {body}");

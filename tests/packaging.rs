@@ -5,7 +5,8 @@
 //! `systemd-analyze verify`, and the container file's steps are carried
 //! out without an engine (`containerfile.rs` says what stands for what):
 //! its image refuses to start open to the network, and starts, takes a
-//! login and stops on its stop signal with an auth file.
+//! login and stops on its stop signal with an auth file. And the ports
+//! file a supervisor reads never shows a dead run's ports.
 //! Real processes: `axion serve`, `systemd-analyze`, `cargo metadata`.
 
 mod common;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::auth::hash_line;
 use common::mqtt::V4;
-use common::{axion_bin, free_port, listens_while_running, spawn_axion, Serve};
+use common::{axion_bin, spawn_axion, wait_ports, Serve};
 
 fn packaging(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +33,7 @@ fn packaging(file: &str) -> PathBuf {
 #[test]
 fn the_example_configuration_starts_serve_and_a_clean_stop_exits_0() {
     // The listeners and the data directory from the command line win over
-    // the file's (the tests' free ports and temp directory).
+    // the file's (the tests' port 0 and temp directory).
     let config = packaging("axion.toml");
     let mut serve = Serve::start_with(&["--config", config.to_str().unwrap()], &[]);
     serve.proc.signal(15);
@@ -41,46 +42,99 @@ fn the_example_configuration_starts_serve_and_a_clean_stop_exits_0() {
 
 #[test]
 fn a_configuration_files_keys_take_effect_and_the_environment_wins() {
+    // Port 0 everywhere, so which listen address won shows in its address:
+    // the file's is on 127.0.0.2, the environment's on 127.0.0.3 (both
+    // loopback). The ports file is named by the file too.
     let dir = tempfile::tempdir().unwrap();
-    let (from_file, from_env, ws) = (free_port(), free_port(), free_port());
     let config = dir.path().join("axion.toml");
+    let ports_file = dir.path().join("ports");
     std::fs::write(
         &config,
         format!(
-            "mqtt_listen = \"127.0.0.1:{from_file}\"\nws-listen = \"127.0.0.1:{ws}\"\ndata-dir = \"{}\"\nmqtt-unix = \"off\"\n",
-            dir.path().join("data").display()
+            "mqtt_listen = \"127.0.0.2:0\"\nws-listen = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nmqtt-unix = \"off\"\nports-file = \"{}\"\n",
+            dir.path().join("data").display(),
+            ports_file.display(),
         ),
     )
     .unwrap();
     let mut cmd = Command::new(axion_bin());
     cmd.args(["serve", "--config"]).arg(&config);
     let mut serve = spawn_axion("axion serve (config)", &mut cmd);
-    assert!(
-        listens_while_running(&mut serve, from_file, Duration::from_secs(20)),
+    let ports = wait_ports(&mut serve, &ports_file, None);
+    let mqtt = ports
+        .get(axion_wire::ports::MQTT)
+        .expect("an mqtt listener");
+    assert_eq!(
+        mqtt.ip().to_string(),
+        "127.0.0.2",
         "listening on the file's mqtt-listen"
     );
+    assert!(TcpStream::connect(mqtt).is_ok(), "{mqtt} accepts");
     assert!(
         dir.path().join("data").is_dir(),
         "the file's data-dir is used"
     );
     serve.signal(15);
     assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!ports_file.exists(), "a clean stop removes the ports file");
 
     let mut cmd = Command::new(axion_bin());
     cmd.args(["serve", "--config"])
         .arg(&config)
-        .env("AXION_MQTT_LISTEN", format!("127.0.0.1:{from_env}"));
+        .env("AXION_MQTT_LISTEN", "127.0.0.3:0");
     let mut serve = spawn_axion("axion serve (config + env)", &mut cmd);
-    assert!(
-        listens_while_running(&mut serve, from_env, Duration::from_secs(20)),
+    let ports = wait_ports(&mut serve, &ports_file, None);
+    let mqtt = ports
+        .get(axion_wire::ports::MQTT)
+        .expect("an mqtt listener");
+    assert_eq!(
+        mqtt.ip().to_string(),
+        "127.0.0.3",
         "AXION_MQTT_LISTEN wins over the file"
     );
-    assert!(
-        TcpStream::connect(("127.0.0.1", from_file)).is_err(),
-        "nothing listens on the file's address once the environment overrides it"
-    );
+    assert!(TcpStream::connect(mqtt).is_ok(), "{mqtt} accepts");
     serve.signal(15);
     assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// A ports file left by an earlier run (killed, so it could not remove
+/// it) is gone as soon as the next run starts, even one that stops at once
+/// on a bad setting: a supervisor waiting for the file never reads a dead
+/// run's ports.
+#[test]
+fn a_ports_file_from_an_earlier_run_is_gone_even_when_start_up_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports_file = dir.path().join("ports");
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let runs: [&[&str]; 3] = [
+        &[
+            "serve",
+            "--data-dir",
+            data,
+            "--max-filters",
+            "300",
+            "--max-filters-per-client",
+            "300",
+        ],
+        &["bridge", "--auth-file", "/nonexistent/auth.toml"],
+        &["work", "--queue", "not/one/level", "--", "true"],
+    ];
+    for args in runs {
+        std::fs::write(&ports_file, "mqtt=127.0.0.1:1\n").unwrap();
+        let out = Command::new(axion_bin())
+            .args(args)
+            .env("AXION_PORTS_FILE", &ports_file)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run axion");
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(
+            !ports_file.exists(),
+            "{args:?} left the earlier run's ports file: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
@@ -282,8 +336,9 @@ async fn the_container_image_refuses_to_run_open_and_with_an_auth_file_serves_an
     );
 
     // With an auth file mounted and named (`-v …:/etc/axion/auth.toml -e
-    // AXION_AUTH_FILE=…`), on free ports (tests run side by side), still
-    // on 0.0.0.0.
+    // AXION_AUTH_FILE=…`), still on 0.0.0.0 but on ports the kernel picks
+    // (tests run side by side), read back from the ports file in the
+    // volume.
     let secrets = tempfile::tempdir().unwrap();
     let auth = secrets.path().join("auth.toml");
     std::fs::write(
@@ -297,21 +352,22 @@ async fn the_container_image_refuses_to_run_open_and_with_an_auth_file_serves_an
     image.image_mut().mount("/etc/axion/auth.toml", &auth);
     let image = image.image();
     let signal = image.stop_signal.expect("a STOPSIGNAL");
-    let (mut serve, mqtt, ws) = (0..3)
-        .find_map(|_| {
-            let (mqtt, ws) = (free_port(), free_port());
-            let mut env = paths.clone();
-            env.extend([
-                ("AXION_AUTH_FILE".into(), "/etc/axion/auth.toml".into()),
-                ("AXION_MQTT_LISTEN".into(), format!("0.0.0.0:{mqtt}")),
-                ("AXION_WS_LISTEN".into(), format!("0.0.0.0:{ws}")),
-            ]);
-            let mut proc = spawn_axion("the image's ENTRYPOINT", &mut image.command(&envs(&env)));
-            let up = listens_while_running(&mut proc, mqtt, Duration::from_secs(20))
-                && listens_while_running(&mut proc, ws, Duration::from_secs(20));
-            up.then_some((proc, mqtt, ws))
-        })
-        .expect("the image's serve exited before listening, three times");
+    let data_dir = config["data-dir"].as_str().unwrap();
+    let ports_file = format!("{data_dir}/axion.ports");
+    let mut env = paths.clone();
+    env.extend([
+        ("AXION_AUTH_FILE".into(), "/etc/axion/auth.toml".into()),
+        ("AXION_MQTT_LISTEN".into(), "0.0.0.0:0".into()),
+        ("AXION_WS_LISTEN".into(), "0.0.0.0:0".into()),
+        ("AXION_PORTS_FILE".into(), ports_file.clone()),
+    ]);
+    let mut serve = spawn_axion("the image's ENTRYPOINT", &mut image.command(&envs(&env)));
+    let ports = wait_ports(&mut serve, &image.resolve(&ports_file), None);
+    let [mqtt, ws] = [axion_wire::ports::MQTT, axion_wire::ports::WS].map(|name| {
+        let addr = ports.get(name).expect("both listeners reported");
+        assert!(addr.ip().is_unspecified(), "{name}: {addr} is off loopback");
+        addr.port()
+    });
 
     let login = |password: Option<&str>| {
         let mut opts = rumqttc::MqttOptions::new("container-client", "127.0.0.1", mqtt);

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::mqtt::V4;
-use common::{axion_bin, free_port, Proc, Serve};
+use common::{axion_bin, Proc, Serve};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
@@ -310,7 +310,7 @@ impl Mesh {
         let seen: Seen = Arc::default();
         let port = s.mqtt_port;
         let client = rt.block_on(async {
-            let mut c = V4::connect(port, &format!("reaper-test-{}", free_port())).await;
+            let mut c = V4::connect(port, &common::unique_name("reaper-test-")).await;
             let (_tx, dummy) = tokio::sync::mpsc::unbounded_channel();
             let mut rx = std::mem::replace(&mut c.rx, dummy);
             let seen = seen.clone();
@@ -781,10 +781,8 @@ fn legacy_heartbeat_client_and_python_template_appear_online_then_exited() {
 
 #[test]
 fn websocket_heartbeats_on_a_separate_legacy_listener_and_the_bridge_port() {
-    let lport = free_port();
-    let listen = format!("127.0.0.1:{lport}");
-    let s = serve(&["--legacy-heartbeat-listen", &listen], &[]);
-    common::wait_for_port(lport, Duration::from_secs(10));
+    let s = serve(&["--legacy-heartbeat-listen", "127.0.0.1:0"], &[]);
+    let lport = s.port(axion_wire::ports::LEGACY_HEARTBEAT);
     let mesh = Mesh::start(&s);
     let target = sleeper();
     let pid = target.pid();

@@ -9,12 +9,12 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{Msg, V5};
-use common::{free_port, Proc, Serve};
+use common::{Proc, Serve};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -45,8 +45,13 @@ fn example_bin() -> &'static PathBuf {
         if let Some(target) = profile_dir.parent() {
             cmd.env("CARGO_TARGET_DIR", target);
         }
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
+        // The profile the tests were built with, named by its directory
+        // (`debug` is `dev`'s), so the example lands beside them.
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some(profile) => {
+                cmd.args(["--profile", profile]);
+            }
         }
         let status = cmd.status().expect("run cargo build for the example");
         assert!(status.success(), "building the example failed");
@@ -57,72 +62,44 @@ fn example_bin() -> &'static PathBuf {
 struct Worker {
     proc: Proc,
     health: u16,
+    /// Its ports file and log.
+    _dir: tempfile::TempDir,
 }
 
-fn log_stderr() -> Stdio {
-    if std::env::var("AXION_TEST_LOG").is_ok() {
-        Stdio::inherit()
-    } else {
-        Stdio::null()
+impl Worker {
+    /// Takes over a started service and waits until it is ready for work.
+    fn ready(started: common::Listening) -> Worker {
+        let health = started.port(axion_wire::ports::HEALTH);
+        wait_health(health, "/health/ready", Duration::from_secs(15), |_| true);
+        Worker {
+            proc: started.proc,
+            health,
+            _dir: started.dir,
+        }
     }
 }
 
 /// Starts the example service against `serve` with `envs` on top of a
 /// health port, and waits until it is ready for work.
 fn start_example(serve: &Serve, envs: &[(&str, &str)]) -> Worker {
-    let health = free_port();
     let mut cmd = Command::new(example_bin());
     cmd.env("AXION_MQTT_URL", serve.mqtt_url())
-        .env("HEALTH_LISTEN", format!("127.0.0.1:{health}"))
-        .env(
-            "RUST_LOG",
-            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_stderr());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let worker = Worker {
-        proc: Proc {
-            child: cmd.spawn().expect("spawn the example service"),
-            name: "embedding_worker".into(),
-        },
-        health,
-    };
-    wait_health(health, "/health/ready", Duration::from_secs(15), |_| true);
-    worker
+        .env("HEALTH_LISTEN", "127.0.0.1:0")
+        .envs(envs.iter().copied());
+    Worker::ready(common::spawn_listening("embedding_worker", &mut cmd))
 }
 
 /// `axion work` against `serve`, ready for work.
 fn start_work(serve: &Serve, args: &[&str], command: &[&str]) -> Worker {
-    let health = free_port();
     let mut cmd = Command::new(common::axion_bin());
     cmd.arg("work")
         .arg("--mqtt")
         .arg(serve.mqtt_url())
-        .arg("--health-listen")
-        .arg(format!("127.0.0.1:{health}"))
+        .args(["--health-listen", "127.0.0.1:0"])
         .args(args)
         .arg("--")
-        .args(command)
-        .env(
-            "RUST_LOG",
-            std::env::var("AXION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_stderr());
-    let worker = Worker {
-        proc: Proc {
-            child: cmd.spawn().expect("spawn axion work"),
-            name: "axion work".into(),
-        },
-        health,
-    };
-    wait_health(health, "/health/ready", Duration::from_secs(15), |_| true);
-    worker
+        .args(command);
+    Worker::ready(common::spawn_listening("axion work", &mut cmd))
 }
 
 /// GETs a health endpoint: (status code, JSON body).
@@ -174,11 +151,7 @@ async fn client(serve: &Serve, subs: &[&str]) -> V5 {
 }
 
 fn uuid_ish() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ (free_port() as u128)
-    )
+    format!("{}-{}", std::process::id(), common::unique_name(""))
 }
 
 async fn enqueue(c: &V5, queue: &str, body: Value) {

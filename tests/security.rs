@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mqtt::{recv, recv_none, V4, V5};
-use common::{axion_bin, free_port, Serve};
+use common::{axion_bin, Serve};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 
 const PASSWORD: &str = "correct horse";
@@ -347,8 +347,7 @@ fn serve_refuses_a_public_listener_without_an_auth_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(axion_bin())
         .arg("serve")
-        .args(["--mqtt-listen", &format!("0.0.0.0:{}", free_port())])
-        .args(["--ws-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--mqtt-listen", "0.0.0.0:0", "--ws-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path())
         .stdin(Stdio::null())
@@ -363,14 +362,13 @@ fn serve_refuses_a_public_listener_without_an_auth_file() {
 async fn tls_works_with_mosquitto_sub_and_paho() {
     let fx = AuthFixture::new();
     let (ca, cert, key) = make_certs(fx.dir.path());
-    let tls_port = free_port();
     let auth = fx.path();
     let serve = Serve::start_with(
         &[
             "--auth-file",
             auth.to_str().expect("utf-8"),
             "--mqtts-listen",
-            &format!("127.0.0.1:{tls_port}"),
+            "127.0.0.1:0",
             "--tls-cert",
             cert.to_str().expect("utf-8"),
             "--tls-key",
@@ -378,7 +376,7 @@ async fn tls_works_with_mosquitto_sub_and_paho() {
         ],
         &[],
     );
-    common::wait_for_port(tls_port, Duration::from_secs(10));
+    let tls_port = serve.port(axion_wire::ports::MQTTS);
 
     // mosquitto_sub over TLS waits for one message, published by paho over TLS.
     let mut sub = Command::new("mosquitto_sub")
@@ -444,7 +442,6 @@ c.loop_stop()
 fn bridge_requires_a_token_and_applies_the_acl() {
     let fx = AuthFixture::new();
     let serve = fx.serve();
-    common::wait_for_port(serve.ws_port, Duration::from_secs(10));
     let script = format!(
         r#"
 import asyncio, json, sys, time
@@ -534,7 +531,6 @@ fn bridge_serves_wss_to_clients_that_trust_the_ca() {
         ],
         &[],
     );
-    common::wait_for_port(serve.ws_port, Duration::from_secs(10));
     let script = format!(
         r#"
 import asyncio, json, ssl, sys, time, urllib.request
@@ -650,17 +646,17 @@ fn standalone_bridge_takes_an_auth_file_and_serves_wss() {
     let fx = AuthFixture::new();
     let (ca, cert, key) = make_certs(fx.dir.path());
     let broker = common::Mosquitto::start();
-    let ws_port = free_port();
-    let mut bridge = common::spawn_axion(
+    let mut bridge = common::spawn_listening(
         "axion bridge",
         Command::new(axion_bin())
             .args(["bridge", "--mqtt", &broker.mqtt_url()])
-            .args(["--ws-listen", &format!("127.0.0.1:{ws_port}")])
+            .args(["--ws-listen", "127.0.0.1:0"])
             .arg("--auth-file")
             .arg(fx.path())
             .env("AXION_WS_TLS_CERT", &cert)
             .env("AXION_WS_TLS_KEY", &key),
     );
+    let ws_port = bridge.port(axion_wire::ports::WS);
     let script = format!(
         r#"
 import asyncio, json, ssl, sys, time, urllib.error, urllib.request
@@ -719,6 +715,6 @@ asyncio.run(main())
         token = fx.token,
     );
     assert_eq!(python(&script).trim(), "ok");
-    bridge.signal(15);
-    assert_eq!(bridge.wait_exit(Duration::from_secs(10)), Some(0));
+    bridge.proc.signal(15);
+    assert_eq!(bridge.proc.wait_exit(Duration::from_secs(10)), Some(0));
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::mqtt::{recv, V4, V5};
 use common::raw::{mqtt_str, read_packet, varint};
-use common::{wait_for_port, Serve};
+use common::Serve;
 use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5Code;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -77,9 +77,7 @@ roles = ["admin"]
 
     fn serve(&self, envs: &[(&str, &str)]) -> Serve {
         let path = self.dir.path().join("auth.toml");
-        let serve = Serve::start_with(&["--auth-file", path.to_str().expect("utf-8")], envs);
-        wait_for_port(serve.ws_port, Duration::from_secs(10));
-        serve
+        Serve::start_with(&["--auth-file", path.to_str().expect("utf-8")], envs)
     }
 }
 

@@ -253,3 +253,62 @@ impl ClientHandle {
         self.slow.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The slow-consumer timeout on tokio's paused clock: the publisher's
+    //! wait is measured exactly, and no test waits for it in real time.
+
+    use super::*;
+    use std::sync::Arc;
+
+    const PATIENCE: Duration = Duration::from_secs(2);
+
+    /// A client whose queue holds one frame, already full.
+    fn full_client() -> (Arc<ClientHandle>, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(1);
+        let client = ClientHandle::new(1, "c".into(), tx, 1 << 20, CancellationToken::new());
+        assert!(matches!(client.offer("first".into()), Offer::Queued));
+        (Arc::new(client), rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_still_full_after_the_patience_disconnects_its_client() {
+        let (client, _rx) = full_client();
+        let metrics = Metrics::default();
+        let started = Instant::now();
+        assert!(!client.send_waiting("next".into(), &metrics, PATIENCE).await);
+        let waited = started.elapsed();
+        assert!(
+            waited >= PATIENCE && waited <= PATIENCE + FULL_QUEUE_POLL,
+            "{waited:?}"
+        );
+        assert_eq!(metrics.slow_consumers.load(Ordering::Relaxed), 1);
+        assert!(client.was_slow() && client.cancel.is_cancelled());
+        assert!(matches!(client.offer("more".into()), Offer::Gone));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_within_the_patience_only_paces_the_publisher() {
+        let (client, mut rx) = full_client();
+        let metrics = Metrics::default();
+        let reader = client.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(PATIENCE - Duration::from_millis(100)).await;
+            let frame = rx.recv().await.unwrap();
+            reader.dequeued(frame.len());
+            // Kept open, as a connected client's queue is.
+            std::future::pending::<()>().await;
+        });
+        let started = Instant::now();
+        assert!(client.send_waiting("next".into(), &metrics, PATIENCE).await);
+        let waited = started.elapsed();
+        assert!(waited < PATIENCE, "{waited:?}");
+        assert!(
+            waited >= PATIENCE - Duration::from_millis(100),
+            "{waited:?}"
+        );
+        assert_eq!(metrics.slow_consumers.load(Ordering::Relaxed), 0);
+        assert!(!client.cancel.is_cancelled());
+    }
+}

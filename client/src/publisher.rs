@@ -125,53 +125,9 @@ impl HeartbeatPublisher {
     /// soon as the broker accepts the connection. Must be called inside a
     /// tokio runtime.
     pub fn start(config: HeartbeatConfig) -> Result<HeartbeatHandle, HeartbeatError> {
-        topics::validate_level("package", &config.package)?;
-        topics::validate_level("service", &config.service)?;
-        let hostname = match config.host.clone() {
-            Some(h) => h,
-            None => local_hostname()?,
-        };
-        topics::validate_level("host", &hostname)?;
-        let pid = config.pid.unwrap_or_else(std::process::id);
-        let port_slot = config.port.map(u32::from).unwrap_or(pid);
-        let instance_id = format!("{hostname}:{port_slot}");
-        let process = crate::process::identity(pid);
-        let identity = Identity {
-            topic: topics::heartbeat(&config.package, &config.service, &instance_id),
-            announce_topic: topics::announce(&config.package),
-            client_id: ids::heartbeat_client(&config.service, &hostname, port_slot),
-            package: config.package,
-            service: config.service,
-            hostname,
-            port_slot,
-            instance_id,
-            pid,
-            boot_id: uuid::Uuid::new_v4().to_string(),
-            started: Instant::now(),
-            interval: config.interval.max(Duration::from_secs(1)),
-            ghost_secs: u32::try_from(config.ghost_after.as_secs()).unwrap_or(u32::MAX),
-            started_at: process.and_then(|p| crate::process::started_at_unix(p.start_ticks)),
-            host_boot_id: process.and(crate::process::host_boot_id()),
-            process,
-        };
-        let shared = Arc::new(Shared {
-            id: identity,
-            live: Mutex::new(Live {
-                connected: true,
-                queue_depth: 0,
-                inflight: 0,
-                last_progress_ts: None,
-                avg_job_ms: None,
-                status: Status::Online,
-                extras: config.extras,
-                cpu: process.map(crate::process::CpuSampler::new),
-            }),
-            seq: AtomicU64::new(0),
-            mqtt_connected: AtomicBool::new(false),
-            stop_ack: Mutex::new(None),
-        });
-
-        let mut opts = options_v5(&config.mqtt, &shared.id.client_id);
+        let mqtt = config.mqtt.clone();
+        let shared = Arc::new(Shared::new(config)?);
+        let mut opts = options_v5(&mqtt, &shared.id.client_id);
         opts.set_keep_alive(HEARTBEAT_KEEP_ALIVE);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
@@ -179,7 +135,7 @@ impl HeartbeatPublisher {
         let (client, eventloop) = AsyncClient::new(opts, 64);
         let (internal_tx, internal_rx) = mpsc::channel(64);
         let (command_tx, command_rx) = mpsc::channel(16);
-        tracing::info!(topic = %shared.id.topic, boot_id = %shared.id.boot_id, broker = %config.mqtt, "heartbeat starting");
+        tracing::info!(topic = %shared.id.topic, boot_id = %shared.id.boot_id, broker = %mqtt, "heartbeat starting");
         let poller = tokio::spawn(poll_loop(shared.clone(), eventloop, internal_tx));
         let ticker = tokio::spawn(tick_loop(shared.clone(), client, internal_rx, command_rx));
         Ok(HeartbeatHandle {
@@ -233,6 +189,56 @@ struct Shared {
 }
 
 impl Shared {
+    /// This run's identity and live record, from `config`; no I/O beyond
+    /// reading `/proc` for the process's identity.
+    fn new(config: HeartbeatConfig) -> Result<Self, HeartbeatError> {
+        topics::validate_level("package", &config.package)?;
+        topics::validate_level("service", &config.service)?;
+        let hostname = match config.host.clone() {
+            Some(h) => h,
+            None => local_hostname()?,
+        };
+        topics::validate_level("host", &hostname)?;
+        let pid = config.pid.unwrap_or_else(std::process::id);
+        let port_slot = config.port.map(u32::from).unwrap_or(pid);
+        let instance_id = format!("{hostname}:{port_slot}");
+        let process = crate::process::identity(pid);
+        let identity = Identity {
+            topic: topics::heartbeat(&config.package, &config.service, &instance_id),
+            announce_topic: topics::announce(&config.package),
+            client_id: ids::heartbeat_client(&config.service, &hostname, port_slot),
+            package: config.package,
+            service: config.service,
+            hostname,
+            port_slot,
+            instance_id,
+            pid,
+            boot_id: uuid::Uuid::new_v4().to_string(),
+            started: Instant::now(),
+            interval: config.interval.max(Duration::from_secs(1)),
+            ghost_secs: u32::try_from(config.ghost_after.as_secs()).unwrap_or(u32::MAX),
+            started_at: process.and_then(|p| crate::process::started_at_unix(p.start_ticks)),
+            host_boot_id: process.and(crate::process::host_boot_id()),
+            process,
+        };
+        Ok(Shared {
+            id: identity,
+            live: Mutex::new(Live {
+                connected: true,
+                queue_depth: 0,
+                inflight: 0,
+                last_progress_ts: None,
+                avg_job_ms: None,
+                status: Status::Online,
+                extras: config.extras,
+                cpu: process.map(crate::process::CpuSampler::new),
+            }),
+            seq: AtomicU64::new(0),
+            mqtt_connected: AtomicBool::new(false),
+            stop_ack: Mutex::new(None),
+        })
+    }
+
     // A poisoned lock only means another thread panicked mid-update of a few
     // counters; the values are still usable.
     fn live(&self) -> MutexGuard<'_, Live> {
@@ -530,7 +536,9 @@ async fn tick_loop(
     let topic = shared.id.topic.clone();
     let interval = shared.id.interval;
     let mut next_tick = tokio::time::Instant::now() + interval;
-    let mut last_publish = Instant::now() - MIN_REPUBLISH_GAP;
+    // The tokio clock (the same as std's outside tests), so the gap is
+    // measured on the clock the deferral below sleeps on.
+    let mut last_publish = tokio::time::Instant::now() - MIN_REPUBLISH_GAP;
     let mut deferred: Option<tokio::time::Instant> = None;
     loop {
         let publish = tokio::select! {
@@ -587,7 +595,7 @@ async fn tick_loop(
                 )
                 .await
             {
-                Ok(()) => last_publish = Instant::now(),
+                Ok(()) => last_publish = tokio::time::Instant::now(),
                 Err(err) => {
                     tracing::warn!(topic = %topic, error = %err, "heartbeat publish failed")
                 }
@@ -631,5 +639,128 @@ async fn stop_sequence(
             tracing::warn!(topic = %topic, reason, "offline record not acknowledged before disconnect");
             Err(HeartbeatError::StopTimeout(STOP_TIMEOUT))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The publishing schedule on tokio's paused clock: what would take
+    //! minutes of real time (15 s intervals) runs at once, and each record's
+    //! time is exact.
+
+    use super::*;
+    use rumqttc::v5::Request;
+    use tokio::time::Instant as Clock;
+
+    const INTERVAL: Duration = Duration::from_secs(15);
+
+    /// A running `tick_loop` whose MQTT requests land in `requests`.
+    struct Ticker {
+        shared: Arc<Shared>,
+        requests: flume::Receiver<Request>,
+        internal: mpsc::Sender<Internal>,
+        _commands: mpsc::Sender<Command>,
+        started: Clock,
+    }
+
+    impl Ticker {
+        fn start() -> Self {
+            let mut config = HeartbeatConfig {
+                mqtt: MqttUrl::parse("mqtt://127.0.0.1:1").unwrap(),
+                package: "p".into(),
+                service: "s".into(),
+                host: Some("h".into()),
+                port: Some(1),
+                pid: None,
+                interval: INTERVAL,
+                ghost_after: Duration::from_secs(3600),
+                extras: Map::new(),
+            };
+            config.extras.insert("test".into(), Value::Bool(true));
+            let shared = Arc::new(Shared::new(config).unwrap());
+            shared.mqtt_connected.store(true, Ordering::Relaxed);
+            let (tx, requests) = flume::bounded(64);
+            let (internal, internal_rx) = mpsc::channel(64);
+            let (commands, command_rx) = mpsc::channel(16);
+            tokio::spawn(tick_loop(
+                shared.clone(),
+                AsyncClient::from_senders(tx),
+                internal_rx,
+                command_rx,
+            ));
+            Self {
+                shared,
+                requests,
+                internal,
+                _commands: commands,
+                started: Clock::now(),
+            }
+        }
+
+        /// When (since the start) the next record goes out; subscriptions
+        /// on the way are skipped.
+        async fn next_record(&self) -> Duration {
+            loop {
+                match self.requests.recv_async().await.expect("tick_loop ended") {
+                    Request::Publish(p) => {
+                        assert!(p.retain, "records are retained");
+                        return self.started.elapsed();
+                    }
+                    Request::Subscribe(_) => {}
+                    other => panic!("unexpected request {other:?}"),
+                }
+            }
+        }
+
+        /// Whether a record goes out within `within`.
+        async fn record_within(&self, within: Duration) -> bool {
+            tokio::time::timeout(within, self.next_record())
+                .await
+                .is_ok()
+        }
+
+        async fn say(&self, msg: Internal) {
+            self.internal.send(msg).await.unwrap();
+        }
+    }
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_goes_out_every_interval_while_the_connection_is_up() {
+        let t = Ticker::start();
+        for n in 1..=3 {
+            assert_eq!(t.next_record().await, INTERVAL * n);
+        }
+        // Down: four ticks pass without a record (the will speaks for it).
+        t.shared.mqtt_connected.store(false, Ordering::Relaxed);
+        assert!(!t.record_within(INTERVAL * 4 + secs(1.0)).await);
+        // Back (at 106 s): a record at once, then the next tick as before.
+        let back = t.started.elapsed();
+        assert_eq!(back, secs(106.0));
+        t.shared.mqtt_connected.store(true, Ordering::Relaxed);
+        t.say(Internal::Connected).await;
+        assert_eq!(t.next_record().await, back);
+        assert_eq!(t.next_record().await, INTERVAL * 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn announces_are_answered_at_once_but_at_most_every_half_second() {
+        let t = Ticker::start();
+        t.say(Internal::Connected).await;
+        assert_eq!(t.next_record().await, Duration::ZERO);
+        // Three announces right after a record: one answer, when the gap
+        // since that record has passed.
+        for _ in 0..3 {
+            t.say(Internal::Republish).await;
+        }
+        assert_eq!(t.next_record().await, MIN_REPUBLISH_GAP);
+        assert!(!t.record_within(secs(1.0)).await, "one answer for three");
+        // Long after the last record: answered at once.
+        let now = t.started.elapsed();
+        t.say(Internal::Republish).await;
+        assert_eq!(t.next_record().await, now);
     }
 }

@@ -36,6 +36,7 @@ pub mod watchdog;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -91,6 +92,8 @@ pub enum RuntimeError {
         addr: SocketAddr,
         err: std::io::Error,
     },
+    #[error("cannot write the ports file {path}: {err}")]
+    PortsFile { path: PathBuf, err: std::io::Error },
     #[error("cannot start a runtime thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot install the signal handlers: {0}")]
@@ -116,6 +119,7 @@ impl RuntimeError {
             | Self::NothingToDo
             | Self::DuplicateQueue(_)
             | Self::HealthBind { .. }
+            | Self::PortsFile { .. }
             | Self::Refused(_) => EXIT_CONFIG,
             Self::Heartbeat(HeartbeatError::Topic(_) | HeartbeatError::Env { .. }) => EXIT_CONFIG,
             _ => EXIT_FAILURE,
@@ -126,8 +130,8 @@ impl RuntimeError {
 /// A service definition; `run().await` runs it and returns the exit code.
 ///
 /// Unset values come from the environment: `AXION_MQTT_URL` (and
-/// `AXION_MQTT_USER`/`AXION_MQTT_PASSWORD`), `AXION_PACKAGE`, `HEALTH_LISTEN`
-/// and the [`Limits`] variables.
+/// `AXION_MQTT_USER`/`AXION_MQTT_PASSWORD`), `AXION_PACKAGE`, `HEALTH_LISTEN`,
+/// `AXION_PORTS_FILE` and the [`Limits`] variables.
 pub struct Service {
     name: String,
     package: Option<String>,
@@ -136,6 +140,7 @@ pub struct Service {
     events: Vec<(String, EventHandler)>,
     limits: Option<Limits>,
     health: Option<SocketAddr>,
+    ports_file: Option<PathBuf>,
 }
 
 impl Service {
@@ -148,6 +153,7 @@ impl Service {
             events: Vec::new(),
             limits: None,
             health: None,
+            ports_file: None,
         }
     }
 
@@ -199,6 +205,15 @@ impl Service {
         self
     }
 
+    /// Writes the address the health endpoints are bound to (port 0 in
+    /// [`Service::health_listen`] picks a free one) to `path`, as a
+    /// `health=address` line (`axion_wire::ports`), once bound; an empty
+    /// file without health endpoints. Removed at a clean stop.
+    pub fn ports_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ports_file = Some(path.into());
+        self
+    }
+
     /// Runs until SIGTERM/SIGINT (returns 0 after draining) or a failure:
     /// the watchdog exits the process itself with 70 or 71; a configuration
     /// error returns 78.
@@ -214,6 +229,20 @@ impl Service {
     }
 
     async fn try_run(self) -> Result<i32, RuntimeError> {
+        let ports_file = self.ports_file.or_else(|| {
+            std::env::var_os("AXION_PORTS_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let ports_error = |path: &PathBuf| {
+            let path = path.clone();
+            move |err| RuntimeError::PortsFile { path, err }
+        };
+        // First, so a reader waiting for the file never finds the last
+        // run's, even when this one stops on a bad setting.
+        if let Some(path) = &ports_file {
+            axion_client::ports_file::clear(path).map_err(ports_error(path))?;
+        }
         let package = match self.package {
             Some(p) => p,
             None => env_or("AXION_PACKAGE", "default"),
@@ -257,8 +286,21 @@ impl Service {
         }
 
         let vitals = Arc::new(vitals::Vitals::new(limits.max_inflight, limits.max_queue));
+        let mut ports = axion_wire::ports::Ports::new();
         let health_port = match health {
-            Some(addr) => Some(health::serve(addr, vitals.clone(), &limits).await?.port()),
+            Some(addr) => {
+                let bound = health::serve(addr, vitals.clone(), &limits).await?;
+                ports.insert(axion_wire::ports::HEALTH, bound);
+                Some(bound.port())
+            }
+            None => None,
+        };
+        // Held until the drain ends: dropping it removes the file.
+        let _ports_file = match &ports_file {
+            Some(path) => Some(
+                axion_client::ports_file::PortsFile::write(path, &ports)
+                    .map_err(ports_error(path))?,
+            ),
             None => None,
         };
         let host = local_hostname()?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axion_bridge::{Bridge, BridgeConfig, Limits, TlsFiles};
+use axion_wire::ports::{self, Ports};
 use axion_wire::MqttUrl;
 
 /// Bridge limits, shared with `axion serve` (flatten them there).
@@ -79,7 +80,7 @@ pub struct Args {
     /// MQTT broker to bridge to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
     #[arg(long, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
     pub mqtt: MqttUrl,
-    /// Address of the legacy WebSocket listener (also serves /health/live and /health/ready).
+    /// Address of the legacy WebSocket listener (also serves /health/live and /health/ready); port 0 picks a free port (see --ports-file).
     #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
     pub ws_listen: SocketAddr,
     /// Package whose events the bridge carries (one topic level).
@@ -96,9 +97,13 @@ pub struct Args {
     pub limits: BridgeLimits,
     #[command(flatten)]
     pub legacy: super::reap::LegacyArgs,
+    #[command(flatten)]
+    pub ports: super::serve::PortsFileArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // First, so a start that fails on a bad setting leaves no file behind.
+    args.ports.clear()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("axion-bridge")
@@ -135,12 +140,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .config(config.mqtt.clone(), &config.package, None)?;
         legacy_config.local_only = config.auth.is_some();
         let legacy = axion_supervise::LegacyHeartbeats::start(legacy_config, stop.clone())?;
+        let mut bound = Ports::new();
         if let Some(addr) = args.legacy.legacy_heartbeat_listen {
-            axion_supervise::legacy::serve(addr, legacy.clone(), stop.clone()).await?;
+            let addr = axion_supervise::legacy::serve(addr, legacy.clone(), stop.clone()).await?;
+            bound.insert(ports::LEGACY_HEARTBEAT, addr);
         }
         config.legacy_heartbeats = Some(legacy.clone());
         let bridge = Bridge::bind(config).await?;
+        bound.insert(ports::WS, bridge.local_addr());
         tracing::info!(listen = %bridge.local_addr(), "axion bridge listening");
+        // Held until the bridge has stopped: dropping it removes the file.
+        let _ports_file = args.ports.announce(&bound)?;
         bridge.serve(shutdown_signal()).await?;
         stop.cancel();
         legacy.stop().await;

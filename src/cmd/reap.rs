@@ -65,7 +65,7 @@ impl ReapTuning {
 /// limits it enforces.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LegacyArgs {
-    /// Also serve the legacy heartbeat service (POST /heartbeat, WebSocket /heartbeat, GET /heartbeats) on this address, for deployments that keep the old URL.
+    /// Also serve the legacy heartbeat service (POST /heartbeat, WebSocket /heartbeat, GET /heartbeats) on this address, for deployments that keep the old URL; port 0 picks a free port (see --ports-file).
     #[arg(long, env = "AXION_LEGACY_HEARTBEAT_LISTEN")]
     pub legacy_heartbeat_listen: Option<SocketAddr>,
     /// Most live instances of a service, SERVICE=N (repeatable); one more is refused with 409.

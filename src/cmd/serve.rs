@@ -2,7 +2,7 @@
 //! Axion's own heartbeat on loopback, stopped cleanly by SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +11,10 @@ use anyhow::Context;
 use axion_access::login_limit::LoginLimits;
 use axion_bridge::{Bridge, BridgeConfig};
 use axion_broker::{Broker, BrokerConfig};
+use axion_client::ports_file::PortsFile;
 use axion_client::{spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
 use axion_queues::QueueOwner;
+use axion_wire::ports::{self, Ports};
 use axion_wire::MqttUrl;
 use tracing::{error, info, warn};
 
@@ -25,13 +27,13 @@ pub struct Args {
     /// Read settings from this TOML file: each key is a long flag of this command (`mqtt-listen = "0.0.0.0:1883"`, `allow-anonymous-remote = true`); a flag on the command line or its environment variable wins over the file; an unknown key is an error (exit 78). Example: packaging/axion.toml.
     #[arg(long, env = "AXION_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of the MQTT listener (3.1.1 and 5 on one port).
+    /// Address of the MQTT listener (3.1.1 and 5 on one port); port 0 picks a free port (see --ports-file).
     #[arg(long, env = "AXION_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
     /// Unix socket the broker also listens on (`off`: none). Axion's own queue owner, bridge and heartbeat use it instead of TCP. Default: <data-dir>/mqtt.sock.
     #[arg(long, env = "AXION_MQTT_UNIX", value_name = "PATH|off")]
     pub mqtt_unix: Option<String>,
-    /// Address of the legacy WebSocket bridge.
+    /// Address of the legacy WebSocket bridge; port 0 picks a free port (see --ports-file).
     #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
     pub ws_listen: SocketAddr,
     /// Package this instance belongs to (one topic level).
@@ -87,7 +89,7 @@ pub struct Args {
     /// Allow listening on a non-loopback address without an auth file (anyone who reaches the port may do anything).
     #[arg(long, env = "AXION_ALLOW_ANONYMOUS_REMOTE")]
     pub allow_anonymous_remote: bool,
-    /// Address of the MQTT-over-TLS listener (needs --tls-cert and --tls-key).
+    /// Address of the MQTT-over-TLS listener (needs --tls-cert and --tls-key); port 0 picks a free port (see --ports-file).
     #[arg(long, env = "AXION_MQTTS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
     pub mqtts_listen: Option<SocketAddr>,
     /// PEM certificate chain for TLS.
@@ -109,6 +111,44 @@ pub struct Args {
     pub reap_tuning: ReapTuning,
     #[command(flatten)]
     pub legacy: LegacyArgs,
+    #[command(flatten)]
+    pub ports: PortsFileArgs,
+}
+
+/// Where the addresses the listeners are bound to are reported, shared
+/// with `axion bridge` (flatten them there).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PortsFileArgs {
+    /// Once every listener is bound, write the address of each to this file, one `name=address` line per listener (`mqtt`, `mqtts`, `ws`, `legacy-heartbeat`: the listen flag without `-listen`); how a supervisor or script learns the port picked for port 0. Written whole (a temporary file renamed over it); removed at start and at a clean stop.
+    #[arg(long, env = "AXION_PORTS_FILE", value_name = "PATH")]
+    pub ports_file: Option<PathBuf>,
+}
+
+impl PortsFileArgs {
+    /// Removes the file an earlier run left, before anything binds: a
+    /// reader waiting for it must not find the last run's ports.
+    pub fn clear(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.ports_file {
+            axion_client::ports_file::clear(path)
+                .with_context(|| format!("remove the old ports file {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Logs each bound listener and writes the ports file if one was
+    /// asked for; the file goes when the returned handle is dropped.
+    pub fn announce(&self, ports: &Ports) -> anyhow::Result<Option<PortsFile>> {
+        for (name, addr) in ports.iter() {
+            info!(listener = name, %addr, "listening");
+        }
+        self.ports_file
+            .as_deref()
+            .map(|path: &Path| {
+                PortsFile::write(path, ports)
+                    .with_context(|| format!("write the ports file {}", path.display()))
+            })
+            .transpose()
+    }
 }
 
 /// How failed logins per client address are limited (with an auth file),
@@ -142,6 +182,8 @@ impl LoginLimitArgs {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // First, so a start that fails on a bad setting leaves no file behind.
+    args.ports.clear()?;
     axion_wire::topics::validate_level("package", &args.package)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -244,10 +286,21 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mqtt_port = broker.local_addr().port();
     // The embedded components reach the broker over its Unix socket, or
-    // over loopback whatever address the public listener is bound to.
+    // over TCP: on loopback when the public listener takes every address
+    // (0.0.0.0, ::), else where it is bound (one bound to 127.0.0.2 or
+    // 10.0.0.5 alone does not answer on 127.0.0.1).
     let mut local = match broker.unix_path() {
         Some(path) => MqttUrl::unix(path),
-        None => MqttUrl::parse(&format!("mqtt://127.0.0.1:{mqtt_port}"))?,
+        None => {
+            let mut addr = broker.local_addr();
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            MqttUrl::parse(&format!("mqtt://{addr}"))?
+        }
     };
     if auth.is_some() {
         local.user = Some(axion_access::auth::INTERNAL_USER.to_string());
@@ -274,8 +327,15 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             .config(local.clone(), &args.package, Some(&args.reap_tuning))?;
     legacy_config.local_only = auth.is_some();
     let legacy = axion_supervise::LegacyHeartbeats::start(legacy_config, supervision.clone())?;
+    let mut bound = Ports::new();
+    bound.insert(ports::MQTT, broker.local_addr());
+    if let Some(addr) = broker.tls_local_addr() {
+        bound.insert(ports::MQTTS, addr);
+    }
     if let Some(addr) = args.legacy.legacy_heartbeat_listen {
-        axion_supervise::legacy::serve(addr, legacy.clone(), supervision.clone()).await?;
+        let addr =
+            axion_supervise::legacy::serve(addr, legacy.clone(), supervision.clone()).await?;
+        bound.insert(ports::LEGACY_HEARTBEAT, addr);
     }
     let reaper = args.reap.then(|| {
         let config = args.reap_tuning.config(local.clone(), &args.package);
@@ -299,6 +359,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     bridge_config.mqtt_endpoint = Some(std::sync::Arc::new(EmbeddedMqtt(broker.connections())));
     let bridge = Bridge::bind(bridge_config).await?;
     let ws = bridge.local_addr();
+    bound.insert(ports::WS, ws);
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut bridge_task = tokio::spawn(bridge.serve(async move {
         let _ = bridge_stopped.await;
@@ -310,6 +371,9 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let heartbeat = HeartbeatPublisher::start(heartbeat_config)?;
     heartbeat.set_connected(true);
     let janitor = spawn_janitor(&local, ghost_after);
+    // Last of start-up, so a reader that sees the file finds every part up;
+    // held to the end of the clean stop, which removes it.
+    let _ports_file = args.ports.announce(&bound)?;
     info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), unix = ?broker.unix_path(), %ws, auth = auth.is_some(), package = args.package, config = ?args.config, data_dir = %args.data_dir.display(), "axion serve is up");
 
     let mut bridge_done = false;

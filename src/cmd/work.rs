@@ -9,6 +9,7 @@
 //! fails the attempt with the tail of stderr as the reason.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,9 +45,12 @@ pub struct Args {
     /// Broker URL, mqtt://[user[:password]@]host[:port].
     #[arg(long, env = "AXION_MQTT_URL", default_value = DEFAULT_MQTT_URL)]
     pub mqtt: MqttUrl,
-    /// Serve /health/live and /health/ready on this address (its port names the instance).
+    /// Serve /health/live and /health/ready on this address (its port names the instance); port 0 picks a free port (see --ports-file).
     #[arg(long, env = "HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Once the health endpoints are bound, write their address to this file as a `health=address` line (empty without --health-listen); how a supervisor or script learns the port picked for port 0. Written whole (a temporary file renamed over it); removed at start and at a clean stop.
+    #[arg(long, env = "AXION_PORTS_FILE", value_name = "PATH")]
+    pub ports_file: Option<PathBuf>,
     /// Exit 70 when the broker has been unreachable this long (ms).
     #[arg(long, env = "DISCONNECT_KILL_MS", default_value_t = 10_000)]
     pub disconnect_kill_ms: u64,
@@ -101,6 +105,9 @@ async fn work(args: Args) -> i32 {
         .limits(limits);
     if let Some(addr) = args.health_listen {
         service = service.health_listen(addr);
+    }
+    if let Some(path) = args.ports_file {
+        service = service.ports_file(path);
     }
     for queue in args.queues {
         let command = command.clone();

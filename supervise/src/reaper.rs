@@ -390,3 +390,79 @@ async fn wait_exit(target: &process::Target, timeout: Duration) -> bool {
         .await
         .is_ok_and(|r| r.is_ok())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The grace period between SIGTERM and SIGKILL on tokio's paused
+    //! clock: an hour of grace passes at once, and the test still sees the
+    //! process alive a second before it ends.
+
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+
+    /// A child that ignores SIGTERM, killed and reaped on drop whatever
+    /// the test's outcome.
+    struct Stubborn(Child);
+
+    impl Stubborn {
+        fn start() -> Self {
+            let mut child = Command::new("sh")
+                .args(["-c", "trap '' TERM; echo ready; exec sleep 600"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn sh");
+            // The trap is set once it says so; an ignored signal stays
+            // ignored across the exec.
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "ready");
+            Self(child)
+        }
+    }
+
+    impl Drop for Stubborn {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn job(identity: ProcessIdentity, grace: Duration) -> KillJob {
+        let record: Heartbeat = serde_json::from_value(json!({
+            "service": "s", "instance_id": "h:1", "hostname": "h", "port": 1,
+            "timestamp": 1.0, "boot_id": "b1", "interval_secs": 1
+        }))
+        .unwrap();
+        KillJob {
+            topic: "axion/p/heartbeat/s/h:1".into(),
+            record,
+            identity,
+            reason: Reason::NoHeartbeat,
+            grace,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_process_that_ignores_sigterm_gets_sigkill_when_the_grace_is_over() {
+        let mut stubborn = Stubborn::start();
+        let identity = process::identity(stubborn.0.id()).expect("the child runs");
+        let grace = Duration::from_secs(3600);
+        let started = tokio::time::Instant::now();
+        let kill = tokio::spawn(async move { job(identity, grace).stop_process().await });
+
+        tokio::time::sleep(grace - Duration::from_secs(1)).await;
+        assert!(!kill.is_finished(), "no SIGKILL before the grace is over");
+        assert!(process::is_running(identity), "SIGTERM was ignored");
+
+        assert_eq!(kill.await.unwrap(), Ok("SIGKILL"));
+        assert!(started.elapsed() >= grace);
+        let status = stubborn.0.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+    }
+}

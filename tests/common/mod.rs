@@ -1,5 +1,10 @@
-//! Shared plumbing for the end-to-end tests: free ports, temp dirs, and real
+//! Shared plumbing for the end-to-end tests: ports, temp dirs, and real
 //! processes (`axion serve`, Mosquitto) that are killed when the test ends.
+//!
+//! An Axion process under test listens on port 0 and says which port it
+//! got in its ports file (`--ports-file`, `AXION_PORTS_FILE`): the port is
+//! the kernel's pick at the bind itself, so no parallel test can take it
+//! in between ([`wait_ports`], [`Serve`], [`spawn_listening`]).
 #![allow(dead_code)]
 
 pub mod auth;
@@ -11,27 +16,114 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
+pub use axion_wire::ports::Ports;
+
+/// A port nobody listens on right now, for a listener whose port must be
+/// known before its process starts: Mosquitto (it cannot report a port it
+/// picked), a process coming back on the port it had before a kill, a
+/// peer configured to connect to a port nobody listens on yet. Another
+/// test can take the port between this call and the bind, so an Axion
+/// process that only has to listen somewhere binds port 0 and reports its
+/// ports file instead.
+pub fn port_known_in_advance() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral port")
 }
 
-/// Waits until something accepts TCP on `port`, or panics after `timeout`.
-pub fn wait_for_port(port: u16, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+/// Numbers distinct within this test binary, for [`instance_port`] and
+/// [`unique_name`]; they start high so they read as ports.
+static NEXT_ID: AtomicU16 = AtomicU16::new(20_000);
+
+/// A port number that only names an instance (the sidecar's `--port`, a
+/// record's port slot): nothing listens on it, so it only has to differ
+/// from the other instances' in this test binary.
+pub fn instance_port() -> u16 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `prefix` followed by a number no other call in this test binary gets
+/// (a package, a client id).
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{}", instance_port())
+}
+
+/// How long a process may take to bind its listeners and write its ports
+/// file: a debug build starting on a 2-core machine busy with other tests.
+const PORTS_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for the ports file at `path` (written whole once every listener
+/// of `proc` is bound) and reads it. Panics, quoting `log` (the process's
+/// stderr, when kept), if `proc` exits first or after [`PORTS_WAIT`].
+pub fn wait_ports(proc: &mut Proc, path: &Path, log: Option<&Path>) -> Ports {
+    let deadline = Instant::now() + PORTS_WAIT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return Ports::parse(&text)
+                .unwrap_or_else(|err| panic!("{}: ports file {text:?}: {err}", proc.name));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let why = match proc.child.try_wait().expect("try_wait") {
+            Some(status) => format!("exited ({status}) before writing its ports file"),
+            None if Instant::now() > deadline => {
+                format!("wrote no ports file within {PORTS_WAIT:?}")
+            }
+            None => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let stderr = match log {
+            _ if std::env::var_os("AXION_TEST_LOG").is_some() => {
+                "(on the terminal: AXION_TEST_LOG is set)".to_string()
+            }
+            Some(log) => strip_ansi(&std::fs::read_to_string(log).unwrap_or_default()),
+            None => "(not kept)".to_string(),
+        };
+        panic!("{} {why}; its stderr:\n{stderr}", proc.name);
     }
-    panic!("nothing listened on 127.0.0.1:{port} within {timeout:?}");
+}
+
+/// An Axion process that listens, with its ports file and its stderr in a
+/// directory of its own.
+pub struct Listening {
+    pub proc: Proc,
+    pub ports: Ports,
+    /// Holds the ports file and `stderr.log`.
+    pub dir: tempfile::TempDir,
+}
+
+impl Listening {
+    /// The port listener `name` (`axion_wire::ports`: `ws`, `health`, …)
+    /// is bound to.
+    pub fn port(&self, name: &str) -> u16 {
+        port_of(&self.ports, name, &self.proc.name)
+    }
+}
+
+fn port_of(ports: &Ports, name: &str, who: &str) -> u16 {
+    ports
+        .get(name)
+        .unwrap_or_else(|| panic!("{who} reports no {name} listener: {ports:?}"))
+        .port()
+}
+
+/// Spawns an Axion command that listens (the caller gives its listen
+/// addresses port 0) with `AXION_PORTS_FILE` set, and returns once every
+/// listener is bound. The environment variable rather than the flag, so it
+/// works after a `--` too (`axion work … -- CMD`), and for a service on the
+/// runtime.
+pub fn spawn_listening(name: &str, cmd: &mut Command) -> Listening {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports_file = dir.path().join("ports");
+    let log = dir.path().join("stderr.log");
+    cmd.env("AXION_PORTS_FILE", &ports_file);
+    let mut proc = spawn_axion_logged(name, cmd, Some(&log));
+    let ports = wait_ports(&mut proc, &ports_file, Some(&log));
+    Listening { proc, ports, dir }
 }
 
 /// Waits until `port` accepts TCP: `Err` with the exit status if `proc`
@@ -136,11 +228,14 @@ impl Drop for Proc {
     }
 }
 
-/// `axion serve` on free ports with its own data directory.
+/// `axion serve` on ports of its own picking (port 0, read back from its
+/// ports file) with its own data directory.
 pub struct Serve {
     pub proc: Proc,
     pub mqtt_port: u16,
     pub ws_port: u16,
+    /// Every listener it reported (`mqtts`, `legacy-heartbeat` when asked).
+    pub ports: Ports,
     pub data_dir: tempfile::TempDir,
 }
 
@@ -149,69 +244,62 @@ impl Serve {
         Self::start_with(&[], &[])
     }
 
-    /// Starts `axion serve` with extra CLI args and env vars, and waits
-    /// until its MQTT port accepts connections.
-    /// A free port can be taken (by another test's client, say) before
-    /// `serve` binds it; `serve` then exits, and it is started again on
-    /// other ports.
+    /// Starts `axion serve` with extra CLI args and env vars, and returns
+    /// once every listener is bound (its ports file is written last of its
+    /// start-up). Other listen flags in `args` may give port 0 too; see
+    /// [`Serve::port`].
     pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let data_dir = tempfile::tempdir().expect("tempdir");
-        for _ in 0..3 {
-            let mqtt_port = free_port();
-            let ws_port = free_port();
-            let mut proc = spawn_serve(data_dir.path(), mqtt_port, ws_port, args, envs);
-            // `serve` binds MQTT before the bridge: it is ready once both
-            // listen, and a taken WebSocket port makes it exit after MQTT
-            // already accepted (a client then sees a reset).
-            if listens_while_running(&mut proc, mqtt_port, Duration::from_secs(20))
-                && listens_while_running(&mut proc, ws_port, Duration::from_secs(20))
-            {
-                return Serve {
-                    proc,
-                    mqtt_port,
-                    ws_port,
-                    data_dir,
-                };
-            }
+        let (proc, ports) = spawn_serve(data_dir.path(), (0, 0), args, envs);
+        Serve {
+            proc,
+            mqtt_port: port_of(&ports, axion_wire::ports::MQTT, "axion serve"),
+            ws_port: port_of(&ports, axion_wire::ports::WS, "axion serve"),
+            ports,
+            data_dir,
         }
-        panic!("axion serve exited before listening, three times");
+    }
+
+    /// The port listener `name` (`axion_wire::ports`) is bound to.
+    pub fn port(&self, name: &str) -> u16 {
+        port_of(&self.ports, name, "axion serve")
     }
 
     pub fn mqtt_url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.mqtt_port)
     }
 
-    /// Restarts on the same ports and data directory (after a kill).
+    /// Restarts on the same MQTT and WebSocket ports and data directory
+    /// (after a kill): the test's clients reconnect to where the broker
+    /// was, so these two ports are known before the new process starts, as
+    /// with [`port_known_in_advance`], and another test may take one
+    /// between the kill and the bind. Listeners in `args` may move.
     pub fn restart(&mut self, args: &[&str], envs: &[(&str, &str)]) {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
-        self.proc = spawn_serve(
+        let (proc, ports) = spawn_serve(
             self.data_dir.path(),
-            self.mqtt_port,
-            self.ws_port,
+            (self.mqtt_port, self.ws_port),
             args,
             envs,
         );
-        let ready = wait_listening(&mut self.proc, self.mqtt_port, Duration::from_secs(20))
-            .and_then(|()| wait_listening(&mut self.proc, self.ws_port, Duration::from_secs(20)));
-        if let Err(exited) = ready {
-            let log = std::fs::read_to_string(self.data_dir.path().join("serve.log"));
-            panic!(
-                "axion serve did not come back on port {} (exit: {exited:?}); its log:\n{}",
-                self.mqtt_port,
-                log.unwrap_or_default()
-            );
-        }
+        self.proc = proc;
+        self.ports = ports;
     }
 }
 
+/// Spawns `axion serve` on `127.0.0.1` at `(mqtt, ws)` (0: any free port)
+/// and waits for its ports file.
 fn spawn_serve(
     data_dir: &Path,
-    mqtt_port: u16,
-    ws_port: u16,
+    (mqtt_port, ws_port): (u16, u16),
     args: &[&str],
     envs: &[(&str, &str)],
-) -> Proc {
+) -> (Proc, Ports) {
+    let ports_file = data_dir.join("serve.ports");
+    let log = data_dir.join("serve.log");
+    // Gone before the start, so the wait below cannot read a killed run's.
+    let _ = std::fs::remove_file(&ports_file);
     let mut cmd = Command::new(axion_bin());
     cmd.arg("serve")
         .arg("--mqtt-listen")
@@ -220,9 +308,13 @@ fn spawn_serve(
         .arg(format!("127.0.0.1:{ws_port}"))
         .arg("--data-dir")
         .arg(data_dir)
+        .arg("--ports-file")
+        .arg(&ports_file)
         .args(args)
         .envs(envs.iter().copied());
-    spawn_axion_logged("axion serve", &mut cmd, Some(&data_dir.join("serve.log")))
+    let mut proc = spawn_axion_logged("axion serve", &mut cmd, Some(&log));
+    let ports = wait_ports(&mut proc, &ports_file, Some(&log));
+    (proc, ports)
 }
 
 /// Spawns an Axion command with the tests' conventions: quiet unless
@@ -261,6 +353,13 @@ fn spawn_axion_logged(name: &str, cmd: &mut Command, log: Option<&Path>) -> Proc
 /// Mosquitto on `port` with its config in `dir`; returns once it listens.
 /// Tests that restart "the broker" call this again with the same port.
 pub fn spawn_mosquitto(port: u16, dir: &Path) -> Proc {
+    try_spawn_mosquitto(port, dir)
+        .unwrap_or_else(|| panic!("mosquitto exited before listening on {port}"))
+}
+
+/// Mosquitto on `port`, or `None` if it exits before listening (the port
+/// was taken).
+fn try_spawn_mosquitto(port: u16, dir: &Path) -> Option<Proc> {
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
@@ -277,15 +376,18 @@ pub fn spawn_mosquitto(port: u16, dir: &Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn mosquitto (scripts/setup.sh installs it)");
-    wait_for_port(port, Duration::from_secs(10));
-    Proc {
+    let mut proc = Proc {
         child,
         name: "mosquitto".into(),
-    }
+    };
+    listens_while_running(&mut proc, port, Duration::from_secs(10)).then_some(proc)
 }
 
 /// Mosquitto from apt on a free port: the reference broker, and the
 /// "any external MQTT 5 broker" that standalone components must work with.
+/// It cannot report a port it picked, so its port is chosen in advance
+/// ([`port_known_in_advance`]), and it is started again on another one if
+/// that port was taken before it bound it.
 pub struct Mosquitto {
     pub proc: Proc,
     pub port: u16,
@@ -295,13 +397,17 @@ pub struct Mosquitto {
 impl Mosquitto {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let proc = spawn_mosquitto(port, dir.path());
-        Mosquitto {
-            proc,
-            port,
-            _dir: dir,
+        for _ in 0..3 {
+            let port = port_known_in_advance();
+            if let Some(proc) = try_spawn_mosquitto(port, dir.path()) {
+                return Mosquitto {
+                    proc,
+                    port,
+                    _dir: dir,
+                };
+            }
         }
+        panic!("mosquitto exited before listening, three times");
     }
 
     pub fn mqtt_url(&self) -> String {
@@ -350,12 +456,18 @@ pub fn monitor_json(url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
 }
 
 /// The log of `serve` (its warnings and errors), without ANSI colour
-/// sequences (`ESC [ … m`); empty while the tests' log goes to the
-/// terminal (`AXION_TEST_LOG`).
+/// sequences; empty while the tests' log goes to the terminal
+/// (`AXION_TEST_LOG`).
 pub fn serve_log(serve: &Serve) -> String {
-    let log = std::fs::read_to_string(serve.data_dir.path().join("serve.log")).unwrap_or_default();
-    let mut out = String::with_capacity(log.len());
-    let mut rest = log.as_str();
+    strip_ansi(
+        &std::fs::read_to_string(serve.data_dir.path().join("serve.log")).unwrap_or_default(),
+    )
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
     while let Some(start) = rest.find('\x1b') {
         out.push_str(&rest[..start]);
         rest = &rest[start..];
