@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::auth::hash_line;
 use common::mqtt::V4;
-use common::{axion_bin, spawn_axion, wait_ports, Serve};
+use common::{axion_bin, spawn_axion, wait_ports, Proc, Serve};
 
 fn packaging(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -59,17 +59,12 @@ fn a_configuration_files_keys_take_effect_and_the_environment_wins() {
     .unwrap();
     let mut cmd = Command::new(axion_bin());
     cmd.args(["serve", "--config"]).arg(&config);
-    let mut serve = spawn_axion("axion serve (config)", &mut cmd);
-    let ports = wait_ports(&mut serve, &ports_file, None);
-    let mqtt = ports
-        .get(axion_wire::ports::MQTT)
-        .expect("an mqtt listener");
-    assert_eq!(
-        mqtt.ip().to_string(),
+    let mut serve = serve_mqtt_on(
+        cmd,
+        &ports_file,
         "127.0.0.2",
-        "listening on the file's mqtt-listen"
+        "listening on the file's mqtt-listen",
     );
-    assert!(TcpStream::connect(mqtt).is_ok(), "{mqtt} accepts");
     assert!(
         dir.path().join("data").is_dir(),
         "the file's data-dir is used"
@@ -82,19 +77,28 @@ fn a_configuration_files_keys_take_effect_and_the_environment_wins() {
     cmd.args(["serve", "--config"])
         .arg(&config)
         .env("AXION_MQTT_LISTEN", "127.0.0.3:0");
-    let mut serve = spawn_axion("axion serve (config + env)", &mut cmd);
-    let ports = wait_ports(&mut serve, &ports_file, None);
+    let mut serve = serve_mqtt_on(
+        cmd,
+        &ports_file,
+        "127.0.0.3",
+        "AXION_MQTT_LISTEN wins over the file",
+    );
+    serve.signal(15);
+    assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// Starts `axion serve` by `cmd` and checks, from its ports file, that
+/// its MQTT listener is bound on `ip` (`why` says whose setting that is)
+/// and accepts a connection.
+fn serve_mqtt_on(mut cmd: Command, ports_file: &Path, ip: &str, why: &str) -> Proc {
+    let mut serve = spawn_axion("axion serve", &mut cmd);
+    let ports = wait_ports(&mut serve, ports_file, None);
     let mqtt = ports
         .get(axion_wire::ports::MQTT)
         .expect("an mqtt listener");
-    assert_eq!(
-        mqtt.ip().to_string(),
-        "127.0.0.3",
-        "AXION_MQTT_LISTEN wins over the file"
-    );
+    assert_eq!(mqtt.ip().to_string(), ip, "{why}");
     assert!(TcpStream::connect(mqtt).is_ok(), "{mqtt} accepts");
-    serve.signal(15);
-    assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
+    serve
 }
 
 /// A ports file left by an earlier run (killed, so it could not remove

@@ -315,6 +315,33 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// A round's outcome from its end-to-end latencies in nanoseconds (any
+    /// order; none gives NaN percentiles).
+    fn from_latencies(
+        sent: u64,
+        received: u64,
+        secs: f64,
+        mut lat: Vec<u64>,
+        broker_cpu: f64,
+    ) -> Self {
+        lat.sort_unstable();
+        let pct = |p: f64| {
+            if lat.is_empty() {
+                f64::NAN
+            } else {
+                lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6
+            }
+        };
+        Outcome {
+            sent,
+            received,
+            secs,
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            broker_cpu,
+        }
+    }
+
     /// One round's line in the progress log.
     fn summary(&self) -> String {
         format!(
@@ -478,23 +505,8 @@ async fn run_case(
     for l in loops {
         l.abort();
     }
-    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        if lat.is_empty() {
-            f64::NAN
-        } else {
-            lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6
-        }
-    };
-    Ok(Outcome {
-        sent: count,
-        received: got,
-        secs,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        broker_cpu,
-    })
+    let lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    Ok(Outcome::from_latencies(count, got, secs, lat, broker_cpu))
 }
 
 /// (name, QoS, messages, fixed rate, publishers, payload bytes)

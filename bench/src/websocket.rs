@@ -336,28 +336,13 @@ async fn run_case(
     let broker_cpu = cpu_secs(pid) - cpu0;
     let got = received.load(Ordering::Relaxed);
     acks.abort();
-    let mut lat = if got >= count {
+    let lat = if got >= count {
         subscriber.await??
     } else {
         subscriber.abort();
         Vec::new()
     };
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        if lat.is_empty() {
-            f64::NAN
-        } else {
-            lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6
-        }
-    };
-    Ok(Outcome {
-        sent: count,
-        received: got,
-        secs,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        broker_cpu,
-    })
+    Ok(Outcome::from_latencies(count, got, secs, lat, broker_cpu))
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
