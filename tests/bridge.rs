@@ -214,6 +214,34 @@ fn python_client_to_and_from_plain_mqtt() {
     assert_eq!(out["ordered"], 300, "{out}");
 }
 
+/// Events only WebSocket clients read stay in `axion serve`'s process; an
+/// MQTT subscriber of any kind gets the first event after its SUBACK, and
+/// a kept session away still has events published for it.
+#[test]
+fn events_nobody_reads_on_mqtt_stay_with_the_bridge_until_somebody_does() {
+    let stack = Stack::start(&[]);
+    let out = python("local", &stack);
+    assert_eq!(
+        out["heard"],
+        serde_json::json!(["exact", "wildcard", "shared"]),
+        "{out}"
+    );
+    assert!(out["published_for_away"].as_u64() >= Some(1), "{out}");
+    let (published, kept) = (&out["alone"]["published"], &out["alone"]["kept"]);
+    match stack.kind {
+        Kind::Serve(_) => {
+            assert_eq!(published, 0, "{out}");
+            assert!(kept.as_u64() >= Some(50), "{out}");
+            assert_eq!(out["again"], true, "{out}");
+        }
+        // A broker the bridge cannot see into gets every event.
+        Kind::Standalone { .. } => {
+            assert!(published.as_u64() >= Some(50), "{out}");
+            assert_eq!(kept, 0, "{out}");
+        }
+    }
+}
+
 #[test]
 fn malformed_frames_get_errors_and_the_connection_keeps_working() {
     let stack = Stack::start(&[]);

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub bad_frames: AtomicU64,
     /// Events published to MQTT on behalf of WebSocket clients.
     pub events_published: AtomicU64,
+    /// Events of WebSocket clients that no MQTT client read, delivered by
+    /// the bridge alone and not published (`axion serve`, see `local.rs`).
+    pub events_kept_local: AtomicU64,
     /// `{"event": …}` frames queued to clients.
     pub events_delivered: AtomicU64,
     /// Enqueues published again because the owner had not confirmed them.
@@ -95,6 +98,7 @@ impl Metrics {
             "frames_out": get(&self.frames_out),
             "bad_frames": get(&self.bad_frames),
             "events_published": get(&self.events_published),
+            "events_kept_local": get(&self.events_kept_local),
             "events_delivered": get(&self.events_delivered),
             "enqueue_retries": get(&self.enqueue_retries),
             "oversize_refused": get(&self.oversize_refused),

@@ -19,6 +19,7 @@
 
 mod client;
 mod hub;
+pub mod local;
 mod metrics;
 mod mqtt;
 pub mod mqtt_ws;
@@ -30,6 +31,7 @@ mod web;
 pub mod ws_io;
 
 pub use client::Metrics;
+pub use local::LocalBroker;
 pub use mqtt_ws::MqttEndpoint;
 
 use axion_client::connection::options_v5;
@@ -108,6 +110,9 @@ pub struct BridgeConfig {
     /// Serves MQTT over WebSocket at `/mqtt` (the embedded broker); without
     /// one, `/mqtt` answers 404.
     pub mqtt_endpoint: Option<Arc<dyn MqttEndpoint>>,
+    /// The broker in the same process (`axion serve`): events nobody but
+    /// the bridge's own clients read are then not published on MQTT.
+    pub local_broker: Option<Arc<dyn LocalBroker>>,
 }
 
 /// PEM files of the bridge's TLS certificate chain and private key.
@@ -130,6 +135,7 @@ impl BridgeConfig {
             tls: None,
             legacy_heartbeats: None,
             mqtt_endpoint: None,
+            local_broker: None,
         }
     }
 }
@@ -349,6 +355,7 @@ impl Bridge {
             next_key: AtomicU64::new(1),
             started: Instant::now(),
             legacy_heartbeats: config.legacy_heartbeats.clone(),
+            local_broker: config.local_broker.clone(),
         });
         tracing::info!(listen = %local_addr, tls = tls.is_some(), mqtt = %config.mqtt, package = config.package, client_id, "WebSocket bridge up");
         // Upgraded connections outlive hyper's graceful shutdown, so the

@@ -62,6 +62,8 @@ pub struct Shared {
     pub next_key: AtomicU64,
     pub started: Instant,
     pub legacy_heartbeats: Option<Arc<LegacyHeartbeats>>,
+    /// The broker in the same process, if any (see [`crate::local`]).
+    pub local_broker: Option<Arc<dyn crate::LocalBroker>>,
     /// What `/metrics` serves (see [`crate::metrics`]).
     pub registry: prometheus_client::registry::Registry,
 }
@@ -469,7 +471,9 @@ fn legacy_beat(service: &LegacyHeartbeats, message: &protocol::Message<'_>, conn
 
 /// Publishes a client's event on MQTT, and hands it to this bridge's own
 /// WebSocket subscribers directly: the bridge's event subscriptions are
-/// No Local, so the broker does not send its own events back to it.
+/// No Local, so the broker does not send its own events back to it. With
+/// the broker in the same process, an event no MQTT client reads is not
+/// published at all (see [`crate::local`]).
 async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Result<(), Value> {
     if !s.metrics.mqtt_connected.load(Ordering::Relaxed) {
         return Err(error("the MQTT broker is unreachable; event not published"));
@@ -498,26 +502,34 @@ async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Res
         .fits(topic.len(), envelope_len, 3 + correlation + 3 + reply_len)
         .map_err(error)?;
     let envelope = event.envelope_range();
-    let props = PublishProperties {
-        correlation_data: event.correlation.map(Bytes::from),
-        response_topic: event
-            .reply_to
-            .filter(|reply| protocol::validate_type(reply).is_ok())
-            .map(|reply| protocol::type_to_topic(&s.hub.event_prefix, &reply)),
-        ..Default::default()
-    };
     // One buffer: the MQTT payload is the envelope inside the frame.
     let frame = Utf8Bytes::from(event.frame);
-    let payload = Bytes::from(frame.clone()).slice(envelope);
-    s.mqtt
-        .client
-        .publish_with_properties(topic.as_str(), QoS::AtMostOnce, false, payload, props)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "publish to MQTT failed");
-            error("the MQTT connection is gone; event not published")
-        })?;
-    s.metrics.events_published.fetch_add(1, Ordering::Relaxed);
+    let heard = s
+        .local_broker
+        .as_ref()
+        .is_none_or(|broker| broker.read_by_others(&topic, &s.mqtt.client_id));
+    if heard {
+        let props = PublishProperties {
+            correlation_data: event.correlation.map(Bytes::from),
+            response_topic: event
+                .reply_to
+                .filter(|reply| protocol::validate_type(reply).is_ok())
+                .map(|reply| protocol::type_to_topic(&s.hub.event_prefix, &reply)),
+            ..Default::default()
+        };
+        let payload = Bytes::from(frame.clone()).slice(envelope);
+        s.mqtt
+            .client
+            .publish_with_properties(topic.as_str(), QoS::AtMostOnce, false, payload, props)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "publish to MQTT failed");
+                error("the MQTT connection is gone; event not published")
+            })?;
+        s.metrics.events_published.fetch_add(1, Ordering::Relaxed);
+    } else {
+        s.metrics.events_kept_local.fetch_add(1, Ordering::Relaxed);
+    }
     // The broker withholds deny-listed topics from every subscriber; the
     // bridge's own subscribers, served without it, likewise.
     if s.auth.as_ref().is_some_and(|auth| auth.withholds(&topic)) {

@@ -27,8 +27,9 @@ impl<T> Default for TopicCache<T> {
 
 impl<T> TopicCache<T> {
     /// What `topic` matches: remembered, or `find` with the topic as text
-    /// (a topic that is not UTF-8 matches nothing).
-    pub fn get_or_find(&self, topic: &Bytes, find: impl FnOnce(&str) -> Vec<T>) -> Arc<[T]> {
+    /// (a topic that is not UTF-8 matches nothing). A topic remembered is
+    /// copied: a slice of a connection's read buffer would pin all of it.
+    pub fn get_or_find(&self, topic: &[u8], find: impl FnOnce(&str) -> Vec<T>) -> Arc<[T]> {
         if let Some(hit) = self.lock().get(topic) {
             return hit.clone();
         }
@@ -40,7 +41,7 @@ impl<T> TopicCache<T> {
         if map.len() >= BOUND {
             map.clear();
         }
-        map.insert(topic.clone(), found.clone());
+        map.insert(Bytes::copy_from_slice(topic), found.clone());
         found
     }
 

@@ -296,7 +296,9 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     bridge_config.limits = args.bridge.limits();
     bridge_config.auth = auth.clone();
     bridge_config.tls = args.ws_tls.files();
-    bridge_config.mqtt_endpoint = Some(std::sync::Arc::new(EmbeddedMqtt(broker.connections())));
+    let embedded = Arc::new(EmbeddedMqtt(broker.connections()));
+    bridge_config.mqtt_endpoint = Some(embedded.clone());
+    bridge_config.local_broker = Some(embedded);
     let bridge = Bridge::bind(bridge_config).await?;
     let ws = bridge.local_addr();
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -371,9 +373,16 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// MQTT over WebSocket on the bridge's port, served by the embedded
-/// broker's front end like any TCP client.
+/// broker's front end like any TCP client; and what the bridge asks the
+/// broker beside it before publishing an event.
 #[derive(Debug)]
 struct EmbeddedMqtt(axion_broker::Connections);
+
+impl axion_bridge::LocalBroker for EmbeddedMqtt {
+    fn read_by_others(&self, topic: &str, client_id: &str) -> bool {
+        self.0.read_by_others(topic, client_id)
+    }
+}
 
 impl axion_bridge::MqttEndpoint for EmbeddedMqtt {
     fn max_packet_size(&self) -> usize {
