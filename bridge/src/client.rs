@@ -133,6 +133,8 @@ pub struct ClientHandle {
     /// The id the legacy broker gave each connection (a UUID), used as the
     /// `source` of events it publishes without one.
     pub id: String,
+    /// `id` as a JSON string, written into every such event.
+    pub id_json: String,
     tx: mpsc::Sender<Utf8Bytes>,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
@@ -150,9 +152,11 @@ impl ClientHandle {
         max_bytes: usize,
         cancel: CancellationToken,
     ) -> Self {
+        let id_json = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".into());
         Self {
             key,
             id,
+            id_json,
             tx,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,

@@ -43,7 +43,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -411,7 +411,6 @@ impl Bridge {
             metrics: metrics.clone(),
             shutdown: clients_root.clone(),
             next_key: AtomicU64::new(1),
-            started: Instant::now(),
             legacy_heartbeats: config.legacy_heartbeats.clone(),
             local_broker: config.local_broker.clone(),
         });
