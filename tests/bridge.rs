@@ -49,6 +49,16 @@ impl Stack {
         }
     }
 
+    /// The default stack with a queue owner (`axion queues` beside a
+    /// standalone bridge).
+    fn with_owner() -> Stack {
+        if std::env::var("AXION_BRIDGE_TEST_BROKER").as_deref() == Ok("mosquitto") {
+            Stack::standalone(&[], true)
+        } else {
+            Stack::serve(&[])
+        }
+    }
+
     fn serve(args: &[&str]) -> Stack {
         let package = format!("t{}", free_port());
         let mut all = vec!["--package", package.as_str()];
@@ -321,12 +331,18 @@ fn standalone_health_endpoints_follow_the_mqtt_connection() {
 
 #[test]
 fn task_actions_through_the_queue_owner() {
-    let stack = if std::env::var("AXION_BRIDGE_TEST_BROKER").as_deref() == Ok("mosquitto") {
-        Stack::standalone(&[], true)
-    } else {
-        Stack::serve(&[])
-    };
-    task_actions(&stack);
+    task_actions(&Stack::with_owner());
+}
+
+/// The first pull on a queue subscribes the bridge to its tasks and says
+/// ready in the same breath: the task waiting there comes at once. (In
+/// `axion serve` the ready reaches the queue owner through the broker's
+/// tap; it must not overtake the subscription on its way to the router.)
+#[test]
+fn the_first_pull_on_a_queue_gets_its_waiting_task_at_once() {
+    let stack = Stack::with_owner();
+    let out = python("first_pulls", &stack);
+    assert_eq!(out["rounds"], 20, "{out}");
 }
 
 /// `axion bridge` and `axion queues`, each on its own against Mosquitto,

@@ -286,13 +286,42 @@ async def local_only(url, host, port, pkg):
                       "again": again, "published_for_away": away}))
 
 
+async def first_pulls(url, _host, _port, _pkg):
+    """A pull on a queue nobody pulled from before, over and over: the
+    bridge subscribes to the queue's tasks and says ready in one go, and the
+    waiting task must come at once (not after the owner's ack wait)."""
+    producer = await websockets.connect(url)
+    worker = await websockets.connect(url)
+    rounds = 20
+    for i in range(rounds):
+        queue = f"fresh{i}"
+        await producer.send(json.dumps({"action": "enqueue", "queue": queue, "task": {"i": i}}))
+        reply = json.loads(await asyncio.wait_for(producer.recv(), 5))
+        if "enqueued" not in reply:
+            fail(f"round {i}: enqueue not confirmed: {reply}")
+        await worker.send(json.dumps({"action": "pull", "queue": queue}))
+        try:
+            got = json.loads(await asyncio.wait_for(worker.recv(), 5))
+        except asyncio.TimeoutError:
+            fail(f"round {i}: no task within 5 s of the first pull on {queue}")
+        if got.get("task", {}).get("payload") != {"i": i}:
+            fail(f"round {i}: expected the task, got {got}")
+        await worker.send(json.dumps({"action": "ack", "taskId": got["task"]["id"]}))
+    print(json.dumps({"ok": True, "rounds": rounds}))
+
+
 def session_expiry(secs):
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = secs
     return props
 
 
-SCENARIOS = {"mqtt": mqtt_side, "bad": bad_input, "local": local_only}
+SCENARIOS = {
+    "mqtt": mqtt_side,
+    "bad": bad_input,
+    "local": local_only,
+    "first_pulls": first_pulls,
+}
 
 if __name__ == "__main__":
     scenario, url, host, port, pkg = sys.argv[1:6]
