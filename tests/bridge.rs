@@ -252,6 +252,65 @@ fn events_nobody_reads_on_mqtt_stay_with_the_bridge_until_somebody_does() {
     }
 }
 
+/// The bridge's MQTT session ends (another client takes its id over, the
+/// one way a broker ends a healthy session): the bridge connects again,
+/// subscribes again, and a WebSocket subscription made before still gets
+/// MQTT events.
+#[test]
+fn the_bridge_connects_again_and_resubscribes_after_its_mqtt_session_ends() {
+    use common::mqtt::{recv, V5};
+    use std::io::{BufRead, BufReader, Write};
+    let stack = Stack::start(&[]);
+    let mut driver = Command::new("python3")
+        .args(["py_driver.py", "resubscribe", &stack.ws_url(), "127.0.0.1"])
+        .arg(stack.mqtt_port.to_string())
+        .arg(&stack.package)
+        .current_dir(clients_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let mut lines = BufReader::new(driver.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    assert!(first.contains("ready"), "{first}");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        // The bridge's client id is the worker id of its heartbeat.
+        let mut reader = V5::connect(stack.mqtt_port, "heartbeat-reader").await;
+        let filter = format!("axion/{}/heartbeat/bridge/+", stack.package);
+        reader.subscribe(&filter, 0).await;
+        let record: serde_json::Value =
+            serde_json::from_slice(&recv(&mut reader.rx, 10).await.payload).expect("JSON");
+        let id = record["worker"].as_str().expect("worker id").to_string();
+        let connects = stack.stats()["mqtt_connects"].as_u64().unwrap_or(0);
+        let thief = V5::connect(stack.mqtt_port, &id).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let stats = stack.stats();
+            if stats["mqtt_connects"].as_u64() > Some(connects) && stats["mqtt_connected"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bridge did not connect again: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        thief.kill().await;
+    });
+    driver
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let status = driver.wait().expect("wait");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("\"ok\"")), "{rest:?}");
+}
+
 #[test]
 fn malformed_frames_get_errors_and_the_connection_keeps_working() {
     let stack = Stack::start(&[]);

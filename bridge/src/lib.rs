@@ -19,6 +19,7 @@
 
 mod client;
 mod hub;
+mod link;
 pub mod local;
 mod metrics;
 mod mqtt;
@@ -299,19 +300,36 @@ impl Bridge {
             "axion-bridge-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut options = options_v5(&config.mqtt, &client_id);
         let max_packet = u32::try_from(config.limits.max_frame_bytes.saturating_add(64 * 1024))
             .unwrap_or(u32::MAX);
-        options.set_max_packet_size(Some(max_packet));
         metrics
             .own_max_packet
             .store(u64::from(max_packet), Ordering::Relaxed);
-        options.set_clean_start(true);
-        // Events are small and latency matters more than packet count.
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        options.set_network_options(network);
-        let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 4096);
+        // The in-process link to the broker beside the bridge, or rumqttc
+        // over a socket to any broker.
+        let (client, connection) = match &config.local_broker {
+            Some(broker) => {
+                let (client, requests) = link::channel(REQUEST_QUEUE);
+                (
+                    mqtt::Client::Link(client),
+                    Connection::Link(broker.clone(), requests),
+                )
+            }
+            None => {
+                let mut options = options_v5(&config.mqtt, &client_id);
+                options.set_max_packet_size(Some(max_packet));
+                options.set_clean_start(true);
+                // Events are small and latency matters more than packet count.
+                let mut network = rumqttc::NetworkOptions::new();
+                network.set_tcp_nodelay(true);
+                options.set_network_options(network);
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
+                (
+                    mqtt::Client::Socket(client),
+                    Connection::Socket(Box::new(eventloop)),
+                )
+            }
+        };
         let mqtt = Arc::new(mqtt::Mqtt::new(
             client.clone(),
             client_id.clone(),
@@ -325,14 +343,29 @@ impl Bridge {
             metrics.clone(),
         ));
         let resync = Arc::new(Notify::new());
-        let event_loop = tokio::spawn(mqtt::run_event_loop(
-            eventloop,
-            hub.clone(),
-            tasks.clone(),
-            resync.clone(),
-            metrics.clone(),
-            cancel.clone(),
-        ));
+        let inbox = mqtt::Inbox {
+            hub: hub.clone(),
+            tasks: tasks.clone(),
+            resync: resync.clone(),
+            metrics: metrics.clone(),
+        };
+        let event_loop = match connection {
+            Connection::Socket(eventloop) => {
+                tokio::spawn(mqtt::run_event_loop(*eventloop, inbox, cancel.clone()))
+            }
+            Connection::Link(broker, requests) => {
+                let options = link::LinkOptions {
+                    client_id: client_id.clone(),
+                    login: config
+                        .mqtt
+                        .user
+                        .clone()
+                        .map(|user| (user, config.mqtt.password.clone().unwrap_or_default())),
+                    max_packet,
+                };
+                tokio::spawn(link::run(broker, options, requests, inbox, cancel.clone()))
+            }
+        };
         if let Err(error) = tasks.start().await {
             tracing::error!(%error, "could not subscribe the enqueue reply topic");
         }
@@ -492,3 +525,17 @@ impl Bridge {
 
 /// How long shutdown waits for clients to close and MQTT to disconnect.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Requests queued for the MQTT connection before senders wait.
+const REQUEST_QUEUE: usize = 4096;
+
+/// The receiving side of the bridge's MQTT connection, before its task
+/// starts.
+enum Connection {
+    /// Boxed: rumqttc's event loop is over a kilobyte.
+    Socket(Box<rumqttc::v5::EventLoop>),
+    Link(
+        Arc<dyn LocalBroker>,
+        tokio::sync::mpsc::Receiver<rumqttc::v5::mqttbytes::v5::Packet>,
+    ),
+}

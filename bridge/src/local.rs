@@ -14,8 +14,17 @@
 //! `axion bridge` has no such broker and publishes every event, as it must
 //! for a broker it cannot see into.
 
-/// What the broker in the same process tells the bridge.
+/// What the broker in the same process tells the bridge, and how the
+/// bridge connects to it (see `link.rs`).
 pub trait LocalBroker: std::fmt::Debug + Send + Sync + 'static {
+    /// Serves one MQTT connection of the bridge's through `pipe`, as the
+    /// broker serves a socket, until it ends: on the caller's runtime, so
+    /// that the session runs on the bridge's thread.
+    fn serve_link(
+        &self,
+        pipe: tokio::io::DuplexStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
     /// Whether a client other than `client_id` (the bridge's own MQTT
     /// connection) holds a subscription that `topic` matches: connected, or
     /// a kept session away. A subscriber must count from the moment its

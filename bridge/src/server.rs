@@ -525,7 +525,7 @@ async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Res
         let payload = Bytes::from(frame.clone()).slice(envelope);
         s.mqtt
             .client
-            .publish_with_properties(topic.as_str(), QoS::AtMostOnce, false, payload, props)
+            .publish(topic.clone(), QoS::AtMostOnce, payload, Some(props))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "publish to MQTT failed");

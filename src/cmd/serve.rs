@@ -384,6 +384,17 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
 struct EmbeddedMqtt(axion_broker::Connections, tokio::runtime::Handle);
 
 impl axion_bridge::LocalBroker for EmbeddedMqtt {
+    fn serve_link(
+        &self,
+        pipe: tokio::io::DuplexStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let connections = self.0.clone();
+        let (reader, writer) = tokio::io::split(pipe);
+        // A loopback peer: the bridge is this process.
+        let peer = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        Box::pin(async move { connections.serve(reader, writer, peer).await })
+    }
+
     fn read_by_others(&self, topic: &str, client_id: &str) -> bool {
         self.0.read_by_others(topic, client_id)
     }

@@ -286,6 +286,30 @@ async def local_only(url, host, port, pkg):
                       "again": again, "published_for_away": away}))
 
 
+async def resubscribe(url, host, port, pkg):
+    """A WebSocket subscription that outlives the bridge's MQTT session:
+    an MQTT event reaches it, the test ends the bridge's session (after a
+    "ready" line, until a line on stdin), and an MQTT event reaches it again."""
+    prefix = f"axion/{pkg}/event/"
+    paho, _ = mqtt_client(host, port, prefix + "nothing/here")
+    client = BrokerClient(url=url)
+    await client.connect()
+    seen = []
+
+    async def handler(event):
+        seen.append(event)
+
+    await client.subscribe("re.x", handler)
+    await until(lambda: seen, 5, "an MQTT event before", lambda: paho.publish(prefix + "re/x", "before"))
+    print(json.dumps({"ready": True}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await until(lambda: any(e["payload"] == "after" for e in seen), 10,
+                "an MQTT event after the bridge connected again",
+                lambda: paho.publish(prefix + "re/x", "after"), every=0.2)
+    paho.loop_stop()
+    print(json.dumps({"ok": True}))
+
+
 async def first_pulls(url, _host, _port, _pkg):
     """A pull on a queue nobody pulled from before, over and over: the
     bridge subscribes to the queue's tasks and says ready in one go, and the
@@ -320,6 +344,7 @@ SCENARIOS = {
     "mqtt": mqtt_side,
     "bad": bad_input,
     "local": local_only,
+    "resubscribe": resubscribe,
     "first_pulls": first_pulls,
 }
 
