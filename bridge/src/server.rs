@@ -385,14 +385,14 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
         return Ok(());
     }
     let request = protocol::parse_frame(text).map_err(|e: FrameError| e.reply())?;
+    if let Request::Publish { message } = request {
+        // The topic is needed for the ACL and for the publish: built once.
+        let topic = protocol::type_to_topic(&s.hub.event_prefix, &message.event_type);
+        allowed(conn, s, false, &topic)?;
+        return publish(message, topic, conn, s).await;
+    }
     match &request {
         Request::Subscribe { topic } => allowed(conn, s, true, &s.hub.event_filter(topic))?,
-        Request::Publish { message } => allowed(
-            conn,
-            s,
-            false,
-            &protocol::type_to_topic(&s.hub.event_prefix, &message.event_type),
-        )?,
         Request::Enqueue { queue, .. } => {
             allowed(conn, s, false, &topics::queue(&s.package, queue, "enqueue"))?
         }
@@ -437,7 +437,8 @@ async fn handle_text(text: &str, conn: &mut Conn, s: &Shared) -> Result<(), Valu
             }
             Ok(())
         }
-        Request::Publish { message } => publish(message, conn, s).await,
+        // Handled above.
+        Request::Publish { .. } => Ok(()),
         Request::Enqueue { queue, task } => s
             .tasks
             .enqueue(&conn.handle, &queue, task)
@@ -479,7 +480,12 @@ fn legacy_beat(service: &LegacyHeartbeats, message: &protocol::Message<'_>, conn
 /// No Local, so the broker does not send its own events back to it. With
 /// the broker in the same process, an event no MQTT client reads is not
 /// published at all (see [`crate::local`]).
-async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Result<(), Value> {
+async fn publish(
+    message: protocol::Message<'_>,
+    topic: String,
+    conn: &Conn,
+    s: &Shared,
+) -> Result<(), Value> {
     if !s.metrics.mqtt_connected.load(Ordering::Relaxed) {
         return Err(error("the MQTT broker is unreachable; event not published"));
     }
@@ -489,7 +495,6 @@ async fn publish(message: protocol::Message<'_>, conn: &Conn, s: &Shared) -> Res
         legacy_beat(service, &message, conn);
     }
     let event = message.normalize_quoted(&conn.handle.id_json);
-    let topic = protocol::type_to_topic(&s.hub.event_prefix, &message.event_type);
     // Checked before anything reaches MQTT: a property past its length
     // field or a packet past the broker's maximum makes the broker drop
     // the connection every client shares.
