@@ -47,6 +47,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const KEEP_ALIVE_SECS: u16 = 60;
 /// QoS 1 publishes in flight at most, as rumqttc's default.
 const MAX_INFLIGHT: usize = 100;
+/// Pings no more often than this, whatever keep-alive the broker asks.
+const MIN_PING: Duration = Duration::from_millis(100);
 /// How long the broker may take to answer CONNECT.
 const CONNACK_WAIT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -172,7 +174,13 @@ impl Conn {
         self.max_inflight =
             receive_max.map_or(MAX_INFLIGHT, |r| usize::from(r).clamp(1, MAX_INFLIGHT));
         inbox.connected(connack.properties.as_ref().and_then(|p| p.max_packet_size));
-        let every = Duration::from_secs(u64::from(KEEP_ALIVE_SECS / 2));
+        // The broker may shorten the keep-alive (Server Keep Alive).
+        let keep_alive = connack
+            .properties
+            .as_ref()
+            .and_then(|p| p.server_keep_alive)
+            .unwrap_or(KEEP_ALIVE_SECS);
+        let every = Duration::from_millis(u64::from(keep_alive) * 500).max(MIN_PING);
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             let take = self.out.len() < OUT_HIGH && self.inflight < self.max_inflight;
@@ -291,18 +299,25 @@ impl Conn {
             self.pkid = self.pkid.checked_add(1).unwrap_or(1);
             self.pkid
         };
+        let mut acked = false;
         match &mut packet {
             Packet::Publish(p) if p.qos != QoS::AtMostOnce => {
                 p.pkid = next_id();
-                self.inflight += 1;
+                acked = true;
             }
             Packet::Subscribe(s) => s.pkid = next_id(),
             Packet::Unsubscribe(u) => u.pkid = next_id(),
             _ => {}
         }
-        if let Err(e) = packet.write(&mut self.out, None) {
+        let start = self.out.len();
+        match packet.write(&mut self.out, None) {
+            Ok(_) if acked => self.inflight += 1,
+            Ok(_) => {}
             // Only a request the bridge built wrong; the others go on.
-            tracing::error!(error = ?e, "a packet for the in-process MQTT link could not be encoded");
+            Err(e) => {
+                self.out.truncate(start);
+                tracing::error!(error = ?e, "a packet for the in-process MQTT link could not be encoded")
+            }
         }
     }
 
