@@ -49,6 +49,16 @@ impl Stack {
         }
     }
 
+    /// The default stack with a queue owner (`axion queues` beside a
+    /// standalone bridge).
+    fn with_owner() -> Stack {
+        if std::env::var("AXION_BRIDGE_TEST_BROKER").as_deref() == Ok("mosquitto") {
+            Stack::standalone(&[], true)
+        } else {
+            Stack::serve(&[])
+        }
+    }
+
     fn serve(args: &[&str]) -> Stack {
         let package = unique_name("t");
         let mut all = vec!["--package", package.as_str()];
@@ -213,6 +223,93 @@ fn python_client_to_and_from_plain_mqtt() {
     assert_eq!(out["ordered"], 300, "{out}");
 }
 
+/// Events only WebSocket clients read stay in `axion serve`'s process; an
+/// MQTT subscriber of any kind gets the first event after its SUBACK, and
+/// a kept session away still has events published for it.
+#[test]
+fn events_nobody_reads_on_mqtt_stay_with_the_bridge_until_somebody_does() {
+    let stack = Stack::start(&[]);
+    let out = python("local", &stack);
+    assert_eq!(
+        out["heard"],
+        serde_json::json!(["exact", "wildcard", "shared"]),
+        "{out}"
+    );
+    assert!(out["published_for_away"].as_u64() >= Some(1), "{out}");
+    let (published, kept) = (&out["alone"]["published"], &out["alone"]["kept"]);
+    match stack.kind {
+        Kind::Serve(_) => {
+            assert_eq!(published, 0, "{out}");
+            assert!(kept.as_u64() >= Some(50), "{out}");
+            assert_eq!(out["again"], true, "{out}");
+        }
+        // A broker the bridge cannot see into gets every event.
+        Kind::Standalone { .. } => {
+            assert!(published.as_u64() >= Some(50), "{out}");
+            assert_eq!(kept, 0, "{out}");
+        }
+    }
+}
+
+/// The bridge's MQTT session ends (another client takes its id over, the
+/// one way a broker ends a healthy session): the bridge connects again,
+/// subscribes again, and a WebSocket subscription made before still gets
+/// MQTT events.
+#[test]
+fn the_bridge_connects_again_and_resubscribes_after_its_mqtt_session_ends() {
+    use common::mqtt::{recv, V5};
+    use std::io::{BufRead, BufReader, Write};
+    let stack = Stack::start(&[]);
+    let mut driver = Command::new("python3")
+        .args(["py_driver.py", "resubscribe", &stack.ws_url(), "127.0.0.1"])
+        .arg(stack.mqtt_port.to_string())
+        .arg(&stack.package)
+        .current_dir(clients_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let mut lines = BufReader::new(driver.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    assert!(first.contains("ready"), "{first}");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        // The bridge's client id is the worker id of its heartbeat.
+        let mut reader = V5::connect(stack.mqtt_port, "heartbeat-reader").await;
+        let filter = format!("axion/{}/heartbeat/bridge/+", stack.package);
+        reader.subscribe(&filter, 0).await;
+        let record: serde_json::Value =
+            serde_json::from_slice(&recv(&mut reader.rx, 10).await.payload).expect("JSON");
+        let id = record["worker"].as_str().expect("worker id").to_string();
+        let connects = stack.stats()["mqtt_connects"].as_u64().unwrap_or(0);
+        let thief = V5::connect(stack.mqtt_port, &id).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let stats = stack.stats();
+            if stats["mqtt_connects"].as_u64() > Some(connects) && stats["mqtt_connected"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bridge did not connect again: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        thief.kill().await;
+    });
+    driver
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let status = driver.wait().expect("wait");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("\"ok\"")), "{rest:?}");
+}
+
 #[test]
 fn malformed_frames_get_errors_and_the_connection_keeps_working() {
     let stack = Stack::start(&[]);
@@ -292,12 +389,18 @@ fn standalone_health_endpoints_follow_the_mqtt_connection() {
 
 #[test]
 fn task_actions_through_the_queue_owner() {
-    let stack = if std::env::var("AXION_BRIDGE_TEST_BROKER").as_deref() == Ok("mosquitto") {
-        Stack::standalone(&[], true)
-    } else {
-        Stack::serve(&[])
-    };
-    task_actions(&stack);
+    task_actions(&Stack::with_owner());
+}
+
+/// The first pull on a queue subscribes the bridge to its tasks and says
+/// ready in the same breath: the task waiting there comes at once. (In
+/// `axion serve` the ready reaches the queue owner through the broker's
+/// tap; it must not overtake the subscription on its way to the router.)
+#[test]
+fn the_first_pull_on_a_queue_gets_its_waiting_task_at_once() {
+    let stack = Stack::with_owner();
+    let out = python("first_pulls", &stack);
+    assert_eq!(out["rounds"], 20, "{out}");
 }
 
 /// `axion bridge` and `axion queues`, each on its own against Mosquitto,

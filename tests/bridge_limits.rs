@@ -98,3 +98,71 @@ fn reqwest_stats(port: u16) -> serde_json::Value {
     let body = text.split("\r\n\r\n").nth(1).expect("body");
     serde_json::from_str(body).expect("stats JSON")
 }
+
+/// A raw WebSocket connection (no library: nothing answers pings for it).
+fn raw_ws(port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .expect("upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("upgrade response");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    s
+}
+
+/// A short masked text frame (mask 0: the payload goes as it is).
+fn text_frame(text: &str) -> Vec<u8> {
+    assert!(text.len() < 126);
+    let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+    f.extend_from_slice(text.as_bytes());
+    f
+}
+
+/// A peer that sends nothing for two ping periods is dropped; one that
+/// keeps sending frames is not, even though it never answers a ping.
+#[test]
+fn silent_peers_are_dropped_after_two_ping_periods_and_talking_ones_are_not() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let serve = Serve::start_with(&["--ws-ping-secs", "1"], &[]);
+    let stats = || -> serde_json::Value {
+        let (_, body) = common::http_get(serve.ws_port, "/stats").expect("GET /stats");
+        serde_json::from_str(&body).expect("stats JSON")
+    };
+    let silent = raw_ws(serve.ws_port);
+    let mut talking = raw_ws(serve.ws_port);
+    let started = Instant::now();
+    let heartbeat = text_frame(r#"{"action":"heartbeat"}"#);
+    while stats()["dead_peers"] == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the silent peer was never dropped: {}",
+            stats()
+        );
+        talking.write_all(&heartbeat).expect("heartbeat");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Two periods at least, three at most (with slack for a busy machine).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    for _ in 0..15 {
+        talking.write_all(&heartbeat).expect("heartbeat");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let now = stats();
+    assert_eq!(now["dead_peers"], 1, "{now}");
+    assert_eq!(now["clients"], 1, "{now}");
+    drop(silent);
+}

@@ -130,7 +130,14 @@ async fn metrics_parse_and_move_with_traffic() {
     for _ in 0..N {
         recv(&mut sub.rx, 10).await;
     }
-    let after = scrape(serve.ws_port);
+    // A write is counted once it has returned, which may be just after the
+    // subscriber has read it.
+    let after = wait_until(Duration::from_secs(5), "the last write counted", || {
+        let s = scrape(serve.ws_port);
+        let sent = s.value("axion_broker_messages_sent_total", &[])
+            - before.value("axion_broker_messages_sent_total", &[]);
+        (sent >= N as f64).then_some(s)
+    });
     let grew = |name: &str| after.value(name, &[]) - before.value(name, &[]);
     assert!(grew("axion_broker_messages_received_total") >= N as f64);
     assert!(grew("axion_broker_messages_sent_total") >= N as f64);

@@ -8,7 +8,9 @@
 //! `--bridge`: events (the legacy `publish`) flat out and at a fixed
 //! 10k events/s, through `axion serve`'s bridge, `axion bridge` beside
 //! Mosquitto, the legacy broker (`legacy_broker.js`), and direct MQTT on
-//! the same brokers; then MQTT → WebSocket through each bridge.
+//! the same brokers; then MQTT → WebSocket through each bridge. With
+//! `--baseline`, that build's `axion serve` is one more target in the
+//! same rounds.
 //!
 //! `--bridge-queue`: the legacy work-queue protocol (`enqueue` → `{task}`
 //! → `ack` + `ready`) through `axion serve` (durable), `axion bridge` +
@@ -19,7 +21,9 @@
 //! Servers start once; in each round the targets take turns, a different
 //! one first each round, and the table gives the median of each figure.
 //! Broker CPU is utime + stime from /proc of every process on the broker
-//! side, per delivered event.
+//! side, per delivered event and as deliveries per broker CPU-second; a
+//! second table gives the latter over the legacy broker's in the same
+//! case.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -66,14 +70,14 @@ struct Stack {
 }
 
 impl Stack {
-    /// `axion serve`: broker, bridge and queue owner in one process.
-    fn serve(args: &Args) -> anyhow::Result<Stack> {
+    /// `axion serve` of `bin`: broker, bridge and queue owner in one process.
+    fn serve(bin: &Path) -> anyhow::Result<Stack> {
         let dir = tempfile::tempdir()?;
         let (mqtt_port, ws_port) = (free_port()?, free_port()?);
-        let child = axion_serve_on(&args.axion, mqtt_port, ws_port, dir.path())?
+        let child = axion_serve_on(bin, mqtt_port, ws_port, dir.path())?
             .args(["--package", PACKAGE])
             .spawn()
-            .with_context(|| format!("spawn {} (cargo build --release)", args.axion.display()))?;
+            .with_context(|| format!("spawn {} (cargo build --release)", bin.display()))?;
         let stack = Stack {
             ws_port,
             mqtt_port,
@@ -207,7 +211,8 @@ fn strings(args: &[&str]) -> Vec<String> {
 pub fn run_events(args: &Args) -> anyhow::Result<()> {
     let clients = clients_dir(args)?;
     let (legacy, legacy_port) = legacy_broker(&clients, "legacy_broker.js")?;
-    let serve = Stack::serve(args)?;
+    let serve = Stack::serve(&args.axion)?;
+    let baseline = args.baseline.as_deref().map(Stack::serve).transpose()?;
     // Mosquitto as the MQTT broker benchmark configures it: TCP_NODELAY
     // on (its default Nagle delays a quiet stream of small messages by up
     // to 40 ms) and no limit on queued messages.
@@ -221,13 +226,21 @@ pub fn run_events(args: &Args) -> anyhow::Result<()> {
         pids: legacy.pid("legacy_broker.js"),
     };
     let ws = |stack: &Stack| vec!["--url".to_string(), stack.ws_url()];
+    let baseline_target = |args: &dyn Fn(&Stack) -> Vec<String>| {
+        baseline.as_ref().map(|b| Target {
+            name: "axion serve (bridge), --baseline build",
+            args: args(b),
+            pids: b.procs.pid("serve"),
+        })
+    };
     let ws_to_ws = || {
-        vec![
-            Target {
-                name: "axion serve (bridge)",
-                args: ws(&serve),
-                pids: serve_pid.clone(),
-            },
+        let mut targets = vec![Target {
+            name: "axion serve (bridge)",
+            args: ws(&serve),
+            pids: serve_pid.clone(),
+        }];
+        targets.extend(baseline_target(&ws));
+        targets.extend([
             Target {
                 name: "axion bridge + Mosquitto",
                 args: ws(&standalone),
@@ -244,21 +257,23 @@ pub fn run_events(args: &Args) -> anyhow::Result<()> {
                 args: standalone.mqtt("--mqtt"),
                 pids: mosquitto_pid.clone(),
             },
-        ]
+        ]);
+        targets
     };
     let mqtt_to_ws = || {
-        vec![
-            Target {
-                name: "axion serve (bridge)",
-                args: [ws(&serve), serve.mqtt("--send-mqtt")].concat(),
-                pids: serve_pid.clone(),
-            },
-            Target {
-                name: "axion bridge + Mosquitto",
-                args: [ws(&standalone), standalone.mqtt("--send-mqtt")].concat(),
-                pids: [bridge_pid.clone(), mosquitto_pid.clone()].concat(),
-            },
-        ]
+        let through = |stack: &Stack| [ws(stack), stack.mqtt("--send-mqtt")].concat();
+        let mut targets = vec![Target {
+            name: "axion serve (bridge)",
+            args: through(&serve),
+            pids: serve_pid.clone(),
+        }];
+        targets.extend(baseline_target(&through));
+        targets.push(Target {
+            name: "axion bridge + Mosquitto",
+            args: through(&standalone),
+            pids: [bridge_pid.clone(), mosquitto_pid.clone()].concat(),
+        });
+        targets
     };
     let n = args.events.to_string();
     let half = (args.events / 2).to_string();
@@ -274,8 +289,27 @@ pub fn run_events(args: &Args) -> anyhow::Result<()> {
             ws_to_ws(),
         ),
         (
+            "WS → WS, max, 2 publishers × 2 subscribers",
+            strings(&["--events", &n, "--senders", "2", "--receivers", "2"]),
+            ws_to_ws(),
+        ),
+        (
             "WS → WS, 10k events/s, 1 subscriber",
             strings(&["--events", "30000", "--rate", "10000", "--receivers", "1"]),
+            ws_to_ws(),
+        ),
+        (
+            "WS → WS, 10k events/s, 2 publishers × 2 subscribers",
+            strings(&[
+                "--events",
+                "30000",
+                "--rate",
+                "10000",
+                "--senders",
+                "2",
+                "--receivers",
+                "2",
+            ]),
             ws_to_ws(),
         ),
         (
@@ -289,13 +323,24 @@ pub fn run_events(args: &Args) -> anyhow::Result<()> {
             mqtt_to_ws(),
         ),
     ];
-    run_cases(&clients, &cases, args.rounds)
+    run_cases(&clients, &chosen(cases, args), args.rounds)
+}
+
+/// The cases `--case` names (all without it).
+fn chosen(cases: Vec<Case>, args: &Args) -> Vec<Case> {
+    match &args.case {
+        Some(text) => cases
+            .into_iter()
+            .filter(|c| c.0.contains(text.as_str()))
+            .collect(),
+        None => cases,
+    }
 }
 
 pub fn run_queue(args: &Args) -> anyhow::Result<()> {
     let clients = clients_dir(args)?;
     let (legacy, legacy_port) = legacy_broker(&clients, "legacy_queue_broker.js")?;
-    let serve = Stack::serve(args)?;
+    let serve = Stack::serve(&args.axion)?;
     // Mosquitto's default queue per client (1 000): the bridge publishes
     // an enqueue the broker dropped again until the owner confirms it.
     let standalone = Stack::standalone(args, 1000, true)?;
@@ -346,7 +391,7 @@ pub fn run_queue(args: &Args) -> anyhow::Result<()> {
             targets(),
         ),
     ];
-    run_cases(&clients, &cases, args.rounds)
+    run_cases(&clients, &chosen(cases, args), args.rounds)
 }
 
 /// The directory of `bench.js` and the legacy brokers, with their Node
@@ -398,10 +443,13 @@ fn run_driver(clients: &Path, args: &[String], timeout: Duration) -> anyhow::Res
 
 /// Runs every case on each of its targets `rounds` times (targets take
 /// turns, starting from a different one each round) and prints one
-/// Markdown row of medians per case and target.
+/// Markdown row of medians per case and target, then each target's
+/// deliveries per broker CPU-second over the legacy broker's.
 fn run_cases(clients: &Path, cases: &[Case], rounds: usize) -> anyhow::Result<()> {
-    println!("| case | carried by | delivered | events/s | p50 ms | p99 ms | broker CPU µs/event | driver CPU µs/event |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| case | carried by | delivered | events/s | p50 ms | p99 ms | broker CPU µs/event | deliveries per broker CPU-s | driver CPU µs/event |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    // (case, target, deliveries per broker CPU-second)
+    let mut per_cpu: Vec<(&str, &str, f64)> = Vec::new();
     for (case, args, targets) in cases {
         let mut runs: Vec<Vec<Value>> = targets.iter().map(|_| Vec::new()).collect();
         for round in 0..rounds {
@@ -425,6 +473,7 @@ fn run_cases(clients: &Path, cases: &[Case], rounds: usize) -> anyhow::Result<()
                 v.sort_by(f64::total_cmp);
                 v[v.len() / 2]
             };
+            let broker_ms = |v: &Value| v["cpu_ms"]["broker"].as_f64().unwrap_or(0.0);
             let per_event =
                 |v: &Value, ms: f64| ms * 1000.0 / v["delivered"].as_f64().unwrap_or(1.0).max(1.0);
             let delivered = median(&|v| v["delivered"].as_f64().unwrap_or(0.0));
@@ -440,19 +489,43 @@ fn run_cases(clients: &Path, cases: &[Case], rounds: usize) -> anyhow::Result<()
                 None if queue_run => " (none confirmed)".to_string(),
                 None => String::new(),
             };
+            let deliveries_per_cpu_sec = median(&|v| {
+                v["delivered"].as_f64().unwrap_or(0.0) * 1000.0 / broker_ms(v).max(1.0)
+            });
+            per_cpu.push((case, t.name, deliveries_per_cpu_sec));
             println!(
-                "| {case} | {} | {delivered}/{expected}{extra} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {case} | {} | {delivered}/{expected}{extra} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} | {:.1} |",
                 t.name,
                 median(&|v| v["events_per_sec"].as_f64().unwrap_or(0.0)),
                 median(&|v| v["p50_ms"].as_f64().unwrap_or(f64::NAN)),
                 median(&|v| v["p99_ms"].as_f64().unwrap_or(f64::NAN)),
-                median(&|v| per_event(v, v["cpu_ms"]["broker"].as_f64().unwrap_or(0.0))),
+                median(&|v| per_event(v, broker_ms(v))),
+                deliveries_per_cpu_sec,
                 median(&|v| per_event(
                     v,
                     v["cpu_ms"]["sender"].as_f64().unwrap_or(0.0)
                         + v["cpu_ms"]["receivers"].as_f64().unwrap_or(0.0)
                 )),
             );
+        }
+    }
+    let legacy = |case: &str| {
+        per_cpu
+            .iter()
+            .find(|(c, t, _)| *c == case && t.starts_with("legacy"))
+            .map(|(_, _, v)| *v)
+    };
+    let ratios: Vec<_> = per_cpu
+        .iter()
+        .filter(|(_, t, _)| !t.starts_with("legacy"))
+        .filter_map(|(c, t, v)| legacy(c).map(|l| (c, t, v / l.max(1.0))))
+        .collect();
+    if !ratios.is_empty() {
+        println!();
+        println!("| case | carried by | deliveries per broker CPU-s ÷ legacy Node broker's |");
+        println!("|---|---|---|");
+        for (case, target, ratio) in ratios {
+            println!("| {case} | {target} | {ratio:.2}× |");
         }
     }
     Ok(())

@@ -158,6 +158,10 @@ struct Args {
     /// Events per flat-out run of --bridge (4 subscribers: half as many).
     #[arg(long, env = "BENCH_EVENTS", default_value_t = 100_000)]
     events: u64,
+    /// Only the --bridge and --bridge-queue cases whose name contains this
+    /// text (e.g. "2 publishers").
+    #[arg(long, env = "BENCH_CASE")]
+    case: Option<String>,
     /// Where the Node load driver (bench.js) and the legacy brokers of
     /// --bridge and --bridge-queue are, with their packages installed.
     #[arg(long, env = "BENCH_CLIENTS", default_value = "tests/clients")]

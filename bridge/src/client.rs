@@ -39,6 +39,9 @@ pub struct Metrics {
     pub bad_frames: AtomicU64,
     /// Events published to MQTT on behalf of WebSocket clients.
     pub events_published: AtomicU64,
+    /// Events of WebSocket clients that no MQTT client read, delivered by
+    /// the bridge alone and not published (`axion serve`, see `local.rs`).
+    pub events_kept_local: AtomicU64,
     /// `{"event": …}` frames queued to clients.
     pub events_delivered: AtomicU64,
     /// Enqueues published again because the owner had not confirmed them.
@@ -95,6 +98,7 @@ impl Metrics {
             "frames_out": get(&self.frames_out),
             "bad_frames": get(&self.bad_frames),
             "events_published": get(&self.events_published),
+            "events_kept_local": get(&self.events_kept_local),
             "events_delivered": get(&self.events_delivered),
             "enqueue_retries": get(&self.enqueue_retries),
             "oversize_refused": get(&self.oversize_refused),
@@ -129,6 +133,8 @@ pub struct ClientHandle {
     /// The id the legacy broker gave each connection (a UUID), used as the
     /// `source` of events it publishes without one.
     pub id: String,
+    /// `id` as a JSON string, written into every such event.
+    pub id_json: String,
     tx: mpsc::Sender<Utf8Bytes>,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
@@ -146,9 +152,11 @@ impl ClientHandle {
         max_bytes: usize,
         cancel: CancellationToken,
     ) -> Self {
+        let id_json = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".into());
         Self {
             key,
             id,
+            id_json,
             tx,
             queued_bytes: AtomicUsize::new(0),
             max_bytes,

@@ -19,6 +19,8 @@
 
 mod client;
 mod hub;
+mod link;
+pub mod local;
 mod metrics;
 mod mqtt;
 pub mod mqtt_ws;
@@ -30,6 +32,7 @@ mod web;
 pub mod ws_io;
 
 pub use client::Metrics;
+pub use local::LocalBroker;
 pub use mqtt_ws::MqttEndpoint;
 
 use axion_client::connection::options_v5;
@@ -41,7 +44,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -108,6 +111,12 @@ pub struct BridgeConfig {
     /// Serves MQTT over WebSocket at `/mqtt` (the embedded broker); without
     /// one, `/mqtt` answers 404.
     pub mqtt_endpoint: Option<Arc<dyn MqttEndpoint>>,
+    /// The broker in the same process (`axion serve`): events nobody but
+    /// the bridge's own clients read are then not published on MQTT.
+    pub local_broker: Option<Arc<dyn LocalBroker>>,
+    /// Threads the bridge runs on, apart from the caller's runtime (see
+    /// [`Bridge::serve`]). One, the default, costs the least CPU per event.
+    pub threads: usize,
 }
 
 /// PEM files of the bridge's TLS certificate chain and private key.
@@ -130,6 +139,8 @@ impl BridgeConfig {
             tls: None,
             legacy_heartbeats: None,
             mqtt_endpoint: None,
+            local_broker: None,
+            threads: 1,
         }
     }
 }
@@ -151,6 +162,10 @@ pub enum BridgeError {
     Tls(axion_access::tls::TlsError),
     #[error("heartbeat: {0}")]
     Heartbeat(#[from] axion_client::HeartbeatError),
+    #[error("cannot start the bridge's threads: {0}")]
+    Threads(std::io::Error),
+    #[error("the bridge's thread ended without a result (a panic, logged above)")]
+    Panicked,
 }
 
 /// A bridge whose port is bound; [`Bridge::serve`] runs it.
@@ -213,9 +228,59 @@ impl Bridge {
 
     /// Serves WebSocket clients until `shutdown` completes, then releases
     /// held tasks, says `offline` in the heartbeat, and disconnects.
+    ///
+    /// Everything the bridge does runs on a runtime of its own, on
+    /// `config.threads` threads of its own: with one (the default), a
+    /// frame read, its fan-out and the writes to every subscriber happen
+    /// on one thread, which then sleeps until the next. On the caller's
+    /// multi-threaded runtime each event also woke an idle worker to
+    /// steal a subscriber's writer, and at 10k events/s those wake-ups
+    /// were a third of the CPU. The legacy broker ran on one thread too.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BridgeError> {
+        let threads = self.config.threads.max(1);
+        let runtime = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("axion-bridge")
+                .enable_all()
+                .build()
+        }
+        .map_err(BridgeError::Threads)?;
+        // The listener moves to the bridge's runtime: connections it
+        // accepts are then watched by that runtime's own poller.
+        let listener = self.listener.into_std().map_err(BridgeError::Serve)?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let mqtt_sessions = Arc::new(mqtt_ws::Sessions::default());
+        std::thread::Builder::new()
+            .name("axion-bridge".into())
+            .spawn(move || {
+                let sessions = mqtt_sessions.clone();
+                let served = runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).map_err(BridgeError::Serve)?;
+                    Bridge { listener, ..self }
+                        .serve_here(shutdown, sessions)
+                        .await
+                });
+                let _ = done.send(served);
+                // MQTT over WebSocket connections outlive the bridge: the
+                // broker ends them when it stops, after the bridge.
+                runtime.block_on(mqtt_sessions.all_ended());
+            })
+            .map_err(BridgeError::Threads)?;
+        result.await.unwrap_or(Err(BridgeError::Panicked))
+    }
+
+    async fn serve_here(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        mqtt_sessions: Arc<mqtt_ws::Sessions>,
     ) -> Result<(), BridgeError> {
         let Bridge {
             config,
@@ -235,19 +300,36 @@ impl Bridge {
             "axion-bridge-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut options = options_v5(&config.mqtt, &client_id);
         let max_packet = u32::try_from(config.limits.max_frame_bytes.saturating_add(64 * 1024))
             .unwrap_or(u32::MAX);
-        options.set_max_packet_size(Some(max_packet));
         metrics
             .own_max_packet
             .store(u64::from(max_packet), Ordering::Relaxed);
-        options.set_clean_start(true);
-        // Events are small and latency matters more than packet count.
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        options.set_network_options(network);
-        let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 4096);
+        // The in-process link to the broker beside the bridge, or rumqttc
+        // over a socket to any broker.
+        let (client, connection) = match &config.local_broker {
+            Some(broker) => {
+                let (client, requests) = link::channel(REQUEST_QUEUE);
+                (
+                    mqtt::Client::Link(client),
+                    Connection::Link(broker.clone(), requests),
+                )
+            }
+            None => {
+                let mut options = options_v5(&config.mqtt, &client_id);
+                options.set_max_packet_size(Some(max_packet));
+                options.set_clean_start(true);
+                // Events are small and latency matters more than packet count.
+                let mut network = rumqttc::NetworkOptions::new();
+                network.set_tcp_nodelay(true);
+                options.set_network_options(network);
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
+                (
+                    mqtt::Client::Socket(client),
+                    Connection::Socket(Box::new(eventloop)),
+                )
+            }
+        };
         let mqtt = Arc::new(mqtt::Mqtt::new(
             client.clone(),
             client_id.clone(),
@@ -261,14 +343,29 @@ impl Bridge {
             metrics.clone(),
         ));
         let resync = Arc::new(Notify::new());
-        let event_loop = tokio::spawn(mqtt::run_event_loop(
-            eventloop,
-            hub.clone(),
-            tasks.clone(),
-            resync.clone(),
-            metrics.clone(),
-            cancel.clone(),
-        ));
+        let inbox = mqtt::Inbox {
+            hub: hub.clone(),
+            tasks: tasks.clone(),
+            resync: resync.clone(),
+            metrics: metrics.clone(),
+        };
+        let event_loop = match connection {
+            Connection::Socket(eventloop) => {
+                tokio::spawn(mqtt::run_event_loop(*eventloop, inbox, cancel.clone()))
+            }
+            Connection::Link(broker, requests) => {
+                let options = link::LinkOptions {
+                    client_id: client_id.clone(),
+                    login: config
+                        .mqtt
+                        .user
+                        .clone()
+                        .map(|user| (user, config.mqtt.password.clone().unwrap_or_default())),
+                    max_packet,
+                };
+                tokio::spawn(link::run(broker, options, requests, inbox, cancel.clone()))
+            }
+        };
         if let Err(error) = tasks.start().await {
             tracing::error!(%error, "could not subscribe the enqueue reply topic");
         }
@@ -347,8 +444,8 @@ impl Bridge {
             metrics: metrics.clone(),
             shutdown: clients_root.clone(),
             next_key: AtomicU64::new(1),
-            started: Instant::now(),
             legacy_heartbeats: config.legacy_heartbeats.clone(),
+            local_broker: config.local_broker.clone(),
         });
         tracing::info!(listen = %local_addr, tls = tls.is_some(), mqtt = %config.mqtt, package = config.package, client_id, "WebSocket bridge up");
         // Upgraded connections outlive hyper's graceful shutdown, so the
@@ -358,7 +455,8 @@ impl Bridge {
             shutdown.await;
             stop_clients.cancel();
         };
-        let app = server::router(shared).merge(mqtt_ws::routes(config.mqtt_endpoint.clone()));
+        let app = server::router(shared)
+            .merge(mqtt_ws::routes(config.mqtt_endpoint.clone(), mqtt_sessions));
         let result = match tls {
             Some(acceptor) => {
                 tls::serve(listener, acceptor, app, shutdown).await;
@@ -427,3 +525,17 @@ impl Bridge {
 
 /// How long shutdown waits for clients to close and MQTT to disconnect.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Requests queued for the MQTT connection before senders wait.
+const REQUEST_QUEUE: usize = 4096;
+
+/// The receiving side of the bridge's MQTT connection, before its task
+/// starts.
+enum Connection {
+    /// Boxed: rumqttc's event loop is over a kilobyte.
+    Socket(Box<rumqttc::v5::EventLoop>),
+    Link(
+        Arc<dyn LocalBroker>,
+        tokio::sync::mpsc::Receiver<rumqttc::v5::mqttbytes::v5::Packet>,
+    ),
+}

@@ -100,6 +100,12 @@ impl Collector for BridgeCollector {
         )?;
         counter(
             e,
+            "axion_bridge_events_kept_local",
+            "Events of WebSocket clients no MQTT client subscribed to: delivered by the bridge alone, not published",
+            &m.events_kept_local,
+        )?;
+        counter(
+            e,
             "axion_bridge_events_delivered",
             "Event frames queued to WebSocket clients",
             &m.events_delivered,

@@ -1,4 +1,7 @@
-//! The bridge's one MQTT 5 connection, shared by every WebSocket client.
+//! The bridge's one MQTT 5 connection, shared by every WebSocket client:
+//! rumqttc over a socket to any broker, or the in-process link to the
+//! broker beside it in `axion serve` (`link.rs`). [`Client`] sends on
+//! either; [`Inbox`] takes what either receives.
 //!
 //! Two rumqttc rules shape this module:
 //! the event loop must keep being polled, so it lives in its own task and
@@ -10,9 +13,15 @@
 
 use crate::client::Metrics;
 use crate::hub::{Hub, Wanted};
+use crate::link::{LinkClient, LinkClosed};
 use crate::tasks::Tasks;
 use axion_client::connection::Reconnect;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, SubscribeProperties, SubscribeReasonCode};
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, Publish, PublishProperties, SubAck,
+    Subscribe, SubscribeProperties, SubscribeReasonCode, Unsubscribe,
+};
+use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -24,8 +33,100 @@ use tokio_util::sync::CancellationToken;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Why a request could not be handed to the MQTT connection.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// Boxed: it carries the whole request back.
+    #[error(transparent)]
+    Socket(Box<ClientError>),
+    #[error(transparent)]
+    Link(#[from] LinkClosed),
+}
+
+impl From<ClientError> for MqttError {
+    fn from(e: ClientError) -> Self {
+        MqttError::Socket(Box::new(e))
+    }
+}
+
+/// The sending side of the bridge's MQTT connection.
+#[derive(Clone)]
+pub enum Client {
+    /// rumqttc, over a socket to any MQTT 5 broker.
+    Socket(AsyncClient),
+    /// The in-process link to the broker beside the bridge.
+    Link(LinkClient),
+}
+
+impl Client {
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        payload: Bytes,
+        properties: Option<PublishProperties>,
+    ) -> Result<(), MqttError> {
+        match self {
+            Client::Socket(c) => match properties {
+                Some(props) => {
+                    c.publish_with_properties(topic, qos, false, payload, props)
+                        .await?
+                }
+                None => c.publish(topic, qos, false, payload).await?,
+            },
+            Client::Link(l) => {
+                let publish = Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic: Bytes::from(topic),
+                    pkid: 0,
+                    payload,
+                    properties,
+                };
+                l.send(Packet::Publish(publish)).await?
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, filter: Filter, props: SubscribeProperties) -> Result<(), MqttError> {
+        match self {
+            Client::Socket(c) => c.subscribe_many_with_properties([filter], props).await?,
+            Client::Link(l) => {
+                l.send(Packet::Subscribe(Subscribe::new(filter, Some(props))))
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, filter: &str) -> Result<(), MqttError> {
+        match self {
+            Client::Socket(c) => c.unsubscribe(filter).await?,
+            Client::Link(l) => {
+                l.send(Packet::Unsubscribe(Unsubscribe::new(filter, None)))
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends DISCONNECT after whatever was queued before it.
+    pub async fn disconnect(&self) -> Result<(), MqttError> {
+        match self {
+            Client::Socket(c) => c.disconnect().await?,
+            Client::Link(l) => {
+                let normal = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
+                l.send(Packet::Disconnect(normal)).await?
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Mqtt {
-    pub client: AsyncClient,
+    pub client: Client,
     pub client_id: String,
     hub: Arc<Hub>,
     /// What the broker holds for us now: filter → subscription identifier.
@@ -36,7 +137,7 @@ pub struct Mqtt {
 }
 
 impl Mqtt {
-    pub fn new(client: AsyncClient, client_id: String, hub: Arc<Hub>) -> Self {
+    pub fn new(client: Client, client_id: String, hub: Arc<Hub>) -> Self {
         Self {
             client,
             client_id,
@@ -47,7 +148,7 @@ impl Mqtt {
 
     /// Brings the broker's subscription for `filter` in line with what the
     /// hub wants now. Idempotent, so callers need not agree on order.
-    pub async fn reconcile(&self, filter: &str) -> Result<(), ClientError> {
+    pub async fn reconcile(&self, filter: &str) -> Result<(), MqttError> {
         let mut subscribed = self.subscribed.lock().await;
         self.reconcile_locked(&mut subscribed, filter).await
     }
@@ -56,7 +157,7 @@ impl Mqtt {
         &self,
         subscribed: &mut HashMap<String, usize>,
         filter: &str,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), MqttError> {
         match (self.hub.desired(filter), subscribed.get(filter).copied()) {
             (Some(wanted), Some(current)) if current == wanted.id => Ok(()),
             (Some(Wanted { id, qos, no_local }), _) => {
@@ -66,9 +167,7 @@ impl Mqtt {
                 };
                 let mut sub = Filter::new(filter, qos);
                 sub.nolocal = no_local;
-                self.client
-                    .subscribe_many_with_properties([sub], props)
-                    .await?;
+                self.client.subscribe(sub, props).await?;
                 subscribed.insert(filter.to_string(), id);
                 tracing::debug!(filter, id, no_local, "subscribed");
                 Ok(())
@@ -99,16 +198,65 @@ impl Mqtt {
     }
 }
 
-/// Polls the connection until `cancel`: routes incoming publishes, tracks
-/// readiness, and wakes `resync` on every CONNACK.
-pub async fn run_event_loop(
-    mut eventloop: EventLoop,
-    hub: Arc<Hub>,
-    tasks: Arc<Tasks>,
-    resync: Arc<Notify>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
+/// What the bridge does with what its MQTT connection receives, whichever
+/// carries it. Called from the connection's own task, so nothing here
+/// waits for that connection (fan-out never blocks).
+#[derive(Clone)]
+pub struct Inbox {
+    pub hub: Arc<Hub>,
+    pub tasks: Arc<Tasks>,
+    pub resync: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Inbox {
+    /// A CONNACK: the broker's Maximum Packet Size, if it gave one. The
+    /// broker may hold nothing for us now: `resync` subscribes again.
+    pub fn connected(&self, broker_max_packet: Option<u32>) {
+        self.metrics
+            .broker_max_packet
+            .store(broker_max_packet.map_or(0, u64::from), Ordering::Relaxed);
+        self.metrics.mqtt_connects.fetch_add(1, Ordering::Relaxed);
+        self.metrics.mqtt_connected.store(true, Ordering::Relaxed);
+        tracing::info!("connected to the MQTT broker");
+        self.resync.notify_one();
+    }
+
+    pub fn disconnected(&self) {
+        self.metrics.mqtt_connected.store(false, Ordering::Relaxed);
+    }
+
+    /// Routes an incoming publish: events to the hub, the rest to the
+    /// task queues.
+    pub fn publish(&self, publish: &Publish) {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            tracing::debug!("dropping a publish whose topic is not UTF-8");
+            return;
+        };
+        if topic.starts_with(&self.hub.event_prefix) {
+            self.hub
+                .dispatch_event(topic, &publish.payload, publish.properties.as_ref());
+        } else {
+            self.tasks.on_publish(topic, publish);
+        }
+    }
+
+    pub fn suback(&self, ack: &SubAck) {
+        for code in &ack.return_codes {
+            if !matches!(code, SubscribeReasonCode::Success(_)) {
+                tracing::warn!(pkid = ack.pkid, ?code, "the broker refused a subscription");
+            }
+        }
+    }
+
+    pub fn broker_disconnect(&self, d: &Disconnect) {
+        tracing::warn!(reason = ?d.reason_code, "the broker sent DISCONNECT");
+    }
+}
+
+/// Polls a rumqttc connection until `cancel`, handing what arrives to
+/// `inbox`.
+pub async fn run_event_loop(mut eventloop: EventLoop, inbox: Inbox, cancel: CancellationToken) {
     let mut reconnect = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let event = tokio::select! {
@@ -116,45 +264,20 @@ pub async fn run_event_loop(
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-                    tracing::debug!("dropping a publish whose topic is not UTF-8");
-                    continue;
-                };
-                if topic.starts_with(&hub.event_prefix) {
-                    hub.dispatch_event(topic, &publish.payload, publish.properties.as_ref());
-                } else {
-                    tasks.on_publish(topic, &publish);
-                }
-            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => inbox.publish(&publish),
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 reconnect.connected();
-                let max = ack.properties.as_ref().and_then(|p| p.max_packet_size);
-                metrics
-                    .broker_max_packet
-                    .store(max.map_or(0, u64::from), Ordering::Relaxed);
-                metrics.mqtt_connects.fetch_add(1, Ordering::Relaxed);
-                metrics.mqtt_connected.store(true, Ordering::Relaxed);
-                tracing::info!("connected to the MQTT broker");
-                resync.notify_one();
+                inbox.connected(ack.properties.as_ref().and_then(|p| p.max_packet_size));
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                for code in &ack.return_codes {
-                    if !matches!(code, SubscribeReasonCode::Success(_)) {
-                        tracing::warn!(pkid = ack.pkid, ?code, "the broker refused a subscription");
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                tracing::warn!(reason = ?d.reason_code, "the broker sent DISCONNECT");
-            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => inbox.suback(&ack),
+            Ok(Event::Incoming(Packet::Disconnect(d))) => inbox.broker_disconnect(&d),
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                metrics.mqtt_connected.store(false, Ordering::Relaxed);
+                inbox.disconnected();
                 return;
             }
             Ok(_) => {}
             Err(error) => {
-                metrics.mqtt_connected.store(false, Ordering::Relaxed);
+                inbox.disconnected();
                 let wait = reconnect.after_failure();
                 tracing::warn!(%error, retry_in = ?wait, "MQTT connection lost");
                 tokio::select! {

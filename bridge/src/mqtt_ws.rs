@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -50,9 +51,51 @@ pub trait MqttEndpoint: std::fmt::Debug + Send + Sync + 'static {
 
 type Endpoint = Option<Arc<dyn MqttEndpoint>>;
 
+/// The MQTT over WebSocket connections being served. They are broker
+/// sessions, which the broker's own shutdown ends after the bridge has
+/// stopped; their sockets belong to the bridge's runtime, which must run
+/// until the last has ended (see [`crate::Bridge::serve`]).
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    live: AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl Sessions {
+    fn enter(self: &Arc<Self>) -> SessionGuard {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        SessionGuard(self.clone())
+    }
+
+    /// Returns once no connection is being served.
+    pub(crate) async fn all_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+struct SessionGuard(Arc<Sessions>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
+}
+
 /// The `/mqtt` route, to merge into the bridge's router.
-pub(crate) fn routes(endpoint: Endpoint) -> Router {
-    Router::new().route(PATH, any(upgrade)).with_state(endpoint)
+pub(crate) fn routes(endpoint: Endpoint, sessions: Arc<Sessions>) -> Router {
+    Router::new()
+        .route(PATH, any(upgrade))
+        .with_state((endpoint, sessions))
 }
 
 /// Largest WebSocket message (and frame) taken from a client: room for
@@ -63,7 +106,7 @@ fn message_limit(max_packet: usize) -> usize {
 }
 
 async fn upgrade(
-    State(endpoint): State<Endpoint>,
+    State((endpoint, sessions)): State<(Endpoint, Arc<Sessions>)>,
     extensions: Extensions,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -90,6 +133,7 @@ async fn upgrade(
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| async move {
+            let _live = sessions.enter();
             tracing::debug!(%peer, "MQTT over WebSocket connection");
             let (reader, writer) = ws_io::split(socket, peer);
             endpoint.serve(reader, writer, peer).await;

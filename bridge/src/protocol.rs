@@ -343,6 +343,14 @@ impl Message<'_> {
     /// fills `source` with the sender's id and `timestamp` with now when
     /// they are falsy.
     pub fn normalize(&self, sender: &str) -> Event {
+        let mut quoted = String::with_capacity(sender.len() + 2);
+        push_json_str(&mut quoted, sender);
+        self.normalize_quoted(&quoted)
+    }
+
+    /// [`Message::normalize`] with the sender's id already a JSON string
+    /// (quoted and escaped), as a connection keeps it for all its events.
+    pub fn normalize_quoted(&self, sender_json: &str) -> Event {
         let extra = self.payload.map_or(0, |p| p.get().len());
         let mut f = String::with_capacity(160 + extra);
         f.push_str(FRAME_PREFIX);
@@ -351,7 +359,7 @@ impl Message<'_> {
         f.push_str(",\"source\":");
         match self.source.filter(|s| raw_truthy(s)) {
             Some(s) => f.push_str(s.get()),
-            None => push_json_str(&mut f, sender),
+            None => f.push_str(sender_json),
         }
         if let Some(p) = self.payload {
             f.push_str(",\"payload\":");
@@ -360,7 +368,13 @@ impl Message<'_> {
         f.push_str(",\"timestamp\":");
         match self.timestamp.filter(|t| raw_truthy(t)) {
             Some(t) => f.push_str(t.get()),
-            None => push_json_str(&mut f, &now_iso()),
+            // Written in place: no escaping needed, no String of its own.
+            None => {
+                use std::fmt::Write;
+                f.push('"');
+                let _ = write!(f, "{}", now_rfc3339());
+                f.push('"');
+            }
         }
         let correlation = self.correlation_id.filter(|c| raw_truthy(c));
         if let Some(c) = correlation {
@@ -614,7 +628,11 @@ pub fn truthy(v: Option<&Value>) -> bool {
 /// Now, as ISO-8601 UTC with milliseconds (`2025-08-06T01:23:45.123Z`), the
 /// legacy broker's `new Date().toISOString()`.
 pub fn now_iso() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    now_rfc3339().to_string()
+}
+
+fn now_rfc3339() -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now())
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ impl Tasks {
     async fn publish(&self, topic: String, body: Bytes) -> Result<(), TaskError> {
         self.mqtt
             .client
-            .publish(topic, QoS::AtLeastOnce, false, body)
+            .publish(topic, QoS::AtLeastOnce, body, None)
             .await
             .map_err(|error| {
                 tracing::error!(%error, "queue publish failed");
@@ -259,7 +259,7 @@ impl Tasks {
         };
         self.mqtt
             .client
-            .publish_with_properties(topic, QoS::AtLeastOnce, false, body, props)
+            .publish(topic, QoS::AtLeastOnce, body, Some(props))
             .await
             .map_err(|error| {
                 tracing::error!(%error, task = id, "enqueue publish failed");

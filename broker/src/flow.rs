@@ -93,6 +93,10 @@ pub struct Flow {
     slow_timeout: Duration,
     filters: Mutex<HashMap<String, Arc<FilterFlow>>>,
     cache: crate::topic_cache::TopicCache<Arc<FilterFlow>>,
+    /// The same answers for [`Flow::read_by_others`], kept apart: asking
+    /// about a topic must not count it among the router's (`matched`),
+    /// since a topic nobody else reads never reaches the router.
+    asked: crate::topic_cache::TopicCache<Arc<FilterFlow>>,
     groups: Mutex<HashMap<String, Arc<Consumer>>>,
     waiting: AtomicUsize,
     progress: Notify,
@@ -112,6 +116,7 @@ impl Flow {
             slow_timeout,
             filters: Mutex::new(HashMap::new()),
             cache: Default::default(),
+            asked: Default::default(),
             groups: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
             progress: Notify::new(),
@@ -195,6 +200,7 @@ impl Flow {
         if is_new {
             // A new filter may match cached topics.
             self.cache.clear();
+            self.asked.clear();
         }
         let new_consumer = || {
             Arc::new(Consumer {
@@ -271,16 +277,37 @@ impl Flow {
         self.progress.notify_waiters();
     }
 
+    /// The flows of the filters that match `text`, from the map itself.
+    fn find(&self, text: &str) -> Vec<Arc<FilterFlow>> {
+        let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        filters
+            .iter()
+            .filter(|(f, _)| rumqttd::protocol::matches(text, f))
+            .map(|(_, flow)| flow.clone())
+            .collect()
+    }
+
+    /// Whether some subscription matching router-form `topic` belongs to
+    /// a client other than `client_id`: a connected session's, a kept
+    /// session's parked while it is away, or a shared group's. A consumer
+    /// registers before its SUBSCRIBE reaches the router, so a client that
+    /// has its SUBACK is seen here.
+    pub fn read_by_others(&self, topic: &[u8], client_id: &str) -> bool {
+        let flows = self.asked.get_or_find(topic, |text| self.find(text));
+        flows.iter().any(|flow| {
+            flow.consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|c| c.client_id != client_id)
+        })
+    }
+
     fn matching(&self, topic: &Bytes) -> Arc<[Arc<FilterFlow>]> {
         let mut fresh = false;
         let found = self.cache.get_or_find(topic, |text| {
             fresh = true;
-            let filters = self.filters.lock().unwrap_or_else(|p| p.into_inner());
-            filters
-                .iter()
-                .filter(|(f, _)| rumqttd::protocol::matches(text, f))
-                .map(|(_, flow)| flow.clone())
-                .collect()
+            self.find(text)
         });
         if fresh && !found.is_empty() {
             use std::hash::BuildHasher;
@@ -419,6 +446,28 @@ mod tests {
         let c = flow.subscribe("a/+", None, "c", kick);
         assert!(flow.try_admit(&Bytes::from("a/b"), 60));
         assert_eq!(flow.lag("a/+", &c), 60);
+    }
+
+    #[test]
+    fn only_other_clients_count_as_readers() {
+        let flow = Flow::new(100, Duration::from_millis(100));
+        let kick = Arc::new(Notify::new());
+        let topic = b"a/b".as_slice();
+        assert!(!flow.read_by_others(topic, "me"));
+        let mine = flow.subscribe("a/+", None, "me", kick.clone());
+        assert!(!flow.read_by_others(topic, "me"));
+        assert!(flow.read_by_others(topic, "someone"));
+        // Asked again with the answer cached: a new reader of the same
+        // filter, then of a new one, is seen at once.
+        let theirs = flow.subscribe("a/+", None, "them", kick.clone());
+        assert!(flow.read_by_others(topic, "me"));
+        flow.unsubscribe("a/+", &theirs, true);
+        assert!(!flow.read_by_others(topic, "me"));
+        let _all = flow.subscribe("#", Some("g"), "them", kick);
+        assert!(flow.read_by_others(topic, "me"));
+        // Asking records nothing as seen by the router.
+        assert_eq!(flow.matched_topics(), 0);
+        flow.unsubscribe("a/+", &mine, true);
     }
 
     #[tokio::test]

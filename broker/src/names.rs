@@ -73,6 +73,16 @@ pub fn escape_topic(topic: Bytes) -> Bytes {
     }
 }
 
+/// [`escape_topic`] of a borrowed topic, copied only when it changes.
+pub fn escape_topic_ref(topic: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match topic.first() {
+        Some(&b) if needs_escape(b) => {
+            std::borrow::Cow::Owned(escape_topic(Bytes::copy_from_slice(topic)).to_vec())
+        }
+        _ => std::borrow::Cow::Borrowed(topic),
+    }
+}
+
 /// Topic as the client published it.
 pub fn unescape_topic(topic: Bytes) -> Bytes {
     match topic.first() {

@@ -662,6 +662,16 @@ impl Connections {
         self.shared.config.max_packet_size
     }
 
+    /// Whether a client other than `client_id` holds a subscription that
+    /// `topic` matches, connected or a kept session away. The bridge in
+    /// the same process asks before publishing its WebSocket clients'
+    /// events: it delivers to its own clients itself, so an event nobody
+    /// else reads need not make the trip through the broker at all.
+    pub fn read_by_others(&self, topic: &str, client_id: &str) -> bool {
+        let topic = crate::names::escape_topic_ref(topic.as_bytes());
+        self.shared.flow.read_by_others(&topic, client_id)
+    }
+
     /// Serves one connection until it ends. `peer` is where it comes from:
     /// logins are limited per address, and loopback matters to the same
     /// rules as on TCP. Once the broker is stopping, returns at once and

@@ -27,8 +27,9 @@ impl<T> Default for TopicCache<T> {
 
 impl<T> TopicCache<T> {
     /// What `topic` matches: remembered, or `find` with the topic as text
-    /// (a topic that is not UTF-8 matches nothing).
-    pub fn get_or_find(&self, topic: &Bytes, find: impl FnOnce(&str) -> Vec<T>) -> Arc<[T]> {
+    /// (a topic that is not UTF-8 matches nothing). A topic remembered is
+    /// copied: a slice of a connection's read buffer would pin all of it.
+    pub fn get_or_find(&self, topic: &[u8], find: impl FnOnce(&str) -> Vec<T>) -> Arc<[T]> {
         if let Some(hit) = self.lock().get(topic) {
             return hit.clone();
         }
@@ -40,10 +41,6 @@ impl<T> TopicCache<T> {
         if map.len() >= BOUND {
             map.clear();
         }
-        // A copy, not `topic.clone()`: the topic is a view into the read
-        // buffer its packet arrived in (with the payload and whatever else
-        // came in the same read), and a kept view would hold all of that
-        // in memory for as long as the answer is remembered.
         map.insert(Bytes::copy_from_slice(topic), found.clone());
         found
     }

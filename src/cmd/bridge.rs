@@ -35,6 +35,9 @@ pub struct BridgeLimits {
     /// Seconds between WebSocket pings; a peer silent for two periods is dropped.
     #[arg(long, env = "AXION_WS_PING_SECS", default_value_t = 20)]
     pub ws_ping_secs: u64,
+    /// Threads serving WebSocket clients (the legacy protocol), apart from the rest of the process. One costs the least CPU per event: no thread wakes another; more spread the work of very many clients over cores.
+    #[arg(long, env = "AXION_WS_THREADS", default_value_t = 1)]
+    pub ws_threads: usize,
 }
 
 impl BridgeLimits {
@@ -116,6 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.package,
         );
         config.limits = args.limits.limits();
+        config.threads = args.limits.ws_threads;
         config.tls = args.tls.files();
         if let Some(path) = &args.auth_file {
             let auth =

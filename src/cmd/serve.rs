@@ -354,9 +354,15 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     // `/metrics` on the bridge's port shows the broker and the queues too.
     bridge_config.metrics = vec![Arc::new(broker.metrics()), queues.metrics()];
     bridge_config.limits = args.bridge.limits();
+    bridge_config.threads = args.bridge.ws_threads;
     bridge_config.auth = auth.clone();
     bridge_config.tls = args.ws_tls.files();
-    bridge_config.mqtt_endpoint = Some(std::sync::Arc::new(EmbeddedMqtt(broker.connections())));
+    let embedded = Arc::new(EmbeddedMqtt(
+        broker.connections(),
+        tokio::runtime::Handle::current(),
+    ));
+    bridge_config.mqtt_endpoint = Some(embedded.clone());
+    bridge_config.local_broker = Some(embedded);
     let bridge = Bridge::bind(bridge_config).await?;
     let ws = bridge.local_addr();
     bound.insert(ports::WS, ws);
@@ -435,9 +441,28 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// MQTT over WebSocket on the bridge's port, served by the embedded
-/// broker's front end like any TCP client.
+/// broker's front end like any TCP client, on the broker's runtime (the
+/// bridge has its own); and what the bridge asks the broker beside it
+/// before publishing an event.
 #[derive(Debug)]
-struct EmbeddedMqtt(axion_broker::Connections);
+struct EmbeddedMqtt(axion_broker::Connections, tokio::runtime::Handle);
+
+impl axion_bridge::LocalBroker for EmbeddedMqtt {
+    fn serve_link(
+        &self,
+        pipe: tokio::io::DuplexStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let connections = self.0.clone();
+        let (reader, writer) = tokio::io::split(pipe);
+        // A loopback peer: the bridge is this process.
+        let peer = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        Box::pin(async move { connections.serve(reader, writer, peer).await })
+    }
+
+    fn read_by_others(&self, topic: &str, client_id: &str) -> bool {
+        self.0.read_by_others(topic, client_id)
+    }
+}
 
 impl axion_bridge::MqttEndpoint for EmbeddedMqtt {
     fn max_packet_size(&self) -> usize {
@@ -450,8 +475,13 @@ impl axion_bridge::MqttEndpoint for EmbeddedMqtt {
         writer: axion_bridge::ws_io::WsWriter,
         peer: SocketAddr,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        let connections = self.0.clone();
-        Box::pin(async move { connections.serve(reader, writer, peer).await })
+        let (connections, runtime) = (self.0.clone(), self.1.clone());
+        Box::pin(async move {
+            let session =
+                runtime.spawn(async move { connections.serve(reader, writer, peer).await });
+            // `Connections::serve` logs a panicking session itself.
+            let _ = session.await;
+        })
     }
 }
 

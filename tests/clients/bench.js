@@ -4,7 +4,7 @@
 // clients, to show what the bridge adds).
 //
 //   node bench.js --url ws://127.0.0.1:7000 [--events 100000] [--rate 0]
-//                 [--size 100] [--receivers 1] [--pids 123,456]
+//                 [--size 100] [--receivers 1] [--senders 1] [--pids 123,456]
 //   node bench.js --mqtt 127.0.0.1:1883 --package default [...same]
 //   node bench.js --url ws://… --send-mqtt 127.0.0.1:1883 --package default
 //   node bench.js --url ws://… --queue bench.q [--credits 256] [...same]
@@ -19,6 +19,8 @@
 // shares. `--rate 0` sends as fast as the broker takes it, in batches of
 // 100 frames per socket write (the sender holds at most 1 MiB unsent); a
 // positive rate paces the sender in 1 ms slices, one write per frame.
+// `--senders N` splits the events among N sender processes, each on its
+// own connection (receivers still expect every event).
 // `--pids` are the broker's processes, whose CPU time (utime+stime from
 // /proc) is measured over the run. Prints one JSON line.
 import WebSocket from "ws";
@@ -33,9 +35,12 @@ const SEND_BUFFER = 1 << 20;
 const SEND_BATCH = 100;
 
 function parseArgs(argv) {
-  const o = { events: 100000, rate: 0, size: 100, receivers: 1, credits: 256, package: "default" };
+  const o = { events: 100000, rate: 0, size: 100, receivers: 1, senders: 1, credits: 256, package: "default" };
   for (let i = 0; i < argv.length; i += 2) o[argv[i].replace(/^--/, "")] = argv[i + 1];
-  for (const k of ["events", "rate", "size", "receivers", "credits"]) o[k] = Number(o[k]);
+  for (const k of ["events", "rate", "size", "receivers", "senders", "credits"]) o[k] = Number(o[k]);
+  // A sender's own share of the events and of the rate (set by the coordinator).
+  o.share = o.share === undefined ? o.events : Number(o.share);
+  o.shareRate = o.rate / o.senders;
   return o;
 }
 
@@ -286,8 +291,8 @@ async function run(s) {
   let sent = 0;
   if (opts.rate > 0) {
     // One write per frame, as a real client sends them.
-    while (sent < opts.events) {
-      const due = Math.min(opts.events, Math.floor(((hr() - start) * opts.rate) / 1000));
+    while (sent < opts.share) {
+      const due = Math.min(opts.share, Math.floor(((hr() - start) * opts.shareRate) / 1000));
       while (sent < due) s.send({ seq: sent++, t: hr(), filler });
       await sleep(1);
     }
@@ -301,11 +306,11 @@ async function run(s) {
       for (let i = 0; i < n; i++) s.send({ seq: sent++, t: hr(), filler });
       s.socket.uncork();
     };
-    while (sent < opts.events) {
+    while (sent < opts.share) {
       // Sleeping, not spinning: a spinning driver would steal the CPU
       // the broker needs on a small machine.
       while (s.backlog() > SEND_BUFFER) await sleep(1);
-      batch(Math.min(SEND_BATCH, opts.events - sent));
+      batch(Math.min(SEND_BATCH, opts.share - sent));
       await new Promise((r) => setImmediate(r));
     }
   }
@@ -323,8 +328,8 @@ function procCpuMs(pid) {
 async function coordinator() {
   const self = fileURLToPath(import.meta.url);
   const args = process.argv.slice(2);
-  const spawn = (role) => {
-    const child = fork(self, [...args, "--role", role], { serialization: "advanced" });
+  const spawn = (role, extra = []) => {
+    const child = fork(self, [...args, "--role", role, ...extra], { serialization: "advanced" });
     const inbox = [];
     const wake = [];
     child.on("message", (m) => {
@@ -353,14 +358,23 @@ async function coordinator() {
   };
   const receivers = Array.from({ length: opts.receivers }, () => spawn("receiver"));
   for (const r of receivers) if (!(await r.next("ready"))) throw new Error("receiver not ready");
-  const snd = spawn("sender");
-  if (!(await snd.next("ready"))) throw new Error("sender not ready");
+  const senders = Array.from({ length: opts.senders }, (_, i) => {
+    const share = Math.floor(opts.events / opts.senders) + (i < opts.events % opts.senders ? 1 : 0);
+    return spawn("sender", ["--share", String(share)]);
+  });
+  for (const s of senders) if (!(await s.next("ready"))) throw new Error("sender not ready");
   for (const r of receivers) if (!(await r.next("probed"))) throw new Error("no probe reached a receiver");
   const pids = (opts.pids ? String(opts.pids).split(",") : []).filter(Boolean);
   const broker0 = pids.map(procCpuMs);
-  snd.child.send({ kind: "go" });
-  const { start } = await snd.next("started");
-  const sent = await snd.next("sent", 600000);
+  for (const s of senders) s.child.send({ kind: "go" });
+  let start = Infinity;
+  for (const s of senders) start = Math.min(start, (await s.next("started")).start);
+  const sent = { end: 0, cpu: 0 };
+  for (const s of senders) {
+    const done = await s.next("sent", 600000);
+    sent.end = Math.max(sent.end, done.end);
+    sent.cpu += done.cpu;
+  }
   const results = [];
   for (const r of receivers) {
     let res = await r.next("result", 30000);
@@ -371,9 +385,13 @@ async function coordinator() {
     results.push(res);
   }
   const brokerMs = pids.map(procCpuMs).reduce((a, v, i) => a + v - broker0[i], 0);
-  snd.child.send({ kind: "report" });
-  const { confirmed } = (await snd.next("confirmed")) ?? {};
-  for (const p of [...receivers, snd]) p.child.send({ kind: "exit" });
+  let confirmed = null;
+  for (const s of senders) {
+    s.child.send({ kind: "report" });
+    const c = (await s.next("confirmed"))?.confirmed;
+    if (c !== null && c !== undefined) confirmed = (confirmed ?? 0) + c;
+  }
+  for (const p of [...receivers, ...senders]) p.child.send({ kind: "exit" });
 
   const delivered = results.reduce((a, r) => a + r.count, 0);
   const last = Math.max(...results.map((r) => r.last));
@@ -392,6 +410,7 @@ async function coordinator() {
       sender: opts.mqtt || opts["send-mqtt"] ? "mqtt" : "ws",
       offered_rate: opts.rate || "max",
       receivers: opts.receivers,
+      senders: opts.senders,
       sent: opts.events,
       delivered,
       expected: opts.queue ? opts.events : opts.events * opts.receivers,

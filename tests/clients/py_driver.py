@@ -8,7 +8,9 @@ Prints one JSON line with what it saw; exits 1 with a reason on failure.
 import asyncio
 import json
 import sys
+import threading
 import time
+import urllib.request
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -201,7 +203,150 @@ async def bad_input(url, _host, _port, _pkg):
     print(json.dumps({"ok": True, "frames": len(CORPUS), "after": own[0]}))
 
 
-SCENARIOS = {"mqtt": mqtt_side, "bad": bad_input}
+def stats(url):
+    with urllib.request.urlopen("http" + url[2:] + "/stats", timeout=5) as r:
+        return json.load(r)
+
+
+def counts(url):
+    s = stats(url)
+    return s["events_published"], s["events_kept_local"]
+
+
+async def mqtt_subscriber(host, port, topic, **connect):
+    """A paho client told (SUBACK) that it holds `topic`, and what it gets."""
+    got = []
+    subscribed = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, **connect.pop("client", {}))
+    c.on_message = lambda _c, _u, m: got.append(json.loads(m.payload))
+    c.on_subscribe = lambda *_: subscribed.set()
+    c.connect(host, port, **connect)
+    c.loop_start()
+    c.subscribe(topic, qos=0)
+    await until(subscribed.is_set, 5, f"the SUBACK of {topic}")
+    return c, got
+
+
+async def local_only(url, host, port, pkg):
+    """Events only WebSocket clients read, then MQTT subscribers of each kind."""
+    prefix = f"axion/{pkg}/event/"
+    sub = BrokerClient(url=url)
+    await sub.connect()
+    pub = BrokerClient(url=url)
+    await pub.connect()
+    seen = []
+
+    async def handler(event):
+        seen.append(event)
+
+    await sub.subscribe("local.x", handler)
+    await until(lambda: seen, 5, "the WebSocket subscription", lambda: pub.publish("local.x", {"probe": True}))
+    n = 50
+    published, kept = counts(url)
+    for i in range(n):
+        await pub.publish("local.x", {"seq": i})
+    await until(lambda: sum(1 for e in seen if "seq" in e["payload"]) == n, 5, f"{n} events")
+    alone = [a - b for a, b in zip(counts(url), (published, kept))]
+
+    # An MQTT client that has its SUBACK gets the very next event, whatever
+    # its filter: published once, with no retry.
+    heard = []
+    for name, topic in [
+        ("exact", prefix + "local/x"),
+        ("wildcard", prefix + "#"),
+        ("shared", "$share/g/" + prefix + "local/+"),
+    ]:
+        c, got = await mqtt_subscriber(host, port, topic)
+        await pub.publish("local.x", {"for": name})
+        await until(lambda: any(m["payload"].get("for") == name for m in got), 5,
+                    f"the event for the {name} subscriber")
+        heard.append(name)
+        c.disconnect()
+        c.loop_stop()
+
+    # Once they are gone, events stay with the WebSocket clients again
+    # (only `axion serve` can tell; `axion bridge` publishes every event).
+    again = alone[1] > 0
+    if again:
+        _, base = counts(url)
+        await until(lambda: counts(url)[1] > base, 5, "events kept local again",
+                    lambda: pub.publish("local.x", {"again": True}), every=0.2)
+
+    # A kept session away still reads: events are published for it.
+    c, _ = await mqtt_subscriber(host, port, prefix + "local/x", clean_start=False,
+                                 properties=session_expiry(600), client={"client_id": f"kept-{pkg}"})
+    c.disconnect()
+    c.loop_stop()
+    published, _ = counts(url)
+    seen.clear()
+    await pub.publish("local.x", {"away": True})
+    await until(lambda: seen, 5, "the event published while the kept session is away")
+    away = counts(url)[0] - published
+    print(json.dumps({"ok": True, "alone": {"published": alone[0], "kept": alone[1]}, "heard": heard,
+                      "again": again, "published_for_away": away}))
+
+
+async def resubscribe(url, host, port, pkg):
+    """A WebSocket subscription that outlives the bridge's MQTT session:
+    an MQTT event reaches it, the test ends the bridge's session (after a
+    "ready" line, until a line on stdin), and an MQTT event reaches it again."""
+    prefix = f"axion/{pkg}/event/"
+    paho, _ = mqtt_client(host, port, prefix + "nothing/here")
+    client = BrokerClient(url=url)
+    await client.connect()
+    seen = []
+
+    async def handler(event):
+        seen.append(event)
+
+    await client.subscribe("re.x", handler)
+    await until(lambda: seen, 5, "an MQTT event before", lambda: paho.publish(prefix + "re/x", "before"))
+    print(json.dumps({"ready": True}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await until(lambda: any(e["payload"] == "after" for e in seen), 10,
+                "an MQTT event after the bridge connected again",
+                lambda: paho.publish(prefix + "re/x", "after"), every=0.2)
+    paho.loop_stop()
+    print(json.dumps({"ok": True}))
+
+
+async def first_pulls(url, _host, _port, _pkg):
+    """A pull on a queue nobody pulled from before, over and over: the
+    bridge subscribes to the queue's tasks and says ready in one go, and the
+    waiting task must come at once (not after the owner's ack wait)."""
+    producer = await websockets.connect(url)
+    worker = await websockets.connect(url)
+    rounds = 20
+    for i in range(rounds):
+        queue = f"fresh{i}"
+        await producer.send(json.dumps({"action": "enqueue", "queue": queue, "task": {"i": i}}))
+        reply = json.loads(await asyncio.wait_for(producer.recv(), 5))
+        if "enqueued" not in reply:
+            fail(f"round {i}: enqueue not confirmed: {reply}")
+        await worker.send(json.dumps({"action": "pull", "queue": queue}))
+        try:
+            got = json.loads(await asyncio.wait_for(worker.recv(), 5))
+        except asyncio.TimeoutError:
+            fail(f"round {i}: no task within 5 s of the first pull on {queue}")
+        if got.get("task", {}).get("payload") != {"i": i}:
+            fail(f"round {i}: expected the task, got {got}")
+        await worker.send(json.dumps({"action": "ack", "taskId": got["task"]["id"]}))
+    print(json.dumps({"ok": True, "rounds": rounds}))
+
+
+def session_expiry(secs):
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = secs
+    return props
+
+
+SCENARIOS = {
+    "mqtt": mqtt_side,
+    "bad": bad_input,
+    "local": local_only,
+    "resubscribe": resubscribe,
+    "first_pulls": first_pulls,
+}
 
 if __name__ == "__main__":
     scenario, url, host, port, pkg = sys.argv[1:6]

@@ -776,8 +776,43 @@ impl Session {
                 }
             }
         }
+        // A queue publish reaches the owner through the tap at once, the
+        // router only with the batch. A SUBSCRIBE earlier in the batch
+        // goes to the router first, so that what the owner publishes in
+        // answer (a task for a worker that subscribed, then said ready in
+        // the same write) finds the subscription, as it would have had the
+        // two come in separate reads.
+        if let Some(cut) = self.subscription_before_tapped(&packets) {
+            let later = packets.split_off(cut);
+            self.tap_copies(&packets).await;
+            self.send_to_router(packets).await?;
+            packets = later;
+        }
+        self.tap_copies(&packets).await;
+        self.send_to_router(packets).await
+    }
+
+    /// The index of the first queue publish the tap takes that comes after
+    /// a SUBSCRIBE or UNSUBSCRIBE in `packets`.
+    fn subscription_before_tapped(&self, packets: &[Packet]) -> Option<usize> {
+        let tap = self.shared.queue_tap.get()?;
+        let mut changed = false;
+        for (i, packet) in packets.iter().enumerate() {
+            match packet {
+                Packet::Subscribe(..) | Packet::Unsubscribe(..) => changed = true,
+                Packet::Publish(publish, _) if changed && tap.wants(&publish.topic) => {
+                    return Some(i)
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Copies the queue publishes among `packets` to the queue owner.
+    async fn tap_copies(&mut self, packets: &[Packet]) {
         if let Some(tap) = self.shared.queue_tap.get() {
-            for packet in &packets {
+            for packet in packets {
                 // Queue topics start with `axion/`, which the router form
                 // never escapes: the check needs no copy of the topic.
                 if let Packet::Publish(publish, props) = packet {
@@ -813,6 +848,10 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Hands `packets` to the router, waking it once.
+    async fn send_to_router(&mut self, mut packets: Vec<Packet>) -> Result<(), ()> {
         // The router acknowledges a subscription: only once the kept
         // session's record holding it is on disk.
         for commit in self.disk_commits.drain(..) {
