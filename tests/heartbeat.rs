@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axion_client::fleet::{FleetWatcher, State, WatchOptions};
 use axion_wire::schema::now_unix;
-use axion_wire::MqttUrl;
+use axion_wire::{BrokerUrls, MqttUrl};
 use common::{axion_bin, instance_port, Mosquitto, Proc, Serve};
 use serde_json::{json, Value};
 
@@ -113,7 +113,7 @@ impl Watcher {
             .enable_all()
             .build()
             .unwrap();
-        let url = MqttUrl::parse(&b.url).unwrap();
+        let url = BrokerUrls::parse(&b.url).unwrap();
         let w = {
             let _g = rt.enter();
             FleetWatcher::start(&url, WatchOptions::default()).unwrap()
@@ -593,7 +593,7 @@ fn the_janitor_clears_records_older_than_the_ghost_time() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let janitor = {
         let _g = rt.enter();
-        axion_client::spawn_janitor(&MqttUrl::parse(&b.url).unwrap(), Duration::from_secs(2))
+        axion_client::spawn_janitor(&BrokerUrls::parse(&b.url).unwrap(), Duration::from_secs(2))
     };
     let start = Instant::now();
     wait_until(

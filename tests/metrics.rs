@@ -152,7 +152,7 @@ async fn metrics_parse_and_move_with_traffic() {
 async fn queue_metrics_move_with_enqueues_and_acks() {
     const K: usize = 5;
     let serve = Serve::start();
-    let url = axion_wire::MqttUrl::parse(&serve.mqtt_url()).expect("url");
+    let url = axion_wire::BrokerUrls::parse(&serve.mqtt_url()).expect("url");
     let mut ops = axion_queues::ops::OpsClient::connect(&url, "default", Duration::from_secs(5))
         .await
         .expect("ops client");

@@ -48,7 +48,7 @@ fn mib(bytes: u64) -> f64 {
 /// Waits until the owner answers commands (it replies "no queue" for an
 /// unknown queue, which proves it has loaded its store and is subscribed).
 async fn wait_owner(port: u16) {
-    let url = axion_wire::MqttUrl::parse(&format!("mqtt://127.0.0.1:{port}")).expect("url");
+    let url = axion_wire::BrokerUrls::parse(&format!("mqtt://127.0.0.1:{port}")).expect("url");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         use axion_queues::ops::{OpsClient, OpsError};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axion_client::connection::options_v5;
 use axion_queues::ops::{OpsClient, OpsError};
 use axion_wire::queue::{Command as OpsCommand, TaskRequest};
-use axion_wire::MqttUrl;
+use axion_wire::{BrokerUrls, MqttUrl};
 use common::{axion_bin, Mosquitto, Proc, Serve};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
@@ -140,7 +140,7 @@ impl Setup {
 }
 
 async fn ops(url: &str) -> OpsClient {
-    let url = MqttUrl::parse(url).expect("url");
+    let url = BrokerUrls::parse(url).expect("url");
     OpsClient::connect(&url, PKG, Duration::from_secs(5))
         .await
         .expect("ops client")
@@ -150,7 +150,7 @@ async fn ops(url: &str) -> OpsClient {
 /// unknown queue, which proves it is subscribed).
 async fn wait_owner(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    let parsed = MqttUrl::parse(url).expect("url");
+    let parsed = BrokerUrls::parse(url).expect("url");
     loop {
         let mut c = OpsClient::connect(&parsed, PKG, Duration::from_millis(400))
             .await

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axion_queues::ops::{OpsClient, OpsError};
 use axion_wire::queue::{Command as OpsCommand, Stats, TaskRequest};
-use axion_wire::MqttUrl;
+use axion_wire::BrokerUrls;
 use bytes::Bytes;
 use common::mqtt::{qos_v5, recv, recv_none, Msg, V4, V5};
 use common::raw::{mqtt_str, read_packet, varint};
@@ -573,8 +573,8 @@ async fn another_user_cannot_resume_or_wipe_a_kept_mqtt5_session() {
 // ---------------------------------------------------------------------------
 
 /// The admin's queue-ops URL.
-fn admin_url(serve: &Serve) -> MqttUrl {
-    MqttUrl::parse(&format!("mqtt://admin:{PW}@127.0.0.1:{}", serve.mqtt_port)).expect("url")
+fn admin_url(serve: &Serve) -> BrokerUrls {
+    BrokerUrls::parse(&format!("mqtt://admin:{PW}@127.0.0.1:{}", serve.mqtt_port)).expect("url")
 }
 
 /// Waits until the queue owner answers commands ("no queue" for an unknown

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use axion_queues::ops::{OpsClient, OpsError};
 use axion_wire::queue::{Command, Ready, TaskRef};
-use axion_wire::{topics, MqttUrl};
+use axion_wire::{topics, BrokerUrls, MqttUrl};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::{mpsc, Semaphore};
@@ -80,7 +80,12 @@ pub async fn wait_owner(url: &MqttUrl, package: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let attempt = async {
-            let mut c = OpsClient::connect(url, package, Duration::from_millis(400)).await?;
+            let mut c = OpsClient::connect(
+                &BrokerUrls::from(url.clone()),
+                package,
+                Duration::from_millis(400),
+            )
+            .await?;
             c.command("probe", Command::Show { limit: 1 }).await
         };
         match attempt.await {
@@ -152,7 +157,12 @@ pub async fn run(url: &MqttUrl, package: &str, pids: &[u32], n: usize) -> anyhow
     tokio::spawn(producer.enqueue_all("bench-e2e", n, 0));
     let (mut latencies, duplicates) = worker.work(n, clock).await?;
     let secs = start.elapsed().as_secs_f64();
-    let mut ops = OpsClient::connect(url, package, Duration::from_secs(5)).await?;
+    let mut ops = OpsClient::connect(
+        &BrokerUrls::from(url.clone()),
+        package,
+        Duration::from_secs(5),
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let stats = ops

@@ -35,9 +35,9 @@ pub use client::Metrics;
 pub use local::LocalBroker;
 pub use mqtt_ws::MqttEndpoint;
 
-use axion_client::connection::options_v5;
+use axion_client::connection::{options_v5, Failover, Reconnect};
 use axion_client::publisher::{HeartbeatConfig, HeartbeatPublisher};
-use axion_wire::MqttUrl;
+use axion_wire::BrokerUrls;
 use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,7 +90,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
     pub listen: SocketAddr,
-    pub mqtt: MqttUrl,
+    /// The broker's nodes; the bridge fails over between them.
+    pub mqtt: BrokerUrls,
     /// One topic level: events live under `axion/<package>/event/`.
     pub package: String,
     pub limits: Limits,
@@ -127,10 +128,14 @@ pub struct TlsFiles {
 }
 
 impl BridgeConfig {
-    pub fn new(listen: SocketAddr, mqtt: MqttUrl, package: impl Into<String>) -> Self {
+    pub fn new(
+        listen: SocketAddr,
+        mqtt: impl Into<BrokerUrls>,
+        package: impl Into<String>,
+    ) -> Self {
         Self {
             listen,
-            mqtt,
+            mqtt: mqtt.into(),
             package: package.into(),
             limits: Limits::default(),
             heartbeat: true,
@@ -316,7 +321,11 @@ impl Bridge {
                 )
             }
             None => {
-                let mut options = options_v5(&config.mqtt, &client_id);
+                let failover = Failover::new(
+                    config.mqtt.clone(),
+                    Reconnect::new(mqtt::BACKOFF_MIN, mqtt::BACKOFF_MAX),
+                );
+                let mut options = options_v5(failover.current(), &client_id);
                 options.set_max_packet_size(Some(max_packet));
                 options.set_clean_start(true);
                 // Events are small and latency matters more than packet count.
@@ -326,7 +335,7 @@ impl Bridge {
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
                 (
                     mqtt::Client::Socket(client),
-                    Connection::Socket(Box::new(eventloop)),
+                    Connection::Socket(Box::new(eventloop), failover),
                 )
             }
         };
@@ -350,17 +359,22 @@ impl Bridge {
             metrics: metrics.clone(),
         };
         let event_loop = match connection {
-            Connection::Socket(eventloop) => {
-                tokio::spawn(mqtt::run_event_loop(*eventloop, inbox, cancel.clone()))
-            }
+            Connection::Socket(eventloop, failover) => tokio::spawn(mqtt::run_event_loop(
+                *eventloop,
+                failover,
+                inbox,
+                cancel.clone(),
+            )),
             Connection::Link(broker, requests) => {
+                // The broker beside the bridge is this process's own: its
+                // one URL carries the login.
+                let local = config.mqtt.first();
                 let options = link::LinkOptions {
                     client_id: client_id.clone(),
-                    login: config
-                        .mqtt
+                    login: local
                         .user
                         .clone()
-                        .map(|user| (user, config.mqtt.password.clone().unwrap_or_default())),
+                        .map(|user| (user, local.password.clone().unwrap_or_default())),
                     max_packet,
                 };
                 tokio::spawn(link::run(broker, options, requests, inbox, cancel.clone()))
@@ -533,7 +547,7 @@ const REQUEST_QUEUE: usize = 4096;
 /// starts.
 enum Connection {
     /// Boxed: rumqttc's event loop is over a kilobyte.
-    Socket(Box<rumqttc::v5::EventLoop>),
+    Socket(Box<rumqttc::v5::EventLoop>, Failover),
     Link(
         Arc<dyn LocalBroker>,
         tokio::sync::mpsc::Receiver<rumqttc::v5::mqttbytes::v5::Packet>,

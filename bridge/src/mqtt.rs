@@ -15,7 +15,7 @@ use crate::client::Metrics;
 use crate::hub::{Hub, Wanted};
 use crate::link::{LinkClient, LinkClosed};
 use crate::tasks::Tasks;
-use axion_client::connection::Reconnect;
+use axion_client::connection::Failover;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{
     Disconnect, DisconnectReasonCode, Filter, Packet, Publish, PublishProperties, SubAck,
@@ -30,8 +30,8 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Why a request could not be handed to the MQTT connection.
 #[derive(Debug, thiserror::Error)]
@@ -255,9 +255,13 @@ impl Inbox {
 }
 
 /// Polls a rumqttc connection until `cancel`, handing what arrives to
-/// `inbox`.
-pub async fn run_event_loop(mut eventloop: EventLoop, inbox: Inbox, cancel: CancellationToken) {
-    let mut reconnect = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
+/// `inbox`, failing over between the broker's nodes.
+pub async fn run_event_loop(
+    mut eventloop: EventLoop,
+    mut failover: Failover,
+    inbox: Inbox,
+    cancel: CancellationToken,
+) {
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -266,7 +270,7 @@ pub async fn run_event_loop(mut eventloop: EventLoop, inbox: Inbox, cancel: Canc
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => inbox.publish(&publish),
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                reconnect.connected();
+                failover.connected();
                 inbox.connected(ack.properties.as_ref().and_then(|p| p.max_packet_size));
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => inbox.suback(&ack),
@@ -278,8 +282,9 @@ pub async fn run_event_loop(mut eventloop: EventLoop, inbox: Inbox, cancel: Canc
             Ok(_) => {}
             Err(error) => {
                 inbox.disconnected();
-                let wait = reconnect.after_failure();
-                tracing::warn!(%error, retry_in = ?wait, "MQTT connection lost");
+                let broker = failover.current().to_string();
+                let wait = failover.after_failure(&mut eventloop, &error);
+                tracing::warn!(broker, %error, retry_in = ?wait, "MQTT connection lost");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}

@@ -8,10 +8,10 @@
 //! `offline`. `FleetWatcher` is that table fed by its own MQTT connection,
 //! for the dashboard and for the queue owner (to notice a worker went away).
 
-use crate::connection::{options_v5, Reconnect};
+use crate::connection::{options_v5, Failover, Reconnect};
 use crate::HeartbeatError;
 use axion_wire::schema::{now_unix, Heartbeat, Status, DEFAULT_STALE_SECS};
-use axion_wire::{topics, MqttUrl};
+use axion_wire::{topics, BrokerUrls};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
@@ -320,15 +320,17 @@ pub struct FleetWatcher {
 }
 
 impl FleetWatcher {
-    /// Connects and subscribes; returns at once. Must run inside tokio.
-    pub fn start(url: &MqttUrl, options: WatchOptions) -> Result<Self, HeartbeatError> {
+    /// Connects and subscribes, failing over between the broker's nodes;
+    /// returns at once. Must run inside tokio.
+    pub fn start(urls: &BrokerUrls, options: WatchOptions) -> Result<Self, HeartbeatError> {
         let filters = options.filters()?;
         let client_id = format!(
             "{}-{}",
             options.client_prefix,
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut opts = options_v5(url, &client_id);
+        let mut failover = Failover::new(urls.clone(), Reconnect::default());
+        let mut opts = options_v5(failover.current(), &client_id);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
         // Every retained record arrives in one burst right after SUBACK.
@@ -343,14 +345,12 @@ impl FleetWatcher {
         let (changes_tx, changes) = watch::channel(0u64);
         let task_state = state.clone();
         let task_client = client.clone();
-        let broker = url.to_string();
         let task = tokio::spawn(async move {
             let mut pending_subacks = 0usize;
-            let mut reconnect = Reconnect::default();
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        reconnect.connected();
+                        failover.connected();
                         pending_subacks = 0;
                         for filter in &filters {
                             // QoS 0: brokers cap queued QoS 1 messages per
@@ -404,8 +404,9 @@ impl FleetWatcher {
                         if changes_tx.is_closed() {
                             return;
                         }
-                        let wait = reconnect.after_failure();
-                        tracing::warn!(broker = %broker, error = %err, retry_in = ?wait, "fleet watcher connection lost");
+                        let broker = failover.current().to_string();
+                        let wait = failover.after_failure(&mut eventloop, &err);
+                        tracing::warn!(broker, error = %err, retry_in = ?wait, "fleet watcher connection lost");
                         tokio::time::sleep(wait).await;
                     }
                 }

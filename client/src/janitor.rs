@@ -13,10 +13,10 @@
 //! carries the time of its connection, not of the loss, and a janitor that
 //! just started must not clear an instance it knows nothing about yet.
 
-use crate::connection::{options_v5, Reconnect};
+use crate::connection::{options_v5, Failover, Reconnect};
 use crate::fleet::parse_heartbeat_topic;
 use axion_wire::schema::{now_unix, Heartbeat};
-use axion_wire::{topics, MqttUrl};
+use axion_wire::{topics, BrokerUrls};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
@@ -115,26 +115,25 @@ impl GhostTable {
 
 /// Starts the janitor on its own connection. It checks every
 /// `min(ghost_after / 4, 60 s)` and runs until the handle is dropped or
-/// aborted.
-pub fn spawn_janitor(url: &MqttUrl, ghost_after: Duration) -> JoinHandle<()> {
+/// aborted. It fails over between the broker's nodes like every client.
+pub fn spawn_janitor(urls: &BrokerUrls, ghost_after: Duration) -> JoinHandle<()> {
     let client_id = format!(
         "axion-janitor-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let mut opts = options_v5(url, &client_id);
+    let mut failover = Failover::new(urls.clone(), Reconnect::default());
+    let mut opts = options_v5(failover.current(), &client_id);
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     let check_every = (ghost_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
     let (msg_tx, mut msg_rx) = mpsc::channel::<(String, bytes::Bytes)>(4096);
-    let broker = url.to_string();
     let sub_client = client.clone();
     let poller = tokio::spawn(async move {
-        let mut reconnect = Reconnect::default();
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    reconnect.connected();
+                    failover.connected();
                     if let Err(err) =
                         sub_client.try_subscribe(topics::ALL_HEARTBEATS, QoS::AtLeastOnce)
                     {
@@ -154,8 +153,9 @@ pub fn spawn_janitor(url: &MqttUrl, ghost_after: Duration) -> JoinHandle<()> {
                     if msg_tx.is_closed() {
                         return;
                     }
-                    let wait = reconnect.after_failure();
-                    tracing::warn!(broker = %broker, error = %err, retry_in = ?wait, "janitor connection lost");
+                    let broker = failover.current().to_string();
+                    let wait = failover.after_failure(&mut eventloop, &err);
+                    tracing::warn!(broker, error = %err, retry_in = ?wait, "janitor connection lost");
                     tokio::time::sleep(wait).await;
                 }
             }

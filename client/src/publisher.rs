@@ -16,10 +16,10 @@
 //! not stay retained forever on brokers that honour expiry for retained
 //! messages; `janitor` covers brokers that do not.
 
-use crate::connection::{options_v5, Reconnect};
+use crate::connection::{options_v5, Failover, Reconnect};
 use crate::HeartbeatError;
 use axion_wire::schema::{now_unix, Heartbeat, Status, DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
-use axion_wire::{ids, topics, MqttUrl};
+use axion_wire::{ids, topics, BrokerUrls};
 use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
@@ -53,7 +53,8 @@ const AVG_JOB_WEIGHT: f64 = 0.2;
 /// What a process says about itself when it starts its heartbeat.
 #[derive(Debug, Clone)]
 pub struct HeartbeatConfig {
-    pub mqtt: MqttUrl,
+    /// The broker's nodes; the publisher fails over between them.
+    pub mqtt: BrokerUrls,
     pub package: String,
     pub service: String,
     /// Defaults to this machine's hostname.
@@ -75,12 +76,12 @@ impl HeartbeatConfig {
     /// A config with the docs/DESIGN.md defaults, overridden by
     /// `HEARTBEAT_INTERVAL_SECS` and `HEARTBEAT_GHOST_SECS` when set.
     pub fn new(
-        mqtt: MqttUrl,
+        mqtt: impl Into<BrokerUrls>,
         package: impl Into<String>,
         service: impl Into<String>,
     ) -> Result<Self, HeartbeatError> {
         Ok(Self {
-            mqtt,
+            mqtt: mqtt.into(),
             package: package.into(),
             service: service.into(),
             host: None,
@@ -127,7 +128,8 @@ impl HeartbeatPublisher {
     pub fn start(config: HeartbeatConfig) -> Result<HeartbeatHandle, HeartbeatError> {
         let mqtt = config.mqtt.clone();
         let shared = Arc::new(Shared::new(config)?);
-        let mut opts = options_v5(&mqtt, &shared.id.client_id);
+        let failover = Failover::new(mqtt.clone(), Reconnect::default());
+        let mut opts = options_v5(failover.current(), &shared.id.client_id);
         opts.set_keep_alive(HEARTBEAT_KEEP_ALIVE);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
@@ -136,7 +138,7 @@ impl HeartbeatPublisher {
         let (internal_tx, internal_rx) = mpsc::channel(64);
         let (command_tx, command_rx) = mpsc::channel(16);
         tracing::info!(topic = %shared.id.topic, boot_id = %shared.id.boot_id, broker = %mqtt, "heartbeat starting");
-        let poller = tokio::spawn(poll_loop(shared.clone(), eventloop, internal_tx));
+        let poller = tokio::spawn(poll_loop(shared.clone(), eventloop, failover, internal_tx));
         let ticker = tokio::spawn(tick_loop(shared.clone(), client, internal_rx, command_rx));
         Ok(HeartbeatHandle {
             shared,
@@ -459,19 +461,19 @@ impl Drop for HeartbeatHandle {
 async fn poll_loop(
     shared: Arc<Shared>,
     mut eventloop: EventLoop,
+    mut failover: Failover,
     internal: mpsc::Sender<Internal>,
 ) {
     let topic = shared.id.topic.clone();
     let announce = shared.id.announce_topic.clone();
-    let mut reconnect = Reconnect::default();
     // Set once the marker request that follows the offline record went out.
     let mut stop_flushed = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                reconnect.connected();
+                failover.connected();
                 shared.mqtt_connected.store(true, Ordering::Relaxed);
-                tracing::debug!(topic = %topic, code = ?ack.code, "heartbeat connected");
+                tracing::debug!(topic = %topic, broker = %failover.current(), code = ?ack.code, "heartbeat connected");
                 send_internal(&internal, Internal::Connected, &topic);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -502,7 +504,7 @@ async fn poll_loop(
                 if internal.is_closed() {
                     return;
                 }
-                let wait = reconnect.after_failure();
+                let wait = failover.after_failure(&mut eventloop, &err);
                 tracing::warn!(topic = %topic, error = %err, retry_in = ?wait, "heartbeat connection lost");
                 tokio::time::sleep(wait).await;
                 eventloop.options.set_last_will(shared.will());
@@ -666,7 +668,7 @@ mod tests {
     impl Ticker {
         fn start() -> Self {
             let mut config = HeartbeatConfig {
-                mqtt: MqttUrl::parse("mqtt://127.0.0.1:1").unwrap(),
+                mqtt: BrokerUrls::parse("mqtt://127.0.0.1:1").unwrap(),
                 package: "p".into(),
                 service: "s".into(),
                 host: Some("h".into()),

@@ -12,7 +12,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), axion_queues::QueueError> {
 //! use axion_queues::{QueueConfig, QueueOwner};
-//! let url = axion_wire::MqttUrl::parse("mqtt://127.0.0.1:1883").expect("url");
+//! let url = axion_wire::BrokerUrls::parse("mqtt://10.0.0.1:1883,mqtt://10.0.0.2:1883").expect("url");
 //! let handle = QueueOwner::start(QueueConfig::new(url, "./axion-data".into(), "default".into())).await?;
 //! // ... later:
 //! handle.shutdown().await?;
@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use axion_wire::{topics, MqttUrl, TopicError};
+use axion_wire::{topics, BrokerUrls, TopicError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -42,7 +42,8 @@ pub use store::StoreError;
 /// Everything the owner needs. [`QueueConfig::new`] fills the defaults.
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
-    pub mqtt: MqttUrl,
+    /// The broker's nodes; the owner fails over between them.
+    pub mqtt: BrokerUrls,
     /// The store lives in `<data_dir>/queues.redb`.
     pub data_dir: PathBuf,
     pub package: String,
@@ -100,9 +101,9 @@ pub struct QueueLimit {
 }
 
 impl QueueConfig {
-    pub fn new(mqtt: MqttUrl, data_dir: PathBuf, package: String) -> Self {
+    pub fn new(mqtt: impl Into<BrokerUrls>, data_dir: PathBuf, package: String) -> Self {
         Self {
-            mqtt,
+            mqtt: mqtt.into(),
             data_dir,
             package,
             ack_wait: Duration::from_secs(30),

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use axion_wire::{topics, MqttUrl, TopicError};
+use axion_client::connection::{options_v5, Failover, Reconnect};
+use axion_wire::{topics, BrokerUrls, TopicError};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -53,8 +54,10 @@ pub struct OpsClient {
 }
 
 impl OpsClient {
+    /// Connects to the first node of `urls` that answers, trying each
+    /// once.
     pub async fn connect(
-        url: &MqttUrl,
+        urls: &BrokerUrls,
         package: &str,
         timeout: Duration,
     ) -> Result<Self, OpsError> {
@@ -62,13 +65,17 @@ impl OpsClient {
         // Not an `axion-` id: those are reserved to Axion's components, and
         // an operator with read rights must be able to inspect queues.
         let client_id = format!("queue-cli-{}", uuid::Uuid::new_v4().simple());
-        let mut opts = axion_client::connection::options_v5(url, &client_id);
+        let mut failover = Failover::new(urls.clone(), Reconnect::default());
+        let mut opts = options_v5(failover.current(), &client_id);
         opts.set_max_packet_size(Some(16 * 1024 * 1024));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let nodes = urls.len();
         let (tx, mut rx) = mpsc::channel(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
+            // Why each node tried so far refused or failed.
+            let mut failures = Vec::new();
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -95,8 +102,21 @@ impl OpsClient {
                     Ok(_) => {}
                     Err(err) => {
                         match ready_tx.take() {
+                            // A one-shot command tries each node once.
+                            Some(ready) if failures.len() + 1 < nodes => {
+                                failures.push(format!("{}: {err}", failover.current()));
+                                ready_tx = Some(ready);
+                                let wait = failover.after_failure(&mut eventloop, &err);
+                                tokio::time::sleep(wait).await;
+                                continue;
+                            }
                             Some(ready) => {
-                                let _ = ready.send(Err(err.to_string()));
+                                failures.push(if nodes > 1 {
+                                    format!("{}: {err}", failover.current())
+                                } else {
+                                    err.to_string()
+                                });
+                                let _ = ready.send(Err(failures.join("; ")));
                             }
                             None => {
                                 let _ = tx.send(Incoming::Lost(err.to_string())).await;
@@ -108,7 +128,7 @@ impl OpsClient {
             }
         });
         let connect_err = |reason: String| OpsError::Connect {
-            url: url.to_string(),
+            url: urls.to_string(),
             reason,
         };
         match tokio::time::timeout(timeout, ready_rx).await {

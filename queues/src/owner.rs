@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axion_client::connection::{options_v5, Reconnect};
+use axion_client::connection::{options_v5, Failover, Reconnect};
 use axion_wire::topics;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
@@ -191,7 +191,11 @@ pub(crate) async fn run(
         .client_id
         .clone()
         .unwrap_or_else(|| axion_wire::ids::queue_owner_client(&cfg.package));
-    let mut opts = options_v5(&cfg.mqtt, &client_id);
+    let failover = Failover::new(
+        cfg.mqtt.clone(),
+        Reconnect::new(Duration::from_millis(100), Duration::from_secs(5)),
+    );
+    let mut opts = options_v5(failover.current(), &client_id);
     // By hand only when an enqueue's PUBACK waits for its commit.
     opts.set_manual_acks(cfg.ack_after_commit);
     opts.set_max_packet_size(Some(cfg.max_packet_size));
@@ -214,7 +218,14 @@ pub(crate) async fn run(
         None => (None, None),
     };
     let announce = topics::announce(&cfg.package);
-    let mqtt = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subs, announce));
+    let mqtt = tokio::spawn(mqtt_loop(
+        eventloop,
+        failover,
+        client.clone(),
+        in_tx,
+        subs,
+        announce,
+    ));
 
     let store = Arc::new(store);
     let (writer_tx, writer_rx) = std::sync::mpsc::sync_channel::<Vec<Op>>(1);
@@ -359,20 +370,21 @@ fn subscriptions(package: &str, tapped: bool) -> Vec<String> {
 
 async fn mqtt_loop(
     mut eventloop: EventLoop,
+    mut failover: Failover,
     client: AsyncClient,
     tx: mpsc::Sender<Inbound>,
     subs: Vec<String>,
     announce: String,
 ) {
-    let mut reconnect = Reconnect::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(
+                    broker = %failover.current(),
                     session_present = ack.session_present,
                     "queue owner connected to the broker"
                 );
-                reconnect.connected();
+                failover.connected();
                 let client = client.clone();
                 let subs = subs.clone();
                 let announce = announce.clone();
@@ -410,8 +422,9 @@ async fn mqtt_loop(
                 if tx.is_closed() {
                     return;
                 }
-                let wait = reconnect.after_failure();
-                tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "queue owner lost the broker; reconnecting");
+                let broker = failover.current().to_string();
+                let wait = failover.after_failure(&mut eventloop, &err);
+                tracing::warn!(broker, error = %err, retry_in_ms = wait.as_millis() as u64, "queue owner lost the broker; reconnecting");
                 tokio::time::sleep(wait).await;
             }
         }

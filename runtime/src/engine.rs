@@ -34,10 +34,10 @@ use super::message::{into_task, parse_event, Event, ReplyTarget, Task};
 use super::vitals::Vitals;
 use super::{EventHandler, HandlerResult, RuntimeError, TaskHandler};
 use axion_client::connection::{
-    lasting_refusal, lasting_subscribe_refusal, options_v5, Reconnect, REFUSALS_BEFORE_GIVING_UP,
+    lasting_refusal, lasting_subscribe_refusal, options_v5, Failover, Reconnect,
 };
 use axion_wire::queue::{Ready, TaskRecord, TaskRef};
-use axion_wire::{topics, MqttUrl};
+use axion_wire::{topics, BrokerUrls};
 
 /// rumqttc request channel; the dispatcher's outbox absorbs the rest.
 const REQUEST_CAPACITY: usize = 1024;
@@ -65,7 +65,7 @@ pub(crate) struct Plan {
     pub service: String,
     pub package: String,
     pub client_id: String,
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     pub queues: Vec<(String, TaskHandler)>,
     /// (event type as given, its MQTT filter, handler)
     pub events: Vec<(String, String, EventHandler)>,
@@ -128,12 +128,13 @@ pub(crate) async fn run(
     let mut sigterm = signal(SignalKind::terminate()).map_err(RuntimeError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RuntimeError::Signal)?;
 
-    let mut opts = options_v5(&plan.mqtt, &plan.client_id);
+    let failover = Failover::new(plan.mqtt.clone(), Reconnect::new(BACKOFF_MIN, BACKOFF_MAX));
+    let mut opts = options_v5(failover.current(), &plan.client_id);
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(MAX_PACKET));
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
-    let mut poller = tokio::spawn(poll_loop(eventloop, vitals.clone(), in_tx));
+    let mut poller = tokio::spawn(poll_loop(eventloop, failover, vitals.clone(), in_tx));
     let (done_tx, mut done_rx) = mpsc::channel(plan.limits.max_inflight + 16);
 
     tracing::info!(
@@ -219,20 +220,25 @@ pub(crate) async fn run(
 /// Polls the connection, passing what arrives to the service loop, until
 /// the service loop is gone or sends DISCONNECT (`None`), or the broker
 /// refuses this service in a way retrying will not change (`Some(why)`).
+/// A lost node is left for the next one at once; the watchdog's clock
+/// runs only while no node is connected.
 async fn poll_loop(
     mut eventloop: EventLoop,
+    mut failover: Failover,
     vitals: Arc<Vitals>,
     tx: mpsc::Sender<Inbound>,
 ) -> Option<String> {
-    let mut reconnect = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
-    // Lasting refusals in a row (see `lasting_refusal`).
+    // Lasting refusals in a row, from whichever node (see
+    // `lasting_refusal`): a refusing node is left for the next, and the
+    // service gives up only when every node refuses.
     let mut refusals = 0u32;
+    let give_up_after = failover.refusals_before_giving_up();
     loop {
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                reconnect.connected();
+                failover.connected();
                 vitals.set_connected(true);
-                tracing::info!("connected to the broker");
+                tracing::info!(broker = %failover.current(), "connected to the broker");
                 if tx.send(Inbound::Connected).await.is_err() {
                     return None;
                 }
@@ -270,17 +276,18 @@ async fn poll_loop(
                 match lasting_refusal(&err) {
                     Some(why) => {
                         refusals += 1;
-                        tracing::warn!(%why, refusals, of = REFUSALS_BEFORE_GIVING_UP, "the broker refused this service");
-                        if refusals >= REFUSALS_BEFORE_GIVING_UP {
+                        tracing::warn!(broker = %failover.current(), %why, refusals, of = give_up_after, "the broker refused this service");
+                        if refusals >= give_up_after {
                             return Some(why);
                         }
                     }
                     None => refusals = 0,
                 }
-                let wait = reconnect.after_failure();
+                let broker = failover.current().to_string();
+                let wait = failover.after_failure(&mut eventloop, &err);
                 if vitals.connected() {
                     vitals.set_connected(false);
-                    tracing::warn!(error = %err, "lost the broker; reconnecting");
+                    tracing::warn!(broker, error = %err, "lost the broker; reconnecting");
                     if tx.send(Inbound::Disconnected).await.is_err() {
                         return None;
                     }

@@ -48,7 +48,7 @@ pub use watchdog::{EXIT_BROKER_LOST, EXIT_STALLED};
 
 use axion_client::publisher::{local_hostname, HeartbeatConfig};
 use axion_client::HeartbeatError;
-use axion_wire::{ids, topics, MqttUrl, TopicError, UrlError, DEFAULT_MQTT_URL};
+use axion_wire::{ids, topics, BrokerUrls, TopicError, UrlError, DEFAULT_MQTT_URL};
 
 /// Exit code of a clean stop (after draining).
 pub const EXIT_OK: i32 = 0;
@@ -135,7 +135,7 @@ impl RuntimeError {
 pub struct Service {
     name: String,
     package: Option<String>,
-    mqtt: Option<MqttUrl>,
+    mqtt: Option<BrokerUrls>,
     queues: Vec<(String, TaskHandler)>,
     events: Vec<(String, EventHandler)>,
     limits: Option<Limits>,
@@ -162,8 +162,10 @@ impl Service {
         self
     }
 
-    pub fn mqtt(mut self, url: MqttUrl) -> Self {
-        self.mqtt = Some(url);
+    /// The broker, or the nodes of a clustered one: the service fails over
+    /// between them.
+    pub fn mqtt(mut self, urls: impl Into<BrokerUrls>) -> Self {
+        self.mqtt = Some(urls.into());
         self
     }
 
@@ -249,7 +251,7 @@ impl Service {
         };
         let mqtt = match self.mqtt {
             Some(u) => u,
-            None => MqttUrl::parse(&env_or("AXION_MQTT_URL", DEFAULT_MQTT_URL))?,
+            None => BrokerUrls::parse(&env_or("AXION_MQTT_URL", DEFAULT_MQTT_URL))?,
         }
         .with_env_credentials();
         let limits = match self.limits {

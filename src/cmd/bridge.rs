@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axion_bridge::{Bridge, BridgeConfig, Limits, TlsFiles};
 use axion_wire::ports::{self, Ports};
-use axion_wire::MqttUrl;
+use axion_wire::BrokerUrls;
 
 /// Bridge limits, shared with `axion serve` (flatten them there).
 #[derive(clap::Args, Debug, Clone)]
@@ -80,9 +80,9 @@ impl WsTls {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// MQTT broker to bridge to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
+    /// MQTT broker to bridge to (user/password in each URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD; a clustered broker's nodes comma-separated, failed over in turn).
     #[arg(long, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Address of the legacy WebSocket listener (also serves /health/live and /health/ready); port 0 picks a free port (see --ports-file).
     #[arg(long, env = "AXION_WS_LISTEN", default_value = "127.0.0.1:7000")]
     pub ws_listen: SocketAddr,

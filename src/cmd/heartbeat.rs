@@ -10,7 +10,7 @@ use anyhow::Context;
 use axion_client::publisher::HeartbeatConfig;
 use axion_client::HeartbeatPublisher;
 use axion_wire::schema::{DEFAULT_GHOST_SECS, DEFAULT_INTERVAL_SECS};
-use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
+use axion_wire::{BrokerUrls, DEFAULT_MQTT_URL};
 use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -35,9 +35,9 @@ pub struct Args {
     /// Hostname to report (defaults to this machine's).
     #[arg(long, env = "AXION_HOSTNAME")]
     pub hostname: Option<String>,
-    /// Broker URL, mqtt://[user[:password]@]host[:port].
+    /// Broker URL, mqtt://[user[:password]@]host[:port]; the nodes of a clustered broker comma-separated (mqtt://a:1883,mqtt://b:1883), failed over in turn.
     #[arg(long, env = "AXION_MQTT_URL", default_value = DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Extra field for every record, key=value (value parsed as JSON when it is JSON); repeatable.
     #[arg(long = "extra", env = "AXION_HEARTBEAT_EXTRAS", value_delimiter = ',', value_parser = parse_extra)]
     pub extras: Vec<(String, Value)>,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axion_client::fleet::{Counts, FleetWatcher, InstanceView, State, WatchOptions};
 use axion_wire::schema::{now_unix, DEFAULT_STALE_SECS};
-use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
+use axion_wire::{BrokerUrls, DEFAULT_MQTT_URL};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
@@ -33,9 +33,9 @@ const REFRESH: Duration = Duration::from_millis(250);
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Broker URL, mqtt://[user[:password]@]host[:port].
+    /// Broker URL, mqtt://[user[:password]@]host[:port]; the nodes of a clustered broker comma-separated (mqtt://a:1883,mqtt://b:1883), failed over in turn.
     #[arg(long, env = "AXION_MQTT_URL", default_value = DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Show one package only (default: all).
     #[arg(long, env = "AXION_MONITOR_PACKAGE")]
     pub package: Option<String>,
@@ -292,7 +292,7 @@ fn fmt_secs(secs: f64) -> String {
 fn dashboard(
     terminal: &mut DefaultTerminal,
     watcher: &FleetWatcher,
-    broker: &MqttUrl,
+    broker: &BrokerUrls,
     args: &Args,
 ) -> anyhow::Result<()> {
     let mut sort = args.sort;
@@ -338,7 +338,7 @@ fn dashboard(
 }
 
 struct View<'a> {
-    broker: &'a MqttUrl,
+    broker: &'a BrokerUrls,
     args: &'a Args,
     rows: &'a [InstanceView],
     counts: Counts,

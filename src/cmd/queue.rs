@@ -10,14 +10,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use axion_queues::ops::OpsClient;
 use axion_wire::queue::{Command, Stats, TaskRequest, TaskView};
-use axion_wire::MqttUrl;
+use axion_wire::BrokerUrls;
 use comfy_table::{presets::NOTHING, Table};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Broker to connect to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
+    /// Broker to connect to (user/password in each URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD; a clustered broker's nodes comma-separated, failed over in turn).
     #[arg(long, global = true, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Package whose queues to inspect.
     #[arg(long, global = true, env = "AXION_PACKAGE", default_value = "default")]
     pub package: String,

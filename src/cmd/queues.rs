@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axion_client::{HeartbeatConfig, HeartbeatPublisher};
 use axion_queues::{QueueConfig, QueueLimit, QueueOwner};
-use axion_wire::MqttUrl;
+use axion_wire::BrokerUrls;
 use tracing::{error, info, warn};
 
 /// Queue tuning flags, shared with `axion serve` (flatten them there).
@@ -87,7 +87,12 @@ fn parse_limit(s: &str) -> Result<(String, QueueLimit), String> {
 
 impl QueueTuning {
     /// The owner's configuration for this broker, directory and package.
-    pub fn config(&self, mqtt: MqttUrl, data_dir: PathBuf, package: String) -> QueueConfig {
+    pub fn config(
+        &self,
+        mqtt: impl Into<BrokerUrls>,
+        data_dir: PathBuf,
+        package: String,
+    ) -> QueueConfig {
         let mut cfg = QueueConfig::new(mqtt, data_dir, package);
         cfg.ack_wait = Duration::from_millis(self.ack_wait_ms);
         cfg.ack_wait_overrides = self
@@ -108,9 +113,9 @@ impl QueueTuning {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Broker to connect to (user/password in the URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD).
+    /// Broker to connect to (user/password in each URL or AXION_MQTT_USER/AXION_MQTT_PASSWORD; a clustered broker's nodes comma-separated, failed over in turn).
     #[arg(long, env = "AXION_MQTT_URL", default_value = axion_wire::DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Directory holding the queue store (queues.redb).
     #[arg(long, env = "AXION_DATA_DIR", default_value = "./axion-data")]
     pub data_dir: PathBuf,

@@ -11,7 +11,7 @@ use anyhow::Context;
 use axion_supervise::policy::Thresholds;
 use axion_supervise::restarts::AlarmRules;
 use axion_supervise::{InstanceLimits, LegacyConfig, ReaperConfig};
-use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
+use axion_wire::{BrokerUrls, DEFAULT_MQTT_URL};
 
 /// When the reaper stops a process, and when it raises an alarm.
 #[derive(clap::Args, Debug, Clone)]
@@ -43,7 +43,7 @@ pub struct ReapTuning {
 }
 
 impl ReapTuning {
-    pub fn config(&self, mqtt: MqttUrl, own_package: &str) -> ReaperConfig {
+    pub fn config(&self, mqtt: impl Into<BrokerUrls>, own_package: &str) -> ReaperConfig {
         let mut config = ReaperConfig::new(mqtt, own_package);
         config.thresholds = Thresholds {
             heartbeat_timeout: Duration::from_millis(self.heartbeat_timeout_ms),
@@ -85,7 +85,7 @@ impl LegacyArgs {
     /// start-up with a clear error.
     pub fn config(
         &self,
-        mqtt: MqttUrl,
+        mqtt: impl Into<BrokerUrls>,
         package: &str,
         tuning: Option<&ReapTuning>,
     ) -> anyhow::Result<LegacyConfig> {
@@ -106,9 +106,9 @@ impl LegacyArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Broker URL, mqtt://[user[:password]@]host[:port].
+    /// Broker URL, mqtt://[user[:password]@]host[:port]; the nodes of a clustered broker comma-separated (mqtt://a:1883,mqtt://b:1883), failed over in turn.
     #[arg(long, env = "AXION_MQTT_URL", default_value = DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Watch one package only (default: every package).
     #[arg(long, env = "AXION_REAP_PACKAGE")]
     pub watch_package: Option<String>,

@@ -15,7 +15,7 @@ use axion_client::ports_file::PortsFile;
 use axion_client::{spawn_janitor, HeartbeatConfig, HeartbeatHandle, HeartbeatPublisher};
 use axion_queues::QueueOwner;
 use axion_wire::ports::{self, Ports};
-use axion_wire::MqttUrl;
+use axion_wire::{BrokerUrls, MqttUrl};
 use tracing::{error, info, warn};
 
 use super::bridge::{BridgeLimits, WsTls};
@@ -376,7 +376,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let ghost_after = heartbeat_config.ghost_after;
     let heartbeat = HeartbeatPublisher::start(heartbeat_config)?;
     heartbeat.set_connected(true);
-    let janitor = spawn_janitor(&local, ghost_after);
+    let janitor = spawn_janitor(&BrokerUrls::from(local.clone()), ghost_after);
     // Last of start-up, so a reader that sees the file finds every part up;
     // held to the end of the clean stop, which removes it.
     let _ports_file = args.ports.announce(&bound)?;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axion_runtime::{HandlerResult, Limits, Service, Task};
-use axion_wire::{MqttUrl, DEFAULT_MQTT_URL};
+use axion_wire::{BrokerUrls, DEFAULT_MQTT_URL};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -42,16 +42,16 @@ pub struct Args {
     /// Package the queues belong to (one topic level).
     #[arg(long, env = "AXION_PACKAGE", default_value = "default")]
     pub package: String,
-    /// Broker URL, mqtt://[user[:password]@]host[:port].
+    /// Broker URL, mqtt://[user[:password]@]host[:port]; the nodes of a clustered broker comma-separated (mqtt://a:1883,mqtt://b:1883), failed over in turn.
     #[arg(long, env = "AXION_MQTT_URL", default_value = DEFAULT_MQTT_URL)]
-    pub mqtt: MqttUrl,
+    pub mqtt: BrokerUrls,
     /// Serve /health/live and /health/ready on this address (its port names the instance); port 0 picks a free port (see --ports-file).
     #[arg(long, env = "HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
     /// Once the health endpoints are bound, write their address to this file as a `health=address` line (empty without --health-listen); how a supervisor or script learns the port picked for port 0. Written whole (a temporary file renamed over it); removed at start and at a clean stop.
     #[arg(long, env = "AXION_PORTS_FILE", value_name = "PATH")]
     pub ports_file: Option<PathBuf>,
-    /// Exit 70 when the broker has been unreachable this long (ms).
+    /// Exit 70 when no node of the broker has been reachable this long (ms).
     #[arg(long, env = "DISCONNECT_KILL_MS", default_value_t = 10_000)]
     pub disconnect_kill_ms: u64,
     /// Exit 71 when tasks are pending and none finished for this long (ms).

@@ -26,7 +26,7 @@ use crate::limits::InstanceLimits;
 use crate::link::Link;
 use axion_client::process::{self, CpuSampler, ProcessIdentity};
 use axion_wire::schema::now_unix;
-use axion_wire::{topics, Heartbeat, MqttUrl, Status};
+use axion_wire::{topics, BrokerUrls, Heartbeat, Status};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, StatusCode};
@@ -51,7 +51,8 @@ const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct LegacyConfig {
-    pub mqtt: MqttUrl,
+    /// The broker's nodes; every connection fails over between them.
+    pub mqtt: BrokerUrls,
     pub package: String,
     /// Defaults to this machine's hostname.
     pub hostname: Option<String>,
@@ -70,9 +71,9 @@ pub struct LegacyConfig {
 }
 
 impl LegacyConfig {
-    pub fn new(mqtt: MqttUrl, package: impl Into<String>) -> Self {
+    pub fn new(mqtt: impl Into<BrokerUrls>, package: impl Into<String>) -> Self {
         Self {
-            mqtt,
+            mqtt: mqtt.into(),
             package: package.into(),
             hostname: None,
             limits: InstanceLimits::default(),

@@ -6,8 +6,8 @@
 //! when the connection (re)opens, because a restarted broker may have lost
 //! what was retained and the caller republishes then.
 
-use axion_client::connection::{options_v5, Reconnect};
-use axion_wire::MqttUrl;
+use axion_client::connection::{options_v5, Failover, Reconnect};
+use axion_wire::BrokerUrls;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
@@ -26,23 +26,23 @@ pub struct Link {
 impl Link {
     /// Connects in the background; publishes made before the CONNACK wait
     /// in rumqttc's request queue. Must run inside tokio.
-    pub fn start(url: &MqttUrl, client_id_prefix: &str) -> Self {
+    /// Fails over between the broker's nodes like every client.
+    pub fn start(urls: &BrokerUrls, client_id_prefix: &str) -> Self {
         let client_id = format!(
             "{client_id_prefix}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let mut opts = options_v5(url, &client_id);
+        let mut failover = Failover::new(urls.clone(), Reconnect::default());
+        let mut opts = options_v5(failover.current(), &client_id);
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(1 << 20));
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let (connects_tx, connects) = watch::channel(0u64);
-        let broker = url.to_string();
         let task = tokio::spawn(async move {
-            let mut reconnect = Reconnect::default();
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        reconnect.connected();
+                        failover.connected();
                         connects_tx.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -51,7 +51,8 @@ impl Link {
                         if connects_tx.is_closed() {
                             return;
                         }
-                        let wait = reconnect.after_failure();
+                        let broker = failover.current().to_string();
+                        let wait = failover.after_failure(&mut eventloop, &error);
                         tracing::warn!(broker, client_id, %error, retry_in = ?wait, "publishing connection lost");
                         tokio::time::sleep(wait).await;
                     }

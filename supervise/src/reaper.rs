@@ -21,7 +21,7 @@ use axion_client::fleet::{FleetWatcher, WatchOptions};
 use axion_client::process::{self, ProcessIdentity, Sig, SignalError};
 use axion_client::{HeartbeatConfig, HeartbeatPublisher};
 use axion_wire::schema::now_unix;
-use axion_wire::{topics, Heartbeat, MqttUrl, Status};
+use axion_wire::{topics, BrokerUrls, Heartbeat, Status};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
@@ -36,7 +36,8 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct ReaperConfig {
-    pub mqtt: MqttUrl,
+    /// The broker's nodes; every connection fails over between them.
+    pub mqtt: BrokerUrls,
     /// Watch one package, or every package (`None`).
     pub package: Option<String>,
     /// The package of the reaper's own heartbeat record.
@@ -53,9 +54,9 @@ pub struct ReaperConfig {
 }
 
 impl ReaperConfig {
-    pub fn new(mqtt: MqttUrl, own_package: impl Into<String>) -> Self {
+    pub fn new(mqtt: impl Into<BrokerUrls>, own_package: impl Into<String>) -> Self {
         Self {
-            mqtt,
+            mqtt: mqtt.into(),
             package: None,
             own_package: own_package.into(),
             thresholds: Thresholds::default(),

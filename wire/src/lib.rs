@@ -17,4 +17,4 @@ pub mod url;
 
 pub use schema::{Heartbeat, Status};
 pub use topics::TopicError;
-pub use url::{MqttUrl, UrlError, DEFAULT_MQTT_URL};
+pub use url::{BrokerUrls, MqttUrl, UrlError, DEFAULT_MQTT_URL};

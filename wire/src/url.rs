@@ -3,6 +3,8 @@
 //! One parser so that `mqtt://user:pass@host:port` (or a local broker's
 //! Unix socket, `unix://[user:pass@]/path`) means the same thing to the
 //! bridge, the queue owner, the heartbeat sidecar and the service runtime.
+//! A clustered broker is named by several URLs, comma-separated
+//! ([`BrokerUrls`]); every client fails over between them.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -22,6 +24,17 @@ pub enum UrlError {
     NoHost(String),
     #[error("broker URL {url:?} has an invalid port {port:?}")]
     Port { url: String, port: String },
+    #[error("no broker URL given")]
+    NoUrl,
+    #[error(
+        "the broker URL list has an empty entry (entry {0}); separate URLs with single commas"
+    )]
+    EmptyEntry(usize),
+    #[error("entry {position} of the broker URL list: {source}")]
+    Entry {
+        position: usize,
+        source: Box<UrlError>,
+    },
 }
 
 /// A parsed `mqtt://[user[:password]@]host[:port]` or
@@ -153,9 +166,186 @@ impl std::str::FromStr for MqttUrl {
     }
 }
 
+/// The brokers a client may reach, in the order it tries them: the nodes
+/// of one clustered broker, written `mqtt://a:1883,mqtt://b:1883`. Never
+/// empty. A single URL is a list of one, so one parser serves both.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<MqttUrl>);
+
+impl BrokerUrls {
+    /// Parses a comma-separated list; each entry is an [`MqttUrl`]. A
+    /// password may not contain a comma here (percent-encoding is not
+    /// decoded); put it in `AXION_MQTT_PASSWORD` instead.
+    pub fn parse(list: &str) -> Result<Self, UrlError> {
+        let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+        if entries.len() == 1 {
+            if entries[0].is_empty() {
+                return Err(UrlError::NoUrl);
+            }
+            return Ok(Self(vec![MqttUrl::parse(entries[0])?]));
+        }
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                if entry.is_empty() {
+                    return Err(UrlError::EmptyEntry(i + 1));
+                }
+                MqttUrl::parse(entry).map_err(|e| UrlError::Entry {
+                    position: i + 1,
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+
+    /// The URL tried first.
+    pub fn first(&self) -> &MqttUrl {
+        &self.0[0]
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: a list has at least one URL.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The URL at `index`, counting round the list.
+    pub fn get(&self, index: usize) -> &MqttUrl {
+        &self.0[index % self.0.len()]
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, MqttUrl> {
+        self.0.iter()
+    }
+
+    /// [`MqttUrl::with_env_credentials`] for each URL: the environment
+    /// fills what a URL does not carry.
+    pub fn with_env_credentials(self) -> Self {
+        Self(
+            self.0
+                .into_iter()
+                .map(MqttUrl::with_env_credentials)
+                .collect(),
+        )
+    }
+}
+
+impl From<MqttUrl> for BrokerUrls {
+    fn from(url: MqttUrl) -> Self {
+        Self(vec![url])
+    }
+}
+
+// Passwords never reach a log line: each URL shows without its own.
+impl fmt::Display for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::str::FromStr for BrokerUrls {
+    type Err = UrlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_names_each_node_in_order() {
+        let urls =
+            BrokerUrls::parse("mqtt://bob:pw@a:1883, mqtt://b:1884,unix:///run/m.sock").unwrap();
+        assert_eq!(urls.len(), 3);
+        assert_eq!(urls.first().host, "a");
+        assert_eq!(urls.first().password.as_deref(), Some("pw"));
+        assert_eq!((urls.get(1).host.as_str(), urls.get(1).port), ("b", 1884));
+        assert_eq!(urls.get(1).user, None);
+        assert_eq!(urls.get(3), urls.first());
+        let shown = urls.to_string();
+        assert_eq!(shown, "mqtt://bob@a:1883,mqtt://b:1884,unix:///run/m.sock");
+        assert_eq!(format!("{urls:?}"), shown);
+    }
+
+    #[test]
+    fn a_single_url_parses_and_fails_as_it_always_did() {
+        let one = BrokerUrls::parse(DEFAULT_MQTT_URL).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.first(), &MqttUrl::parse(DEFAULT_MQTT_URL).unwrap());
+        assert_eq!(
+            BrokerUrls::parse("http://x"),
+            Err(UrlError::Scheme("http://x".into()))
+        );
+        assert_eq!(BrokerUrls::parse(""), Err(UrlError::NoUrl));
+        assert_eq!(BrokerUrls::parse("  "), Err(UrlError::NoUrl));
+    }
+
+    #[test]
+    fn a_bad_entry_in_a_list_is_named() {
+        assert_eq!(
+            BrokerUrls::parse("mqtt://a,,mqtt://b"),
+            Err(UrlError::EmptyEntry(2))
+        );
+        assert_eq!(BrokerUrls::parse("mqtt://a,"), Err(UrlError::EmptyEntry(2)));
+        assert_eq!(BrokerUrls::parse(","), Err(UrlError::EmptyEntry(1)));
+        let err = BrokerUrls::parse("mqtt://a,http://b:1883").unwrap_err();
+        assert_eq!(
+            err,
+            UrlError::Entry {
+                position: 2,
+                source: Box::new(UrlError::Scheme("http://b:1883".into()))
+            }
+        );
+        assert!(err.to_string().contains("entry 2"), "{err}");
+        assert!(err.to_string().contains("http://b:1883"), "{err}");
+        assert!(matches!(
+            BrokerUrls::parse("mqtt://a:x,mqtt://b"),
+            Err(UrlError::Entry { position: 1, .. })
+        ));
+        assert!(matches!(
+            BrokerUrls::parse("mqtt://a,unix://rel.sock"),
+            Err(UrlError::Entry { position: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn the_environment_fills_credentials_of_every_url() {
+        // Only this test sets these variables in this crate.
+        std::env::set_var("AXION_MQTT_USER", "envuser");
+        std::env::set_var("AXION_MQTT_PASSWORD", "envpw");
+        let urls = BrokerUrls::parse("mqtt://own:pw@a,mqtt://b")
+            .unwrap()
+            .with_env_credentials();
+        std::env::remove_var("AXION_MQTT_USER");
+        std::env::remove_var("AXION_MQTT_PASSWORD");
+        assert_eq!(
+            (urls.get(0).user.as_deref(), urls.get(0).password.as_deref()),
+            (Some("own"), Some("pw"))
+        );
+        assert_eq!(
+            (urls.get(1).user.as_deref(), urls.get(1).password.as_deref()),
+            (Some("envuser"), Some("envpw"))
+        );
+    }
 
     #[test]
     fn parses_full_and_short_forms() {

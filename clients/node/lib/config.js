@@ -175,6 +175,34 @@ export function parseMqttUrl(url) {
 }
 
 /**
+ * The brokers a service may reach, in the order it tries them: one URL, or
+ * the nodes of a clustered broker comma-separated
+ * (`mqtt://a:1883,mqtt://b:1883`), each parsed by {@link parseMqttUrl}; a
+ * bad entry is named by its position.
+ *
+ * @returns {ReturnType<typeof parseMqttUrl>[]} never empty
+ */
+export function parseBrokerUrls(text) {
+  const entries = text.split(',').map((e) => e.trim());
+  if (entries.length === 1) {
+    if (entries[0] === '') throw new ConfigError('no broker URL given');
+    return [parseMqttUrl(entries[0])];
+  }
+  return entries.map((entry, i) => {
+    if (entry === '') {
+      throw new ConfigError(
+        `the broker URL list has an empty entry (entry ${i + 1}); separate URLs with single commas`,
+      );
+    }
+    try {
+      return parseMqttUrl(entry);
+    } catch (err) {
+      throw new ConfigError(`entry ${i + 1} of the broker URL list: ${err.message}`);
+    }
+  });
+}
+
+/**
  * A client id the broker accepts: rumqttd's listener dies on `/ + # $` in
  * a client id, so anything outside a safe set becomes `_`.
  */

@@ -94,7 +94,7 @@ function readStat() {
 export class Heartbeat {
   /**
    * @param {object} o
-   * @param {ReturnType<import('./config.js').parseMqttUrl>} o.url
+   * @param {ReturnType<import('./config.js').parseMqttUrl>[]} o.urls the broker's nodes
    * @param {string} o.pkg
    * @param {string} o.service
    * @param {string} o.host
@@ -104,7 +104,7 @@ export class Heartbeat {
    * @param {Record<string, unknown>} o.extras fields merged into every record
    * @param {import('./vitals.js').Vitals} o.vitals
    */
-  constructor({ url, pkg, service, host, port, intervalSecs, ghostSecs, extras, vitals }) {
+  constructor({ urls, pkg, service, host, port, intervalSecs, ghostSecs, extras, vitals }) {
     this.pkg = pkg;
     this.service = service;
     this.host = host;
@@ -126,7 +126,7 @@ export class Heartbeat {
     this.stopping = false;
     this.lastPublish = 0;
     this.deferred = null;
-    this.client = connect(url, this.clientId, {
+    this.client = connect(urls, this.clientId, {
       keepalive: HEARTBEAT_KEEP_ALIVE_SECS,
       will: this.#will(),
       properties: { maximumPacketSize: 1 << 20 },
@@ -147,7 +147,7 @@ export class Heartbeat {
         this.#publish();
       }
     }, SYNC_EVERY_MS);
-    log.info('heartbeat starting', { topic: this.topic, boot_id: this.bootId, broker: url.display });
+    log.info('heartbeat starting', { topic: this.topic, boot_id: this.bootId, broker: urls.map((u) => u.display).join(',') });
   }
 
   /** Whether the heartbeat's own connection is up: a final record can land. */

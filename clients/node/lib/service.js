@@ -31,7 +31,7 @@ import {
   envOr,
   limitsFromEnv,
   localHostname,
-  parseMqttUrl,
+  parseBrokerUrls,
   sanitizeClientId,
   topicMatches,
   topics,
@@ -175,7 +175,7 @@ export class Service {
 
   #plan() {
     const pkg = this.options.package ?? envOr('AXION_PACKAGE', DEFAULT_PACKAGE);
-    const url = parseMqttUrl(this.options.mqtt ?? envOr('AXION_MQTT_URL', DEFAULT_MQTT_URL));
+    const urls = parseBrokerUrls(this.options.mqtt ?? envOr('AXION_MQTT_URL', DEFAULT_MQTT_URL));
     const limits = limitsFromEnv();
     validateLevel('package', pkg);
     validateLevel('service', this.name);
@@ -191,7 +191,7 @@ export class Service {
       health: listen === '' ? null : parseListen(listen),
       service: this.name,
       pkg,
-      url,
+      urls,
       limits,
       host,
       queues: this.queues,
@@ -199,6 +199,26 @@ export class Service {
     };
   }
 }
+
+/** Lasting refusals in a row a service takes before it gives up, at least (the Rust runtime's). */
+const REFUSALS_BEFORE_GIVING_UP = 3;
+/**
+ * CONNACK reason codes that will repeat: unsupported protocol, client id
+ * not valid, bad user name or password, not authorized, banned, bad
+ * authentication method, topic name invalid, packet too large, payload
+ * format invalid, retain or QoS not supported.
+ */
+const LASTING_CONNACK = new Set([0x84, 0x85, 0x86, 0x87, 0x8a, 0x8c, 0x90, 0x95, 0x99, 0x9a, 0x9b]);
+/**
+ * DISCONNECT reason codes that will repeat: malformed packet, protocol
+ * error, not authorized, topic filter or name invalid, topic alias invalid,
+ * packet too large, payload format invalid, retain or QoS not supported,
+ * shared subscriptions, subscription identifiers or wildcard subscriptions
+ * not supported.
+ */
+const LASTING_DISCONNECT = new Set([0x81, 0x82, 0x87, 0x8f, 0x90, 0x94, 0x95, 0x99, 0x9a, 0x9b, 0x9e, 0xa1, 0xa2]);
+/** SUBACK reason codes that refuse a filter for good. */
+const LASTING_SUBACK = new Set([0x87, 0x8f, 0x9e, 0xa1, 0xa2]);
 
 /** The running service: one connection, the queue protocol, admission control and the drain. */
 class Engine {
@@ -231,6 +251,11 @@ class Engine {
     /** correlation data → {resolve, reject, timer} of `enqueue` calls */
     this.requests = new Map();
     this.replySubscribed = null;
+    /** The broker's lasting refusal behind the connection being closed, if any. */
+    this.refusal = null;
+    /** Lasting refusals in a row, from whichever node: every node must refuse before the service gives up. */
+    this.refusals = 0;
+    this.giveUpAfter = Math.max(REFUSALS_BEFORE_GIVING_UP, plan.urls.length);
   }
 
   async start() {
@@ -243,16 +268,26 @@ class Engine {
       service: this.service,
       package: this.pkg,
       worker: this.clientId,
-      broker: this.url.display,
+      broker: this.urls.map((u) => u.display).join(','),
       queues: [...this.queues.keys()],
       events: this.events.map((e) => e.type),
       max_inflight: this.limits.maxInflight,
       max_queue: this.limits.maxQueue,
     });
-    this.client = connect(this.url, this.clientId);
+    this.client = connect(this.urls, this.clientId);
     this.client.on('connect', () => this.#onConnect());
     this.client.on('close', () => this.#onClose());
-    this.client.on('error', (err) => log.debug('MQTT connection error', { error: err.message }));
+    this.client.on('error', (err) => {
+      // A CONNACK refusal comes as an error carrying its reason code.
+      if (LASTING_CONNACK.has(err.code)) this.refusal = `the broker refused the connection: ${err.message}`;
+      log.debug('MQTT connection error', { broker: this.client.broker(), error: err.message });
+    });
+    this.client.on('disconnect', (packet) => {
+      if (LASTING_DISCONNECT.has(packet.reasonCode)) {
+        const why = packet.properties?.reasonString ? ` (${packet.properties.reasonString})` : '';
+        this.refusal = `the broker disconnected this client: reason code 0x${packet.reasonCode.toString(16)}${why}`;
+      }
+    });
     this.client.on('message', (topic, payload, packet) => this.#onMessage(topic, payload, packet));
     process.on('SIGTERM', () => this.#beginDrain('SIGTERM'));
     process.on('SIGINT', () => this.#beginDrain('SIGINT'));
@@ -266,7 +301,7 @@ class Engine {
         vitalsBuffer: this.vitals.buffer,
         limits: this.limits,
         heartbeat: {
-          url: this.url,
+          urls: this.urls,
           pkg: this.pkg,
           service: this.service,
           host: this.host,
@@ -303,7 +338,7 @@ class Engine {
   #onConnect() {
     this.connected = true;
     this.vitals.setConnected(true);
-    log.info('connected to the broker');
+    log.info('connected to the broker', { broker: this.client.broker() });
     // A clean session: subscriptions first, then fresh credit.
     this.outbox = this.outbox.filter((o) => !o.credit);
     // A draining service joins no queue's shared group (see #leaveQueues).
@@ -315,12 +350,19 @@ class Engine {
     this.replySubscribed = null;
     this.client.subscribe(filters, { qos: 1 }, (err, granted) => {
       const refused = (granted ?? []).filter((g) => g.qos >= 0x80);
-      if (err || refused.length > 0) {
+      if (refused.some((g) => LASTING_SUBACK.has(g.qos))) {
+        // No retry makes the broker allow or support it: a service that
+        // cannot take its work must not look alive.
+        this.#giveUp(
+          `the broker refused a subscription this service needs: ${refused.map((g) => `${g.topic} 0x${g.qos.toString(16)}`).join(', ')}`,
+        );
+      } else if (err || refused.length > 0) {
         log.error('the broker refused a subscription; this service will not receive that work', {
           error: err?.message,
           refused: refused.map((g) => g.topic),
         });
       } else {
+        this.refusals = 0;
         this.vitals.setSubscribed();
       }
     });
@@ -329,13 +371,38 @@ class Engine {
   }
 
   #onClose() {
+    this.#countRefusal();
     if (!this.connected) return;
     this.connected = false;
     // Our own DISCONNECT at the end of a clean stop: no loss to report, and
     // the broker rule must not start counting while the final record goes out.
     if (this.stopping) return;
     this.vitals.setConnected(false);
-    log.warn('lost the broker; reconnecting');
+    log.warn('lost the broker; reconnecting', { broker: this.client.broker() });
+  }
+
+  /** A closed connection: a lasting refusal counts, anything else starts the count over. */
+  #countRefusal() {
+    const why = this.refusal;
+    this.refusal = null;
+    if (why === null || this.stopping) {
+      this.refusals = 0;
+      return;
+    }
+    this.refusals += 1;
+    log.warn('the broker refused this service', {
+      why,
+      refusals: this.refusals,
+      of: this.giveUpAfter,
+    });
+    if (this.refusals >= this.giveUpAfter) this.#giveUp(why);
+  }
+
+  #giveUp(why) {
+    log.error(
+      `${why}; giving up (exit 78: restarting will not help until the broker or this service's configuration changes)`,
+    );
+    process.exit(EXIT_CONFIG);
   }
 
   #onMessage(topic, payload, packet) {

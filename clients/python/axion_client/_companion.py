@@ -37,6 +37,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ._beacon import nodelay
+from ._config import MqttUrl
+from ._failover import Failover, point_at
 from ._shared import VitalsReader
 
 log = logging.getLogger("axion_client")
@@ -156,25 +158,28 @@ class _Companion:
 
         self.publish_props = props(PacketTypes.PUBLISH)
         self.will_props = props(PacketTypes.WILLMESSAGE)
-        url = cfg["mqtt"]
+        # The broker's nodes: after a lost connection or a failed try, the
+        # next one (paho's own reconnect loop then waits, 0.2 s doubling).
+        self.failover = Failover([MqttUrl(**u) for u in cfg["mqtt"]], 0.2, 5.0)
         client_id = cfg["client_id"]
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
-            transport="unix" if url["unix"] else "tcp",
+            transport="unix" if self.failover.current.unix else "tcp",
         )
-        if url["user"]:
-            self.client.username_pw_set(url["user"], url["password"])
+        point_at(self.client, self.failover.current)
         self.client.reconnect_delay_set(0.2, 5)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_socket_open = nodelay
         self._set_will()
+        first = self.failover.current
         # paho wants a port even for a Unix socket, and ignores it there.
         self.client.connect_async(
-            url["unix"] or url["host"], url["port"] or 1883, keepalive=KEEP_ALIVE_SECS, clean_start=True
+            first.unix or first.host, first.port or 1883, keepalive=KEEP_ALIVE_SECS, clean_start=True
         )
 
     # The record.
@@ -271,6 +276,7 @@ class _Companion:
         if reason.is_failure:
             log.warning("heartbeat connection refused: %s", reason)
             return
+        self.failover.connected(time.monotonic())
         self.mqtt_down.clear()
         self.mqtt_up.set()
         # Clean start: the broker remembers no subscription.
@@ -283,6 +289,17 @@ class _Companion:
         if not self.stopping:
             log.warning("heartbeat connection lost (%s); reconnecting", reason)
             self._set_will()
+            self._next_node(reason)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self._next_node("connection failed")
+
+    def _next_node(self, reason: Any) -> None:
+        was = self.failover.current
+        self.failover.after_failure(time.monotonic())
+        if self.failover.current != was:
+            log.info("heartbeat: trying the next broker node %s after %s (%s)", self.failover.current, was, reason)
+            point_at(self.client, self.failover.current)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self.stopping:

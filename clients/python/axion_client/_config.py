@@ -145,6 +145,27 @@ class MqttUrl:
         return f"mqtt://{user}{self.host}:{self.port}"
 
 
+def parse_broker_urls(text: str) -> list[MqttUrl]:
+    """The brokers a service may reach, in the order it tries them: one URL,
+    or the nodes of a clustered broker comma-separated
+    (`mqtt://a:1883,mqtt://b:1883`). Each entry is checked on its own, and
+    a bad one is named by its position."""
+    entries = [e.strip() for e in text.split(",")]
+    if len(entries) == 1:
+        if not entries[0]:
+            raise ConfigError("no broker URL given")
+        return [MqttUrl.parse(entries[0])]
+    urls = []
+    for i, entry in enumerate(entries, 1):
+        if not entry:
+            raise ConfigError(f"the broker URL list has an empty entry (entry {i}); separate URLs with single commas")
+        try:
+            urls.append(MqttUrl.parse(entry))
+        except ConfigError as err:
+            raise ConfigError(f"entry {i} of the broker URL list: {err}") from None
+    return urls
+
+
 def _credentials(creds: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     if creds is None:
         return None, None

@@ -61,12 +61,14 @@ from ._config import (
     env_int,
     env_or,
     event_topic,
+    parse_broker_urls,
     queue_tasks_shared,
     queue_topic,
     sanitize_client_id,
     validate_event_type,
     validate_level,
 )
+from ._failover import LASTING_CONNACK, LASTING_DISCONNECT, LASTING_SUBACK, Failover, point_at, reason_value
 from ._message import Event, ReplyTarget, Task, event_envelope, parse_event, task_from_wire
 from ._shared import SharedVitals
 from ._vitals import Vitals
@@ -229,7 +231,8 @@ class Service:
 
     def _prepare(self) -> "_Engine":
         package = self._package or env_or("AXION_PACKAGE", DEFAULT_PACKAGE)
-        url = MqttUrl.parse(self._mqtt or env_or("AXION_MQTT_URL", DEFAULT_MQTT_URL)).with_env_credentials()
+        given = self._mqtt or env_or("AXION_MQTT_URL", DEFAULT_MQTT_URL)
+        urls = [u.with_env_credentials() for u in parse_broker_urls(given)]
         limits = self._limits or Limits.from_env()
         limits.validate()
         validate_level("package", package)
@@ -256,13 +259,10 @@ class Service:
                 "host": host,
                 "pid": pid,
                 "client_id": sanitize_client_id(f"axion-hb-{self.name}-{host}-{pid}"),
-                "mqtt": {
-                    "host": url.host,
-                    "port": url.port,
-                    "unix": url.unix,
-                    "user": url.user,
-                    "password": url.password,
-                },
+                "mqtt": [
+                    {"host": u.host, "port": u.port, "unix": u.unix, "user": u.user, "password": u.password}
+                    for u in urls
+                ],
                 "interval_secs": env_int("HEARTBEAT_INTERVAL_SECS", DEFAULT_INTERVAL_SECS),
                 "ghost_secs": env_int("HEARTBEAT_GHOST_SECS", DEFAULT_GHOST_SECS),
                 # The queue owner hands this worker's tasks to others when the
@@ -277,7 +277,7 @@ class Service:
         shared.close_fd()
         vitals = Vitals(limits, beacon, shared)
         events = [(t, event_topic(package, t), h) for t, h in self._events]
-        return _Engine(self.name, package, client_id, url, dict(self._queues), events, limits, vitals, beacon)
+        return _Engine(self.name, package, client_id, urls, dict(self._queues), events, limits, vitals, beacon)
 
 
 class _Engine:
@@ -288,7 +288,7 @@ class _Engine:
         service: str,
         package: str,
         client_id: str,
-        url: MqttUrl,
+        urls: list[MqttUrl],
         queues: dict[str, Handler],
         events: list[tuple[str, str, Handler]],
         limits: Limits,
@@ -298,7 +298,8 @@ class _Engine:
         self.service = service
         self.package = package
         self.client_id = client_id
-        self.url = url
+        #: The broker's nodes, and which one the client is pointed at.
+        self.failover = Failover(urls, BACKOFF_MIN, BACKOFF_MAX)
         self.handlers = queues
         self.events = events
         self.limits = limits
@@ -327,7 +328,12 @@ class _Engine:
         #: A connection attempt is under way on a thread of its own.
         self.connecting: Optional[threading.Thread] = None
         self.next_connect_at: Optional[float] = time.monotonic()
-        self.backoff = BACKOFF_MIN
+        #: The broker's lasting refusal behind the loss being handled, and
+        #: how many came in a row, from whichever node.
+        self.refusal: Optional[str] = None
+        self.refusals = 0
+        #: Set when every node refused this service for good: `run()` returns 78.
+        self.gave_up: Optional[str] = None
         self.drain_deadline: Optional[float] = None
         #: The UNSUBSCRIBE from the queues' shared groups, and its UNSUBACK.
         self.leave_mid: Optional[int] = None
@@ -358,10 +364,8 @@ class _Engine:
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
-            transport="unix" if url.unix else "tcp",
+            transport="unix" if urls[0].unix else "tcp",
         )
-        if url.user:
-            self.client.username_pw_set(url.user, url.password)
         # No window on our side: paho walks every unacknowledged publish on
         # each PUBACK while one is set. What this service has in flight is
         # bounded by its tasks and jobs, far below the broker's Receive
@@ -380,11 +384,18 @@ class _Engine:
 
     # --- paho's callbacks: run on the dispatcher, from `loop_read` ----------
 
+    @property
+    def url(self) -> MqttUrl:
+        """The node the client is pointed at."""
+        return self.failover.current
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            log.warning("broker refused the connection: %s", reason)
+            log.warning("broker %s refused the connection: %s", self.url, reason)
+            if reason_value(reason) in LASTING_CONNACK:
+                self.refusal = f"the broker refused the connection: {reason}"
             return
-        self.backoff = BACKOFF_MIN
+        self.failover.connected(time.monotonic())
         self.vitals.set_connected(True)
         log.info("connected to the broker %s", self.url)
         # A clean session: subscriptions first, then fresh credit. A
@@ -407,11 +418,19 @@ class _Engine:
             # Our own DISCONNECT: no loss to report, and the broker rule
             # must not fire while the final heartbeat goes out.
             return
+        if reason_value(reason) in LASTING_DISCONNECT and self.refusal is None:
+            self.refusal = f"the broker disconnected this client: {reason}"
         self._lost(reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         refused = [str(c) for c in codes if c.is_failure]
-        if refused:
+        if not refused:
+            self.refusals = 0
+        elif any(reason_value(c) in LASTING_SUBACK for c in codes):
+            # No retry makes the broker allow or support it: a service that
+            # cannot take its work must not look alive.
+            self._give_up(f"the broker refused a subscription this service needs: {', '.join(refused)}")
+        else:
             log.error(
                 "the broker refused a subscription (%s); this service will not receive that work", ", ".join(refused)
             )
@@ -476,7 +495,8 @@ class _Engine:
                 self.url.unix or self.url.host, self.url.port or 1883, keepalive=KEEP_ALIVE_SECS, clean_start=True
             )
             self._dispatch()
-            self._finish()
+            if self.gave_up is None:
+                self._finish()
         finally:
             self.vitals.close()
             for s, h in previous.items():
@@ -485,7 +505,7 @@ class _Engine:
                 self.wake_open = False
                 os.close(self.wake_r)
                 os.close(self.wake_w)
-        return EXIT_OK
+        return EXIT_OK if self.gave_up is None else EXIT_CONFIG
 
     def _network(self, timeout: float) -> None:
         """One turn of the network: sleeps up to `timeout` (or until a post
@@ -535,6 +555,8 @@ class _Engine:
             self._network(max(0.0, wait))
             while self.inbox:
                 self._on_item(self.inbox.popleft())
+            if self.gave_up is not None:
+                return
             self._settle()
             self._write()
             now = time.monotonic()
@@ -569,6 +591,8 @@ class _Engine:
         the dispatcher leaves the client alone until it is done."""
         self.next_connect_at = None
 
+        point_at(self.client, self.url)
+
         def attempt() -> None:
             try:
                 self.client.reconnect()
@@ -581,13 +605,41 @@ class _Engine:
         self.connecting.start()
 
     def _lost(self, reason: Any) -> None:
-        """The connection is gone: count the time, try again after a pause."""
+        """The connection is gone: count the time, try the next node after a pause."""
         if self.vitals.set_connected(False):
-            log.warning("lost the broker (%s); reconnecting", reason)
+            log.warning("lost the broker %s (%s); reconnecting", self.url, reason)
         self.connected = False
         if self.next_connect_at is None and self.connecting is None:
-            self.next_connect_at = time.monotonic() + self.backoff
-            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            self._retry(reason)
+
+    def _retry(self, reason: Any) -> None:
+        """Counts a lasting refusal (giving up once every node refused, as
+        often as the Rust runtime allows) and schedules the next try, on
+        the next node."""
+        why, self.refusal = self.refusal, None
+        if why is None:
+            self.refusals = 0
+        else:
+            self.refusals += 1
+            limit = self.failover.refusals_before_giving_up()
+            log.warning("the broker %s refused this service (%d of %d): %s", self.url, self.refusals, limit, why)
+            if self.refusals >= limit:
+                self._give_up(why)
+                return
+        was = self.url
+        wait = self.failover.after_failure(time.monotonic())
+        if self.url != was:
+            log.info("trying the next broker node %s after %s (%s) in %.1f s", self.url, was, reason, wait)
+        self.next_connect_at = time.monotonic() + wait
+
+    def _give_up(self, why: str) -> None:
+        log.error(
+            "%s; giving up (exit 78: restarting will not help until the broker or this service's "
+            "configuration changes)",
+            why,
+        )
+        self.gave_up = why
+        self.next_connect_at = None
 
     def _finish(self) -> None:
         """Lets acks, results and releases leave, disconnects, says `stopped`."""
@@ -631,11 +683,10 @@ class _Engine:
             self.connecting = None
             failure = item[1]
             if failure is not None:
-                # Once per outage: then every BACKOFF_MAX at most, quietly.
-                if self.backoff == BACKOFF_MIN:
+                # Once per outage, for each node: then quietly.
+                if self.failover.failures < len(self.failover.urls):
                     log.warning("cannot reach the broker %s (%s); retrying", self.url, failure)
-                self.next_connect_at = time.monotonic() + self.backoff
-                self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+                self._retry(failure)
         elif kind == "signal":
             self._begin_drain(item[1])
 
