@@ -70,6 +70,26 @@ impl fmt::Display for MqttUrl {
     }
 }
 
+/// `url` as an error may quote it: any password replaced by `***`.
+fn shown(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let at = match scheme {
+        Some("unix") => rest.find("@/").or_else(|| rest.rfind('@')),
+        _ => rest.rfind('@'),
+    };
+    let Some((user, _)) = at.and_then(|at| rest[..at].split_once(':')) else {
+        return url.to_string();
+    };
+    let tail = &rest[at.unwrap_or_default()..];
+    match scheme {
+        Some(scheme) => format!("{scheme}://{user}:***{tail}"),
+        None => format!("{user}:***{tail}"),
+    }
+}
+
 /// Splits `user[:password]`.
 fn credentials(creds: Option<&str>) -> (Option<String>, Option<String>) {
     match creds {
@@ -101,7 +121,7 @@ impl MqttUrl {
                 None => (None, rest),
             };
             if !path.starts_with('/') || path.len() < 2 {
-                return Err(UrlError::UnixPath(url.to_string()));
+                return Err(UrlError::UnixPath(shown(url)));
             }
             let (user, password) = credentials(creds);
             return Ok(Self {
@@ -113,7 +133,7 @@ impl MqttUrl {
         let rest = url
             .strip_prefix("mqtt://")
             .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| UrlError::Scheme(url.to_string()))?;
+            .ok_or_else(|| UrlError::Scheme(shown(url)))?;
         let rest = rest.trim_end_matches('/');
         let (creds, hostport) = match rest.rsplit_once('@') {
             Some((c, h)) => (Some(c), h),
@@ -124,7 +144,7 @@ impl MqttUrl {
             // An IPv6 literal without a port: "[::1]".
             Some((h, p)) if !p.ends_with(']') => {
                 let port = p.parse::<u16>().map_err(|_| UrlError::Port {
-                    url: url.to_string(),
+                    url: shown(url),
                     port: p.to_string(),
                 })?;
                 (h, port)
@@ -133,7 +153,7 @@ impl MqttUrl {
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(UrlError::NoHost(url.to_string()));
+            return Err(UrlError::NoHost(shown(url)));
         }
         Ok(Self {
             host: host.to_string(),
@@ -345,6 +365,25 @@ mod tests {
             (urls.get(1).user.as_deref(), urls.get(1).password.as_deref()),
             (Some("envuser"), Some("envpw"))
         );
+    }
+
+    #[test]
+    fn an_error_never_quotes_a_password() {
+        for bad in [
+            "http://u:s3cret@h:1883",
+            "mqtt://u:s3cret@h:notaport",
+            "mqtt://u:s3cret@",
+            "unix://u:s3cret@relative",
+            "u:s3cret@h:1883",
+        ] {
+            let err = MqttUrl::parse(bad).expect_err(bad).to_string();
+            assert!(!err.contains("s3cret"), "{bad}: {err}");
+            assert!(err.contains("u:***"), "{bad}: {err}");
+        }
+        let err = BrokerUrls::parse("mqtt://a,http://u:s3cret@b")
+            .expect_err("bad entry")
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]
