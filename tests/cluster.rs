@@ -184,3 +184,107 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     assert_eq!(stats["stray_acks_total"], 0, "{stats}");
     eprintln!("whole test {:?}", started.elapsed());
 }
+
+/// Two Mosquitto brokers bridged to each other (`axion/#` both ways, over
+/// MQTT 5 so Response Topics cross), as (A, B).
+fn bridged_mosquittos(dir: &Path) -> (Proc, u16, Proc, u16) {
+    let start = |name: &str, port: u16, extra: &str| {
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto (scripts/setup.sh installs it)");
+        let mut proc = Proc {
+            child,
+            name: format!("mosquitto {name}"),
+        };
+        assert!(
+            common::listens_while_running(&mut proc, port, Duration::from_secs(10)),
+            "mosquitto {name} exited before listening on {port}"
+        );
+        proc
+    };
+    let (pa, pb) = (
+        common::port_known_in_advance(),
+        common::port_known_in_advance(),
+    );
+    let a = start("a", pa, "");
+    let b = start(
+        "b",
+        pb,
+        &format!(
+            "connection to-a\naddress 127.0.0.1:{pa}\nbridge_protocol_version mqttv50\n\
+             topic axion/# both 1\ncleansession true\ntry_private true\n"
+        ),
+    );
+    (a, pa, b, pb)
+}
+
+/// Owner on A, a worker on each broker (taking tasks as `worker_flags`
+/// say), producers on both: how often each task ran, and the owner's stats
+/// once every task is acked.
+fn run_on_bridged_pair(worker_flags: &[&str]) -> (Vec<(String, usize)>, Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ma, pa, _mb, pb) = bridged_mosquittos(dir.path());
+    let (a, b) = (
+        format!("mqtt://127.0.0.1:{pa}"),
+        format!("mqtt://127.0.0.1:{pb}"),
+    );
+    let store = tempfile::tempdir().expect("tempdir");
+    let done = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&a, store.path(), &["--ack-wait-ms", "5000"]);
+    let _on_a = spawn_work(&a, done.path(), worker_flags);
+    let _on_b = spawn_work(&b, done.path(), worker_flags);
+    let all: Vec<String> = ids("a", 15).into_iter().chain(ids("b", 15)).collect();
+    let p1 = produce(a.clone(), all[..15].to_vec());
+    let p2 = produce(b.clone(), all[15..].to_vec());
+    p1.join().expect("producer on A");
+    p2.join().expect("producer on B");
+    let runs = wait_all_done(done.path(), &all, Duration::from_secs(30));
+    let settled = common::wait_until(Duration::from_secs(20), "every task acked", || {
+        stats(&a).filter(|s| s["acked_total"] == 30 && s["inflight"] == 0 && s["depth"] == 0)
+    });
+    // Late copies finish too before the runs are counted again.
+    std::thread::sleep(Duration::from_millis(500));
+    let runs = runs
+        .into_iter()
+        .map(|(id, _)| {
+            let n = std::fs::read_to_string(done.path().join(&id))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            (id, n)
+        })
+        .collect();
+    (runs, stats(&a).unwrap_or(settled))
+}
+
+#[test]
+fn bridged_mosquittos_with_directed_delivery_run_each_task_once() {
+    let (runs, stats) = run_on_bridged_pair(&["--directed-delivery"]);
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "tasks not run exactly once: {twice:?}");
+    assert_eq!(stats["stray_acks_total"], 0, "{stats}");
+}
+
+#[test]
+fn bridged_mosquittos_with_shared_subscriptions_count_every_extra_run() {
+    // Each broker's shared group gets its own copy of every task: the
+    // owner must say so, never stay silent.
+    let (runs, stats) = run_on_bridged_pair(&[]);
+    let extra: usize = runs.iter().map(|(_, n)| n.saturating_sub(1)).sum();
+    eprintln!("extra runs: {extra}, owner's stats: {stats}");
+    let stray = stats["stray_acks_total"].as_u64().unwrap_or(0);
+    if extra > 0 {
+        assert!(stray > 0, "{extra} extra runs, none counted: {stats}");
+    } else {
+        assert_eq!(stray, 0, "{stats}");
+    }
+}
