@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything Axion's build, tests and benchmarks need on a fresh
 # Debian machine: a C compiler (ring), the Rust toolchain with rustfmt and
-# clippy, Mosquitto (reference broker and mosquitto_pub/sub), tmux (the
+# clippy, Mosquitto (reference broker and mosquitto_pub/sub), ejabberd (a
+# clustered broker for tests/cluster.rs), tmux (the
 # dashboard test), procps (`kill`), Python paho-mqtt + websockets +
 # prometheus-client (the parser the /metrics test reads scrapes with), and
 # Node with the packages locked in tests/package-lock.json.
@@ -17,6 +18,8 @@ command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# A clustered MQTT broker that is not Axion (tests/cluster.rs).
+ls -d /usr/lib/x86_64-linux-gnu/ejabberd-* >/dev/null 2>&1 || need_apt+=(ejabberd)
 command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
 # The tests run /bin/kill (not the shell builtin); minimal images lack it.
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
@@ -32,6 +35,8 @@ if ((${#need_apt[@]})); then
 fi
 # Debian starts a system mosquitto on 1883; tests use their own on free ports.
 if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl stop mosquitto >/dev/null 2>&1 || true; fi
+# Likewise ejabberd: tests/cluster.rs starts its own nodes.
+if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl stop ejabberd >/dev/null 2>&1 || true; fi
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"

@@ -256,6 +256,10 @@ pub struct WatchOptions {
     /// outside the `axion-` ids an auth file reserves to components.
     pub client_prefix: &'static str,
     pub stale_after: Duration,
+    /// Once subscribed, ask every instance to publish its record again
+    /// (`axion/cmd/announce`): on a clustered broker, a record retained on
+    /// another node may never reach this one as retained.
+    pub announce: bool,
 }
 
 impl Default for WatchOptions {
@@ -267,6 +271,7 @@ impl Default for WatchOptions {
             alarms: false,
             client_prefix: "axion-fleet",
             stale_after: Duration::from_secs(DEFAULT_STALE_SECS),
+            announce: false,
         }
     }
 }
@@ -345,6 +350,7 @@ impl FleetWatcher {
         let (changes_tx, changes) = watch::channel(0u64);
         let task_state = state.clone();
         let task_client = client.clone();
+        let announce = options.announce;
         let task = tokio::spawn(async move {
             let mut pending_subacks = 0usize;
             loop {
@@ -367,6 +373,17 @@ impl FleetWatcher {
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         pending_subacks = pending_subacks.saturating_sub(1);
                         if pending_subacks == 0 {
+                            // Subscribed first, so every answer is heard.
+                            if announce {
+                                if let Err(err) = task_client.try_publish(
+                                    topics::ANNOUNCE_FLEET,
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    "{}",
+                                ) {
+                                    tracing::warn!(error = %err, "fleet announce request failed");
+                                }
+                            }
                             subscribed_tx.send_replace(true);
                         }
                     }

@@ -6,7 +6,9 @@
 //! record, retained, to `axion/<pkg>/heartbeat/<service>/<host>:<port>`:
 //! every interval, at once on every CONNACK (the embedded broker forgets
 //! retained messages when it restarts), at once when anyone publishes to
-//! `axion/<pkg>/cmd/announce`, and at once when someone else's record lands
+//! `axion/<pkg>/cmd/announce` or the fleet-wide `axion/cmd/announce` (a
+//! reader on another node of a clustered broker, where this record may not
+//! be retained), and at once when someone else's record lands
 //! on this instance's topic (the late will of an earlier run, or a janitor's
 //! clear), so the retained record is this run's within a second.
 //!
@@ -481,7 +483,9 @@ async fn poll_loop(
                 if stopping {
                     continue;
                 }
-                if publish.topic == announce.as_bytes() {
+                if publish.topic == announce.as_bytes()
+                    || publish.topic == topics::ANNOUNCE_FLEET.as_bytes()
+                {
                     send_internal(&internal, Internal::Republish, &topic);
                 } else if publish.topic == topic.as_bytes()
                     && shared.needs_correction(&publish.payload)
@@ -555,8 +559,8 @@ async fn tick_loop(
             msg = internal.recv() => match msg {
                 Some(Internal::Connected) => {
                     // Clean start: the broker remembers no subscription.
-                    for filter in [&shared.id.announce_topic, &topic] {
-                        if let Err(err) = client.subscribe(filter.as_str(), QoS::AtLeastOnce).await {
+                    for filter in [shared.id.announce_topic.as_str(), topics::ANNOUNCE_FLEET, topic.as_str()] {
+                        if let Err(err) = client.subscribe(filter, QoS::AtLeastOnce).await {
                             tracing::warn!(topic = %topic, filter = %filter, error = %err, "heartbeat subscribe failed");
                         }
                     }

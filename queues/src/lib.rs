@@ -91,6 +91,12 @@ pub struct QueueConfig {
     pub max_bytes: u64,
     /// Per-queue limits that replace `max_depth` and `max_bytes`.
     pub limit_overrides: HashMap<String, QueueLimit>,
+    /// Deliver every task on its worker's own topic
+    /// (`…/tasks/<worker>`), never on the shared one, whatever the worker
+    /// asked. Also done when the broker's CONNACK says it has no shared
+    /// subscriptions. Default false: each worker's `ready` says which it
+    /// wants.
+    pub directed_delivery: bool,
 }
 
 /// One queue's own limits; `None` keeps the default.
@@ -119,6 +125,7 @@ impl QueueConfig {
             max_depth: 100_000,
             max_bytes: 1024 * 1024 * 1024,
             limit_overrides: HashMap::new(),
+            directed_delivery: false,
         }
     }
 

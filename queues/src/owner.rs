@@ -96,7 +96,11 @@ enum Inbound {
     Publish(Box<Publish>),
     /// A copy from the embedded broker's sessions, which names its sender.
     Tapped(super::tap::Copied),
-    Connected,
+    /// Connected to a node; `shared`: it offers shared subscriptions (its
+    /// CONNACK did not say `SharedSubscriptionAvailable = 0`).
+    Connected {
+        shared: bool,
+    },
 }
 
 /// Who sent a tapped publish, as the embedded broker says.
@@ -172,6 +176,8 @@ pub(crate) struct Core {
     /// Acks, fails, progress and releases ignored because their sender
     /// does not hold the task.
     foreign_task_refs: u64,
+    /// The broker node last connected to offers shared subscriptions.
+    shared_available: bool,
     /// What `/metrics` reads (see [`super::metrics`]), each queue's cells,
     /// and when they were last brought up to date (ms).
     metrics: Arc<QueueMetrics>,
@@ -379,9 +385,15 @@ async fn mqtt_loop(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let shared = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.shared_subscription_available)
+                    != Some(0);
                 tracing::info!(
                     broker = %failover.current(),
                     session_present = ack.session_present,
+                    shared_subscriptions = shared,
                     "queue owner connected to the broker"
                 );
                 failover.connected();
@@ -407,7 +419,7 @@ async fn mqtt_loop(
                         tracing::warn!(error = %err, "queue owner could not ask workers to re-announce");
                     }
                 });
-                if tx.send(Inbound::Connected).await.is_err() {
+                if tx.send(Inbound::Connected { shared }).await.is_err() {
                     return;
                 }
             }
@@ -460,6 +472,7 @@ impl Core {
             outbox: VecDeque::new(),
             wake: HashSet::new(),
             foreign_task_refs: 0,
+            shared_available: true,
             last_stats: HashMap::new(),
             // Replaced by the owner's before any queue is metered.
             metrics: Arc::default(),
@@ -493,6 +506,12 @@ impl Core {
             "queue store loaded"
         );
         core
+    }
+
+    /// Every task goes on its worker's own topic: configured so, or the
+    /// broker has no shared subscriptions for the shared topic.
+    fn all_directed(&self) -> bool {
+        self.cfg.directed_delivery || !self.shared_available
     }
 
     fn limits(&self, queue: &str) -> Limits {
@@ -536,7 +555,15 @@ impl Core {
 
     fn inbound(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Connected => {
+            Inbound::Connected { shared } => {
+                if self.shared_available != shared {
+                    tracing::info!(
+                        shared_subscriptions = shared,
+                        directed_delivery = self.cfg.directed_delivery || !shared,
+                        "the broker's shared subscriptions changed; task delivery follows"
+                    );
+                }
+                self.shared_available = shared;
                 // The embedded broker keeps nothing retained across its own
                 // restart: publish stats again.
                 self.last_stats.clear();
@@ -615,9 +642,19 @@ impl Core {
                             if let Some(sender) = sender {
                                 ready.worker = sender.client_id.clone();
                             }
+                            let directed = ready.directed || self.all_directed();
+                            if directed {
+                                if let Err(err) = topics::validate_level("worker", &ready.worker) {
+                                    // Its own topic cannot be built: no
+                                    // credit, rather than tasks lost on a
+                                    // topic nobody reads.
+                                    tracing::warn!(queue, error = %err, "credit ignored: a worker taking directed delivery needs an id that is one topic level");
+                                    return;
+                                }
+                            }
                             self.ensure_queue(queue);
                             if let Some(q) = self.queues.get_mut(queue) {
-                                q.ready(&ready.worker, ready.credits, ready.reset);
+                                q.ready(&ready.worker, ready.credits, ready.reset, ready.directed);
                             }
                             self.wake(queue);
                         }
@@ -819,6 +856,7 @@ impl Core {
         }
         match (leaf, r.id.as_deref()) {
             ("ack", Some(id)) => {
+                q.classify_ack(id, r.worker.as_deref(), now);
                 if let Some(enqueued_at) = q.ack(id, &mut self.cache) {
                     cells(&mut self.cells, &self.metrics, queue)
                         .observe_latency(now.saturating_sub(enqueued_at));
@@ -1149,12 +1187,19 @@ impl Core {
     fn settle(&mut self) {
         let now = now_ms();
         let mut reads = Vec::new();
+        let all_directed = self.all_directed();
         if self.outbox.len() < OUTBOX_HIGH {
             let window = (self.cfg.cache_bytes / 4).max(1);
             let wake: Vec<String> = self.wake.drain().collect();
             for name in wake {
                 if let Some(q) = self.queues.get_mut(&name) {
-                    q.dispatch(now, DISPATCH_BUDGET, &mut self.cache, &mut self.fx);
+                    q.dispatch(
+                        now,
+                        DISPATCH_BUDGET,
+                        all_directed,
+                        &mut self.cache,
+                        &mut self.fx,
+                    );
                     reads.extend(head_read(q, &self.cache, window));
                     if q.has_work() {
                         self.wake.insert(name);

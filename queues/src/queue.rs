@@ -14,7 +14,7 @@
 //! owner starts its next group commit. Keeping the rules free of I/O keeps
 //! them easy to follow and to test.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +34,15 @@ const MAX_CREDITS: u32 = 100_000;
 /// full queue must not flood the log, and an operator should hear of it
 /// soon.
 const REPORT_REFUSALS_AFTER_MS: u64 = 5_000;
+
+/// Ids of the latest acked tasks a queue remembers, so a second ack of one
+/// is told from an ack of a task the owner never knew.
+const RECENT_ACKS: usize = 16_384;
+
+/// Stray acks are logged at most once per this long, with how many came
+/// since the last line: a bridge loop that duplicates every task must not
+/// flood the log.
+const STRAY_LOG_EVERY_MS: u64 = 5_000;
 
 /// An MQTT message the owner must publish.
 #[derive(Debug, Clone)]
@@ -189,8 +198,25 @@ struct Refusing {
     first: Refusal,
 }
 
+/// What an ack was, as far as the owner can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// From the worker the task was handed to (or from a worker that did
+    /// not say who it is).
+    Expected,
+    /// From another worker than the one the task was handed to: the task
+    /// ran there too.
+    Foreign,
+    /// For a task acked before: it ran twice.
+    Repeated,
+    /// For a task the owner does not know (purged, or acked before the
+    /// owner's last restart).
+    Unknown,
+}
+
 pub struct Queue {
     pub name: String,
+    package: String,
     topic_prefix: String,
     limits: Limits,
     tasks: HashMap<String, Task>,
@@ -209,6 +235,15 @@ pub struct Queue {
     /// may already have spent on a delivery still on its way; the debt is
     /// paid by the worker's next `ready`, so credit never inflates.
     credits: HashMap<String, i64>,
+    /// Workers that take their tasks on their own topic (their `ready`
+    /// asked for directed delivery).
+    directed: HashSet<String>,
+    /// The latest acked ids, oldest first, and the same as a set.
+    recent_acks: VecDeque<String>,
+    recent_ack_set: HashSet<String>,
+    /// Stray acks not logged yet, and when the last line was written (ms).
+    strays_unlogged: u64,
+    strays_logged_at: Option<u64>,
     counters: Counters,
     counters_dirty: bool,
     /// Tasks whose record changed since the last batch was taken: their
@@ -266,6 +301,7 @@ impl Queue {
     pub fn new(package: &str, name: &str, limits: Limits, counters: Counters) -> Self {
         Self {
             name: name.to_string(),
+            package: package.to_string(),
             topic_prefix: format!("axion/{package}/queue/{name}/"),
             limits,
             tasks: HashMap::new(),
@@ -276,6 +312,11 @@ impl Queue {
             dead: HashMap::new(),
             dead_order: BTreeMap::new(),
             credits: HashMap::new(),
+            directed: HashSet::new(),
+            recent_acks: VecDeque::new(),
+            recent_ack_set: HashSet::new(),
+            strays_unlogged: 0,
+            strays_logged_at: None,
             counters,
             counters_dirty: false,
             dirty: BTreeSet::new(),
@@ -537,8 +578,16 @@ impl Queue {
         self.changed = true;
     }
 
-    /// Adds (or with `reset`, sets) a worker's credit.
-    pub fn ready(&mut self, worker: &str, credits: u32, reset: bool) {
+    /// Adds (or with `reset`, sets) a worker's credit; `directed`: its
+    /// tasks go on its own topic from now on (each `ready` says which).
+    pub fn ready(&mut self, worker: &str, credits: u32, reset: bool, directed: bool) {
+        if directed {
+            if !self.directed.contains(worker) {
+                self.directed.insert(worker.to_string());
+            }
+        } else {
+            self.directed.remove(worker);
+        }
         let credits = i64::from(credits.min(MAX_CREDITS));
         let entry = self.credits.entry(worker.to_string()).or_insert(0);
         *entry = if reset {
@@ -556,11 +605,14 @@ impl Queue {
     /// Delivers waiting tasks while workers have credit, at most `budget`,
     /// and stops at the first whose body is not in the cache (see
     /// [`Queue::unread_head`]). The worker with the most free credit gets
-    /// the next task, so load goes where there is room.
+    /// the next task, so load goes where there is room. A worker that asked
+    /// for directed delivery, or every worker with `all_directed`, gets its
+    /// task on its own topic; the others on the shared one.
     pub fn dispatch(
         &mut self,
         now: u64,
         mut budget: usize,
+        all_directed: bool,
         cache: &mut Cache,
         fx: &mut Effects,
     ) -> usize {
@@ -586,7 +638,11 @@ impl Queue {
                 break;
             };
             let deadline = now + self.limits.ack_wait.as_millis() as u64;
-            let tasks_topic = self.topic("tasks");
+            let tasks_topic = if all_directed || self.directed.contains(&worker) {
+                axion_wire::topics::queue_tasks_directed(&self.package, &self.name, &worker)
+            } else {
+                self.topic("tasks")
+            };
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -670,6 +726,44 @@ impl Queue {
         }
     }
 
+    /// What an ack of `id` from `worker` (when it said) is: see
+    /// [`AckKind`]. A stray one is counted and logged (at most every
+    /// [`STRAY_LOG_EVERY_MS`]) here; the caller still acks it, since the
+    /// work it reports was done.
+    pub fn classify_ack(&mut self, id: &str, worker: Option<&str>, now: u64) -> AckKind {
+        let kind = match (self.holder(id), worker) {
+            (Some(holder), Some(worker)) if holder != worker => AckKind::Foreign,
+            (Some(_), _) => AckKind::Expected,
+            (None, _) if self.tasks.contains_key(id) => AckKind::Expected,
+            (None, _) if self.recent_ack_set.contains(id) => AckKind::Repeated,
+            (None, _) => AckKind::Unknown,
+        };
+        if matches!(kind, AckKind::Foreign | AckKind::Repeated) {
+            self.counters.stray_acks += 1;
+            self.counters_dirty = true;
+            self.changed = true;
+            self.strays_unlogged += 1;
+            let due = self
+                .strays_logged_at
+                .is_none_or(|at| now >= at + STRAY_LOG_EVERY_MS);
+            if due {
+                tracing::warn!(
+                    queue = %self.name,
+                    id,
+                    worker = worker.unwrap_or(""),
+                    holder = self.holder(id).unwrap_or(""),
+                    kind = if kind == AckKind::Foreign { "foreign" } else { "repeated" },
+                    since_last_line = self.strays_unlogged,
+                    stray_acks_total = self.counters.stray_acks,
+                    "a task ran more than once: acked twice, or by a worker it was not handed to"
+                );
+                self.strays_unlogged = 0;
+                self.strays_logged_at = Some(now);
+            }
+        }
+        kind
+    }
+
     /// Acks task `id`; hands back when it was first enqueued (Unix ms),
     /// for its latency, if it was known.
     pub fn ack(&mut self, id: &str, cache: &mut Cache) -> Option<u64> {
@@ -677,6 +771,13 @@ impl Queue {
             tracing::debug!(queue = %self.name, id, "ack for an unknown task");
             return None;
         };
+        if self.recent_acks.len() >= RECENT_ACKS {
+            if let Some(old) = self.recent_acks.pop_front() {
+                self.recent_ack_set.remove(&old);
+            }
+        }
+        self.recent_ack_set.insert(id.to_string());
+        self.recent_acks.push_back(id.to_string());
         self.unindex(task.stored.seq, task.stored.not_before, &task.state);
         self.forget(id, &task, cache, false);
         self.counters.acked += 1;
@@ -863,6 +964,7 @@ impl Queue {
         fx: &mut Effects,
     ) -> usize {
         self.credits.remove(worker);
+        self.directed.remove(worker);
         let held: Vec<String> = self
             .inflight
             .values()
@@ -958,6 +1060,7 @@ impl Queue {
             ack_rate: (ack_rate * 10.0).round() / 10.0,
             credits: self.credits.values().map(|c| (*c).max(0) as u64).sum(),
             workers: self.credits.len() as u64,
+            stray_acks_total: self.counters.stray_acks,
         }
     }
 
@@ -1206,7 +1309,8 @@ mod tests {
         }
 
         fn dispatch(&mut self, now: u64) -> usize {
-            self.q.dispatch(now, 100, &mut self.cache, &mut self.fx)
+            self.q
+                .dispatch(now, 100, false, &mut self.cache, &mut self.fx)
         }
 
         /// Keys the store would write, in order, as a commit takes them.
@@ -1251,22 +1355,58 @@ mod tests {
     fn nothing_goes_out_without_credit() {
         let mut s = queue_with(3);
         assert_eq!(s.dispatch(0), 0);
-        s.q.ready("w", 2, false);
+        s.q.ready("w", 2, false, false);
         assert_eq!(s.dispatch(0), 2);
         assert_eq!(s.q.stats(0).depth, 1);
         assert_eq!(s.q.stats(0).inflight, 2);
     }
 
     #[test]
+    fn a_worker_that_asks_for_directed_delivery_gets_its_tasks_on_its_own_topic() {
+        let mut s = queue_with(3);
+        s.q.ready("w1", 1, false, true);
+        s.dispatch(0);
+        s.q.ready("w2", 1, false, false);
+        s.dispatch(0);
+        let topics: Vec<String> = s.fx.now.drain(..).map(|o| o.topic).collect();
+        assert_eq!(
+            topics,
+            ["axion/p/queue/q/tasks/w1", "axion/p/queue/q/tasks"]
+        );
+        // Every worker, whatever it asked, once the owner directs them all.
+        s.q.ready("w2", 1, false, false);
+        s.q.dispatch(0, 10, true, &mut s.cache, &mut s.fx);
+        assert_eq!(s.fx.now[0].topic, "axion/p/queue/q/tasks/w2");
+    }
+
+    #[test]
+    fn acks_twice_or_from_another_worker_are_counted_and_still_honoured() {
+        let mut s = queue_with(2);
+        s.q.ready("w1", 2, false, true);
+        s.dispatch(0);
+        assert_eq!(s.q.classify_ack("t0", Some("w1"), 0), AckKind::Expected);
+        s.q.ack("t0", &mut s.cache);
+        assert_eq!(s.q.classify_ack("t0", Some("w1"), 0), AckKind::Repeated);
+        assert_eq!(s.q.classify_ack("t1", Some("w2"), 0), AckKind::Foreign);
+        s.q.ack("t1", &mut s.cache);
+        assert_eq!(s.q.classify_ack("nope", None, 0), AckKind::Unknown);
+        let stats = s.q.stats(0);
+        assert_eq!(
+            (stats.stray_acks_total, stats.acked_total, stats.inflight),
+            (2, 2, 0)
+        );
+    }
+
+    #[test]
     fn fail_retries_then_dead_letters() {
         let mut s = queue_with(1);
-        s.q.ready("w", 5, false);
+        s.q.ready("w", 5, false, false);
         s.dispatch(0);
         let (q, cache, fx) = (&mut s.q, &mut s.cache, &mut s.fx);
         q.fail("t0", Some("boom".into()), None, 0, cache, fx);
         assert_eq!(q.stats(0).depth, 1, "backing off");
         q.on_time(100_000, cache, fx);
-        q.dispatch(100_000, 10, cache, fx);
+        q.dispatch(100_000, 10, false, cache, fx);
         q.fail("t0", Some("boom".into()), None, 100_000, cache, fx);
         let stats = q.stats(100_000);
         assert_eq!((stats.depth, stats.inflight, stats.dead), (0, 0, 1));
@@ -1284,7 +1424,7 @@ mod tests {
     #[test]
     fn release_by_other_member_restores_credit_and_attempts() {
         let mut s = queue_with(1);
-        s.q.ready("w", 1, false);
+        s.q.ready("w", 1, false, false);
         s.dispatch(0);
         s.q.release("t0", Some("x"));
         assert_eq!(s.q.stats(0).credits, 1);
@@ -1296,7 +1436,7 @@ mod tests {
     #[test]
     fn a_task_finished_before_the_commit_never_reaches_the_store() {
         let mut s = queue_with(2);
-        s.q.ready("w", 2, false);
+        s.q.ready("w", 2, false, false);
         s.dispatch(0);
         s.q.ack("t0", &mut s.cache);
         assert_eq!(
@@ -1322,7 +1462,7 @@ mod tests {
     #[test]
     fn lost_worker_tasks_go_back_at_once() {
         let mut s = queue_with(2);
-        s.q.ready("w", 2, false);
+        s.q.ready("w", 2, false, false);
         s.dispatch(0);
         assert_eq!(s.q.worker_gone("w", 1, &mut s.cache, &mut s.fx), 2);
         let stats = s.q.stats(1);
@@ -1344,7 +1484,7 @@ mod tests {
         s.cache.committed();
         s.cache.trim();
         assert_eq!(s.cache.bytes(), 4);
-        s.q.ready("w", 10, false);
+        s.q.ready("w", 10, false, false);
         assert!(s.q.waits_for_bodies(&s.cache));
         assert_eq!(s.dispatch(0), 0, "the head is not in the cache");
         let unread = s.q.unread_head(&s.cache, 4, 10);
@@ -1379,7 +1519,7 @@ mod tests {
         s.enqueue("t", 1);
         s.taken();
         s.cache.committed();
-        s.q.ready("w", 1, false);
+        s.q.ready("w", 1, false, false);
         s.dispatch(0);
         s.cache.trim();
         s.q.dead_letter("t", "poison".into(), &mut s.cache, &mut s.fx);
@@ -1425,7 +1565,7 @@ mod tests {
             "{}",
             refused.message("q")
         );
-        s.q.ready("w", 1, false);
+        s.q.ready("w", 1, false, false);
         s.dispatch(0);
         s.q.report_refusals(1, false);
         assert!(s.q.refusing.is_some(), "no room yet");

@@ -160,6 +160,10 @@ pub struct Counters {
     /// Enqueues refused at the queue's depth or byte limit.
     #[serde(default)]
     pub refused: u64,
+    /// Acks for a task already acked or handed to another worker
+    /// (`Stats::stray_acks_total`).
+    #[serde(default)]
+    pub stray_acks: u64,
 }
 
 /// One change to the store.
@@ -522,6 +526,7 @@ mod tests {
                             acked: 1,
                             failed: 0,
                             refused: 2,
+                            stray_acks: 4,
                         },
                     },
                 ])

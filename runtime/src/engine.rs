@@ -70,10 +70,18 @@ pub(crate) struct Plan {
     /// (event type as given, its MQTT filter, handler)
     pub events: Vec<(String, String, EventHandler)>,
     pub limits: Limits,
+    /// Take tasks on this worker's own topic on every node (see
+    /// `Service::directed_delivery`); otherwise only on a node without
+    /// shared subscriptions.
+    pub directed: bool,
 }
 
 enum Inbound {
-    Connected,
+    /// Connected to a node; `shared`: it offers shared subscriptions (its
+    /// CONNACK did not say `SharedSubscriptionAvailable = 0`).
+    Connected {
+        shared: bool,
+    },
     Disconnected,
     Publish(Box<rumqttc::v5::mqttbytes::v5::Publish>),
 }
@@ -235,11 +243,16 @@ async fn poll_loop(
     let give_up_after = failover.refusals_before_giving_up();
     loop {
         match eventloop.poll().await {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 failover.connected();
                 vitals.set_connected(true);
-                tracing::info!(broker = %failover.current(), "connected to the broker");
-                if tx.send(Inbound::Connected).await.is_err() {
+                let shared = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.shared_subscription_available)
+                    != Some(0);
+                tracing::info!(broker = %failover.current(), shared_subscriptions = shared, "connected to the broker");
+                if tx.send(Inbound::Connected { shared }).await.is_err() {
                     return None;
                 }
             }
@@ -308,8 +321,11 @@ struct Core {
     done_tx: mpsc::Sender<Done>,
     connected: bool,
     drain_deadline: Option<Instant>,
-    /// `axion/<pkg>/queue/<q>/tasks` → queue name.
+    /// `axion/<pkg>/queue/<q>/tasks` and `…/tasks/<worker>` → queue name.
     task_topics: HashMap<String, String>,
+    /// Tasks come on this worker's own topic (directed delivery) rather
+    /// than through the shared subscription, on the node connected now.
+    directed: bool,
     handlers: HashMap<String, TaskHandler>,
     announce_topic: String,
     waiting: VecDeque<Job>,
@@ -337,11 +353,20 @@ impl Core {
         let task_topics = plan
             .queues
             .iter()
-            .map(|(q, _)| (topics::queue(&plan.package, q, "tasks"), q.clone()))
+            .flat_map(|(q, _)| {
+                [
+                    (topics::queue(&plan.package, q, "tasks"), q.clone()),
+                    (
+                        topics::queue_tasks_directed(&plan.package, q, &plan.client_id),
+                        q.clone(),
+                    ),
+                ]
+            })
             .collect();
         let handlers = plan.queues.iter().cloned().collect();
         let outstanding = plan.queues.iter().map(|(q, _)| (q.clone(), 0)).collect();
         let outbox_cap = 4 * (plan.limits.max_queue + plan.limits.max_inflight) + 1024;
+        let directed = plan.directed;
         Self {
             announce_topic: topics::announce(&plan.package),
             plan,
@@ -351,6 +376,7 @@ impl Core {
             done_tx,
             connected: false,
             drain_deadline: None,
+            directed,
             task_topics,
             handlers,
             waiting: VecDeque::new(),
@@ -383,8 +409,22 @@ impl Core {
 
     fn on_inbound(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Connected => {
+            Inbound::Connected { shared } => {
                 self.connected = true;
+                let directed = self.plan.directed || !shared;
+                if directed != self.directed {
+                    tracing::info!(
+                        directed_delivery = directed,
+                        shared_subscriptions = shared,
+                        "task delivery changes with this node: tasks come on {}",
+                        if directed {
+                            "this worker's own topic"
+                        } else {
+                            "the shared subscription"
+                        }
+                    );
+                }
+                self.directed = directed;
                 // A clean session: subscriptions first, then fresh credit.
                 self.outbox.retain(|o| {
                     !matches!(o, Out::Publish { credit: true, .. } | Out::Subscribe(_))
@@ -403,10 +443,12 @@ impl Core {
             .queues
             .iter()
             .map(|(q, _)| {
-                Filter::new(
-                    topics::queue_tasks_shared(&self.plan.package, q),
-                    QoS::AtLeastOnce,
-                )
+                let filter = if self.directed {
+                    topics::queue_tasks_directed(&self.plan.package, q, &self.plan.client_id)
+                } else {
+                    topics::queue_tasks_shared(&self.plan.package, q)
+                };
+                Filter::new(filter, QoS::AtLeastOnce)
             })
             .collect();
         filters.extend(
@@ -634,7 +676,14 @@ impl Core {
                 }
                 match outcome {
                     Outcome::Finished(Ok(result)) => {
-                        self.task_message(&queue, "ack", TaskRef::task(id.as_str()));
+                        // Named, so the owner can tell an ack of a task
+                        // handed to another worker (a broker's copy).
+                        let me = self.plan.client_id.as_str();
+                        self.task_message(
+                            &queue,
+                            "ack",
+                            TaskRef::task(id.as_str()).with_worker(me),
+                        );
                         if let Some(reply) = &run.reply {
                             self.reply(reply, result);
                         }
@@ -736,6 +785,7 @@ impl Core {
     }
 
     fn credit(&mut self, queue: &str, body: Ready) {
+        let body = body.directed(self.directed);
         self.outbox.push_back(Out::Publish {
             topic: topics::queue(&self.plan.package, queue, "ready"),
             body: encode(&body),

@@ -131,7 +131,8 @@ impl RuntimeError {
 ///
 /// Unset values come from the environment: `AXION_MQTT_URL` (and
 /// `AXION_MQTT_USER`/`AXION_MQTT_PASSWORD`), `AXION_PACKAGE`, `HEALTH_LISTEN`,
-/// `AXION_PORTS_FILE` and the [`Limits`] variables.
+/// `AXION_PORTS_FILE`, `AXION_DIRECTED_DELIVERY` and the [`Limits`]
+/// variables.
 pub struct Service {
     name: String,
     package: Option<String>,
@@ -141,6 +142,7 @@ pub struct Service {
     limits: Option<Limits>,
     health: Option<SocketAddr>,
     ports_file: Option<PathBuf>,
+    directed: Option<bool>,
 }
 
 impl Service {
@@ -154,6 +156,7 @@ impl Service {
             limits: None,
             health: None,
             ports_file: None,
+            directed: None,
         }
     }
 
@@ -216,6 +219,15 @@ impl Service {
         self
     }
 
+    /// Takes tasks on this instance's own topic (`…/tasks/<worker>`)
+    /// instead of the queue's shared subscription, for a broker without
+    /// shared subscriptions. The runtime switches by itself when the
+    /// broker's CONNACK says it has none; this forces it everywhere.
+    pub fn directed_delivery(mut self, directed: bool) -> Self {
+        self.directed = Some(directed);
+        self
+    }
+
     /// Runs until SIGTERM/SIGINT (returns 0 after draining) or a failure:
     /// the watchdog exits the process itself with 70 or 71; a configuration
     /// error returns 78.
@@ -257,6 +269,10 @@ impl Service {
         let limits = match self.limits {
             Some(l) => l,
             None => Limits::from_env()?,
+        };
+        let directed = match self.directed {
+            Some(d) => d,
+            None => env_flag("AXION_DIRECTED_DELIVERY")?,
         };
         limits.validate()?;
         let health = match self.health {
@@ -325,6 +341,7 @@ impl Service {
             queues: self.queues,
             events,
             limits,
+            directed,
         };
         engine::run(plan, vitals, beacon).await
     }
@@ -335,6 +352,19 @@ fn env_or(name: &str, default: &str) -> String {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| default.to_string())
+}
+
+/// A switch from the environment: unset, empty, `0` or `false` is off;
+/// `1` or `true` on; anything else a configuration error.
+fn env_flag(name: &'static str) -> Result<bool, RuntimeError> {
+    match std::env::var(name) {
+        Ok(value) => match value.trim().to_ascii_lowercase().as_str() {
+            "" | "0" | "false" => Ok(false),
+            "1" | "true" => Ok(true),
+            _ => Err(RuntimeError::Env { name, value }),
+        },
+        Err(_) => Ok(false),
+    }
 }
 
 fn validate_event_type(t: &str) -> Result<(), RuntimeError> {

@@ -104,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         alarms: true,
         client_prefix: "monitor",
         stale_after: Duration::from_secs(args.stale_secs),
+        announce: true,
     };
     let broker = args.mqtt.clone().with_env_credentials();
     let watcher = {

@@ -38,7 +38,7 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Sub {
-    /// Every queue: depth, bytes, in flight, dead, rates, oldest waiting task, enqueues refused at its limits (from the retained stats).
+    /// Every queue: depth, bytes, in flight, dead, rates, oldest waiting task, enqueues refused at its limits, stray acks (a task acked twice or by a worker it was not handed to: it ran more than once) (from the retained stats).
     Ls,
     /// One queue: stats, workers and their credit, the first tasks in flight and waiting.
     Show {
@@ -292,7 +292,7 @@ fn size(bytes: u64) -> String {
 fn stats_table(stats: &[Stats]) -> Table {
     let mut t = table(&[
         "QUEUE", "DEPTH", "BYTES", "INFLIGHT", "DEAD", "ENQ/S", "ACK/S", "OLDEST", "WORKERS",
-        "ENQUEUED", "ACKED", "FAILED", "REFUSED",
+        "ENQUEUED", "ACKED", "FAILED", "REFUSED", "STRAY",
     ]);
     for s in stats {
         t.add_row(vec![
@@ -309,6 +309,7 @@ fn stats_table(stats: &[Stats]) -> Table {
             s.acked_total.to_string(),
             s.failed_total.to_string(),
             s.refused_total.to_string(),
+            s.stray_acks_total.to_string(),
         ]);
     }
     t

@@ -45,6 +45,9 @@ pub struct QueueTuning {
     /// Per-queue limits replacing --max-queue-depth and --max-queue-bytes, as QUEUE=DEPTH, QUEUE=DEPTH:BYTES or QUEUE=:BYTES (repeat, or comma-separate in the env var); 0: no limit.
     #[arg(long = "queue-limit", env = "AXION_QUEUE_LIMITS", value_delimiter = ',', value_parser = parse_limit)]
     pub queue_limit: Vec<(String, QueueLimit)>,
+    /// Deliver every task on its worker's own topic (axion/<pkg>/queue/<q>/tasks/<worker>) instead of the shared subscription; for brokers without shared subscriptions (also done at once when the broker's CONNACK says it has none, and per worker when its ready asks).
+    #[arg(long, env = "AXION_DIRECTED_DELIVERY")]
+    pub directed_delivery: bool,
 }
 
 fn parse_override(s: &str) -> Result<(String, u64), String> {
@@ -107,6 +110,7 @@ impl QueueTuning {
         cfg.max_depth = self.max_queue_depth;
         cfg.max_bytes = self.max_queue_bytes;
         cfg.limit_overrides = self.queue_limit.iter().cloned().collect();
+        cfg.directed_delivery = self.directed_delivery;
         cfg
     }
 }

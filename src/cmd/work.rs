@@ -66,6 +66,9 @@ pub struct Args {
     /// The queue owner's ack wait (ms); `progress` goes out every third of it.
     #[arg(long, env = "AXION_QUEUE_ACK_WAIT_MS", default_value_t = 30_000)]
     pub ack_wait_ms: u64,
+    /// Take tasks on this worker's own topic (axion/<pkg>/queue/<q>/tasks/<worker>) instead of the queue's shared subscription, on every node; for brokers without shared subscriptions (the worker also switches by itself on a node whose CONNACK says it has none).
+    #[arg(long, env = "AXION_DIRECTED_DELIVERY")]
+    pub directed_delivery: bool,
     /// Most bytes of a command's stdout taken as its result; more fails the attempt.
     #[arg(long, env = "AXION_WORK_MAX_OUTPUT", default_value_t = 8 << 20)]
     pub max_output: usize,
@@ -102,7 +105,8 @@ async fn work(args: Args) -> i32 {
     let mut service = Service::new(name)
         .package(args.package)
         .mqtt(args.mqtt)
-        .limits(limits);
+        .limits(limits)
+        .directed_delivery(args.directed_delivery);
     if let Some(addr) = args.health_listen {
         service = service.health_listen(addr);
     }

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod ejabberd;
 pub mod mqtt;
 pub mod raw;
 pub mod tls;

@@ -89,6 +89,12 @@ fn null_payload() -> &'static RawValue {
 pub struct Ready {
     #[serde(default = "one")]
     pub credits: u32,
+    /// Deliver this worker's tasks on its own topic,
+    /// `…/tasks/<worker>` (`topics::queue_tasks_directed`), instead of the
+    /// shared one: it is on a broker without shared subscriptions. Absent
+    /// (the older message) means the shared topic.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub directed: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
     pub worker: String,
@@ -103,6 +109,7 @@ impl Ready {
     pub fn more(worker: impl Into<String>, credits: u32) -> Self {
         Self {
             credits,
+            directed: false,
             reset: false,
             worker: worker.into(),
         }
@@ -113,9 +120,16 @@ impl Ready {
     pub fn exactly(worker: impl Into<String>, credits: u32) -> Self {
         Self {
             credits,
+            directed: false,
             reset: true,
             worker: worker.into(),
         }
+    }
+
+    /// Asks for directed delivery (see [`Ready::directed`]) when `directed`.
+    pub fn directed(mut self, directed: bool) -> Self {
+        self.directed = directed;
+        self
     }
 }
 
@@ -208,6 +222,12 @@ pub struct Stats {
     pub credits: u64,
     #[serde(default)]
     pub workers: u64,
+    /// Acks for a task already acked, or from a worker other than the one
+    /// it was handed to: each one means a task ran more than once (a
+    /// bridged or clustered broker delivered a copy, or an ack wait ran
+    /// out on a slow worker).
+    #[serde(default)]
+    pub stray_acks_total: u64,
 }
 
 /// An ops command on `…/cmd`; the reply goes to the MQTT 5 Response Topic
@@ -335,6 +355,12 @@ mod tests {
             text(&Ready::exactly("w", 0)),
             r#"{"credits":0,"reset":true,"worker":"w"}"#
         );
+        assert_eq!(
+            text(&Ready::exactly("w", 3).directed(true)),
+            r#"{"credits":3,"directed":true,"reset":true,"worker":"w"}"#
+        );
+        let old: Ready = serde_json::from_str(r#"{"worker":"w","credits":2}"#).unwrap();
+        assert!(!old.directed && !old.reset);
         let payload = serde_json::value::to_raw_value(&json!({"b": 1, "a": [true]})).unwrap();
         let request = TaskRequest {
             id: Some("n-000000000001".into()),

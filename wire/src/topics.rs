@@ -54,6 +54,12 @@ pub fn announce(package: &str) -> String {
     format!("axion/{package}/cmd/announce")
 }
 
+/// Asks every instance of every package to republish its heartbeat now:
+/// what a fleet-wide reader (`axion monitor` without a package) sends on
+/// connect, so records that only live as retained messages on another
+/// node of a clustered broker are published again where it listens.
+pub const ANNOUNCE_FLEET: &str = "axion/cmd/announce";
+
 /// `axion/<pkg>/event/<t1>/<t2>/…` for the event type `t1.t2.…`.
 pub fn event(package: &str, event_type: &str) -> String {
     format!("axion/{package}/event/{}", event_type.replace('.', "/"))
@@ -72,6 +78,14 @@ pub fn queue_tasks_shared(package: &str, queue_name: &str) -> String {
         "$share/{package}.{queue_name}/{}",
         queue(package, queue_name, "tasks")
     )
+}
+
+/// `axion/<pkg>/queue/<queue>/tasks/<worker>`: where the owner delivers
+/// a worker's tasks when it takes them by directed delivery (a broker
+/// without shared subscriptions). `worker` must be one topic level (see
+/// [`validate_level`]).
+pub fn queue_tasks_directed(package: &str, queue_name: &str, worker: &str) -> String {
+    format!("{}/{worker}", queue(package, queue_name, "tasks"))
 }
 
 #[cfg(test)]
@@ -96,6 +110,10 @@ mod tests {
         assert_eq!(
             queue_tasks_shared("p", "embedding.generate"),
             "$share/p.embedding.generate/axion/p/queue/embedding.generate/tasks"
+        );
+        assert_eq!(
+            queue_tasks_directed("p", "embedding.generate", "w-1"),
+            "axion/p/queue/embedding.generate/tasks/w-1"
         );
         assert_eq!(
             heartbeat("p", "report", "h:1"),

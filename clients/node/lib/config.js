@@ -218,6 +218,8 @@ export function localHostname() {
 export const topics = {
   heartbeat: (pkg, service, instanceId) => `axion/${pkg}/heartbeat/${service}/${instanceId}`,
   announce: (pkg) => `axion/${pkg}/cmd/announce`,
+  /** Asks every instance of every package to republish its heartbeat (`axion monitor` on connect). */
+  announceFleet: 'axion/cmd/announce',
   event: (pkg, eventType) => `axion/${pkg}/event/${eventType.replaceAll('.', '/')}`,
   queue: (pkg, queue, leaf) => `axion/${pkg}/queue/${queue}/${leaf}`,
   /** One shared group per queue: rumqttd keys shared groups by name alone. */

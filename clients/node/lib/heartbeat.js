@@ -206,7 +206,7 @@ export class Heartbeat {
 
   #onConnect() {
     // Clean start: the broker remembers no subscription.
-    this.client.subscribe([this.announceTopic, this.topic], { qos: 1 }, (err) => {
+    this.client.subscribe([this.announceTopic, topics.announceFleet, this.topic], { qos: 1 }, (err) => {
       if (err) log.warn('heartbeat subscribe failed', { topic: this.topic, error: err.message });
     });
     this.#publish();
@@ -214,7 +214,7 @@ export class Heartbeat {
 
   #onMessage(topic, payload) {
     if (this.stopping) return;
-    if (topic === this.announceTopic || (topic === this.topic && this.#needsCorrection(payload))) {
+    if (topic === this.announceTopic || topic === topics.announceFleet || (topic === this.topic && this.#needsCorrection(payload))) {
       this.#republishSoon();
     }
   }

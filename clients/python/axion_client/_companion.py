@@ -37,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ._beacon import nodelay
-from ._config import MqttUrl
+from ._config import ANNOUNCE_FLEET, MqttUrl
 from ._failover import Failover, point_at
 from ._shared import VitalsReader
 
@@ -280,7 +280,7 @@ class _Companion:
         self.mqtt_down.clear()
         self.mqtt_up.set()
         # Clean start: the broker remembers no subscription.
-        client.subscribe([(self.announce, 1), (self.topic, 1)])
+        client.subscribe([(self.announce, 1), (ANNOUNCE_FLEET, 1), (self.topic, 1)])
         self.publish_now()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -304,7 +304,7 @@ class _Companion:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self.stopping:
             return
-        if msg.topic == self.announce:
+        if msg.topic in (self.announce, ANNOUNCE_FLEET):
             self.publish_soon()
         elif msg.topic == self.topic and self._needs_correction(msg.payload):
             self.publish_soon()

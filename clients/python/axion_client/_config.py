@@ -225,3 +225,8 @@ def queue_tasks_shared(package: str, queue: str) -> str:
 def announce_topic(package: str) -> str:
     """`axion/<pkg>/cmd/announce`: anyone may ask every instance to republish."""
     return f"axion/{package}/cmd/announce"
+
+
+# Asks every instance of every package to republish its heartbeat (what a
+# fleet-wide reader such as `axion monitor` sends on connect).
+ANNOUNCE_FLEET = "axion/cmd/announce"

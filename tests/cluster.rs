@@ -1,0 +1,290 @@
+//! A fleet on clustered MQTT brokers that are not Axion: two ejabberd
+//! nodes clustered together (no shared subscriptions, so the queue owner
+//! delivers each task on its worker's own topic), and two Mosquitto
+//! brokers bridged to each other. Every task must be done once, or the
+//! owner must count the extra runs; the monitor on one node must see the
+//! instances connected to the other; killing a node moves everyone to the
+//! one left.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ejabberd::Cluster;
+use common::{axion_bin, Proc};
+use serde_json::Value;
+
+const PKG: &str = "cl";
+const QUEUE: &str = "jobs";
+
+fn spawn_owner(mqtt: &str, dir: &Path, extra: &[&str]) -> Proc {
+    common::spawn_axion(
+        "axion queues",
+        Command::new(axion_bin())
+            .args(["queues", "--mqtt", mqtt, "--package", PKG, "--data-dir"])
+            .arg(dir)
+            .args(extra),
+    )
+}
+
+/// `axion work` whose command appends a line to a file named for each task
+/// it runs in `done`: a file with two lines is a task run twice.
+fn spawn_work(mqtt: &str, done: &Path, extra: &[&str]) -> common::Listening {
+    common::spawn_listening(
+        "axion work",
+        Command::new(axion_bin())
+            .args(["work", "--mqtt", mqtt, "--package", PKG, "--queue", QUEUE])
+            .args(["--health-listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--")
+            .args([
+                "sh",
+                "-c",
+                "cat > /dev/null; echo run >> \"$DONE/$AXION_TASK_ID\"; echo ok",
+            ])
+            .env("DONE", done),
+    )
+}
+
+/// `axion queue enqueue` of each id in turn, each retried until the owner
+/// confirms it on disk (a confirmed task must never be lost).
+fn produce(mqtt: String, ids: Vec<String>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for id in ids {
+            common::wait_until(Duration::from_secs(30), "the enqueue confirmed", || {
+                let out = Command::new(axion_bin())
+                    .args(["queue", "--mqtt", &mqtt, "--package", PKG, "enqueue", QUEUE])
+                    .args(["--payload", "{\"n\":1}", "--id", &id])
+                    .env("RUST_LOG", "error")
+                    .stdout(Stdio::null())
+                    .output()
+                    .expect("run axion queue enqueue");
+                out.status.success().then_some(())
+            });
+        }
+    })
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+/// How often each task ran, once every id in `ids` ran at least once.
+fn wait_all_done(done: &Path, ids: &[String], within: Duration) -> Vec<(String, usize)> {
+    common::wait_until(within, "every task done", || {
+        ids.iter()
+            .map(|id| {
+                let runs = std::fs::read_to_string(done.join(id)).ok()?.lines().count();
+                Some((id.clone(), runs))
+            })
+            .collect::<Option<Vec<_>>>()
+    })
+}
+
+/// The queue's stats as the owner's retained record says on `mqtt`.
+fn stats(mqtt: &str) -> Option<Value> {
+    let out = Command::new(axion_bin())
+        .args(["queue", "--mqtt", mqtt, "--package", PKG, "ls", "--json"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run axion queue ls");
+    let all: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+    all.into_iter().find(|s| s["queue"] == QUEUE)
+}
+
+/// Services online in `axion monitor --once` on `mqtt`, as
+/// `service/instance` ids.
+fn online(mqtt: &str) -> Vec<String> {
+    let mut rows: Vec<String> = common::monitor_json(mqtt, &["--package", PKG])
+        .into_iter()
+        .filter(|r| r["state"] == "online")
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["service"].as_str().unwrap_or(""),
+                r["instance_id"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
+    let started = Instant::now();
+    let cluster = Cluster::start(2);
+    let [a, b] = [cluster.urls()[0].clone(), cluster.urls()[1].clone()];
+    let (ab, ba) = (format!("{a},{b}"), format!("{b},{a}"));
+    let store = tempfile::tempdir().expect("tempdir");
+    let done = tempfile::tempdir().expect("tempdir");
+    // The owner on node A; a worker on each node. Nothing is told about
+    // shared subscriptions: ejabberd's CONNACK says it has none.
+    let _owner = spawn_owner(&ab, store.path(), &["--ack-wait-ms", "5000"]);
+    let mut on_a = spawn_work(&ab, done.path(), &[]);
+    let mut on_b = spawn_work(&ba, done.path(), &[]);
+    eprintln!("cluster and fleet up after {:?}", started.elapsed());
+
+    // Producers on both nodes.
+    let first: Vec<String> = ids("a", 15).into_iter().chain(ids("b", 15)).collect();
+    let p1 = produce(ab.clone(), first[..15].to_vec());
+    let p2 = produce(ba.clone(), first[15..].to_vec());
+    p1.join().expect("producer on A");
+    p2.join().expect("producer on B");
+    let runs = wait_all_done(done.path(), &first, Duration::from_secs(30));
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "tasks not run exactly once: {twice:?}");
+
+    // The monitor on node B sees the owner and both workers, wherever
+    // they are connected.
+    let expected = 3;
+    let seen = common::wait_until(
+        Duration::from_secs(10),
+        "every instance on B's monitor",
+        || {
+            let rows = online(&b);
+            (rows.len() >= expected).then_some(rows)
+        },
+    );
+    eprintln!("monitor on B: {seen:?}");
+    assert!(
+        seen.iter().filter(|r| r.starts_with("work-jobs/")).count() == 2,
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|r| r.starts_with("queues/")), "{seen:?}");
+
+    // Node A dies: everyone moves to B, and what producers get confirmed
+    // from now on is done as well.
+    cluster.nodes[0].proc.signal(9);
+    let killed = Instant::now();
+    let second: Vec<String> = ids("c", 10).into_iter().chain(ids("d", 10)).collect();
+    let p1 = produce(ab.clone(), second[..10].to_vec());
+    let p2 = produce(ba.clone(), second[10..].to_vec());
+    p1.join().expect("producer on A then B");
+    p2.join().expect("producer on B");
+    let runs = wait_all_done(done.path(), &second, Duration::from_secs(30));
+    eprintln!("after the kill, every task done in {:?}", killed.elapsed());
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "tasks not run exactly once: {twice:?}");
+    for (what, work) in [
+        ("the worker on A", &mut on_a),
+        ("the worker on B", &mut on_b),
+    ] {
+        assert!(
+            work.proc.child.try_wait().expect("try_wait").is_none(),
+            "{what} exited; node B log: {}",
+            cluster.nodes[1].log()
+        );
+    }
+    let stats = common::wait_until(Duration::from_secs(10), "the queue's stats on B", || {
+        stats(&b).filter(|s| s["acked_total"] == 50)
+    });
+    assert_eq!(stats["stray_acks_total"], 0, "{stats}");
+    eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// Two Mosquitto brokers bridged to each other (`axion/#` both ways, over
+/// MQTT 5 so Response Topics cross), as (A, B).
+fn bridged_mosquittos(dir: &Path) -> (Proc, u16, Proc, u16) {
+    let start = |name: &str, port: u16, extra: &str| {
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto (scripts/setup.sh installs it)");
+        let mut proc = Proc {
+            child,
+            name: format!("mosquitto {name}"),
+        };
+        assert!(
+            common::listens_while_running(&mut proc, port, Duration::from_secs(10)),
+            "mosquitto {name} exited before listening on {port}"
+        );
+        proc
+    };
+    let (pa, pb) = (
+        common::port_known_in_advance(),
+        common::port_known_in_advance(),
+    );
+    let a = start("a", pa, "");
+    let b = start(
+        "b",
+        pb,
+        &format!(
+            "connection to-a\naddress 127.0.0.1:{pa}\nbridge_protocol_version mqttv50\n\
+             topic axion/# both 1\ncleansession true\ntry_private true\n"
+        ),
+    );
+    (a, pa, b, pb)
+}
+
+/// Owner on A, a worker on each broker (taking tasks as `worker_flags`
+/// say), producers on both: how often each task ran, and the owner's stats
+/// once every task is acked.
+fn run_on_bridged_pair(worker_flags: &[&str]) -> (Vec<(String, usize)>, Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ma, pa, _mb, pb) = bridged_mosquittos(dir.path());
+    let (a, b) = (
+        format!("mqtt://127.0.0.1:{pa}"),
+        format!("mqtt://127.0.0.1:{pb}"),
+    );
+    let store = tempfile::tempdir().expect("tempdir");
+    let done = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&a, store.path(), &["--ack-wait-ms", "5000"]);
+    let _on_a = spawn_work(&a, done.path(), worker_flags);
+    let _on_b = spawn_work(&b, done.path(), worker_flags);
+    let all: Vec<String> = ids("a", 15).into_iter().chain(ids("b", 15)).collect();
+    let p1 = produce(a.clone(), all[..15].to_vec());
+    let p2 = produce(b.clone(), all[15..].to_vec());
+    p1.join().expect("producer on A");
+    p2.join().expect("producer on B");
+    let runs = wait_all_done(done.path(), &all, Duration::from_secs(30));
+    let settled = common::wait_until(Duration::from_secs(20), "every task acked", || {
+        stats(&a).filter(|s| s["acked_total"] == 30 && s["inflight"] == 0 && s["depth"] == 0)
+    });
+    // Late copies finish too before the runs are counted again.
+    std::thread::sleep(Duration::from_millis(500));
+    let runs = runs
+        .into_iter()
+        .map(|(id, _)| {
+            let n = std::fs::read_to_string(done.path().join(&id))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            (id, n)
+        })
+        .collect();
+    (runs, stats(&a).unwrap_or(settled))
+}
+
+#[test]
+fn bridged_mosquittos_with_directed_delivery_run_each_task_once() {
+    let (runs, stats) = run_on_bridged_pair(&["--directed-delivery"]);
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "tasks not run exactly once: {twice:?}");
+    assert_eq!(stats["stray_acks_total"], 0, "{stats}");
+}
+
+#[test]
+fn bridged_mosquittos_with_shared_subscriptions_count_every_extra_run() {
+    // Each broker's shared group gets its own copy of every task: the
+    // owner must say so, never stay silent.
+    let (runs, stats) = run_on_bridged_pair(&[]);
+    let extra: usize = runs.iter().map(|(_, n)| n.saturating_sub(1)).sum();
+    eprintln!("extra runs: {extra}, owner's stats: {stats}");
+    let stray = stats["stray_acks_total"].as_u64().unwrap_or(0);
+    if extra > 0 {
+        assert!(stray > 0, "{extra} extra runs, none counted: {stats}");
+    } else {
+        assert_eq!(stray, 0, "{stats}");
+    }
+}
