@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ejabberd::Cluster;
+use axion_bench::ejabberd::Cluster;
 use common::{axion_bin, Proc};
 use serde_json::Value;
 
@@ -115,7 +115,7 @@ fn online(mqtt: &str) -> Vec<String> {
 #[test]
 fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     let started = Instant::now();
-    let cluster = Cluster::start(2);
+    let cluster = Cluster::start(2).expect("ejabberd cluster");
     let [a, b] = [cluster.urls()[0].clone(), cluster.urls()[1].clone()];
     let (ab, ba) = (format!("{a},{b}"), format!("{b},{a}"));
     let store = tempfile::tempdir().expect("tempdir");
@@ -157,7 +157,7 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
 
     // Node A dies: everyone moves to B, and what producers get confirmed
     // from now on is done as well.
-    cluster.nodes[0].proc.signal(9);
+    cluster.nodes[0].signal(9).expect("kill node A");
     let killed = Instant::now();
     let second: Vec<String> = ids("c", 10).into_iter().chain(ids("d", 10)).collect();
     let p1 = produce(ab.clone(), second[..10].to_vec());
@@ -204,7 +204,7 @@ fn ls(mqtt: &str, owner_wait_ms: &str) -> (Vec<Value>, String) {
 /// node A; `axion queue ls` on A gets them from the owner itself.
 #[test]
 fn queue_ls_on_one_node_gets_the_stats_of_an_owner_on_the_other() {
-    let cluster = Cluster::start(2);
+    let cluster = Cluster::start(2).expect("ejabberd cluster");
     let [a, b] = [cluster.urls()[0].clone(), cluster.urls()[1].clone()];
     let store = tempfile::tempdir().expect("tempdir");
     let _owner = spawn_owner(&b, store.path(), &[]);
