@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ejabberd::Cluster;
+use axion_bench::ejabberd::Cluster;
 use common::{axion_bin, Proc};
 use serde_json::Value;
 
@@ -115,7 +115,7 @@ fn online(mqtt: &str) -> Vec<String> {
 #[test]
 fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     let started = Instant::now();
-    let cluster = Cluster::start(2);
+    let cluster = Cluster::start(2).expect("ejabberd cluster");
     let [a, b] = [cluster.urls()[0].clone(), cluster.urls()[1].clone()];
     let (ab, ba) = (format!("{a},{b}"), format!("{b},{a}"));
     let store = tempfile::tempdir().expect("tempdir");
@@ -157,7 +157,7 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
 
     // Node A dies: everyone moves to B, and what producers get confirmed
     // from now on is done as well.
-    cluster.nodes[0].proc.signal(9);
+    cluster.nodes[0].signal(9).expect("kill node A");
     let killed = Instant::now();
     let second: Vec<String> = ids("c", 10).into_iter().chain(ids("d", 10)).collect();
     let p1 = produce(ab.clone(), second[..10].to_vec());
@@ -183,6 +183,57 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     });
     assert_eq!(stats["stray_acks_total"], 0, "{stats}");
     eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// `axion queue ls --json` on `mqtt`, waiting `owner_wait_ms` for the
+/// owner's answer: the listed queues and what it said on stderr.
+fn ls(mqtt: &str, owner_wait_ms: &str) -> (Vec<Value>, String) {
+    let out = Command::new(axion_bin())
+        .args(["queue", "--mqtt", mqtt, "--package", PKG, "ls", "--json"])
+        .args(["--owner-wait-ms", owner_wait_ms])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run axion queue ls");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "axion queue ls failed: {err}");
+    (serde_json::from_slice(&out.stdout).expect("ls json"), err)
+}
+
+/// ejabberd keeps a retained message on the node it was published to, so
+/// the owner's retained stats on node B are not there for a reader on
+/// node A; `axion queue ls` on A gets them from the owner itself.
+#[test]
+fn queue_ls_on_one_node_gets_the_stats_of_an_owner_on_the_other() {
+    let cluster = Cluster::start(2).expect("ejabberd cluster");
+    let [a, b] = [cluster.urls()[0].clone(), cluster.urls()[1].clone()];
+    let store = tempfile::tempdir().expect("tempdir");
+    let _owner = spawn_owner(&b, store.path(), &[]);
+    let queued = ids("q", 4);
+    produce(b.clone(), queued).join().expect("producer on B");
+    // The owner's retained record on B says so within its refresh
+    // interval; A never gets it.
+    common::wait_until(Duration::from_secs(10), "retained stats on B", || {
+        let (listed, _) = ls(&b, "0");
+        listed
+            .iter()
+            .any(|s| s["queue"] == QUEUE && s["depth"] == 4)
+            .then_some(())
+    });
+    let (retained_on_a, err) = ls(&a, "0");
+    assert!(err.contains("no queue owner answered"), "{err}");
+    assert!(
+        retained_on_a.iter().all(|s| s["queue"] != QUEUE),
+        "node A holds the retained stats after all, so this test proves nothing: {retained_on_a:?}"
+    );
+
+    let (listed, err) = ls(&a, "5000");
+    assert!(!err.contains("no queue owner answered"), "{err}");
+    let jobs = listed.iter().find(|s| s["queue"] == QUEUE);
+    assert_eq!(
+        jobs.map(|s| (s["depth"].clone(), s["enqueued_total"].clone())),
+        Some((Value::from(4), Value::from(4))),
+        "{listed:?}"
+    );
 }
 
 /// Two Mosquitto brokers bridged to each other (`axion/#` both ways, over

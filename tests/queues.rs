@@ -338,6 +338,110 @@ fn cli(url: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `axion queue …` with its status, stdout and stderr.
+fn cli_output(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(axion_bin())
+        .args(["queue", "--mqtt", url, "--package", PKG])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run axion queue");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What the owner's answer and the retained record must agree on (rates
+/// and the timestamp move between the two).
+fn counts(stats: &axion_wire::queue::Stats) -> [u64; 7] {
+    [
+        stats.depth,
+        stats.inflight,
+        stats.dead,
+        stats.bytes,
+        stats.enqueued_total,
+        stats.acked_total,
+        stats.stray_acks_total,
+    ]
+}
+
+/// `axion queue ls` asks the owner, which answers at once with what its
+/// retained records say once they are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_ls_gets_every_queue_from_the_owner() {
+    let setup = Setup::start(&[]).await;
+    let url = setup.url();
+    let mut c = ops(&url).await;
+    for (queue, n) in [("ls-a", 3), ("ls-b", 5)] {
+        for i in 0..n {
+            enqueue(&mut c, queue, json!({ "payload": { "n": i } })).await;
+        }
+    }
+    let (ok, out, err) = cli_output(&url, &["ls", "--json"]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("no queue owner answered"), "{err}");
+    let listed: Vec<axion_wire::queue::Stats> = serde_json::from_str(&out).expect("ls json");
+    let depths: Vec<(&str, u64)> = listed.iter().map(|s| (s.queue.as_str(), s.depth)).collect();
+    assert_eq!(depths, [("ls-a", 3), ("ls-b", 5)], "{out}");
+
+    let answer = c.list(Duration::from_secs(5)).await.expect("owner's list");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retained = loop {
+        let all = c
+            .all_stats(Duration::from_millis(300))
+            .await
+            .expect("retained");
+        if all.len() == answer.len() && all.iter().zip(&answer).all(|(r, a)| counts(r) == counts(a))
+        {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained {all:?} never matched the owner's {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let names: Vec<&str> = retained.iter().map(|s| s.queue.as_str()).collect();
+    assert_eq!(names, ["ls-a", "ls-b"]);
+}
+
+/// With no owner to answer, `axion queue ls` shows the retained stats and
+/// says on stderr that it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_queue_ls_without_an_owner_reads_the_retained_stats() {
+    let mut setup = Setup::standalone(&[]).await;
+    let url = setup.url();
+    let mut c = ops(&url).await;
+    for i in 0..4 {
+        enqueue(&mut c, "orphan", json!({ "payload": { "n": i } })).await;
+    }
+    // The retained record catches up within its refresh interval; the
+    // owner's own answer, which would say 4 at once, is not waited for.
+    common::wait_until(Duration::from_secs(10), "retained depth 4", || {
+        let (_, out, _) = cli_output(&url, &["ls", "--json", "--owner-wait-ms", "0"]);
+        let v: Value = serde_json::from_str(&out).ok()?;
+        (v[0]["depth"] == 4).then_some(())
+    });
+    let Setup::Standalone { owner, .. } = &mut setup else {
+        unreachable!("a standalone setup")
+    };
+    // A crash: the retained stats stay on the broker, nobody answers.
+    owner.signal(9);
+    owner.wait_exit(Duration::from_secs(10));
+    let (ok, out, err) = cli_output(&url, &["ls", "--json", "--owner-wait-ms", "300"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("no queue owner answered"), "{err}");
+    let v: Value = serde_json::from_str(&out).expect("ls json");
+    assert_eq!(
+        (v[0]["queue"].as_str(), v[0]["depth"].as_u64()),
+        (Some("orphan"), Some(4)),
+        "{out}"
+    );
+}
+
 /// An operator's `mosquitto_sub` sees a task's whole life on the queue
 /// topics: the enqueue, the worker's credit, the delivery and the ack
 /// (inside `axion serve` the owner takes its copy of the inbound ones

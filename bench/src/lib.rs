@@ -1,9 +1,11 @@
 //! What `axion-bench` shares with the tests: a load that a test also runs
 //! at a small scale, so that the benchmark's client and its checks keep
 //! working between benchmark runs (`tests/queues.rs` runs [`queue_load`]
-//! with a few hundred tasks), and the process figures read from /proc.
+//! with a few hundred tasks), the ejabberd cluster both the cluster tests
+//! and `--cluster` run on, and the process figures read from /proc.
 
 pub mod batched;
+pub mod ejabberd;
 pub mod queue_load;
 
 /// utime + stime of a process, in seconds (0 once it is gone).

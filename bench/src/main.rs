@@ -24,6 +24,9 @@
 //! `--queues` instead measures the durable work queues beside NATS
 //! JetStream: see [`queues`].
 //!
+//! `--cluster` instead measures durable tasks end to end on two clustered
+//! ejabberd nodes beside one `axion serve`: see [`cluster`].
+//!
 //! `--bridge` and `--bridge-queue` instead measure the legacy WebSocket
 //! protocol through the bridge beside the legacy Node broker: see
 //! [`bridge`].
@@ -34,6 +37,7 @@
 mod acl;
 mod bridge;
 mod churn;
+mod cluster;
 mod persistence;
 mod queues;
 mod soak;
@@ -133,8 +137,13 @@ struct Args {
     /// worker, latency at 2 000 tasks/s, server CPU per task.
     #[arg(long, env = "BENCH_QUEUES")]
     queues: bool,
-    /// Tasks per flat-out run of --queues and --bridge-queue (half as many
-    /// at 2 000/s).
+    /// Instead of throughput, durable tasks end to end (one producer, two
+    /// workers) on two clustered ejabberd nodes with `axion queues`, beside
+    /// one `axion serve`.
+    #[arg(long, env = "BENCH_CLUSTER")]
+    cluster: bool,
+    /// Tasks per flat-out run of --queues, --cluster and --bridge-queue
+    /// (half as many at 2 000/s).
     #[arg(long, env = "BENCH_TASKS", default_value_t = 20_000)]
     tasks: usize,
     /// Also with --queues: `axion queues` beside Mosquitto.
@@ -710,6 +719,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.queues {
         return queues::run(&args);
+    }
+    if args.cluster {
+        return cluster::run(&args);
     }
     if args.bridge {
         return bridge::run_events(&args);

@@ -151,7 +151,7 @@ pub async fn run(url: &MqttUrl, package: &str, pids: &[u32], n: usize) -> anyhow
     };
 
     // 2. End to end with one worker: enqueue → deliver → ack.
-    let mut worker = BenchWorker::start(url, package, "bench-e2e").await?;
+    let mut worker = BenchWorker::start(url, package, "bench-e2e", "bench-worker", false).await?;
     let cpu0 = cpu_secs_of(pids);
     let start = Instant::now();
     tokio::spawn(producer.enqueue_all("bench-e2e", n, 0));
@@ -274,15 +274,16 @@ struct BenchTask<'a> {
     payload: Stamp,
 }
 
-/// The load's worker on a [`Batched`] connection: the only member of its
-/// queue's group, it keeps every task, acks each one as it comes and
-/// announces [`Self::TOP_UP`] credits at a time, [`Self::CREDITS`] at most
-/// outstanding.
+/// The load's worker on a [`Batched`] connection: it keeps every task it
+/// gets (on its queue's shared subscription, or its own topic by directed
+/// delivery), acks each one as it comes and announces [`Self::TOP_UP`]
+/// credits at a time, [`Self::CREDITS`] at most outstanding.
 struct BenchWorker {
     client: Batched,
     id: String,
     ack_topic: Bytes,
     ready_topic: Bytes,
+    directed: bool,
     /// Credit used since it was last announced.
     used: u32,
 }
@@ -291,12 +292,21 @@ impl BenchWorker {
     const CREDITS: u32 = 256;
     const TOP_UP: u32 = 64;
 
-    async fn start(url: &MqttUrl, package: &str, queue: &str) -> anyhow::Result<BenchWorker> {
-        let id = "bench-worker".to_string();
+    async fn start(
+        url: &MqttUrl,
+        package: &str,
+        queue: &str,
+        id: &str,
+        directed: bool,
+    ) -> anyhow::Result<BenchWorker> {
+        let id = id.to_string();
         let mut client = Batched::connect(url, &id).await?;
-        client
-            .subscribe(&topics::queue_tasks_shared(package, queue))
-            .await?;
+        let tasks = if directed {
+            topics::queue_tasks_directed(package, queue, &id)
+        } else {
+            topics::queue_tasks_shared(package, queue)
+        };
+        client.subscribe(&tasks).await?;
         client.subscribe(&topics::announce(package)).await?;
         let leaf = |leaf: &str| Bytes::from(topics::queue(package, queue, leaf));
         let w = BenchWorker {
@@ -304,6 +314,7 @@ impl BenchWorker {
             id,
             ack_topic: leaf("ack"),
             ready_topic: leaf("ready"),
+            directed,
             used: 0,
         };
         w.ready(Ready::more(&w.id, Self::CREDITS))?;
@@ -311,11 +322,34 @@ impl BenchWorker {
     }
 
     fn ready(&self, ready: Ready) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&ready)?;
+        let body = serde_json::to_vec(&ready.directed(self.directed))?;
         self.client
             .publisher
             .publish(self.ready_topic.clone(), body.into(), None);
         Ok(())
+    }
+
+    /// Acks a task and tops up credit; the task's id and enqueue time, or
+    /// none for the owner's announce (answered with fresh credit).
+    fn take(
+        &mut self,
+        p: &rumqttc::v5::mqttbytes::v5::Publish,
+    ) -> anyhow::Result<Option<(String, u64)>> {
+        if p.topic.ends_with(b"/cmd/announce") {
+            self.ready(Ready::exactly(&self.id, Self::CREDITS - self.used))?;
+            return Ok(None);
+        }
+        let task: BenchTask = serde_json::from_slice(&p.payload).context("task JSON")?;
+        let ack = serde_json::to_vec(&TaskRef::task(task.id.as_ref()).with_worker(&self.id))?;
+        self.client
+            .publisher
+            .publish(self.ack_topic.clone(), ack.into(), None);
+        self.used += 1;
+        if self.used == Self::TOP_UP {
+            self.ready(Ready::more(&self.id, Self::TOP_UP))?;
+            self.used = 0;
+        }
+        Ok(Some((task.id.into_owned(), task.payload.t)))
     }
 
     /// Works until `n` distinct tasks are done; returns each one's enqueue
@@ -330,28 +364,137 @@ impl BenchWorker {
                 .await
                 .with_context(|| format!("{} of {n} tasks, then none for 60 s", seen.len()))?
                 .context("the worker's connection closed")?;
-            if p.topic.ends_with(b"/cmd/announce") {
-                self.ready(Ready::exactly(&self.id, Self::CREDITS - self.used))?;
+            let Some((id, t)) = self.take(&p)? else {
                 continue;
-            }
-            let task: BenchTask = serde_json::from_slice(&p.payload).context("task JSON")?;
-            if seen.insert(task.id.to_string()) {
-                latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(task.payload.t));
+            };
+            if seen.insert(id) {
+                latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(t));
             } else {
                 duplicates += 1;
-            }
-            let ack = serde_json::to_vec(&TaskRef::task(task.id))?;
-            self.client
-                .publisher
-                .publish(self.ack_topic.clone(), ack.into(), None);
-            self.used += 1;
-            if self.used == Self::TOP_UP {
-                self.ready(Ready::more(&self.id, Self::TOP_UP))?;
-                self.used = 0;
             }
         }
         Ok((latencies, duplicates))
     }
+
+    /// Works until the connection closes or `done` is dropped, sending
+    /// each task's id and enqueue time to `done`.
+    async fn serve(mut self, done: mpsc::UnboundedSender<(String, u64)>) -> anyhow::Result<()> {
+        while let Some(p) = self.client.incoming.recv().await {
+            if let Some(task) = self.take(&p)? {
+                if done.send(task).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where each party of [`spread`] connects: a clustered broker's nodes
+/// may differ for each.
+pub struct Spread<'a> {
+    /// The producer's node.
+    pub producer: &'a MqttUrl,
+    /// One worker per entry, on that node.
+    pub workers: &'a [MqttUrl],
+    /// Workers take their tasks on their own topics (a broker without
+    /// shared subscriptions) rather than the shared one.
+    pub directed: bool,
+}
+
+/// End to end (enqueue → deliver → ack) with `n` tasks from one producer
+/// shared by several workers, each on its own node of a clustered broker
+/// if it is one: the figures of phase 2 of [`run`], the workers together.
+/// The owner of `package` must be answering (see [`wait_owner`]); `pids`
+/// are the server's processes, whose CPU is measured. Every task must be
+/// delivered and every ack counted by the owner.
+pub async fn spread(
+    spread: Spread<'_>,
+    package: &str,
+    pids: &[u32],
+    n: usize,
+) -> anyhow::Result<(Phase, usize)> {
+    const QUEUE: &str = "bench-spread";
+    let mut producer = Batched::connect(spread.producer, "bench-producer").await?;
+    let reply = format!("axion/{package}/reply/bench-producer");
+    producer.subscribe(&reply).await?;
+    let Batched {
+        publisher,
+        incoming: mut replies,
+        conn: _producer_conn,
+        ..
+    } = producer;
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let permits = window.clone();
+    tokio::spawn(async move {
+        while replies.recv().await.is_some() {
+            permits.add_permits(1);
+        }
+    });
+    let clock = Instant::now();
+    let producer = Producer {
+        publisher,
+        window,
+        reply,
+        package: package.to_string(),
+        clock,
+    };
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let mut workers = tokio::task::JoinSet::new();
+    for (i, url) in spread.workers.iter().enumerate() {
+        let id = format!("bench-worker-{i}");
+        let worker = BenchWorker::start(url, package, QUEUE, &id, spread.directed).await?;
+        workers.spawn(worker.serve(done_tx.clone()));
+    }
+    drop(done_tx);
+    let cpu0 = cpu_secs_of(pids);
+    let start = Instant::now();
+    tokio::spawn(producer.enqueue_all(QUEUE, n, 0));
+    let mut seen = HashSet::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let mut duplicates = 0;
+    while seen.len() < n {
+        let (id, t) = tokio::time::timeout(Duration::from_secs(60), done.recv())
+            .await
+            .with_context(|| format!("{} of {n} tasks, then none for 60 s", seen.len()))?
+            .context("every worker's connection closed")?;
+        if seen.insert(id) {
+            latencies.push((clock.elapsed().as_micros() as u64).saturating_sub(t));
+        } else {
+            duplicates += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let mut ops = OpsClient::connect(
+        &BrokerUrls::from(spread.producer.clone()),
+        package,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = ops
+            .command(QUEUE, Command::Show { limit: 1 })
+            .await?
+            .stats
+            .context("no stats in the owner's reply")?;
+        if stats.acked_total >= n as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the owner counted {} of {n} acks", stats.acked_total);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ops.disconnect().await;
+    let phase = Phase {
+        tasks: n,
+        secs,
+        latency_ms: Some(percentiles_ms(&mut latencies)),
+        server_cpu: cpu_secs_of(pids) - cpu0,
+    };
+    workers.abort_all();
+    Ok((phase, duplicates))
 }
 
 /// Waits until the `i`-th of a run paced at `rate` per second (from

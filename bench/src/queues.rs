@@ -367,7 +367,7 @@ fn log_round(target: &Target, round: usize, f: &Figures) {
 }
 
 /// The median of `values`, with (min – max) when there are several.
-fn spread(mut values: Vec<f64>, decimals: usize) -> String {
+pub(crate) fn spread(mut values: Vec<f64>, decimals: usize) -> String {
     values.sort_by(f64::total_cmp);
     let median = values[values.len() / 2];
     if values.len() == 1 {
@@ -380,7 +380,7 @@ fn spread(mut values: Vec<f64>, decimals: usize) -> String {
     )
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

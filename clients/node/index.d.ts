@@ -65,6 +65,14 @@ export interface ServiceOptions {
    * topic instead of the pid. Default `HEALTH_LISTEN`, else none.
    */
   healthListen?: string;
+  /**
+   * Take tasks on this worker's own topic (`…/tasks/<worker>`) instead of
+   * the queue's shared subscription, for brokers whose shared
+   * subscriptions do not span the cluster. Default
+   * `AXION_DIRECTED_DELIVERY`; a node whose CONNACK says it has no shared
+   * subscriptions switches on its own.
+   */
+  directedDelivery?: boolean;
 }
 
 export interface EnqueueOptions {

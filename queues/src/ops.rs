@@ -1,5 +1,5 @@
-//! The client side of queue operations, for `axion queue …` and tests: read
-//! the retained stats, send an ops command to the owner and wait for its
+//! The client side of queue operations, for `axion queue …` and tests: ask
+//! the owner for every queue's stats or read the retained ones, send an ops command to the owner and wait for its
 //! reply, enqueue a task and wait for its confirmation. Everything goes over
 //! MQTT, so it works against a remote owner as well as a local one.
 
@@ -14,7 +14,9 @@ use rumqttc::v5::{AsyncClient, Event};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use axion_wire::queue::{Command, CommandReply, CommandRequest, Enqueued, Stats, TaskRequest};
+use axion_wire::queue::{
+    Command, CommandReply, CommandRequest, Enqueued, ListRequest, Stats, TaskRequest,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -201,7 +203,12 @@ impl OpsClient {
 
     /// Publishes `body` to `topic` with a Response Topic and waits for the
     /// reply that carries our correlation data.
-    async fn request(&mut self, topic: String, body: Vec<u8>) -> Result<Bytes, OpsError> {
+    async fn request(
+        &mut self,
+        topic: String,
+        body: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Bytes, OpsError> {
         let reply_topic = format!("axion/{}/reply/{}", self.package, self.client_id);
         self.subscribe(reply_topic.clone()).await?;
         let correlation = Bytes::from(uuid::Uuid::new_v4().to_string());
@@ -213,7 +220,7 @@ impl OpsClient {
         self.client
             .publish_with_properties(topic, QoS::AtLeastOnce, false, body, props)
             .await?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + wait;
         loop {
             match self.next(deadline).await? {
                 Some(Incoming::Publish {
@@ -224,9 +231,28 @@ impl OpsClient {
                     return Ok(payload)
                 }
                 Some(_) => {}
-                None => return Err(OpsError::Timeout(self.timeout)),
+                None => return Err(OpsError::Timeout(wait)),
             }
         }
+    }
+
+    /// Every queue's stats as the owner holds them now, asked on
+    /// `topics::queues_list`; [`OpsError::Timeout`] when no owner answers
+    /// within `wait`. Unlike [`OpsClient::all_stats`] this needs no
+    /// retained message, which a clustered broker may keep on the node
+    /// the owner publishes to only.
+    pub async fn list(&mut self, wait: Duration) -> Result<Vec<Stats>, OpsError> {
+        let body = serde_json::to_vec(&ListRequest::default())?;
+        let reply = self
+            .request(topics::queues_list(&self.package), body, wait)
+            .await?;
+        let reply: CommandReply = serde_json::from_slice(&reply)?;
+        if !reply.ok {
+            return Err(OpsError::Refused(
+                reply.error.unwrap_or_else(|| "refused".into()),
+            ));
+        }
+        Ok(reply.queues)
     }
 
     /// Sends an ops command to the owner of `queue`.
@@ -241,7 +267,11 @@ impl OpsClient {
             reply_to: None,
         })?;
         let reply = self
-            .request(topics::queue(&self.package, queue, "cmd"), body)
+            .request(
+                topics::queue(&self.package, queue, "cmd"),
+                body,
+                self.timeout,
+            )
             .await?;
         let reply: CommandReply = serde_json::from_slice(&reply)?;
         if !reply.ok {
@@ -261,7 +291,11 @@ impl OpsClient {
         topics::validate_level("queue", queue)?;
         let body = serde_json::to_vec(request)?;
         let reply = self
-            .request(topics::queue(&self.package, queue, "enqueue"), body)
+            .request(
+                topics::queue(&self.package, queue, "enqueue"),
+                body,
+                self.timeout,
+            )
             .await?;
         if let Ok(serde_json::Value::Object(map)) =
             serde_json::from_slice::<serde_json::Value>(&reply)

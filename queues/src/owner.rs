@@ -44,7 +44,8 @@ use super::store::{Body, Loaded, Op, Store, StoreError};
 use super::tap::{TapRx, LEAVES};
 use super::{QueueConfig, QueueError};
 use axion_wire::queue::{
-    Command, CommandReply, CommandRequest, Enqueued, Ready, TaskRef, TaskRequest, TaskView,
+    Command, CommandReply, CommandRequest, Enqueued, ListRequest, Ready, TaskRef, TaskRequest,
+    TaskView,
 };
 
 /// Deliveries per queue per pass, so one busy queue does not starve others.
@@ -359,8 +360,9 @@ async fn recv_tap(
     }
 }
 
-/// What the owner subscribes to: its queues' inbound topics, unless a tap
-/// brings them, and every heartbeat of its package (workers that go).
+/// What the owner subscribes to: its queues' inbound topics and the list
+/// request, unless a tap brings them, and every heartbeat of its package
+/// (workers that go).
 fn subscriptions(package: &str, tapped: bool) -> Vec<String> {
     let mut subs: Vec<String> = if tapped {
         Vec::new()
@@ -368,6 +370,7 @@ fn subscriptions(package: &str, tapped: bool) -> Vec<String> {
         LEAVES
             .iter()
             .map(|leaf| topics::queue(package, "+", leaf))
+            .chain([topics::queues_list(package)])
             .collect()
     };
     subs.push(format!("axion/{package}/heartbeat/+/+"));
@@ -673,12 +676,13 @@ impl Core {
             (Some("heartbeat"), Some(service), Some(instance), None) => {
                 self.on_heartbeat(service, instance, &publish.payload);
             }
+            (Some("queues"), Some("cmd"), Some("list"), None) => self.on_list(publish),
             _ => {}
         }
     }
 
-    /// Topics a reply may never go to: the package's queue, heartbeat,
-    /// alarm and command trees, and `$` topics. (Beside the embedded
+    /// Topics a reply may never go to: the package's queue, queues,
+    /// heartbeat, alarm and command trees, and `$` topics. (Beside the embedded
     /// broker the requester's own publish rights are checked as well.)
     fn reserved_reply(&self, topic: &str) -> bool {
         if topic.starts_with('$') {
@@ -687,7 +691,7 @@ impl Core {
         let Some(rest) = topic.strip_prefix(self.prefix.as_str()) else {
             return false;
         };
-        ["queue/", "heartbeat/", "alarm/", "cmd/"]
+        ["queue/", "queues/", "heartbeat/", "alarm/", "cmd/"]
             .iter()
             .any(|tree| rest.starts_with(tree))
     }
@@ -707,7 +711,7 @@ impl Core {
             // that steer Axion itself, whoever asks.
             tracing::warn!(
                 topic,
-                "reply refused: a reply topic may not be one of Axion's own (queue, heartbeat, alarm, cmd)"
+                "reply refused: a reply topic may not be one of Axion's own (queue, queues, heartbeat, alarm, cmd)"
             );
             return None;
         }
@@ -977,6 +981,39 @@ impl Core {
             return;
         };
         self.reply_with_payloads(queue, to, reply, views);
+    }
+
+    /// Answers `axion queue ls`: every queue's stats as they are now, which
+    /// a reader on another node of a cluster may not see retained.
+    fn on_list(&mut self, publish: &Publish) {
+        // An empty body is a request with nothing to add.
+        let request = if publish.payload.is_empty() {
+            Ok(ListRequest::default())
+        } else {
+            serde_json::from_slice::<ListRequest>(&publish.payload)
+        };
+        let (reply, fallback) = match request {
+            Ok(request) => {
+                let now = now_ms();
+                let mut queues: Vec<_> = self.queues.values_mut().map(|q| q.stats(now)).collect();
+                queues.sort_by(|a, b| a.queue.cmp(&b.queue));
+                let reply = CommandReply {
+                    ok: true,
+                    queues,
+                    ..CommandReply::default()
+                };
+                (reply, request.reply_to)
+            }
+            Err(err) => (
+                CommandReply::error(format!("invalid list request: {err}")),
+                None,
+            ),
+        };
+        let Some(to) = self.reply_to(publish, fallback) else {
+            return;
+        };
+        let body = serde_json::to_vec(&reply).unwrap_or_default();
+        self.send_reply(to, body);
     }
 
     /// Sends `reply` with `views` as its tasks, once their payloads are

@@ -73,6 +73,9 @@ const CAPACITY: usize = 4096;
 /// owner's way out (see [`super::outlet`]).
 pub struct Tap {
     prefix: String,
+    /// The package's list request (`topics::queues_list`), outside the
+    /// per-queue tree but the owner's to answer.
+    list: String,
     tx: mpsc::Sender<Copied>,
     pub outlet: Arc<Outlet>,
 }
@@ -102,6 +105,7 @@ pub fn tap(package: &str) -> (Tap, TapRx) {
     let (outlet, outlet_tx) = outlet::outlet(&axion_wire::ids::queue_owner_client(package));
     let tap = Tap {
         prefix: format!("axion/{package}/queue/"),
+        list: axion_wire::topics::queues_list(package),
         tx,
         outlet,
     };
@@ -125,10 +129,12 @@ impl Tap {
         }
     }
 
-    /// True for `axion/<package>/queue/<q>/<leaf>` with a leaf in [`LEAVES`].
+    /// True for `axion/<package>/queue/<q>/<leaf>` with a leaf in
+    /// [`LEAVES`], and for the package's list request.
     pub fn wants(&self, topic: &[u8]) -> bool {
         self.leaf(topic)
             .is_some_and(|leaf| LEAVES.iter().any(|l| l.as_bytes() == leaf))
+            || topic == self.list.as_bytes()
     }
 
     /// True for `axion/<package>/queue/<q>/enqueue`.
@@ -245,6 +251,7 @@ mod tests {
             "axion/p/queue/jobs/enqueue",
             "axion/p/queue/jobs/ack",
             "axion/p/queue/jobs/cmd",
+            "axion/p/queues/cmd/list",
         ] {
             assert!(tap.wants(topic.as_bytes()), "{topic}");
         }
@@ -255,6 +262,8 @@ mod tests {
             "axion/p/queue//enqueue",
             "axion/q/queue/jobs/enqueue",
             "axion/p/heartbeat/svc/h:1",
+            "axion/q/queues/cmd/list",
+            "axion/p/queues/cmd/list/more",
         ] {
             assert!(!tap.wants(topic.as_bytes()), "{topic}");
         }

@@ -1,5 +1,6 @@
 //! `axion queue …`: look at and repair durable queues. Everything goes over
-//! MQTT (retained stats, and request/reply on `…/queue/<q>/cmd` to the owner),
+//! MQTT (request/reply on `…/queues/cmd/list` and `…/queue/<q>/cmd` to the
+//! owner, retained stats when no owner answers),
 //! so it works from any machine that reaches the broker while the owner holds
 //! its store open.
 
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use axion_queues::ops::OpsClient;
+use axion_queues::ops::{OpsClient, OpsError};
 use axion_wire::queue::{Command, Stats, TaskRequest, TaskView};
 use axion_wire::BrokerUrls;
 use comfy_table::{presets::NOTHING, Table};
@@ -38,8 +39,12 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Sub {
-    /// Every queue: depth, bytes, in flight, dead, rates, oldest waiting task, enqueues refused at its limits, stray acks (a task acked twice or by a worker it was not handed to: it ran more than once) (from the retained stats).
-    Ls,
+    /// Every queue: depth, bytes, in flight, dead, rates, oldest waiting task, enqueues refused at its limits, stray acks (a task acked twice or by a worker it was not handed to: it ran more than once). Asks the queue owner; with no answer, reads the retained stats.
+    Ls {
+        /// How long to wait for the owner's answer before reading the retained stats instead, in ms.
+        #[arg(long, env = "AXION_QUEUE_LS_OWNER_WAIT_MS", default_value_t = 1_000)]
+        owner_wait_ms: u64,
+    },
     /// One queue: stats, workers and their credit, the first tasks in flight and waiting.
     Show {
         /// Queue name.
@@ -128,15 +133,30 @@ async fn run_async(args: Args) -> anyhow::Result<ExitCode> {
 async fn execute(client: &mut OpsClient, args: &Args) -> anyhow::Result<ExitCode> {
     let json = args.json;
     match &args.command {
-        Sub::Ls => {
-            let stats = client.all_stats(Duration::from_millis(300)).await?;
+        Sub::Ls { owner_wait_ms } => {
+            let wait = Duration::from_millis(*owner_wait_ms);
+            // The owner's answer holds every queue wherever its retained
+            // stats went; they are the fallback for an owner that is down
+            // (or older than the list request).
+            let (stats, retained) = match client.list(wait).await {
+                Ok(stats) => (stats, false),
+                Err(OpsError::Timeout(_)) => {
+                    eprintln!(
+                        "no queue owner answered within {wait:?}: showing the retained stats, which may be stale or miss queues"
+                    );
+                    (client.all_stats(Duration::from_millis(300)).await?, true)
+                }
+                Err(err) => return Err(err.into()),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
-            } else if stats.is_empty() {
+            } else if stats.is_empty() && retained {
                 println!(
                     "no queues (no retained stats under axion/{}/queue/+/stats)",
                     args.package
                 );
+            } else if stats.is_empty() {
+                println!("no queues (the queue owner holds none)");
             } else {
                 println!("{}", stats_table(&stats));
             }

@@ -8,7 +8,6 @@
 #![allow(dead_code)]
 
 pub mod auth;
-pub mod ejabberd;
 pub mod mqtt;
 pub mod raw;
 pub mod tls;

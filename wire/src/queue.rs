@@ -270,6 +270,18 @@ pub struct CommandRequest {
     pub reply_to: Option<String>,
 }
 
+/// A request on `axion/<pkg>/queues/cmd/list` (`topics::queues_list`)
+/// for every queue's stats. Its body may be empty: the reply goes to the
+/// MQTT 5 Response Topic, or `replyTo` for MQTT 3.1.1 clients, and is a
+/// [`CommandReply`] whose `queues` holds one [`Stats`] per queue, sorted
+/// by name.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
 /// One task as ops tools see it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -315,6 +327,9 @@ pub struct CommandReply {
     /// Tasks moved or removed by retry/purge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Every queue's stats, in the reply to a [`ListRequest`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<Stats>,
 }
 
 impl CommandReply {

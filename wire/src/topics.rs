@@ -71,6 +71,16 @@ pub fn queue(package: &str, queue: &str, leaf: &str) -> String {
     format!("axion/{package}/queue/{queue}/{leaf}")
 }
 
+/// `axion/<pkg>/queues/cmd/list`: asks the queue owner of `package` for
+/// the current stats of every queue it holds. The reply goes to the MQTT 5
+/// Response Topic with its Correlation Data (or the body's `replyTo`), as
+/// for a queue's `…/cmd`; see [`crate::queue::ListRequest`]. It is a
+/// package-level topic because a reader that does not know the queues yet
+/// cannot address one of them.
+pub fn queues_list(package: &str) -> String {
+    format!("axion/{package}/queues/cmd/list")
+}
+
 /// The shared subscription workers use for a queue's tasks. One group name
 /// per queue, because rumqttd keys shared groups by name alone.
 pub fn queue_tasks_shared(package: &str, queue_name: &str) -> String {
@@ -115,6 +125,7 @@ mod tests {
             queue_tasks_directed("p", "embedding.generate", "w-1"),
             "axion/p/queue/embedding.generate/tasks/w-1"
         );
+        assert_eq!(queues_list("p"), "axion/p/queues/cmd/list");
         assert_eq!(
             heartbeat("p", "report", "h:1"),
             "axion/p/heartbeat/report/h:1"

@@ -37,6 +37,18 @@ export function envOr(name, fallback) {
   return v !== undefined && v.trim() !== '' ? v.trim() : fallback;
 }
 
+/**
+ * A yes/no switch from the environment, read as the Rust runtime reads it:
+ * `1`/`true` yes, `0`/`false`, unset or blank no; anything else is a
+ * configuration error.
+ */
+export function envFlag(name) {
+  const v = (process.env[name] ?? '').trim().toLowerCase();
+  if (v === '' || v === '0' || v === 'false') return false;
+  if (v === '1' || v === 'true') return true;
+  throw new ConfigError(`environment variable ${name}=${JSON.stringify(v)} is not 1, true, 0 or false`);
+}
+
 /** A whole number from the environment, `fallback` when unset. */
 export function envNum(name, fallback) {
   const v = process.env[name];
@@ -224,6 +236,8 @@ export const topics = {
   queue: (pkg, queue, leaf) => `axion/${pkg}/queue/${queue}/${leaf}`,
   /** One shared group per queue: rumqttd keys shared groups by name alone. */
   queueTasksShared: (pkg, queue) => `$share/${pkg}.${queue}/axion/${pkg}/queue/${queue}/tasks`,
+  /** A worker's own tasks, by directed delivery (a broker without shared subscriptions). */
+  queueTasksDirected: (pkg, queue, worker) => `axion/${pkg}/queue/${queue}/tasks/${worker}`,
   reply: (pkg, clientId) => `axion/${pkg}/reply/${clientId}`,
 };
 

@@ -28,6 +28,7 @@ import {
   EXIT_CONFIG,
   EXIT_FAILURE,
   EXIT_OK,
+  envFlag,
   envOr,
   limitsFromEnv,
   localHostname,
@@ -68,10 +69,14 @@ function reasonOf(err) {
 export class Service {
   /**
    * @param {string} name the service name: a topic level of the heartbeat
-   * @param {{package?: string, mqtt?: string, healthListen?: string}} [options]
-   *   unset values come from `AXION_PACKAGE`, `AXION_MQTT_URL` and
+   * @param {{package?: string, mqtt?: string, healthListen?: string, directedDelivery?: boolean}} [options]
+   *   unset values come from `AXION_PACKAGE`, `AXION_MQTT_URL`,
    *   `HEALTH_LISTEN` (`/health/live` and `/health/ready` on that address;
-   *   its port then names the instance instead of the pid)
+   *   its port then names the instance instead of the pid) and
+   *   `AXION_DIRECTED_DELIVERY` (tasks on this worker's own topic instead
+   *   of the shared subscription, for brokers whose shared subscriptions do
+   *   not span the cluster; a node whose CONNACK says it has none switches
+   *   on its own)
    */
   constructor(name, options = {}) {
     this.name = name;
@@ -177,6 +182,7 @@ export class Service {
     const pkg = this.options.package ?? envOr('AXION_PACKAGE', DEFAULT_PACKAGE);
     const urls = parseBrokerUrls(this.options.mqtt ?? envOr('AXION_MQTT_URL', DEFAULT_MQTT_URL));
     const limits = limitsFromEnv();
+    const directed = this.options.directedDelivery ?? envFlag('AXION_DIRECTED_DELIVERY');
     validateLevel('package', pkg);
     validateLevel('service', this.name);
     if (this.queues.size === 0 && this.events.length === 0) {
@@ -194,6 +200,7 @@ export class Service {
       urls,
       limits,
       host,
+      directed,
       queues: this.queues,
       events: this.events.map(({ type, handler }) => ({ type, filter: topics.event(pkg, type), handler })),
     };
@@ -224,6 +231,8 @@ const LASTING_SUBACK = new Set([0x87, 0x8f, 0x9e, 0xa1, 0xa2]);
 class Engine {
   constructor(plan) {
     Object.assign(this, plan);
+    /** Directed delivery asked for whatever the broker offers. */
+    this.forceDirected = plan.directed;
     this.vitals = new Vitals();
     this.connected = false;
     this.drainDeadline = null;
@@ -263,6 +272,7 @@ class Engine {
     this.slot = this.health ? await serveHealth(this.health, this.vitals, this.limits) : process.pid;
     this.clientId = sanitizeClientId(`axion-svc-${this.service}-${this.host}-${this.slot}`);
     this.replyTopic = topics.reply(this.pkg, this.clientId);
+    for (const q of this.queues.keys()) this.taskTopics.set(topics.queueTasksDirected(this.pkg, q, this.clientId), q);
     await this.#startSentinel();
     log.info('service starting', {
       service: this.service,
@@ -275,7 +285,7 @@ class Engine {
       max_queue: this.limits.maxQueue,
     });
     this.client = connect(this.urls, this.clientId);
-    this.client.on('connect', () => this.#onConnect());
+    this.client.on('connect', (connack) => this.#onConnect(connack));
     this.client.on('close', () => this.#onClose());
     this.client.on('error', (err) => {
       // A CONNACK refusal comes as an error carrying its reason code.
@@ -335,15 +345,26 @@ class Engine {
     return Math.max(0, this.limits.maxInflight - this.running.size - this.waiting.length);
   }
 
-  #onConnect() {
+  #onConnect(connack) {
     this.connected = true;
     this.vitals.setConnected(true);
-    log.info('connected to the broker', { broker: this.client.broker() });
+    // Absent means available (MQTT 5, 3.2.2.3.13).
+    const available = connack?.properties?.sharedSubscriptionAvailable;
+    const shared = available !== false && available !== 0;
+    const directed = this.forceDirected || !shared;
+    log.info('connected to the broker', { broker: this.client.broker(), shared_subscriptions: shared });
+    if (directed !== this.directed) {
+      log.info('task delivery changes with this node', {
+        directed_delivery: directed,
+        tasks_on: directed ? "this worker's own topic" : 'the shared subscription',
+      });
+    }
+    this.directed = directed;
     // A clean session: subscriptions first, then fresh credit.
     this.outbox = this.outbox.filter((o) => !o.credit);
     // A draining service joins no queue's shared group (see #leaveQueues).
     const filters = [
-      ...(this.draining ? [] : [...this.queues.keys()].map((q) => topics.queueTasksShared(this.pkg, q))),
+      ...(this.draining ? [] : [...this.queues.keys()].map((q) => this.#tasksFilter(q))),
       ...this.events.map((e) => e.filter),
       this.announceTopic,
     ];
@@ -558,7 +579,9 @@ class Engine {
       const { id, queue } = run.task;
       if (this.held.delete(id)) {
         if (outcome.ok) {
-          this.#taskMessage(queue, 'ack', { id });
+          // Named, so the owner counts an ack of a task it handed to
+          // another worker (a copy a cluster delivered twice).
+          this.#taskMessage(queue, 'ack', { id, worker: this.clientId });
           if (run.reply) this.#reply(run.reply, value);
         } else {
           log.info('task failed; the queue retries it', { queue, id, reason: outcome.reason });
@@ -615,6 +638,7 @@ class Engine {
   }
 
   #credit(queue, body) {
+    if (this.directed) body.directed = true;
     this.outbox.push({ topic: topics.queue(this.pkg, queue, 'ready'), body: JSON.stringify(body), credit: true });
   }
 
@@ -738,8 +762,15 @@ class Engine {
     this.#checkDrain();
   }
 
+  /** Where this worker takes the tasks of `queue`. */
+  #tasksFilter(queue) {
+    return this.directed
+      ? topics.queueTasksDirected(this.pkg, queue, this.clientId)
+      : topics.queueTasksShared(this.pkg, queue);
+  }
+
   /**
-   * Leaves the queues' shared groups. The owner delivers what others hand
+   * Leaves the queues' shared groups (or own topics). The owner delivers what others hand
    * back (this service's releases too) through the group, to any member: a
    * member no longer reading would take a task meant for another worker and
    * drop it, and the task would wait out the ack wait. What arrives before
@@ -747,7 +778,7 @@ class Engine {
    */
   #leaveQueues() {
     if (this.queues.size === 0 || !this.connected) return;
-    const filters = [...this.queues.keys()].map((q) => topics.queueTasksShared(this.pkg, q));
+    const filters = [...this.queues.keys()].map((q) => this.#tasksFilter(q));
     this.client.unsubscribe(filters, (err) => {
       if (err) return;
       this.leftQueues = true;

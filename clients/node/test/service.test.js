@@ -91,6 +91,42 @@ test('tasks from a producer reach the handler, are acked and answered; events ar
   assert.equal(dead.reason, 'bad input', 'a thrown error fails the attempt with its message');
 });
 
+test('with AXION_DIRECTED_DELIVERY two instances take their tasks on their own topics, each task done once', async (t) => {
+  const serve = await Serve.start();
+  t.after(() => serve.cleanup());
+  const ready = `axion/default/queue/${QUEUE}/ready`;
+  const own = `axion/default/queue/${QUEUE}/tasks/`;
+  const w = await Watcher.connect(serve, [RESULT, ready, `${own}+`]);
+  t.after(() => w.close());
+  const env = { MAX_INFLIGHT: '2', AXION_DIRECTED_DELIVERY: '1' };
+  const a = await startExample(serve, env);
+  t.after(() => a.kill());
+  const b = await startExample(serve, env);
+  t.after(() => b.kill());
+  const named = new Set();
+  while (named.size < 2) {
+    const credit = await w.next((topic, c) => topic === ready && c.directed === true && !named.has(c.worker), 10_000, 'directed credit');
+    named.add(credit.worker);
+  }
+  for (let i = 0; i < 10; i++) {
+    await w.enqueue(QUEUE, { payload: { items: [`t${i}`], delay_ms: 100 }, replyTo: 'embedding.result', correlationId: `c${i}` });
+  }
+  const pids = new Map();
+  for (let i = 0; i < 10; i++) {
+    const r = await w.next(isResult);
+    assert.ok(!pids.has(r.correlationId), `done twice: ${JSON.stringify(r)}`);
+    pids.set(r.correlationId, r.payload.pid);
+  }
+  assert.deepEqual(new Set(pids.values()), new Set([a.pid, b.pid]), 'both instances worked');
+  for (let i = 0; i < 10; i++) {
+    const record = await w.next((topic) => topic.startsWith(own), 5_000, 'a directed task record');
+    assert.ok(named.has(record.worker), JSON.stringify(record));
+  }
+  const shown = await w.show(QUEUE);
+  assert.equal(shown.stats.acked_total, 10, JSON.stringify(shown));
+  assert.equal(shown.stats.stray_acks_total, 0, JSON.stringify(shown));
+});
+
 test('two instances share a queue by credit, each task done once', async (t) => {
   const serve = await Serve.start();
   t.after(() => serve.cleanup());

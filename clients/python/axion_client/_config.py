@@ -32,6 +32,18 @@ def env_or(name: str, default: str) -> str:
     return value or default
 
 
+def env_flag(name: str) -> bool:
+    """A yes/no switch from the environment (`1`/`true`, `0`/`false`, unset
+    or blank for no), read as the Rust runtime reads it; anything else is a
+    config error."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false"):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise ConfigError(f"environment variable {name}={raw!r} is not 1, true, 0 or false")
+
+
 def env_int(name: str, default: int) -> int:
     """A whole number from the environment; a malformed one is a config error."""
     raw = os.environ.get(name, "").strip()
@@ -220,6 +232,13 @@ def queue_tasks_shared(package: str, queue: str) -> str:
     """The shared subscription workers use; one group name per queue, because
     rumqttd keys shared groups by name alone."""
     return f"$share/{package}.{queue}/{queue_topic(package, queue, 'tasks')}"
+
+
+def queue_tasks_directed(package: str, queue: str, worker: str) -> str:
+    """`axion/<pkg>/queue/<queue>/tasks/<worker>`: where the owner delivers a
+    worker's tasks by directed delivery (a broker without shared
+    subscriptions)."""
+    return f"{queue_topic(package, queue, 'tasks')}/{worker}"
 
 
 def announce_topic(package: str) -> str:

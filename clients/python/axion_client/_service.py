@@ -58,10 +58,12 @@ from ._config import (
     Limits,
     MqttUrl,
     announce_topic,
+    env_flag,
     env_int,
     env_or,
     event_topic,
     parse_broker_urls,
+    queue_tasks_directed,
     queue_tasks_shared,
     queue_topic,
     sanitize_client_id,
@@ -139,8 +141,13 @@ class Service:
     """A service definition; `run()` runs it and returns the exit code.
 
     Unset values come from the environment: `AXION_MQTT_URL` (and
-    `AXION_MQTT_USER`/`AXION_MQTT_PASSWORD`), `AXION_PACKAGE`, and the
-    `Limits` variables.
+    `AXION_MQTT_USER`/`AXION_MQTT_PASSWORD`), `AXION_PACKAGE`,
+    `AXION_DIRECTED_DELIVERY` and the `Limits` variables.
+
+    `directed_delivery=True` takes tasks on this worker's own topic
+    (`…/tasks/<worker>`) instead of the queue's shared subscription, for
+    brokers whose shared subscriptions do not span the cluster; a node whose
+    CONNACK says it has no shared subscriptions switches on its own.
     """
 
     def __init__(
@@ -149,11 +156,13 @@ class Service:
         package: Optional[str] = None,
         mqtt: Optional[str] = None,
         limits: Optional[Limits] = None,
+        directed_delivery: Optional[bool] = None,
     ) -> None:
         self.name = name
         self._package = package
         self._mqtt = mqtt
         self._limits = limits
+        self._directed = directed_delivery
         self._queues: dict[str, Handler] = {}
         self._duplicate_queue: Optional[str] = None
         self._events: list[tuple[str, Handler]] = []
@@ -235,6 +244,7 @@ class Service:
         urls = [u.with_env_credentials() for u in parse_broker_urls(given)]
         limits = self._limits or Limits.from_env()
         limits.validate()
+        directed = self._directed if self._directed is not None else env_flag("AXION_DIRECTED_DELIVERY")
         validate_level("package", package)
         validate_level("service", self.name)
         if not self._queues and not self._events:
@@ -277,7 +287,9 @@ class Service:
         shared.close_fd()
         vitals = Vitals(limits, beacon, shared)
         events = [(t, event_topic(package, t), h) for t, h in self._events]
-        return _Engine(self.name, package, client_id, urls, dict(self._queues), events, limits, vitals, beacon)
+        return _Engine(
+            self.name, package, client_id, urls, dict(self._queues), events, limits, vitals, beacon, directed
+        )
 
 
 class _Engine:
@@ -294,6 +306,7 @@ class _Engine:
         limits: Limits,
         vitals: Vitals,
         beacon: Beacon,
+        directed: bool,
     ) -> None:
         self.service = service
         self.package = package
@@ -324,6 +337,12 @@ class _Engine:
         self.announce = announce_topic(package)
         self.reply_topic = f"axion/{package}/reply/{client_id}"
         self.task_topics = {queue_topic(package, q, "tasks"): q for q in queues}
+        self.task_topics.update({queue_tasks_directed(package, q, client_id): q for q in queues})
+        #: Directed delivery asked for whatever the broker offers.
+        self.force_directed = directed
+        #: Whether tasks come on this worker's own topic: forced, or the
+        #: node's CONNACK says it has no shared subscriptions.
+        self.directed = directed
         self.connected = False
         #: A connection attempt is under way on a thread of its own.
         self.connecting: Optional[threading.Thread] = None
@@ -397,11 +416,20 @@ class _Engine:
             return
         self.failover.connected(time.monotonic())
         self.vitals.set_connected(True)
-        log.info("connected to the broker %s", self.url)
+        # Absent means available (MQTT 5, 3.2.2.3.13).
+        shared = getattr(props, "SharedSubscriptionAvailable", 1) != 0
+        directed = self.force_directed or not shared
+        log.info("connected to the broker %s (shared subscriptions: %s)", self.url, shared)
+        if directed != self.directed:
+            log.info(
+                "task delivery changes with this node: tasks come on %s",
+                "this worker's own topic" if directed else "the shared subscription",
+            )
+        self.directed = directed
         # A clean session: subscriptions first, then fresh credit. A
         # draining service joins no queue's shared group (see `_leave_queues`).
         draining = self.drain_deadline is not None
-        filters = [] if draining else [(queue_tasks_shared(self.package, q), 1) for q in self.handlers]
+        filters = [] if draining else [(self._tasks_filter(q), 1) for q in self.handlers]
         filters += [(f, 1) for _, f, _ in self.events]
         filters += [(self.announce, 1), (self.reply_topic, 1)]
         client.subscribe(filters)
@@ -412,6 +440,12 @@ class _Engine:
         outbox, self.outbox = self.outbox, []
         for topic, body, props in outbox:
             self._send(topic, body, props)
+
+    def _tasks_filter(self, queue: str) -> str:
+        """Where this worker takes the tasks of `queue`."""
+        if self.directed:
+            return queue_tasks_directed(self.package, queue, self.client_id)
+        return queue_tasks_shared(self.package, queue)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self.closing:
@@ -863,7 +897,9 @@ class _Engine:
                 self._after_change()
                 return
             if ok:
-                self._task_message(queue, "ack", {"id": task_id})
+                # Named, so the owner counts an ack of a task it handed to
+                # another worker (a copy a cluster delivered twice).
+                self._task_message(queue, "ack", {"id": task_id, "worker": self.client_id})
                 if run.reply is not None:
                     self._reply(run.reply, value)
             else:
@@ -909,6 +945,8 @@ class _Engine:
         # Credit is stale after a reconnect (a `reset` follows): not sent
         # while disconnected.
         if self.connected:
+            if self.directed:
+                body["directed"] = True
             self._send(queue_topic(self.package, queue, "ready"), json.dumps(body).encode())
 
     def _task_message(self, queue: str, leaf: str, body: dict[str, Any]) -> None:
@@ -960,7 +998,7 @@ class _Engine:
         self.changed = True
 
     def _leave_queues(self) -> None:
-        """Leaves the queues' shared groups. The owner delivers what others
+        """Leaves the queues' shared groups (or own topics). The owner delivers what others
         hand back (this service's releases too) through the group, to any
         member: a member no longer reading would take a task meant for
         another worker and drop it, and the task would wait out the ack wait.
@@ -968,7 +1006,7 @@ class _Engine:
         self.left_queues = False
         self.leave_mid = None
         if self.handlers and self.connected:
-            _, self.leave_mid = self.client.unsubscribe([queue_tasks_shared(self.package, q) for q in self.handlers])
+            _, self.leave_mid = self.client.unsubscribe([self._tasks_filter(q) for q in self.handlers])
 
     def _out_of_groups(self) -> bool:
         """Whether no more task can reach this service: its UNSUBACK came,

@@ -469,3 +469,45 @@ def test_a_service_started_before_its_broker_connects_once_the_broker_is_up(serv
     watch.enqueue(QUEUE, {"payload": {"items": ["late"]}, "replyTo": "embedding.result", "correlationId": "late"})
     assert watch.on(RESULT)["correlationId"] == "late"
     assert w.proc.poll() is None
+
+
+NODE_EXAMPLE = REPO_ROOT / "clients" / "node" / "examples" / "embedding-worker.js"
+
+
+def test_python_and_node_workers_take_their_tasks_by_directed_delivery_once_each(
+    serve, watcher_factory, worker_factory
+):
+    ready = f"axion/default/queue/{QUEUE}/ready"
+    directed = f"axion/default/queue/{QUEUE}/tasks/+"
+    watch = watcher_factory(serve, RESULT, HEARTBEATS, ready, directed)
+    workers = [
+        worker_factory(serve, AXION_DIRECTED_DELIVERY="1", MAX_INFLIGHT="2"),
+        worker_factory(serve, NODE_EXAMPLE, AXION_DIRECTED_DELIVERY="true", MAX_INFLIGHT="2"),
+    ]
+    for w in workers:
+        w.wait_ready(watch)
+    # Each asks for its tasks on its own topic, in its credit.
+    named: set[str] = set()
+    while len(named) < 2:
+        credit = watch.next(
+            lambda t, b: t == ready and b.get("directed") is True and b["worker"] not in named, 10, "directed credit"
+        )
+        named.add(credit["worker"])
+    # Long enough that both are needed.
+    for i in range(20):
+        watch.enqueue(
+            QUEUE,
+            {"payload": {"items": [f"t{i}"], "delay_ms": 100}, "replyTo": "embedding.result", "correlationId": f"c{i}"},
+        )
+    done: dict[str, int] = {}
+    for _ in range(20):
+        r = watch.on(RESULT)
+        assert r["correlationId"] not in done, f"done twice: {r}"
+        done[r["correlationId"]] = r["payload"]["pid"]
+    assert set(done.values()) == {w.proc.pid for w in workers}, done
+    # Every delivery went to the topic of the worker whose credit it used.
+    for _ in range(20):
+        record = watch.next(lambda t, _: t.startswith(directed[:-1]), 5, "a directed task record")
+        assert record["worker"] in named, record
+    stats = watch.show(QUEUE)["stats"]
+    assert (stats["acked_total"], stats["stray_acks_total"], stats["depth"], stats["inflight"]) == (20, 0, 0, 0), stats
