@@ -1472,6 +1472,29 @@ async fn filters_that_come_and_go_renew_the_router_and_lose_nothing() {
     );
 }
 
+/// What a burst of clients left behind is freed once the churn stops,
+/// though far fewer filters are dead than make a renewal under churn (a
+/// quarter of `--max-filters`): the router is renewed once no new filter
+/// has come for a few seconds, and clients carry on across it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_filters_are_freed_once_the_churn_stops() {
+    let serve = Serve::start_with(&["--max-filters", "1000"], &[]);
+    let port = serve.mqtt_port;
+    let mut live = V5::connect(port, "settle-live").await;
+    live.subscribe("settle/live", 1).await;
+    let mut watcher = counter_watcher(port).await;
+    let before = wait_counter(&mut watcher, "router_renewals", |_| true).await;
+    let mut churner = V5::connect(port, "settle-churner").await;
+    for i in 0..20 {
+        churner.subscribe(&format!("settle/tmp/{i}/+"), 0).await;
+    }
+    // Gone without a word: its 20 filters are dead, 2% of the bound.
+    drop(churner);
+    wait_counter(&mut watcher, "router_renewals", |n| n > before).await;
+    live.publish("settle/live", b"still here", 1, false).await;
+    assert_eq!(recv(&mut live.rx, 5).await.payload, b"still here");
+}
+
 /// A kept session away while it is owed messages does not hold a renewal
 /// back: what it is owed waits in its queue on disk, the router is renewed
 /// all the same, what is published to it meanwhile is queued too, and the

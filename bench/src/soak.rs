@@ -398,9 +398,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    // Every client gone: what the brokers keep once the load has ended.
-    std::thread::sleep(Duration::from_secs(5));
-    row(begun.elapsed());
+    // Every client gone: what the brokers keep once the load has ended,
+    // and once the broker has had time to free what the churn left
+    // behind (a router renewal comes once no new filter has come for 5 s).
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(10));
+        row(begun.elapsed());
+    }
     for b in &brokers {
         let c = &b.counts;
         println!(

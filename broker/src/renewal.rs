@@ -465,12 +465,13 @@ impl Markers {
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = CHECK_EVERY;
     let mut put_off = false;
+    let mut quiet = Quiet::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        if !due(&shared).await {
+        if !due(&shared, &mut quiet, Instant::now()).await {
             backoff = CHECK_EVERY;
             continue;
         }
@@ -521,20 +522,63 @@ pub enum PutOff {
     Interrupted(&'static str),
 }
 
-async fn due(shared: &Shared) -> bool {
-    let max = shared.config.max_filters.max(1);
-    let created = shared.created_filters();
+async fn due(shared: &Shared, quiet: &mut Quiet, now: Instant) -> bool {
     if shared.flow.matched_topics() >= shared.config.max_topics {
         return true;
     }
-    // Cheap first: nothing to win until a share of the limit is used.
-    if created * 10 < max {
+    let max = shared.config.max_filters.max(1);
+    let created = shared.created_filters();
+    let settled = quiet.settled(created, now);
+    // Cheap first: counting the live filters walks every session.
+    if !settled && created * 10 < max {
         return false;
     }
     let live = shared.lifetimes.all_filters().await.len();
     let dead = created.saturating_sub(live);
-    debug!(created, live, dead, max, "router filters");
-    dead * 4 >= max || (created * 10 >= max * 9 && dead * 100 >= max)
+    debug!(created, live, dead, max, settled, "router filters");
+    worth_renewing(created, dead, max, settled)
+}
+
+/// How long no new filter must come before the dead ones are worth a
+/// renewal of their own: under churn the router is renewed by the share of
+/// dead filters, and once the churn stops what is left is freed too,
+/// instead of holding its memory until the next churn.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Whether the router has taken no new filter for [`SETTLE`]. Asked once
+/// per settled stretch: a renewal (or finding nothing dead) starts the
+/// wait again, so an idle broker does not walk its sessions every check.
+#[derive(Debug, Default)]
+struct Quiet {
+    created: usize,
+    since: Option<Instant>,
+}
+
+impl Quiet {
+    fn settled(&mut self, created: usize, now: Instant) -> bool {
+        let since = *self.since.get_or_insert(now);
+        if created != self.created {
+            self.created = created;
+            self.since = Some(now);
+            return false;
+        }
+        if now.duration_since(since) < SETTLE {
+            return false;
+        }
+        self.since = Some(now);
+        true
+    }
+}
+
+/// The renewal policy: a quarter of `--max-filters` dead (under churn a
+/// renewal every few seconds, each a pause of publishers), 1% dead once the
+/// router is nearly full (so new filters are not refused), or 0.5% dead
+/// once no new filter has come for a while (`settled`; a pause of the
+/// publishers is not worth a few filters' memory).
+fn worth_renewing(created: usize, dead: usize, max: usize, settled: bool) -> bool {
+    dead * 4 >= max
+        || (created * 10 >= max * 9 && dead * 100 >= max)
+        || (settled && dead * 200 >= max)
 }
 
 /// Moves every session to a new router and retires the old one.
@@ -796,6 +840,38 @@ pub async fn create_kept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_router_is_renewed_by_its_share_of_dead_filters_or_once_filters_settle() {
+        // Under churn: a quarter of the bound dead.
+        assert!(!worth_renewing(3000, 2499, 10_000, false));
+        assert!(worth_renewing(3000, 2500, 10_000, false));
+        // Nearly full: 1% dead is enough, so new filters find room.
+        assert!(!worth_renewing(9000, 99, 10_000, false));
+        assert!(worth_renewing(9000, 100, 10_000, false));
+        // Settled: 0.5% dead is enough, a handful is not.
+        assert!(worth_renewing(80, 50, 10_000, true));
+        assert!(!worth_renewing(80, 49, 10_000, true));
+        assert!(!worth_renewing(80, 50, 10_000, false));
+    }
+
+    #[test]
+    fn filters_settle_after_a_quiet_stretch_and_are_asked_about_once_per_stretch() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut quiet = Quiet::default();
+        assert!(!quiet.settled(10, at(0)));
+        // A new filter starts the wait again.
+        assert!(!quiet.settled(11, at(4_000)));
+        assert!(!quiet.settled(11, at(8_999)));
+        assert!(quiet.settled(11, at(9_000)));
+        // Asked: the next answer is one stretch away.
+        assert!(!quiet.settled(11, at(9_500)));
+        assert!(quiet.settled(11, at(14_000)));
+        // A renewal leaves fewer filters: that is a change too.
+        assert!(!quiet.settled(3, at(14_500)));
+        assert!(quiet.settled(3, at(19_500)));
+    }
 
     #[test]
     fn a_marker_topic_matches_its_filter_and_counts_once_per_position() {
