@@ -2,6 +2,7 @@
 //! mesh and the ops tools. This file only parses flags and hands each
 //! subcommand to its module in `cmd/`; behaviour lives in the library crates.
 
+mod alloc;
 mod cmd;
 mod config_file;
 mod logging;
@@ -9,17 +10,16 @@ mod panics;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-// The broker's sessions, router and queue store allocate a few small
-// buffers per message; glibc's malloc spent ~14% of serve's CPU on them
-// under the queue benchmark (BENCHMARKS.md).
+// mimalloc unless `AXION_ALLOCATOR=system` (see `alloc`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Chosen = alloc::Chosen;
 
 #[derive(Parser)]
 #[command(
     name = "axion",
     version,
-    about = "MQTT broker, durable work queues, heartbeat mesh and legacy WebSocket bridge"
+    about = "MQTT broker, durable work queues, heartbeat mesh and legacy WebSocket bridge",
+    after_help = "Environment: AXION_ALLOCATOR=mimalloc (the default) or system chooses the memory allocator of every command: mimalloc for throughput, system (glibc) for a flat memory band under heavy subscription churn."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,6 +49,13 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Err(value) = alloc::in_use() {
+        eprintln!(
+            "axion: {}={value:?} names no allocator; use mimalloc or system",
+            alloc::ENV
+        );
+        return std::process::ExitCode::from(78);
+    }
     let argv = match config_file::apply(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
         Err(err) => {

@@ -447,3 +447,72 @@ fn a_step_the_container_check_does_not_know_fails_it() {
     );
     assert!(containerfile::carry_out(&text, context, &binaries).is_err());
 }
+
+/// `AXION_ALLOCATOR=system` runs the broker on the system's allocator (the
+/// start-up line says which), and it serves as with the default; a value
+/// that names no allocator is refused before anything starts.
+#[test]
+fn the_allocator_is_chosen_by_environment_and_a_bad_choice_is_refused() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let started = |allocator: Option<&str>| {
+        let mut cmd = Command::new(common::axion_bin());
+        cmd.args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--mqtt-unix", "off"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("AXION_ALLOCATOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        if let Some(a) = allocator {
+            cmd.env("AXION_ALLOCATOR", a);
+        }
+        let mut child = cmd.spawn().expect("spawn axion serve");
+        let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut up = String::new();
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut stderr, &mut line).expect("read stderr") > 0 {
+            if line.contains("axion serve is up") {
+                up = line.clone();
+                break;
+            }
+            line.clear();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        up
+    };
+    assert!(started(None).contains("allocator=\"mimalloc\""), "default");
+    assert!(started(Some("system")).contains("allocator=\"system\""));
+
+    let serve = Serve::start_with(&[], &[("AXION_ALLOCATOR", "system")]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut client = V4::connect(serve.mqtt_port, "alloc-system").await;
+        client.subscribe("alloc/t", 1).await;
+        client.publish("alloc/t", b"on glibc", 1, false).await;
+        assert_eq!(
+            common::mqtt::recv(&mut client.rx, 5).await.payload,
+            b"on glibc"
+        );
+    });
+
+    let out = Command::new(common::axion_bin())
+        .args(["serve", "--mqtt-listen", "127.0.0.1:0"])
+        .env("AXION_ALLOCATOR", "jemalloc")
+        .output()
+        .expect("run axion serve");
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AXION_ALLOCATOR=\"jemalloc\" names no allocator"),
+        "{err}"
+    );
+}

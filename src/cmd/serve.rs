@@ -380,7 +380,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     // Last of start-up, so a reader that sees the file finds every part up;
     // held to the end of the clean stop, which removes it.
     let _ports_file = args.ports.announce(&bound)?;
-    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), unix = ?broker.unix_path(), %ws, auth = auth.is_some(), package = args.package, config = ?args.config, data_dir = %args.data_dir.display(), "axion serve is up");
+    info!(mqtt = %broker.local_addr(), mqtts = ?broker.tls_local_addr(), unix = ?broker.unix_path(), %ws, auth = auth.is_some(), package = args.package, config = ?args.config, data_dir = %args.data_dir.display(), allocator = crate::alloc::in_use().unwrap_or("mimalloc"), "axion serve is up");
 
     let mut bridge_done = false;
     let code = tokio::select! {
