@@ -3,12 +3,13 @@
 //! delivers each task on its worker's own topic), and two Mosquitto
 //! brokers bridged to each other. Every task must be done once, or the
 //! owner must count the extra runs; the monitor on one node must see the
-//! instances connected to the other; killing a node moves everyone to the
-//! one left.
+//! instances connected to the other; legacy WebSocket events must cross
+//! the nodes through the bridge; killing a node moves everyone to the one
+//! left, and the monitor there sees them all back online.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -94,22 +95,76 @@ fn stats(mqtt: &str) -> Option<Value> {
     all.into_iter().find(|s| s["queue"] == QUEUE)
 }
 
+/// `axion bridge` for the package on the nodes `mqtt`, once it says it is
+/// connected to one of them.
+fn spawn_bridge(mqtt: &str) -> common::Listening {
+    let bridge = common::spawn_listening(
+        "axion bridge",
+        Command::new(axion_bin())
+            .args(["bridge", "--mqtt", mqtt, "--package", PKG])
+            .args(["--ws-listen", "127.0.0.1:0"]),
+    );
+    let port = bridge.port(axion_wire::ports::WS);
+    common::wait_until(Duration::from_secs(20), "the bridge ready", || {
+        (common::http_get(port, "/health/ready").map(|(s, _)| s) == Some(200)).then_some(())
+    });
+    bridge
+}
+
+/// `js_driver.js cluster`: legacy WebSocket clients (`brokerClient.js`) on
+/// the bridge at `ws_port` and an MQTT.js client on the node `mqtt`; its
+/// JSON summary.
+fn ws_events_cross(ws_port: u16, mqtt: &str) -> Value {
+    let out = Command::new("node")
+        .arg("js_driver.js")
+        .arg("cluster")
+        .arg(format!("ws://127.0.0.1:{ws_port}"))
+        .args([mqtt, PKG])
+        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients"))
+        .output()
+        .expect("run node (scripts/setup.sh installs it; npm ci in tests/)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "js_driver.js cluster failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+    serde_json::from_str(line.unwrap_or_default()).expect("the driver's JSON summary")
+}
+
 /// Services online in `axion monitor --once` on `mqtt`, as
 /// `service/instance` ids.
 fn online(mqtt: &str) -> Vec<String> {
-    let mut rows: Vec<String> = common::monitor_json(mqtt, &["--package", PKG])
-        .into_iter()
-        .filter(|r| r["state"] == "online")
-        .map(|r| {
-            format!(
-                "{}/{}",
-                r["service"].as_str().unwrap_or(""),
-                r["instance_id"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
+    let mut rows: Vec<String> = online_rows(mqtt).iter().map(instance).collect();
     rows.sort();
     rows
+}
+
+/// The rows of `axion monitor --once --json` on `mqtt` whose state is
+/// online.
+fn online_rows(mqtt: &str) -> Vec<Value> {
+    common::monitor_json(mqtt, &["--package", PKG])
+        .into_iter()
+        .filter(|r| r["state"] == "online")
+        .collect()
+}
+
+/// A monitor row's `service/instance` id.
+fn instance(row: &Value) -> String {
+    format!(
+        "{}/{}",
+        row["service"].as_str().unwrap_or(""),
+        row["instance_id"].as_str().unwrap_or("")
+    )
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
 }
 
 #[test]
@@ -125,6 +180,7 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     let _owner = spawn_owner(&ab, store.path(), &["--ack-wait-ms", "5000"]);
     let mut on_a = spawn_work(&ab, done.path(), &[]);
     let mut on_b = spawn_work(&ba, done.path(), &[]);
+    let mut bridge = spawn_bridge(&ba);
     eprintln!("cluster and fleet up after {:?}", started.elapsed());
 
     // Producers on both nodes.
@@ -137,9 +193,9 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     let twice: Vec<_> = runs.iter().filter(|(_, n)| *n != 1).collect();
     assert!(twice.is_empty(), "tasks not run exactly once: {twice:?}");
 
-    // The monitor on node B sees the owner and both workers, wherever
-    // they are connected.
-    let expected = 3;
+    // The monitor on node B sees the owner, both workers and the bridge,
+    // wherever they are connected.
+    let expected = 4;
     let seen = common::wait_until(
         Duration::from_secs(10),
         "every instance on B's monitor",
@@ -154,14 +210,53 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
         "{seen:?}"
     );
     assert!(seen.iter().any(|r| r.starts_with("queues/")), "{seen:?}");
+    assert!(seen.iter().any(|r| r.starts_with("bridge/")), "{seen:?}");
+
+    // Legacy WebSocket clients on the bridge (connected to B) and an MQTT
+    // client on A: an event crosses the nodes each way.
+    let crossed = ws_events_cross(bridge.port(axion_wire::ports::WS), &a);
+    assert_eq!(crossed["ping"]["source"], "mqtt", "{crossed}");
+    assert_eq!(crossed["pong"]["type"], "cl.pong", "{crossed}");
+
+    // Each instance as the monitor saw it before the kill, by its boot
+    // (a restarted process would have a new one).
+    let before: Vec<(String, Value)> = online_rows(&b)
+        .iter()
+        .map(|r| (instance(r), r["boot_id"].clone()))
+        .collect();
+    assert_eq!(before.len(), expected, "{before:?}");
 
     // Node A dies: everyone moves to B, and what producers get confirmed
     // from now on is done as well.
     cluster.nodes[0].signal(9).expect("kill node A");
     let killed = Instant::now();
+    let killed_at = unix_now();
     let second: Vec<String> = ids("c", 10).into_iter().chain(ids("d", 10)).collect();
     let p1 = produce(ab.clone(), second[..10].to_vec());
     let p2 = produce(ba.clone(), second[10..].to_vec());
+    // Meanwhile the monitor on B sees every instance online again, each
+    // the same process with a record published after the kill: those that
+    // were on A have failed over to B (A's records died with it).
+    let back = common::wait_until(
+        Duration::from_secs(15),
+        "every instance online again on B's monitor",
+        || {
+            let rows = online_rows(&b);
+            let fresh = |(id, boot): &(String, Value)| {
+                rows.iter().any(|r| {
+                    instance(r) == *id
+                        && r["boot_id"] == *boot
+                        && r["timestamp"].as_f64().is_some_and(|t| t > killed_at)
+                })
+            };
+            before.iter().all(fresh).then_some(rows)
+        },
+    );
+    eprintln!(
+        "every instance online on B {:?} after the kill: {:?}",
+        killed.elapsed(),
+        back.iter().map(instance).collect::<Vec<_>>()
+    );
     p1.join().expect("producer on A then B");
     p2.join().expect("producer on B");
     let runs = wait_all_done(done.path(), &second, Duration::from_secs(30));
@@ -171,6 +266,7 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     for (what, work) in [
         ("the worker on A", &mut on_a),
         ("the worker on B", &mut on_b),
+        ("the bridge", &mut bridge),
     ] {
         assert!(
             work.proc.child.try_wait().expect("try_wait").is_none(),

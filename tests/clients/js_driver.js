@@ -220,6 +220,51 @@ async function flood() {
   process.exit(0);
 }
 
-const scenarios = { pubsub, slow, tasks, flood };
+// Through a bridge on one node of a clustered broker, with an MQTT.js
+// client on another node (`args`: its mqtt:// URL with user and password,
+// the package): an MQTT event reaches a WebSocket subscriber, and a
+// WebSocket publish reaches the MQTT subscriber, so each crosses the nodes.
+async function cluster() {
+  const [mqttUrl, pkg] = args;
+  const { default: mqtt } = await import("mqtt");
+  const prefix = `axion/${pkg}/event/`;
+  const node = new URL(mqttUrl);
+  const m = mqtt.connect(`mqtt://${node.host}`, {
+    protocolVersion: 5,
+    username: decodeURIComponent(node.username),
+    password: decodeURIComponent(node.password),
+    reconnectPeriod: 0,
+  });
+  await new Promise((resolve, reject) => {
+    m.once("connect", resolve);
+    m.once("error", reject);
+  });
+  const onMqtt = [];
+  m.on("message", (topic, payload) => onMqtt.push({ topic, body: JSON.parse(payload.toString()) }));
+  await m.subscribeAsync(prefix + "cl/pong", { qos: 1 });
+
+  const sub = await connect();
+  const pub = await connect();
+  const pings = [];
+  sub.subscribe("cl.ping", (e) => pings.push(e));
+  // Until the bridge's MQTT subscription is active across the cluster,
+  // early events are rightly lost: publish until one arrives.
+  await until(() => pings.length > 0, 15000, "an MQTT event on the WebSocket", () =>
+    m.publish(prefix + "cl/ping", JSON.stringify({ from: "mqtt" }), { qos: 1 }), 250);
+  const ping = pings[0];
+  if (ping.type !== "cl.ping" || ping.payload.from !== "mqtt" || ping.source !== "mqtt")
+    fail(`bad event from MQTT ${JSON.stringify(ping)}`);
+
+  await until(() => onMqtt.length > 0, 15000, "a WebSocket publish on MQTT", () =>
+    pub.publish("cl.pong", { from: "ws" }), 250);
+  const pong = onMqtt[0];
+  if (pong.body.type !== "cl.pong" || pong.body.payload.from !== "ws" || pong.body.source !== pub.id)
+    fail(`bad event on MQTT ${JSON.stringify(pong)}`);
+  m.end(true);
+  console.log(JSON.stringify({ ok: true, ping, pong: pong.body }));
+  process.exit(0);
+}
+
+const scenarios = { pubsub, slow, tasks, flood, cluster };
 if (!scenarios[scenario]) fail(`unknown scenario ${scenario}`);
 scenarios[scenario]().catch((e) => fail(e.stack || e));
