@@ -145,7 +145,7 @@ fn online(mqtt: &str) -> Vec<String> {
 /// The rows of `axion monitor --once --json` on `mqtt` whose state is
 /// online.
 fn online_rows(mqtt: &str) -> Vec<Value> {
-    common::monitor_json(mqtt, &["--package", PKG])
+    common::monitor_json_settled(mqtt, 1000, &["--package", PKG])
         .into_iter()
         .filter(|r| r["state"] == "online")
         .collect()
@@ -211,6 +211,16 @@ fn ejabberd_cluster_runs_each_task_once_and_survives_losing_a_node() {
     );
     assert!(seen.iter().any(|r| r.starts_with("queues/")), "{seen:?}");
     assert!(seen.iter().any(|r| r.starts_with("bridge/")), "{seen:?}");
+    // Node A's monitor lists the same fleet.
+    let monitor_a = common::wait_until(
+        Duration::from_secs(10),
+        "every instance on A's monitor",
+        || {
+            let rows = online(&a);
+            (rows.len() >= expected).then_some(rows)
+        },
+    );
+    assert_eq!(monitor_a, seen, "both nodes' monitors list the same fleet");
 
     // Legacy WebSocket clients on the bridge (connected to B) and an MQTT
     // client on A: an event crosses the nodes each way.

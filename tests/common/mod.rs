@@ -433,6 +433,13 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 /// `axion monitor --once --json` against the broker at `url` (plus `extra`
 /// flags): the table a script would read.
 pub fn monitor_json(url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    monitor_json_settled(url, 200, extra)
+}
+
+/// [`monitor_json`], waiting `settle_ms` for records and answers (on a
+/// cluster, answers to the monitor's announce cross the nodes).
+pub fn monitor_json_settled(url: &str, settle_ms: u64, extra: &[&str]) -> Vec<serde_json::Value> {
+    let settle = settle_ms.to_string();
     let out = Command::new(axion_bin())
         .args([
             "monitor",
@@ -441,7 +448,7 @@ pub fn monitor_json(url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
             "--once",
             "--json",
             "--settle-ms",
-            "200",
+            &settle,
         ])
         .args(extra)
         .env("RUST_LOG", "warn")
