@@ -21,32 +21,11 @@ const PKG: &str = "cl";
 const QUEUE: &str = "jobs";
 
 fn spawn_owner(mqtt: &str, dir: &Path, extra: &[&str]) -> Proc {
-    common::spawn_axion(
-        "axion queues",
-        Command::new(axion_bin())
-            .args(["queues", "--mqtt", mqtt, "--package", PKG, "--data-dir"])
-            .arg(dir)
-            .args(extra),
-    )
+    common::spawn_queue_owner(mqtt, PKG, dir, extra)
 }
 
-/// `axion work` whose command appends a line to a file named for each task
-/// it runs in `done`: a file with two lines is a task run twice.
 fn spawn_work(mqtt: &str, done: &Path, extra: &[&str]) -> common::Listening {
-    common::spawn_listening(
-        "axion work",
-        Command::new(axion_bin())
-            .args(["work", "--mqtt", mqtt, "--package", PKG, "--queue", QUEUE])
-            .args(["--health-listen", "127.0.0.1:0"])
-            .args(extra)
-            .arg("--")
-            .args([
-                "sh",
-                "-c",
-                "cat > /dev/null; echo run >> \"$DONE/$AXION_TASK_ID\"; echo ok",
-            ])
-            .env("DONE", done),
-    )
+    common::spawn_counting_worker(mqtt, PKG, QUEUE, done, extra)
 }
 
 /// `axion queue enqueue` of each id in turn, each retried until the owner

@@ -26,27 +26,11 @@ fn urls(first: &Serve, second: &Serve) -> String {
 }
 
 fn spawn_owner(mqtt: &str, dir: &Path) -> Proc {
-    common::spawn_axion(
-        "axion queues",
-        Command::new(axion_bin())
-            .args(["queues", "--mqtt", mqtt, "--package", PKG, "--data-dir"])
-            .arg(dir),
-    )
+    common::spawn_queue_owner(mqtt, PKG, dir, &[])
 }
 
-/// `axion work` whose command leaves a file named for each task it ran in
-/// `done`.
 fn spawn_work(mqtt: &str, done: &Path, extra: &[&str]) -> common::Listening {
-    common::spawn_listening(
-        "axion work",
-        Command::new(axion_bin())
-            .args(["work", "--mqtt", mqtt, "--package", PKG, "--queue", QUEUE])
-            .args(["--health-listen", "127.0.0.1:0"])
-            .args(extra)
-            .arg("--")
-            .args(["sh", "-c", "cat > \"$DONE/$AXION_TASK_ID\"; echo ok"])
-            .env("DONE", done),
-    )
+    common::spawn_counting_worker(mqtt, PKG, QUEUE, done, extra)
 }
 
 /// `axion queue enqueue`, which returns once the owner has the task on

@@ -163,21 +163,7 @@ pub async fn run(url: &MqttUrl, package: &str, pids: &[u32], n: usize) -> anyhow
         Duration::from_secs(5),
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let stats = ops
-            .command("bench-e2e", Command::Show { limit: 100 })
-            .await?
-            .stats
-            .context("no stats in the owner's reply")?;
-        if stats.acked_total >= n as u64 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the owner counted {} of {n} acks", stats.acked_total);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_acked(&mut ops, "bench-e2e", n).await?;
     let acks_counted_secs = start.elapsed().as_secs_f64();
     // Up to here: the acks still on their way at the last delivery are
     // part of the work.
@@ -471,21 +457,7 @@ pub async fn spread(
         Duration::from_secs(5),
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let stats = ops
-            .command(QUEUE, Command::Show { limit: 1 })
-            .await?
-            .stats
-            .context("no stats in the owner's reply")?;
-        if stats.acked_total >= n as u64 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the owner counted {} of {n} acks", stats.acked_total);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_acked(&mut ops, QUEUE, n).await?;
     ops.disconnect().await;
     let phase = Phase {
         tasks: n,
@@ -499,6 +471,27 @@ pub async fn spread(
 
 /// Waits until the `i`-th of a run paced at `rate` per second (from
 /// `start`) is due; `rate` 0 does not wait.
+/// Waits (30 s at most) until the owner has counted `n` acks on `queue`:
+/// a run ends when the owner knows every task done, not when the last
+/// delivery arrived.
+async fn wait_acked(ops: &mut OpsClient, queue: &str, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = ops
+            .command(queue, Command::Show { limit: 1 })
+            .await?
+            .stats
+            .context("no stats in the owner's reply")?;
+        if stats.acked_total >= n as u64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the owner counted {} of {n} acks", stats.acked_total);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn pace(start: tokio::time::Instant, i: usize, rate: u32) {
     if rate > 0 {
         tokio::time::sleep_until(

@@ -483,3 +483,49 @@ pub fn strip_ansi(text: &str) -> String {
     out.push_str(rest);
     out
 }
+
+/// `axion queues` serving `package` on `mqtt` (one URL or several), its
+/// store in `dir`.
+pub fn spawn_queue_owner(mqtt: &str, package: &str, dir: &Path, extra: &[&str]) -> Proc {
+    spawn_axion(
+        "axion queues",
+        Command::new(axion_bin())
+            .args(["queues", "--mqtt", mqtt, "--package", package, "--data-dir"])
+            .arg(dir)
+            .args(extra),
+    )
+}
+
+/// `axion work` on `package`'s `queue` whose command appends a line to a
+/// file named for each task it runs in `done`: a file with two lines is a
+/// task run twice.
+pub fn spawn_counting_worker(
+    mqtt: &str,
+    package: &str,
+    queue: &str,
+    done: &Path,
+    extra: &[&str],
+) -> Listening {
+    spawn_listening(
+        "axion work",
+        Command::new(axion_bin())
+            .args([
+                "work",
+                "--mqtt",
+                mqtt,
+                "--package",
+                package,
+                "--queue",
+                queue,
+            ])
+            .args(["--health-listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--")
+            .args([
+                "sh",
+                "-c",
+                "cat > /dev/null; echo run >> \"$DONE/$AXION_TASK_ID\"; echo ok",
+            ])
+            .env("DONE", done),
+    )
+}
