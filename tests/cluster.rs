@@ -325,28 +325,7 @@ fn queue_ls_on_one_node_gets_the_stats_of_an_owner_on_the_other() {
 /// MQTT 5 so Response Topics cross), as (A, B).
 fn bridged_mosquittos(dir: &Path) -> (Proc, u16, Proc, u16) {
     let start = |name: &str, port: u16, extra: &str| {
-        let conf = dir.join(format!("{name}.conf"));
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto (scripts/setup.sh installs it)");
-        let mut proc = Proc {
-            child,
-            name: format!("mosquitto {name}"),
-        };
-        assert!(
-            common::listens_while_running(&mut proc, port, Duration::from_secs(10)),
-            "mosquitto {name} exited before listening on {port}"
-        );
-        proc
+        common::spawn_mosquitto_with(&format!("mosquitto {name}"), port, dir, extra)
     };
     let (pa, pb) = (
         common::port_known_in_advance(),

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::batched::{Batched, Publisher};
+use crate::batched::{Batched, Conn, Publisher};
 use crate::cpu_secs_of;
 
 /// Enqueues awaiting their confirmation at most.
@@ -103,34 +103,8 @@ pub async fn wait_owner(url: &MqttUrl, package: &str) -> anyhow::Result<()> {
 pub async fn run(url: &MqttUrl, package: &str, pids: &[u32], n: usize) -> anyhow::Result<Figures> {
     // A pipelined producer: each task carries its enqueue time on a clock
     // the worker shares; a confirmation frees a place in the window.
-    let mut producer = Batched::connect(url, "bench-producer").await?;
-    let reply = format!("axion/{package}/reply/bench-producer");
-    producer.subscribe(&reply).await?;
-    let Batched {
-        publisher,
-        incoming: mut replies,
-        conn: _producer_conn,
-        ..
-    } = producer;
-    let window = Arc::new(Semaphore::new(WINDOW));
-    let (confirmed_tx, mut confirmed) = mpsc::unbounded_channel();
-    let permits = window.clone();
-    tokio::spawn(async move {
-        while replies.recv().await.is_some() {
-            permits.add_permits(1);
-            if confirmed_tx.send(()).is_err() {
-                return;
-            }
-        }
-    });
-    let clock = Instant::now();
-    let producer = Producer {
-        publisher,
-        window,
-        reply,
-        package: package.to_string(),
-        clock,
-    };
+    let (producer, _producer_conn, mut confirmed) = Producer::connect(url, package).await?;
+    let clock = producer.clock;
 
     // 1. Durable enqueue, no worker.
     let cpu0 = cpu_secs_of(pids);
@@ -208,6 +182,41 @@ struct Producer {
 }
 
 impl Producer {
+    /// Connects the producer to `url` and subscribes to its reply topic.
+    /// Each confirmation frees a place in the window and is passed on to
+    /// the receiver returned beside the connection (dropped: ignored).
+    async fn connect(
+        url: &MqttUrl,
+        package: &str,
+    ) -> anyhow::Result<(Self, Conn, mpsc::UnboundedReceiver<()>)> {
+        let mut producer = Batched::connect(url, "bench-producer").await?;
+        let reply = format!("axion/{package}/reply/bench-producer");
+        producer.subscribe(&reply).await?;
+        let Batched {
+            publisher,
+            incoming: mut replies,
+            conn,
+            ..
+        } = producer;
+        let window = Arc::new(Semaphore::new(WINDOW));
+        let (confirmed_tx, confirmed) = mpsc::unbounded_channel();
+        let permits = window.clone();
+        tokio::spawn(async move {
+            while replies.recv().await.is_some() {
+                permits.add_permits(1);
+                let _ = confirmed_tx.send(());
+            }
+        });
+        let producer = Producer {
+            publisher,
+            window,
+            reply,
+            package: package.to_string(),
+            clock: Instant::now(),
+        };
+        Ok((producer, conn, confirmed))
+    }
+
     /// Enqueues `n` tasks to `queue`; `rate` 0: as fast as confirmations
     /// allow, else paced on the clock.
     fn enqueue_all(
@@ -401,30 +410,8 @@ pub async fn spread(
     n: usize,
 ) -> anyhow::Result<(Phase, usize)> {
     const QUEUE: &str = "bench-spread";
-    let mut producer = Batched::connect(spread.producer, "bench-producer").await?;
-    let reply = format!("axion/{package}/reply/bench-producer");
-    producer.subscribe(&reply).await?;
-    let Batched {
-        publisher,
-        incoming: mut replies,
-        conn: _producer_conn,
-        ..
-    } = producer;
-    let window = Arc::new(Semaphore::new(WINDOW));
-    let permits = window.clone();
-    tokio::spawn(async move {
-        while replies.recv().await.is_some() {
-            permits.add_permits(1);
-        }
-    });
-    let clock = Instant::now();
-    let producer = Producer {
-        publisher,
-        window,
-        reply,
-        package: package.to_string(),
-        clock,
-    };
+    let (producer, _producer_conn, _) = Producer::connect(spread.producer, package).await?;
+    let clock = producer.clock;
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let mut workers = tokio::task::JoinSet::new();
     for (i, url) in spread.workers.iter().enumerate() {

@@ -353,20 +353,27 @@ fn spawn_axion_logged(name: &str, cmd: &mut Command, log: Option<&Path>) -> Proc
 /// Mosquitto on `port` with its config in `dir`; returns once it listens.
 /// Tests that restart "the broker" call this again with the same port.
 pub fn spawn_mosquitto(port: u16, dir: &Path) -> Proc {
-    try_spawn_mosquitto(port, dir)
+    try_spawn_mosquitto_with("mosquitto", port, dir, "")
         .unwrap_or_else(|| panic!("mosquitto exited before listening on {port}"))
 }
 
-/// Mosquitto on `port`, or `None` if it exits before listening (the port
-/// was taken).
-fn try_spawn_mosquitto(port: u16, dir: &Path) -> Option<Proc> {
-    let conf = dir.join("mosquitto.conf");
+/// [`spawn_mosquitto`] named `name` (its config file too), with `extra`
+/// lines of configuration (a bridge connection, say).
+pub fn spawn_mosquitto_with(name: &str, port: u16, dir: &Path, extra: &str) -> Proc {
+    try_spawn_mosquitto_with(name, port, dir, extra)
+        .unwrap_or_else(|| panic!("{name} exited before listening on {port}"))
+}
+
+/// Mosquitto named `name` on `port` with `extra` configuration lines, or
+/// `None` if it exits before listening (the port was taken).
+fn try_spawn_mosquitto_with(name: &str, port: u16, dir: &Path, extra: &str) -> Option<Proc> {
+    let conf = dir.join(format!("{name}.conf"));
     std::fs::write(
         &conf,
         // TCP_NODELAY as a latency-minded deployment sets it (Mosquitto
         // leaves Nagle on by default, which adds ~40 ms to small messages
         // written back to back).
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\nset_tcp_nodelay true\n"),
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 100\nset_tcp_nodelay true\n{extra}"),
     )
     .expect("write mosquitto.conf");
     let child = Command::new("mosquitto")
@@ -378,7 +385,7 @@ fn try_spawn_mosquitto(port: u16, dir: &Path) -> Option<Proc> {
         .expect("spawn mosquitto (scripts/setup.sh installs it)");
     let mut proc = Proc {
         child,
-        name: "mosquitto".into(),
+        name: name.into(),
     };
     listens_while_running(&mut proc, port, Duration::from_secs(10)).then_some(proc)
 }
@@ -399,7 +406,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         for _ in 0..3 {
             let port = port_known_in_advance();
-            if let Some(proc) = try_spawn_mosquitto(port, dir.path()) {
+            if let Some(proc) = try_spawn_mosquitto_with("mosquitto", port, dir.path(), "") {
                 return Mosquitto {
                     proc,
                     port,
